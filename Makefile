@@ -1,0 +1,21 @@
+.PHONY: setup run test lint format clean
+
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	bash scripts/run.sh
+
+test: setup
+	bash scripts/test.sh
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format:
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+clean:
+	rm -rf var/static .pytest_cache

@@ -1,0 +1,75 @@
+"""Websockets: one operation's stream, and the fleet-wide stream.
+
+On connect each sends the current state from the database first, then relays live
+messages; a client that reconnects loses nothing because the row is the truth.
+"""
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from ctweb.roles import has_role
+
+from . import events
+from .models import Operation
+
+CLOSE_FORBIDDEN = 4403
+CLOSE_NOT_FOUND = 4404
+
+
+class _Base(AsyncJsonWebsocketConsumer):
+    groups_to_join: list[str]
+
+    async def connect(self):
+        user = self.scope.get("user")
+        allowed = await database_sync_to_async(has_role)(user, "viewer")
+        if not allowed:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.groups_to_join = await self.setup()
+        if self.groups_to_join is None:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        # Join before reading the row, so nothing falls between the snapshot and the stream.
+        for group in self.groups_to_join:
+            await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+        await self.send_initial()
+
+    async def disconnect(self, code):
+        for group in getattr(self, "groups_to_join", None) or []:
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def op_update(self, message):
+        await self.send_json({"type": "operation", "operation": message["operation"], "event": message.get("event")})
+
+    async def fleet_update(self, message):
+        await self.send_json({"type": message["kind"], "data": message["data"]})
+
+
+class OperationConsumer(_Base):
+    async def setup(self):
+        self.op_id = int(self.scope["url_route"]["kwargs"]["op_id"])
+        exists = await database_sync_to_async(Operation.objects.filter(pk=self.op_id).exists)()
+        return [events.operation_group(self.op_id)] if exists else None
+
+    @database_sync_to_async
+    def _state(self):
+        op = Operation.objects.select_related("host", "target_host").get(pk=self.op_id)
+        return events.operation_state(op), list(op.events)
+
+    async def send_initial(self):
+        state, evts = await self._state()
+        await self.send_json({"type": "state", "operation": state, "events": evts})
+
+
+class FleetConsumer(_Base):
+    async def setup(self):
+        return [events.FLEET_GROUP]
+
+    @database_sync_to_async
+    def _active(self):
+        ops = Operation.objects.filter(status__in=Operation.ACTIVE).select_related("host", "target_host")[:100]
+        return [events.operation_state(op) for op in ops]
+
+    async def send_initial(self):
+        await self.send_json({"type": "state", "active_operations": await self._active()})

@@ -1,0 +1,1 @@
+"""Container operation handlers (registered with the runner)."""

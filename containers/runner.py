@@ -1,0 +1,182 @@
+"""One runner for every background job.
+
+It claims the Operation row by compare-and-set on its status, runs the job's handler,
+and always ends the row in exactly one terminal state. Handlers raise
+OperationFailed for expected failures (a sentence for the operator) and anything
+else is a crash: its traceback goes to the worker log, a short sentence to the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+
+from django.db import transaction
+from django.utils import timezone
+
+from . import events
+from .models import Operation
+
+log = logging.getLogger(__name__)
+
+SAVE_INTERVAL_S = 0.5  # progress is written to the row at most this often
+
+HANDLERS: dict[str, Callable[[OperationContext], dict | None]] = {}
+
+
+def handler(kind: str):
+    def register(fn):
+        HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+class OperationFailed(Exception):
+    """An expected failure. `message` is for the operator; `details` are log lines that explain it."""
+
+    def __init__(self, message: str, details: str = "", result: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.result = result or {}
+
+
+class Cancelled(Exception):
+    pass
+
+
+class OperationContext:
+    def __init__(self, op: Operation):
+        self.op = op
+        self._last_save = 0.0
+        self._dirty = False
+
+    def event(self, phase: str, message: str, progress: int | None = None, **extra) -> None:
+        """Record an event: on the row (throttled) and to the websocket groups (at once)."""
+        op = self.op
+        entry = {"at": timezone.now().isoformat(), "phase": phase, "message": message, "seq": len(op.events)}
+        if progress is not None:
+            op.progress = max(0, min(100, int(progress)))
+            entry["progress"] = op.progress
+        entry.update({k: v for k, v in extra.items() if k not in entry})
+        phase_changed = phase != op.phase
+        op.phase = phase
+        op.events.append(entry)
+        self._dirty = True
+        now = time.monotonic()
+        if phase_changed or now - self._last_save >= SAVE_INTERVAL_S:
+            self.save()
+        events.publish_operation(op, entry)
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        op = self.op
+        Operation.objects.filter(pk=op.pk).update(
+            phase=op.phase, progress=op.progress, events=op.events, result=op.result
+        )
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+    def check_cancel(self) -> None:
+        if Operation.objects.filter(pk=self.op.pk, cancel_requested=True).exists():
+            raise Cancelled()
+
+    def relay(self, phase_base: int = 0, phase_span: int = 100) -> Callable[[dict], None]:
+        """An agent event callback that maps the agent's 0-100 onto a slice of this operation."""
+
+        def on_event(msg: dict) -> None:
+            progress = msg.get("progress")
+            if progress is not None:
+                progress = phase_base + progress * phase_span / 100
+            extra = {k: v for k, v in msg.items() if k not in ("type", "phase", "message", "progress", "t")}
+            self.event(msg.get("phase") or self.op.phase, msg.get("message") or "", progress, **extra)
+
+        return on_event
+
+
+def finish(op: Operation, status: str, *, error: str = "", result: dict | None = None) -> bool:
+    """Move a running row to a terminal state; False if something else already ended it."""
+    now = timezone.now()
+    if result is not None:
+        op.result = result
+    op.events.append({"at": now.isoformat(), "phase": status, "message": error or status, "seq": len(op.events)})
+    fields = {
+        "status": status,
+        "finished_at": now,
+        "error": error,
+        "result": op.result,
+        "events": op.events,
+        "phase": op.phase,
+        "progress": 100 if status == Operation.Status.SUCCESS else op.progress,
+    }
+    ended = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(**fields)
+    if ended:
+        for k, v in fields.items():
+            setattr(op, k, v)
+        events.publish_operation(op, op.events[-1])
+    return bool(ended)
+
+
+def run_operation(op_id: int, worker: str = "") -> str | None:
+    """Claim, run and end one operation. Safe to call twice: the second call does nothing."""
+    claimed = Operation.objects.filter(pk=op_id, status=Operation.Status.PENDING).update(
+        status=Operation.Status.RUNNING, started_at=timezone.now(), worker=worker[:200]
+    )
+    if not claimed:
+        log.info("operation %s is not pending any more; nothing to do", op_id)
+        return None
+    op = Operation.objects.select_related("host", "target_host", "container").get(pk=op_id)
+    ctx = OperationContext(op)
+    events.publish_operation(op)
+    fn = HANDLERS.get(op.kind)
+    try:
+        if fn is None:
+            raise OperationFailed(f"This version of ctweb cannot run '{op.kind}' operations yet.")
+        if op.cancel_requested:
+            raise Cancelled()
+        result = fn(ctx) or {}
+        ctx.save()
+        finish(op, Operation.Status.SUCCESS, result={**op.result, **result})
+    except Cancelled:
+        ctx.save()
+        finish(op, Operation.Status.CANCELLED, error="Cancelled at the operator's request.")
+    except OperationFailed as e:
+        ctx.save()
+        message = e.message if not e.details else f"{e.message}\n\n{e.details}"
+        finish(op, Operation.Status.FAILURE, error=message, result={**op.result, **e.result})
+    except Exception:
+        log.error("operation %s (%s) crashed:\n%s", op.pk, op.kind, traceback.format_exc())
+        ctx.save()
+        finish(
+            op,
+            Operation.Status.FAILURE,
+            error="ctweb hit an internal error while running this operation; the worker log has the details.",
+        )
+    return Operation.objects.values_list("status", flat=True).get(pk=op_id)
+
+
+def enqueue(op: Operation) -> Operation:
+    """Queue the job once the row is committed, so the worker always finds it."""
+    from .tasks import run_operation_task
+
+    transaction.on_commit(lambda: run_operation_task.delay(op.pk))
+    return op
+
+
+def mark_lost_operations(worker: str, alive: Callable[[str], bool]) -> int:
+    """Fail the rows a dead worker left running. `alive(node)` says whether a node answers."""
+    lost = 0
+    for op in Operation.objects.filter(status=Operation.Status.RUNNING).select_related("host", "target_host"):
+        if op.worker == worker or not op.worker or not alive(op.worker):
+            if finish(
+                op,
+                Operation.Status.FAILURE,
+                error="Worker lost: the worker running this operation stopped before it finished. "
+                "Check the container's state on its host before retrying.",
+            ):
+                lost += 1
+    return lost

@@ -1,0 +1,40 @@
+import logging
+
+from celery import shared_task
+from celery.signals import worker_ready
+
+from ctweb.celery import app
+
+from . import runner
+
+log = logging.getLogger(__name__)
+
+
+def _load_handlers() -> None:
+    # Handlers register themselves on import.
+    import containers.jobs  # noqa: F401
+    import hosts.jobs  # noqa: F401
+
+
+@shared_task(bind=True, acks_late=True, ignore_result=True)
+def run_operation_task(self, op_id: int) -> None:
+    _load_handlers()
+    runner.run_operation(op_id, worker=self.request.hostname or "")
+
+
+@worker_ready.connect
+def fail_lost_operations(sender=None, **kwargs) -> None:
+    """A worker that starts fails the operations a dead worker left running."""
+    me = sender.hostname if sender is not None else ""
+
+    def alive(node: str) -> bool:
+        if node == me:
+            return False  # a node name runs once: whoever had ours before us is gone
+        try:
+            return bool(app.control.ping(destination=[node], timeout=1.0))
+        except Exception:
+            return False
+
+    lost = runner.mark_lost_operations(me, alive)
+    if lost:
+        log.warning("marked %d operation(s) failed: their worker was lost", lost)

@@ -1,0 +1,48 @@
+"""API plumbing: every error is `{"error": "<sentence>", "field": <name or null>}`."""
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+
+class ApiError(exceptions.APIException):
+    def __init__(self, message: str, status_code: int = 400, field: str | None = None):
+        self.status_code = status_code
+        self.field = field
+        super().__init__(detail=message)
+
+
+def _first_message(detail) -> tuple[str, str | None]:
+    if isinstance(detail, dict):
+        for key, value in detail.items():
+            msg, inner = _first_message(value)
+            field = None if key in ("non_field_errors", "detail") else key
+            if field and msg and not msg.lower().startswith(field.lower()):
+                msg = f"{field}: {msg}"
+            return msg, inner or field
+        return "Invalid request.", None
+    if isinstance(detail, list):
+        return _first_message(detail[0]) if detail else ("Invalid request.", None)
+    return str(detail), None
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(exc.messages)
+    if isinstance(exc, Http404):
+        return Response({"error": "Not found.", "field": None}, status=status.HTTP_404_NOT_FOUND)
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, ApiError):
+        message, field = str(exc.detail), exc.field
+    else:
+        message, field = _first_message(exc.detail)
+        if isinstance(exc, exceptions.ParseError):
+            message = "The request body is not valid JSON."
+    if not message.endswith((".", "?", "!")):
+        message += "."
+    response.data = {"error": message, "field": field}
+    return response

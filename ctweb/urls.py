@@ -1,0 +1,47 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework.permissions import AllowAny
+
+from containers import api as container_api
+from containers import views as container_views
+from hosts import api as host_api
+from hosts import views as host_views
+
+from . import views
+
+api = [
+    path("hosts/", host_api.HostList.as_view()),
+    path("hosts/<str:name>/", host_api.HostDetail.as_view()),
+    path("hosts/<str:name>/trust", host_api.HostTrust.as_view()),
+    path("hosts/<str:name>/probe", host_api.HostProbe.as_view()),
+    path("ssh-key/", host_api.ssh_public_key),
+    path("operations/", container_api.OperationList.as_view()),
+    path("operations/<int:op_id>/", container_api.OperationDetail.as_view()),
+    path("operations/<int:op_id>/cancel", container_api.OperationCancel.as_view()),
+]
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("hosts/", host_views.host_list, name="host-list"),
+    path("hosts/add/", host_views.host_add, name="host-add"),
+    path("hosts/<str:name>/", host_views.host_detail, name="host-detail"),
+    path("hosts/<str:name>/trust", host_views.host_trust, name="host-trust"),
+    path("hosts/<str:name>/probe", host_views.host_probe, name="host-probe"),
+    path("hosts/<str:name>/delete", host_views.host_delete, name="host-delete"),
+    path("operations/", container_views.operation_list, name="operation-list"),
+    path("operations/<int:op_id>/", container_views.operation_detail, name="operation-detail"),
+    path("operations/<int:op_id>/cancel", container_views.operation_cancel, name="operation-cancel"),
+    path("users/", views.user_list, name="user-list"),
+    path("users/create", views.user_create, name="user-create"),
+    path("users/<int:user_id>/update", views.user_update, name="user-update"),
+    path("tokens/", views.token_list, name="token-list"),
+    path("tokens/create", views.token_create, name="token-create"),
+    path("tokens/<int:token_id>/revoke", views.token_revoke, name="token-revoke"),
+    path("api/schema/", SpectacularAPIView.as_view(permission_classes=[AllowAny]), name="schema"),
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api)),
+]

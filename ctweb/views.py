@@ -1,0 +1,128 @@
+from django.contrib import messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from containers.models import Operation
+from hosts.models import Host
+from hosts.validators import USER_RE
+
+from .audit import audit
+from .decorators import role_required
+from .models import ApiToken
+from .roles import ROLES, role_of, set_role
+
+User = get_user_model()
+
+
+@role_required("viewer")
+def home(request):
+    ctx = {
+        "hosts": Host.objects.all(),
+        "active": Operation.objects.filter(status__in=Operation.ACTIVE).select_related("host")[:20],
+        "recent": Operation.objects.select_related("host")[:10],
+    }
+    return render(request, "home.html", ctx)
+
+
+@role_required("admin")
+def user_list(request):
+    users = User.objects.order_by("username").prefetch_related("groups", "api_tokens")
+    rows = [{"user": u, "role": role_of(u) if u.is_active else None, "tokens": list(u.api_tokens.all())} for u in users]
+    return render(request, "users/list.html", {"rows": rows, "roles": ROLES})
+
+
+@role_required("admin")
+@require_POST
+def user_create(request):
+    username = request.POST.get("username", "").strip()
+    password = request.POST.get("password", "")
+    role = request.POST.get("role") or None
+    error = None
+    if not USER_RE.match(username):
+        error = "User names are lowercase letters, digits, '_' and '-' (at most 32, starting with a letter)."
+    elif User.objects.filter(username=username).exists():
+        error = f"{username} already exists."
+    elif role not in (None, *ROLES):
+        error = "Unknown role."
+    else:
+        try:
+            validate_password(password)
+        except ValidationError as e:
+            error = " ".join(e.messages)
+    if error:
+        messages.error(request, error)
+        return redirect("user-list")
+    with transaction.atomic():
+        user = User.objects.create_user(username=username, password=password)
+        set_role(user, role)
+    audit(request, "user.create", user, detail=f"role {role}")
+    messages.success(request, f"{username} created with role {role or 'none'}.")
+    return redirect("user-list")
+
+
+@role_required("admin")
+@require_POST
+def user_update(request, user_id):
+    user = get_object_or_404(User, pk=user_id)
+    action = request.POST.get("action")
+    if user == request.user and action in ("deactivate", "role"):
+        messages.error(request, "You cannot change your own role or deactivate yourself.")
+        return redirect("user-list")
+    if action == "role":
+        role = request.POST.get("role") or None
+        if role not in (None, *ROLES):
+            messages.error(request, "Unknown role.")
+            return redirect("user-list")
+        set_role(user, role)
+        audit(request, "user.role", user, detail=f"role {role}")
+        messages.success(request, f"{user.username} is now {role or 'without a role'}.")
+    elif action in ("deactivate", "activate"):
+        user.is_active = action == "activate"
+        user.save(update_fields=["is_active"])
+        audit(request, f"user.{action}", user)
+        messages.success(request, f"{user.username} {action}d.")
+    elif action == "password":
+        password = request.POST.get("password", "")
+        try:
+            validate_password(password, user)
+        except ValidationError as e:
+            messages.error(request, " ".join(e.messages))
+            return redirect("user-list")
+        user.set_password(password)
+        user.save(update_fields=["password"])
+        audit(request, "user.password", user)
+        messages.success(request, f"{user.username}'s password was reset.")
+    else:
+        messages.error(request, "Unknown action.")
+    return redirect("user-list")
+
+
+@login_required
+def token_list(request):
+    return render(request, "users/tokens.html", {"tokens": request.user.api_tokens.all()})
+
+
+@login_required
+@require_POST
+def token_create(request):
+    name = request.POST.get("name", "").strip()[:100]
+    token, key = ApiToken.issue(request.user, name)
+    audit(request, "token.create", object_type="token", detail=f"{token.prefix}… {name}")
+    return render(request, "users/tokens.html", {"tokens": request.user.api_tokens.all(), "new_key": key})
+
+
+@login_required
+@require_POST
+def token_revoke(request, token_id):
+    # Admins may revoke anyone's token; everyone else only their own.
+    qs = ApiToken.objects.all() if role_of(request.user) == "admin" else request.user.api_tokens.all()
+    token = get_object_or_404(qs, pk=token_id)
+    audit(request, "token.revoke", object_type="token", detail=f"{token.user} {token.prefix}…")
+    token.delete()
+    messages.success(request, "Token revoked.")
+    return redirect(request.POST.get("next") if request.POST.get("next") == "/users/" else "token-list")

@@ -1,0 +1,195 @@
+from django.db import IntegrityError, transaction
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.decorators import api_view
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from containers.api import operation_accepted
+from containers.models import Operation
+from containers.runner import enqueue
+from ctweb.api import ApiError
+from ctweb.audit import audit
+
+from . import ssh
+from .models import Host
+from .validators import validate_address, validate_name, validate_username
+
+
+class HostSerializer(serializers.ModelSerializer):
+    containers = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Host
+        fields = [
+            "name",
+            "address",
+            "port",
+            "username",
+            "status",
+            "status_message",
+            "fingerprint",
+            "offered_fingerprint",
+            "capabilities",
+            "last_probe_at",
+            "created_at",
+            "is_lab",
+            "containers",
+        ]
+
+    def get_containers(self, host) -> int:
+        return host.containers.count()
+
+
+class HostCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, validators=[validate_name])
+    address = serializers.CharField(max_length=253, validators=[validate_address])
+    port = serializers.IntegerField(default=22, min_value=1, max_value=65535)
+    username = serializers.CharField(default="root", max_length=32, validators=[validate_username])
+
+
+class TrustSerializer(serializers.Serializer):
+    fingerprint = serializers.CharField(max_length=100)
+
+
+def _host_for_name(name: str) -> Host:
+    return get_object_or_404(Host, name=name)
+
+
+def add_host(request, name: str, address: str, port: int, username: str) -> Host:
+    """Look at the host's SSH key and save the host as untrusted. Nothing runs there yet."""
+    if Host.objects.filter(name=name).exists():
+        raise ApiError(f"A host named {name} already exists.", 409, "name")
+    try:
+        key = ssh.fetch_host_key(address, port)
+    except ssh.SSHError as e:
+        audit(request, "host.add", object_type="host", outcome="failed", detail=str(e))
+        raise ApiError(str(e), 400, "address") from e
+    try:
+        with transaction.atomic():
+            host = Host.objects.create(
+                name=name,
+                address=address,
+                port=port,
+                username=username,
+                status=Host.Status.UNTRUSTED,
+                offered_key_type=key.get_name(),
+                offered_key_data=key.get_base64(),
+                offered_fingerprint=ssh.fingerprint(key),
+            )
+    except IntegrityError as e:
+        raise ApiError(f"A host named {name} already exists.", 409, "name") from e
+    audit(request, "host.add", host, detail=f"{address}:{port} presented {host.offered_fingerprint}")
+    return host
+
+
+def trust_host(request, host: Host, fingerprint: str) -> Host:
+    """Pin the key the host presents now, if it is the one the admin checked."""
+    try:
+        key = ssh.fetch_host_key(host.address, host.port)
+    except ssh.SSHError as e:
+        raise ApiError(str(e), 400) from e
+    presented = ssh.fingerprint(key)
+    if fingerprint.strip() != presented:
+        audit(request, "host.trust", host, outcome="refused", detail=f"asked {fingerprint}, host presents {presented}")
+        raise ApiError(
+            f"{host.name} presents {presented}, not the fingerprint given. Check the host before trusting it.",
+            409,
+            "fingerprint",
+        )
+    Host.objects.filter(pk=host.pk).update(
+        key_type=key.get_name(),
+        key_data=key.get_base64(),
+        fingerprint=presented,
+        offered_key_type="",
+        offered_key_data="",
+        offered_fingerprint="",
+        status=Host.Status.TRUSTED,
+        status_message="",
+    )
+    host.refresh_from_db()
+    audit(request, "host.trust", host, detail=presented)
+    return host
+
+
+def start_probe(request, host: Host) -> Operation:
+    if not host.is_trusted:
+        raise ApiError(
+            f"{host.name} is not trusted: an admin must check and trust its host key first."
+            if not host.is_blocked
+            else host.status_message or "The host key changed.",
+            409,
+        )
+    active = host.operations.filter(kind=Operation.Kind.PROBE, status__in=Operation.ACTIVE).first()
+    if active:
+        return active
+    with transaction.atomic():
+        op = Operation.objects.create(kind=Operation.Kind.PROBE, host=host, created_by=request.user, phase="queued")
+        enqueue(op)
+    audit(request, "host.probe", host, detail=f"operation {op.pk}")
+    return op
+
+
+def remove_host(request, host: Host) -> None:
+    """Forget an empty host. Its containers must be migrated or deleted first."""
+    if host.containers.exists():
+        raise ApiError(f"{host.name} still has containers: migrate or delete them first.", 409)
+    if host.operations.filter(status__in=Operation.ACTIVE).exists():
+        raise ApiError(f"{host.name} has an operation running.", 409)
+    audit(request, "host.delete", host)
+    host.delete()
+
+
+class HostList(APIView):
+    write_role = "admin"
+
+    @extend_schema(responses=HostSerializer(many=True))
+    def get(self, request):
+        return Response(HostSerializer(Host.objects.all(), many=True).data)
+
+    @extend_schema(request=HostCreateSerializer, responses={201: HostSerializer})
+    def post(self, request):
+        s = HostCreateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        host = add_host(request, **s.validated_data)
+        return Response(HostSerializer(host).data, status=status.HTTP_201_CREATED)
+
+
+class HostDetail(APIView):
+    write_role = "admin"
+
+    @extend_schema(responses=HostSerializer)
+    def get(self, request, name):
+        return Response(HostSerializer(_host_for_name(name)).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, name):
+        remove_host(request, _host_for_name(name))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class HostTrust(APIView):
+    write_role = "admin"
+
+    @extend_schema(request=TrustSerializer, responses=HostSerializer)
+    def post(self, request, name):
+        host = _host_for_name(name)
+        s = TrustSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return Response(HostSerializer(trust_host(request, host, s.validated_data["fingerprint"])).data)
+
+
+class HostProbe(APIView):
+    write_role = "operator"
+
+    @extend_schema(request=None, responses={202: dict})
+    def post(self, request, name):
+        return operation_accepted(start_probe(request, _host_for_name(name)))
+
+
+@extend_schema(responses={200: dict})
+@api_view(["GET"])
+def ssh_public_key(request):
+    """The dashboard's SSH public key, for `authorized_keys` on each host."""
+    return Response({"public_key": ssh.public_key_line()})

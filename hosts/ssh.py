@@ -1,0 +1,310 @@
+"""The one module that talks SSH.
+
+Every connection pins the host key an admin trusted: paramiko's RejectPolicy with the
+pinned key as the only known key, never AutoAddPolicy. Commands sent to a host are
+constant strings (the agent's path and a subcommand from a fixed list); everything a
+user typed travels as JSON on the agent's standard input, never through a shell.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from django.conf import settings
+
+from .agent import AGENT_SUBCOMMANDS, agent_source
+
+log = logging.getLogger(__name__)
+
+REMOTE_AGENT_DIR = "/var/lib/ctweb/agent"
+
+
+class SSHError(Exception):
+    """An expected failure talking to a host, phrased for the operator."""
+
+
+class HostKeyMismatch(SSHError):
+    def __init__(self, host_name: str, offered: paramiko.PKey):
+        self.offered = offered
+        super().__init__(
+            f"The SSH host key of {host_name} has changed: it now presents {fingerprint(offered)}. "
+            "Nothing will run there until an admin checks the host and trusts the new key."
+        )
+
+
+class HostNotTrusted(SSHError):
+    pass
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint, as `ssh-keygen -lf` prints it."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+# --- the dashboard's own key pair -------------------------------------------------
+
+
+def ensure_keypair(path: Path | None = None) -> Path:
+    """Create the dashboard's Ed25519 key pair once; the private key is mode 0600."""
+    path = Path(path or settings.SSH_KEY_PATH)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    path.with_suffix(".pub").write_bytes(public + b" ctweb-dashboard\n")
+    os.replace(tmp, path)
+    return path
+
+
+def public_key_line() -> str:
+    path = ensure_keypair()
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def _private_key() -> paramiko.PKey:
+    return paramiko.Ed25519Key.from_private_key_file(str(ensure_keypair()))
+
+
+# --- host keys ---------------------------------------------------------------------
+
+
+def fetch_host_key(address: str, port: int, timeout: float | None = None) -> paramiko.PKey:
+    """Ask the server for its host key without authenticating or running anything."""
+    timeout = timeout or settings.SSH_CONNECT_TIMEOUT_S
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+    except OSError as e:
+        raise SSHError(f"Cannot reach {address} port {port}: {e.strerror or e}.") from e
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    try:
+        transport.start_client(timeout=timeout)
+        return transport.get_remote_server_key()
+    except (paramiko.SSHException, EOFError, OSError) as e:
+        raise SSHError(f"{address} port {port} did not complete an SSH handshake: {e or type(e).__name__}.") from e
+    finally:
+        transport.close()
+
+
+def key_from_parts(key_type: str, key_data: str) -> paramiko.PKey:
+    return paramiko.PKey.from_type_string(key_type, base64.b64decode(key_data))
+
+
+# --- running the agent -------------------------------------------------------------
+
+
+@dataclass
+class AgentResult:
+    data: dict
+    stderr: str
+    exit_status: int
+
+
+class AgentFailed(SSHError):
+    """The agent reported an error (or died). `details` carries the log lines that explain it."""
+
+    def __init__(self, message: str, details: str = "", data: dict | None = None):
+        super().__init__(message)
+        self.details = details
+        self.data = data or {}
+
+
+class HostConnection:
+    def __init__(self, host, client: paramiko.SSHClient):
+        self.host = host
+        self.client = client
+        self._agent_path: str | None = None
+
+    def ensure_agent(self) -> str:
+        """Copy the agent over SFTP unless this exact version is already there."""
+        if self._agent_path:
+            return self._agent_path
+        source, digest = agent_source()
+        remote = f"{REMOTE_AGENT_DIR}/ctweb-agent-{digest[:16]}.py"
+        sftp = self.client.open_sftp()
+        try:
+            try:
+                sftp.stat(remote)
+            except FileNotFoundError:
+                path = ""
+                for part in REMOTE_AGENT_DIR.strip("/").split("/"):
+                    path += "/" + part
+                    try:
+                        sftp.stat(path)
+                    except FileNotFoundError:
+                        sftp.mkdir(path, 0o700)
+                tmp = f"{remote}.{os.getpid()}.tmp"
+                sftp.putfo(io.BytesIO(source), tmp)
+                sftp.chmod(tmp, 0o700)
+                sftp.posix_rename(tmp, remote)
+        finally:
+            sftp.close()
+        self._agent_path = remote
+        return remote
+
+    def run_agent(
+        self,
+        subcommand: str,
+        params: dict | None = None,
+        on_event: Callable[[dict], None] | None = None,
+        timeout: float | None = None,
+    ) -> AgentResult:
+        """Run one agent subcommand; relay its events; return its final result."""
+        if subcommand not in AGENT_SUBCOMMANDS:
+            raise ValueError(f"unknown agent subcommand {subcommand!r}")
+        path = self.ensure_agent()
+        # Both parts are ours: a fixed directory with a hex digest, and a whitelisted word.
+        command = f"python3 {path} {subcommand}"
+        transport = self.client.get_transport()
+        channel = transport.open_session()
+        channel.exec_command(command)
+        channel.sendall(json.dumps(params or {}).encode() + b"\n")
+        channel.shutdown_write()
+        channel.settimeout(1.0)
+        deadline = time.monotonic() + (timeout or settings.OPERATION_TIMEOUT_S)
+        result = None
+        error = None
+        stderr = bytearray()
+        for line in _lines(channel, stderr, deadline):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.warning("agent on %s printed a non-JSON line: %r", self.host, line[:200])
+                continue
+            kind = msg.get("type")
+            if kind == "result":
+                result = msg.get("data") or {}
+            elif kind == "error":
+                error = msg
+            elif on_event is not None:
+                on_event(msg)
+        exit_status = channel.recv_exit_status() if channel.exit_status_ready() else -1
+        channel.close()
+        err_text = stderr.decode(errors="replace")
+        if error is not None:
+            raise AgentFailed(
+                error.get("message") or "The agent reported an error.", error.get("details") or "", error.get("data")
+            )
+        if result is None:
+            tail = "\n".join(err_text.strip().splitlines()[-20:])
+            if not transport.is_active():
+                raise AgentFailed(f"The connection to {self.host} was lost before the agent finished.", tail)
+            raise AgentFailed(f"The agent on {self.host} ended without a result (exit status {exit_status}).", tail)
+        return AgentResult(result, err_text, exit_status)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _lines(channel: paramiko.Channel, stderr: bytearray, deadline: float) -> Iterator[bytes]:
+    buf = b""
+    while True:
+        if time.monotonic() > deadline:
+            channel.close()
+            raise SSHError("The agent did not finish in time.")
+        while channel.recv_stderr_ready():
+            stderr.extend(channel.recv_stderr(65536))
+            del stderr[:-65536]
+        try:
+            chunk = channel.recv(65536)
+        except TimeoutError:
+            if not channel.get_transport().is_active():
+                break
+            continue
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line
+    if buf.strip():
+        yield buf
+    while channel.recv_stderr_ready():
+        stderr.extend(channel.recv_stderr(65536))
+
+
+def mark_key_mismatch(host, offered: paramiko.PKey) -> None:
+    from .models import Host
+
+    Host.objects.filter(pk=host.pk).update(
+        status=Host.Status.KEY_MISMATCH,
+        status_message=str(HostKeyMismatch(host.name, offered)),
+        offered_key_type=offered.get_name(),
+        offered_key_data=offered.get_base64(),
+        offered_fingerprint=fingerprint(offered),
+    )
+
+
+@contextmanager
+def connect(host, timeout: float | None = None) -> Iterator[HostConnection]:
+    """Open an authenticated SSH connection to a trusted host, with its key pinned."""
+    if host.is_blocked:
+        raise (
+            HostKeyMismatch(host.name, key_from_parts(host.offered_key_type, host.offered_key_data))
+            if host.offered_key_data
+            else SSHError(host.status_message)
+        )
+    if not host.key_data:
+        raise HostNotTrusted(f"{host.name} is not trusted yet: an admin must check and trust its host key first.")
+    timeout = timeout or settings.SSH_CONNECT_TIMEOUT_S
+    client = paramiko.SSHClient()
+    known = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+    client.get_host_keys().add(known, host.key_type, key_from_parts(host.key_type, host.key_data))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(
+            hostname=host.address,
+            port=host.port,
+            username=host.username,
+            pkey=_private_key(),
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+        )
+    except paramiko.BadHostKeyException as e:
+        client.close()
+        mark_key_mismatch(host, e.key)
+        raise HostKeyMismatch(host.name, e.key) from e
+    except paramiko.AuthenticationException as e:
+        client.close()
+        raise SSHError(
+            f"{host.name} refused the dashboard's SSH key for user {host.username}: install the public key "
+            "shown on the Hosts page in that user's authorized_keys."
+        ) from e
+    except (OSError, paramiko.SSHException, EOFError) as e:
+        client.close()
+        raise SSHError(
+            f"Cannot connect to {host.name} ({host.address} port {host.port}): {e or type(e).__name__}."
+        ) from e
+    conn = HostConnection(host, client)
+    try:
+        yield conn
+    finally:
+        conn.close()

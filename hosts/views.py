@@ -1,0 +1,92 @@
+from django.contrib import messages
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+from rest_framework.exceptions import APIException
+
+from containers.models import Operation
+from ctweb.decorators import role_required
+
+from . import ssh
+from .api import HostCreateSerializer, add_host, remove_host, start_probe, trust_host
+from .models import Host
+
+
+def _get_host(name: str) -> Host:
+    return get_object_or_404(Host, name=name)
+
+
+@role_required("viewer")
+def host_list(request):
+    hosts = Host.objects.all()
+    return render(request, "hosts/list.html", {"hosts": hosts, "public_key": ssh.public_key_line()})
+
+
+@role_required("viewer")
+def host_detail(request, name):
+    host = _get_host(name)
+    ops = Operation.objects.filter(host=host).select_related("created_by")[:50]
+    return render(request, "hosts/detail.html", {"host": host, "operations": ops})
+
+
+@role_required("admin")
+def host_add(request):
+    form_data = {"port": 22, "username": "root"}
+    error = None
+    if request.method == "POST":
+        form_data = request.POST
+        s = HostCreateSerializer(data=request.POST)
+        if s.is_valid():
+            try:
+                host = add_host(request, **s.validated_data)
+            except APIException as e:
+                error = str(e.detail)
+            else:
+                messages.info(request, f"{host.name} presented {host.offered_fingerprint}. Check it, then trust it.")
+                return redirect("host-detail", name=host.name)
+        else:
+            field, msgs = next(iter(s.errors.items()))
+            error = f"{field}: {msgs[0]}"
+    return render(request, "hosts/add.html", {"form": form_data, "error": error, "public_key": ssh.public_key_line()})
+
+
+@role_required("admin")
+@require_POST
+def host_trust(request, name):
+    host = _get_host(name)
+    try:
+        trust_host(request, host, request.POST.get("fingerprint", ""))
+    except APIException as e:
+        messages.error(request, str(e.detail))
+    else:
+        messages.success(request, f"{host.name}'s key is pinned. Probing it now.")
+        op = start_probe(request, host)
+        return redirect("operation-detail", op_id=op.pk)
+    return redirect("host-detail", name=name)
+
+
+@role_required("operator")
+@require_POST
+def host_probe(request, name):
+    host = _get_host(name)
+    try:
+        op = start_probe(request, host)
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect("host-detail", name=name)
+    return redirect("operation-detail", op_id=op.pk)
+
+
+@role_required("admin")
+@require_POST
+def host_delete(request, name):
+    host = _get_host(name)
+    if request.POST.get("confirm") != host.name:
+        messages.error(request, f"Type {host.name} to confirm removing it.")
+        return redirect("host-detail", name=name)
+    try:
+        remove_host(request, host)
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect("host-detail", name=name)
+    messages.success(request, f"{name} removed.")
+    return redirect("host-list")

@@ -1,0 +1,30 @@
+import pytest
+
+from tests.stack import SSHServer, Stack
+
+
+@pytest.fixture(autouse=True)
+def _in_memory_channel_layer(settings):
+    # Unit tests publish into memory; the e2e stack has its own real Redis.
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+@pytest.fixture(scope="session")
+def stack():
+    s = Stack()
+    try:
+        s.start()
+    except Exception:
+        print(s.logs())
+        s.stop()
+        raise
+    s.tokens = s.make_users()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def sshd(stack):
+    server = SSHServer(stack.dashboard_public_key()).start()
+    yield server
+    server.cleanup()
