@@ -43,7 +43,7 @@ def user_create(request):
     password = request.POST.get("password", "")
     role = request.POST.get("role") or None
     error = None
-    if not USER_RE.match(username):
+    if not USER_RE.fullmatch(username):
         error = "User names are lowercase letters, digits, '_' and '-' (at most 32, starting with a letter)."
     elif User.objects.filter(username=username).exists():
         error = f"{username} already exists."

@@ -43,10 +43,12 @@ class HostSerializer(serializers.ModelSerializer):
 
 
 class HostCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63, validators=[validate_name])
-    address = serializers.CharField(max_length=253, validators=[validate_address])
+    name = serializers.CharField(max_length=63, validators=[validate_name], trim_whitespace=False)
+    address = serializers.CharField(max_length=253, validators=[validate_address], trim_whitespace=False)
     port = serializers.IntegerField(default=22, min_value=1, max_value=65535)
-    username = serializers.CharField(default="root", max_length=32, validators=[validate_username])
+    username = serializers.CharField(
+        default="root", max_length=32, validators=[validate_username], trim_whitespace=False
+    )
 
 
 class TrustSerializer(serializers.Serializer):

@@ -13,7 +13,7 @@ HOSTNAME_RE = re.compile(
 
 
 def validate_name(value: str) -> None:
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ValidationError(
             "Names start with a lowercase letter and contain only lowercase letters, digits and "
             "hyphens (at most 63 characters).",
@@ -29,7 +29,7 @@ def validate_address(value: str) -> None:
         return
     except ValueError:
         pass
-    if not HOSTNAME_RE.match(value):
+    if not HOSTNAME_RE.fullmatch(value):
         raise ValidationError(
             "The address must be an IPv4 or IPv6 address or a DNS name (letters, digits, dots and hyphens).",
             code="invalid_address",
@@ -37,5 +37,5 @@ def validate_address(value: str) -> None:
 
 
 def validate_username(value: str) -> None:
-    if not isinstance(value, str) or not USER_RE.match(value):
+    if not isinstance(value, str) or not USER_RE.fullmatch(value):
         raise ValidationError("The SSH user must be a plain Unix user name.", code="invalid_username")

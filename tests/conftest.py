@@ -7,6 +7,13 @@ from tests.stack import SSHServer, Stack
 def _in_memory_channel_layer(settings):
     # Unit tests publish into memory; the e2e stack has its own real Redis.
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Hashing is deliberately slow in production; tests create many users.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Pages render without a collectstatic run (the e2e stack serves the real thing).
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +35,6 @@ def sshd(stack):
     server = SSHServer(stack.dashboard_public_key()).start()
     yield server
     server.cleanup()
+
+
+from tests.helpers import tokens, trusted_host, users  # noqa: E402,F401  (shared fixtures)

@@ -139,3 +139,14 @@ def test_it_says_why_an_unreachable_host_cannot_be_added(stack):
     assert r.status_code == 400
     assert "Cannot reach" in r.json()["error"]
     assert admin.get("/api/v1/hosts/nowhere/").status_code == 404
+
+
+def test_concurrent_jobs_all_finish_without_database_lock_errors(stack, sshd):
+    admin = Api(stack, stack.tokens["alice"])
+    names = [f"many{i}" for i in range(6)]
+    for name in names:
+        _add_and_trust(admin, sshd, name)
+    ids = [admin.post(f"/api/v1/hosts/{name}/probe").json()["id"] for name in names]
+    ops = [admin.wait_operation(i, timeout=120) for i in ids]
+    assert [op["status"] for op in ops] == ["success"] * len(ids), [op["error"] for op in ops]
+    assert "database is locked" not in stack.logs()

@@ -68,7 +68,7 @@ def run(argv, timeout=120, check=False, input=None):
 
 
 def check_name(name):
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise AgentError(f"Invalid container name {name!r}.")
     return name
 

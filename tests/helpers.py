@@ -1,0 +1,37 @@
+import pytest
+from django.contrib.auth import get_user_model
+
+from ctweb.models import ApiToken
+from ctweb.roles import set_role
+from hosts.models import Host
+
+ROLE_OF = {"alice": "admin", "bob": "operator", "carol": "viewer", "dave": None}
+
+
+@pytest.fixture
+def users(db):
+    out = {}
+    for name, role in ROLE_OF.items():
+        u = get_user_model().objects.create_user(username=name, password=f"{name}-password-1")
+        set_role(u, role)
+        out[name] = u
+    return out
+
+
+@pytest.fixture
+def tokens(users):
+    return {name: ApiToken.issue(u, "test")[1] for name, u in users.items()}
+
+
+@pytest.fixture
+def trusted_host(db):
+    # Port 1 on loopback refuses at once: anything that tries SSH fails fast and clearly.
+    return Host.objects.create(
+        name="h1",
+        address="127.0.0.1",
+        port=1,
+        status=Host.Status.ONLINE,
+        key_type="ssh-ed25519",
+        key_data="AAAAC3NzaC1lZDI1NTE5AAAAIGbXYqIV8bzRLxNfJ6vHR5cP2xvQ6QFqD7PbSqPXW0Mg",
+        fingerprint="SHA256:x",
+    )

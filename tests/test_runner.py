@@ -1,0 +1,124 @@
+"""The job runner: one claim, exactly one terminal state, honest messages."""
+
+import pytest
+
+from containers import runner
+from containers.models import Operation
+from containers.runner import OperationFailed, handler
+
+
+@pytest.fixture
+def kinds():
+    saved = dict(runner.HANDLERS)
+    yield runner.HANDLERS
+    runner.HANDLERS.clear()
+    runner.HANDLERS.update(saved)
+
+
+def _op(kind="sync"):
+    return Operation.objects.create(kind=kind)
+
+
+def test_it_runs_a_job_to_success_with_its_result(db, kinds):
+    @handler("sync")
+    def job(ctx):
+        ctx.event("work", "half way", 50)
+        return {"answer": 42}
+
+    op = _op()
+    assert runner.run_operation(op.pk, "w1") == "success"
+    op.refresh_from_db()
+    assert (op.status, op.progress, op.result, op.worker) == ("success", 100, {"answer": 42}, "w1")
+    assert op.started_at and op.finished_at
+    assert [e["phase"] for e in op.events] == ["work", "success"]
+
+
+def test_it_does_nothing_the_second_time(db, kinds):
+    calls = []
+
+    @handler("sync")
+    def job(ctx):
+        calls.append(1)
+
+    op = _op()
+    runner.run_operation(op.pk)
+    assert runner.run_operation(op.pk) is None  # a redelivered task finds the row ended
+    assert calls == [1]
+
+
+def test_an_expected_failure_keeps_its_sentence_and_details(db, kinds):
+    @handler("sync")
+    def job(ctx):
+        raise OperationFailed("CRIU refused the dump.", "Error (criu/files.c:123): cannot dump X")
+
+    op = _op()
+    assert runner.run_operation(op.pk) == "failure"
+    op.refresh_from_db()
+    assert op.error.startswith("CRIU refused the dump.")
+    assert "criu/files.c:123" in op.error
+
+
+def test_a_crash_gets_a_short_sentence_and_no_traceback(db, kinds, caplog):
+    @handler("sync")
+    def job(ctx):
+        raise KeyError("secret internals")
+
+    op = _op()
+    assert runner.run_operation(op.pk) == "failure"
+    op.refresh_from_db()
+    assert "internal error" in op.error
+    assert "Traceback" not in op.error and "secret internals" not in op.error
+    assert "secret internals" in caplog.text  # the worker log has it
+
+
+def test_an_unknown_kind_fails_cleanly(db):
+    op = _op("evacuate")
+    assert runner.run_operation(op.pk) == "failure"
+
+
+def test_a_cancel_before_start_ends_it_cancelled(db, kinds):
+    @handler("sync")
+    def job(ctx):
+        raise AssertionError("must not run")
+
+    op = _op()
+    Operation.objects.filter(pk=op.pk).update(cancel_requested=True)
+    assert runner.run_operation(op.pk) == "cancelled"
+
+
+def test_finish_ends_a_row_only_once(db):
+    op = _op()
+    Operation.objects.filter(pk=op.pk).update(status="running")
+    op.refresh_from_db()
+    assert runner.finish(op, "success")
+    again = Operation.objects.get(pk=op.pk)
+    assert not runner.finish(again, "failure", error="late")
+    again.refresh_from_db()
+    assert again.status == "success" and again.error == ""
+
+
+def test_lost_operations_are_failed_only_for_dead_workers(db):
+    mine = Operation.objects.create(kind="probe", status="running", worker="w@a")
+    other_alive = Operation.objects.create(kind="probe", status="running", worker="w@b")
+    other_dead = Operation.objects.create(kind="probe", status="running", worker="w@c")
+    pending = Operation.objects.create(kind="probe")
+    assert runner.mark_lost_operations("w@a", alive=lambda node: node == "w@b") == 2
+    statuses = dict(Operation.objects.values_list("pk", "status"))
+    assert statuses == {mine.pk: "failure", other_alive.pk: "running", other_dead.pk: "failure", pending.pk: "pending"}
+
+
+def test_progress_is_saved_throttled_but_phase_changes_at_once(db, kinds):
+    seen = []
+
+    @handler("sync")
+    def job(ctx):
+        ctx.event("a", "one", 10)
+        seen.append(Operation.objects.get(pk=ctx.op.pk).phase)  # new phase: saved
+        ctx.event("a", "two", 20)
+        seen.append(Operation.objects.get(pk=ctx.op.pk).progress)  # same phase, within 0.5 s: not yet
+
+    op = _op()
+    runner.run_operation(op.pk)
+    assert seen == ["a", 10]
+    op.refresh_from_db()
+    assert [e["message"] for e in op.events][:2] == ["one", "two"]
