@@ -1,1 +1,180 @@
-"""Container operation handlers (registered with the runner)."""
+"""Container operation handlers (registered with the runner) and the state refresh."""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+
+from hosts import ssh
+from hosts.models import Host
+
+from .events import publish_fleet
+from .models import Container, Operation
+from .runner import OperationContext, OperationFailed, handler
+
+log = logging.getLogger(__name__)
+
+
+def container_state(c: Container) -> dict:
+    return {
+        "name": c.name,
+        "host": c.host.name,
+        "state": c.state,
+        "ipv4": c.ipv4,
+        "ipv6": c.ipv6,
+        "has_saved_state": c.has_saved_state,
+    }
+
+
+def set_state(container: Container, state: str, **fields) -> None:
+    Container.objects.filter(pk=container.pk).update(state=state, **fields)
+    container.refresh_from_db()
+    publish_fleet("container", container_state(container))
+
+
+def agent(ctx: OperationContext | None, host: Host, subcommand: str, params: dict, base: int = 0, span: int = 100):
+    """Run an agent subcommand on a host; any failure becomes an OperationFailed."""
+    on_event = ctx.relay(base, span) if ctx else None
+    if ctx:
+        ctx.event("connect", f"connecting to {host.name}", base)
+    try:
+        with ssh.connect(host) as conn:
+            return conn.run_agent(subcommand, params, on_event=on_event).data
+    except ssh.AgentFailed as e:
+        raise OperationFailed(str(e), e.details, e.data) from e
+    except ssh.SSHError as e:
+        host.refresh_from_db()
+        if not host.is_blocked:
+            Host.objects.filter(pk=host.pk).update(status=Host.Status.OFFLINE, status_message=str(e))
+        raise OperationFailed(str(e)) from e
+
+
+def _apply_listing(host: Host, listing: list[dict]) -> dict:
+    """Bring the database in line with what a host says it has."""
+    seen, added, changed, gone = set(), [], [], []
+    for item in listing:
+        name = item["name"]
+        seen.add(name)
+        state = item.get("state", "UNKNOWN")
+        ipv4 = (item.get("ipv4") or [None])[0]
+        ipv6 = (item.get("ipv6") or [None])[0]
+        c = Container.objects.filter(name=name).first()
+        if c is None:
+            if ipv4 and Container.objects.filter(ipv4=ipv4).exists():
+                ipv4 = None  # another container owns it in our records; don't guess
+            c = Container.objects.create(
+                name=name, host=host, state=state, ipv4=ipv4, ipv6=ipv6, template=item.get("template", "")
+            )
+            added.append(name)
+            publish_fleet("container", container_state(c))
+        elif c.host_id != host.pk:
+            log.warning("%s is listed on %s but belongs to %s in ctweb; left alone", name, host, c.host)
+        elif c.state != state or (ipv6 and c.ipv6 != ipv6):
+            set_state(c, state, ipv6=ipv6 or c.ipv6)
+            changed.append(name)
+    # Containers ctweb knows on this host that the host no longer has (and no job is creating).
+    for c in Container.objects.filter(host=host).exclude(name__in=seen).exclude(state=Container.State.CREATING):
+        if not c.operations.filter(status__in=Operation.ACTIVE).exists():
+            gone.append(c.name)
+            if c.state != Container.State.UNKNOWN:
+                set_state(c, Container.State.UNKNOWN)
+    return {"added": added, "changed": changed, "missing": gone}
+
+
+@handler("sync")
+def sync(ctx: OperationContext) -> dict:
+    host = ctx.op.host
+    data = agent(ctx, host, "list", {}, 10, 70)
+    ctx.event("save", "updating the container list", 90)
+    return _apply_listing(host, data["containers"])
+
+
+def refresh_host(host: Host) -> dict | None:
+    """The periodic refresh: like sync, without an Operation row."""
+    try:
+        data = agent(None, host, "list", {})
+    except OperationFailed as e:
+        log.info("refresh of %s failed: %s", host, e.message)
+        return None
+    return _apply_listing(host, data["containers"])
+
+
+@handler("create")
+def create(ctx: OperationContext) -> dict:
+    op, container = ctx.op, ctx.op.container
+    params = {
+        "name": container.name,
+        "template": op.params.get("template", "busybox"),
+        "command": op.params.get("command"),
+        "network": _network_params(container, op.params.get("network")),
+    }
+    try:
+        data = agent(ctx, op.host, "create", params, 5, 90)
+    except OperationFailed:
+        # The agent removes what it made; the reservation goes too.
+        with transaction.atomic():
+            Operation.objects.filter(pk=op.pk).update(container=None)
+            container.delete()
+        publish_fleet("container", {"name": op.container_name, "host": op.host.name, "state": "DELETED"})
+        raise
+    set_state(container, data.get("state", "UNKNOWN"))
+    return data
+
+
+def _network_params(container: Container, net: dict | None) -> dict | None:
+    if not net or not container.ipv4:
+        return None
+    return {
+        "ipv4": container.ipv4,
+        "prefix": int(net["subnet"].split("/")[1]),
+        "bridge": net.get("bridge"),
+        "gateway": net.get("gateway"),
+    }
+
+
+def _simple(ctx: OperationContext, subcommand: str, transitional: str | None) -> dict:
+    container = ctx.op.container
+    if container is None:
+        raise OperationFailed("The container of this operation no longer exists.")
+    before = container.state
+    if transitional:
+        set_state(container, transitional)
+    try:
+        data = agent(ctx, ctx.op.host, subcommand, {"name": container.name, **ctx.op.params}, 5, 90)
+    except OperationFailed as e:
+        # Tell the truth about where the container is now, not what we hoped.
+        state = (e.result or {}).get("state") or before
+        set_state(container, state)
+        raise
+    set_state(container, data.get("state", "UNKNOWN"))
+    return data
+
+
+@handler("start")
+def start(ctx: OperationContext) -> dict:
+    return _simple(ctx, "start", Container.State.STARTING)
+
+
+@handler("stop")
+def stop(ctx: OperationContext) -> dict:
+    return _simple(ctx, "stop", Container.State.STOPPING)
+
+
+@handler("restart")
+def restart(ctx: OperationContext) -> dict:
+    return _simple(ctx, "restart", Container.State.STOPPING)
+
+
+@handler("delete")
+def delete(ctx: OperationContext) -> dict:
+    container = ctx.op.container
+    if container is None:
+        raise OperationFailed("The container of this operation no longer exists.")
+    data = _simple(ctx, "delete", Container.State.STOPPING)
+    name, host = container.name, container.host.name
+    with transaction.atomic():
+        Operation.objects.filter(container=container).update(container=None)
+        container.delete()
+    publish_fleet("container", {"name": name, "host": host, "state": "DELETED"})
+    return data

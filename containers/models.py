@@ -13,6 +13,7 @@ class Container(models.Model):
         FROZEN = "FROZEN"
         STARTING = "STARTING"
         STOPPING = "STOPPING"
+        CREATING = "CREATING"
         UNKNOWN = "UNKNOWN"
 
     name = models.CharField(max_length=63, unique=True, validators=[validate_name])

@@ -38,3 +38,13 @@ def fail_lost_operations(sender=None, **kwargs) -> None:
     lost = runner.mark_lost_operations(me, alive)
     if lost:
         log.warning("marked %d operation(s) failed: their worker was lost", lost)
+
+
+@shared_task(ignore_result=True)
+def refresh_container_states() -> None:
+    """Keep the container list fresh between operations (scheduled by the worker's beat)."""
+    from containers.jobs import refresh_host
+    from hosts.models import Host
+
+    for host in Host.objects.filter(status=Host.Status.ONLINE):
+        refresh_host(host)

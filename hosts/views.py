@@ -3,6 +3,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from rest_framework.exceptions import APIException
 
+from containers.api import containers_queryset
 from containers.models import Operation
 from ctweb.decorators import role_required
 
@@ -25,7 +26,8 @@ def host_list(request):
 def host_detail(request, name):
     host = _get_host(name)
     ops = Operation.objects.filter(host=host).select_related("created_by")[:50]
-    return render(request, "hosts/detail.html", {"host": host, "operations": ops})
+    containers = containers_queryset().filter(host=host)
+    return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})
 
 
 @role_required("admin")

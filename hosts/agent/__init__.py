@@ -7,7 +7,7 @@ from pathlib import Path
 AGENT_PATH = Path(__file__).with_name("ctweb_agent.py")
 
 # Subcommands the dashboard may ask for. The SSH module refuses any other word.
-AGENT_SUBCOMMANDS = frozenset({"probe"})
+AGENT_SUBCOMMANDS = frozenset({"probe", "list", "create", "start", "stop", "restart", "delete"})
 
 
 @lru_cache(maxsize=1)

@@ -49,6 +49,15 @@ document.addEventListener("DOMContentLoaded", function () {
       if (c) c.textContent = h.criu_version || "—";
     });
   }
+  function updateContainer(c) {
+    document.querySelectorAll('[data-container="' + c.name + '"]').forEach(function (el) {
+      const s = el.matches(".status") ? el : el.querySelector('[data-field="state"]');
+      if (s) { s.textContent = c.state; s.className = "status status-" + c.state; }
+      if (c.state === "DELETED" && el.tagName === "TR") el.remove();
+      const ip = el.querySelector('[data-field="ipv4"]');
+      if (ip && c.ipv4) ip.textContent = c.ipv4 + " (eth0)";
+    });
+  }
   let delay = 1000;
   function connect() {
     const ws = new WebSocket(ctwebSocketUrl("/ws/events/"));
@@ -63,6 +72,8 @@ document.addEventListener("DOMContentLoaded", function () {
         update(msg.operation);
       } else if (msg.type === "host") {
         updateHost(msg.data);
+      } else if (msg.type === "container") {
+        updateContainer(msg.data);
       }
       document.dispatchEvent(new CustomEvent("ctweb:event", { detail: msg }));
     };

@@ -1,0 +1,162 @@
+"""Starting container operations: the checks every entry point (API, pages, lab) shares."""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+
+from django.db import IntegrityError, transaction
+
+from ctweb.api import ApiError
+from ctweb.audit import audit
+from hosts.models import Host
+from hosts.validators import validate_name
+
+from .models import Container, Operation
+from .runner import enqueue
+
+MAX_COMMAND_ARGS = 64
+MAX_COMMAND_LEN = 4096
+
+
+def active_operation(container: Container) -> Operation | None:
+    return container.operations.filter(status__in=Operation.ACTIVE).order_by("created_at").first()
+
+
+def busy_error(op: Operation) -> ApiError:
+    err = ApiError(
+        f"{op.container_name} already has an operation running ({op.kind}, {op.api_url()}). Wait for it or cancel it.",
+        409,
+    )
+    err.operation_url = op.api_url()
+    return err
+
+
+def usable_host(name: str, field: str = "host") -> Host:
+    try:
+        host = Host.objects.get(name=name)
+    except Host.DoesNotExist:
+        raise ApiError(f"There is no host named {name}.", 400, field) from None
+    if host.is_blocked:
+        raise ApiError(f"{host.name} is blocked: {host.status_message}", 409, field)
+    if not host.is_trusted:
+        raise ApiError(f"{host.name} is not trusted yet: an admin must trust its host key first.", 409, field)
+    if host.status != Host.Status.ONLINE:
+        raise ApiError(f"{host.name} is {host.get_status_display()}: probe it until it is online.", 409, field)
+    return host
+
+
+def parse_command(command) -> list[str] | None:
+    """A container's init: null, a string (split like a shell would, without running one) or a list."""
+    if command is None or command == "":
+        return None
+    if isinstance(command, str):
+        try:
+            argv = shlex.split(command)
+        except ValueError as e:
+            raise ApiError(f"The command cannot be split into arguments: {e}.", 400, "command") from None
+    elif isinstance(command, list) and all(isinstance(a, str) for a in command):
+        argv = list(command)
+    else:
+        raise ApiError("The command must be a string or a list of strings.", 400, "command")
+    if not argv or len(argv) > MAX_COMMAND_ARGS or sum(map(len, argv)) > MAX_COMMAND_LEN:
+        raise ApiError(
+            f"The command must have 1 to {MAX_COMMAND_ARGS} arguments and be shorter than {MAX_COMMAND_LEN} characters.",
+            400,
+            "command",
+        )
+    if any("\0" in a or "\n" in a for a in argv):
+        raise ApiError("The command may not contain NUL or newline characters.", 400, "command")
+    return argv
+
+
+def allocate_ipv4(host: Host) -> tuple[str | None, dict | None]:
+    """The next free address of the host's container network, unique across the fleet."""
+    net = (host.capabilities or {}).get("network") or {}
+    if not net.get("subnet"):
+        return None, None
+    subnet = ipaddress.ip_network(net["subnet"], strict=False)
+    first, last = net.get("range", [2, subnet.num_addresses - 2])
+    used = set(Container.objects.exclude(ipv4=None).values_list("ipv4", flat=True))
+    for i in range(first, last + 1):
+        addr = str(subnet.network_address + i)
+        if addr not in used:
+            return addr, net
+    raise ApiError(f"The container network of {host.name} ({subnet}) has no free address left.", 409, "host")
+
+
+def create_container(request, name, host_name, template="busybox", command=None) -> Operation:
+    try:
+        validate_name(name)
+    except Exception as e:
+        raise ApiError(" ".join(getattr(e, "messages", [str(e)])), 400, "name") from None
+    if not isinstance(template, str):
+        raise ApiError("The template must be a string.", 400, "template")
+    host = usable_host(host_name)
+    templates = (host.capabilities or {}).get("templates") or []
+    if template not in templates:
+        raise ApiError(
+            f"{host.name} has no template {template!r}; it offers: {', '.join(templates) or 'none'}.", 400, "template"
+        )
+    argv = parse_command(command)
+    for _ in range(3):  # two requests may pick the same address: the unique index decides
+        ipv4, net = allocate_ipv4(host)
+        try:
+            with transaction.atomic():
+                if Container.objects.filter(name=name).exists():
+                    raise ApiError(f"A container named {name} exists already.", 409, "name")
+                container = Container.objects.create(
+                    name=name, host=host, state=Container.State.CREATING, template=template, command=argv, ipv4=ipv4
+                )
+                op = Operation.objects.create(
+                    kind=Operation.Kind.CREATE,
+                    container=container,
+                    container_name=name,
+                    host=host,
+                    created_by=request.user,
+                    params={"template": template, "command": argv, "network": net},
+                )
+                enqueue(op)
+        except IntegrityError:
+            if Container.objects.filter(name=name).exists():
+                raise ApiError(f"A container named {name} exists already.", 409, "name") from None
+            continue
+        audit(request, "container.create", container, detail=f"on {host.name} from {template}, op {op.pk}")
+        return op
+    raise ApiError("Could not reserve an address for the container; try again.", 409, "host")
+
+
+def container_operation(request, container: Container, kind: str, **params) -> Operation:
+    """Queue an operation on one container, refusing a second one while one runs."""
+    with transaction.atomic():
+        # Lock the row so two requests cannot both see "nothing running".
+        container = Container.objects.select_for_update().get(pk=container.pk)
+        running = active_operation(container)
+        if running:
+            raise busy_error(running)
+        host = container.host
+        if not host.is_trusted or host.is_blocked:
+            raise ApiError(f"{host.name} is not usable: {host.status_message or host.get_status_display()}.", 409)
+        op = Operation.objects.create(
+            kind=kind,
+            container=container,
+            container_name=container.name,
+            host=host,
+            created_by=request.user,
+            params=params,
+        )
+        enqueue(op)
+    audit(request, f"container.{kind}", container, detail=f"op {op.pk} {params or ''}".strip())
+    return op
+
+
+def sync_host(request, host: Host) -> Operation:
+    host = usable_host(host.name)
+    running = host.operations.filter(kind=Operation.Kind.SYNC, status__in=Operation.ACTIVE).first()
+    if running:
+        return running
+    with transaction.atomic():
+        op = Operation.objects.create(kind=Operation.Kind.SYNC, host=host, created_by=request.user)
+        enqueue(op)
+    audit(request, "host.sync", host, detail=f"op {op.pk}")
+    return op
