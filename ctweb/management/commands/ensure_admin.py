@@ -15,7 +15,10 @@ class Command(BaseCommand):
     def handle(self, username, **options):
         User = get_user_model()
         if User.objects.filter(is_superuser=True).exists() or User.objects.filter(groups__name="admin").exists():
-            self.stdout.write("An admin account exists already (its password was printed when it was made).")
+            self.stdout.write(
+                "An admin account exists already; its password was printed when it was made "
+                "(lost it? .venv/bin/python manage.py changepassword USER)."
+            )
             return
         password = secrets.token_urlsafe(12)
         user = User.objects.create_user(username=username, password=password, is_staff=True, is_superuser=True)
