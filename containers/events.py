@@ -1,6 +1,7 @@
 """Sending operation state to websocket clients through the Channels layer."""
 
 import logging
+import time
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -8,6 +9,7 @@ from channels.layers import get_channel_layer
 log = logging.getLogger(__name__)
 
 FLEET_GROUP = "fleet"
+_quiet_until = 0.0  # after a failed publish, say so once a minute, not once per event
 
 
 def operation_group(op_id: int) -> str:
@@ -42,7 +44,10 @@ def send(groups: list[str], message: dict) -> None:
         for group in groups:
             async_to_sync(layer.group_send)(group, message)
     except Exception as e:  # never let a dropped message fail an operation
-        log.warning("could not publish to %s: %s", groups, e)
+        global _quiet_until
+        if time.monotonic() >= _quiet_until:
+            log.warning("live updates are not reaching browsers (%s); the database still has everything", e)
+            _quiet_until = time.monotonic() + 60
 
 
 def publish_operation(op, event: dict | None = None) -> None:

@@ -163,8 +163,28 @@ def enqueue(op: Operation) -> Operation:
     """Queue the job once the row is committed, so the worker always finds it."""
     from .tasks import run_operation_task
 
-    transaction.on_commit(lambda: run_operation_task.delay(op.pk))
+    def send():
+        try:
+            run_operation_task.delay(op.pk)
+        except Exception as e:
+            log.error("could not queue operation %s: %s", op.pk, e)
+            fail_unqueued(op.pk, f"The job queue is unreachable ({e}); nothing was done. Try again when it is back.")
+
+    transaction.on_commit(send)
     return op
+
+
+def fail_unqueued(op_id: int, error: str) -> None:
+    """End a job that never reached a worker, and undo what its request reserved."""
+    now = timezone.now()
+    if Operation.objects.filter(pk=op_id, status=Operation.Status.PENDING).update(
+        status=Operation.Status.FAILURE, error=error, finished_at=now
+    ):
+        op = Operation.objects.select_related("container").get(pk=op_id)
+        if op.kind == Operation.Kind.CREATE and op.container is not None:
+            Operation.objects.filter(pk=op_id).update(container=None)
+            op.container.delete()
+        events.publish_operation(op)
 
 
 def mark_lost_operations(worker: str, alive: Callable[[str], bool]) -> int:

@@ -10,15 +10,8 @@ from . import runner
 log = logging.getLogger(__name__)
 
 
-def _load_handlers() -> None:
-    # Handlers register themselves on import.
-    import containers.jobs  # noqa: F401
-    import hosts.jobs  # noqa: F401
-
-
 @shared_task(bind=True, acks_late=True, ignore_result=True)
 def run_operation_task(self, op_id: int) -> None:
-    _load_handlers()
     runner.run_operation(op_id, worker=self.request.hostname or "")
 
 

@@ -1,6 +1,12 @@
+import os
+import subprocess
+import time
+
 import pytest
 
 from tests.stack import SSHServer, Stack
+
+LAB_HOSTS = 2
 
 
 @pytest.fixture(autouse=True)
@@ -14,6 +20,11 @@ def _in_memory_channel_layer(settings):
         **settings.STORAGES,
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
+
+
+def pytest_collection_modifyitems(config, items):
+    # The test that takes the lab down and looks for traces runs after every other test.
+    items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +46,35 @@ def sshd(stack):
     server = SSHServer(stack.dashboard_public_key()).start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """One real lab for the whole run (hosts lab-a, lab-b), taken down at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    from hosts.lab import core
+
+    tmp = tmp_path_factory.mktemp("labkeys")
+    key = tmp / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    t0 = time.monotonic()
+    hosts = core.up(LAB_HOSTS, (tmp / "id_ed25519.pub").read_text())
+    print(f"\nlab up in {time.monotonic() - t0:.1f}s")
+    known = tmp / "known_hosts"
+    known.write_text("".join(f"{h['address']} {h['host_key']}\n" for h in hosts))
+    try:
+        yield {"hosts": hosts, "key": key, "known_hosts": known, "pubkey": (tmp / "id_ed25519.pub").read_text()}
+    finally:
+        core.down()
+
+
+@pytest.fixture(scope="session")
+def lab_stack(stack, lab):
+    """The e2e stack with the lab's hosts registered (keys pinned) and probed."""
+    out = stack.manage("lab", "up", "--hosts", str(LAB_HOSTS))
+    assert out.count("probe success") == LAB_HOSTS, out
+    return stack
 
 
 from tests.helpers import tokens, trusted_host, users  # noqa: E402,F401  (shared fixtures)

@@ -122,3 +122,15 @@ def test_progress_is_saved_throttled_but_phase_changes_at_once(db, kinds):
     assert seen == ["a", 10]
     op.refresh_from_db()
     assert [e["message"] for e in op.events][:2] == ["one", "two"]
+
+
+def test_a_job_the_queue_refused_fails_and_releases_its_reservation(db, trusted_host):
+    from containers.models import Container
+
+    c = Container.objects.create(name="c1", host=trusted_host, state="CREATING", ipv4="10.9.9.100")
+    op = Operation.objects.create(kind="create", container=c, container_name="c1", host=trusted_host)
+    runner.fail_unqueued(op.pk, "The job queue is unreachable.")
+    op.refresh_from_db()
+    assert (op.status, op.error) == ("failure", "The job queue is unreachable.")
+    assert op.finished_at is not None
+    assert not Container.objects.filter(name="c1").exists()

@@ -137,6 +137,20 @@ def _templates():
     return found
 
 
+def _network():
+    """The container network ctweb may assign addresses in: /etc/ctweb/network.json
+    ({"subnet": "10.1.2.0/24", "bridge": "lxcbr0", "range": [100, 250], "gateway": null})."""
+    try:
+        with open("/etc/ctweb/network.json") as f:
+            net = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(net, dict) or "subnet" not in net or "bridge" not in net:
+        return None
+    net["bridge_present"] = os.path.isdir(f"/sys/class/net/{net['bridge']}/bridge")
+    return net
+
+
 def cmd_probe(params):
     event("probe", "reading kernel and CPU", 10)
     uname = platform.uname()
@@ -173,6 +187,7 @@ def cmd_probe(params):
         caps["pycriu"] = False
         caps["pycriu_error"] = str(e)[:200]
     caps["templates"] = _templates()
+    caps["network"] = _network()
     caps["disk"] = [_disk(LXC_PATH), _disk(CTWEB_PATH)]
     event("probe", "done", 100)
     return caps
