@@ -1,5 +1,5 @@
 from django.db import transaction
-from django.db.models import Count, OuterRef, Subquery
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -13,8 +13,18 @@ from hosts.models import Host
 from hosts.validators import validate_name
 
 from . import events
-from .models import Container, Operation
-from .services import container_operation, create_container, sync_host
+from .bundles import bundle_bytes
+from .compare import compare_snapshots
+from .models import Container, Operation, Snapshot
+from .services import (
+    change_state,
+    container_operation,
+    create_container,
+    delete_snapshot,
+    restore_snapshot,
+    snapshot_container,
+    sync_host,
+)
 
 
 class OperationSerializer(serializers.ModelSerializer):
@@ -167,7 +177,10 @@ class ContainerCreateSerializer(serializers.Serializer):
 
 class StateSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=["start", "stop", "restart"])
-    stateful = serializers.BooleanField(default=False)
+    stateful = serializers.BooleanField(
+        default=False, help_text="stop: dump the memory first; the next start resumes it"
+    )
+    discard_state = serializers.BooleanField(default=False, help_text="start: throw away saved state, start cold")
 
 
 def containers_queryset():
@@ -220,12 +233,163 @@ class ContainerState(APIView):
         container = _container(name)
         s = StateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        if s.validated_data["stateful"]:
-            raise ApiError("Stateful stop and start are not available in this version yet.", 400, "stateful")
-        return operation_accepted(container_operation(request, container, s.validated_data["action"]))
+        return operation_accepted(change_state(request, container, **s.validated_data))
 
 
 class HostSync(APIView):
     @extend_schema(request=None, responses={202: dict})
     def post(self, request, name):
         return operation_accepted(sync_host(request, get_object_or_404(Host, name=name)))
+
+
+# --- snapshots -----------------------------------------------------------------------
+
+
+class SnapshotSerializer(serializers.ModelSerializer):
+    container = serializers.CharField(source="container.name", read_only=True)
+    host = serializers.CharField(source="container.host.name", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Snapshot
+        fields = ["name", "container", "host", "stateful", "created_at", "size_bytes", "created_by", "stats"]
+
+
+class SnapshotDetailSerializer(SnapshotSerializer):
+    class Meta(SnapshotSerializer.Meta):
+        fields = SnapshotSerializer.Meta.fields + ["contents"]
+
+
+class SnapshotCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, required=False, allow_null=True, default=None, trim_whitespace=False)
+    stateful = serializers.BooleanField(default=True)
+
+
+def _snapshot(container: Container, snap: str) -> Snapshot:
+    return get_object_or_404(container.snapshots.select_related("created_by", "container__host"), name=snap)
+
+
+def snapshot_queryset():
+    return Snapshot.objects.select_related("container__host", "created_by").defer("contents")
+
+
+def filter_snapshots(qs, params):
+    """Filters shared by the snapshot lists (API and pages): stateful, since, until, who, q."""
+    if params.get("stateful") in ("true", "false"):
+        qs = qs.filter(stateful=params["stateful"] == "true")
+    if params.get("since"):
+        qs = qs.filter(created_at__date__gte=_date(params["since"], "since"))
+    if params.get("until"):
+        qs = qs.filter(created_at__date__lte=_date(params["until"], "until"))
+    if params.get("created_by"):
+        qs = qs.filter(created_by__username=params["created_by"])
+    if params.get("container"):
+        qs = qs.filter(container__name=params["container"])
+    if params.get("host"):
+        qs = qs.filter(container__host__name=params["host"])
+    if params.get("q"):
+        qs = qs.filter(Q(name__icontains=params["q"]) | Q(container__name__icontains=params["q"]))
+    return qs
+
+
+def _date(value: str, field: str):
+    from datetime import date
+
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ApiError(f"{field} must be a date like 2026-11-26.", 400, field) from None
+
+
+def _limits(q) -> tuple[int, int]:
+    try:
+        return min(max(int(q.get("limit", 100)), 1), 500), max(int(q.get("offset", 0)), 0)
+    except ValueError:
+        raise ApiError("limit and offset must be whole numbers.", 400) from None
+
+
+SNAPSHOT_FILTERS = [
+    OpenApiParameter("stateful", str, enum=["true", "false"]),
+    OpenApiParameter("since", str, description="YYYY-MM-DD"),
+    OpenApiParameter("until", str, description="YYYY-MM-DD"),
+    OpenApiParameter("created_by", str),
+    OpenApiParameter("limit", int),
+    OpenApiParameter("offset", int),
+]
+
+
+class SnapshotList(APIView):
+    @extend_schema(parameters=SNAPSHOT_FILTERS, responses=SnapshotSerializer(many=True))
+    def get(self, request, name):
+        container = _container(name)
+        qs = filter_snapshots(snapshot_queryset().filter(container=container), request.query_params)
+        limit, offset = _limits(request.query_params)
+        return Response(SnapshotSerializer(qs[offset : offset + limit], many=True).data)
+
+    @extend_schema(request=SnapshotCreateSerializer, responses={202: dict})
+    def post(self, request, name):
+        container = _container(name)
+        s = SnapshotCreateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return operation_accepted(
+            snapshot_container(request, container, s.validated_data["name"], s.validated_data["stateful"])
+        )
+
+
+class SnapshotDetail(APIView):
+    @extend_schema(responses=SnapshotDetailSerializer)
+    def get(self, request, name, snap):
+        return Response(SnapshotDetailSerializer(_snapshot(_container(name), snap)).data)
+
+    @extend_schema(responses={202: dict})
+    def delete(self, request, name, snap):
+        container = _container(name)
+        return operation_accepted(delete_snapshot(request, container, _snapshot(container, snap)))
+
+
+class SnapshotRestore(APIView):
+    @extend_schema(request=None, responses={202: dict})
+    def post(self, request, name, snap):
+        container = _container(name)
+        return operation_accepted(restore_snapshot(request, container, _snapshot(container, snap)))
+
+
+class SnapshotCompare(APIView):
+    @extend_schema(
+        parameters=[OpenApiParameter("a", str, required=True), OpenApiParameter("b", str, required=True)],
+        responses={200: dict},
+    )
+    def get(self, request, name):
+        container = _container(name)
+        a, b = request.query_params.get("a"), request.query_params.get("b")
+        if not a or not b:
+            raise ApiError("Give two snapshot names as a and b.", 400, "a" if not a else "b")
+        return Response(compare_snapshots(_snapshot(container, a), _snapshot(container, b)))
+
+
+class FleetSnapshots(APIView):
+    """Search snapshots across the fleet (newest first)."""
+
+    @extend_schema(
+        parameters=SNAPSHOT_FILTERS
+        + [OpenApiParameter("q", str), OpenApiParameter("container", str), OpenApiParameter("host", str)],
+        responses=SnapshotSerializer(many=True),
+    )
+    def get(self, request):
+        qs = filter_snapshots(snapshot_queryset(), request.query_params)
+        limit, offset = _limits(request.query_params)
+        return Response(SnapshotSerializer(qs[offset : offset + limit], many=True).data)
+
+
+class OperationBundle(APIView):
+    @extend_schema(responses={(200, "application/gzip"): bytes})
+    def get(self, request, op_id):
+        from django.http import HttpResponse
+
+        op = get_object_or_404(Operation, pk=op_id)
+        data = bundle_bytes(op)
+        if data is None:
+            raise ApiError(f"Operation {op.pk} has no debug bundle (only failed container operations keep one).", 404)
+        response = HttpResponse(data, content_type="application/gzip")
+        response["Content-Disposition"] = f'attachment; filename="ctweb-op-{op.pk}-bundle.tar.gz"'
+        return response

@@ -10,7 +10,7 @@ from hosts import ssh
 from hosts.models import Host
 
 from .events import publish_fleet
-from .models import Container, Operation
+from .models import Container, Operation, Snapshot
 from .runner import OperationContext, OperationFailed, handler
 
 log = logging.getLogger(__name__)
@@ -144,11 +144,15 @@ def _simple(ctx: OperationContext, subcommand: str, transitional: str | None) ->
         data = agent(ctx, ctx.op.host, subcommand, {"name": container.name, **ctx.op.params}, 5, 90)
     except OperationFailed as e:
         # Tell the truth about where the container is now, not what we hoped.
-        state = (e.result or {}).get("state") or before
-        set_state(container, state)
+        data = e.result or {}
+        set_state(container, data.get("state") or before, **_saved_state(data))
         raise
-    set_state(container, data.get("state", "UNKNOWN"))
+    set_state(container, data.get("state", "UNKNOWN"), **_saved_state(data))
     return data
+
+
+def _saved_state(data: dict) -> dict:
+    return {"has_saved_state": bool(data["has_saved_state"])} if "has_saved_state" in data else {}
 
 
 @handler("start")
@@ -177,4 +181,51 @@ def delete(ctx: OperationContext) -> dict:
         Operation.objects.filter(container=container).update(container=None)
         container.delete()
     publish_fleet("container", {"name": name, "host": host, "state": "DELETED"})
+    return data
+
+
+# --- snapshots -----------------------------------------------------------------------
+
+
+@handler("snapshot")
+def snapshot(ctx: OperationContext) -> dict:
+    op, container = ctx.op, ctx.op.container
+    if container is None:
+        raise OperationFailed("The container of this operation no longer exists.")
+    name, stateful = op.params["snapshot"], bool(op.params.get("stateful", True))
+    data = agent(ctx, op.host, "snapshot", {"name": container.name, "snapshot": name, "stateful": stateful}, 5, 90)
+    ctx.event("save", f"recording snapshot {name}", 97)
+    Snapshot.objects.create(
+        container=container,
+        name=name,
+        stateful=stateful,
+        created_by=op.created_by,
+        size_bytes=data.get("size_bytes") or 0,
+        stats=data.get("stats") or {},
+        contents=data.get("contents") or {},
+    )
+    publish_fleet("container", container_state(container))
+    return {k: v for k, v in data.items() if k != "contents"}
+
+
+@handler("restore")
+def restore(ctx: OperationContext) -> dict:
+    op, container = ctx.op, ctx.op.container
+    if container is None:
+        raise OperationFailed("The container of this operation no longer exists.")
+    snap = op.params["snapshot"]
+    if not container.snapshots.filter(name=snap).exists():
+        raise OperationFailed(f"{container.name} has no snapshot {snap} any more.")
+    return _simple(ctx, "restore", Container.State.STOPPING)
+
+
+@handler("delete-snapshot")
+def delete_snapshot(ctx: OperationContext) -> dict:
+    op, container = ctx.op, ctx.op.container
+    if container is None:
+        raise OperationFailed("The container of this operation no longer exists.")
+    snap = op.params["snapshot"]
+    data = agent(ctx, op.host, "delete-snapshot", {"name": container.name, "snapshot": snap}, 5, 90)
+    container.snapshots.filter(name=snap).delete()
+    publish_fleet("container", container_state(container))
     return data

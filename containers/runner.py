@@ -147,7 +147,8 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
     except OperationFailed as e:
         ctx.save()
         message = e.message if not e.details else f"{e.message}\n\n{e.details}"
-        finish(op, Operation.Status.FAILURE, error=message, result={**op.result, **e.result})
+        result = {**op.result, **e.result, **_bundle(ctx)}
+        finish(op, Operation.Status.FAILURE, error=message, result=result)
     except Exception:
         log.error("operation %s (%s) crashed:\n%s", op.pk, op.kind, traceback.format_exc())
         ctx.save()
@@ -155,8 +156,19 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
             op,
             Operation.Status.FAILURE,
             error="ctweb hit an internal error while running this operation; the worker log has the details.",
+            result={**op.result, **_bundle(ctx)},
         )
     return Operation.objects.values_list("status", flat=True).get(pk=op_id)
+
+
+def _bundle(ctx: OperationContext) -> dict:
+    from .bundles import BUNDLE_KINDS, collect
+
+    if ctx.op.kind not in BUNDLE_KINDS:
+        return {}
+    ctx.event("bundle", "collecting a debug bundle from the hosts")
+    files = collect(ctx.op)
+    return {"bundle": files} if files else {}
 
 
 def enqueue(op: Operation) -> Operation:

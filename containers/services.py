@@ -162,3 +162,68 @@ def sync_host(request, host: Host) -> Operation:
         enqueue(op)
     audit(request, "host.sync", host, detail=f"op {op.pk}")
     return op
+
+
+# --- snapshots -----------------------------------------------------------------------
+
+
+def next_snapshot_name(container: Container) -> str:
+    taken = set(container.snapshots.values_list("name", flat=True))
+    # Names of snapshots being taken right now are taken too.
+    taken |= {
+        op.params.get("snapshot")
+        for op in container.operations.filter(kind=Operation.Kind.SNAPSHOT, status__in=Operation.ACTIVE)
+    }
+    i = 0
+    while f"snap{i}" in taken:
+        i += 1
+    return f"snap{i}"
+
+
+def snapshot_container(request, container: Container, name: str | None = None, stateful: bool = True) -> Operation:
+    if name is not None:
+        try:
+            validate_name(name)
+        except Exception as e:
+            raise ApiError(" ".join(getattr(e, "messages", [str(e)])), 400, "name") from None
+        if container.snapshots.filter(name=name).exists():
+            raise ApiError(f"{container.name} already has a snapshot named {name}.", 409, "name")
+    if stateful and container.state != Container.State.RUNNING:
+        raise ApiError(
+            f"{container.name} is {container.state}: a stateful snapshot needs a running container "
+            "(take a stateless one instead).",
+            409,
+            "stateful",
+        )
+    return container_operation(
+        request, container, Operation.Kind.SNAPSHOT, snapshot=name or next_snapshot_name(container), stateful=stateful
+    )
+
+
+def restore_snapshot(request, container: Container, snapshot) -> Operation:
+    return container_operation(
+        request, container, Operation.Kind.RESTORE, snapshot=snapshot.name, stateful=snapshot.stateful
+    )
+
+
+def delete_snapshot(request, container: Container, snapshot) -> Operation:
+    return container_operation(request, container, Operation.Kind.DELETE_SNAPSHOT, snapshot=snapshot.name)
+
+
+def change_state(request, container: Container, action: str, stateful: bool = False, discard_state: bool = False):
+    """start/stop/restart. As in LXD, a start resumes the memory a stateful stop saved;
+    `discard_state` throws it away and starts cold instead."""
+    if stateful and action != "stop":
+        raise ApiError("Only a stop can be stateful; a start resumes saved state by itself.", 400, "stateful")
+    if action == "stop" and stateful and container.state != Container.State.RUNNING:
+        raise ApiError(
+            f"{container.name} is {container.state}: only a running container can be stopped statefully.", 409
+        )
+    if discard_state and not container.has_saved_state:
+        raise ApiError(f"{container.name} holds no saved state to discard.", 400, "discard_state")
+    params = {}
+    if stateful:
+        params["stateful"] = True
+    if discard_state:
+        params["discard_state"] = True
+    return container_operation(request, container, action, **params)

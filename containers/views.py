@@ -8,9 +8,18 @@ from rest_framework.exceptions import APIException
 from ctweb.decorators import role_required
 from hosts.models import Host
 
-from .api import cancel_operation, containers_queryset
+from .api import cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
+from .compare import compare_snapshots
 from .models import Container, Operation
-from .services import container_operation, create_container, sync_host
+from .services import (
+    change_state,
+    container_operation,
+    create_container,
+    delete_snapshot,
+    restore_snapshot,
+    snapshot_container,
+    sync_host,
+)
 
 
 @role_required("viewer")
@@ -27,7 +36,7 @@ def operation_list(request):
 
 @role_required("viewer")
 def operation_detail(request, op_id):
-    op = get_object_or_404(Operation.objects.select_related("host", "target_host", "created_by"), pk=op_id)
+    op = get_object_or_404(Operation.objects.select_related("host", "target_host", "created_by", "container"), pk=op_id)
     return render(request, "operations/detail.html", {"op": op})
 
 
@@ -101,7 +110,7 @@ def container_create(request):
 @require_POST
 def container_action(request, name, action):
     container = _get_container(name)
-    kinds = {"start": "start", "stop": "stop", "restart": "restart", "delete": "delete"}
+    kinds = {"delete": "delete"}
     if action not in kinds:
         raise Http404()
     if action == "delete" and request.POST.get("confirm") != container.name:
@@ -124,3 +133,106 @@ def host_sync(request, name):
         messages.error(request, str(e.detail))
         return redirect("host-detail", name=name)
     return redirect("operation-detail", op_id=op.pk)
+
+
+# --- snapshots and history -----------------------------------------------------------
+
+
+@role_required("operator")
+@require_POST
+def container_state(request, name):
+    """Start, stop (optionally stateful), restart; the form says which."""
+    container = _get_container(name)
+    try:
+        op = change_state(
+            request,
+            container,
+            request.POST.get("action", ""),
+            stateful=request.POST.get("stateful") == "1",
+            discard_state=request.POST.get("discard_state") == "1",
+        )
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect("container-detail", name=name)
+    return redirect("operation-detail", op_id=op.pk)
+
+
+@role_required("operator")
+@require_POST
+def snapshot_create(request, name):
+    container = _get_container(name)
+    try:
+        op = snapshot_container(
+            request, container, request.POST.get("name") or None, stateful=request.POST.get("stateful") == "1"
+        )
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect("container-detail", name=name)
+    return redirect("operation-detail", op_id=op.pk)
+
+
+@role_required("operator")
+@require_POST
+def snapshot_action(request, name, snap, action):
+    container = _get_container(name)
+    snapshot = get_object_or_404(container.snapshots, name=snap)
+    try:
+        if action == "restore":
+            op = restore_snapshot(request, container, snapshot)
+        elif action == "delete":
+            op = delete_snapshot(request, container, snapshot)
+        else:
+            raise Http404()
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect("snapshot-detail", name=name, snap=snap)
+    return redirect("operation-detail", op_id=op.pk)
+
+
+@role_required("viewer")
+def snapshot_detail(request, name, snap):
+    container = _get_container(name)
+    snapshot = get_object_or_404(container.snapshots.select_related("created_by"), name=snap)
+    others = container.snapshots.exclude(pk=snapshot.pk).values_list("name", flat=True)
+    return render(request, "snapshots/detail.html", {"c": container, "s": snapshot, "others": others})
+
+
+@role_required("viewer")
+def snapshot_compare(request, name):
+    container = _get_container(name)
+    a = get_object_or_404(container.snapshots, name=request.GET.get("a", ""))
+    b = get_object_or_404(container.snapshots, name=request.GET.get("b", ""))
+    return render(request, "snapshots/compare.html", {"c": container, "diff": compare_snapshots(a, b)})
+
+
+@role_required("viewer")
+def container_timeline(request, name):
+    """Snapshots and operations of one container, newest first (also those of hosts it left)."""
+    container = _get_container(name)
+    params = request.GET
+    try:
+        snaps = filter_snapshots(snapshot_queryset().filter(container=container), params)
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        snaps = snapshot_queryset().filter(container=container)
+    ops = Operation.objects.filter(container_name=name).select_related("host", "target_host", "created_by")
+    if params.get("created_by"):
+        ops = ops.filter(created_by__username=params["created_by"])
+    if params.get("stateful") in ("true", "false"):
+        ops = ops.none()  # the stateful filter is about snapshots
+    entries = [{"at": s.created_at, "snapshot": s} for s in snaps[:500]]
+    entries += [{"at": o.created_at, "op": o} for o in ops[:500]]
+    entries.sort(key=lambda e: e["at"], reverse=True)
+    page = Paginator(entries, 50).get_page(params.get("page"))
+    return render(request, "containers/timeline.html", {"c": container, "page": page, "f": params})
+
+
+@role_required("viewer")
+def snapshot_search(request):
+    try:
+        qs = filter_snapshots(snapshot_queryset(), request.GET)
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        qs = snapshot_queryset()
+    page = Paginator(qs, 50).get_page(request.GET.get("page"))
+    return render(request, "snapshots/search.html", {"page": page, "f": request.GET})

@@ -216,6 +216,20 @@ class HostConnection:
             raise AgentFailed(f"The agent on {self.host} ended without a result (exit status {exit_status}).", tail)
         return AgentResult(result, err_text, exit_status)
 
+    def fetch(self, remote: str, local: Path, remove: bool = True) -> int:
+        """Copy a file the agent made under /var/lib/ctweb/ back here (and remove it there)."""
+        if not remote.startswith("/var/lib/ctweb/") or ".." in remote.split("/"):
+            raise SSHError(f"Refusing to fetch {remote!r} from {self.host}: not an agent file.")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        sftp = self.client.open_sftp()
+        try:
+            sftp.get(remote, str(local))
+            if remove:
+                sftp.remove(remote)
+        finally:
+            sftp.close()
+        return local.stat().st_size
+
     def close(self) -> None:
         self.client.close()
 
