@@ -1,4 +1,4 @@
-.PHONY: setup run test lint format clean
+.PHONY: setup run test bench lint format clean
 
 setup:
 	bash scripts/setup.sh
@@ -8,6 +8,9 @@ run: setup
 
 test: setup
 	bash scripts/test.sh
+
+bench: setup
+	.venv/bin/python bench/run.py
 
 lint:
 	.venv/bin/ruff check .

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates)
+APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates chromium)
 # The lab's own needs (debootstrap and friends) are listed beside its code.
 if [ -f scripts/apt-lab.txt ]; then
   mapfile -t lab_pkgs < <(grep -v '^\s*#' scripts/apt-lab.txt | grep -v '^\s*$')
