@@ -15,6 +15,7 @@ from hosts.validators import validate_name
 from . import events
 from .bundles import bundle_bytes
 from .compare import compare_snapshots
+from .migration import STRATEGIES, start_migration, strategy_support
 from .models import Container, Operation, Snapshot
 from .services import (
     change_state,
@@ -393,3 +394,28 @@ class OperationBundle(APIView):
         response = HttpResponse(data, content_type="application/gzip")
         response["Content-Disposition"] = f'attachment; filename="ctweb-op-{op.pk}-bundle.tar.gz"'
         return response
+
+
+class MigrateSerializer(serializers.Serializer):
+    target_host = serializers.CharField(max_length=63, trim_whitespace=False)
+    strategy = serializers.ChoiceField(choices=list(STRATEGIES), default="auto")
+
+
+class ContainerMigrate(APIView):
+    @extend_schema(request=MigrateSerializer, responses={202: dict})
+    def post(self, request, name):
+        container = _container(name)
+        s = MigrateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        d = s.validated_data
+        return operation_accepted(start_migration(request, container, d["target_host"], d["strategy"]))
+
+
+class ContainerTargets(APIView):
+    """For a migration picker: each other host and which strategies it allows, or why not."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request, name):
+        container = _container(name)
+        hosts = Host.objects.exclude(pk=container.host_id)
+        return Response([{"host": h.name, "strategies": strategy_support(container, container.host, h)} for h in hosts])

@@ -5,4 +5,4 @@ class ContainersConfig(AppConfig):
     name = "containers"
 
     def ready(self):
-        from . import jobs  # noqa: F401  (registers the container handlers with the runner)
+        from . import jobs, migration  # noqa: F401  (register the container handlers with the runner)

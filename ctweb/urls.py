@@ -21,6 +21,8 @@ api = [
     path("containers/", container_api.ContainerList.as_view()),
     path("containers/<str:name>/", container_api.ContainerDetail.as_view()),
     path("containers/<str:name>/state", container_api.ContainerState.as_view()),
+    path("containers/<str:name>/migrate", container_api.ContainerMigrate.as_view()),
+    path("containers/<str:name>/targets", container_api.ContainerTargets.as_view()),
     path("containers/<str:name>/snapshots/", container_api.SnapshotList.as_view()),
     path("containers/<str:name>/snapshots/compare", container_api.SnapshotCompare.as_view()),
     path("containers/<str:name>/snapshots/<str:snap>/", container_api.SnapshotDetail.as_view()),

@@ -216,6 +216,18 @@ class HostConnection:
             raise AgentFailed(f"The agent on {self.host} ended without a result (exit status {exit_status}).", tail)
         return AgentResult(result, err_text, exit_status)
 
+    def open_stream(self, subcommand: str, params: dict) -> paramiko.Channel:
+        """Start an agent subcommand that streams raw bytes (a tar) on stdout or stdin.
+
+        The parameters go first, as one JSON line; the caller reads or writes the rest."""
+        if subcommand not in AGENT_SUBCOMMANDS:
+            raise ValueError(f"unknown agent subcommand {subcommand!r}")
+        path = self.ensure_agent()
+        channel = self.client.get_transport().open_session()
+        channel.exec_command(f"python3 {path} {subcommand}")
+        channel.sendall(json.dumps(params).encode() + b"\n")
+        return channel
+
     def fetch(self, remote: str, local: Path, remove: bool = True) -> int:
         """Copy a file the agent made under /var/lib/ctweb/ back here (and remove it there)."""
         if not remote.startswith("/var/lib/ctweb/") or ".." in remote.split("/"):
@@ -322,3 +334,58 @@ def connect(host, timeout: float | None = None) -> Iterator[HostConnection]:
         yield conn
     finally:
         conn.close()
+
+
+CHUNK = 1 << 20
+
+
+def relay(
+    sender: paramiko.Channel,
+    receiver: paramiko.Channel,
+    on_bytes: Callable[[int], None] | None = None,
+    timeout: float = 3600,
+) -> tuple[int, dict]:
+    """Pipe a sender agent's stdout into a receiver agent's stdin through this process.
+
+    Neither host needs to trust the other: the bytes cross the dashboard's two SSH
+    connections, encrypted both ways. Returns (bytes moved, the receiver's result)."""
+    sender.shutdown_write()
+    sender.settimeout(60)
+    total = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        if time.monotonic() > deadline:
+            raise SSHError("The transfer did not finish in time.")
+        try:
+            data = sender.recv(CHUNK)
+        except TimeoutError:
+            raise SSHError("The sending host stopped sending for 60 s.") from None
+        if not data:
+            break
+        receiver.sendall(data)
+        total += len(data)
+        if on_bytes:
+            on_bytes(total)
+    status = sender.recv_exit_status()
+    err = b""
+    while sender.recv_stderr_ready():
+        err += sender.recv_stderr(65536)
+    receiver.shutdown_write()
+    if status != 0:
+        receiver.close()
+        raise AgentFailed(f"The sending host failed (exit status {status}).", err.decode(errors="replace")[-4000:])
+    result = None
+    error = None
+    stderr = bytearray()
+    for line in _lines(receiver, stderr, time.monotonic() + 600):
+        msg = json.loads(line)
+        if msg.get("type") == "result":
+            result = msg.get("data") or {}
+        elif msg.get("type") == "error":
+            error = msg
+    receiver.close()
+    if error is not None:
+        raise AgentFailed(error.get("message") or "The receiving host failed.", error.get("details") or "")
+    if result is None:
+        raise AgentFailed("The receiving host ended without a result.", stderr.decode(errors="replace")[-4000:])
+    return total, result

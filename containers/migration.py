@@ -1,0 +1,302 @@
+"""Live migration: moving a container, its root filesystem and snapshots to another host.
+
+The worker relays every byte between its two SSH connections (no host trusts another;
+everything is encrypted). Strategies:
+- stop-and-copy: sync the rootfs while the container runs, dump and stop it, send the
+  images and the rootfs delta, restore on the target;
+- restart: the same without memory (stop, copy, start cold), for what CRIU cannot dump,
+  and the only way to move a stopped container;
+- post-copy and pre-copy are refused with the reason until they are shipped here.
+
+A container is never lost and never runs on two hosts: the source is stopped before the
+target restores, and the source copy is removed only after the target runs it.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+
+from django.db import transaction
+
+from ctweb.api import ApiError
+from hosts import ssh
+from hosts.models import Host
+
+from .events import publish_fleet
+from .models import Container, Operation
+from .runner import OperationContext, OperationFailed, handler
+
+STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
+
+
+def _version(v: str | None) -> tuple:
+    try:
+        return tuple(int(x) for x in (v or "").split("."))
+    except ValueError:
+        return ()
+
+
+def strategy_support(container: Container, source: Host, target: Host) -> dict[str, str | None]:
+    """For each strategy: None when both hosts can do it, else the reason why not."""
+    sc, tc = source.capabilities or {}, target.capabilities or {}
+    common = None
+    if target.pk == source.pk:
+        common = f"{container.name} is on {target.name} already."
+    elif target.status != Host.Status.ONLINE or not target.is_trusted:
+        common = f"{target.name} is {target.get_status_display()}: it must be trusted and online."
+    elif source.status != Host.Status.ONLINE:
+        common = f"{source.name} is {source.get_status_display()}: probe it until it is online."
+    elif sc.get("arch") != tc.get("arch"):
+        common = f"{source.name} is {sc.get('arch')} and {target.name} is {tc.get('arch')}."
+    elif not tc.get("network") or (sc.get("network") or {}).get("subnet") != tc["network"].get("subnet"):
+        common = f"{target.name} does not have {container.name}'s network ({(sc.get('network') or {}).get('subnet')})."
+    if common:
+        return dict.fromkeys(STRATEGIES[1:], common)
+    out: dict[str, str | None] = {"restart": None}
+    live = None
+    if container.state != Container.State.RUNNING:
+        live = f"{container.name} is {container.state}: only a running container has memory to move."
+    elif sc.get("criu_check") != "ok" or tc.get("criu_check") != "ok":
+        bad = source if sc.get("criu_check") != "ok" else target
+        live = f"`criu check` fails on {bad.name}."
+    elif _version(tc.get("criu_version")) < _version(sc.get("criu_version")):
+        live = f"{target.name}'s CRIU {tc.get('criu_version')} is older than {source.name}'s {sc.get('criu_version')}."
+    out["stop-and-copy"] = live
+    if live:
+        out["post-copy"] = live
+    elif not (sc.get("uffd") and tc.get("uffd")):
+        out["post-copy"] = "Lazy pages need userfaultfd (uffd and uffd-noncoop) on both hosts."
+    else:
+        out["post-copy"] = "Post-copy is not shipped in this version yet."
+    if live:
+        out["pre-copy"] = live
+    elif not sc.get("dirty_tracking"):
+        out["pre-copy"] = f"{source.name}'s kernel does not track dirty memory (criu feature mem_dirty_track is off)."
+    else:
+        out["pre-copy"] = "Pre-copy ships only with an end-to-end test that ran it; none has run yet."
+    return out
+
+
+def choose_strategy(container: Container, source: Host, target: Host, wanted: str) -> tuple[str, str]:
+    """Resolve `auto` and check the strategy; (strategy, why) or ApiError with the reason."""
+    if wanted not in STRATEGIES:
+        raise ApiError(f"strategy must be one of {', '.join(STRATEGIES)}.", 400, "strategy")
+    support = strategy_support(container, source, target)
+    if wanted != "auto":
+        if support[wanted]:
+            raise ApiError(f"{wanted} is not possible: {support[wanted]}", 409, "strategy")
+        return wanted, "asked for"
+    for candidate in ("post-copy", "stop-and-copy"):
+        if support[candidate] is None:
+            return candidate, f"auto: {candidate} is the fastest live strategy both hosts support"
+    if support["restart"] is None:
+        why = support["stop-and-copy"] or "no live strategy is possible"
+        return "restart", f"auto: restart (cold), because {why[0].lower() + why[1:]}"
+    raise ApiError(f"{container.name} cannot move to {target.name}: {support['restart']}", 409, "target_host")
+
+
+def start_migration(request, container: Container, target_name: str, strategy: str = "auto") -> Operation:
+    from .services import container_operation, usable_host
+
+    target = usable_host(target_name, field="target_host")
+    chosen, why = choose_strategy(container, container.host, target, strategy)
+    op = container_operation(
+        request, container, Operation.Kind.MIGRATE, strategy=chosen, requested=strategy, why=why, target=target.name
+    )
+    Operation.objects.filter(pk=op.pk).update(target_host=target)
+    return op
+
+
+# --- the job -------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.t0 = time.monotonic()
+        self.marks: dict[str, float] = {}
+        self._start = self.t0
+
+    def lap(self, name: str) -> float:
+        now = time.monotonic()
+        ms = (now - self._start) * 1000
+        self.marks[f"{name}_ms"] = round(self.marks.get(f"{name}_ms", 0) + ms, 1)
+        self._start = now
+        return ms
+
+
+def _agent(conn: ssh.HostConnection, ctx: OperationContext, sub: str, params: dict, base: int, span: int) -> dict:
+    try:
+        return conn.run_agent(sub, params, on_event=ctx.relay(base, span)).data
+    except ssh.AgentFailed as e:
+        raise OperationFailed(f"{conn.host.name}: {e}", e.details, e.data) from e
+    except ssh.SSHError as e:
+        raise OperationFailed(f"{conn.host.name}: {e}") from e
+
+
+def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, moved: list[int]) -> dict:
+    """Relay one tar from the source agent to the target agent, reporting bytes as they go."""
+    last = [0.0]
+
+    def on_bytes(n: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.25:
+            last[0] = now
+            ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB", base, bytes=moved[0] + n, what=label)
+
+    try:
+        n, result = ssh.relay(src.open_stream("send", params), dst.open_stream("receive", params), on_bytes)
+    except ssh.AgentFailed as e:
+        raise OperationFailed(f"Transfer of the {label} failed: {e}", e.details) from e
+    except ssh.SSHError as e:
+        raise OperationFailed(f"Transfer of the {label} failed: {e}") from e
+    moved[0] += n
+    ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB sent", base + span, bytes=moved[0], what=label)
+    return result
+
+
+@handler("migrate")
+def migrate(ctx: OperationContext) -> dict:
+    op = ctx.op
+    container, source, target = op.container, op.host, op.target_host
+    if container is None or target is None:
+        raise OperationFailed("The container or the target host of this migration no longer exists.")
+    strategy = op.params["strategy"]
+    live = strategy == "stop-and-copy"
+    was_running = container.state == Container.State.RUNNING
+    base = {"name": container.name, "migration": op.pk}
+    clock = _Clock()
+    moved = [0]
+    ctx.event(
+        "preflight", f"{strategy} of {container.name} from {source.name} to {target.name} ({op.params.get('why')})", 1
+    )
+    try:
+        with ExitStack() as hosts:
+            src = hosts.enter_context(ssh.connect(source))
+            dst = hosts.enter_context(ssh.connect(target))
+            return _migrate(ctx, src, dst, container, strategy, live, was_running, base, clock, moved)
+    except ssh.SSHError as e:  # connecting; later SSH failures are turned into OperationFailed
+        raise OperationFailed(str(e)) from e
+
+
+def _migrate(ctx, src, dst, container, strategy, live, was_running, base, clock, moved) -> dict:
+    source, target = src.host, dst.host
+    # 1. Preflight: nothing has changed yet, so any failure leaves everything as it was.
+    prep = _agent(src, ctx, "migrate-prepare", {**base, "live": live}, 2, 3)
+    _agent(
+        dst,
+        ctx,
+        "migrate-check",
+        {**base, "need_bytes": prep["need_bytes"], "bridge": (target.capabilities.get("network") or {}).get("bridge")},
+        5,
+        2,
+    )
+    if live:
+        _send(src, dst, ctx, {**base, "what": "cpuinfo"}, "CPU description", 7, 1, moved)
+        _agent(dst, ctx, "cpuinfo-check", base, 8, 1)
+    clock.lap("preflight")
+    ctx.check_cancel()
+
+    # 2. Copy the rootfs and the snapshots while the container still runs.
+    committed = False
+    try:
+        _send(src, dst, ctx, {**base, "what": "rootfs"}, "root filesystem", 10, 30, moved)
+        if prep.get("snapshots"):
+            _send(src, dst, ctx, {**base, "what": "snapshots"}, "snapshots", 40, 10, moved)
+        if prep.get("has_saved_state"):
+            _send(src, dst, ctx, {**base, "what": "state"}, "saved state", 50, 2, moved)
+        clock.lap("presync")
+        ctx.check_cancel()
+
+        # 3. Freeze: from here the container is down until the target runs it.
+        down_from = time.monotonic()
+        stats = {}
+        if live:
+            ctx.event("dump", f"dumping {container.name} on {source.name}", 55)
+            stats = _agent(src, ctx, "migrate-dump", base, 55, 10).get("stats") or {}
+        elif was_running:
+            ctx.event("stop", f"stopping {container.name} on {source.name}", 55)
+            _agent(src, ctx, "stop", {"name": container.name}, 55, 10)
+        committed = True  # the source is stopped: a failure now resumes it
+        clock.lap("dump")
+
+        # 4. What changed since the copy, and the memory images.
+        _send(src, dst, ctx, {**base, "what": "delta"}, "rootfs changes", 66, 6, moved)
+        if live:
+            _send(src, dst, ctx, {**base, "what": "images"}, "memory images", 72, 10, moved)
+        clock.lap("transfer")
+
+        # 5. Run it on the target.
+        restored = {}
+        if live:
+            ctx.event("restore", f"restoring {container.name} on {target.name}", 84)
+            restored = _agent(dst, ctx, "migrate-restore", base, 84, 8)
+        elif was_running:
+            ctx.event("restore", f"starting {container.name} on {target.name}", 84)
+            _agent(dst, ctx, "start", {"name": container.name}, 84, 8)
+        downtime_ms = (time.monotonic() - down_from) * 1000 if was_running else 0
+        clock.lap("restore")
+    except OperationFailed as e:
+        _recover(ctx, src, dst, container, base, committed, live, was_running, e)
+        raise
+
+    # 6. The target runs it: the source copy can go, and the records follow the container.
+    with transaction.atomic():
+        Container.objects.filter(pk=container.pk).update(
+            host=target, state=Container.State.RUNNING if was_running else container.state
+        )
+        Operation.objects.filter(pk=ctx.op.pk).update(container=container)
+    container.refresh_from_db()
+    publish_fleet(
+        "container", {"name": container.name, "host": target.name, "state": container.state, "ipv4": container.ipv4}
+    )
+    ctx.event("cleanup", f"removing the source copy on {source.name}", 94)
+    try:
+        _agent(src, ctx, "migrate-cleanup", {**base, "remove": True}, 94, 5)
+    except OperationFailed as e:
+        ctx.event("cleanup", f"the source copy could not be removed (it is stopped): {e.message}")
+    clock.lap("cleanup")
+    return {
+        "strategy": strategy,
+        "why": ctx.op.params.get("why"),
+        "source": source.name,
+        "target": target.name,
+        "downtime_ms": round(downtime_ms, 1),
+        "total_ms": round((time.monotonic() - clock.t0) * 1000, 1),
+        "bytes_transferred": moved[0],
+        "phases": clock.marks,
+        "dump_stats": stats,
+        "restore_stats": restored.get("stats") or {},
+        "transport": "relayed through the dashboard over both hosts' SSH connections (encrypted)",
+    }
+
+
+def _recover(ctx, src, dst, container, base, committed, live, was_running, error: OperationFailed) -> None:
+    """After a failure: nothing half-made stays on the target, and the source keeps the container."""
+    ctx.event("cleanup", f"migration failed: {error.message}; cleaning up the target")
+    try:
+        _agent(dst, ctx, "migrate-abort", base, 95, 1)
+    except OperationFailed as e:
+        ctx.event("cleanup", f"the target could not be cleaned: {e.message}")
+    if not committed:
+        try:
+            _agent(src, ctx, "migrate-cleanup", {**base, "remove": False}, 96, 1)
+        except OperationFailed:
+            pass
+        return
+    # The source was stopped for the move. Resuming it there is safe: the target copy is gone.
+    try:
+        if live:
+            data = _agent(src, ctx, "migrate-resume", base, 97, 2)
+        else:
+            data = _agent(src, ctx, "start", {"name": container.name}, 97, 2) if was_running else {"state": "STOPPED"}
+        Container.objects.filter(pk=container.pk).update(state=data.get("state", "RUNNING"))
+        error.message += f" {container.name} was resumed on {src.host.name}."
+    except OperationFailed as e:
+        saved = bool((e.result or {}).get("has_saved_state"))
+        Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED, has_saved_state=saved)
+        error.message += f" Resuming it on {src.host.name} failed too ({e.message}); it is stopped there" + (
+            " with its memory saved: Start resumes it." if saved else "."
+        )
+    container.refresh_from_db()
+    publish_fleet("container", {"name": container.name, "host": src.host.name, "state": container.state})
