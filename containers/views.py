@@ -10,6 +10,7 @@ from hosts.models import Host
 
 from .api import cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
+from .migration import start_migration, strategy_support
 from .models import Container, Operation
 from .services import (
     change_state,
@@ -81,7 +82,11 @@ def container_list(request):
 def container_detail(request, name):
     container = _get_container(name)
     ops = Operation.objects.filter(container_name=name).select_related("host", "target_host", "created_by")[:50]
-    return render(request, "containers/detail.html", {"c": container, "operations": ops})
+    targets = [
+        {"host": h, "strategies": strategy_support(container, container.host, h)}
+        for h in Host.objects.exclude(pk=container.host_id)
+    ]
+    return render(request, "containers/detail.html", {"c": container, "operations": ops, "targets": targets})
 
 
 @role_required("operator")
@@ -236,3 +241,17 @@ def snapshot_search(request):
         qs = snapshot_queryset()
     page = Paginator(qs, 50).get_page(request.GET.get("page"))
     return render(request, "snapshots/search.html", {"page": page, "f": request.GET})
+
+
+@role_required("operator")
+@require_POST
+def container_migrate(request, name):
+    container = _get_container(name)
+    try:
+        op = start_migration(
+            request, container, request.POST.get("target_host", ""), request.POST.get("strategy", "auto")
+        )
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect("container-detail", name=name)
+    return redirect("operation-detail", op_id=op.pk)

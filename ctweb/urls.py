@@ -49,6 +49,7 @@ urlpatterns = [
     path("containers/new/", container_views.container_create, name="container-create"),
     path("containers/<str:name>/", container_views.container_detail, name="container-detail"),
     path("containers/<str:name>/state", container_views.container_state, name="container-state"),
+    path("containers/<str:name>/migrate", container_views.container_migrate, name="container-migrate"),
     path("containers/<str:name>/history/", container_views.container_timeline, name="container-timeline"),
     path("containers/<str:name>/snapshot", container_views.snapshot_create, name="snapshot-create"),
     path("containers/<str:name>/compare/", container_views.snapshot_compare, name="snapshot-compare"),
