@@ -19,8 +19,8 @@ def compare_snapshots(a, b) -> dict:
     pa, pb = _processes(a), _processes(b)
     memory = []
     for key in sorted(set(pa) & set(pb), key=lambda k: (k[0] is None, k[0])):
-        before = (pa[key].get("memory") or {}).get("dumped_bytes") or 0
-        after = (pb[key].get("memory") or {}).get("dumped_bytes") or 0
+        before = pa[key].get("dumped_bytes") or 0
+        after = pb[key].get("dumped_bytes") or 0
         if before != after:
             memory.append({**_label(key), "before_bytes": before, "after_bytes": after, "change_bytes": after - before})
     return {

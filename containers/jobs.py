@@ -216,7 +216,9 @@ def restore(ctx: OperationContext) -> dict:
     snap = op.params["snapshot"]
     if not container.snapshots.filter(name=snap).exists():
         raise OperationFailed(f"{container.name} has no snapshot {snap} any more.")
-    return _simple(ctx, "restore", Container.State.STOPPING)
+    data = _simple(ctx, "restore", Container.State.STOPPING)
+    set_state(container, container.state, has_saved_state=False)  # a restore replaces any saved state
+    return data
 
 
 @handler("delete-snapshot")

@@ -111,9 +111,9 @@ def test_compare_names_processes_added_gone_and_memory_changes(c1):
         c1,
         "a",
         [
-            {"pid": 1, "command": "init", "memory": {"dumped_bytes": 100}},
-            {"pid": 7, "command": "old-job", "memory": {"dumped_bytes": 50}},
-            {"pid": 9, "command": "cache", "memory": {"dumped_bytes": 4000}},
+            {"pid": 1, "command": "init", "dumped_bytes": 100},
+            {"pid": 7, "command": "old-job", "dumped_bytes": 50},
+            {"pid": 9, "command": "cache", "dumped_bytes": 4000},
         ],
         size=10,
     )
@@ -121,9 +121,9 @@ def test_compare_names_processes_added_gone_and_memory_changes(c1):
         c1,
         "b",
         [
-            {"pid": 1, "command": "init", "memory": {"dumped_bytes": 300}},
-            {"pid": 8, "command": "new-job", "memory": {"dumped_bytes": 10}},
-            {"pid": 9, "command": "cache", "memory": {"dumped_bytes": 1000}},
+            {"pid": 1, "command": "init", "dumped_bytes": 300},
+            {"pid": 8, "command": "new-job", "dumped_bytes": 10},
+            {"pid": 9, "command": "cache", "dumped_bytes": 1000},
         ],
         size=25,
     )
@@ -136,7 +136,20 @@ def test_compare_names_processes_added_gone_and_memory_changes(c1):
 
 
 def test_pages_for_snapshots_render(users, c1):
-    _snap(c1, "a", [{"pid": 1, "ppid": 0, "command": "sh -c loop", "memory": {"mapped_bytes": 1, "dumped_bytes": 1}}])
+    _snap(
+        c1,
+        "a",
+        [
+            {
+                "pid": 1,
+                "ppid": 0,
+                "command": "sh -c loop",
+                "mapped_bytes": 1,
+                "dumped_bytes": 1,
+                "files": [{"fd": 1, "type": "REG", "path": "/tmp/counter"}],
+            }
+        ],
+    )
     _snap(c1, "b", [])
     c = Client()
     c.force_login(users["carol"])

@@ -7,7 +7,32 @@ from pathlib import Path
 AGENT_PATH = Path(__file__).with_name("ctweb_agent.py")
 
 # Subcommands the dashboard may ask for. The SSH module refuses any other word.
-AGENT_SUBCOMMANDS = frozenset({"probe", "list", "create", "start", "stop", "restart", "delete"})
+AGENT_SUBCOMMANDS = frozenset(
+    {
+        "probe",
+        "migrate-prepare",
+        "migrate-check",
+        "send",
+        "receive",
+        "cpuinfo-check",
+        "migrate-dump",
+        "migrate-restore",
+        "migrate-resume",
+        "migrate-abort",
+        "migrate-cleanup",
+        "list",
+        "create",
+        "start",
+        "stop",
+        "restart",
+        "delete",
+        "snapshot",
+        "restore",
+        "delete-snapshot",
+        "snapshot-contents",
+        "bundle",
+    }
+)
 
 
 @lru_cache(maxsize=1)

@@ -11,19 +11,27 @@ Standard library only, plus what the host's distribution ships (lxc tools, criu,
 pycriu). Every argument list is built here from validated values; no shell is used.
 """
 
+import datetime
+import glob
+import io
 import json
 import os
 import platform
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tarfile
 import time
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 LXC_PATH = "/var/lib/lxc"
 CTWEB_PATH = "/var/lib/ctweb"
+SNAPSHOTS_PATH = os.path.join(CTWEB_PATH, "snapshots")  # <container>/<snapshot>/{rootfs,config,images,meta.json}
+STATE_PATH = os.path.join(CTWEB_PATH, "state")  # <container>/images: the saved state of a stateful stop
+BUNDLES_PATH = os.path.join(CTWEB_PATH, "bundles")  # op-<op>.tar.gz, fetched and deleted by the dashboard
 
 
 class AgentError(Exception):
@@ -67,9 +75,9 @@ def run(argv, timeout=120, check=False, input=None):
     return p.returncode, p.stdout, p.stderr
 
 
-def check_name(name):
+def check_name(name, what="container"):
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise AgentError(f"Invalid container name {name!r}.")
+        raise AgentError(f"Invalid {what} name {name!r}.")
     return name
 
 
@@ -286,6 +294,8 @@ def _describe(name):
         "ipv6": ipv6,
         "template": next((line.split("=", 1)[1] for line in lines if line.startswith("# ctweb template=")), ""),
         "command": _config_value(lines, "lxc.init.cmd") == "/" + INIT_PATH,
+        "has_saved_state": _has_saved_state(name),
+        "snapshots": _snapshot_names(name),
     }
 
 
@@ -453,28 +463,76 @@ def _destroy(name):
 
 
 def cmd_start(params):
+    """{name, discard_state=false}: restores the saved state of a stateful stop when there
+    is one (result restored: true + CRIU's restore stats), else a cold start."""
     name = _require(params.get("name"))
     if _state(name) == "RUNNING":
         return _describe(name)
-    event("start", f"starting {name}", 20)
-    _lxc_start(name)
-    return _describe(name)
+    if params.get("discard_state") and _has_saved_state(name):
+        event("start", f"discarding the saved state of {name}", 10)
+        _remove_tree(_state_dir(name))
+    return _start(name, progress=20)
+
+
+def _start(name, progress):
+    if not _has_saved_state(name):
+        event("start", f"starting {name}", progress)
+        _lxc_start(name)
+        return {**_describe(name), "restored": False}
+    t0 = time.monotonic()
+    images = _state_images(name)
+    event("restore", f"restoring {name} from its saved state", progress)
+    _criu_restore(name, images, failure=f"Restoring {name} from its saved state failed", has_saved_state=True)
+    stats = _criu_stats(images, "restore")
+    stats["total_ms"] = _ms(t0)
+    # The processes run again: the state is spent (restoring it twice would fork the past).
+    _remove_tree(_state_dir(name))
+    event("restore", f"{name} restored in {stats['total_ms']} ms", 100)
+    return {**_describe(name), "restored": True, "stats": stats}
 
 
 def cmd_stop(params):
+    """{name, stateful=false}: stateful dumps the processes (lxc-checkpoint -s) into the
+    container's saved state, which the next start restores."""
     name = _require(params.get("name"))
-    event("stop", f"stopping {name}", 20)
-    _lxc_stop(name)
-    return _describe(name)
+    if not _flag(params, "stateful", False):
+        event("stop", f"stopping {name}", 20)
+        _lxc_stop(name)
+        return _describe(name)
+    state = _state(name)
+    if state != "RUNNING":
+        raise AgentError(f"{name} is {state}: a stateful stop needs a running container.", data={"state": state})
+    t0 = time.monotonic()
+    _check_disk(_memory_bytes(name), f"the saved state of {name}")
+    sdir = _state_dir(name)
+    _remove_tree(sdir)  # a stale state of an earlier run (the container runs, so it is spent)
+    images = _state_images(name)
+    os.makedirs(images)
+    event("dump", f"dumping {name} (CRIU) and stopping it", 20)
+    try:
+        _criu_dump(name, images, stop=True)
+    except AgentError as e:
+        _remove_tree(sdir)
+        e.data.update(state=_state(name), has_saved_state=False)
+        e.message += f" {name} is {e.data['state']}; no state was kept."
+        raise
+    stats = _criu_stats(images, "dump")
+    stats["total_ms"] = _ms(t0)
+    _write_json(os.path.join(sdir, "meta.json"), {"container": name, "created_at": _now(), "stats": stats})
+    state = _state(name)
+    if state != "STOPPED":
+        # lxc-checkpoint -s said yes but the container runs on: the state is not a stop.
+        _remove_tree(sdir)
+        raise AgentError(f"{name} still runs after its stateful stop.", data={"state": state})
+    event("dump", f"{name} dumped and stopped in {stats['total_ms']} ms", 100)
+    return {**_describe(name), "stats": stats, "size_bytes": _du(images)}
 
 
 def cmd_restart(params):
     name = _require(params.get("name"))
     event("stop", f"stopping {name}", 10)
     _lxc_stop(name)
-    event("start", f"starting {name}", 50)
-    _lxc_start(name)
-    return _describe(name)
+    return _start(name, progress=50)
 
 
 def cmd_delete(params):
@@ -485,7 +543,1068 @@ def cmd_delete(params):
     rc, out, err = run(["lxc-destroy", "-n", name], timeout=120)
     if rc != 0 or _exists(name):
         raise AgentError(f"lxc-destroy failed for {name}.", (err or out)[-2000:], {"state": _state(name)})
+    event("delete", f"removing the snapshots and saved state of {name}", 80)
+    _remove_tree(_state_dir(name))
+    _remove_tree(os.path.join(SNAPSHOTS_PATH, name))
     return {"name": name, "state": "STOPPED", "deleted": True}
+
+
+# --- CRIU: snapshots, stateful stop/start ----------------------------------------------
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (logs, metadata, rounding)
+LOG_LINE_RE = re.compile(r"\b(Error|Err|Warn|Warning)\b")
+
+
+def _ms(t0):
+    return int(round((time.monotonic() - t0) * 1000))
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")  # noqa: UP017 (3.9 hosts)
+
+
+def _flag(params, key, default):
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise AgentError(f"{key} must be true or false.")
+    return value
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_tree(path):
+    # Only ever below /var/lib/ctweb: a wrong path here would be a disaster.
+    real = os.path.realpath(path)
+    if not real.startswith(CTWEB_PATH + "/") or real.count("/") < 5:
+        raise AgentError(f"refusing to remove {path}")
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _state_dir(name):
+    return os.path.join(STATE_PATH, name)
+
+
+def _state_images(name):
+    return os.path.join(STATE_PATH, name, "images")
+
+
+def _has_saved_state(name):
+    return os.path.isfile(os.path.join(_state_images(name), "inventory.img"))
+
+
+def _snap_dir(name, snap):
+    return os.path.join(SNAPSHOTS_PATH, name, snap)
+
+
+def _snapshot_names(name):
+    base = os.path.join(SNAPSHOTS_PATH, name)
+    try:
+        names = [
+            n for n in os.listdir(base) if NAME_RE.fullmatch(n) and os.path.isfile(os.path.join(base, n, "meta.json"))
+        ]
+    except OSError:
+        return []
+    return sorted(names, key=lambda n: os.path.getmtime(os.path.join(base, n, "meta.json")))
+
+
+def _rootfs(name):
+    value = _config_value(_read_config(name), "lxc.rootfs.path") or os.path.join(_cdir(name), "rootfs")
+    path = value.split(":", 1)[1] if value.startswith("dir:") else value
+    if not os.path.isabs(path) or os.path.realpath(path) in ("/", LXC_PATH) or not os.path.isdir(path):
+        raise AgentError(f"{name} has no directory rootfs ctweb can copy ({value!r}).")
+    return path
+
+
+def _du(path):
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for n in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, n)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _memory_bytes(name):
+    """Memory the container's cgroup charges now (v1 or v2): what a dump may write."""
+    for key in ("memory.usage_in_bytes", "memory.current"):
+        rc, out, err = run(["lxc-cgroup", "-n", name, key], timeout=20)
+        if rc == 0 and out.strip().isdigit():
+            return int(out.strip())
+    return 0
+
+
+def _check_disk(estimate, what):
+    os.makedirs(CTWEB_PATH, exist_ok=True)
+    need = int(estimate * 1.2) + DISK_MARGIN
+    free = shutil.disk_usage(CTWEB_PATH).free
+    if free < need:
+        raise AgentError(
+            f"Not enough disk space for {what}: about {need >> 20} MiB needed under {CTWEB_PATH}, "
+            f"{free >> 20} MiB free.",
+            data={"needed_bytes": need, "free_bytes": free},
+        )
+    return need
+
+
+def _sync(src, dst):
+    """Make dst an exact copy of src (ownership, modes, hard links, ACLs, xattrs: file
+    capabilities matter). rsync copies only what changed, so a second pass is cheap."""
+    os.makedirs(dst, exist_ok=True)
+    if shutil.which("rsync"):
+        rc, out, err = run(
+            ["rsync", "-aHAX", "--numeric-ids", "--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600
+        )
+        if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
+            raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+        return
+    shutil.rmtree(dst)
+    run(["cp", "-a", "--reflink=auto", src, dst], timeout=3600, check=True)
+
+
+def _criu_log(images, which, tail=25):
+    """The lines of CRIU's log that explain a failure: errors and warnings, then the tail."""
+    path = os.path.join(images, f"{which}.log")
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        return f"{which}.log: {e.strerror}"
+    picked = [line for line in lines if LOG_LINE_RE.search(line)][-60:]
+    rest = [line for line in lines[-tail:] if line not in picked]
+    text = "\n".join(picked)
+    if rest:
+        text += "\n--- last lines of {}.log ---\n{}".format(which, "\n".join(rest))
+    return text
+
+
+def _checkpoint_log(name):
+    return os.path.join(_cdir(name), "lxc-checkpoint.log")
+
+
+def _lxc_checkpoint(name, images, mode):
+    """lxc-checkpoint -n NAME -D IMAGES [-s | -r]. The LXC monitor that a restore leaves
+    behind keeps its caller's stdout/stderr: they go to a file, never to our pipes."""
+    argv = ["lxc-checkpoint", "-n", name, "-D", images]
+    if mode == "stop":
+        argv.append("-s")
+    elif mode == "restore":
+        argv.append("-r")
+    log = _checkpoint_log(name)
+    if os.path.exists(log) and os.path.getsize(log) > 1 << 20:
+        os.truncate(log, 0)
+    # Append: the monitor of an earlier restore may still hold this file open.
+    with open(os.devnull, "rb") as devnull, open(log, "ab") as out:
+        start = out.tell()
+        out.write("--- {} {}\n".format(_now(), " ".join(argv)).encode())
+        out.flush()
+        try:
+            p = subprocess.run(argv, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, close_fds=True, timeout=900)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+        except FileNotFoundError:
+            raise AgentError("lxc-checkpoint is not installed on this host.") from None
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            output = f.read().decode(errors="replace").split("\n", 1)[-1][-3000:]
+    except OSError:
+        output = ""
+    return rc, output
+
+
+def _criu_dump(name, images, stop):
+    what = "dump and stop" if stop else "dump"
+    rc, output = _lxc_checkpoint(name, images, "stop" if stop else "dump")
+    if rc != 0 or not os.path.isfile(os.path.join(images, "inventory.img")):
+        details = _criu_log(images, "dump")
+        if output.strip():
+            details += "\n--- lxc-checkpoint ---\n" + output.strip()
+        state = _state(name)
+        msg = f"CRIU could not {what} {name} (lxc-checkpoint exit status {rc})."
+        raise AgentError(msg, details, {"state": state, "has_saved_state": _has_saved_state(name)})
+
+
+def _freezer_state(name):
+    rc, out, err = run(["lxc-cgroup", "-n", name, "freezer.state"], timeout=20)
+    if rc == 0 and out.strip():
+        return out.strip()
+    rc, out, err = run(["lxc-cgroup", "-n", name, "cgroup.freeze"], timeout=20)  # cgroup v2
+    if rc == 0 and out.strip() in ("0", "1"):
+        return "FROZEN" if out.strip() == "1" else "THAWED"
+    return None
+
+
+def _thaw(name):
+    """Thaw the container's freezer cgroup. lxc-unfreeze is not enough after a restore:
+    CRIU (--manage-cgroups=full) restores the freezer state it dumped -- FROZEN for our
+    snapshots, which freeze the container to copy its rootfs consistently -- while LXC
+    believes the container RUNNING and does nothing. So write the cgroup file."""
+    run(["lxc-unfreeze", "-n", name], timeout=60)
+    for _ in range(50):
+        state = _freezer_state(name)
+        if state in (None, "THAWED"):
+            return
+        if state == "FROZEN":
+            run(["lxc-cgroup", "-n", name, "freezer.state", "THAWED"], timeout=20)
+            run(["lxc-cgroup", "-n", name, "cgroup.freeze", "0"], timeout=20)
+        time.sleep(0.1)  # FREEZING/THAWING settle within ms
+    raise AgentError(f"{name} stays frozen ({_freezer_state(name)}) after a restore.", data={"state": _state(name)})
+
+
+def _criu_restore(name, images, failure, has_saved_state):
+    rc, output = _lxc_checkpoint(name, images, "restore")
+    state = _state(name)
+    if rc == 0 and state in ("RUNNING", "FROZEN"):
+        _thaw(name)
+        return
+    details = _criu_log(images, "restore")
+    if output.strip():
+        details += "\n--- lxc-checkpoint ---\n" + output.strip()
+    if state != "STOPPED":
+        run(["lxc-stop", "-n", name, "-k"], timeout=60)
+        state = _state(name)
+    raise AgentError(
+        f"{failure} (lxc-checkpoint exit status {rc}); {name} is {state}.",
+        details,
+        {"state": state, "has_saved_state": has_saved_state},
+    )
+
+
+def _criu_stats(images, which):
+    """CRIU's stats-dump / stats-restore, decoded with pycriu (times in µs, pages)."""
+    try:
+        import pycriu
+
+        with open(os.path.join(images, f"stats-{which}"), "rb") as f:
+            img = pycriu.images.load(f)
+        return dict(img["entries"][0].get(which) or {})
+    except Exception as e:
+        return {"error": f"stats-{which}: {type(e).__name__}: {e}"}
+
+
+def _image_files(images):
+    out = []
+    for n in sorted(os.listdir(images)):
+        try:
+            st = os.lstat(os.path.join(images, n))
+        except OSError:
+            continue
+        out.append({"name": n, "size": st.st_size})
+    return out
+
+
+def cmd_snapshot(params):
+    """{name, snapshot, stateful=true}. Stateful: CRIU dump of the running container
+    (it keeps running), plus its rootfs copied while frozen, so files and memory agree."""
+    name = _require(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    stateful = _flag(params, "stateful", True)
+    t0 = time.monotonic()
+    final = _snap_dir(name, snap)
+    if os.path.lexists(final):
+        raise AgentError(f"{name} has a snapshot named {snap} already.", data={"state": _state(name)})
+    state = _state(name)
+    if state not in ("RUNNING", "STOPPED"):
+        raise AgentError(f"{name} is {state}; snapshots need it RUNNING or STOPPED.", data={"state": state})
+    if stateful and state != "RUNNING":
+        raise AgentError(f"{name} is {state}: a stateful snapshot needs a running container.", data={"state": state})
+    rootfs = _rootfs(name)
+    event("preflight", "checking disk space", 2)
+    rootfs_bytes = _du(rootfs)
+    _check_disk(rootfs_bytes + (_memory_bytes(name) if stateful else 0), f"snapshot {snap} of {name}")
+    tmp = os.path.join(SNAPSHOTS_PATH, name, f".tmp-{snap}")
+    _remove_tree(tmp)
+    os.makedirs(tmp)
+    images = os.path.join(tmp, "images")
+    stats = {}
+    frozen_ms = None
+    try:
+        shutil.copy2(_config_path(name), os.path.join(tmp, "config"))
+        if state == "RUNNING":
+            # Bulk copy while it runs; the second pass, frozen, copies only what changed.
+            event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs", 10)
+            _sync(rootfs, os.path.join(tmp, "rootfs"))
+            event("freeze", f"freezing {name}", 40)
+            t_freeze = time.monotonic()
+            run(["lxc-freeze", "-n", name], timeout=60, check=True)
+            try:
+                if stateful:
+                    os.makedirs(images)
+                    event("dump", f"dumping {name} with CRIU (it keeps running)", 50)
+                    _criu_dump(name, images, stop=False)
+                event("copy", "copying what changed in the rootfs while frozen", 75)
+                _sync(rootfs, os.path.join(tmp, "rootfs"))
+            finally:
+                _thaw(name)
+                frozen_ms = _ms(t_freeze)
+            state = _state(name)
+            if state != "RUNNING":
+                raise AgentError(f"{name} is {state} after the snapshot, not RUNNING.", data={"state": state})
+        else:
+            event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB)", 20)
+            _sync(rootfs, os.path.join(tmp, "rootfs"))
+        if stateful:
+            stats = _criu_stats(images, "dump")
+        stats["total_ms"] = _ms(t0)
+        if frozen_ms is not None:
+            stats["frozen_ms"] = frozen_ms  # the container's downtime, dump + frozen copy
+        event("copy", "writing metadata", 90)
+        meta = {
+            "snapshot": snap,
+            "container": name,
+            "stateful": stateful,
+            "created_at": _now(),
+            "stats": stats,
+            "container_state": state,
+        }
+        _write_json(os.path.join(tmp, "meta.json"), meta)
+        os.rename(tmp, final)
+    except AgentError as e:
+        _remove_tree(tmp)
+        e.data["state"] = _state(name)  # after the thaw
+        e.message += f" {name} is {e.data['state']}; no snapshot was kept."
+        raise
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    size = _du(final)
+    meta["size_bytes"] = size
+    _write_json(os.path.join(final, "meta.json"), meta)
+    images = os.path.join(final, "images")
+    result = {
+        **meta,
+        "images": _image_files(images) if stateful else [],
+        "contents": _contents(images) if stateful else None,
+    }
+    event("copy", f"snapshot {snap} of {name} done in {stats['total_ms']} ms", 100)
+    return result
+
+
+def _load_snapshot(name, snap):
+    sdir = _snap_dir(name, snap)
+    meta = _read_json(os.path.join(sdir, "meta.json"))
+    if meta is None:
+        raise AgentError(f"{name} has no snapshot {snap} on this host.", data={"state": _state(name)})
+    return sdir, meta
+
+
+def cmd_restore(params):
+    """{name, snapshot}: kill the container, roll its rootfs (and config) back to the
+    snapshot, then restore the processes (stateful) or cold start (stateless)."""
+    name = _require(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    sdir, meta = _load_snapshot(name, snap)
+    images = os.path.join(sdir, "images")
+    stateful = bool(meta.get("stateful")) and os.path.isfile(os.path.join(images, "inventory.img"))
+    if not os.path.isdir(os.path.join(sdir, "rootfs")):
+        raise AgentError(f"Snapshot {snap} of {name} has no rootfs copy.", data={"state": _state(name)})
+    rootfs = _rootfs(name)
+    t0 = time.monotonic()
+    event("stop", f"stopping {name}", 5)
+    if _state(name) != "STOPPED":
+        rc, out, err = run(["lxc-stop", "-n", name, "-k"], timeout=60)
+        state = _state(name)
+        if state != "STOPPED":
+            raise AgentError(f"lxc-stop did not stop {name}.", (err or out)[-2000:], {"state": state})
+    # A saved state belongs to the filesystem we are about to replace.
+    _remove_tree(_state_dir(name))
+    event("copy", f"rolling the rootfs of {name} back to {snap}", 20)
+    _sync(os.path.join(sdir, "rootfs"), rootfs)
+    if os.path.isfile(os.path.join(sdir, "config")):
+        shutil.copy2(os.path.join(sdir, "config"), _config_path(name))
+    t_restore = time.monotonic()
+    if stateful:
+        event("restore", f"restoring the processes of {name} from {snap}", 60)
+        _criu_restore(name, images, failure=f"Restoring {name} from snapshot {snap} failed", has_saved_state=False)
+        stats = _criu_stats(images, "restore")
+    else:
+        event("restore", f"starting {name} (stateless snapshot: cold start)", 60)
+        _lxc_start(name)
+        stats = {}
+    stats["restore_ms"] = _ms(t_restore)
+    stats["total_ms"] = _ms(t0)
+    event("restore", f"{name} restored from {snap} in {stats['total_ms']} ms", 100)
+    return {"name": name, "snapshot": snap, "state": _state(name), "stateful": stateful, "stats": stats}
+
+
+def cmd_delete_snapshot(params):
+    name = check_name(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    sdir = _snap_dir(name, snap)
+    if not os.path.isdir(sdir):
+        raise AgentError(f"{name} has no snapshot {snap} on this host.")
+    event("delete", f"deleting snapshot {snap} of {name}", 50)
+    _remove_tree(sdir)
+    return {"name": name, "snapshot": snap, "deleted": True}
+
+
+def cmd_snapshot_contents(params):
+    name = check_name(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    sdir, meta = _load_snapshot(name, snap)
+    images = os.path.join(sdir, "images")
+    if not os.path.isdir(images):
+        return {"name": name, "snapshot": snap, "stateful": False, "contents": None}
+    event("decode", f"decoding the CRIU images of {snap}", 50)
+    return {"name": name, "snapshot": snap, "stateful": True, "contents": _contents(images)}
+
+
+# --- decoding CRIU images (pycriu) ------------------------------------------------------
+
+FSTYPES = {
+    0: "unsupported", 1: "proc", 2: "sysfs", 3: "devtmpfs", 4: "binfmt_misc", 5: "tmpfs", 6: "devpts",
+    7: "simfs", 8: "pstore", 9: "securityfs", 10: "fusectl", 11: "debugfs", 12: "cgroup", 13: "aufs",
+    14: "mqueue", 15: "fuse", 16: "auto", 17: "overlay", 18: "autofs", 19: "tracefs",
+}  # fmt: skip
+FAMILIES = {1: "unix", 2: "inet", 10: "inet6", 16: "netlink", 17: "packet"}
+SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 5: "seqpacket"}
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+    7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING",
+}  # fmt: skip
+PE_PARENT, PE_PRESENT = 1, 4
+
+
+def _named(value, table):
+    if isinstance(value, int):
+        return table.get(value, str(value))
+    return str(value).lower() if table is not TCP_STATES else str(value)
+
+
+def _addr(value, family):
+    """CRIU stores addresses as 32-bit words; pycriu's pretty mode gives strings."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(w, int) for w in value):
+        raw = b"".join(w.to_bytes(4, "little") for w in value)
+        try:
+            fam = socket.AF_INET6 if family in (10, "INET6", "inet6") or len(raw) == 16 else socket.AF_INET
+            return socket.inet_ntop(fam, raw[:16] if fam == socket.AF_INET6 else raw[:4])
+        except (OSError, ValueError):
+            return raw.hex()
+    return None if value is None else str(value)
+
+
+def _unix_name(value):
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    value = str(value or "")
+    while value.endswith("=00"):  # pycriu marks the trailing NUL so
+        value = value[:-3]
+    return value.rstrip("\x00") or None
+
+
+class _Images:
+    def __init__(self, directory, pycriu):
+        self.dir = directory
+        self.pycriu = pycriu
+        self.errors = []
+
+    def load(self, fname, pretty=False, required=True):
+        path = os.path.join(self.dir, fname)
+        if not os.path.exists(path):
+            if required:
+                self.errors.append(f"{fname}: missing")
+            return None
+        try:
+            with open(path, "rb") as f:
+                return self.pycriu.images.load(f, pretty=pretty)["entries"]
+        except Exception as e:
+            self.errors.append(f"{fname}: {type(e).__name__}: {e}"[:300])
+            return None
+
+    def read_memory(self, pid, pagemap, addr, length):
+        """Bytes [addr, addr+length) of a process from its pages image, or None."""
+        if not pagemap or "pages_id" not in pagemap[0]:
+            return None
+        offset = 0  # in pages, within pages-<pages_id>.img
+        for e in pagemap[1:]:
+            n = int(e.get("nr_pages", 0))
+            flags = e.get("flags", PE_PRESENT)
+            flags = flags if isinstance(flags, int) else PE_PRESENT
+            in_file = bool(flags & PE_PRESENT) and not flags & PE_PARENT
+            start = int(e.get("vaddr", 0))
+            if in_file and start <= addr and addr + length <= start + n * PAGE_SIZE:
+                try:
+                    with open(os.path.join(self.dir, "pages-{}.img".format(pagemap[0]["pages_id"])), "rb") as f:
+                        f.seek(offset * PAGE_SIZE + addr - start)
+                        return f.read(length)
+                except OSError:
+                    return None
+            if in_file:
+                offset += n
+        return None
+
+
+def _describe_file(entry):
+    """One files.img entry as {type, path|socket|...}."""
+    ftype = str(entry.get("type", "?"))
+    out = {"type": ftype}
+    if ftype == "REG" and "reg" in entry:
+        out["path"] = entry["reg"].get("name")
+        if "size" in entry["reg"]:
+            out["size"] = entry["reg"]["size"]
+    elif ftype == "UNIXSK" and "usk" in entry:
+        usk = entry["usk"]
+        out["socket"] = {
+            "family": "unix",
+            "type": _named(usk.get("type"), SOCK_TYPES),
+            "state": _named(usk.get("state"), TCP_STATES),
+            "path": _unix_name(usk.get("name")),
+            "peer": usk.get("peer") or None,
+            "ino": usk.get("ino"),
+        }
+    elif ftype == "INETSK" and "isk" in entry:
+        isk = entry["isk"]
+        fam = isk.get("family")
+        out["socket"] = {
+            "family": _named(fam, FAMILIES),
+            "type": _named(isk.get("type"), SOCK_TYPES),
+            "proto": isk.get("proto"),
+            "state": _named(isk.get("state"), TCP_STATES),
+            "src": "{}:{}".format(_addr(isk.get("src_addr"), fam), isk.get("src_port")),
+            "dst": "{}:{}".format(_addr(isk.get("dst_addr"), fam), isk.get("dst_port")),
+            "ino": isk.get("ino"),
+        }
+    else:
+        # pipes, eventfds, netlink/packet sockets, ...: name the kind, keep small fields
+        for key, value in entry.items():
+            if isinstance(value, dict) and key not in ("type", "id"):
+                out[key] = {k: v for k, v in value.items() if isinstance(v, (int, str)) and k != "fown"}
+    return out
+
+
+def _contents(images_dir):
+    """What a stateful snapshot holds, decoded from its CRIU images with the host's pycriu.
+    Never raises: an image that does not decode becomes a string in `errors`."""
+    contents = {"processes": [], "sockets": [], "mounts": [], "stats": {}, "images": [], "errors": []}
+    try:
+        contents["images"] = _image_files(images_dir)
+        contents["images_bytes"] = sum(i["size"] for i in contents["images"])
+    except OSError as e:
+        contents["errors"].append(f"images: {e}")
+        return contents
+    try:
+        import pycriu
+    except Exception as e:
+        contents["errors"].append(f"pycriu: {type(e).__name__}: {e}")
+        return contents
+    img = _Images(images_dir, pycriu)
+    try:
+        contents["stats"] = _criu_stats(images_dir, "dump")
+        files = {}
+        for fname in ("files.img", "reg-files.img", "unixsk.img", "inetsk.img"):
+            for e in img.load(fname, pretty=True, required=(fname == "files.img")) or []:
+                try:
+                    if "type" in e:
+                        files[e["id"]] = e
+                    else:  # pre-3.x split images: one image per kind
+                        kind = {"reg-files.img": ("REG", "reg"), "unixsk.img": ("UNIXSK", "usk")}.get(
+                            fname, ("INETSK", "isk")
+                        )
+                        files[e["id"]] = {"type": kind[0], "id": e["id"], kind[1]: e}
+                except Exception as ex:
+                    img.errors.append(f"{fname}: {type(ex).__name__}: {ex}")
+        seen_sockets = set()
+        for f in files.values():
+            d = _describe_file(f)
+            if "socket" in d and d["socket"].get("ino") not in seen_sockets:
+                seen_sockets.add(d["socket"].get("ino"))
+                contents["sockets"].append(d["socket"])
+        for p in img.load("pstree.img") or []:
+            contents["processes"].append(_process(img, p, files))
+        for path in sorted(glob.glob(os.path.join(images_dir, "mountpoints-*.img"))):
+            for m in img.load(os.path.basename(path)) or []:
+                fstype = m.get("fstype")
+                contents["mounts"].append(
+                    {
+                        "mountpoint": m.get("mountpoint"),
+                        "fstype": m.get("fsname") or FSTYPES.get(fstype, str(fstype)),
+                        "source": m.get("source"),
+                        "root": m.get("root"),
+                        "options": m.get("options"),
+                    }
+                )
+    except Exception as e:  # a shape we did not expect: report it, keep what we have
+        img.errors.append(f"decode: {type(e).__name__}: {e}")
+    contents["errors"] = img.errors
+    return contents
+
+
+def _process(img, p, files):
+    pid = p.get("pid")
+    proc = {
+        "pid": pid,
+        "ppid": p.get("ppid"),
+        "pgid": p.get("pgid"),
+        "sid": p.get("sid"),
+        "threads": p.get("threads", []),
+    }
+    try:
+        core = img.load(f"core-{pid}.img")
+        if core:
+            tc = core[0].get("tc") or {}
+            proc["comm"] = tc.get("comm")
+            proc["task_state"] = tc.get("task_state")
+        mm = (img.load(f"mm-{pid}.img") or [None])[0]
+        pagemap = img.load(f"pagemap-{pid}.img")
+        if mm:
+            proc["mapped_bytes"] = sum(int(v["end"]) - int(v["start"]) for v in mm.get("vmas", []))
+            proc["vmas"] = len(mm.get("vmas", []))
+            exe = files.get(mm.get("exe_file_id"))
+            if exe and "reg" in exe:
+                proc["exe"] = exe["reg"].get("name")
+            start, end = int(mm.get("mm_arg_start", 0)), int(mm.get("mm_arg_end", 0))
+            if pagemap and 0 < end - start <= 8192:
+                raw = img.read_memory(pid, pagemap, start, end - start)
+                if raw:
+                    proc["cmdline"] = [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")]
+        if pagemap:
+            proc["dumped_bytes"] = sum(int(e.get("nr_pages", 0)) for e in pagemap[1:]) * PAGE_SIZE
+        if not proc.get("cmdline") and proc.get("comm"):
+            proc["cmdline"] = [proc["comm"]]
+        proc["command"] = " ".join(proc.get("cmdline") or [])
+        ids = (img.load(f"ids-{pid}.img", required=False) or [{}])[0]
+        fds = img.load("fdinfo-{}.img".format(ids.get("files_id")), required=False) if ids.get("files_id") else None
+        proc["files"] = []
+        for fd in fds or []:
+            d = _describe_file(files.get(fd.get("id"), {"type": str(fd.get("type"))}))
+            d["fd"] = fd.get("fd")
+            proc["files"].append(d)
+        fs = (img.load(f"fs-{pid}.img", required=False) or [{}])[0]
+        for key in ("cwd", "root"):
+            f = files.get(fs.get(f"{key}_id"))
+            if f and "reg" in f:
+                proc[key] = f["reg"].get("name")
+    except Exception as e:
+        img.errors.append(f"process {pid}: {type(e).__name__}: {e}"[:300])
+    return proc
+
+
+# --- debug bundle -----------------------------------------------------------------------
+
+BUNDLE_FILE_LIMIT = 8 << 20  # the tail of a bigger log is enough
+SECRET_PREFIXES = ("/root/.ssh", "/etc/ssh", "/home")
+
+
+def _secret(path):
+    real = os.path.realpath(path)
+    base = os.path.basename(real)
+    return (
+        any(real == p or real.startswith(p + "/") for p in SECRET_PREFIXES)
+        or base.startswith(("id_rsa", "id_ed25519", "id_ecdsa", "id_dsa", "ssh_host_"))
+        or base.endswith((".key", ".pem"))
+    )
+
+
+def _bundle_dirs(name, dirs):
+    """Images/state dirs to collect logs from, as real paths below /var/lib/ctweb."""
+    out = []
+    if dirs is not None:
+        if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+            raise AgentError("dirs must be a list of paths relative to /var/lib/ctweb.")
+        for d in dirs:
+            norm = os.path.normpath(d)
+            if os.path.isabs(d) or norm.startswith("..") or "\x00" in d:
+                raise AgentError(f"Bad bundle directory {d!r}: give a path relative to {CTWEB_PATH}.")
+            real = os.path.realpath(os.path.join(CTWEB_PATH, norm))
+            if not real.startswith(CTWEB_PATH + "/"):
+                raise AgentError(f"Bad bundle directory {d!r}.")
+            out.append(real)
+        return out
+    if name:
+        out.append(_state_dir(name))
+        out += sorted(glob.glob(os.path.join(SNAPSHOTS_PATH, name, "*")))
+    return out
+
+
+def cmd_bundle(params):
+    """{op, name=null, dirs=null}: a tar.gz of what explains a failure, at
+    /var/lib/ctweb/bundles/op-<op>.tar.gz (the dashboard fetches and deletes it)."""
+    op = params.get("op")
+    if not isinstance(op, int) or isinstance(op, bool) or op < 0:
+        raise AgentError("op must be a non-negative integer.")
+    name = params.get("name")
+    if name is not None:
+        check_name(name)
+    dirs = _bundle_dirs(name, params.get("dirs"))
+    os.makedirs(BUNDLES_PATH, exist_ok=True)
+    path = os.path.join(BUNDLES_PATH, f"op-{op}.tar.gz")
+    tmp = path + ".tmp"
+    prefix = f"op-{op}"
+    members = []
+    event("bundle", "collecting logs and host facts", 20)
+
+    def add_bytes(tar, arcname, data):
+        info = tarfile.TarInfo(f"{prefix}/{arcname}")
+        info.size = len(data)
+        info.mtime = int(time.time())
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(data))
+        members.append(arcname)
+
+    def add_file(tar, src, arcname):
+        if _secret(src) or not os.path.isfile(src) or os.path.islink(src):
+            return
+        try:
+            with open(src, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > BUNDLE_FILE_LIMIT:
+                    f.seek(size - BUNDLE_FILE_LIMIT)
+                add_bytes(tar, arcname, f.read(BUNDLE_FILE_LIMIT))
+        except OSError as e:
+            add_bytes(tar, arcname + ".error", f"{src}: {e}\n".encode())
+
+    def add_cmd(tar, arcname, argv, keep_tail=None, timeout=60):
+        rc, out, err = run(argv, timeout=timeout)
+        text = out + (("\n--- stderr ---\n" + err) if err.strip() else "")
+        if keep_tail:
+            text = "\n".join(text.splitlines()[-keep_tail:]) + "\n"
+        add_bytes(tar, arcname, f"$ {' '.join(argv)}\n(exit status {rc})\n{text}".encode())
+
+    with tarfile.open(tmp, "w:gz") as tar:
+        add_cmd(tar, "host/uname.txt", ["uname", "-a"])
+        add_cmd(tar, "host/criu-check.txt", ["criu", "check"], timeout=90)
+        add_cmd(tar, "host/criu-version.txt", ["criu", "--version"])
+        add_cmd(tar, "host/lxc-version.txt", ["lxc-start", "--version"])
+        add_cmd(tar, "host/dmesg-tail.txt", ["dmesg"], keep_tail=200)
+        add_file(tar, "/proc/self/mountinfo", "host/mountinfo.txt")
+        add_file(tar, "/etc/os-release", "host/os-release.txt")
+        if name:
+            cdir = _cdir(name)
+            for fname in ("config", "lxc.log", "console.log", "lxc-checkpoint.log"):
+                add_file(tar, os.path.join(cdir, fname), f"container/{fname}")
+            if _exists(name):
+                add_cmd(tar, "container/lxc-info.txt", ["lxc-info", "-n", name])
+        for d in dirs:
+            rel = os.path.relpath(d, CTWEB_PATH)
+            for root, subdirs, fnames in os.walk(d):
+                subdirs[:] = [s for s in subdirs if s != "rootfs"]  # never the container's files
+                for fname in sorted(fnames):
+                    if fname.endswith(".log") or fname.startswith("stats-") or fname in ("meta.json", "config"):
+                        src = os.path.join(root, fname)
+                        add_file(tar, src, os.path.join("ctweb", rel, os.path.relpath(src, d)))
+    os.replace(tmp, path)
+    size = os.path.getsize(path)
+    event("bundle", f"bundle written ({size} bytes)", 100)
+    return {"path": path, "size_bytes": size, "files": members}
+
+
+# --- migration -------------------------------------------------------------------------
+# The dashboard relays tars between two hosts' agents: `send` writes one to stdout,
+# `receive` reads one from stdin (after its JSON parameter line). No host talks to another.
+
+MIGRATIONS_PATH = os.path.join(CTWEB_PATH, "migrations")
+SEND_KINDS = ("rootfs", "snapshots", "state", "cpuinfo", "delta", "images")
+DELTA_MEMBER = ".ctweb-delta.json"
+
+
+def _mig_dir(params):
+    mid = params.get("migration")
+    if not isinstance(mid, int) or mid <= 0:
+        raise AgentError("Bad migration id.")
+    return os.path.join(MIGRATIONS_PATH, str(mid))
+
+
+def _mig_marker(name, params):
+    return os.path.join(_cdir(name), f".ctweb-migration-{int(params['migration'])}")
+
+
+def _manifest(root):
+    """What the rootfs holds now: path -> [mode, size, mtime_ns, inode, link target]."""
+    out = {}
+    for base, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(base, n)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            rel = os.path.relpath(p, root)
+            target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
+            out[rel] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, target]
+    return out
+
+
+def cmd_migrate_prepare(params):
+    name = _require(params.get("name"))
+    mdir = _mig_dir(params)
+    os.makedirs(mdir, exist_ok=True)
+    rootfs_bytes = _du(_cdir(name))
+    snaps = _snapshot_names(name)
+    snap_bytes = _du(os.path.join(SNAPSHOTS_PATH, name)) if snaps else 0
+    state_bytes = _du(_state_dir(name)) if _has_saved_state(name) else 0
+    memory = _memory_bytes(name) if _state(name) == "RUNNING" else 0
+    event("preflight", f"{name}: rootfs {rootfs_bytes >> 20} MiB, memory {memory >> 20} MiB, {len(snaps)} snapshot(s)")
+    return {
+        "state": _state(name),
+        "rootfs_bytes": rootfs_bytes,
+        "memory_bytes": memory,
+        "snapshots": snaps,
+        "has_saved_state": _has_saved_state(name),
+        "need_bytes": rootfs_bytes + snap_bytes + state_bytes + memory,
+    }
+
+
+def cmd_migrate_check(params):
+    """On the target, before anything moves: the name is free, the disk and bridge are there."""
+    name = check_name(params.get("name"))
+    if os.path.exists(_cdir(name)):
+        raise AgentError(f"{name} exists on this host already.")
+    need = params.get("need_bytes") or 0
+    if not isinstance(need, int) or need < 0:
+        raise AgentError("Bad need_bytes.")
+    os.makedirs(LXC_PATH, exist_ok=True)
+    free = shutil.disk_usage(LXC_PATH).free
+    if free < int(need * 1.2) + DISK_MARGIN:
+        raise AgentError(
+            f"Not enough disk space: about {(int(need * 1.2) + DISK_MARGIN) >> 20} MiB needed, {free >> 20} MiB free."
+        )
+    bridge = params.get("bridge")
+    if bridge and (
+        not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge) or not os.path.isdir(f"/sys/class/net/{bridge}/bridge")
+    ):
+        raise AgentError(f"This host has no bridge {bridge} for the container's network.")
+    if shutil.which("criu") is None or shutil.which("lxc-checkpoint") is None:
+        raise AgentError("CRIU or lxc-checkpoint is missing on this host.")
+    os.makedirs(_mig_dir(params), exist_ok=True)
+    return {"free_bytes": free}
+
+
+def _send_sources(name, params, what):
+    """(directory to archive, name inside the tar) pairs for one kind of send."""
+    mdir = _mig_dir(params)
+    if what == "rootfs":
+        _write_json(os.path.join(mdir, "manifest.json"), _manifest(_rootfs(name)))
+        return [(_cdir(name), name)]
+    if what == "snapshots":
+        return [(os.path.join(SNAPSHOTS_PATH, name), name)]
+    if what == "state":
+        return [(_state_dir(name), name)]
+    if what == "cpuinfo":
+        cpu = os.path.join(mdir, "cpu")
+        os.makedirs(cpu, exist_ok=True)
+        run(["criu", "cpuinfo", "dump", "-D", cpu], timeout=60, check=True)
+        return [(cpu, "cpu")]
+    if what == "images":
+        return [(os.path.join(mdir, "images"), "images")]
+    raise AgentError(f"Cannot send {what!r}.")
+
+
+def cmd_send(params):
+    name = _require(params.get("name"))
+    what = params.get("what")
+    if what not in SEND_KINDS:
+        raise AgentError(f"Cannot send {what!r}.")
+    out = sys.stdout.buffer
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        if what == "delta":
+            _add_delta(tar, name, params)
+        else:
+            for path, arcname in _send_sources(name, params, what):
+                tar.add(path, arcname=arcname, filter=_skip_sockets)
+    out.flush()
+    return None  # raw tar only: no JSON on stdout
+
+
+def _skip_sockets(info):
+    return (
+        None
+        if info.type
+        not in (
+            tarfile.REGTYPE,
+            tarfile.AREGTYPE,
+            tarfile.DIRTYPE,
+            tarfile.SYMTYPE,
+            tarfile.LNKTYPE,
+            tarfile.CHRTYPE,
+            tarfile.BLKTYPE,
+            tarfile.FIFOTYPE,
+        )
+        else info
+    )
+
+
+def _add_delta(tar, name, params):
+    """What changed in the rootfs since the first copy, and what was deleted (a small rsync)."""
+    before = _read_json(os.path.join(_mig_dir(params), "manifest.json"))
+    if before is None:
+        raise AgentError("No first copy was made for this migration.")
+    root = _rootfs(name)
+    now = _manifest(root)
+    rel_root = os.path.relpath(root, _cdir(name))
+    changed = sorted(p for p, v in now.items() if before.get(p) != v)
+    deleted = sorted(p for p in before if p not in now)
+    for rel in changed:
+        tar.add(os.path.join(root, rel), arcname=f"{name}/{rel_root}/{rel}", recursive=False, filter=_skip_sockets)
+    tar.add(_config_path(name), arcname=f"{name}/config")
+    data = json.dumps({"deleted": deleted, "changed": len(changed)}).encode()
+    info = tarfile.TarInfo(DELTA_MEMBER)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _safe_member(m):
+    parts = m.name.split("/")
+    if m.name.startswith("/") or ".." in parts:
+        raise AgentError(f"Refusing a tar member outside its directory: {m.name!r}")
+    if m.islnk() and (m.linkname.startswith("/") or ".." in m.linkname.split("/")):
+        raise AgentError(f"Refusing a hard link outside its directory: {m.linkname!r}")
+
+
+def cmd_receive(params):
+    name = check_name(params.get("name"))
+    what = params.get("what")
+    mdir = _mig_dir(params)
+    dest = {
+        "rootfs": LXC_PATH,
+        "delta": LXC_PATH,
+        "snapshots": SNAPSHOTS_PATH,
+        "state": STATE_PATH,
+        "cpuinfo": mdir,
+        "images": mdir,
+    }.get(what)
+    if dest is None:
+        raise AgentError(f"Cannot receive {what!r}.")
+    if what == "rootfs" and os.path.exists(_cdir(name)):
+        raise AgentError(f"{name} exists on this host already.")
+    os.makedirs(dest, exist_ok=True)
+    t0 = time.monotonic()
+    files, delta = 0, None
+    extra = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
+        for m in tar:
+            _safe_member(m)
+            if m.name == DELTA_MEMBER:
+                delta = json.load(tar.extractfile(m))
+                continue
+            top = m.name.split("/")[0]
+            if what in ("rootfs", "delta", "snapshots", "state") and top != name:
+                raise AgentError(f"Refusing a tar member of another container: {m.name!r}")
+            if what == "delta" and m.isfile() and os.path.lexists(os.path.join(dest, m.name)):
+                os.unlink(os.path.join(dest, m.name))  # a regular file replaces whatever was there
+            tar.extract(m, dest, numeric_owner=True, **extra)
+            files += 1
+    if what == "rootfs":
+        with open(_mig_marker(name, params), "w") as f:
+            f.write("received by migration\n")
+    if delta:
+        root = _rootfs(name)
+        for rel in delta.get("deleted") or []:
+            p = os.path.normpath(os.path.join(root, rel))
+            if not p.startswith(root + "/"):
+                continue
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                os.unlink(p)
+    return {"files": files, "ms": _ms(t0), "deleted": len((delta or {}).get("deleted") or [])}
+
+
+def cmd_cpuinfo_check(params):
+    cpu = os.path.join(_mig_dir(params), "cpu")
+    rc, out, err = run(["criu", "cpuinfo", "check", "-D", cpu], timeout=60)
+    if rc != 0:
+        raise AgentError(
+            "This host's CPU cannot run what the source's CPU dumped (criu cpuinfo check).", (err or out)[-3000:]
+        )
+    return {"cpu_compatible": True}
+
+
+def cmd_migrate_dump(params):
+    name = _require(params.get("name"))
+    images = os.path.join(_mig_dir(params), "images")
+    _remove_tree(images) if os.path.exists(images) else None
+    os.makedirs(images)
+    t0 = time.monotonic()
+    event("dump", f"dumping {name}", 10)
+    _criu_dump(name, images, stop=True)
+    stats = _criu_stats(images, "dump")
+    stats["total_ms"] = _ms(t0)
+    return {"state": _state(name), "stats": stats, "images_bytes": _du(images)}
+
+
+def cmd_migrate_restore(params):
+    name = _require(params.get("name"))
+    images = os.path.join(_mig_dir(params), "images")
+    t0 = time.monotonic()
+    event("restore", f"restoring {name}", 10)
+    _criu_restore(name, images, f"CRIU could not restore {name} on this host", False)
+    stats = _criu_stats(images, "restore")
+    stats["total_ms"] = _ms(t0)
+    return {"state": _state(name), "stats": stats}
+
+
+def cmd_migrate_resume(params):
+    """On the source, after the move failed: restore the container from its migration dump.
+    If that fails too, the images become its saved state, so Start can try again."""
+    name = _require(params.get("name"))
+    images = os.path.join(_mig_dir(params), "images")
+    try:
+        _criu_restore(name, images, f"CRIU could not resume {name} here", True)
+    except AgentError as e:
+        state_images = _state_images(name)
+        if os.path.isfile(os.path.join(images, "inventory.img")) and not os.path.exists(state_images):
+            os.makedirs(os.path.dirname(state_images), exist_ok=True)
+            os.rename(images, state_images)
+        e.data["has_saved_state"] = _has_saved_state(name)
+        raise
+    return {"state": _state(name), "stats": _criu_stats(images, "restore")}
+
+
+def cmd_migrate_abort(params):
+    """On the target: remove only what this migration brought."""
+    name = check_name(params.get("name"))
+    removed = []
+    if os.path.exists(_mig_marker(name, params)):
+        if _state(name) != "STOPPED":
+            run(["lxc-stop", "-n", name, "-k"], timeout=60)
+        run(["lxc-destroy", "-n", name], timeout=120)
+        if os.path.exists(_cdir(name)):
+            shutil.rmtree(_cdir(name), ignore_errors=True)
+        removed.append("container")
+        for base in (SNAPSHOTS_PATH, STATE_PATH):
+            if os.path.exists(os.path.join(base, name)):
+                _remove_tree(os.path.join(base, name))
+                removed.append(os.path.basename(base))
+    if os.path.exists(_mig_dir(params)):
+        _remove_tree(_mig_dir(params))
+    return {"removed": removed}
+
+
+def cmd_migrate_cleanup(params):
+    """On the source: after success remove the container (it runs on the target now);
+    with remove=false only the migration's working files."""
+    name = check_name(params.get("name"))
+    remove = _flag(params, "remove", False)
+    if remove and _exists(name):
+        if _state(name) != "STOPPED":
+            raise AgentError(f"{name} is {_state(name)} here: refusing to remove a running source.")
+        run(["lxc-destroy", "-n", name], timeout=120, check=True)
+        for base in (SNAPSHOTS_PATH, STATE_PATH):
+            if os.path.exists(os.path.join(base, name)):
+                _remove_tree(os.path.join(base, name))
+    if os.path.exists(_mig_dir(params)):
+        _remove_tree(_mig_dir(params))
+    return {"removed": remove}
 
 
 COMMANDS = {
@@ -496,7 +1615,24 @@ COMMANDS = {
     "stop": cmd_stop,
     "restart": cmd_restart,
     "delete": cmd_delete,
+    "snapshot": cmd_snapshot,
+    "restore": cmd_restore,
+    "delete-snapshot": cmd_delete_snapshot,
+    "snapshot-contents": cmd_snapshot_contents,
+    "bundle": cmd_bundle,
+    "migrate-prepare": cmd_migrate_prepare,
+    "migrate-check": cmd_migrate_check,
+    "send": cmd_send,
+    "receive": cmd_receive,
+    "cpuinfo-check": cmd_cpuinfo_check,
+    "migrate-dump": cmd_migrate_dump,
+    "migrate-restore": cmd_migrate_restore,
+    "migrate-resume": cmd_migrate_resume,
+    "migrate-abort": cmd_migrate_abort,
+    "migrate-cleanup": cmd_migrate_cleanup,
 }
+# These write a raw tar on stdout instead of JSON lines; their errors go to stderr.
+RAW_OUTPUT = {"send"}
 
 
 def main(argv):
@@ -506,7 +1642,9 @@ def main(argv):
     # Nothing we start may inherit a descriptor from the SSH session: CRIU refuses to
     # dump processes holding files from outside their root (LAB.md).
     os.closerange(3, 1 << 16)
-    raw = sys.stdin.readline()
+    # The binary layer: `receive` reads a tar right after this line, and the text layer
+    # would buffer part of it away.
+    raw = sys.stdin.buffer.readline().decode()
     try:
         params = json.loads(raw) if raw.strip() else {}
         if not isinstance(params, dict):
@@ -514,6 +1652,13 @@ def main(argv):
     except ValueError as e:
         emit({"type": "error", "message": f"Bad parameters: {e}"})
         return 2
+    if argv[1] in RAW_OUTPUT:
+        try:
+            COMMANDS[argv[1]](params)
+        except Exception as e:
+            sys.stderr.write(f"{getattr(e, 'message', e)}\n{getattr(e, 'details', '')}\n")
+            return 1
+        return 0
     try:
         data = COMMANDS[argv[1]](params)
     except AgentError as e:
