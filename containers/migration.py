@@ -101,11 +101,9 @@ def start_migration(request, container: Container, target_name: str, strategy: s
 
     target = usable_host(target_name, field="target_host")
     chosen, why = choose_strategy(container, container.host, target, strategy)
-    op = container_operation(
-        request, container, Operation.Kind.MIGRATE, strategy=chosen, requested=strategy, why=why, target=target.name
+    return container_operation(
+        request, container, Operation.Kind.MIGRATE, target_host=target, strategy=chosen, requested=strategy, why=why
     )
-    Operation.objects.filter(pk=op.pk).update(target_host=target)
-    return op
 
 
 # --- the job -------------------------------------------------------------------------

@@ -128,7 +128,9 @@ def create_container(request, name, host_name, template="busybox", command=None,
     raise ApiError("Could not reserve an address for the container; try again.", 409, "host")
 
 
-def container_operation(request, container: Container, kind: str, **params) -> Operation:
+def container_operation(
+    request, container: Container, kind: str, target_host: Host | None = None, **params
+) -> Operation:
     """Queue an operation on one container, refusing a second one while one runs."""
     with transaction.atomic():
         # Lock the row so two requests cannot both see "nothing running".
@@ -144,6 +146,7 @@ def container_operation(request, container: Container, kind: str, **params) -> O
             container=container,
             container_name=container.name,
             host=host,
+            target_host=target_host,
             created_by=request.user,
             params=params,
         )

@@ -1,0 +1,194 @@
+"""Stateful snapshots, restore, stateful stop/start and migration, through the dashboard on the lab."""
+
+import io
+import subprocess
+import tarfile
+
+import pytest
+
+from tests.stack import Api, wait_for
+from tests.test_e2e_lab_containers import COUNTER, counter, create, on_host
+
+pytestmark = [pytest.mark.e2e, pytest.mark.lab]
+
+
+def run_op(api: Api, method: str, path: str, body=None, timeout: float = 180) -> dict:
+    r = api(method, path, json=body) if body is not None else api(method, path)
+    assert r.status_code == 202, r.text
+    return api.wait_operation(r.json()["id"], timeout=timeout)
+
+
+def ok(op: dict) -> dict:
+    assert op["status"] == "success", op["error"]
+    return op
+
+
+@pytest.fixture
+def bob(lab_stack):
+    return Api(lab_stack, lab_stack.tokens["bob"])
+
+
+@pytest.fixture
+def counting(bob, lab):
+    ok(create(bob, name="snapc", host="lab-a", command=["sh", "-c", COUNTER]))
+    wait_for(lambda: counter(lab, "lab-a", "snapc") > 2, 15, "counting")
+    yield "snapc"
+    host = bob.get("/api/v1/containers/snapc/").json().get("host")
+    if host:
+        run_op(bob, "DELETE", "/api/v1/containers/snapc/")
+
+
+def test_stateful_snapshot_restore_and_history(bob, lab, counting):
+    op = ok(run_op(bob, "POST", "/api/v1/containers/snapc/snapshots/", {"stateful": True}))
+    phases = [e["phase"] for e in op["events"]]
+    assert {"freeze", "dump", "copy"} <= set(phases), phases
+    assert op["result"]["stats"]["frozen_time"] > 0 and op["result"]["stats"]["pages_written"] > 0
+    at_snapshot = counter(lab, "lab-a", "snapc")
+    wait_for(lambda: counter(lab, "lab-a", "snapc") > at_snapshot + 3, 15, "the counter to go on")
+
+    snaps = bob.get("/api/v1/containers/snapc/snapshots/").json()
+    assert [(s["name"], s["stateful"]) for s in snaps] == [("snap0", True)]
+    assert snaps[0]["size_bytes"] > 0 and snaps[0]["created_by"] == "bob"
+    detail = bob.get("/api/v1/containers/snapc/snapshots/snap0/").json()
+    commands = [p["command"] for p in detail["contents"]["processes"]]
+    assert any("counter" in c for c in commands), commands
+    assert all(p["dumped_bytes"] > 0 for p in detail["contents"]["processes"])
+    assert any(i["name"] == "pstree.img" for i in detail["contents"]["images"])
+
+    before_restore = counter(lab, "lab-a", "snapc")
+    op = ok(run_op(bob, "POST", "/api/v1/containers/snapc/snapshots/snap0/restore"))
+    assert op["result"]["stats"]["restore_time"] > 0
+    back = counter(lab, "lab-a", "snapc")
+    assert back < before_restore and abs(back - at_snapshot) <= 5, (at_snapshot, back, before_restore)
+    wait_for(lambda: counter(lab, "lab-a", "snapc") > back + 2, 15, "the restored counter to go on")
+    assert bob.get("/api/v1/containers/snapc/").json()["state"] == "RUNNING"
+
+    ok(run_op(bob, "POST", "/api/v1/containers/snapc/snapshots/", {"name": "later", "stateful": True}))
+    diff = bob.get("/api/v1/containers/snapc/snapshots/compare?a=snap0&b=later").json()
+    assert diff["a"] == "snap0" and "processes_added" in diff
+    found = bob.get("/api/v1/snapshots/?q=snapc").json()
+    assert {s["name"] for s in found} == {"snap0", "later"}
+    ok(run_op(bob, "DELETE", "/api/v1/containers/snapc/snapshots/later/"))
+    assert [s["name"] for s in bob.get("/api/v1/containers/snapc/snapshots/").json()] == ["snap0"]
+
+
+def test_stateful_stop_and_start_keep_the_counter(bob, lab, counting):
+    ok(run_op(bob, "POST", "/api/v1/containers/snapc/state", {"action": "stop", "stateful": True}))
+    row = bob.get("/api/v1/containers/snapc/").json()
+    assert (row["state"], row["has_saved_state"]) == ("STOPPED", True)
+    stopped_at = int(on_host(lab, "lab-a", "cat", "/var/lib/lxc/snapc/rootfs/tmp/counter").stdout)
+    op = ok(run_op(bob, "POST", "/api/v1/containers/snapc/state", {"action": "start"}))
+    assert op["result"]["restored"] is True
+    now = counter(lab, "lab-a", "snapc")
+    assert stopped_at <= now <= stopped_at + 10, (stopped_at, now)  # continued, not from 1
+    row = bob.get("/api/v1/containers/snapc/").json()
+    assert (row["state"], row["has_saved_state"]) == ("RUNNING", False)
+
+
+def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack):
+    refusing = "setsid unshare -U sleep 100000 & " + COUNTER  # CRIU cannot dump nested user namespaces
+    ok(create(bob, name="refuser", host="lab-b", command=["sh", "-c", refusing]))
+    try:
+        op = run_op(bob, "POST", "/api/v1/containers/refuser/snapshots/", {"stateful": True})
+        assert op["status"] == "failure"
+        assert "CRIU could not dump refuser" in op["error"] and "nested user namespace" in op["error"]
+        assert bob.get("/api/v1/containers/refuser/").json()["state"] == "RUNNING"
+        assert bob.get("/api/v1/containers/refuser/snapshots/").json() == []
+        now = counter(lab, "lab-b", "refuser")
+        wait_for(lambda: counter(lab, "lab-b", "refuser") > now + 2, 15, "it to keep counting")
+
+        assert op["result"]["bundle"] == ["lab-b.tar.gz"]
+        r = bob.get(f"/api/v1/operations/{op['id']}/bundle")
+        assert r.status_code == 200 and r.headers["Content-Type"] == "application/gzip"
+        outer = tarfile.open(fileobj=io.BytesIO(r.content))
+        inner = tarfile.open(fileobj=outer.extractfile(f"op-{op['id']}/lab-b.tar.gz"))
+        names = inner.getnames()
+        assert any(n.endswith("host/uname.txt") for n in names), names
+        assert any(n.endswith("host/criu-check.txt") for n in names)
+        assert any(n.endswith("container/config") for n in names)
+        assert not any("id_ed25519" in n or "ssh_host" in n for n in names)
+        log = [n for n in names if n.endswith("lxc-checkpoint.log") or n.endswith("dump.log")]
+        assert log, names
+    finally:
+        run_op(bob, "DELETE", "/api/v1/containers/refuser/")
+
+
+def test_a_failed_restore_leaves_it_stopped_and_startable(bob, lab):
+    init = "mkdir -p /data; [ -f /data/held ] || echo keep > /data/held; exec 3</data/held; " + COUNTER
+    ok(create(bob, name="holder", host="lab-b", command=["sh", "-c", init]))
+    held = "/var/lib/lxc/holder/rootfs/data/held"
+    try:
+        ok(run_op(bob, "POST", "/api/v1/containers/holder/state", {"action": "stop", "stateful": True}))
+        on_host(lab, "lab-b", "mv", held, "/root/held.aside")  # a file its process had open is gone
+        op = run_op(bob, "POST", "/api/v1/containers/holder/state", {"action": "start"})
+        assert op["status"] == "failure" and "data/held" in op["error"]
+        row = bob.get("/api/v1/containers/holder/").json()
+        assert (row["state"], row["has_saved_state"]) == ("STOPPED", True)
+        on_host(lab, "lab-b", "mv", "/root/held.aside", held)
+        op = ok(run_op(bob, "POST", "/api/v1/containers/holder/state", {"action": "start"}))
+        assert op["result"]["restored"] is True
+        assert bob.get("/api/v1/containers/holder/").json()["state"] == "RUNNING"
+    finally:
+        run_op(bob, "DELETE", "/api/v1/containers/holder/")
+
+
+def _ping(ip: str) -> bool:
+    return subprocess.run(["ping", "-c", "1", "-W", "2", ip], capture_output=True).returncode == 0
+
+
+def test_stop_and_copy_migration_there_and_back(bob, lab, counting):
+    ok(run_op(bob, "POST", "/api/v1/containers/snapc/snapshots/", {"name": "before-move", "stateful": True}))
+    ip = bob.get("/api/v1/containers/snapc/").json()["ipv4"]
+    for source, target in (("lab-a", "lab-b"), ("lab-b", "lab-a")):
+        before = counter(lab, source, "snapc")
+        op = ok(
+            run_op(
+                bob, "POST", "/api/v1/containers/snapc/migrate", {"target_host": target, "strategy": "stop-and-copy"}
+            )
+        )
+        result = op["result"]
+        assert result["strategy"] == "stop-and-copy" and result["bytes_transferred"] > 0
+        assert 0 < result["downtime_ms"] < result["total_ms"]
+        assert {"preflight_ms", "presync_ms", "dump_ms", "transfer_ms", "restore_ms"} <= set(result["phases"])
+        row = bob.get("/api/v1/containers/snapc/").json()
+        assert (row["host"], row["state"], row["ipv4"], row["snapshots"]) == (target, "RUNNING", ip, 1)
+        after = counter(lab, target, "snapc")
+        assert before <= after <= before + 30, (before, after)  # it went on, it did not start over
+        assert "snapc" not in on_host(lab, source, "lxc-ls", "-1").stdout  # never on two hosts
+        assert on_host(lab, target, "test", "-d", "/var/lib/ctweb/snapshots/snapc/before-move").returncode == 0
+        assert wait_for(lambda: _ping(ip), 10, "the same address to answer")
+
+
+def test_restart_migration_and_preflight_refusals(bob, lab):
+    ok(create(bob, name="cold", host="lab-b", command=["sh", "-c", COUNTER]))
+    try:
+        r = bob.post("/api/v1/containers/cold/migrate", json={"target_host": "lab-a", "strategy": "pre-copy"})
+        assert r.status_code == 409 and "dirty memory" in r.json()["error"]
+        r = bob.post("/api/v1/containers/cold/migrate", json={"target_host": "lab-b"})
+        assert r.status_code == 409 and "already" in r.json()["error"]
+        op = ok(run_op(bob, "POST", "/api/v1/containers/cold/migrate", {"target_host": "lab-a", "strategy": "restart"}))
+        assert op["result"]["strategy"] == "restart"
+        row = bob.get("/api/v1/containers/cold/").json()
+        assert (row["host"], row["state"]) == ("lab-a", "RUNNING")
+        assert counter(lab, "lab-a", "cold") < 30  # a cold start counts from 1 again
+        assert "cold" not in on_host(lab, "lab-b", "lxc-ls", "-1").stdout
+    finally:
+        run_op(bob, "DELETE", "/api/v1/containers/cold/")
+
+
+def test_a_migration_whose_dump_fails_leaves_the_source_running_and_nothing_on_the_target(bob, lab):
+    refusing = "setsid unshare -U sleep 100000 & " + COUNTER
+    ok(create(bob, name="stayer", host="lab-a", command=["sh", "-c", refusing]))
+    try:
+        op = run_op(
+            bob, "POST", "/api/v1/containers/stayer/migrate", {"target_host": "lab-b", "strategy": "stop-and-copy"}
+        )
+        assert op["status"] == "failure" and "nested user namespace" in op["error"]
+        row = bob.get("/api/v1/containers/stayer/").json()
+        assert (row["host"], row["state"]) == ("lab-a", "RUNNING")
+        assert "stayer" not in on_host(lab, "lab-b", "lxc-ls", "-1").stdout
+        assert on_host(lab, "lab-b", "test", "-e", "/var/lib/lxc/stayer").returncode != 0
+        now = counter(lab, "lab-a", "stayer")
+        wait_for(lambda: counter(lab, "lab-a", "stayer") > now + 2, 15, "it to keep counting")
+    finally:
+        run_op(bob, "DELETE", "/api/v1/containers/stayer/")
