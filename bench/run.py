@@ -82,6 +82,37 @@ def bench_lifecycle(stack: Stack, repeat: int) -> dict:
     return {k: summary(v) for k, v in rows.items()}
 
 
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done"
+
+
+def bench_criu(stack: Stack, repeat: int) -> dict:
+    """Stateful snapshot, restore and stop-and-copy migration of a busybox counter container."""
+    api = Api(stack, stack.tokens["bob"])
+    rows: dict[str, list[float]] = {}
+    body = {"name": "benchc", "host": "lab-a", "template": "busybox", "command": ["sh", "-c", COUNTER]}
+    op_ms(api, "POST", "/api/v1/containers/", body)
+    host = "lab-a"
+    try:
+        for i in range(repeat):
+            wall, _, op = op_ms(api, "POST", "/api/v1/containers/benchc/snapshots/", {"name": f"s{i}"})
+            rows.setdefault("stateful snapshot (wall), ms", []).append(wall)
+            rows.setdefault("  of which CRIU frozen_time, ms", []).append(op["result"]["stats"]["frozen_time"] / 1000)
+            wall, _, op = op_ms(api, "POST", f"/api/v1/containers/benchc/snapshots/s{i}/restore")
+            rows.setdefault("restore (wall), ms", []).append(wall)
+            rows.setdefault("  of which CRIU restore_time, ms", []).append(op["result"]["stats"]["restore_time"] / 1000)
+            target = "lab-b" if host == "lab-a" else "lab-a"
+            wall, _, op = op_ms(
+                api, "POST", "/api/v1/containers/benchc/migrate", {"target_host": target, "strategy": "stop-and-copy"}
+            )
+            host = target
+            rows.setdefault("stop-and-copy migration total (wall), ms", []).append(wall)
+            rows.setdefault("  downtime (freeze to running on target), ms", []).append(op["result"]["downtime_ms"])
+            rows.setdefault("  bytes transferred, KiB", []).append(op["result"]["bytes_transferred"] / 1024)
+    finally:
+        op_ms(api, "DELETE", "/api/v1/containers/benchc/")
+    return {k: summary(v) for k, v in rows.items()}
+
+
 def write(results: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -109,6 +140,7 @@ def main() -> int:
         stack.tokens = stack.make_users()
         stack.manage("lab", "up")
         results["container lifecycle on the lab"] = bench_lifecycle(stack, args.repeat)
+        results["CRIU operations on the lab (busybox counter, snapshots accumulate)"] = bench_criu(stack, args.repeat)
     finally:
         stack.stop()
         subprocess.run(

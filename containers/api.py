@@ -120,6 +120,10 @@ def cancel_operation(request, op: Operation) -> Operation:
         ended = Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
             status=Operation.Status.CANCELLED, error="Cancelled before it started.", finished_at=timezone.now()
         )
+    if ended and op.kind == Operation.Kind.CREATE:
+        from .jobs import release_reservation
+
+        release_reservation(op)
     audit(request, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
     op.refresh_from_db()
     events.publish_operation(op)

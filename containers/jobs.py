@@ -33,14 +33,22 @@ def set_state(container: Container, state: str, **fields) -> None:
     publish_fleet("container", container_state(container))
 
 
-def agent(ctx: OperationContext | None, host: Host, subcommand: str, params: dict, base: int = 0, span: int = 100):
+def agent(
+    ctx: OperationContext | None,
+    host: Host,
+    subcommand: str,
+    params: dict,
+    base: int = 0,
+    span: int = 100,
+    timeout: float | None = None,
+):
     """Run an agent subcommand on a host; any failure becomes an OperationFailed."""
     on_event = ctx.relay(base, span) if ctx else None
     if ctx:
         ctx.event("connect", f"connecting to {host.name}", base)
     try:
         with ssh.connect(host) as conn:
-            return conn.run_agent(subcommand, params, on_event=on_event).data
+            return conn.run_agent(subcommand, params, on_event=on_event, timeout=timeout).data
     except ssh.AgentFailed as e:
         raise OperationFailed(str(e), e.details, e.data) from e
     except ssh.SSHError as e:
@@ -93,7 +101,7 @@ def sync(ctx: OperationContext) -> dict:
 def refresh_host(host: Host) -> dict | None:
     """The periodic refresh: like sync, without an Operation row."""
     try:
-        data = agent(None, host, "list", {})
+        data = agent(None, host, "list", {}, timeout=60)  # a stuck host must not hold a worker thread
     except OperationFailed as e:
         log.info("refresh of %s failed: %s", host, e.message)
         return None
@@ -111,15 +119,25 @@ def create(ctx: OperationContext) -> dict:
     }
     try:
         data = agent(ctx, op.host, "create", params, 5, 90)
-    except OperationFailed:
-        # The agent removes what it made; the reservation goes too.
-        with transaction.atomic():
-            Operation.objects.filter(pk=op.pk).update(container=None)
-            container.delete()
-        publish_fleet("container", {"name": op.container_name, "host": op.host.name, "state": "DELETED"})
+    except BaseException:
+        # The agent removes what it made; the reservation goes too (only ever a reservation).
+        release_reservation(op)
         raise
     set_state(container, data.get("state", "UNKNOWN"))
     return data
+
+
+def release_reservation(op: Operation) -> None:
+    """Drop the name and address a create reserved, if the container never came to be."""
+    with transaction.atomic():
+        container = Container.objects.filter(name=op.container_name, state=Container.State.CREATING).first()
+        if container is None:
+            return
+        Operation.objects.filter(container=container).update(container=None)
+        container.delete()
+    publish_fleet(
+        "container", {"name": op.container_name, "host": op.host.name if op.host else None, "state": "DELETED"}
+    )
 
 
 def _network_params(container: Container, net: dict | None) -> dict | None:

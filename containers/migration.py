@@ -25,7 +25,7 @@ from hosts.models import Host
 
 from .events import publish_fleet
 from .models import Container, Operation
-from .runner import OperationContext, OperationFailed, handler
+from .runner import Cancelled, OperationContext, OperationFailed, handler
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
 
@@ -161,7 +161,6 @@ def migrate(ctx: OperationContext) -> dict:
         raise OperationFailed("The container or the target host of this migration no longer exists.")
     strategy = op.params["strategy"]
     live = strategy == "stop-and-copy"
-    was_running = container.state == Container.State.RUNNING
     base = {"name": container.name, "migration": op.pk}
     clock = _Clock()
     moved = [0]
@@ -172,15 +171,19 @@ def migrate(ctx: OperationContext) -> dict:
         with ExitStack() as hosts:
             src = hosts.enter_context(ssh.connect(source))
             dst = hosts.enter_context(ssh.connect(target))
-            return _migrate(ctx, src, dst, container, strategy, live, was_running, base, clock, moved)
+            return _migrate(ctx, src, dst, container, strategy, live, base, clock, moved)
     except ssh.SSHError as e:  # connecting; later SSH failures are turned into OperationFailed
         raise OperationFailed(str(e)) from e
 
 
-def _migrate(ctx, src, dst, container, strategy, live, was_running, base, clock, moved) -> dict:
+def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved) -> dict:
     source, target = src.host, dst.host
     # 1. Preflight: nothing has changed yet, so any failure leaves everything as it was.
     prep = _agent(src, ctx, "migrate-prepare", {**base, "live": live}, 2, 3)
+    # The host's word, not our last refresh: what runs is what must be stopped.
+    was_running = prep["state"] == "RUNNING"
+    if live and not was_running:
+        raise OperationFailed(f"{container.name} is {prep['state']} on {source.name}: there is no memory to move.")
     _agent(
         dst,
         ctx,
@@ -234,9 +237,12 @@ def _migrate(ctx, src, dst, container, strategy, live, was_running, base, clock,
             _agent(dst, ctx, "start", {"name": container.name}, 84, 8)
         downtime_ms = (time.monotonic() - down_from) * 1000 if was_running else 0
         clock.lap("restore")
-    except OperationFailed as e:
-        _recover(ctx, src, dst, container, base, committed, live, was_running, e)
-        raise
+    except BaseException as e:  # a crash or a cancel too: never leave a half-moved container
+        failure = e if isinstance(e, OperationFailed) else OperationFailed(f"The migration stopped: {e!r}.")
+        _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
+        if isinstance(e, (OperationFailed, Cancelled)) or not isinstance(e, Exception):
+            raise
+        raise failure from e
 
     # 6. The target runs it: the source copy can go, and the records follow the container.
     with transaction.atomic():
@@ -274,8 +280,24 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
     ctx.event("cleanup", f"migration failed: {error.message}; cleaning up the target")
     try:
         _agent(dst, ctx, "migrate-abort", base, 95, 1)
+        target_clean = True
     except OperationFailed as e:
-        ctx.event("cleanup", f"the target could not be cleaned: {e.message}")
+        target_clean = False
+        ctx.event("cleanup", f"the target could not be confirmed clean: {e.message}")
+    if committed and not target_clean:
+        # The target may be running it: resuming the source could make two. Keep the
+        # source stopped with its memory as saved state, and say so.
+        try:
+            data = _agent(src, ctx, "migrate-cleanup", {**base, "remove": False, "keep_state": True}, 96, 1)
+            saved = bool(data.get("has_saved_state"))
+        except OperationFailed:
+            saved = False
+        Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED, has_saved_state=saved)
+        error.message += (
+            f" {container.name} is stopped on {src.host.name}{' with its memory saved' if saved else ''}; "
+            f"{dst.host.name} could not be confirmed clean, so check it before starting {container.name} again."
+        )
+        return
     if not committed:
         try:
             _agent(src, ctx, "migrate-cleanup", {**base, "remove": False}, 96, 1)

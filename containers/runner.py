@@ -143,6 +143,10 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
         finish(op, Operation.Status.SUCCESS, result={**op.result, **result})
     except Cancelled:
         ctx.save()
+        if op.kind == Operation.Kind.CREATE:
+            from .jobs import release_reservation
+
+            release_reservation(op)
         finish(op, Operation.Status.CANCELLED, error="Cancelled at the operator's request.")
     except OperationFailed as e:
         ctx.save()
@@ -192,10 +196,11 @@ def fail_unqueued(op_id: int, error: str) -> None:
     if Operation.objects.filter(pk=op_id, status=Operation.Status.PENDING).update(
         status=Operation.Status.FAILURE, error=error, finished_at=now
     ):
-        op = Operation.objects.select_related("container").get(pk=op_id)
-        if op.kind == Operation.Kind.CREATE and op.container is not None:
-            Operation.objects.filter(pk=op_id).update(container=None)
-            op.container.delete()
+        op = Operation.objects.select_related("host").get(pk=op_id)
+        if op.kind == Operation.Kind.CREATE:
+            from .jobs import release_reservation
+
+            release_reservation(op)
         events.publish_operation(op)
 
 

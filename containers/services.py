@@ -216,6 +216,8 @@ def delete_snapshot(request, container: Container, snapshot) -> Operation:
 def change_state(request, container: Container, action: str, stateful: bool = False, discard_state: bool = False):
     """start/stop/restart. As in LXD, a start resumes the memory a stateful stop saved;
     `discard_state` throws it away and starts cold instead."""
+    if action not in ("start", "stop", "restart"):
+        raise ApiError("action must be start, stop or restart.", 400, "action")
     if stateful and action != "stop":
         raise ApiError("Only a stop can be stateful; a start resumes saved state by itself.", 400, "stateful")
     if action == "stop" and stateful and container.state != Container.State.RUNNING:

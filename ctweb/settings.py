@@ -13,6 +13,8 @@ import dj_database_url
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CTWEB_VAR_DIR", BASE_DIR / "var"))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
+# The database, sessions, the SSH key and Redis' files live here: for this account only.
+os.chmod(VAR_DIR, 0o700)
 
 
 def _env_bool(name: str, default: bool) -> bool:

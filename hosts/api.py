@@ -1,4 +1,5 @@
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -137,7 +138,7 @@ def remove_host(request, host: Host) -> None:
     """Forget an empty host. Its containers must be migrated or deleted first."""
     if host.containers.exists():
         raise ApiError(f"{host.name} still has containers: migrate or delete them first.", 409)
-    if host.operations.filter(status__in=Operation.ACTIVE).exists():
+    if Operation.objects.filter(Q(host=host) | Q(target_host=host), status__in=Operation.ACTIVE).exists():
         raise ApiError(f"{host.name} has an operation running.", 409)
     audit(request, "host.delete", host)
     host.delete()

@@ -176,14 +176,17 @@ class HostConnection:
         """Run one agent subcommand; relay its events; return its final result."""
         if subcommand not in AGENT_SUBCOMMANDS:
             raise ValueError(f"unknown agent subcommand {subcommand!r}")
-        path = self.ensure_agent()
-        # Both parts are ours: a fixed directory with a hex digest, and a whitelisted word.
-        command = f"python3 {path} {subcommand}"
-        transport = self.client.get_transport()
-        channel = transport.open_session()
-        channel.exec_command(command)
-        channel.sendall(json.dumps(params or {}).encode() + b"\n")
-        channel.shutdown_write()
+        try:
+            path = self.ensure_agent()
+            # Both parts are ours: a fixed directory with a hex digest, and a whitelisted word.
+            command = f"python3 {path} {subcommand}"
+            transport = self.client.get_transport()
+            channel = transport.open_session()
+            channel.exec_command(command)
+            channel.sendall(json.dumps(params or {}).encode() + b"\n")
+            channel.shutdown_write()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
         channel.settimeout(1.0)
         deadline = time.monotonic() + (timeout or settings.OPERATION_TIMEOUT_S)
         result = None
@@ -222,10 +225,13 @@ class HostConnection:
         The parameters go first, as one JSON line; the caller reads or writes the rest."""
         if subcommand not in AGENT_SUBCOMMANDS:
             raise ValueError(f"unknown agent subcommand {subcommand!r}")
-        path = self.ensure_agent()
-        channel = self.client.get_transport().open_session()
-        channel.exec_command(f"python3 {path} {subcommand}")
-        channel.sendall(json.dumps(params).encode() + b"\n")
+        try:
+            path = self.ensure_agent()
+            channel = self.client.get_transport().open_session()
+            channel.exec_command(f"python3 {path} {subcommand}")
+            channel.sendall(json.dumps(params).encode() + b"\n")
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
         return channel
 
     def fetch(self, remote: str, local: Path, remove: bool = True) -> int:
@@ -362,7 +368,10 @@ def relay(
             raise SSHError("The sending host stopped sending for 60 s.") from None
         if not data:
             break
-        receiver.sendall(data)
+        try:
+            receiver.sendall(data)
+        except (OSError, paramiko.SSHException, EOFError) as e:
+            raise SSHError(f"The receiving host stopped taking data: {e or type(e).__name__}.") from e
         total += len(data)
         if on_bytes:
             on_bytes(total)
@@ -378,7 +387,10 @@ def relay(
     error = None
     stderr = bytearray()
     for line in _lines(receiver, stderr, time.monotonic() + 600):
-        msg = json.loads(line)
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
         if msg.get("type") == "result":
             result = msg.get("data") or {}
         elif msg.get("type") == "error":

@@ -113,3 +113,22 @@ def test_parse_command_keeps_arguments_literal():
 
 def test_allocate_needs_a_network(trusted_host):
     assert allocate_ipv4(trusted_host) == (None, None)
+
+
+def test_the_state_page_refuses_actions_that_are_not_states(users, lab_like_host):
+    Container.objects.create(name="c1", host=lab_like_host, state="RUNNING")
+    c = Client()
+    c.force_login(users["bob"])
+    for action in ("create", "delete", "migrate", "x" * 40):
+        c.post("/containers/c1/state", {"action": action})
+    assert not Operation.objects.exists()
+    assert Container.objects.filter(name="c1").exists()
+
+
+def test_cancelling_a_pending_create_releases_the_name_and_address(tokens, lab_like_host):
+    r = _post(tokens, "/api/v1/containers/", {"name": "c1", "host": "h1"})
+    op_id = r.json()["id"]
+    assert _post(tokens, f"/api/v1/operations/{op_id}/cancel", {}).status_code == 202
+    assert Operation.objects.get(pk=op_id).status == "cancelled"
+    assert not Container.objects.filter(name="c1").exists()
+    assert _post(tokens, "/api/v1/containers/", {"name": "c1", "host": "h1"}).status_code == 202

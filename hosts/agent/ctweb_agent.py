@@ -536,7 +536,12 @@ def cmd_restart(params):
 
 
 def cmd_delete(params):
-    name = _require(params.get("name"))
+    name = check_name(params.get("name"))
+    if not _exists(name):
+        # Already gone from this host (by hand, or a lost host copy): deleting it succeeds.
+        _remove_tree(_state_dir(name))
+        _remove_tree(os.path.join(SNAPSHOTS_PATH, name))
+        return {"name": name, "state": "STOPPED", "deleted": True, "was_missing": True}
     event("stop", f"stopping {name}", 20)
     _lxc_stop(name)
     event("delete", f"destroying {name}", 60)
@@ -625,8 +630,10 @@ def _snapshot_names(name):
 def _rootfs(name):
     value = _config_value(_read_config(name), "lxc.rootfs.path") or os.path.join(_cdir(name), "rootfs")
     path = value.split(":", 1)[1] if value.startswith("dir:") else value
-    if not os.path.isabs(path) or os.path.realpath(path) in ("/", LXC_PATH) or not os.path.isdir(path):
-        raise AgentError(f"{name} has no directory rootfs ctweb can copy ({value!r}).")
+    # Only the rootfs LXC keeps for it: a config pointing elsewhere must not make us copy,
+    # roll back or delete some other directory of the host.
+    if os.path.realpath(path) != os.path.realpath(os.path.join(_cdir(name), "rootfs")) or not os.path.isdir(path):
+        raise AgentError(f"{name}'s rootfs is {value!r}; ctweb handles only {_cdir(name)}/rootfs.")
     return path
 
 
@@ -1409,6 +1416,131 @@ def _send_sources(name, params, what):
     raise AgentError(f"Cannot send {what!r}.")
 
 
+# Safe tree walking for `send`: every path is opened relative to its parent directory's
+# descriptor with O_NOFOLLOW, so a container that swaps a directory for a symlink while
+# we read its running rootfs can never make us read a file of the host.
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _tarinfo(arcname, st, linkname=""):
+    info = tarfile.TarInfo(arcname)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.mtime = st.st_mtime
+    if stat.S_ISREG(st.st_mode):
+        info.type, info.size = tarfile.REGTYPE, st.st_size
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type, info.linkname = tarfile.SYMTYPE, linkname
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        info.type = tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode) else tarfile.BLKTYPE
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif stat.S_ISFIFO(st.st_mode):
+        info.type = tarfile.FIFOTYPE
+    else:
+        return None  # sockets and the like do not travel
+    return info
+
+
+def _add_entry(tar, dir_fd, name, arcname, links):
+    """Add one directory entry (not recursing). Returns the entry's lstat or None."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # deleted while we read: the delta will say so
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        first = links.get((st.st_dev, st.st_ino))
+        if first:
+            info = _tarinfo(arcname, st)
+            info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
+            tar.addfile(info)
+            return st
+        links[(st.st_dev, st.st_ino)] = arcname
+    linkname = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else ""
+    info = _tarinfo(arcname, st, linkname)
+    if info is None:
+        return st
+    if info.type == tarfile.REGTYPE:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=dir_fd)
+        except (FileNotFoundError, OSError):
+            return None
+        with os.fdopen(fd, "rb") as f:
+            fst = os.fstat(f.fileno())
+            if not stat.S_ISREG(fst.st_mode):
+                return None
+            info.size = fst.st_size
+            tar.addfile(info, _Exactly(f, fst.st_size))
+        return st
+    tar.addfile(info)
+    return st
+
+
+class _Exactly:
+    """A reader that yields exactly n bytes: a file that grows or shrinks while we read it
+    still matches the size its tar header promised (zero-padded if it shrank)."""
+
+    def __init__(self, f, n):
+        self.f, self.left = f, n
+
+    def read(self, size=-1):
+        if self.left <= 0:
+            return b""
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.f.read(size)
+        if len(data) < size:
+            data += b"\0" * (size - len(data))
+        self.left -= len(data)
+        return data
+
+
+def _tar_tree(tar, path, arcname):
+    """Add a directory tree to `tar` without ever following a symlink."""
+    links = {}
+    top = os.open(path, _NOFOLLOW_DIR)
+    try:
+        tar.addfile(_tarinfo(arcname, os.fstat(top)))
+        stack = [(top, arcname)]
+        while stack:
+            dir_fd, arc = stack.pop()
+            try:
+                names = sorted(os.listdir(dir_fd))
+                for n in names:
+                    st = _add_entry(tar, dir_fd, n, f"{arc}/{n}", links)
+                    if st is not None and stat.S_ISDIR(st.st_mode):
+                        try:
+                            stack.append((os.open(n, _NOFOLLOW_DIR, dir_fd=dir_fd), f"{arc}/{n}"))
+                        except OSError:
+                            pass  # became a symlink or vanished: not followed
+            finally:
+                if dir_fd != top:
+                    os.close(dir_fd)
+    finally:
+        os.close(top)
+
+
+def _add_path(tar, root, rel, arcname):
+    """Add one path below `root` (for the delta), walking its parents without following symlinks."""
+    parts = rel.split("/")
+    fd = os.open(root, _NOFOLLOW_DIR)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        _add_entry(tar, fd, parts[-1], arcname, {})
+    except OSError:
+        pass  # a parent vanished or is a symlink now: nothing of it is sent
+    finally:
+        os.close(fd)
+
+
+def _inside(base, path):
+    base, path = os.path.realpath(base), os.path.realpath(path)
+    return path == base or path.startswith(base + "/")
+
+
 def cmd_send(params):
     name = _require(params.get("name"))
     what = params.get("what")
@@ -1420,27 +1552,9 @@ def cmd_send(params):
             _add_delta(tar, name, params)
         else:
             for path, arcname in _send_sources(name, params, what):
-                tar.add(path, arcname=arcname, filter=_skip_sockets)
+                _tar_tree(tar, path, arcname)
     out.flush()
     return None  # raw tar only: no JSON on stdout
-
-
-def _skip_sockets(info):
-    return (
-        None
-        if info.type
-        not in (
-            tarfile.REGTYPE,
-            tarfile.AREGTYPE,
-            tarfile.DIRTYPE,
-            tarfile.SYMTYPE,
-            tarfile.LNKTYPE,
-            tarfile.CHRTYPE,
-            tarfile.BLKTYPE,
-            tarfile.FIFOTYPE,
-        )
-        else info
-    )
 
 
 def _add_delta(tar, name, params):
@@ -1454,8 +1568,8 @@ def _add_delta(tar, name, params):
     changed = sorted(p for p, v in now.items() if before.get(p) != v)
     deleted = sorted(p for p in before if p not in now)
     for rel in changed:
-        tar.add(os.path.join(root, rel), arcname=f"{name}/{rel_root}/{rel}", recursive=False, filter=_skip_sockets)
-    tar.add(_config_path(name), arcname=f"{name}/config")
+        _add_path(tar, root, rel, f"{name}/{rel_root}/{rel}")
+    _add_path(tar, _cdir(name), "config", f"{name}/config")
     data = json.dumps({"deleted": deleted, "changed": len(changed)}).encode()
     info = tarfile.TarInfo(DELTA_MEMBER)
     info.size = len(data)
@@ -1487,36 +1601,66 @@ def cmd_receive(params):
     if what == "rootfs" and os.path.exists(_cdir(name)):
         raise AgentError(f"{name} exists on this host already.")
     os.makedirs(dest, exist_ok=True)
+    if what == "rootfs":
+        # Said before the first byte lands, so an interrupted copy is still ours to remove.
+        os.makedirs(mdir, exist_ok=True)
+        with open(os.path.join(mdir, "receiving"), "w") as f:
+            f.write(name + "\n")
     t0 = time.monotonic()
     files, delta = 0, None
     extra = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    top_name = {"cpuinfo": "cpu", "images": "images"}.get(what, name)
+    base = os.path.join(dest, top_name)
     with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
         for m in tar:
             _safe_member(m)
             if m.name == DELTA_MEMBER:
                 delta = json.load(tar.extractfile(m))
                 continue
-            top = m.name.split("/")[0]
-            if what in ("rootfs", "delta", "snapshots", "state") and top != name:
-                raise AgentError(f"Refusing a tar member of another container: {m.name!r}")
-            if what == "delta" and m.isfile() and os.path.lexists(os.path.join(dest, m.name)):
-                os.unlink(os.path.join(dest, m.name))  # a regular file replaces whatever was there
+            if m.name.split("/")[0] != top_name:
+                raise AgentError(f"Refusing a tar member outside {top_name}/: {m.name!r}")
+            target = os.path.join(dest, m.name)
+            # Its parent must really be inside (no symlink on the way may lead out) ...
+            if m.name != top_name and not _inside(base, os.path.dirname(target)):
+                raise AgentError(f"Refusing a tar member that leads outside {top_name}/: {m.name!r}")
+            if m.islnk() and not _inside(base, os.path.dirname(os.path.join(dest, m.linkname))):
+                raise AgentError(f"Refusing a hard link that leads outside {top_name}/: {m.linkname!r}")
+            # ... and an existing symlink in its place is replaced, never followed.
+            if os.path.islink(target) or (os.path.lexists(target) and not (m.isdir() and os.path.isdir(target))):
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
             tar.extract(m, dest, numeric_owner=True, **extra)
             files += 1
+    if what in ("rootfs", "delta"):
+        _sanitize_received_config(name)
     if what == "rootfs":
         with open(_mig_marker(name, params), "w") as f:
             f.write("received by migration\n")
     if delta:
         root = _rootfs(name)
         for rel in delta.get("deleted") or []:
-            p = os.path.normpath(os.path.join(root, rel))
-            if not p.startswith(root + "/"):
-                continue
-            if os.path.isdir(p) and not os.path.islink(p):
+            p = os.path.join(root, rel)
+            if not isinstance(rel, str) or ".." in rel.split("/") or not _inside(root, os.path.dirname(p)):
+                continue  # never through a symlink, never outside the rootfs
+            if os.path.islink(p) or not os.path.isdir(p):
+                if os.path.lexists(p):
+                    os.unlink(p)
+            else:
                 shutil.rmtree(p, ignore_errors=True)
-            elif os.path.lexists(p):
-                os.unlink(p)
     return {"files": files, "ms": _ms(t0), "deleted": len((delta or {}).get("deleted") or [])}
+
+
+def _sanitize_received_config(name):
+    """A config that came from another host runs no hooks here and keeps its rootfs where we expect it."""
+    lines = [
+        line
+        for line in _read_config(name)
+        if not line.partition("=")[0].strip().startswith(("lxc.hook.", "lxc.rootfs.path"))
+    ]
+    lines.append(f"lxc.rootfs.path = dir:{_cdir(name)}/rootfs")
+    _write_config(name, lines)
 
 
 def cmd_cpuinfo_check(params):
@@ -1574,12 +1718,17 @@ def cmd_migrate_abort(params):
     """On the target: remove only what this migration brought."""
     name = check_name(params.get("name"))
     removed = []
-    if os.path.exists(_mig_marker(name, params)):
-        if _state(name) != "STOPPED":
+    if os.path.exists(_mig_marker(name, params)) or os.path.exists(os.path.join(_mig_dir(params), "receiving")):
+        if _exists(name) and _state(name) != "STOPPED":
             run(["lxc-stop", "-n", name, "-k"], timeout=60)
-        run(["lxc-destroy", "-n", name], timeout=120)
+            if _state(name) != "STOPPED":
+                raise AgentError(f"{name} is still {_state(name)} here and could not be stopped.")
+        if _exists(name):
+            run(["lxc-destroy", "-n", name], timeout=120)
         if os.path.exists(_cdir(name)):
             shutil.rmtree(_cdir(name), ignore_errors=True)
+        if os.path.exists(_cdir(name)):
+            raise AgentError(f"{_cdir(name)} could not be removed.")
         removed.append("container")
         for base in (SNAPSHOTS_PATH, STATE_PATH):
             if os.path.exists(os.path.join(base, name)):
@@ -1595,6 +1744,15 @@ def cmd_migrate_cleanup(params):
     with remove=false only the migration's working files."""
     name = check_name(params.get("name"))
     remove = _flag(params, "remove", False)
+    if _flag(params, "keep_state", False):
+        # The move failed and the target is in doubt: the dump becomes the saved state.
+        images = os.path.join(_mig_dir(params), "images")
+        if os.path.isfile(os.path.join(images, "inventory.img")) and not os.path.exists(_state_images(name)):
+            os.makedirs(_state_dir(name), exist_ok=True)
+            os.rename(images, _state_images(name))
+        if os.path.exists(_mig_dir(params)):
+            _remove_tree(_mig_dir(params))
+        return {"removed": False, "has_saved_state": _has_saved_state(name)}
     if remove and _exists(name):
         if _state(name) != "STOPPED":
             raise AgentError(f"{name} is {_state(name)} here: refusing to remove a running source.")

@@ -1,0 +1,129 @@
+"""The agent's migration tars never read or write outside the container (real files, temp dirs)."""
+
+import importlib.util
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+AGENT = Path(__file__).resolve().parent.parent / "hosts" / "agent" / "ctweb_agent.py"
+
+
+@pytest.fixture
+def agent(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("ctweb_agent_under_test", AGENT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lxc, ctweb = tmp_path / "lxc", tmp_path / "ctweb"
+    lxc.mkdir()
+    ctweb.mkdir()
+    monkeypatch.setattr(mod, "LXC_PATH", str(lxc))
+    monkeypatch.setattr(mod, "CTWEB_PATH", str(ctweb))
+    monkeypatch.setattr(mod, "MIGRATIONS_PATH", str(ctweb / "migrations"))
+    monkeypatch.setattr(mod, "SNAPSHOTS_PATH", str(ctweb / "snapshots"))
+    monkeypatch.setattr(mod, "STATE_PATH", str(ctweb / "state"))
+    return mod
+
+
+def receive(agent, monkeypatch, tar_bytes: bytes, what="rootfs"):
+    class Stdin:
+        buffer = io.BytesIO(tar_bytes)
+
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    return agent.cmd_receive({"name": "c1", "migration": 1, "what": what})
+
+
+def make_tar(members) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, payload
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def test_sending_never_follows_a_symlink_out_of_the_tree(agent, tmp_path):
+    secret = tmp_path / "host-secret"
+    secret.write_text("host only")
+    src = tmp_path / "src"
+    (src / "rootfs").mkdir(parents=True)
+    (src / "rootfs" / "ok").write_text("mine")
+    (src / "rootfs" / "evil").symlink_to(tmp_path)  # a directory swapped for a link to the host
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        agent._tar_tree(tar, str(src), "c1")
+    names = tarfile.open(fileobj=io.BytesIO(buf.getvalue())).getnames()
+    assert "c1/rootfs/ok" in names and "c1/rootfs/evil" in names
+    assert not any("host-secret" in n for n in names)
+    assert b"host only" not in buf.getvalue()
+
+
+def test_receiving_refuses_to_write_through_a_symlink(agent, monkeypatch, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = make_tar(
+        [
+            ("c1", "dir", None),
+            ("c1/rootfs", "dir", None),
+            ("c1/rootfs/x", "symlink", str(outside)),
+            ("c1/rootfs/x/pwned", "file", b"root on the target"),
+        ]
+    )
+    with pytest.raises(agent.AgentError):
+        receive(agent, monkeypatch, evil)
+    assert not (outside / "pwned").exists()
+
+
+def test_receiving_refuses_members_of_other_containers_or_absolute_paths(agent, monkeypatch):
+    for member in ("c2/rootfs/x", "/etc/x", "c1/../c2/x"):
+        with pytest.raises(agent.AgentError):
+            receive(agent, monkeypatch, make_tar([(member, "file", b"x")]))
+
+
+def test_a_delta_never_deletes_through_a_symlink(agent, monkeypatch, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("keep me")
+    root = Path(agent.LXC_PATH) / "c1" / "rootfs"
+    root.mkdir(parents=True)
+    (root / "gone").write_text("old")
+    (root / "d").symlink_to(outside)
+    (root.parent / "config").write_text(f"lxc.rootfs.path = dir:{root}\n")
+    delta = json.dumps({"deleted": ["d/victim", "gone", "../../x"]}).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(agent.DELTA_MEMBER)
+        info.size = len(delta)
+        tar.addfile(info, io.BytesIO(delta))
+        info = tarfile.TarInfo("c1/config")
+        cfg = f"lxc.rootfs.path = dir:{root}\nlxc.hook.pre-start = /bin/evil\n".encode()
+        info.size = len(cfg)
+        tar.addfile(info, io.BytesIO(cfg))
+    receive(agent, monkeypatch, buf.getvalue(), what="delta")
+    assert (outside / "victim").read_text() == "keep me"
+    assert not (root / "gone").exists()
+    config = (root.parent / "config").read_text()
+    assert "lxc.hook" not in config  # a config from another host runs no hooks here
+
+
+def test_the_rootfs_must_be_the_containers_own(agent):
+    cdir = Path(agent.LXC_PATH) / "c1"
+    (cdir / "rootfs").mkdir(parents=True)
+    (cdir / "config").write_text("lxc.rootfs.path = dir:/usr\n")
+    with pytest.raises(agent.AgentError):
+        agent._rootfs("c1")
+    (cdir / "config").write_text(f"lxc.rootfs.path = dir:{cdir}/rootfs\n")
+    assert agent._rootfs("c1") == f"{cdir}/rootfs"
+    assert os.path.isdir(agent._rootfs("c1"))
