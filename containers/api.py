@@ -15,7 +15,7 @@ from hosts.validators import validate_name
 from . import events
 from .bundles import bundle_bytes
 from .compare import compare_snapshots
-from .migration import STRATEGIES, start_migration, strategy_support
+from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
 from .models import Container, Operation, Snapshot
 from .services import (
     change_state,
@@ -423,3 +423,9 @@ class ContainerTargets(APIView):
         container = _container(name)
         hosts = Host.objects.exclude(pk=container.host_id)
         return Response([{"host": h.name, "strategies": strategy_support(container, container.host, h)} for h in hosts])
+
+
+class HostEvacuate(APIView):
+    @extend_schema(request=None, responses={202: dict})
+    def post(self, request, name):
+        return operation_accepted(start_evacuation(request, get_object_or_404(Host, name=name)))

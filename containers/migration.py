@@ -320,3 +320,80 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
         )
     container.refresh_from_db()
     publish_fleet("container", {"name": container.name, "host": src.host.name, "state": container.state})
+
+
+# --- evacuation ------------------------------------------------------------------------
+
+
+def start_evacuation(request, host: Host) -> Operation:
+    from .runner import enqueue
+
+    running = Operation.objects.filter(kind=Operation.Kind.EVACUATE, host=host, status__in=Operation.ACTIVE).first()
+    if running:
+        raise ApiError(f"{host.name} is being evacuated already ({running.api_url()}).", 409)
+    if not host.containers.exists():
+        raise ApiError(f"{host.name} has no containers to move.", 409)
+    with transaction.atomic():
+        op = Operation.objects.create(kind=Operation.Kind.EVACUATE, host=host, created_by=request.user)
+        enqueue(op)
+    from ctweb.audit import audit
+
+    audit(request, "host.evacuate", host, detail=f"op {op.pk}")
+    return op
+
+
+class _As:
+    """The evacuation's children are started in the name of whoever asked for it."""
+
+    def __init__(self, user):
+        self.user = user
+        self.META = {}
+
+
+@handler("evacuate")
+def evacuate(ctx: OperationContext) -> dict:
+    op, source = ctx.op, ctx.op.host
+    targets = list(
+        Host.objects.exclude(pk=source.pk).filter(status=Host.Status.ONLINE).exclude(key_data="").order_by("name")
+    )
+    containers = list(source.containers.order_by("name"))
+    ctx.event("preflight", f"{len(containers)} container(s) to move from {source.name} to {len(targets)} host(s)", 1)
+    children, refused = [], {}
+    for i, container in enumerate(containers):
+        reasons = []
+        for k in range(len(targets)):  # round robin, then the next host that can take it
+            target = targets[(i + k) % len(targets)]
+            try:
+                child = start_migration(_As(op.created_by), container, target.name, "auto")
+            except ApiError as e:
+                reasons.append(f"{target.name}: {e.detail}")
+                continue
+            Operation.objects.filter(pk=child.pk).update(parent=op)
+            children.append(child.pk)
+            ctx.event("migrate", f"{container.name} -> {target.name}: operation {child.pk}", 2, child=child.pk)
+            break
+        else:
+            refused[container.name] = "; ".join(reasons) or "there is no other online host"
+            ctx.event("migrate", f"{container.name} cannot move: {refused[container.name]}")
+    done: dict[int, str] = {}
+    while len(done) < len(children):
+        time.sleep(1)
+        for child in Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).exclude(pk__in=done):
+            done[child.pk] = child.status
+            ctx.event(
+                "migrate",
+                f"{child.container_name}: {child.status}",
+                5 + 95 * len(done) // max(len(children), 1),
+                child=child.pk,
+            )
+    moved = [c for c, s in done.items() if s == Operation.Status.SUCCESS]
+    failed = {c: s for c, s in done.items() if s != Operation.Status.SUCCESS}
+    result = {"children": children, "moved": len(moved), "failed": failed, "refused": refused}
+    if failed or refused:
+        names = sorted(refused) + [Operation.objects.get(pk=c).container_name for c in failed]
+        raise OperationFailed(
+            f"{len(names)} of {len(containers)} container(s) did not leave {source.name}: {', '.join(names)}.",
+            "\n".join(f"{n}: {r}" for n, r in refused.items()),
+            result,
+        )
+    return result

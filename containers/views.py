@@ -10,7 +10,7 @@ from hosts.models import Host
 
 from .api import cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
-from .migration import start_migration, strategy_support
+from .migration import start_evacuation, start_migration, strategy_support
 from .models import Container, Operation
 from .services import (
     change_state,
@@ -254,4 +254,15 @@ def container_migrate(request, name):
     except APIException as e:
         messages.error(request, str(e.detail))
         return redirect("container-detail", name=name)
+    return redirect("operation-detail", op_id=op.pk)
+
+
+@role_required("operator")
+@require_POST
+def host_evacuate(request, name):
+    try:
+        op = start_evacuation(request, get_object_or_404(Host, name=name))
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect("host-detail", name=name)
     return redirect("operation-detail", op_id=op.pk)

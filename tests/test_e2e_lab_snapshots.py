@@ -192,3 +192,21 @@ def test_a_migration_whose_dump_fails_leaves_the_source_running_and_nothing_on_t
         wait_for(lambda: counter(lab, "lab-a", "stayer") > now + 2, 15, "it to keep counting")
     finally:
         run_op(bob, "DELETE", "/api/v1/containers/stayer/")
+
+
+def test_evacuating_a_host_moves_each_container_as_a_child_operation(bob, lab):
+    for name in ("evac1", "evac2"):
+        ok(create(bob, name=name, host="lab-b", command=["sh", "-c", COUNTER]))
+    try:
+        op = run_op(bob, "POST", "/api/v1/hosts/lab-b/evacuate", timeout=300)
+        assert op["status"] == "success", op["error"]
+        assert op["result"]["moved"] == 2 and len(op["result"]["children"]) == 2
+        children = [bob.get(f"/api/v1/operations/{c}/").json() for c in op["result"]["children"]]
+        assert {(c["kind"], c["parent"], c["status"]) for c in children} == {("migrate", op["id"], "success")}
+        for name in ("evac1", "evac2"):
+            row = bob.get(f"/api/v1/containers/{name}/").json()
+            assert (row["host"], row["state"]) == ("lab-a", "RUNNING")
+        assert bob.get("/api/v1/containers/?host=lab-b").json() == []
+    finally:
+        for name in ("evac1", "evac2"):
+            run_op(bob, "DELETE", f"/api/v1/containers/{name}/")
