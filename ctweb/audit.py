@@ -1,7 +1,9 @@
 from .models import AuditEntry
 
 
-def audit(request, action: str, obj=None, outcome: str = "ok", detail: str = "", object_type: str = "") -> AuditEntry:
+def audit(
+    request, action: str, obj=None, outcome: str = "ok", detail: str = "", object_type: str = "", object_name: str = ""
+) -> AuditEntry:
     """Record a state-changing request. Call it from every view that changes something."""
     user = getattr(request, "user", None) if request is not None else None
     if user is not None and not user.is_authenticated:
@@ -13,7 +15,7 @@ def audit(request, action: str, obj=None, outcome: str = "ok", detail: str = "",
         username=user.get_username() if user else "",
         action=action,
         object_type=object_type,
-        object_name=str(obj) if obj is not None else "",
+        object_name=str(obj) if obj is not None else object_name,
         outcome=outcome,
         detail=detail[:2000],
         remote_addr=(request.META.get("REMOTE_ADDR") if request is not None else None) or None,

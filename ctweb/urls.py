@@ -10,6 +10,7 @@ from hosts import api as host_api
 from hosts import views as host_views
 
 from . import views
+from .login import LoginView
 
 api = [
     path("hosts/", host_api.HostList.as_view()),
@@ -37,7 +38,7 @@ api = [
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/login/", LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("hosts/", host_views.host_list, name="host-list"),
     path("hosts/add/", host_views.host_add, name="host-add"),
@@ -67,6 +68,7 @@ urlpatterns = [
     path("operations/<int:op_id>/", container_views.operation_detail, name="operation-detail"),
     path("operations/<int:op_id>/cancel", container_views.operation_cancel, name="operation-cancel"),
     path("users/", views.user_list, name="user-list"),
+    path("audit/", views.audit_log, name="audit-log"),
     path("users/create", views.user_create, name="user-create"),
     path("users/<int:user_id>/update", views.user_update, name="user-update"),
     path("tokens/", views.token_list, name="token-list"),

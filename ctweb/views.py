@@ -126,3 +126,29 @@ def token_revoke(request, token_id):
     token.delete()
     messages.success(request, "Token revoked.")
     return redirect(request.POST.get("next") if request.POST.get("next") == "/users/" else "token-list")
+
+
+@role_required("admin")
+def audit_log(request):
+    from datetime import date
+
+    from django.core.paginator import Paginator
+
+    from .models import AuditEntry
+
+    qs = AuditEntry.objects.all()
+    f = request.GET
+    if f.get("user"):
+        qs = qs.filter(username=f["user"])
+    if f.get("action"):
+        qs = qs.filter(action__startswith=f["action"])
+    if f.get("object"):
+        qs = qs.filter(object_name__icontains=f["object"])
+    for field, lookup in (("since", "at__date__gte"), ("until", "at__date__lte")):
+        if f.get(field):
+            try:
+                qs = qs.filter(**{lookup: date.fromisoformat(f[field])})
+            except ValueError:
+                messages.error(request, f"{field} must be a date like 2026-11-26.")
+    page = Paginator(qs, 100).get_page(f.get("page"))
+    return render(request, "users/audit.html", {"page": page, "f": f})

@@ -17,6 +17,9 @@ PAGES = [
     ("/operations/", "viewer"),
     ("/operations/{op}/", "viewer"),
     ("/users/", "admin"),
+    ("/audit/", "admin"),
+    ("/containers/", "viewer"),
+    ("/snapshots/", "viewer"),
     ("/tokens/", "login"),
 ]
 

@@ -102,3 +102,14 @@ def test_state_changing_requests_are_audited(users, tokens, trusted_host):
     Client().post("/api/v1/hosts/h1/probe", HTTP_AUTHORIZATION=f"Token {tokens['bob']}")
     entry = AuditEntry.objects.get(action="host.probe")
     assert (entry.username, entry.object_type, entry.object_name) == ("bob", "host", "h1")
+
+
+def test_the_audit_log_filters_by_user_action_and_date(users, tokens, trusted_host):
+    Client().post("/api/v1/hosts/h1/probe", HTTP_AUTHORIZATION=f"Token {tokens['bob']}")
+    _admin(users).post("/users/create", {"username": "erin", "password": "a-long-passphrase-9", "role": "viewer"})
+    c = _admin(users)
+    page = c.get("/audit/?user=bob").content.decode()
+    assert "host.probe" in page and "user.create" not in page
+    page = c.get("/audit/?action=user.").content.decode()
+    assert "user.create" in page and "host.probe" not in page
+    assert "No entries match" in c.get("/audit/?since=2999-01-01").content.decode()
