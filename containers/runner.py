@@ -93,6 +93,8 @@ class OperationContext:
             if progress is not None:
                 progress = phase_base + progress * phase_span / 100
             extra = {k: v for k, v in msg.items() if k not in ("type", "phase", "message", "progress", "t")}
+            if "t" in msg:
+                extra["agent_t"] = msg["t"]  # when the agent printed it (its clock), for latency figures
             self.event(msg.get("phase") or self.op.phase, msg.get("message") or "", progress, **extra)
 
         return on_event
