@@ -34,6 +34,9 @@ class Container(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def get_absolute_url(self) -> str:
+        return f"/containers/{self.name}/"
+
 
 class Snapshot(models.Model):
     container = models.ForeignKey(Container, on_delete=models.CASCADE, related_name="snapshots")

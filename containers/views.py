@@ -55,6 +55,16 @@ def operation_cancel(request, op_id):
 # --- containers ----------------------------------------------------------------------
 
 
+def start_or_back(request, start, back: str):
+    """Start an operation and show it; if it is refused, say why on the page we came from."""
+    try:
+        op = start()
+    except APIException as e:
+        messages.error(request, str(e.detail))
+        return redirect(back)
+    return redirect("operation-detail", op_id=op.pk)
+
+
 def _get_container(name: str) -> Container:
     return get_object_or_404(containers_queryset(), name=name)
 
@@ -121,23 +131,16 @@ def container_action(request, name, action):
     if action == "delete" and request.POST.get("confirm") != container.name:
         messages.error(request, f"Type {container.name} to confirm deleting it.")
         return redirect("container-detail", name=name)
-    try:
-        op = container_operation(request, container, kinds[action])
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("container-detail", name=name)
-    return redirect("operation-detail", op_id=op.pk)
+    return start_or_back(
+        request, lambda: container_operation(request, container, kinds[action]), container.get_absolute_url()
+    )
 
 
 @role_required("operator")
 @require_POST
 def host_sync(request, name):
-    try:
-        op = sync_host(request, get_object_or_404(Host, name=name))
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("host-detail", name=name)
-    return redirect("operation-detail", op_id=op.pk)
+    host = get_object_or_404(Host, name=name)
+    return start_or_back(request, lambda: sync_host(request, host), f"/hosts/{host.name}/")
 
 
 # --- snapshots and history -----------------------------------------------------------
@@ -148,32 +151,24 @@ def host_sync(request, name):
 def container_state(request, name):
     """Start, stop (optionally stateful), restart; the form says which."""
     container = _get_container(name)
-    try:
-        op = change_state(
-            request,
-            container,
-            request.POST.get("action", ""),
-            stateful=request.POST.get("stateful") == "1",
-            discard_state=request.POST.get("discard_state") == "1",
-        )
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("container-detail", name=name)
-    return redirect("operation-detail", op_id=op.pk)
+    stateful, discard = request.POST.get("stateful") == "1", request.POST.get("discard_state") == "1"
+    return start_or_back(
+        request,
+        lambda: change_state(
+            request, container, request.POST.get("action", ""), stateful=stateful, discard_state=discard
+        ),
+        container.get_absolute_url(),
+    )
 
 
 @role_required("operator")
 @require_POST
 def snapshot_create(request, name):
     container = _get_container(name)
-    try:
-        op = snapshot_container(
-            request, container, request.POST.get("name") or None, stateful=request.POST.get("stateful") == "1"
-        )
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("container-detail", name=name)
-    return redirect("operation-detail", op_id=op.pk)
+    snap, stateful = request.POST.get("name") or None, request.POST.get("stateful") == "1"
+    return start_or_back(
+        request, lambda: snapshot_container(request, container, snap, stateful=stateful), container.get_absolute_url()
+    )
 
 
 @role_required("operator")
@@ -181,17 +176,11 @@ def snapshot_create(request, name):
 def snapshot_action(request, name, snap, action):
     container = _get_container(name)
     snapshot = get_object_or_404(container.snapshots, name=snap)
-    try:
-        if action == "restore":
-            op = restore_snapshot(request, container, snapshot)
-        elif action == "delete":
-            op = delete_snapshot(request, container, snapshot)
-        else:
-            raise Http404()
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("snapshot-detail", name=name, snap=snap)
-    return redirect("operation-detail", op_id=op.pk)
+    starts = {"restore": restore_snapshot, "delete": delete_snapshot}
+    if action not in starts:
+        raise Http404()
+    back = f"/containers/{container.name}/snapshots/{snapshot.name}/"
+    return start_or_back(request, lambda: starts[action](request, container, snapshot), back)
 
 
 @role_required("viewer")
@@ -247,22 +236,14 @@ def snapshot_search(request):
 @require_POST
 def container_migrate(request, name):
     container = _get_container(name)
-    try:
-        op = start_migration(
-            request, container, request.POST.get("target_host", ""), request.POST.get("strategy", "auto")
-        )
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("container-detail", name=name)
-    return redirect("operation-detail", op_id=op.pk)
+    target, strategy = request.POST.get("target_host", ""), request.POST.get("strategy", "auto")
+    return start_or_back(
+        request, lambda: start_migration(request, container, target, strategy), container.get_absolute_url()
+    )
 
 
 @role_required("operator")
 @require_POST
 def host_evacuate(request, name):
-    try:
-        op = start_evacuation(request, get_object_or_404(Host, name=name))
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("host-detail", name=name)
-    return redirect("operation-detail", op_id=op.pk)
+    host = get_object_or_404(Host, name=name)
+    return start_or_back(request, lambda: start_evacuation(request, host), f"/hosts/{host.name}/")

@@ -5,6 +5,7 @@ from rest_framework.exceptions import APIException
 
 from containers.api import containers_queryset
 from containers.models import Operation
+from containers.views import start_or_back
 from ctweb.decorators import role_required
 
 from . import ssh
@@ -70,12 +71,7 @@ def host_trust(request, name):
 @require_POST
 def host_probe(request, name):
     host = _get_host(name)
-    try:
-        op = start_probe(request, host)
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect("host-detail", name=name)
-    return redirect("operation-detail", op_id=op.pk)
+    return start_or_back(request, lambda: start_probe(request, host), f"/hosts/{host.name}/")
 
 
 @role_required("admin")

@@ -132,3 +132,19 @@ def test_cancelling_a_pending_create_releases_the_name_and_address(tokens, lab_l
     assert Operation.objects.get(pk=op_id).status == "cancelled"
     assert not Container.objects.filter(name="c1").exists()
     assert _post(tokens, "/api/v1/containers/", {"name": "c1", "host": "h1"}).status_code == 202
+
+
+def test_page_actions_open_the_operation_or_go_back_saying_why(users, lab_like_host):
+    Container.objects.create(name="c1", host=lab_like_host, state="RUNNING", ipv4="10.9.9.100")
+    c = Client()
+    c.force_login(users["bob"])
+    r = c.post("/containers/c1/snapshot", {"stateful": "1"})
+    assert r.status_code == 302 and r["Location"].startswith("/operations/")
+    r = c.post("/containers/c1/state", {"action": "stop"})  # refused: the snapshot runs
+    assert r["Location"] == "/containers/c1/"
+    assert "already has an operation running" in c.get(r["Location"]).content.decode()
+    r = c.post("/containers/c1/migrate", {"target_host": "nowhere"})
+    assert r["Location"] == "/containers/c1/"
+    r = c.post("/hosts/h1/probe")
+    assert r.status_code == 302 and r["Location"].startswith("/operations/")
+    assert Operation.objects.count() == 2
