@@ -95,11 +95,7 @@ class OperationList(APIView):
             qs = qs.filter(host__name=q["host"])
         if q.get("kind"):
             qs = qs.filter(kind=q["kind"])
-        try:
-            limit = min(max(int(q.get("limit", 100)), 1), 500)
-            offset = max(int(q.get("offset", 0)), 0)
-        except ValueError:
-            raise ApiError("limit and offset must be whole numbers.", 400) from None
+        limit, offset = _limits(q)
         data = OperationSummarySerializer(qs[offset : offset + limit], many=True).data
         return Response(data)
 
@@ -203,7 +199,12 @@ def _container(name: str) -> Container:
 
 class ContainerList(APIView):
     @extend_schema(
-        parameters=[OpenApiParameter("host", str), OpenApiParameter("state", str)],
+        parameters=[
+            OpenApiParameter("host", str),
+            OpenApiParameter("state", str),
+            OpenApiParameter("limit", int, description="at most 1000; default 1000"),
+            OpenApiParameter("offset", int),
+        ],
         responses=ContainerSerializer(many=True),
     )
     def get(self, request):
@@ -212,7 +213,8 @@ class ContainerList(APIView):
             qs = qs.filter(host__name=request.query_params["host"])
         if request.query_params.get("state"):
             qs = qs.filter(state=request.query_params["state"].upper())
-        return Response(ContainerSerializer(qs, many=True).data)
+        limit, offset = _limits(request.query_params, default=1000, most=1000)
+        return Response(ContainerSerializer(qs[offset : offset + limit], many=True).data)
 
     @extend_schema(request=ContainerCreateSerializer, responses={202: dict})
     def post(self, request):
@@ -306,9 +308,9 @@ def _date(value: str, field: str):
         raise ApiError(f"{field} must be a date like 2026-11-26.", 400, field) from None
 
 
-def _limits(q) -> tuple[int, int]:
+def _limits(q, default: int = 100, most: int = 500) -> tuple[int, int]:
     try:
-        return min(max(int(q.get("limit", 100)), 1), 500), max(int(q.get("offset", 0)), 0)
+        return min(max(int(q.get("limit", default)), 1), most), max(int(q.get("offset", 0)), 0)
     except ValueError:
         raise ApiError("limit and offset must be whole numbers.", 400) from None
 

@@ -148,3 +148,12 @@ def test_page_actions_open_the_operation_or_go_back_saying_why(users, lab_like_h
     r = c.post("/hosts/h1/probe")
     assert r.status_code == 302 and r["Location"].startswith("/operations/")
     assert Operation.objects.count() == 2
+
+
+def test_the_list_pages_with_limit_and_offset(tokens, lab_like_host):
+    for i in range(5):
+        Container.objects.create(name=f"c{i}", host=lab_like_host, state="RUNNING")
+    auth = {"HTTP_AUTHORIZATION": f"Token {tokens['carol']}"}
+    page = Client().get("/api/v1/containers/?limit=2&offset=2", **auth).json()
+    assert [r["name"] for r in page] == ["c2", "c3"]
+    assert Client().get("/api/v1/containers/?limit=x", **auth).status_code == 400
