@@ -34,7 +34,50 @@ document.addEventListener("DOMContentLoaded", function () {
     }
   }
 
+  // Bytes moved over time, drawn from the events that carry a byte count (migrations).
+  const chart = document.getElementById("op-chart");
+  const points = [];
+  function drawChart() {
+    if (!chart || points.length < 2) return;
+    const w = 600, h = 160, pad = 30;
+    const t0 = points[0][0], t1 = points[points.length - 1][0] || t0 + 1;
+    const maxB = Math.max.apply(null, points.map(function (p) { return p[1]; })) || 1;
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 " + w + " " + h);
+    svg.setAttribute("role", "img");
+    const label = (maxB / 1048576).toFixed(1) + " MiB in " + ((t1 - t0) / 1000).toFixed(1) + " s";
+    svg.setAttribute("aria-label", "bytes moved over time: " + label);
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("fill", "none");
+    line.setAttribute("stroke", "#1f5fbf");
+    line.setAttribute("stroke-width", "2");
+    line.setAttribute("points", points.map(function (p) {
+      const x = pad + (w - 2 * pad) * (p[0] - t0) / Math.max(t1 - t0, 1);
+      const y = h - pad - (h - 2 * pad) * p[1] / maxB;
+      return x.toFixed(1) + "," + y.toFixed(1);
+    }).join(" "));
+    const axis = document.createElementNS(ns, "polyline");
+    axis.setAttribute("fill", "none");
+    axis.setAttribute("stroke", "#5b6570");
+    axis.setAttribute("points", pad + "," + pad + " " + pad + "," + (h - pad) + " " + (w - pad) + "," + (h - pad));
+    const text = document.createElementNS(ns, "text");
+    text.setAttribute("x", pad + 6);
+    text.setAttribute("y", pad - 8);
+    text.setAttribute("font-size", "12");
+    text.textContent = label;
+    svg.append(axis, line, text);
+    chart.replaceChildren(svg);
+  }
+
+  const charted = new Set();
   function addEvent(e) {
+    if (e && typeof e.bytes === "number" && !charted.has(e.seq)) {
+      charted.add(e.seq);
+      points.push([new Date(e.at).getTime(), e.bytes]);
+      points.sort(function (a, b) { return a[0] - b[0]; });
+      drawChart();
+    }
     if (!e || seen.has(String(e.seq))) return;
     seen.add(String(e.seq));
     const li = document.createElement("li");
@@ -90,5 +133,6 @@ document.addEventListener("DOMContentLoaded", function () {
     };
   }
   document.getElementById("op-bar").style.width = document.getElementById("op-bar").dataset.progress + "%";
+  if (chart) poll();  // the events with byte counts, for the chart
   connect();
 });
