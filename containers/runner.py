@@ -219,3 +219,19 @@ def mark_lost_operations(worker: str, alive: Callable[[str], bool]) -> int:
             ):
                 lost += 1
     return lost
+
+
+def requeue_pending(older_than_s: float = 10) -> int:
+    """Send again the jobs still pending after a while (their message may have died with a
+    worker or a Redis restart). Harmless twice: only one run can claim a row."""
+    from datetime import timedelta
+
+    from .tasks import run_operation_task
+
+    cutoff = timezone.now() - timedelta(seconds=older_than_s)
+    ids = list(
+        Operation.objects.filter(status=Operation.Status.PENDING, created_at__lt=cutoff).values_list("pk", flat=True)
+    )
+    for op_id in ids:
+        run_operation_task.delay(op_id)
+    return len(ids)

@@ -10,7 +10,7 @@ from . import runner
 log = logging.getLogger(__name__)
 
 
-@shared_task(bind=True, acks_late=True, ignore_result=True)
+@shared_task(bind=True, ignore_result=True)
 def run_operation_task(self, op_id: int) -> None:
     runner.run_operation(op_id, worker=self.request.hostname or "")
 
@@ -31,6 +31,9 @@ def fail_lost_operations(sender=None, **kwargs) -> None:
     lost = runner.mark_lost_operations(me, alive)
     if lost:
         log.warning("marked %d operation(s) failed: their worker was lost", lost)
+    requeued = runner.requeue_pending()
+    if requeued:
+        log.warning("queued %d pending operation(s) again: their message may have been lost", requeued)
 
 
 @shared_task(ignore_result=True)

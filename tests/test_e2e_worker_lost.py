@@ -84,3 +84,28 @@ def test_it_reports_a_host_that_hangs_up_mid_handshake(stack):
         assert host["capabilities"] == {}
     finally:
         pit.close()
+
+
+def test_an_operation_survives_a_redis_restart_and_new_ones_work_after(stack, sshd):
+    from tests.stack import Process
+
+    admin = Api(stack, stack.tokens["alice"])
+    admin.post("/api/v1/hosts/", json={"name": "redis-restart", "address": "127.0.0.1", "port": sshd.port})
+    admin.post("/api/v1/hosts/redis-restart/trust", json={"fingerprint": sshd.fingerprint()})
+    pit = Tarpit()  # a second, hung host keeps one operation running across the restart
+    try:
+        _trusted_host(stack, "slow", pit.port)
+        slow = admin.post("/api/v1/hosts/slow/probe").json()["id"]
+        wait_for(lambda: admin.get(f"/api/v1/operations/{slow}/").json()["status"] == "running", 10, "running")
+
+        redis = stack.procs["redis"]
+        redis.stop()
+        stack.procs["redis"] = Process("redis", redis.argv, redis.env, redis.log).start()
+        wait_for(lambda: (stack.dir / "redis.sock").exists(), 10, "redis back")
+
+        op = admin.wait_operation(slow, timeout=60)  # the row, not Redis, is the truth
+        assert op["status"] == "failure" and "Cannot connect to slow" in op["error"]
+        after = admin.wait_operation(admin.post("/api/v1/hosts/redis-restart/probe").json()["id"], timeout=90)
+        assert after["status"] == "success", after["error"]
+    finally:
+        pit.close()
