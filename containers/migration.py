@@ -6,7 +6,11 @@ everything is encrypted). Strategies:
   images and the rootfs delta, restore on the target;
 - restart: the same without memory (stop, copy, start cold), for what CRIU cannot dump,
   and the only way to move a stopped container;
-- post-copy and pre-copy are refused with the reason until they are shipped here.
+- post-copy: dump without the memory pages (CRIU lazy pages), restore on the target at
+  once, and let the target pull the pages from the source's page server -- which listens
+  on the source's loopback only and reaches the target through a port forwarded over the
+  worker's two SSH connections; the source is cleaned up only once every page arrived;
+- pre-copy is refused with the reason until it is shipped here.
 
 A container is never lost and never runs on two hosts: the source is stopped before the
 target restores, and the source copy is removed only after the target runs it.
@@ -68,7 +72,7 @@ def strategy_support(container: Container, source: Host, target: Host) -> dict[s
     elif not (sc.get("uffd") and tc.get("uffd")):
         out["post-copy"] = "Lazy pages need userfaultfd (uffd and uffd-noncoop) on both hosts."
     else:
-        out["post-copy"] = "Post-copy is not shipped in this version yet."
+        out["post-copy"] = None
     if live:
         out["pre-copy"] = live
     elif not sc.get("dirty_tracking"):
@@ -160,7 +164,7 @@ def migrate(ctx: OperationContext) -> dict:
     if container is None or target is None:
         raise OperationFailed("The container or the target host of this migration no longer exists.")
     strategy = op.params["strategy"]
-    live = strategy == "stop-and-copy"
+    live = strategy in ("stop-and-copy", "post-copy")
     base = {"name": container.name, "migration": op.pk}
     clock = _Clock()
     moved = [0]
@@ -171,13 +175,17 @@ def migrate(ctx: OperationContext) -> dict:
         with ExitStack() as hosts:
             src = hosts.enter_context(ssh.connect(source))
             dst = hosts.enter_context(ssh.connect(target))
+            if strategy == "post-copy":
+                return _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts)
             return _migrate(ctx, src, dst, container, strategy, live, base, clock, moved)
     except ssh.SSHError as e:  # connecting; later SSH failures are turned into OperationFailed
         raise OperationFailed(str(e)) from e
 
 
-def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved) -> dict:
+def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts=None) -> dict:
     source, target = src.host, dst.host
+    lazy = strategy == "post-copy"
+    tunnel = None
     # 1. Preflight: nothing has changed yet, so any failure leaves everything as it was.
     prep = _agent(src, ctx, "migrate-prepare", {**base, "live": live}, 2, 3)
     # The host's word, not our last refresh: what runs is what must be stopped.
@@ -213,12 +221,26 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved) -> di
         down_from = time.monotonic()
         stats = {}
         if live:
-            ctx.event("dump", f"dumping {container.name} on {source.name}", 55)
-            stats = _agent(src, ctx, "migrate-dump", base, 55, 10).get("stats") or {}
+            ctx.event("dump", f"dumping {container.name} on {source.name}" + (" (lazy pages)" if lazy else ""), 55)
+            dumped = _agent(src, ctx, "migrate-dump", {**base, "lazy": lazy}, 55, 10)
+            stats = dumped.get("stats") or {}
         elif was_running:
             ctx.event("stop", f"stopping {container.name} on {source.name}", 55)
             _agent(src, ctx, "stop", {"name": container.name}, 55, 10)
         committed = True  # the source is stopped: a failure now resumes it
+        if lazy:
+            # The page server listens on the source's loopback only: the target reaches it
+            # through a port its sshd forwards to us, and we to the source over SSH.
+            try:
+                tunnel = hosts.enter_context(ssh.PortTunnel(dst, src, int(dumped["port"])))
+            except ssh.SSHError as e:
+                raise OperationFailed(str(e)) from e
+            ctx.event(
+                "dump",
+                f"page server 127.0.0.1:{dumped['port']} on {source.name} tunnelled to 127.0.0.1:{tunnel.port} "
+                f"on {target.name} over SSH",
+                65,
+            )
         clock.lap("dump")
 
         # 4. What changed since the copy, and the memory images.
@@ -231,7 +253,10 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved) -> di
         restored = {}
         if live:
             ctx.event("restore", f"restoring {container.name} on {target.name}", 84)
-            restored = _agent(dst, ctx, "migrate-restore", base, 84, 8)
+            params = {**base, "lazy": True, "port": tunnel.port} if lazy else base
+            restored = _agent(dst, ctx, "migrate-restore", params, 84, 8)
+            if lazy:
+                tunnel.release()  # it runs there: the page server may finish when all is pulled
         elif was_running:
             ctx.event("restore", f"starting {container.name} on {target.name}", 84)
             _agent(dst, ctx, "start", {"name": container.name}, 84, 8)
@@ -239,28 +264,43 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved) -> di
         clock.lap("restore")
     except BaseException as e:  # a crash or a cancel too: never leave a half-moved container
         failure = e if isinstance(e, OperationFailed) else OperationFailed(f"The migration stopped: {e!r}.")
+        # A post-copy's tunnel stays held here: the source's page server must not see its
+        # client go (CRIU would take that for "all served" and kill the frozen source tasks)
+        # before migrate-resume has interrupted the dump, which rolls it back.
         _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
         if isinstance(e, (OperationFailed, Cancelled)) or not isinstance(e, Exception):
             raise
         raise failure from e
 
+    if lazy:
+        # It runs on the target now: the record follows it, whatever happens to the pages.
+        _move_record(ctx, container, target, was_running)
+        ctx.event("pages", f"{container.name} runs on {target.name}; pulling its memory from {source.name}", 90)
+        try:
+            pulled = _agent(dst, ctx, "migrate-lazy-wait", {**base, "role": "target"}, 90, 3)
+            served = _agent(src, ctx, "migrate-lazy-wait", {**base, "role": "source", "timeout": 120}, 93, 1)
+        except OperationFailed as e:
+            e.message = (
+                f"{container.name} was restored on {target.name}, but moving its memory pages failed: {e.message} "
+                f"Its processes may fault on missing memory. The source's dump is kept on {source.name} "
+                f"(/var/lib/ctweb/migrations/{ctx.op.pk}) for an admin to decide; nothing was cleaned up."
+            )
+            if tunnel is not None and tunnel.errors:
+                e.details = (e.details or "") + "\n--- tunnel ---\n" + "\n".join(tunnel.errors[-10:])
+            raise
+        tunnel.close()
+        stats = served.get("stats") or stats
+        clock.lap("pages")
+
     # 6. The target runs it: the source copy can go, and the records follow the container.
-    with transaction.atomic():
-        Container.objects.filter(pk=container.pk).update(
-            host=target, state=Container.State.RUNNING if was_running else container.state
-        )
-        Operation.objects.filter(pk=ctx.op.pk).update(container=container)
-    container.refresh_from_db()
-    publish_fleet(
-        "container", {"name": container.name, "host": target.name, "state": container.state, "ipv4": container.ipv4}
-    )
+    _move_record(ctx, container, target, was_running)
     ctx.event("cleanup", f"removing the source copy on {source.name}", 94)
     try:
         _agent(src, ctx, "migrate-cleanup", {**base, "remove": True}, 94, 5)
     except OperationFailed as e:
         ctx.event("cleanup", f"the source copy could not be removed (it is stopped): {e.message}")
     clock.lap("cleanup")
-    return {
+    result = {
         "strategy": strategy,
         "why": ctx.op.params.get("why"),
         "source": source.name,
@@ -273,6 +313,27 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved) -> di
         "restore_stats": restored.get("stats") or {},
         "transport": "relayed through the dashboard over both hosts' SSH connections (encrypted)",
     }
+    if lazy:
+        result["transport"] = (
+            "images relayed through the dashboard over both hosts' SSH connections; memory pulled by the target "
+            "from the source's loopback-only CRIU page server tunnelled over SSH (encrypted)"
+        )
+        result["pages_ms"] = pulled.get("ms")
+        result["page_bytes"] = tunnel.bytes_down
+        result["bytes_transferred"] += tunnel.bytes_down + tunnel.bytes_up
+    return result
+
+
+def _move_record(ctx, container, target, was_running) -> None:
+    with transaction.atomic():
+        Container.objects.filter(pk=container.pk).update(
+            host=target, state=Container.State.RUNNING if was_running else container.state
+        )
+        Operation.objects.filter(pk=ctx.op.pk).update(container=container)
+    container.refresh_from_db()
+    publish_fleet(
+        "container", {"name": container.name, "host": target.name, "state": container.state, "ipv4": container.ipv4}
+    )
 
 
 def _recover(ctx, src, dst, container, base, committed, live, was_running, error: OperationFailed) -> None:

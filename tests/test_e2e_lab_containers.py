@@ -116,6 +116,11 @@ def test_it_discovers_a_container_made_outside_the_dashboard(lab_stack, lab):
         assert op["status"] == "success" and "outsider" in op["result"]["added"]
         row = alice.get("/api/v1/containers/outsider/").json()
         assert (row["host"], row["state"]) == ("lab-b", "STOPPED")
+        # Gone from the host behind our back: deleting the record still works.
+        on_host(lab, "lab-b", "lxc-destroy", "-n", "outsider")
+        r = alice("DELETE", "/api/v1/containers/outsider/")
+        assert alice.wait_operation(r.json()["id"], timeout=60)["status"] == "success"
+        assert alice.get("/api/v1/containers/outsider/").status_code == 404
     finally:
         on_host(lab, "lab-b", "lxc-destroy", "-n", "outsider")
 

@@ -43,14 +43,32 @@ def test_stop_and_copy_and_restart_are_possible_between_equal_hosts(pair):
     c, a, b = pair
     s = strategy_support(c, a, b)
     assert s["stop-and-copy"] is None and s["restart"] is None
-    assert "not shipped" in s["post-copy"]
+    assert s["post-copy"] is None  # both have userfaultfd
     assert "dirty memory" in s["pre-copy"]
 
 
-def test_auto_picks_a_live_strategy_and_says_why(pair):
+def test_auto_prefers_post_copy_where_both_hosts_have_uffd(pair):
     c, a, b = pair
     strategy, why = choose_strategy(c, a, b, "auto")
+    assert strategy == "post-copy" and "auto" in why
+
+
+@pytest.mark.parametrize("which", ["source", "target"])
+def test_without_uffd_on_either_host_post_copy_is_refused_and_auto_stops_and_copies(pair, which):
+    c, a, b = pair
+    (a if which == "source" else b).capabilities = {**CAPS, "uffd": False}
+    assert "userfaultfd" in strategy_support(c, a, b)["post-copy"]
+    with pytest.raises(ApiError) as e:
+        choose_strategy(c, a, b, "post-copy")
+    assert "userfaultfd" in str(e.value.detail)
+    strategy, why = choose_strategy(c, a, b, "auto")
     assert strategy == "stop-and-copy" and "auto" in why
+
+
+def test_post_copy_is_refused_for_a_stopped_container(pair):
+    c, a, b = pair
+    c.state = "STOPPED"
+    assert "only a running container" in strategy_support(c, a, b)["post-copy"]
 
 
 def test_auto_moves_a_stopped_container_cold(pair):
@@ -75,6 +93,7 @@ def test_live_strategies_are_refused_with_the_reason(pair, caps, words):
     with pytest.raises(ApiError) as e:
         choose_strategy(c, a, b, "stop-and-copy")
     assert words in str(e.value.detail)
+    assert words in strategy_support(c, a, b)["post-copy"]
 
 
 def test_pre_copy_is_refused_even_where_dirty_memory_is_tracked(pair):
@@ -100,6 +119,6 @@ def test_the_api_refuses_a_strategy_in_preflight_and_changes_nothing(tokens, pai
     r = Client().post("/api/v1/containers/c1/migrate", {"target_host": "b"}, content_type="application/json", **auth)
     assert r.status_code == 202
     op = Operation.objects.get()
-    assert (op.kind, op.target_host.name, op.params["strategy"]) == ("migrate", "b", "stop-and-copy")
+    assert (op.kind, op.target_host.name, op.params["strategy"]) == ("migrate", "b", "post-copy")
     targets = Client().get("/api/v1/containers/c1/targets", **auth).json()
     assert targets[0]["host"] == "b" and targets[0]["strategies"]["restart"] is None

@@ -18,6 +18,7 @@ AGENT_SUBCOMMANDS = frozenset(
         "migrate-dump",
         "migrate-restore",
         "migrate-resume",
+        "migrate-lazy-wait",
         "migrate-abort",
         "migrate-cleanup",
         "list",

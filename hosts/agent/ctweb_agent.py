@@ -705,9 +705,10 @@ def _checkpoint_log(name):
     return os.path.join(_cdir(name), "lxc-checkpoint.log")
 
 
-def _lxc_checkpoint(name, images, mode):
+def _lxc_checkpoint(name, images, mode, env=None):
     """lxc-checkpoint -n NAME -D IMAGES [-s | -r]. The LXC monitor that a restore leaves
-    behind keeps its caller's stdout/stderr: they go to a file, never to our pipes."""
+    behind keeps its caller's stdout/stderr: they go to a file, never to our pipes.
+    `env` (e.g. CRIU_CONFIG_FILE for lazy pages) is passed to lxc-checkpoint and its criu."""
     argv = ["lxc-checkpoint", "-n", name, "-D", images]
     if mode == "stop":
         argv.append("-s")
@@ -722,7 +723,9 @@ def _lxc_checkpoint(name, images, mode):
         out.write("--- {} {}\n".format(_now(), " ".join(argv)).encode())
         out.flush()
         try:
-            p = subprocess.run(argv, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, close_fds=True, timeout=900)
+            p = subprocess.run(
+                argv, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, close_fds=True, timeout=900, env=env
+            )
             rc = p.returncode
         except subprocess.TimeoutExpired:
             rc = 124
@@ -776,8 +779,8 @@ def _thaw(name):
     raise AgentError(f"{name} stays frozen ({_freezer_state(name)}) after a restore.", data={"state": _state(name)})
 
 
-def _criu_restore(name, images, failure, has_saved_state):
-    rc, output = _lxc_checkpoint(name, images, "restore")
+def _criu_restore(name, images, failure, has_saved_state, env=None):
+    rc, output = _lxc_checkpoint(name, images, "restore", env)
     state = _state(name)
     if rc == 0 and state in ("RUNNING", "FROZEN"):
         _thaw(name)
@@ -1673,35 +1676,279 @@ def cmd_cpuinfo_check(params):
     return {"cpu_compatible": True}
 
 
+# --- post-copy (lazy pages) ---------------------------------------------------------------
+# The source's `criu dump --lazy-pages` (run by lxc-checkpoint -s, options from
+# CRIU_CONFIG_FILE) writes the images without memory pages, then serves the pages from the
+# frozen tasks on 127.0.0.1:P of the source only; the dashboard tunnels that port over its
+# SSH connections to 127.0.0.1:Q of the target, where `criu lazy-pages --page-server` pulls
+# them for the restored tasks. Both long-lived processes run detached under a small
+# watcher that records their exit status, so later subcommands can wait for them.
+
+LAZY_DUMP = "lazy-dump"  # <mig dir>/lazy-dump.{json,out,rc}: the source's dump + page server
+LAZY_PAGES = "lazy-pages"  # <mig dir>/lazy-pages.{json,out,rc}: the target's lazy-pages daemon
+
+
+def _spawn_watched(argv, mdir, tag, env=None):
+    """Start argv detached (own session, stdio to <tag>.out) under a watcher process that
+    writes its exit status to <tag>.rc. Returns {"pid", "watcher"} once it runs."""
+    out_path, rc_path, info_path = (os.path.join(mdir, f"{tag}.{ext}") for ext in ("out", "rc", "json"))
+    for path in (rc_path, info_path):
+        if os.path.exists(path):
+            os.unlink(path)
+    pid = os.fork()
+    if pid == 0:  # first child: detach, then fork the watcher and leave
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.closerange(3, 1 << 16)
+            if os.fork() != 0:
+                os._exit(0)
+            try:
+                p = subprocess.Popen(argv, stdin=0, stdout=1, stderr=2, env=env, close_fds=True)
+            except OSError as e:
+                _write_json(rc_path + ".json", {"rc": 127, "error": str(e)})
+                os.replace(rc_path + ".json", rc_path)
+                os._exit(0)
+            _write_json(info_path, {"pid": p.pid, "watcher": os.getpid(), "argv": argv, "started": time.time()})
+            rc = p.wait()
+            _write_json(rc_path + ".json", {"rc": rc, "ended": time.time()})
+            os.replace(rc_path + ".json", rc_path)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    for _ in range(100):
+        info = _read_json(info_path)
+        if info or os.path.exists(rc_path):
+            return info or {}
+        time.sleep(0.02)
+    raise AgentError(f"{argv[0]} did not start.")
+
+
+def _watched_rc(mdir, tag):
+    """The exit status of a watched process, or None while it runs."""
+    data = _read_json(os.path.join(mdir, f"{tag}.rc"))
+    if data is not None:
+        return data.get("rc")
+    info = _read_json(os.path.join(mdir, f"{tag}.json"))
+    if not info or not _pid_alive(info.get("watcher")):
+        return -1 if info else None  # the watcher died without a word
+    return None
+
+
+def _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 1:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_watched(mdir, tag, sig=15):
+    info = _read_json(os.path.join(mdir, f"{tag}.json")) or {}
+    pid = info.get("pid")
+    if _watched_rc(mdir, tag) is None and _pid_alive(pid):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+        return True
+    return False
+
+
+def _tail(path, n=40):
+    try:
+        with open(path, errors="replace") as f:
+            return "\n".join(f.read().splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _listening(port):
+    """Is something listening on 127.0.0.1:port (or any address) in this network namespace?"""
+    want = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if parts[1] in want and parts[3] == "0A":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _criu_config(mdir, tag, lines):
+    path = os.path.join(mdir, f"criu-{tag}.conf")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return dict(os.environ, CRIU_CONFIG_FILE=path)
+
+
+def _lazy_dump(name, mdir, images):
+    """Start the lazy dump; return once the images are written and the page server listens."""
+    port = _free_port()
+    env = _criu_config(mdir, "dump", ["lazy-pages", "address 127.0.0.1", f"port {port}"])
+    argv = ["lxc-checkpoint", "-n", name, "-D", images, "-s"]
+    t0 = time.monotonic()
+    _spawn_watched(argv, mdir, LAZY_DUMP, env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        rc = _watched_rc(mdir, LAZY_DUMP)
+        if rc is not None:
+            details = _criu_log(images, "dump")
+            out = _tail(os.path.join(mdir, f"{LAZY_DUMP}.out"))
+            if out.strip():
+                details += "\n--- lxc-checkpoint ---\n" + out
+            raise AgentError(
+                f"CRIU could not dump {name} lazily (lxc-checkpoint exit status {rc}).",
+                details,
+                {"state": _state(name), "has_saved_state": _has_saved_state(name)},
+            )
+        if os.path.isfile(os.path.join(images, "inventory.img")) and _listening(port):
+            return port, _ms(t0)
+        time.sleep(0.02)
+    _kill_watched(mdir, LAZY_DUMP)
+    raise AgentError(f"The lazy dump of {name} did not start its page server within 300 s.", _criu_log(images, "dump"))
+
+
 def cmd_migrate_dump(params):
     name = _require(params.get("name"))
-    images = os.path.join(_mig_dir(params), "images")
+    lazy = _flag(params, "lazy", False)
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
     _remove_tree(images) if os.path.exists(images) else None
     os.makedirs(images)
     t0 = time.monotonic()
-    event("dump", f"dumping {name}", 10)
+    event("dump", f"dumping {name}" + (" without its memory pages (lazy)" if lazy else ""), 10)
+    if lazy:
+        port, ms = _lazy_dump(name, mdir, images)
+        event("dump", f"images written; page server on 127.0.0.1:{port} after {ms} ms", 90)
+        return {"state": _state(name), "port": port, "stats": {"total_ms": _ms(t0)}, "images_bytes": _du(images)}
     _criu_dump(name, images, stop=True)
     stats = _criu_stats(images, "dump")
     stats["total_ms"] = _ms(t0)
     return {"state": _state(name), "stats": stats, "images_bytes": _du(images)}
 
 
+def _start_lazy_pages(name, mdir, images, port):
+    argv = ["criu", "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port)]
+    argv += ["-D", images, "-o", "lazy-pages.log", "-v4"]
+    _spawn_watched(argv, mdir, LAZY_PAGES)
+    sock = os.path.join(images, "lazy-pages.socket")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rc = _watched_rc(mdir, LAZY_PAGES)
+        if rc is not None:
+            raise AgentError(
+                f"criu lazy-pages ended at once (exit status {rc}).",
+                _criu_log(images, "lazy-pages") + "\n" + _tail(os.path.join(mdir, f"{LAZY_PAGES}.out")),
+                {"state": _state(name)},
+            )
+        if os.path.exists(sock):
+            return
+        time.sleep(0.02)
+    _kill_watched(mdir, LAZY_PAGES)
+    raise AgentError("criu lazy-pages did not open its socket within 30 s.", _criu_log(images, "lazy-pages"))
+
+
 def cmd_migrate_restore(params):
     name = _require(params.get("name"))
-    images = os.path.join(_mig_dir(params), "images")
+    lazy = _flag(params, "lazy", False)
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
     t0 = time.monotonic()
-    event("restore", f"restoring {name}", 10)
-    _criu_restore(name, images, f"CRIU could not restore {name} on this host", False)
+    env = None
+    if lazy:
+        port = params.get("port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise AgentError("Bad port.")
+        event("restore", f"starting criu lazy-pages (page server at 127.0.0.1:{port})", 5)
+        _start_lazy_pages(name, mdir, images, port)
+        env = _criu_config(mdir, "restore", ["lazy-pages"])
+    event("restore", f"restoring {name}" + (" (memory follows lazily)" if lazy else ""), 10)
+    try:
+        _criu_restore(name, images, f"CRIU could not restore {name} on this host", False, env)
+    except AgentError as e:
+        if lazy:
+            _kill_watched(mdir, LAZY_PAGES)
+            e.details += "\n--- lazy-pages.log ---\n" + _criu_log(images, "lazy-pages")
+        raise
     stats = _criu_stats(images, "restore")
     stats["total_ms"] = _ms(t0)
     return {"state": _state(name), "stats": stats}
 
 
+def cmd_migrate_lazy_wait(params):
+    """Wait until a post-copy's long-lived CRIU process ends: role "target" waits for the
+    lazy-pages daemon (every page arrived), role "source" for the dump's page server."""
+    name = check_name(params.get("name"))
+    role = params.get("role")
+    if role not in ("source", "target"):
+        raise AgentError("role must be source or target.")
+    timeout = params.get("timeout", 600)
+    if not isinstance(timeout, int) or not 0 < timeout <= 3600:
+        raise AgentError("Bad timeout.")
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
+    tag, log = (LAZY_PAGES, "lazy-pages") if role == "target" else (LAZY_DUMP, "dump")
+    if not os.path.exists(os.path.join(mdir, f"{tag}.json")) and not os.path.exists(os.path.join(mdir, f"{tag}.rc")):
+        raise AgentError(f"No {log} process was started for this migration here.")
+    t0 = time.monotonic()
+    last = 0.0
+    rc = _watched_rc(mdir, tag)
+    while rc is None:
+        if time.monotonic() - t0 > timeout:
+            raise AgentError(
+                f"criu {log} still runs after {timeout} s.", _criu_log(images, log), {"state": _state(name)}
+            )
+        if time.monotonic() - last >= 1:
+            last = time.monotonic()
+            try:
+                size = os.path.getsize(os.path.join(images, f"{log}.log"))
+            except OSError:
+                size = 0
+            event(
+                "pages",
+                f"{'pulling' if role == 'target' else 'serving'} memory pages: {_ms(t0)} ms",
+                None,
+                log_bytes=size,
+            )
+        time.sleep(0.05)
+        rc = _watched_rc(mdir, tag)
+    if rc != 0:
+        raise AgentError(
+            f"criu {log} ended with exit status {rc}.",
+            _criu_log(images, log) + "\n" + _tail(os.path.join(mdir, f"{tag}.out")),
+            {"state": _state(name)},
+        )
+    out = {"ms": _ms(t0), "state": _state(name)}
+    if role == "source":
+        out["stats"] = _criu_stats(images, "dump")
+    return out
+
+
 def cmd_migrate_resume(params):
     """On the source, after the move failed: restore the container from its migration dump.
-    If that fails too, the images become its saved state, so Start can try again."""
+    If that fails too, the images become its saved state, so Start can try again.
+    After a lazy dump the images hold no memory: the source can only go on if the dump
+    process still holds its frozen tasks (see _lazy_resume)."""
     name = _require(params.get("name"))
-    images = os.path.join(_mig_dir(params), "images")
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
+    if os.path.exists(os.path.join(mdir, f"{LAZY_DUMP}.json")):
+        return _lazy_resume(name, mdir, images)
     try:
         _criu_restore(name, images, f"CRIU could not resume {name} here", True)
     except AgentError as e:
@@ -1714,10 +1961,96 @@ def cmd_migrate_resume(params):
     return {"state": _state(name), "stats": _criu_stats(images, "restore")}
 
 
+def _descendants(pid):
+    """(pid, comm) of every process below pid."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                head, _, tail = f.read().rpartition(")")
+            comm = head.split("(", 1)[1]
+            children.setdefault(int(tail.split()[1]), []).append((int(entry), comm))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+def _criu_network_unlock(name):
+    """Undo CRIU's network lock in the container's netns. CRIU 4.1 unlocks the network of
+    a failed dump before the lazy page server runs, not after it: a rolled-back lazy dump
+    leaves its CRIU chain dropping every packet (seen on the lab)."""
+    rc, out, err = run(["lxc-info", "-n", name, "-pH"], timeout=20)
+    pid = out.strip()
+    if rc != 0 or not pid.isdigit():
+        return False
+    done = False
+    for tool in ("iptables", "ip6tables"):
+        ns = ["nsenter", "-t", pid, "-n", tool, "-w"]
+        rc, out, err = run(ns + ["-S", "CRIU"], timeout=20)
+        if rc != 0:
+            continue
+        for chain in ("INPUT", "OUTPUT"):
+            while run(ns + ["-D", chain, "-j", "CRIU"], timeout=20)[0] == 0:
+                pass
+        run(ns + ["-F", "CRIU"], timeout=20)
+        done = run(ns + ["-X", "CRIU"], timeout=20)[0] == 0 or done
+    rc, out, err = run(["nsenter", "-t", pid, "-n", "nft", "list", "tables"], timeout=20)
+    for line in out.splitlines() if rc == 0 else []:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "table" and parts[2].startswith("CRIU"):
+            done = run(["nsenter", "-t", pid, "-n", "nft", "delete", "table", parts[1], parts[2]], timeout=20)[0] == 0
+    return done
+
+
+def _lazy_resume(name, mdir, images):
+    """Give the tasks a lazy dump still holds back to the source. Closing the page server
+    is no way: CRIU takes an unserved close for success and kills the tasks. An interrupted
+    page server is a failed dump, though, and CRIU rolls a failed dump back (the tasks run
+    on): its SIGALRM handler (the --timeout one) does not restart syscalls, so SIGALRM makes
+    the page server's accept()/recv() fail."""
+    info = _read_json(os.path.join(mdir, f"{LAZY_DUMP}.json")) or {}
+    signalled = []
+    if _watched_rc(mdir, LAZY_DUMP) is None and _pid_alive(info.get("pid")):
+        for pid, comm in _descendants(info["pid"]):
+            if comm == "criu":
+                try:
+                    os.kill(pid, 14)  # SIGALRM
+                    signalled.append(pid)
+                except OSError:
+                    pass
+    deadline = time.monotonic() + 60
+    while _watched_rc(mdir, LAZY_DUMP) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = _state(name)
+    if state in ("RUNNING", "FROZEN"):
+        _thaw(name)
+        unlocked = _criu_network_unlock(name)
+        return {
+            "state": _state(name),
+            "resumed": f"the lazy dump was interrupted (criu {signalled}) and rolled back",
+            "network_unlocked": unlocked,
+        }
+    raise AgentError(
+        f"{name} could not be resumed here: its lazy dump holds no memory pages and the dump "
+        f"process {'ended' if _watched_rc(mdir, LAZY_DUMP) is not None else 'still runs'}; it is {state}.",
+        _criu_log(images, "dump"),
+        {"state": state, "has_saved_state": False},
+    )
+
+
 def cmd_migrate_abort(params):
     """On the target: remove only what this migration brought."""
     name = check_name(params.get("name"))
     removed = []
+    if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), LAZY_PAGES, 9):
+        removed.append("lazy-pages daemon")
     if os.path.exists(_mig_marker(name, params)) or os.path.exists(os.path.join(_mig_dir(params), "receiving")):
         if _exists(name) and _state(name) != "STOPPED":
             run(["lxc-stop", "-n", name, "-k"], timeout=60)
@@ -1747,7 +2080,15 @@ def cmd_migrate_cleanup(params):
     if _flag(params, "keep_state", False):
         # The move failed and the target is in doubt: the dump becomes the saved state.
         images = os.path.join(_mig_dir(params), "images")
-        if os.path.isfile(os.path.join(images, "inventory.img")) and not os.path.exists(_state_images(name)):
+        lazy = os.path.exists(os.path.join(_mig_dir(params), f"{LAZY_DUMP}.json"))
+        if lazy and _watched_rc(_mig_dir(params), LAZY_DUMP) is None:
+            # Its page server may still feed a running target: keep everything as it is.
+            return {"removed": False, "has_saved_state": False, "lazy_dump_running": True}
+        if (
+            not lazy  # a lazy dump's images hold no memory: they are no saved state
+            and os.path.isfile(os.path.join(images, "inventory.img"))
+            and not os.path.exists(_state_images(name))
+        ):
             os.makedirs(_state_dir(name), exist_ok=True)
             os.rename(images, _state_images(name))
         if os.path.exists(_mig_dir(params)):
@@ -1786,6 +2127,7 @@ COMMANDS = {
     "migrate-dump": cmd_migrate_dump,
     "migrate-restore": cmd_migrate_restore,
     "migrate-resume": cmd_migrate_resume,
+    "migrate-lazy-wait": cmd_migrate_lazy_wait,
     "migrate-abort": cmd_migrate_abort,
     "migrate-cleanup": cmd_migrate_cleanup,
 }
