@@ -113,6 +113,108 @@ def bench_criu(stack: Stack, repeat: int) -> dict:
     return {k: summary(v) for k, v in rows.items()}
 
 
+def bench_concurrency(stack: Stack) -> dict:
+    """8 operations at once across the two lab hosts: each one's wait for a worker, and its run."""
+    import concurrent.futures
+
+    api = Api(stack, stack.tokens["bob"])
+    names = [f"conc{i}" for i in range(8)]
+
+    def create(i):
+        body = {"name": names[i], "host": "lab-a" if i % 2 else "lab-b", "command": ["sleep", "100000"]}
+        r = api.post("/api/v1/containers/", json=body)
+        r.raise_for_status()
+        return r.json()["id"]
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(create, range(8)))
+    ops = [api.wait_operation(i, timeout=300) for i in ids]
+    wall = (time.monotonic() - t0) * 1000
+    waits, runs = [], []
+    for op in ops:
+        created = datetime.fromisoformat(op["created_at"])
+        started = datetime.fromisoformat(op["started_at"])
+        finished = datetime.fromisoformat(op["finished_at"])
+        waits.append((started - created).total_seconds() * 1000)
+        runs.append((finished - started).total_seconds() * 1000)
+    ok = sum(op["status"] == "success" for op in ops)
+    for name in names:
+        try:
+            op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
+        except Exception:
+            pass
+    return {
+        f"8 creates at once ({ok}/8 succeeded): wait for a worker, ms": summary(waits),
+        "  each one's own run, ms": summary(runs),
+        "  all 8, wall, ms": summary([wall]),
+    }
+
+
+MEMORY_WORKLOAD = (
+    "import hashlib, time\n"
+    "n = {mib} << 20\n"
+    "buf = bytearray(n)\n"
+    "for i in range(0, n, 4096): buf[i] = 1\n"
+    "i = 0\n"
+    "while True:\n"
+    "    for _ in range(256):\n"  # about 1 MiB/s of writes, spread over the buffer
+    "        buf[(i * 4096) % n] = i & 255; i += 1\n"
+    "    time.sleep(0.25)\n"
+)
+
+
+def bench_memory(stack: Stack, sizes=(16, 128, 512), repeat: int = 3) -> dict:
+    """Downtime against resident memory, stop-and-copy and post-copy, beside the floor:
+    image size over the copy rate measured in the same run, plus CRIU's freeze and restore."""
+    api = Api(stack, stack.tokens["bob"])
+    rows: dict[str, list[float]] = {}
+    for mib in sizes:
+        name = f"mem{mib}"
+        cmd = ["python3", "-c", MEMORY_WORKLOAD.format(mib=mib)]
+        op_ms(api, "POST", "/api/v1/containers/", {"name": name, "host": "lab-a", "template": "debian", "command": cmd})
+        time.sleep(2 + mib / 128)  # let it touch its memory
+        host = "lab-a"
+        try:
+            for _ in range(repeat):
+                for strategy in ("stop-and-copy", "post-copy"):
+                    target = "lab-b" if host == "lab-a" else "lab-a"
+                    _, _, op = op_ms(
+                        api, "POST", f"/api/v1/containers/{name}/migrate", {"target_host": target, "strategy": strategy}
+                    )
+                    host = target
+                    res = op["result"]
+                    rows.setdefault(f"{strategy} downtime at {mib} MiB, ms", []).append(res["downtime_ms"])
+                    if strategy == "stop-and-copy":
+                        phases = res["phases"]
+                        moved = res["bytes_transferred"]
+                        rate = moved / max(phases.get("presync_ms", 0) + phases.get("transfer_ms", 0), 1)  # bytes/ms
+                        images = (res["dump_stats"].get("pages_written") or 0) * 4096
+                        floor = (
+                            images / rate
+                            + res["dump_stats"].get("frozen_time", 0) / 1000
+                            + res["restore_stats"].get("restore_time", 0) / 1000
+                        )
+                        rows.setdefault(
+                            f"physical floor at {mib} MiB (images/copy rate + CRIU freeze + restore), ms", []
+                        ).append(floor)
+        finally:
+            op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
+    out = {k: summary(v) for k, v in rows.items()}
+    small, big = (
+        out.get(f"post-copy downtime at {sizes[0]} MiB, ms"),
+        out.get(f"post-copy downtime at {sizes[-1]} MiB, ms"),
+    )
+    if small and big:
+        out[f"post-copy downtime {sizes[-1]} MiB / {sizes[0]} MiB (target: within 1.5x)"] = {
+            "n": 1,
+            "median": round(big["median"] / small["median"], 2),
+            "min": 0,
+            "max": 0,
+        }
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -210,13 +312,22 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (progress latency)")
+    ap.add_argument("--only", help="with the lab: run only this part (concurrency, memory)")
     args = ap.parse_args()
-    results = {} if args.no_lab else {"lab": bench_lab(args.repeat)}
-    stack = Stack().start()
+    results = {} if args.no_lab or args.only else {"lab": bench_lab(args.repeat)}
+    stack = Stack(concurrency=8).start()  # as the Procfile runs it
     try:
         stack.tokens = stack.make_users()
-        results["progress latency (target: p95 under 100 ms)"] = bench_progress_latency(stack)
-        if not args.no_lab:
+        if not args.only:
+            results["progress latency (target: p95 under 100 ms)"] = bench_progress_latency(stack)
+        if args.only:
+            stack.manage("lab", "up")
+            part = {
+                "concurrency": ("concurrency on the lab", bench_concurrency),
+                "memory": ("downtime against memory size (debian, python writing ~1 MiB/s)", bench_memory),
+            }[args.only]
+            results[part[0]] = part[1](stack)
+        elif not args.no_lab:
             stack.manage("lab", "up")
             results["container lifecycle on the lab"] = bench_lifecycle(stack, args.repeat)
             results["CRIU operations on the lab (busybox counter, snapshots accumulate)"] = bench_criu(

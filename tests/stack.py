@@ -89,7 +89,8 @@ class Process:
 
 
 class Stack:
-    def __init__(self):
+    def __init__(self, concurrency: int = 4):
+        self.concurrency = concurrency
         self.dir = Path(tempfile.mkdtemp(prefix="ctweb-e2e-"))
         self.var = self.dir / "var"
         self.var.mkdir()
@@ -182,7 +183,7 @@ class Stack:
                 "--pool",
                 "threads",
                 "--concurrency",
-                "4",
+                str(self.concurrency),
                 "-n",
                 f"{name}@%h",
                 "--without-gossip",
