@@ -27,6 +27,22 @@ def container_state(c: Container) -> dict:
     }
 
 
+def container_of(ctx: OperationContext) -> Container:
+    """The operation's container, or an honest failure if it was removed meanwhile."""
+    if ctx.op.container is None:
+        raise OperationFailed("The container of this operation no longer exists.")
+    return ctx.op.container
+
+
+def forget(container: Container, host_name: str | None) -> None:
+    """Drop a container's records (its operations keep their history by name)."""
+    name = container.name
+    with transaction.atomic():
+        Operation.objects.filter(container=container).update(container=None)
+        container.delete()
+    publish_fleet("container", {"name": name, "host": host_name, "state": "DELETED"})
+
+
 def set_state(container: Container, state: str, **fields) -> None:
     Container.objects.filter(pk=container.pk).update(state=state, **fields)
     container.refresh_from_db()
@@ -129,15 +145,9 @@ def create(ctx: OperationContext) -> dict:
 
 def release_reservation(op: Operation) -> None:
     """Drop the name and address a create reserved, if the container never came to be."""
-    with transaction.atomic():
-        container = Container.objects.filter(name=op.container_name, state=Container.State.CREATING).first()
-        if container is None:
-            return
-        Operation.objects.filter(container=container).update(container=None)
-        container.delete()
-    publish_fleet(
-        "container", {"name": op.container_name, "host": op.host.name if op.host else None, "state": "DELETED"}
-    )
+    container = Container.objects.filter(name=op.container_name, state=Container.State.CREATING).first()
+    if container is not None:
+        forget(container, op.host.name if op.host else None)
 
 
 def _network_params(container: Container, net: dict | None) -> dict | None:
@@ -152,9 +162,7 @@ def _network_params(container: Container, net: dict | None) -> dict | None:
 
 
 def _simple(ctx: OperationContext, subcommand: str, transitional: str | None) -> dict:
-    container = ctx.op.container
-    if container is None:
-        raise OperationFailed("The container of this operation no longer exists.")
+    container = container_of(ctx)
     before = container.state
     if transitional:
         set_state(container, transitional)
@@ -190,15 +198,9 @@ def restart(ctx: OperationContext) -> dict:
 
 @handler("delete")
 def delete(ctx: OperationContext) -> dict:
-    container = ctx.op.container
-    if container is None:
-        raise OperationFailed("The container of this operation no longer exists.")
+    container = container_of(ctx)
     data = _simple(ctx, "delete", Container.State.STOPPING)
-    name, host = container.name, container.host.name
-    with transaction.atomic():
-        Operation.objects.filter(container=container).update(container=None)
-        container.delete()
-    publish_fleet("container", {"name": name, "host": host, "state": "DELETED"})
+    forget(container, container.host.name)
     return data
 
 
@@ -207,9 +209,7 @@ def delete(ctx: OperationContext) -> dict:
 
 @handler("snapshot")
 def snapshot(ctx: OperationContext) -> dict:
-    op, container = ctx.op, ctx.op.container
-    if container is None:
-        raise OperationFailed("The container of this operation no longer exists.")
+    op, container = ctx.op, container_of(ctx)
     name, stateful = op.params["snapshot"], bool(op.params.get("stateful", True))
     data = agent(ctx, op.host, "snapshot", {"name": container.name, "snapshot": name, "stateful": stateful}, 5, 90)
     ctx.event("save", f"recording snapshot {name}", 97)
@@ -228,9 +228,7 @@ def snapshot(ctx: OperationContext) -> dict:
 
 @handler("restore")
 def restore(ctx: OperationContext) -> dict:
-    op, container = ctx.op, ctx.op.container
-    if container is None:
-        raise OperationFailed("The container of this operation no longer exists.")
+    op, container = ctx.op, container_of(ctx)
     snap = op.params["snapshot"]
     if not container.snapshots.filter(name=snap).exists():
         raise OperationFailed(f"{container.name} has no snapshot {snap} any more.")
@@ -241,9 +239,7 @@ def restore(ctx: OperationContext) -> dict:
 
 @handler("delete-snapshot")
 def delete_snapshot(ctx: OperationContext) -> dict:
-    op, container = ctx.op, ctx.op.container
-    if container is None:
-        raise OperationFailed("The container of this operation no longer exists.")
+    op, container = ctx.op, container_of(ctx)
     snap = op.params["snapshot"]
     data = agent(ctx, op.host, "delete-snapshot", {"name": container.name, "snapshot": snap}, 5, 90)
     container.snapshots.filter(name=snap).delete()

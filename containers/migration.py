@@ -175,14 +175,12 @@ def migrate(ctx: OperationContext) -> dict:
         with ExitStack() as hosts:
             src = hosts.enter_context(ssh.connect(source))
             dst = hosts.enter_context(ssh.connect(target))
-            if strategy == "post-copy":
-                return _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts)
-            return _migrate(ctx, src, dst, container, strategy, live, base, clock, moved)
+            return _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts)
     except ssh.SSHError as e:  # connecting; later SSH failures are turned into OperationFailed
         raise OperationFailed(str(e)) from e
 
 
-def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts=None) -> dict:
+def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts: ExitStack) -> dict:
     source, target = src.host, dst.host
     lazy = strategy == "post-copy"
     tunnel = None

@@ -307,3 +307,15 @@ class Api:
 
     def ws_url(self, path: str) -> str:
         return self.stack.url.replace("http://", "ws://") + path
+
+
+def run_op(api: Api, method: str, path: str, body=None, timeout: float = 180) -> dict:
+    """Ask for long work (202) and wait for the operation to end."""
+    r = api(method, path, json=body) if body is not None else api(method, path)
+    assert r.status_code == 202, r.text
+    return api.wait_operation(r.json()["id"], timeout=timeout)
+
+
+def ok(op: dict) -> dict:
+    assert op["status"] == "success", (op["error"], op.get("events", [])[-5:])
+    return op

@@ -5,21 +5,10 @@ import subprocess
 
 import pytest
 
-from tests.stack import Api, wait_for
+from tests.stack import Api, ok, run_op, wait_for
 from tests.test_e2e_lab_containers import COUNTER, counter, create, on_host
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
-
-
-def run_op(api: Api, method: str, path: str, body=None, timeout: float = 180) -> dict:
-    r = api(method, path, json=body) if body is not None else api(method, path)
-    assert r.status_code == 202, r.text
-    return api.wait_operation(r.json()["id"], timeout=timeout)
-
-
-def ok(op: dict) -> dict:
-    assert op["status"] == "success", (op["error"], op.get("events", [])[-5:])
-    return op
 
 
 def _ping(ip: str) -> bool:
