@@ -293,6 +293,19 @@ def mark_key_mismatch(host, offered: paramiko.PKey) -> None:
     )
 
 
+def _watch_link(transport: paramiko.Transport) -> None:
+    """Notice a dead link in SSH_DEAD_AFTER_S, not TCP's quarter of an hour: keepalives keep
+    something in flight, and the kernel drops the connection when it stays unacknowledged."""
+    transport.set_keepalive(max(1, int(settings.SSH_DEAD_AFTER_S // 3)))
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        try:
+            transport.sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.SSH_DEAD_AFTER_S * 1000)
+            )
+        except OSError as e:
+            log.info("TCP_USER_TIMEOUT not set: %s", e)
+
+
 @contextmanager
 def connect(host, timeout: float | None = None) -> Iterator[HostConnection]:
     """Open an authenticated SSH connection to a trusted host, with its key pinned."""
@@ -336,6 +349,7 @@ def connect(host, timeout: float | None = None) -> Iterator[HostConnection]:
         raise SSHError(
             f"Cannot connect to {host.name} ({host.address} port {host.port}): {e or type(e).__name__}."
         ) from e
+    _watch_link(client.get_transport())
     conn = HostConnection(host, client)
     try:
         yield conn
@@ -355,9 +369,24 @@ def relay(
     """Pipe a sender agent's stdout into a receiver agent's stdin through this process.
 
     Neither host needs to trust the other: the bytes cross the dashboard's two SSH
-    connections, encrypted both ways. Returns (bytes moved, the receiver's result)."""
+    connections, encrypted both ways. Returns (bytes moved, the receiver's result).
+    On any failure (or a cancel raised by on_bytes) both channels are closed, so both
+    agents see their stream end and stop."""
+    try:
+        return _relay(sender, receiver, on_bytes, timeout)
+    except BaseException:
+        for channel in (sender, receiver):
+            try:
+                channel.close()
+            except Exception:
+                pass
+        raise
+
+
+def _relay(sender, receiver, on_bytes, timeout) -> tuple[int, dict]:
     sender.shutdown_write()
     sender.settimeout(60)
+    receiver.settimeout(settings.SSH_DEAD_AFTER_S * 2)
     total = 0
     deadline = time.monotonic() + timeout
     while True:
@@ -371,7 +400,10 @@ def relay(
             break
         try:
             receiver.sendall(data)
-        except (OSError, paramiko.SSHException, EOFError) as e:
+        except (OSError, paramiko.SSHException, EOFError) as e:  # socket.timeout too
+            why = _said(receiver)
+            if why:
+                raise AgentFailed(f"The receiving host stopped taking data: {why}") from e
             raise SSHError(f"The receiving host stopped taking data: {e or type(e).__name__}.") from e
         total += len(data)
         if on_bytes:
@@ -402,6 +434,22 @@ def relay(
     if result is None:
         raise AgentFailed("The receiving host ended without a result.", stderr.decode(errors="replace")[-4000:])
     return total, result
+
+
+def _said(channel: paramiko.Channel) -> str:
+    """The error an agent printed before it stopped reading (its disk filled up, say), if any."""
+    try:
+        channel.settimeout(1.0)
+        for line in _lines(channel, bytearray(), time.monotonic() + 3):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("type") == "error":
+                return str(msg.get("message") or "")
+    except Exception:  # nothing more to learn from a dead channel
+        pass
+    return ""
 
 
 class PortTunnel:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,23 @@ def agent(tmp_path, monkeypatch):
 
 
 def receive(agent, monkeypatch, tar_bytes: bytes, what="rootfs"):
+    # A real descriptor, as from sshd: the agent reads it directly and gives up on a stall.
+    r, w = os.pipe()
+
+    def feed():
+        with os.fdopen(w, "wb") as f:
+            f.write(tar_bytes)
+
+    threading.Thread(target=feed, daemon=True).start()
+
     class Stdin:
-        buffer = io.BytesIO(tar_bytes)
+        buffer = os.fdopen(r, "rb")
 
     monkeypatch.setattr(sys, "stdin", Stdin)
-    return agent.cmd_receive({"name": "c1", "migration": 1, "what": what})
+    try:
+        return agent.cmd_receive({"name": "c1", "migration": 1, "what": what})
+    finally:
+        Stdin.buffer.close()
 
 
 def make_tar(members) -> bytes:
@@ -127,3 +140,20 @@ def test_the_rootfs_must_be_the_containers_own(agent):
     (cdir / "config").write_text(f"lxc.rootfs.path = dir:{cdir}/rootfs\n")
     assert agent._rootfs("c1") == f"{cdir}/rootfs"
     assert os.path.isdir(agent._rootfs("c1"))
+
+
+def test_a_receive_whose_sender_goes_silent_gives_up(agent, monkeypatch):
+    # The sender's link died: nothing more arrives, and nothing says the stream ended.
+    r, w = os.pipe()
+    os.write(w, make_tar([("c1", "dir", None), ("c1/big", "file", b"x" * 100000)])[:5000])  # then silence
+
+    class Stdin:
+        buffer = os.fdopen(r, "rb")
+
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    try:
+        with pytest.raises(agent.AgentError, match="Nothing arrived for 1 s"):
+            agent.cmd_receive({"name": "c1", "migration": 1, "what": "rootfs", "stall_s": 1})
+    finally:
+        os.close(w)
+        Stdin.buffer.close()

@@ -32,6 +32,7 @@ AGENT_SUBCOMMANDS = frozenset(
         "delete-snapshot",
         "snapshot-contents",
         "bundle",
+        "inspect",
     }
 )
 

@@ -12,12 +12,15 @@ pycriu). Every argument list is built here from validated values; no shell is us
 """
 
 import datetime
+import errno
+import fcntl
 import glob
 import io
 import json
 import os
 import platform
 import re
+import select
 import shutil
 import socket
 import stat
@@ -32,6 +35,12 @@ CTWEB_PATH = "/var/lib/ctweb"
 SNAPSHOTS_PATH = os.path.join(CTWEB_PATH, "snapshots")  # <container>/<snapshot>/{rootfs,config,images,meta.json}
 STATE_PATH = os.path.join(CTWEB_PATH, "state")  # <container>/images: the saved state of a stateful stop
 BUNDLES_PATH = os.path.join(CTWEB_PATH, "bundles")  # op-<op>.tar.gz, fetched and deleted by the dashboard
+LOCKS_PATH = os.path.join(CTWEB_PATH, "locks")  # <container>.lock: one changing job per container at a time
+
+# The descriptor of the container's lock while this run holds it (see main()).
+LOCK_FD = None
+# True once the dashboard's end of stdout is gone: the job goes on to a known state, quietly.
+DETACHED = False
 
 
 class AgentError(Exception):
@@ -43,8 +52,20 @@ class AgentError(Exception):
 
 
 def emit(obj):
-    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+    global DETACHED
+    if DETACHED:
+        return
+    try:
+        sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        # The dashboard went away (its worker died, its link broke). Stopping half-way
+        # would leave the container in a state nobody knows: finish the step instead, and
+        # let the dashboard's recovery find the result (it waits for our lock).
+        DETACHED = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
 
 
 def event(phase, message, progress=None, **extra):
@@ -303,7 +324,26 @@ def cmd_list(params):
     names = []
     if os.path.isdir(LXC_PATH):
         names = sorted(n for n in os.listdir(LXC_PATH) if NAME_RE.fullmatch(n) and _exists(n))
-    return {"containers": [_describe(n) for n in names]}
+    return {"containers": [_describe(n) for n in names], "migrations": _migration_dirs()}
+
+
+def _migration_dirs():
+    """The migrations that left a working directory here (the dashboard removes those whose
+    operation has ended): their id, and the container a target side was receiving."""
+    out = []
+    if os.path.isdir(MIGRATIONS_PATH):
+        for d in sorted(os.listdir(MIGRATIONS_PATH)):
+            if not d.isdigit():
+                continue
+            try:
+                with open(os.path.join(MIGRATIONS_PATH, d, "receiving")) as f:
+                    receiving = f.read().strip()
+            except OSError:
+                receiving = None
+            out.append(
+                {"migration": int(d), "receiving": receiving if receiving and NAME_RE.fullmatch(receiving) else None}
+            )
+    return out
 
 
 def _shell_quote(arg):
@@ -722,9 +762,20 @@ def _lxc_checkpoint(name, images, mode, env=None):
         start = out.tell()
         out.write("--- {} {}\n".format(_now(), " ".join(argv)).encode())
         out.flush()
+        # A dump keeps the container's lock even if this agent dies first: nobody may look
+        # at (or resume) the container until CRIU has finished with it. A restore must not:
+        # its LXC monitor lives as long as the container.
+        keep = (LOCK_FD,) if LOCK_FD is not None and mode in ("stop", "dump") else ()
         try:
             p = subprocess.run(
-                argv, stdin=devnull, stdout=out, stderr=subprocess.STDOUT, close_fds=True, timeout=900, env=env
+                argv,
+                stdin=devnull,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                pass_fds=keep,
+                timeout=900,
+                env=env,
             )
             rc = p.returncode
         except subprocess.TimeoutExpired:
@@ -1587,6 +1638,50 @@ def _safe_member(m):
         raise AgentError(f"Refusing a hard link outside its directory: {m.linkname!r}")
 
 
+class _Stalling:
+    """Standard input that gives up when nothing arrives for `stall_s` seconds: a sender
+    whose link died must not keep this host's copy (and the container's lock) forever."""
+
+    def __init__(self, f, stall_s):
+        self.fd, self.stall_s = f.fileno(), stall_s
+
+    def read(self, size=-1):
+        size = 1 << 20 if size is None or size < 0 else size
+        ready, _, _ = select.select([self.fd], [], [], self.stall_s)
+        if not ready:
+            raise AgentError(f"Nothing arrived for {self.stall_s} s: the transfer was cut off.")
+        return os.read(self.fd, size)
+
+
+def _extract(dest, top_name, base, stall):
+    """Unpack the tar on standard input under dest/top_name; (files, the delta's list)."""
+    files, delta = 0, None
+    extra = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+    with tarfile.open(fileobj=_Stalling(sys.stdin.buffer, stall), mode="r|") as tar:
+        for m in tar:
+            _safe_member(m)
+            if m.name == DELTA_MEMBER:
+                delta = json.load(tar.extractfile(m))
+                continue
+            if m.name.split("/")[0] != top_name:
+                raise AgentError(f"Refusing a tar member outside {top_name}/: {m.name!r}")
+            target = os.path.join(dest, m.name)
+            # Its parent must really be inside (no symlink on the way may lead out) ...
+            if m.name != top_name and not _inside(base, os.path.dirname(target)):
+                raise AgentError(f"Refusing a tar member that leads outside {top_name}/: {m.name!r}")
+            if m.islnk() and not _inside(base, os.path.dirname(os.path.join(dest, m.linkname))):
+                raise AgentError(f"Refusing a hard link that leads outside {top_name}/: {m.linkname!r}")
+            # ... and an existing symlink in its place is replaced, never followed.
+            if os.path.islink(target) or (os.path.lexists(target) and not (m.isdir() and os.path.isdir(target))):
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
+            tar.extract(m, dest, numeric_owner=True, **extra)
+            files += 1
+    return files, delta
+
+
 def cmd_receive(params):
     name = check_name(params.get("name"))
     what = params.get("what")
@@ -1610,32 +1705,17 @@ def cmd_receive(params):
         with open(os.path.join(mdir, "receiving"), "w") as f:
             f.write(name + "\n")
     t0 = time.monotonic()
-    files, delta = 0, None
-    extra = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
     top_name = {"cpuinfo": "cpu", "images": "images"}.get(what, name)
     base = os.path.join(dest, top_name)
-    with tarfile.open(fileobj=sys.stdin.buffer, mode="r|") as tar:
-        for m in tar:
-            _safe_member(m)
-            if m.name == DELTA_MEMBER:
-                delta = json.load(tar.extractfile(m))
-                continue
-            if m.name.split("/")[0] != top_name:
-                raise AgentError(f"Refusing a tar member outside {top_name}/: {m.name!r}")
-            target = os.path.join(dest, m.name)
-            # Its parent must really be inside (no symlink on the way may lead out) ...
-            if m.name != top_name and not _inside(base, os.path.dirname(target)):
-                raise AgentError(f"Refusing a tar member that leads outside {top_name}/: {m.name!r}")
-            if m.islnk() and not _inside(base, os.path.dirname(os.path.join(dest, m.linkname))):
-                raise AgentError(f"Refusing a hard link that leads outside {top_name}/: {m.linkname!r}")
-            # ... and an existing symlink in its place is replaced, never followed.
-            if os.path.islink(target) or (os.path.lexists(target) and not (m.isdir() and os.path.isdir(target))):
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                else:
-                    os.unlink(target)
-            tar.extract(m, dest, numeric_owner=True, **extra)
-            files += 1
+    stall = params.get("stall_s", 120)
+    if not isinstance(stall, (int, float)) or not 1 <= stall <= 3600:
+        raise AgentError("Bad stall_s.")
+    try:
+        files, delta = _extract(dest, top_name, base, stall)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise AgentError(f"This host's disk is full: no space left in {dest} for the {what}.") from None
+        raise
     if what in ("rootfs", "delta"):
         _sanitize_received_config(name)
     if what == "rootfs":
@@ -2103,7 +2183,96 @@ def cmd_migrate_cleanup(params):
                 _remove_tree(os.path.join(base, name))
     if os.path.exists(_mig_dir(params)):
         _remove_tree(_mig_dir(params))
+    if os.path.lexists(_mig_marker(name, params)):
+        os.unlink(_mig_marker(name, params))  # on a target that runs it now: it is simply ours
     return {"removed": remove}
+
+
+def cmd_inspect(params):
+    """What this host holds of a container after a job was cut off (its worker died, its
+    link broke): the container and its state, a migration's leftovers, a snapshot's.
+    It runs under the container's lock, so it waits for whatever step was still running
+    here (a dump goes on after the agent that started it died) and reports where it ended.
+    With thaw=true a container left frozen by an interrupted snapshot or dump is thawed
+    (never one a post-copy's page server holds frozen on purpose)."""
+    name = check_name(params.get("name"))
+    exists = _exists(name)
+    out = {"exists": exists, "state": _state(name) if exists else None}
+    holding = False
+    if params.get("migration") is not None:
+        mdir = _mig_dir(params)
+        lazy = os.path.exists(os.path.join(mdir, f"{LAZY_DUMP}.json"))
+        holding = lazy and _watched_rc(mdir, LAZY_DUMP) is None
+        out["migration"] = {
+            "dir": os.path.isdir(mdir),
+            "images": os.path.isfile(os.path.join(mdir, "images", "inventory.img")),
+            "receiving": os.path.exists(os.path.join(mdir, "receiving")),
+            "received": os.path.exists(_mig_marker(name, params)),
+            "lazy_dump": lazy,
+            "lazy_dump_running": holding,
+            "lazy_pages_running": _watched_rc(mdir, LAZY_PAGES) is None
+            and os.path.exists(os.path.join(mdir, f"{LAZY_PAGES}.json")),
+        }
+    if exists and out["state"] == "FROZEN" and not holding and _flag(params, "thaw", False):
+        _thaw(name)
+        out["state"] = _state(name)
+        out["thawed"] = True
+    out["has_saved_state"] = _has_saved_state(name)
+    if params.get("snapshot") is not None:
+        snap = check_name(params.get("snapshot"), "snapshot")
+        tmp = os.path.join(SNAPSHOTS_PATH, name, f".tmp-{snap}")
+        if os.path.lexists(tmp):
+            _remove_tree(tmp)  # an unfinished copy: no job owns it any more (we hold the lock)
+            out["removed_partial"] = True
+        out["snapshot"] = _read_json(os.path.join(_snap_dir(name, snap), "meta.json"))
+    return out
+
+
+def _lock(name, wait):
+    """Hold <container>.lock for this run (released when the process and any dump it
+    started have exited). Waits up to `wait` seconds for another job to finish."""
+    global LOCK_FD
+    os.makedirs(LOCKS_PATH, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(LOCKS_PATH, name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise AgentError(
+                    f"Another ctweb job is still working on {name} on this host; try again when it has finished."
+                ) from None
+            time.sleep(0.1)
+    os.set_inheritable(fd, False)
+    # Who holds it, for whoever wonders why a job waits (and for the fault tests).
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {sys.argv[1] if len(sys.argv) > 1 else ''}\n".encode(), 0)
+    LOCK_FD = fd
+
+
+# Subcommands that change a container (or, inspect, wait for what changes it) take its lock.
+LOCKED = {
+    "create",
+    "start",
+    "stop",
+    "restart",
+    "delete",
+    "snapshot",
+    "restore",
+    "delete-snapshot",
+    "migrate-prepare",
+    "migrate-dump",
+    "migrate-restore",
+    "migrate-resume",
+    "migrate-abort",
+    "migrate-cleanup",
+    "receive",
+    "inspect",
+}
+LOCK_WAIT_S = {"inspect": 900}  # a dump the agent left behind may take this long to end
 
 
 COMMANDS = {
@@ -2130,9 +2299,22 @@ COMMANDS = {
     "migrate-lazy-wait": cmd_migrate_lazy_wait,
     "migrate-abort": cmd_migrate_abort,
     "migrate-cleanup": cmd_migrate_cleanup,
+    "inspect": cmd_inspect,
 }
 # These write a raw tar on stdout instead of JSON lines; their errors go to stderr.
 RAW_OUTPUT = {"send"}
+
+
+def _read_line(fd, limit=1 << 20):
+    """The parameters line, read without buffering: `receive` reads a tar from the same
+    descriptor right after it, and a buffered reader would keep part of that away."""
+    out = bytearray()
+    while len(out) < limit:
+        b = os.read(fd, 1)
+        if not b or b == b"\n":
+            break
+        out += b
+    return bytes(out)
 
 
 def main(argv):
@@ -2142,9 +2324,7 @@ def main(argv):
     # Nothing we start may inherit a descriptor from the SSH session: CRIU refuses to
     # dump processes holding files from outside their root (LAB.md).
     os.closerange(3, 1 << 16)
-    # The binary layer: `receive` reads a tar right after this line, and the text layer
-    # would buffer part of it away.
-    raw = sys.stdin.buffer.readline().decode()
+    raw = _read_line(0).decode()
     try:
         params = json.loads(raw) if raw.strip() else {}
         if not isinstance(params, dict):
@@ -2152,6 +2332,12 @@ def main(argv):
     except ValueError as e:
         emit({"type": "error", "message": f"Bad parameters: {e}"})
         return 2
+    try:
+        if argv[1] in LOCKED and NAME_RE.fullmatch(str(params.get("name", ""))):
+            _lock(params["name"], LOCK_WAIT_S.get(argv[1], 30))
+    except AgentError as e:
+        emit({"type": "error", "message": e.message})
+        return 1
     if argv[1] in RAW_OUTPUT:
         try:
             COMMANDS[argv[1]](params)
