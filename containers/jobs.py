@@ -111,7 +111,39 @@ def sync(ctx: OperationContext) -> dict:
     host = ctx.op.host
     data = agent(ctx, host, "list", {}, 10, 70)
     ctx.event("save", "updating the container list", 90)
-    return _apply_listing(host, data["containers"])
+    out = _apply_listing(host, data["containers"])
+    tidied = tidy_migrations(host, data.get("migrations") or [])
+    if tidied:
+        out["tidied_migrations"] = tidied
+    return out
+
+
+def tidy_migrations(host: Host, leftovers: list[dict]) -> list[int]:
+    """Remove what ended migrations left on a host they could not reach at the time (its
+    link was down, say): a target's partial copy, a source's working files. Only for
+    operations that have ended, and never a source's dump kept for an admin to decide."""
+    tidied = []
+    for item in leftovers:
+        mid = item.get("migration")
+        op = Operation.objects.filter(pk=mid, kind=Operation.Kind.MIGRATE).first() if isinstance(mid, int) else None
+        if op is None or op.status not in Operation.TERMINAL or not op.container_name:
+            continue  # not ours, or still running: left alone
+        name = op.container_name
+        owner = Container.objects.filter(name=name).values_list("host_id", flat=True).first()
+        params = {"name": name, "migration": mid}
+        if op.target_host_id == host.pk and owner != host.pk:
+            sub, params = "migrate-abort", params  # the container is elsewhere: drop the partial copy
+        elif owner == host.pk and (op.host_id == host.pk or op.status == Operation.Status.SUCCESS):
+            sub, params = "migrate-cleanup", {**params, "remove": False}  # it lives here: working files only
+        else:
+            continue
+        try:
+            agent(None, host, sub, params, timeout=120)
+            tidied.append(mid)
+            log.info("removed what migration %s left on %s", mid, host)
+        except OperationFailed as e:
+            log.warning("could not remove what migration %s left on %s: %s", mid, host, e.message)
+    return tidied
 
 
 def refresh_host(host: Host) -> dict | None:
@@ -121,7 +153,9 @@ def refresh_host(host: Host) -> dict | None:
     except OperationFailed as e:
         log.info("refresh of %s failed: %s", host, e.message)
         return None
-    return _apply_listing(host, data["containers"])
+    out = _apply_listing(host, data["containers"])
+    tidy_migrations(host, data.get("migrations") or [])
+    return out
 
 
 @handler("create")

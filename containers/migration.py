@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
+from django.conf import settings
 from django.db import transaction
 
 from ctweb.api import ApiError
@@ -145,9 +146,14 @@ def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, moved: 
         if now - last[0] >= 0.25:
             last[0] = now
             ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB", base, bytes=moved[0] + n, what=label)
+            ctx.check_cancel()  # a cancel stops the copy mid-stream (the relay closes both ends)
 
     try:
-        n, result = ssh.relay(src.open_stream("send", params), dst.open_stream("receive", params), on_bytes)
+        # The receiver gives up on its own if nothing arrives for a while (a cut link).
+        stall = {"stall_s": int(max(settings.SSH_DEAD_AFTER_S * 2, 10))}
+        n, result = ssh.relay(
+            src.open_stream("send", params), dst.open_stream("receive", {**params, **stall}), on_bytes
+        )
     except ssh.AgentFailed as e:
         raise OperationFailed(f"Transfer of the {label} failed: {e}", e.details) from e
     except ssh.SSHError as e:
@@ -184,29 +190,26 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
     source, target = src.host, dst.host
     lazy = strategy == "post-copy"
     tunnel = None
-    # 1. Preflight: nothing has changed yet, so any failure leaves everything as it was.
-    prep = _agent(src, ctx, "migrate-prepare", {**base, "live": live}, 2, 3)
-    # The host's word, not our last refresh: what runs is what must be stopped.
-    was_running = prep["state"] == "RUNNING"
-    if live and not was_running:
-        raise OperationFailed(f"{container.name} is {prep['state']} on {source.name}: there is no memory to move.")
-    _agent(
-        dst,
-        ctx,
-        "migrate-check",
-        {**base, "need_bytes": prep["need_bytes"], "bridge": (target.capabilities.get("network") or {}).get("bridge")},
-        5,
-        2,
-    )
-    if live:
-        _send(src, dst, ctx, {**base, "what": "cpuinfo"}, "CPU description", 7, 1, moved)
-        _agent(dst, ctx, "cpuinfo-check", base, 8, 1)
-    clock.lap("preflight")
-    ctx.check_cancel()
-
-    # 2. Copy the rootfs and the snapshots while the container still runs.
     committed = False
+    was_running = container.state == Container.State.RUNNING
     try:
+        # 1. Preflight: nothing has changed yet, so any failure leaves everything as it was
+        # (the working directories it made on both hosts are removed by _recover).
+        prep = _agent(src, ctx, "migrate-prepare", {**base, "live": live}, 2, 3)
+        # The host's word, not our last refresh: what runs is what must be stopped.
+        was_running = prep["state"] == "RUNNING"
+        ctx.remember(was_running=was_running)
+        if live and not was_running:
+            raise OperationFailed(f"{container.name} is {prep['state']} on {source.name}: there is no memory to move.")
+        bridge = (target.capabilities.get("network") or {}).get("bridge")
+        _agent(dst, ctx, "migrate-check", {**base, "need_bytes": prep["need_bytes"], "bridge": bridge}, 5, 2)
+        if live:
+            _send(src, dst, ctx, {**base, "what": "cpuinfo"}, "CPU description", 7, 1, moved)
+            _agent(dst, ctx, "cpuinfo-check", base, 8, 1)
+        clock.lap("preflight")
+        ctx.check_cancel()
+
+        # 2. Copy the rootfs and the snapshots while the container still runs.
         _send(src, dst, ctx, {**base, "what": "rootfs"}, "root filesystem", 10, 30, moved)
         if prep.get("snapshots"):
             _send(src, dst, ctx, {**base, "what": "snapshots"}, "snapshots", 40, 10, moved)
@@ -240,14 +243,16 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
                 65,
             )
         clock.lap("dump")
+        ctx.check_cancel()
 
         # 4. What changed since the copy, and the memory images.
         _send(src, dst, ctx, {**base, "what": "delta"}, "rootfs changes", 66, 6, moved)
         if live:
             _send(src, dst, ctx, {**base, "what": "images"}, "memory images", 72, 10, moved)
         clock.lap("transfer")
+        ctx.check_cancel()
 
-        # 5. Run it on the target.
+        # 5. Run it on the target. From the moment it runs there, a cancel is too late.
         restored = {}
         if live:
             ctx.event("restore", f"restoring {container.name} on {target.name}", 84)
@@ -261,14 +266,22 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
         downtime_ms = (time.monotonic() - down_from) * 1000 if was_running else 0
         clock.lap("restore")
     except BaseException as e:  # a crash or a cancel too: never leave a half-moved container
-        failure = e if isinstance(e, OperationFailed) else OperationFailed(f"The migration stopped: {e!r}.")
+        cancelled = isinstance(e, Cancelled)
+        if cancelled:
+            failure = OperationFailed("")
+        else:
+            failure = e if isinstance(e, OperationFailed) else OperationFailed(f"The migration stopped: {e!r}.")
         # A post-copy's tunnel stays held here: the source's page server must not see its
         # client go (CRIU would take that for "all served" and kill the frozen source tasks)
         # before migrate-resume has interrupted the dump, which rolls it back.
         _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
-        if isinstance(e, (OperationFailed, Cancelled)) or not isinstance(e, Exception):
+        if cancelled:
+            raise Cancelled(failure.message.strip() or f"{container.name} stayed on {source.name}.") from e
+        if isinstance(e, OperationFailed) or not isinstance(e, Exception):
             raise
         raise failure from e
+    if ctx.cancel_requested():
+        ctx.event("restore", f"a cancel came too late: {container.name} runs on {target.name} already; finishing")
 
     if lazy:
         # It runs on the target now: the record follows it, whatever happens to the pages.
@@ -297,6 +310,10 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
         _agent(src, ctx, "migrate-cleanup", {**base, "remove": True}, 94, 5)
     except OperationFailed as e:
         ctx.event("cleanup", f"the source copy could not be removed (it is stopped): {e.message}")
+    try:  # the target's working files: the images it restored from, the page daemon's logs
+        _agent(dst, ctx, "migrate-cleanup", {**base, "remove": False}, 99, 1)
+    except OperationFailed as e:
+        ctx.event("cleanup", f"the migration's working files on {target.name} could not be removed: {e.message}")
     clock.lap("cleanup")
     result = {
         "strategy": strategy,
@@ -311,6 +328,8 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
         "restore_stats": restored.get("stats") or {},
         "transport": "relayed through the dashboard over both hosts' SSH connections (encrypted)",
     }
+    if ctx.cancel_requested():
+        result["cancel"] = f"asked for after {container.name} ran on {target.name}: too late, so the migration finished"
     if lazy:
         result["transport"] = (
             "images relayed through the dashboard over both hosts' SSH connections; memory pulled by the target "
@@ -335,14 +354,28 @@ def _move_record(ctx, container, target, was_running) -> None:
 
 
 def _recover(ctx, src, dst, container, base, committed, live, was_running, error: OperationFailed) -> None:
-    """After a failure: nothing half-made stays on the target, and the source keeps the container."""
+    """After a failure: nothing half-made stays on the target, and the source keeps the container.
+    `dst` is None when the target cannot be reached at all."""
+    target_name = ctx.op.target_host.name if ctx.op.target_host else "the target"
     ctx.event("cleanup", f"migration failed: {error.message}; cleaning up the target")
-    try:
-        _agent(dst, ctx, "migrate-abort", base, 95, 1)
-        target_clean = True
-    except OperationFailed as e:
-        target_clean = False
-        ctx.event("cleanup", f"the target could not be confirmed clean: {e.message}")
+    target_clean = False
+    if dst is None:
+        ctx.event("cleanup", f"{container.name}'s target cannot be reached: it could not be confirmed clean")
+    else:
+        try:
+            _agent(dst, ctx, "migrate-abort", base, 95, 1)
+            target_clean = True
+        except OperationFailed as e:
+            ctx.event("cleanup", f"the target could not be confirmed clean: {e.message}")
+    if not committed and was_running:
+        # The dump may have gone through although nobody heard of it (its agent or the
+        # link died first): the source's word decides. `inspect` waits for a dump still
+        # running there, and thaws what an interrupted one left frozen.
+        try:
+            seen = _agent(src, ctx, "inspect", {**base, "thaw": True}, 96, 1)
+            committed = seen.get("exists") and seen.get("state") == "STOPPED"
+        except OperationFailed as e:
+            ctx.event("cleanup", f"could not ask {src.host.name} how {container.name} is: {e.message}")
     if committed and not target_clean:
         # The target may be running it: resuming the source could make two. Keep the
         # source stopped with its memory as saved state, and say so.
@@ -354,7 +387,7 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
         Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED, has_saved_state=saved)
         error.message += (
             f" {container.name} is stopped on {src.host.name}{' with its memory saved' if saved else ''}; "
-            f"{dst.host.name} could not be confirmed clean, so check it before starting {container.name} again."
+            f"{target_name} could not be confirmed clean, so check it before starting {container.name} again."
         )
         return
     if not committed:
@@ -362,6 +395,11 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
             _agent(src, ctx, "migrate-cleanup", {**base, "remove": False}, 96, 1)
         except OperationFailed:
             pass
+        if not target_clean:
+            error.message += (
+                f" {container.name} stayed on {src.host.name}; {target_name} could not be confirmed clean: what this "
+                f"migration left there is removed when ctweb next reaches it."
+            )
         return
     # The source was stopped for the move. Resuming it there is safe: the target copy is gone.
     try:
@@ -371,6 +409,10 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
             data = _agent(src, ctx, "start", {"name": container.name}, 97, 2) if was_running else {"state": "STOPPED"}
         Container.objects.filter(pk=container.pk).update(state=data.get("state", "RUNNING"))
         error.message += f" {container.name} was resumed on {src.host.name}."
+        try:  # it runs from them again: the dump and the working files can go
+            _agent(src, ctx, "migrate-cleanup", {**base, "remove": False}, 99, 1)
+        except OperationFailed as e:
+            ctx.event("cleanup", f"the migration's working files on {src.host.name} could not be removed: {e.message}")
     except OperationFailed as e:
         saved = bool((e.result or {}).get("has_saved_state"))
         Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED, has_saved_state=saved)

@@ -102,6 +102,7 @@ class Operation(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True, help_text="Celery node that claimed it")
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life of the job running it")
     cancel_requested = models.BooleanField(default=False)
 
     class Meta:

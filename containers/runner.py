@@ -9,6 +9,7 @@ else is a crash: its traceback goes to the worker log, a short sentence to the u
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from .models import Operation
 log = logging.getLogger(__name__)
 
 SAVE_INTERVAL_S = 0.5  # progress is written to the row at most this often
+HEARTBEAT_S = 5  # a running job touches its row this often, whatever it is doing
+LOST_AFTER_S = 60  # a row untouched this long, whose worker does not answer, is lost
 
 HANDLERS: dict[str, Callable[[OperationContext], dict | None]] = {}
 
@@ -81,8 +84,17 @@ class OperationContext:
         self._dirty = False
         self._last_save = time.monotonic()
 
+    def remember(self, **values) -> None:
+        """Keep facts in the row's result at once (a recovery after a lost worker reads them)."""
+        self.op.result.update(values)
+        self._dirty = True
+        self.save()
+
+    def cancel_requested(self) -> bool:
+        return Operation.objects.filter(pk=self.op.pk, cancel_requested=True).exists()
+
     def check_cancel(self) -> None:
-        if Operation.objects.filter(pk=self.op.pk, cancel_requested=True).exists():
+        if self.cancel_requested():
             raise Cancelled()
 
     def relay(self, phase_base: int = 0, phase_span: int = 100) -> Callable[[dict], None]:
@@ -135,6 +147,45 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
     ctx = OperationContext(op)
     events.publish_operation(op)
     fn = HANDLERS.get(op.kind)
+    with Heartbeat(op.pk):
+        _run(op, ctx, fn)
+    return Operation.objects.values_list("status", flat=True).get(pk=op_id)
+
+
+class Heartbeat:
+    """Touch the row every few seconds while its job runs, so that a busy worker (one
+    that is slow to answer a ping) is never taken for a dead one."""
+
+    def __init__(self, op_id: int):
+        self.op_id = op_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{op_id}", daemon=True)
+
+    def _beat(self) -> None:
+        from django.db import connection
+
+        try:
+            while True:
+                Operation.objects.filter(pk=self.op_id, status=Operation.Status.RUNNING).update(
+                    heartbeat_at=timezone.now()
+                )
+                if self.stop.wait(HEARTBEAT_S):
+                    return
+        except Exception as e:  # the database is away: the job itself will say so
+            log.warning("heartbeat of operation %s stopped: %s", self.op_id, e)
+        finally:
+            connection.close()
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def _run(op: Operation, ctx: OperationContext, fn) -> None:
     try:
         if fn is None:
             raise OperationFailed(f"This version of ctweb cannot run '{op.kind}' operations yet.")
@@ -143,13 +194,13 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
         result = fn(ctx) or {}
         ctx.save()
         finish(op, Operation.Status.SUCCESS, result={**op.result, **result})
-    except Cancelled:
+    except Cancelled as e:
         ctx.save()
         if op.kind == Operation.Kind.CREATE:
             from .jobs import release_reservation
 
             release_reservation(op)
-        finish(op, Operation.Status.CANCELLED, error="Cancelled at the operator's request.")
+        finish(op, Operation.Status.CANCELLED, error=f"Cancelled at the operator's request. {e}".strip())
     except OperationFailed as e:
         ctx.save()
         message = e.message if not e.details else f"{e.message}\n\n{e.details}"
@@ -164,7 +215,6 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
             error="ctweb hit an internal error while running this operation; the worker log has the details.",
             result={**op.result, **_bundle(ctx)},
         )
-    return Operation.objects.values_list("status", flat=True).get(pk=op_id)
 
 
 def _bundle(ctx: OperationContext) -> dict:
@@ -207,18 +257,65 @@ def fail_unqueued(op_id: int, error: str) -> None:
 
 
 def mark_lost_operations(worker: str, alive: Callable[[str], bool]) -> int:
-    """Fail the rows a dead worker left running. `alive(node)` says whether a node answers."""
+    """Take over the rows a dead worker left running. `alive(node)` says whether a node answers.
+
+    A row is lost when it was ours (a node name runs once: whoever had it before us is
+    gone), or when its worker does not answer and the row has shown no heartbeat for
+    LOST_AFTER_S. Kinds with a recovery (see recovery.py) stay running under this worker
+    until the recovery has found where their container ended up; the others fail at once."""
+    from datetime import timedelta
+
+    from .recovery import RECOVERERS
+    from .tasks import recover_operation_task
+
+    stale = timezone.now() - timedelta(seconds=LOST_AFTER_S)
     lost = 0
     for op in Operation.objects.filter(status=Operation.Status.RUNNING).select_related("host", "target_host"):
-        if op.worker == worker or not op.worker or not alive(op.worker):
-            if finish(
-                op,
-                Operation.Status.FAILURE,
-                error="Worker lost: the worker running this operation stopped before it finished. "
-                "Check the container's state on its host before retrying.",
-            ):
+        beating = op.heartbeat_at is not None and op.heartbeat_at > stale
+        if not (op.worker == worker or not op.worker or (not beating and not alive(op.worker))):
+            continue
+        if op.kind in RECOVERERS:
+            taken = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING, worker=op.worker).update(
+                worker=worker[:200], heartbeat_at=timezone.now(), phase="recovery"
+            )
+            if taken:
                 lost += 1
+                recover_operation_task.delay(op.pk)
+            continue
+        if finish(
+            op,
+            Operation.Status.FAILURE,
+            error="Worker lost: the worker running this operation stopped before it finished. "
+            "Check the container's state on its host before retrying.",
+        ):
+            lost += 1
     return lost
+
+
+def recover_operation(op_id: int) -> str | None:
+    """Find out where a lost operation left its container, put it right, end the row."""
+    from .recovery import RECOVERERS
+
+    op = Operation.objects.select_related("host", "target_host", "container").get(pk=op_id)
+    if op.status != Operation.Status.RUNNING or op.kind not in RECOVERERS:
+        return None
+    ctx = OperationContext(op)
+    ctx.event("recovery", "the worker running this operation was lost; finding out where it stopped on the hosts")
+    with Heartbeat(op.pk):
+        try:
+            outcome = RECOVERERS[op.kind](ctx)
+        except OperationFailed as e:
+            outcome = f"Recovery could not finish: {e.message} Check the hosts before retrying."
+        except Exception as e:
+            log.error("recovery of operation %s crashed:\n%s", op.pk, traceback.format_exc())
+            outcome = f"Recovery could not finish ({type(e).__name__}); the worker log has the details."
+        ctx.save()
+        finish(
+            op,
+            Operation.Status.FAILURE,
+            error=f"Worker lost: the worker running this operation stopped before it finished. {outcome}",
+        )
+    return op.status
 
 
 def requeue_pending(older_than_s: float = 10) -> int:

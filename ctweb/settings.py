@@ -177,7 +177,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "containers.tasks.refresh_container_states",
         "schedule": float(os.environ.get("CTWEB_REFRESH_INTERVAL", 30)),
         "options": {"expires": 25},
-    }
+    },
+    "find-lost-operations": {
+        "task": "containers.tasks.find_lost_operations",
+        "schedule": 60.0,
+        "options": {"expires": 55},
+    },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
@@ -206,6 +211,8 @@ SPECTACULAR_SETTINGS = {
 # Where the dashboard keeps its own SSH key pair (generated once, private key 0600).
 SSH_KEY_PATH = Path(os.environ.get("CTWEB_SSH_KEY", VAR_DIR / "ssh" / "id_ed25519"))
 SSH_CONNECT_TIMEOUT_S = float(os.environ.get("CTWEB_SSH_TIMEOUT", 10))
+# A host link that carries nothing (not even a keepalive's answer) this long is dead.
+SSH_DEAD_AFTER_S = float(os.environ.get("CTWEB_SSH_DEAD_AFTER", 30))
 
 LOGGING = {
     "version": 1,

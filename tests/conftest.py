@@ -1,3 +1,4 @@
+import fcntl
 import os
 import subprocess
 import time
@@ -55,6 +56,10 @@ def lab(tmp_path_factory):
         pytest.skip("the lab needs root")
     from hosts.lab import core
 
+    # One lab per machine: a second test run (another checkout, say) waits for this one.
+    lock = open("/run/lock/ctweb-lab.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
     tmp = tmp_path_factory.mktemp("labkeys")
     key = tmp / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -67,6 +72,7 @@ def lab(tmp_path_factory):
         yield {"hosts": hosts, "key": key, "known_hosts": known, "pubkey": (tmp / "id_ed25519.pub").read_text()}
     finally:
         core.down()
+        lock.close()
 
 
 @pytest.fixture(scope="session")

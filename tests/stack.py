@@ -103,6 +103,7 @@ class Stack:
             CTWEB_PLAIN_STATIC="1",
             PYTHONUNBUFFERED="1",
             CTWEB_SSH_TIMEOUT="5",
+            CTWEB_SSH_DEAD_AFTER="10",
         )
         self.env.pop("DJANGO_SETTINGS_MODULE", None)
         self._pg_db = None

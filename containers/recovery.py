@@ -1,0 +1,149 @@
+"""What happens to an operation whose worker died in the middle of it.
+
+The worker that notices (runner.mark_lost_operations) keeps the row running and asks
+the hosts where the job stopped: the agent's `inspect` takes the container's lock, so
+it first waits for any step still running there (an agent whose dashboard went away
+finishes its step; a dump keeps the lock until CRIU exits). Then the container is put
+in one place, in a known state, and the row ends with what was found and done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from hosts import ssh
+
+from .events import publish_fleet
+from .models import Container, Snapshot
+from .runner import OperationContext, OperationFailed
+
+RECOVERERS: dict[str, Callable[[OperationContext], str]] = {}
+
+
+def recovers(*kinds: str):
+    def register(fn):
+        for kind in kinds:
+            RECOVERERS[kind] = fn
+        return fn
+
+    return register
+
+
+def _where(container: Container) -> str:
+    container.refresh_from_db()
+    saved = " with its memory saved (Start resumes it)" if container.has_saved_state else ""
+    return f"{container.name} is {container.state} on {container.host.name}{saved}."
+
+
+def _set(container: Container, **fields) -> None:
+    Container.objects.filter(pk=container.pk).update(**fields)
+    container.refresh_from_db()
+    publish_fleet(
+        "container",
+        {"name": container.name, "host": container.host.name, "state": container.state, "ipv4": container.ipv4},
+    )
+
+
+@recovers("migrate")
+def recover_migration(ctx: OperationContext) -> str:
+    from .migration import _agent, _move_record, _recover
+
+    op = ctx.op
+    container, source, target = op.container, op.host, op.target_host
+    if container is None or source is None or target is None:
+        return "Its container or one of its hosts no longer exists: there was nothing to recover."
+    strategy = op.params.get("strategy")
+    live, lazy = strategy in ("stop-and-copy", "post-copy"), strategy == "post-copy"
+    base = {"name": container.name, "migration": op.pk}
+    with ExitStack() as hosts:
+        try:
+            src = hosts.enter_context(ssh.connect(source))
+        except ssh.SSHError as e:
+            raise OperationFailed(f"{source.name}, where {container.name} was, cannot be reached: {e}") from e
+        try:
+            dst = hosts.enter_context(ssh.connect(target))
+        except ssh.SSHError as e:
+            ctx.event("recovery", f"{target.name} cannot be reached: {e}")
+            dst = None
+        s = _agent(src, ctx, "inspect", {**base, "thaw": True}, 10, 10)
+        t = _agent(dst, ctx, "inspect", base, 20, 10) if dst else None
+        ctx.event("recovery", f"{source.name}: {s}; {target.name}: {t if t else 'unreachable'}", 30)
+        was_running = op.result.get("was_running")
+        if was_running is None:  # lost before its preflight ended: nothing had been stopped yet
+            was_running = s["state"] == "RUNNING"
+        if t and t["exists"] and t["state"] == "RUNNING" and t["migration"]["received"]:
+            # The target had restored it: roll forward.
+            if lazy and (s["migration"]["lazy_dump_running"] or t["migration"]["lazy_pages_running"]):
+                _move_record(ctx, container, target, True)
+                return (
+                    f"{container.name} runs on {target.name}, but its memory pages were being pulled through "
+                    f"the lost worker, so its processes may fault on missing memory. The source's dump is kept "
+                    f"on {source.name} (/var/lib/ctweb/migrations/{op.pk}) for an admin to decide."
+                )
+            _move_record(ctx, container, target, was_running)
+            _agent(dst, ctx, "migrate-cleanup", {**base, "remove": False}, 70, 10)  # the images it restored from
+            removed = False
+            if s["exists"] and s["state"] == "STOPPED":
+                _agent(src, ctx, "migrate-cleanup", {**base, "remove": True}, 80, 10)
+                removed = True
+            return f"{container.name} had been restored on {target.name} before the worker was lost: it runs there " + (
+                f"now, and the copy on {source.name} was removed." if removed else "now."
+            )
+        # Roll back: the target gives up what it received; the source keeps the container.
+        committed = bool(was_running and s["exists"] and s["state"] != "RUNNING")
+        failure = OperationFailed("")
+        _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
+        return f"Rolled back. {failure.message.strip()} {_where(container)}".replace("  ", " ")
+
+
+@recovers("snapshot")
+def recover_snapshot(ctx: OperationContext) -> str:
+    from .jobs import agent
+
+    op = ctx.op
+    container = op.container
+    if container is None or op.host is None:
+        return "Its container no longer exists: there was nothing to recover."
+    snap = op.params.get("snapshot")
+    seen = agent(ctx, op.host, "inspect", {"name": container.name, "snapshot": snap, "thaw": True}, 10, 40)
+    _set(container, state=seen["state"] or Container.State.UNKNOWN)
+    meta = seen.get("snapshot")
+    if meta and not container.snapshots.filter(name=snap).exists():
+        # It was taken; only its result was lost with the worker. Record it as it is.
+        contents = {}
+        if meta.get("stateful"):
+            try:
+                contents = agent(ctx, op.host, "snapshot-contents", {"name": container.name, "snapshot": snap}, 60, 30)
+            except OperationFailed as e:
+                ctx.event("recovery", f"could not read the snapshot's contents: {e.message}")
+        Snapshot.objects.create(
+            container=container,
+            name=snap,
+            stateful=bool(meta.get("stateful")),
+            created_by=op.created_by,
+            size_bytes=meta.get("size_bytes") or 0,
+            stats=meta.get("stats") or {},
+            contents=contents.get("contents") or {},
+        )
+        op.result["recovered_snapshot"] = snap
+        return f"Snapshot {snap} had been completed on {op.host.name}: it is recorded. {_where(container)}"
+    thawed = " It was left frozen and has been thawed." if seen.get("thawed") else ""
+    return f"No snapshot {snap} was kept (an unfinished copy is removed).{thawed} {_where(container)}"
+
+
+@recovers("restore", "start", "stop", "restart")
+def recover_state_change(ctx: OperationContext) -> str:
+    from .jobs import agent
+
+    op = ctx.op
+    container = op.container
+    if container is None or op.host is None:
+        return "Its container no longer exists: there was nothing to recover."
+    seen = agent(ctx, op.host, "inspect", {"name": container.name, "thaw": True}, 10, 80)
+    _set(
+        container,
+        state=seen["state"] or Container.State.UNKNOWN,
+        has_saved_state=bool(seen.get("has_saved_state")),
+    )
+    return f"Its host says: {_where(container)}"
