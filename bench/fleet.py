@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -304,7 +305,7 @@ def _operation(rnd, kind, c, hosts, host, users, now, status):
     from containers.models import Operation
 
     created = now - timedelta(days=rnd.uniform(0, 365), seconds=rnd.uniform(0, 86_400))
-    target = rnd.choice([h for h in hosts if h.pk != host.pk]) if kind == "migrate" else None
+    target = rnd.choice([h for h in hosts if h.pk != host.pk] or hosts) if kind == "migrate" else None
     started = created + timedelta(milliseconds=rnd.randint(5, 3_000)) if status != "pending" else None
     ended = status in Operation.TERMINAL
     n_phases = len(PHASES.get(kind, [0, 0])) if ended else rnd.randint(1, 2)
@@ -523,7 +524,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.repeat < 20:
         ap.error("--repeat must be at least 20 for a p95")
-    tmp = tempfile.mkdtemp(prefix="ctweb-fleet-")
     pgdir = tempfile.mkdtemp(prefix="ctweb-fleet-pg-")  # its own: the postgres user must reach it
     started = subprocess.run(
         ["bash", str(ROOT / "scripts" / "postgres.sh"), "start", pgdir, str(PORT)], capture_output=True, text=True
@@ -532,6 +532,7 @@ def main() -> int:
         subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "stop", pgdir], check=False)
         sys.exit(f"fleet: PostgreSQL did not start: {started.stderr.strip()}")
     url = started.stdout.strip()
+    tmp = tempfile.mkdtemp(prefix="ctweb-fleet-")
     try:
         os.environ.update(
             DJANGO_SETTINGS_MODULE="ctweb.settings",
@@ -545,7 +546,7 @@ def main() -> int:
         out = run(args.repeat, args.sql)
     finally:
         subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "stop", pgdir], check=False)
-        subprocess.run(["rm", "-rf", tmp], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
     result = {"section": SECTION, "note": note(out, args.repeat), "rows": out["rows"]}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
