@@ -276,7 +276,17 @@ def bench_progress_latency(stack: Stack, want: int = 200) -> dict:
     }
 
 
-def write(results: dict) -> None:
+def bench_fleet() -> tuple[str, str, dict]:
+    """Fleet scale on PostgreSQL: bench/fleet.py in its own process (it picks its own database)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run([sys.executable, str(ROOT / "bench" / "fleet.py"), "--json", f.name], cwd=ROOT, check=True)
+        out = json.loads(Path(f.name).read_text())
+    return out["section"], out["note"], out["rows"]
+
+
+def write(results: dict, notes: dict | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -289,20 +299,25 @@ def write(results: dict) -> None:
     sections = previous.get("sections", {})
     for section, rows in results.items():
         sections[section] = {"when": meta["when"], "machine": meta["machine"], "rows": rows}
+        if notes and section in notes:
+            sections[section]["note"] = notes[section]
     (RESULTS / "latest.json").write_text(json.dumps({"sections": sections}, indent=1) + "\n")
     lines = ["# ctweb benchmark", "", "Each section says when and where it was measured (`make bench`).", ""]
     for section, entry in sections.items():
         rows = entry["rows"]
+        queries = any("queries" in s for s in rows.values())  # fleet scale: SQL per request, all rows / few
+        lines += [f"## {section}", "", f"{entry['when']}, {entry['machine']}", ""]
+        if entry.get("note"):
+            lines += [entry["note"], ""]
         lines += [
-            f"## {section}",
-            "",
-            f"{entry['when']}, {entry['machine']}",
-            "",
-            "| measure | n | median | p95 | min | max |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| measure | n | median | p95 | min | max |" + (" SQL queries (all rows / 1/20) |" if queries else ""),
+            "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if queries else ""),
         ]
         for label, s in rows.items():
-            lines.append(f"| {label} | {s['n']} | {s['median']} | {s.get('p95', '')} | {s['min']} | {s['max']} |")
+            line = f"| {label} | {s['n']} | {s['median']} | {s.get('p95', '')} | {s['min']} | {s['max']} |"
+            if queries:
+                line += f" {s.get('queries', '')} / {s.get('queries_small', '')} |"
+            lines.append(line)
         lines.append("")
     (RESULTS / "latest.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -311,10 +326,17 @@ def write(results: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (progress latency)")
-    ap.add_argument("--only", help="with the lab: run only this part (concurrency, memory)")
+    ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
+    ap.add_argument("--only", help="run only this part: fleet (no lab), concurrency or memory (with the lab)")
     args = ap.parse_args()
-    results = {} if args.no_lab or args.only else {"lab": bench_lab(args.repeat)}
+    results, notes = {}, {}
+    if args.only in (None, "fleet"):
+        section, notes[section], results[section] = bench_fleet()
+    if args.only == "fleet":
+        write(results, notes)
+        return 0
+    if not args.no_lab and not args.only:
+        results["lab"] = bench_lab(args.repeat)
     stack = Stack(concurrency=8).start()  # as the Procfile runs it
     try:
         stack.tokens = stack.make_users()
@@ -338,7 +360,7 @@ def main() -> int:
         subprocess.run(
             [str(ROOT / ".venv" / "bin" / "python"), "-m", "hosts.lab", "down"], cwd=ROOT, capture_output=True
         )
-    write(results)
+    write(results, notes)
     return 0
 
 

@@ -107,6 +107,13 @@ class Operation(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        indexes = [
+            # "Does this container have an operation running?" is asked for every row of the container
+            # list; active operations are few among the history, so this index stays tiny.
+            models.Index(
+                fields=["container"], condition=models.Q(status__in=["pending", "running"]), name="operation_active"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.kind} {self.status}"

@@ -170,3 +170,19 @@ def test_a_bundle_is_404_until_a_failure_left_one(tokens, c1):
     op = Operation.objects.create(kind="snapshot", container=c1, container_name="c1")
     r = Client().get(f"/api/v1/operations/{op.pk}/bundle", **_api(tokens, "carol"))
     assert r.status_code == 404 and "no debug bundle" in r.json()["error"]
+
+
+def test_since_and_until_take_whole_days(tokens, c1):
+    day = datetime.datetime(2026, 3, 10, tzinfo=datetime.UTC)
+    Snapshot.objects.create(container=c1, name="late", created_at=day + datetime.timedelta(hours=23, minutes=59))
+    Snapshot.objects.create(container=c1, name="next", created_at=day + datetime.timedelta(days=1))
+
+    def names(query):
+        r = Client().get(f"/api/v1/snapshots/?{query}", **_api(tokens, "carol"))
+        assert r.status_code == 200, r.content
+        return [s["name"] for s in r.json()]
+
+    assert names("until=2026-03-10") == ["late"]
+    assert names("since=2026-03-11") == ["next"]
+    assert names("since=2026-03-10&until=2026-03-11") == ["next", "late"]
+    assert names("since=0001-01-01&until=9999-12-31") == ["next", "late"]
