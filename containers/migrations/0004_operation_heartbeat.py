@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('containers', '0002_container_creating_state'),
+        ('containers', '0003_fleet_scale_indexes'),
     ]
 
     operations = [
