@@ -138,7 +138,7 @@ def finish(op: Operation, status: str, *, error: str = "", result: dict | None =
 def run_operation(op_id: int, worker: str = "") -> str | None:
     """Claim, run and end one operation. Safe to call twice: the second call does nothing."""
     claimed = Operation.objects.filter(pk=op_id, status=Operation.Status.PENDING).update(
-        status=Operation.Status.RUNNING, started_at=timezone.now(), worker=worker[:200]
+        status=Operation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now(), worker=worker[:200]
     )
     if not claimed:
         log.info("operation %s is not pending any more; nothing to do", op_id)
@@ -164,13 +164,11 @@ class Heartbeat:
     def _beat(self) -> None:
         from django.db import connection
 
-        try:
-            while True:
+        try:  # the claim set the first beat
+            while not self.stop.wait(HEARTBEAT_S):
                 Operation.objects.filter(pk=self.op_id, status=Operation.Status.RUNNING).update(
                     heartbeat_at=timezone.now()
                 )
-                if self.stop.wait(HEARTBEAT_S):
-                    return
         except Exception as e:  # the database is away: the job itself will say so
             log.warning("heartbeat of operation %s stopped: %s", self.op_id, e)
         finally:

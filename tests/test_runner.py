@@ -134,3 +134,53 @@ def test_a_job_the_queue_refused_fails_and_releases_its_reservation(db, trusted_
     assert (op.status, op.error) == ("failure", "The job queue is unreachable.")
     assert op.finished_at is not None
     assert not Container.objects.filter(name="c1").exists()
+
+
+def test_a_beating_row_is_never_taken_for_lost_even_if_its_worker_is_slow_to_answer(db):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    beating = Operation.objects.create(kind="probe", status="running", worker="w@busy", heartbeat_at=now)
+    silent = Operation.objects.create(
+        kind="probe", status="running", worker="w@gone", heartbeat_at=now - timedelta(seconds=runner.LOST_AFTER_S + 5)
+    )
+    assert runner.mark_lost_operations("w@new", alive=lambda node: False) == 1
+    statuses = dict(Operation.objects.values_list("pk", "status"))
+    assert statuses == {beating.pk: "running", silent.pk: "failure"}
+
+
+def test_a_lost_migration_stays_running_under_the_new_worker_until_it_is_recovered(db, monkeypatch):
+    from containers import tasks
+
+    queued = []
+    monkeypatch.setattr(tasks.recover_operation_task, "delay", queued.append)
+    lost = Operation.objects.create(kind="migrate", status="running", worker="w@old")
+    assert runner.mark_lost_operations("w@new", alive=lambda node: False) == 1
+    lost.refresh_from_db()
+    assert (lost.status, lost.worker, lost.phase) == ("running", "w@new", "recovery")
+    assert queued == [lost.pk]
+    # Its container is gone meanwhile: the recovery ends it, honestly.
+    runner.recover_operation(lost.pk)
+    lost.refresh_from_db()
+    assert lost.status == "failure" and lost.error.startswith("Worker lost")
+    assert "nothing to recover" in lost.error
+
+
+def test_the_job_touches_its_row_while_it_runs(transactional_db, kinds, monkeypatch):
+    import time
+
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.05)
+    seen = []
+
+    @handler("sync")
+    def slow(ctx):
+        first = Operation.objects.get(pk=ctx.op.pk).heartbeat_at
+        time.sleep(0.5)
+        seen.extend([first, Operation.objects.get(pk=ctx.op.pk).heartbeat_at])
+        return {}
+
+    op = _op()
+    assert runner.run_operation(op.pk) == "success"
+    assert seen[0] is not None and seen[1] > seen[0]
