@@ -10,6 +10,13 @@ from tests.stack import Api, wait_for
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done"
+# A known memory pattern: 8 MB of random hex held only in the shell's memory. Its checksum
+# is written once at start (pattern.start) and again every second (pattern.now): the two
+# agree only while that very memory lives on (a cold start draws a new pattern).
+PATTERN = (
+    "v=$(head -c 4000000 /dev/urandom | od -An -tx1 | tr -d ' \\n'); echo \"$v\" | md5sum > /tmp/pattern.start; "
+    'i=0; while true; do i=$((i+1)); echo "$v" | md5sum > /tmp/pattern.now; echo $i > /tmp/counter; sleep 1; done'
+)
 SERVICE = (
     "import socket\n"
     "s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen()\n"
@@ -45,6 +52,14 @@ def create(api: Api, **body) -> dict:
     r = api.post("/api/v1/containers/", json=body)
     assert r.status_code == 202, r.text
     return api.wait_operation(r.json()["id"], timeout=120)
+
+
+def pattern(lab, host: str, name: str) -> tuple[str, str]:
+    """(checksum at start, checksum now) of a PATTERN container's memory."""
+    out = on_host(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/pattern.start", "/tmp/pattern.now")
+    assert out.returncode == 0, out.stderr
+    start, now = out.stdout.split("\n")[:2]
+    return start.split()[0], now.split()[0]
 
 
 def counter(lab, host: str, name: str) -> int:

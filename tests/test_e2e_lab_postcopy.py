@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from tests.stack import Api, ok, run_op, wait_for
-from tests.test_e2e_lab_containers import COUNTER, counter, create, on_host
+from tests.test_e2e_lab_containers import COUNTER, PATTERN, counter, create, on_host, pattern
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
@@ -22,7 +22,7 @@ def bob(lab_stack):
 
 @pytest.fixture
 def lazy(bob, lab):
-    ok(create(bob, name="lazyc", host="lab-a", command=["sh", "-c", COUNTER]))
+    ok(create(bob, name="lazyc", host="lab-a", command=["sh", "-c", PATTERN]))
     wait_for(lambda: counter(lab, "lab-a", "lazyc") > 2, 15, "counting")
     yield "lazyc"
     if bob.get("/api/v1/containers/lazyc/").json().get("host"):
@@ -49,6 +49,8 @@ def test_post_copy_migration_there_and_back(bob, lab, lazy):
         after = counter(lab, target, "lazyc")
         assert before <= after <= before + 30, (before, after)  # it went on, it did not start over
         wait_for(lambda: counter(lab, target, "lazyc") > after + 1, 15, "it to keep counting")  # noqa: B023
+        start, now = pattern(lab, target, "lazyc")
+        assert start == now  # every page of the memory pattern arrived intact
         assert "lazyc" not in on_host(lab, source, "lxc-ls", "-1").stdout  # never on two hosts
         assert on_host(lab, source, "test", "-e", f"/var/lib/ctweb/migrations/{op['id']}").returncode != 0
         assert wait_for(lambda: _ping(ip), 10, "the same address to answer")  # noqa: B023

@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from tests.stack import Api, ok, run_op, wait_for
-from tests.test_e2e_lab_containers import COUNTER, counter, create, on_host
+from tests.test_e2e_lab_containers import COUNTER, PATTERN, counter, create, on_host, pattern
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
@@ -19,7 +19,7 @@ def bob(lab_stack):
 
 @pytest.fixture
 def counting(bob, lab):
-    ok(create(bob, name="snapc", host="lab-a", command=["sh", "-c", COUNTER]))
+    ok(create(bob, name="snapc", host="lab-a", command=["sh", "-c", PATTERN]))
     wait_for(lambda: counter(lab, "lab-a", "snapc") > 2, 15, "counting")
     yield "snapc"
     host = bob.get("/api/v1/containers/snapc/").json().get("host")
@@ -143,14 +143,18 @@ def test_stop_and_copy_migration_there_and_back(bob, lab, counting):
         assert (row["host"], row["state"], row["ipv4"], row["snapshots"]) == (target, "RUNNING", ip, 1)
         after = counter(lab, target, "snapc")
         assert before <= after <= before + 30, (before, after)  # it went on, it did not start over
+        wait_for(lambda: counter(lab, target, "snapc") > after, 15, "it to go on")  # noqa: B023
+        start, now = pattern(lab, target, "snapc")
+        assert start == now  # the memory pattern came along intact
         assert "snapc" not in on_host(lab, source, "lxc-ls", "-1").stdout  # never on two hosts
         assert on_host(lab, target, "test", "-d", "/var/lib/ctweb/snapshots/snapc/before-move").returncode == 0
         assert wait_for(lambda: _ping(ip), 10, "the same address to answer")
 
 
 def test_restart_migration_and_preflight_refusals(bob, lab):
-    ok(create(bob, name="cold", host="lab-b", command=["sh", "-c", COUNTER]))
+    ok(create(bob, name="cold", host="lab-b", command=["sh", "-c", PATTERN]))
     try:
+        drawn = wait_for(lambda: pattern(lab, "lab-b", "cold")[0], 30, "its memory pattern")
         r = bob.post("/api/v1/containers/cold/migrate", json={"target_host": "lab-a", "strategy": "pre-copy"})
         assert r.status_code == 409 and "dirty memory" in r.json()["error"]
         r = bob.post("/api/v1/containers/cold/migrate", json={"target_host": "lab-b"})
@@ -160,6 +164,8 @@ def test_restart_migration_and_preflight_refusals(bob, lab):
         row = bob.get("/api/v1/containers/cold/").json()
         assert (row["host"], row["state"]) == ("lab-a", "RUNNING")
         assert counter(lab, "lab-a", "cold") < 30  # a cold start counts from 1 again
+        # ... and draws a new memory pattern: what the live strategies' pattern check tells apart
+        wait_for(lambda: pattern(lab, "lab-a", "cold")[0] != drawn, 30, "a new pattern after the cold start")
         assert "cold" not in on_host(lab, "lab-b", "lxc-ls", "-1").stdout
     finally:
         run_op(bob, "DELETE", "/api/v1/containers/cold/")
