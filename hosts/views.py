@@ -1,4 +1,6 @@
 from django.contrib import messages
+from django.core.paginator import Paginator
+from django.db.models import Count
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from rest_framework.exceptions import APIException
@@ -19,14 +21,15 @@ def _get_host(name: str) -> Host:
 
 @role_required("viewer")
 def host_list(request):
-    hosts = Host.objects.all()
-    return render(request, "hosts/list.html", {"hosts": hosts, "public_key": ssh.public_key_line()})
+    hosts = Host.objects.annotate(n_containers=Count("containers")).order_by("name")
+    page = Paginator(hosts, 100).get_page(request.GET.get("page"))
+    return render(request, "hosts/list.html", {"page": page, "public_key": ssh.public_key_line()})
 
 
 @role_required("viewer")
 def host_detail(request, name):
     host = _get_host(name)
-    ops = Operation.objects.filter(host=host).select_related("created_by")[:50]
+    ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
     containers = containers_queryset().filter(host=host)
     return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})
 
