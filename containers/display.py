@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 # The colours match the legend's swatches in ctweb.css.
+END_PHASES = ("success", "failure", "cancelled")
 SEGMENT_COLOURS = {"freeze": "#8250df", "dump": "#1f5fbf", "transfer": "#bf8700", "restore": "#1a7f37"}
 
 
@@ -30,6 +31,8 @@ def phase_spans(events: list[dict], finished_at: datetime | None = None) -> list
         spans.append({"phase": e.get("phase") or "", "start": at, "ms": None})
     for i, span in enumerate(spans):
         end = spans[i + 1]["start"] if i + 1 < len(spans) else finished_at
+        if span["phase"] in END_PHASES:
+            continue  # where it ended, not a phase that took time
         if end is not None:
             span["ms"] = round((end - span["start"]).total_seconds() * 1000, 1)
     return spans

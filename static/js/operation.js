@@ -53,6 +53,9 @@ document.addEventListener("DOMContentLoaded", function () {
       b.textContent = s.phase;
       li.appendChild(b);
       const end = i + 1 < spans.length ? spans[i + 1].start : finishedAt;
+      if (["success", "failure", "cancelled"].indexOf(s.phase) >= 0) {
+        return li; // where it ended, not a phase that took time
+      }
       if (end !== null) {
         const d = document.createElement("span");
         d.className = "dur";
