@@ -6,7 +6,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser import NARROW, block_websockets, check_page, csrf_post, nav, shot
+from tests.browser import NARROW, block_websockets, check_page, csrf_post, nav, shot, unreachable_by_tab
 from tests.stack import Api, run_op
 from tests.test_e2e_lab_containers import COUNTER
 
@@ -69,6 +69,7 @@ def test_an_operator_runs_a_container_through_the_dashboard(page_as, lab_stack, 
         # A stateful snapshot; the progress bar fills on the operation page.
         page.locator("h1").get_by_role("link", name=NAME).click()
         check_page(page, "the container page")
+        assert unreachable_by_tab(page) == []
         shot(page, "container-detail")
         expect(page.get_by_label("stateful (with memory)")).to_be_checked()
         watch_operation(page, lambda: page.get_by_role("button", name="Take snapshot").click())
