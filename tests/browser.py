@@ -40,6 +40,11 @@ CONTROL_ROLES = (
 # has nothing after its role but children (`:`) or states (`[checked]`).
 _UNNAMED = re.compile(r"^\s*- (" + "|".join(CONTROL_ROLES) + r")(?=$|:| \[)", re.M)
 
+# Whatever the Content-Security-Policy blocked on a page (an inline style or script would).
+_CSP_WATCH = """document.addEventListener("securitypolicyviolation", (e) => {
+  (window.ctwebCspViolations = window.ctwebCspViolations || []).push(e.violatedDirective + " " + e.blockedURI);
+});"""
+
 # Everything a keyboard user can reach with Tab (visible and enabled).
 _CONTROLS_JS = """() => {
   const sel = 'a[href], button, input:not([type=hidden]), select, textarea, [tabindex]:not([tabindex="-1"])';
@@ -65,6 +70,7 @@ def page_as(browser, stack):
 
     def login(username: str, **context_options) -> Page:
         context = browser.new_context(**context_options)
+        context.add_init_script(_CSP_WATCH)
         contexts.append(context)
         page = context.new_page()
         page.goto(stack.url + "/accounts/login/")
@@ -108,6 +114,7 @@ def check_page(page: Page, what: str) -> None:
     assert "{{" not in body and "{%" not in body and "Traceback" not in body, what
     assert unnamed_controls(page) == [], f"{what}: controls without an accessible name"
     assert overflow_px(page) <= 0, f"{what} is wider than the window ({page.viewport_size})"
+    assert page.evaluate("window.ctwebCspViolations || []") == [], f"{what}: the CSP blocked something"
 
 
 def unreachable_by_tab(page: Page) -> list[str]:
