@@ -1,5 +1,5 @@
 import json
-from datetime import date
+from datetime import date, timedelta
 
 from django.contrib import messages
 from django.core.paginator import Paginator
@@ -12,7 +12,7 @@ from rest_framework.exceptions import APIException
 from ctweb.decorators import role_required
 from hosts.models import Host
 
-from .api import cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
+from .api import _midnight, cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
 from .display import downtime_breakdown, phase_spans
 from .migration import start_evacuation, start_migration, strategy_support
@@ -40,15 +40,17 @@ def operation_list(request):
     if f.get("host"):
         qs = qs.filter(Q(host__name=f["host"]) | Q(target_host__name=f["host"]))
     if f.get("container"):
-        qs = qs.filter(container_name__icontains=f["container"])
+        qs = qs.filter(container_name=f["container"])
     if f.get("created_by"):
         qs = qs.filter(created_by__username=f["created_by"])
-    for field, lookup in (("since", "created_at__date__gte"), ("until", "created_at__date__lte")):
+    for field, days, lookup in (("since", 0, "created_at__gte"), ("until", 1, "created_at__lt")):
         if f.get(field):
             try:
-                qs = qs.filter(**{lookup: date.fromisoformat(f[field])})
-            except ValueError:
+                day = date.fromisoformat(f[field]) + timedelta(days=days)
+            except (ValueError, OverflowError):
                 messages.error(request, f"{field} must be a date like 2026-11-26.")
+            else:  # a range of created_at, which its index serves (not created_at's date)
+                qs = qs.filter(**{lookup: _midnight(day)})
     page = Paginator(qs, 50).get_page(f.get("page"))
     ctx = {
         "page": page,

@@ -5,13 +5,12 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
-from django.db.models import Count
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from containers.models import Operation
-from hosts.models import Host
 from hosts.validators import USER_RE
+from hosts.views import hosts_with_counts
 
 from .audit import audit
 from .decorators import role_required
@@ -24,7 +23,7 @@ User = get_user_model()
 @role_required("viewer")
 def home(request):
     ctx = {
-        "hosts": Host.objects.annotate(n_containers=Count("containers")).order_by("name"),
+        "hosts": hosts_with_counts()[:100],
         "active": Operation.objects.filter(status__in=Operation.ACTIVE).select_related("host", "target_host")[:20],
         "recent": Operation.objects.select_related("host", "target_host")[:10],
     }

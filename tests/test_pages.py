@@ -29,7 +29,7 @@ def test_operations_filter_by_kind_host_container_user_and_date(viewer, users, t
 
     assert ids("kind=snapshot") == ["snapshot"]
     assert ids("host=h1") == ["migrate", "probe", "snapshot"]  # as source or as target
-    assert ids("container=db") == ["migrate"]
+    assert ids("container=db1") == ["migrate"]
     assert ids("created_by=alice") == ["probe"]
     assert ids(f"since={(timezone.now() - timedelta(days=1)).date()}") == ["migrate", "snapshot"]
     assert ids("until=not-a-date") == ["migrate", "probe", "snapshot"]  # said, not crashed
