@@ -70,7 +70,9 @@ def agent(
     except ssh.SSHError as e:
         host.refresh_from_db()
         if not host.is_blocked:
-            Host.objects.filter(pk=host.pk).update(status=Host.Status.OFFLINE, status_message=str(e))
+            from hosts.jobs import set_host_status  # hosts.jobs imports the runner too
+
+            set_host_status(host, Host.Status.OFFLINE, str(e))  # the host lists show it at once
         raise OperationFailed(str(e)) from e
 
 

@@ -1,5 +1,9 @@
+import json
+from datetime import date, timedelta
+
 from django.contrib import messages
 from django.core.paginator import Paginator
+from django.db.models import Q
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -8,8 +12,9 @@ from rest_framework.exceptions import APIException
 from ctweb.decorators import role_required
 from hosts.models import Host
 
-from .api import cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
+from .api import _midnight, cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
+from .display import downtime_breakdown, phase_spans
 from .migration import start_evacuation, start_migration, strategy_support
 from .models import Container, Operation
 from .services import (
@@ -25,20 +30,49 @@ from .services import (
 
 @role_required("viewer")
 def operation_list(request):
+    """Every operation of the fleet, newest first, with filters that survive paging."""
     qs = Operation.objects.select_related("host", "target_host", "created_by")
-    status = request.GET.get("status", "")
-    if status in Operation.Status.values:
-        qs = qs.filter(status=status)
-    page = Paginator(qs, 50).get_page(request.GET.get("page"))
-    return render(
-        request, "operations/list.html", {"page": page, "status": status, "statuses": Operation.Status.values}
-    )
+    f = request.GET
+    if f.get("status") in Operation.Status.values:
+        qs = qs.filter(status=f["status"])
+    if f.get("kind") in Operation.Kind.values:
+        qs = qs.filter(kind=f["kind"])
+    if f.get("host"):
+        qs = qs.filter(Q(host__name=f["host"]) | Q(target_host__name=f["host"]))
+    if f.get("container"):
+        qs = qs.filter(container_name=f["container"])
+    if f.get("created_by"):
+        qs = qs.filter(created_by__username=f["created_by"])
+    for field, days, lookup in (("since", 0, "created_at__gte"), ("until", 1, "created_at__lt")):
+        if f.get(field):
+            try:
+                day = date.fromisoformat(f[field]) + timedelta(days=days)
+            except (ValueError, OverflowError):
+                messages.error(request, f"{field} must be a date like 2026-11-26.")
+            else:  # a range of created_at, which its index serves (not created_at's date)
+                qs = qs.filter(**{lookup: _midnight(day)})
+    page = Paginator(qs, 50).get_page(f.get("page"))
+    ctx = {
+        "page": page,
+        "f": f,
+        "filtered": any(f.get(k) for k in ("status", "kind", "host", "container", "created_by", "since", "until")),
+        "statuses": Operation.Status.values,
+        "kinds": Operation.Kind.values,
+        "hosts": Host.objects.values_list("name", flat=True),
+    }
+    return render(request, "operations/list.html", ctx)
 
 
 @role_required("viewer")
 def operation_detail(request, op_id):
     op = get_object_or_404(Operation.objects.select_related("host", "target_host", "created_by", "container"), pk=op_id)
-    return render(request, "operations/detail.html", {"op": op})
+    ctx = {
+        "op": op,
+        "phases": phase_spans(op.events, op.finished_at),
+        "downtime": downtime_breakdown(op.result) if op.kind == Operation.Kind.MIGRATE else None,
+        "children": op.children.select_related("host", "target_host"),
+    }
+    return render(request, "operations/detail.html", ctx)
 
 
 @role_required("operator")
@@ -91,18 +125,19 @@ def container_list(request):
 @role_required("viewer")
 def container_detail(request, name):
     container = _get_container(name)
-    ops = Operation.objects.filter(container_name=name).select_related("host", "target_host", "created_by")[:50]
-    targets = [
-        {"host": h, "strategies": strategy_support(container, container.host, h)}
-        for h in Host.objects.exclude(pk=container.host_id)
-    ]
+    ops = Operation.objects.filter(container_name=name).select_related("host", "target_host", "created_by")[:20]
+    targets = []
+    for h in Host.objects.exclude(pk=container.host_id):
+        strategies = strategy_support(container, container.host, h)
+        refused = json.dumps({k: v for k, v in strategies.items() if v})
+        targets.append({"host": h, "strategies": strategies, "refused": refused})
     return render(request, "containers/detail.html", {"c": container, "operations": ops, "targets": targets})
 
 
 @role_required("operator")
 def container_create(request):
     error = None
-    form = {"template": "busybox"}
+    form = {"template": "busybox", "host": request.GET.get("host", "")}
     if request.method == "POST":
         form = request.POST
         try:

@@ -128,9 +128,12 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
-if DEBUG or os.environ.get("CTWEB_PLAIN_STATIC"):
+# Production serves what `collectstatic` wrote (setup.sh runs it): hashed names, compressed
+# copies, cached for a year by browsers. DEBUG (or CTWEB_PLAIN_STATIC) serves the source files.
+_PLAIN_STATIC = DEBUG or _env_bool("CTWEB_PLAIN_STATIC", False)
+if _PLAIN_STATIC:
     STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
-WHITENOISE_USE_FINDERS = True
+WHITENOISE_USE_FINDERS = _PLAIN_STATIC
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = _env_bool("HTTPS", False)

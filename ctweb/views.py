@@ -3,13 +3,14 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
 from django.db import transaction
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from containers.models import Operation
-from hosts.models import Host
 from hosts.validators import USER_RE
+from hosts.views import hosts_with_counts
 
 from .audit import audit
 from .decorators import role_required
@@ -22,9 +23,9 @@ User = get_user_model()
 @role_required("viewer")
 def home(request):
     ctx = {
-        "hosts": Host.objects.all(),
-        "active": Operation.objects.filter(status__in=Operation.ACTIVE).select_related("host")[:20],
-        "recent": Operation.objects.select_related("host")[:10],
+        "hosts": hosts_with_counts()[:100],
+        "active": Operation.objects.filter(status__in=Operation.ACTIVE).select_related("host", "target_host")[:20],
+        "recent": Operation.objects.select_related("host", "target_host")[:10],
     }
     return render(request, "home.html", ctx)
 
@@ -32,8 +33,12 @@ def home(request):
 @role_required("admin")
 def user_list(request):
     users = User.objects.order_by("username").prefetch_related("groups", "api_tokens")
-    rows = [{"user": u, "role": role_of(u) if u.is_active else None, "tokens": list(u.api_tokens.all())} for u in users]
-    return render(request, "users/list.html", {"rows": rows, "roles": ROLES})
+    page = Paginator(users, 100).get_page(request.GET.get("page"))
+    page.object_list = [
+        {"user": u, "role": role_of(u) if u.is_active else None, "tokens": list(u.api_tokens.all())}
+        for u in page.object_list
+    ]
+    return render(request, "users/list.html", {"page": page, "roles": ROLES})
 
 
 @role_required("admin")
@@ -131,8 +136,6 @@ def token_revoke(request, token_id):
 @role_required("admin")
 def audit_log(request):
     from datetime import date
-
-    from django.core.paginator import Paginator
 
     from .models import AuditEntry
 

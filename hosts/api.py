@@ -8,12 +8,14 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from containers.api import operation_accepted
+from containers.events import publish_fleet
 from containers.models import Operation
 from containers.runner import enqueue
 from ctweb.api import ApiError
 from ctweb.audit import audit
 
 from . import ssh
+from .jobs import host_state
 from .models import Host
 from .validators import validate_address, validate_name, validate_username
 
@@ -84,6 +86,7 @@ def add_host(request, name: str, address: str, port: int, username: str) -> Host
     except IntegrityError as e:
         raise ApiError(f"A host named {name} already exists.", 409, "name") from e
     audit(request, "host.add", host, detail=f"{address}:{port} presented {host.offered_fingerprint}")
+    publish_fleet("host", host_state(host))
     return host
 
 
@@ -113,6 +116,7 @@ def trust_host(request, host: Host, fingerprint: str) -> Host:
     )
     host.refresh_from_db()
     audit(request, "host.trust", host, detail=presented)
+    publish_fleet("host", host_state(host))
     return host
 
 
@@ -141,7 +145,9 @@ def remove_host(request, host: Host) -> None:
     if Operation.objects.filter(Q(host=host) | Q(target_host=host), status__in=Operation.ACTIVE).exists():
         raise ApiError(f"{host.name} has an operation running.", 409)
     audit(request, "host.delete", host)
+    name = host.name
     host.delete()
+    publish_fleet("host", {"name": name, "status": "deleted"})
 
 
 class HostList(APIView):

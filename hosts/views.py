@@ -1,4 +1,7 @@
 from django.contrib import messages
+from django.core.paginator import Paginator
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from rest_framework.exceptions import APIException
@@ -13,20 +16,29 @@ from .api import HostCreateSerializer, add_host, remove_host, start_probe, trust
 from .models import Host
 
 
+def hosts_with_counts():
+    """Hosts by name with their number of containers: a subquery per host, no GROUP BY over the fleet."""
+    from containers.models import Container
+
+    n = Container.objects.filter(host=OuterRef("pk")).order_by().values("host").annotate(n=Count("*")).values("n")
+    return Host.objects.annotate(n_containers=Coalesce(Subquery(n), 0)).order_by("name")
+
+
 def _get_host(name: str) -> Host:
     return get_object_or_404(Host, name=name)
 
 
 @role_required("viewer")
 def host_list(request):
-    hosts = Host.objects.all()
-    return render(request, "hosts/list.html", {"hosts": hosts, "public_key": ssh.public_key_line()})
+    hosts = hosts_with_counts()
+    page = Paginator(hosts, 100).get_page(request.GET.get("page"))
+    return render(request, "hosts/list.html", {"page": page, "public_key": ssh.public_key_line()})
 
 
 @role_required("viewer")
 def host_detail(request, name):
     host = _get_host(name)
-    ops = Operation.objects.filter(host=host).select_related("created_by")[:50]
+    ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
     containers = containers_queryset().filter(host=host)
     return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})
 

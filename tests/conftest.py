@@ -83,4 +83,5 @@ def lab_stack(stack, lab):
     return stack
 
 
+from tests.browser import browser, page_as  # noqa: E402,F401  (shared fixtures)
 from tests.helpers import tokens, trusted_host, users  # noqa: E402,F401  (shared fixtures)

@@ -100,7 +100,6 @@ class Stack:
         self.env.update(
             CTWEB_VAR_DIR=str(self.var),
             REDIS_URL=f"unix://{self.dir}/redis.sock",
-            CTWEB_PLAIN_STATIC="1",
             PYTHONUNBUFFERED="1",
             CTWEB_SSH_TIMEOUT="5",
             CTWEB_SSH_DEAD_AFTER="10",
@@ -162,6 +161,8 @@ class Stack:
         ).start()
         wait_for(lambda: (self.dir / "redis.sock").exists(), 10, "redis")
         self.manage("migrate", "--noinput", "-v", "0")
+        # Static files as in production: collected, hashed, compressed, served by whitenoise.
+        self.manage("collectstatic", "--noinput", "-v", "0")
         self.start_worker()
         self.procs["web"] = Process(
             "web",

@@ -9,6 +9,10 @@ from django.test.utils import CaptureQueriesContext
 from containers.models import Container, Operation, Snapshot
 
 PATHS = [
+    "/",
+    "/hosts/",
+    "/hosts/h1/",
+    "/operations/?kind=stop&host=h1&since=2026-01-01",
     "/containers/",
     "/containers/?host=h1&state=RUNNING",
     "/snapshots/",

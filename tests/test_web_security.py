@@ -3,6 +3,7 @@
 import pytest
 from django.core.cache import cache
 from django.test import Client
+from django.urls import path
 
 from ctweb.models import AuditEntry
 
@@ -65,3 +66,40 @@ def test_error_pages_show_no_traceback(users):
     r = c.get("/containers/nope/")
     assert r.status_code == 404
     assert b"Traceback" not in r.content
+
+
+def _boom(request):
+    raise RuntimeError("secret internals: /var/lib/ctweb and a stack")
+
+
+urlpatterns = [path("boom/", _boom)]
+
+
+@pytest.mark.urls("tests.test_web_security")
+def test_an_unexpected_error_shows_the_dashboards_page_not_a_traceback(settings, db):
+    settings.DEBUG = False
+    r = Client(raise_request_exception=False).get("/boom/")
+    assert r.status_code == 500
+    assert b"Something went wrong" in r.content
+    assert b"secret internals" not in r.content and b"Traceback" not in r.content
+    assert b"/static/css/" in r.content  # styled like every other page
+
+
+def test_pages_that_do_not_exist_and_roles_that_do_not_allow_say_so_in_words(users):
+    c = Client()
+    c.force_login(users["carol"])
+    r = c.get("/no-such-page/")
+    assert r.status_code == 404 and b"Not found" in r.content and b'aria-label="Main"' in r.content
+    c.force_login(users["dave"])
+    r = c.get("/containers/")
+    assert r.status_code == 403 and b"Your account has no role yet" in r.content
+    c.force_login(users["carol"])
+    r = c.get("/users/")
+    assert r.status_code == 403 and b"This page needs the admin role." in r.content
+
+
+def test_a_form_without_its_csrf_token_gets_a_page_that_explains(users):
+    c = Client(enforce_csrf_checks=True)
+    c.force_login(users["alice"])
+    r = c.post("/tokens/create", {"name": "x"})
+    assert r.status_code == 403 and b"This form could not be accepted" in r.content

@@ -1,37 +1,157 @@
-// Shared page behaviour: confirmations, local times, and the live count of running operations.
+// Shared page behaviour: confirmations, local times, the live count of running operations,
+// and live regions that follow the fleet over /ws/events/ (polling the server while it is down).
 "use strict";
 
-function ctwebSocketUrl(path) {
-  const proto = window.location.protocol === "https:" ? "wss:" : "ws:";
-  return proto + "//" + window.location.host + path;
-}
-
-function ctwebLocalTimes(root) {
-  (root || document).querySelectorAll("time[datetime]").forEach(function (el) {
-    const d = new Date(el.getAttribute("datetime"));
-    if (!isNaN(d)) el.textContent = d.toLocaleString();
-  });
-}
-
-document.addEventListener("DOMContentLoaded", function () {
-  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
-    form.addEventListener("submit", function (ev) {
-      if (!window.confirm(form.dataset.confirm)) ev.preventDefault();
-    });
-  });
-  ctwebLocalTimes();
-
-  const counter = document.getElementById("active-ops");
-  if (!counter) return;
-  const active = new Map();
-  function render() {
-    counter.textContent = active.size ? active.size + " running" : "";
+const ctweb = (function () {
+  function socketUrl(path) {
+    const proto = window.location.protocol === "https:" ? "wss:" : "ws:";
+    return proto + "//" + window.location.host + path;
   }
-  function update(op) {
+
+  // --- times: stored and sent in UTC, shown in the browser's time zone ---------------------
+  const pad = function (n, w) { return String(n).padStart(w || 2, "0"); };
+  let zoneFormat = null;
+  function zoneName(d) {
+    try {
+      if (!zoneFormat) zoneFormat = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" });
+      const part = zoneFormat.formatToParts(d).find(function (p) { return p.type === "timeZoneName"; });
+      return part ? part.value : "";
+    } catch (e) {
+      return "";
+    }
+  }
+  function formatTime(d, mode) {
+    const time = pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+    if (mode === "time") return time + "." + pad(d.getMilliseconds(), 3);
+    const date = d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate());
+    return date + " " + time + " " + zoneName(d);
+  }
+  function showTime(el) {
+    // Without JavaScript the server's text stays: the same instant in UTC, marked as such.
+    const d = new Date(el.getAttribute("datetime"));
+    if (isNaN(d)) return;
+    el.textContent = formatTime(d, el.dataset.format);
+    el.title = d.toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC");
+  }
+  function localTimes(root) {
+    (root || document).querySelectorAll("time[datetime]").forEach(showTime);
+  }
+  function timeElement(iso, mode) {
+    const t = document.createElement("time");
+    t.setAttribute("datetime", iso);
+    if (mode) t.dataset.format = mode;
+    t.textContent = iso;
+    showTime(t);
+    return t;
+  }
+
+  // --- live regions: [data-live] elements are re-read from the server when the fleet changes ---
+  let refreshTimer = null;
+  let refreshing = false;
+  let again = false;
+  const served = new Map(); // region id -> the server's HTML it shows (before times were localised)
+  function regions() { return document.querySelectorAll("[data-live][id]"); }
+  function comparable(html) {
+    // Each response masks the CSRF token differently; that alone is no change.
+    return html.replace(/name="csrfmiddlewaretoken" value="[^"]*"/g, "");
+  }
+  function busy(region) {
+    // Never pull a control away from someone using it (typing, or focused from the keyboard).
+    const a = document.activeElement;
+    return a && a !== document.body && region.contains(a);
+  }
+  function refreshNow() {
+    if (!regions().length) return;
+    if (refreshing) { again = true; return; }
+    refreshing = true;
+    fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then(function (r) {
+        if (r.status === 404) { gone(); return null; }
+        return r.ok ? r.text() : null;
+      })
+      .then(function (html) {
+        if (!html) return;
+        const doc = new DOMParser().parseFromString(html, "text/html");
+        let deferred = false;
+        regions().forEach(function (region) {
+          const fresh = doc.getElementById(region.id);
+          if (!fresh) return;
+          const html = comparable(fresh.innerHTML);
+          if (served.get(region.id) === html) return;
+          if (busy(region)) { deferred = true; return; }
+          served.set(region.id, html);
+          region.replaceWith(fresh);
+          localTimes(fresh);
+          document.dispatchEvent(new CustomEvent("ctweb:region", { detail: fresh }));
+        });
+        if (deferred) refresh(3000);
+      })
+      .catch(function () {})
+      .finally(function () {
+        refreshing = false;
+        if (again) { again = false; refresh(); }
+      });
+  }
+  function refresh(delay) {
+    if (refreshTimer) clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(function () { refreshTimer = null; refreshNow(); }, delay || 250);
+  }
+  function gone() {
+    if (document.getElementById("gone")) return;
+    const p = document.createElement("p");
+    p.id = "gone";
+    p.className = "error";
+    p.setAttribute("role", "alert");
+    p.textContent = "This no longer exists: it was deleted meanwhile. ";
+    const a = document.createElement("a");
+    a.href = "/";
+    a.textContent = "Back to the overview";
+    p.appendChild(a);
+    document.getElementById("main").prepend(p);
+  }
+
+  // --- confirmations before destructive actions (delegated: regions are replaced) -------------
+  document.addEventListener("submit", function (ev) {
+    const form = ev.target;
+    if (form instanceof HTMLFormElement && form.dataset.confirm && !window.confirm(form.dataset.confirm)) {
+      ev.preventDefault();
+    }
+  });
+
+  // --- the migration picker: a target's strategies, and why some are not possible ------------
+  function updatePicker() {
+    const target = document.getElementById("mig-target");
+    const strategy = document.getElementById("mig-strategy");
+    const why = document.getElementById("mig-why");
+    if (!target || !strategy) return;
+    const opt = target.options[target.selectedIndex];
+    let refused = {};
+    try { refused = JSON.parse((opt && opt.dataset.refused) || "{}"); } catch (e) { refused = {}; }
+    const reasons = [];
+    Array.prototype.forEach.call(strategy.options, function (o) {
+      const reason = refused[o.value];
+      o.disabled = Boolean(reason);
+      o.textContent = o.value + (reason ? " (not possible)" : "");
+      if (reason) reasons.push(o.value + ": " + reason);
+    });
+    if (strategy.options[strategy.selectedIndex].disabled) strategy.value = "auto";
+    if (why) why.textContent = reasons.length ? "To " + opt.value + ", not possible: " + reasons.join(" ") : "";
+  }
+  document.addEventListener("change", function (ev) {
+    if (ev.target && ev.target.id === "mig-target") updatePicker();
+  });
+
+  // --- the fleet stream ------------------------------------------------------------------
+  const active = new Map();
+  const known = new Map(); // operation id -> last status seen, to refresh regions on changes only
+  function renderCount() {
+    const counter = document.getElementById("active-ops");
+    if (counter) counter.textContent = active.size ? active.size + " running" : "";
+  }
+  function updateOperation(op) {
     if (op.status === "pending" || op.status === "running") active.set(op.id, op);
     else active.delete(op.id);
-    render();
-    // Rows of operation tables on the page follow along.
+    renderCount();
     document.querySelectorAll('tr[data-op="' + op.id + '"]').forEach(function (row) {
       const s = row.querySelector('[data-field="status"]');
       if (s) { s.textContent = op.status; s.className = "status status-" + op.status; }
@@ -40,36 +160,78 @@ document.addEventListener("DOMContentLoaded", function () {
       const g = row.querySelector('[data-field="progress"]');
       if (g) g.textContent = op.progress + "%";
     });
+    if (known.get(op.id) !== op.status) {
+      known.set(op.id, op.status);
+      refresh();
+    }
   }
   function updateHost(h) {
-    document.querySelectorAll('tr[data-host="' + h.name + '"]').forEach(function (row) {
-      const s = row.querySelector('[data-field="status"]');
-      if (s) { s.textContent = h.status; s.className = "status status-" + h.status; }
-      const c = row.querySelector('[data-field="criu_version"]');
-      if (c) c.textContent = h.criu_version || "—";
+    document.querySelectorAll('[data-host="' + h.name + '"] [data-field="status"]').forEach(function (s) {
+      s.textContent = h.status; s.className = "status status-" + h.status;
     });
+    refresh();
   }
   function updateContainer(c) {
     document.querySelectorAll('[data-container="' + c.name + '"]').forEach(function (el) {
       const s = el.matches(".status") ? el : el.querySelector('[data-field="state"]');
-      if (s) { s.textContent = c.state; s.className = "status status-" + c.state; }
-      if (c.state === "DELETED" && el.tagName === "TR") el.remove();
-      const ip = el.querySelector('[data-field="ipv4"]');
-      if (ip && c.ipv4) ip.textContent = c.ipv4 + " (eth0)";
+      if (s && c.state !== "DELETED") { s.textContent = c.state; s.className = "status status-" + c.state; }
     });
+    refresh();
   }
+
+  let pollTimer = null;
+  function poll() {
+    refreshNow();
+    Promise.all(["running", "pending"].map(function (status) {
+      return fetch("/api/v1/operations/?limit=100&status=" + status, { credentials: "same-origin" })
+        .then(function (r) { return r.ok ? r.json() : []; });
+    })).then(function (lists) {
+      active.clear();
+      lists.forEach(function (ops) { ops.forEach(function (op) { active.set(op.id, op); }); });
+      renderCount();
+    }).catch(function () {});
+  }
+  function startPolling() {
+    if (pollTimer) return;
+    pollTimer = setInterval(poll, 4000);
+    poll();
+  }
+  function stopPolling() {
+    if (pollTimer) { clearInterval(pollTimer); pollTimer = null; }
+  }
+  function setLive(mode) {
+    document.documentElement.dataset.live = mode;
+  }
+
   let delay = 1000;
+  let opened = false;
   function connect() {
-    const ws = new WebSocket(ctwebSocketUrl("/ws/events/"));
-    ws.onopen = function () { delay = 1000; };
+    let ws;
+    try {
+      ws = new WebSocket(socketUrl("/ws/events/"));
+    } catch (e) {
+      setLive("polling");
+      startPolling();
+      return;
+    }
+    ws.onopen = function () {
+      delay = 1000;
+      setLive("live");
+      stopPolling();
+      if (opened) refresh(); // what changed while the socket was down
+      opened = true;
+    };
     ws.onmessage = function (ev) {
       const msg = JSON.parse(ev.data);
       if (msg.type === "state") {
         active.clear();
-        (msg.active_operations || []).forEach(update);
-        render();
+        (msg.active_operations || []).forEach(function (op) {
+          active.set(op.id, op);
+          known.set(op.id, op.status);
+        });
+        renderCount();
       } else if (msg.type === "operation") {
-        update(msg.operation);
+        updateOperation(msg.operation);
       } else if (msg.type === "host") {
         updateHost(msg.data);
       } else if (msg.type === "container") {
@@ -78,9 +240,23 @@ document.addEventListener("DOMContentLoaded", function () {
       document.dispatchEvent(new CustomEvent("ctweb:event", { detail: msg }));
     };
     ws.onclose = function () {
+      setLive("polling");
+      startPolling();
       setTimeout(connect, delay);
       delay = Math.min(delay * 2, 30000);
     };
   }
-  connect();
-});
+
+  document.addEventListener("DOMContentLoaded", function () {
+    regions().forEach(function (r) { served.set(r.id, comparable(r.innerHTML)); });
+    localTimes();
+    updatePicker();
+    if (document.getElementById("active-ops")) connect();
+  });
+
+  return { socketUrl: socketUrl, localTimes: localTimes, formatTime: formatTime, timeElement: timeElement, refresh: refresh };
+})();
+
+// Kept for older page scripts.
+function ctwebSocketUrl(path) { return ctweb.socketUrl(path); }
+function ctwebLocalTimes(root) { ctweb.localTimes(root); }
