@@ -4,9 +4,12 @@ On connect each sends the current state from the database first, then relays liv
 messages; a client that reconnects loses nothing because the row is the truth.
 """
 
+import time
+
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from ctweb.access import RECHECK_S, still_allowed, user_group
 from ctweb.roles import has_role
 
 from . import events
@@ -18,10 +21,11 @@ CLOSE_NOT_FOUND = 4404
 
 class _Base(AsyncJsonWebsocketConsumer):
     groups_to_join: list[str]
+    role = "viewer"
 
     async def connect(self):
         user = self.scope.get("user")
-        allowed = await database_sync_to_async(has_role)(user, "viewer")
+        allowed = await database_sync_to_async(has_role)(user, self.role)
         if not allowed:
             await self.close(code=CLOSE_FORBIDDEN)
             return
@@ -29,6 +33,10 @@ class _Base(AsyncJsonWebsocketConsumer):
         if self.groups_to_join is None:
             await self.close(code=CLOSE_NOT_FOUND)
             return
+        # Changes to this user's access reach the socket through their own group (ctweb/access.py).
+        self.groups_to_join.append(user_group(user.pk))
+        self.closed = False
+        self.checked_at = time.monotonic()
         # Join before reading the row, so nothing falls between the snapshot and the stream.
         for group in self.groups_to_join:
             await self.channel_layer.group_add(group, self.channel_name)
@@ -36,14 +44,35 @@ class _Base(AsyncJsonWebsocketConsumer):
         await self.send_initial()
 
     async def disconnect(self, code):
+        self.closed = True
         for group in getattr(self, "groups_to_join", None) or []:
             await self.channel_layer.group_discard(group, self.channel_name)
 
+    async def _allowed(self, force: bool = False) -> bool:
+        """Is what opened this socket still enough? Asked on every access change, and before
+        sending anything when the last check is older than RECHECK_S."""
+        if self.closed:
+            return False
+        if force or time.monotonic() - self.checked_at >= RECHECK_S:
+            self.checked_at = time.monotonic()
+            if not await database_sync_to_async(still_allowed)(self.scope, self.role):
+                self.closed = True
+                await self.close(code=CLOSE_FORBIDDEN)
+                return False
+        return True
+
+    async def auth_changed(self, message):
+        await self._allowed(force=True)
+
     async def op_update(self, message):
-        await self.send_json({"type": "operation", "operation": message["operation"], "event": message.get("event")})
+        if await self._allowed():
+            await self.send_json(
+                {"type": "operation", "operation": message["operation"], "event": message.get("event")}
+            )
 
     async def fleet_update(self, message):
-        await self.send_json({"type": message["kind"], "data": message["data"]})
+        if await self._allowed():
+            await self.send_json({"type": message["kind"], "data": message["data"]})
 
 
 class OperationConsumer(_Base):

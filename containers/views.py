@@ -6,7 +6,7 @@ from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from rest_framework.exceptions import APIException
 
 from ctweb.decorators import role_required
@@ -29,6 +29,7 @@ from .services import (
 
 
 @role_required("viewer")
+@require_safe
 def operation_list(request):
     """Every operation of the fleet, newest first, with filters that survive paging."""
     qs = Operation.objects.select_related("host", "target_host", "created_by")
@@ -64,6 +65,7 @@ def operation_list(request):
 
 
 @role_required("viewer")
+@require_safe
 def operation_detail(request, op_id):
     op = get_object_or_404(Operation.objects.select_related("host", "target_host", "created_by", "container"), pk=op_id)
     ctx = {
@@ -104,6 +106,7 @@ def _get_container(name: str) -> Container:
 
 
 @role_required("viewer")
+@require_safe
 def container_list(request):
     qs = containers_queryset()
     host, state = request.GET.get("host", ""), request.GET.get("state", "")
@@ -123,6 +126,7 @@ def container_list(request):
 
 
 @role_required("viewer")
+@require_safe
 def container_detail(request, name):
     container = _get_container(name)
     ops = Operation.objects.filter(container_name=name).select_related("host", "target_host", "created_by")[:20]
@@ -135,6 +139,7 @@ def container_detail(request, name):
 
 
 @role_required("operator")
+@require_http_methods(["GET", "HEAD", "POST"])
 def container_create(request):
     error = None
     form = {"template": "busybox", "host": request.GET.get("host", "")}
@@ -219,6 +224,7 @@ def snapshot_action(request, name, snap, action):
 
 
 @role_required("viewer")
+@require_safe
 def snapshot_detail(request, name, snap):
     container = _get_container(name)
     snapshot = get_object_or_404(container.snapshots.select_related("created_by"), name=snap)
@@ -227,6 +233,7 @@ def snapshot_detail(request, name, snap):
 
 
 @role_required("viewer")
+@require_safe
 def snapshot_compare(request, name):
     container = _get_container(name)
     a = get_object_or_404(container.snapshots, name=request.GET.get("a", ""))
@@ -235,6 +242,7 @@ def snapshot_compare(request, name):
 
 
 @role_required("viewer")
+@require_safe
 def container_timeline(request, name):
     """Snapshots and operations of one container, newest first (also those of hosts it left)."""
     container = _get_container(name)
@@ -257,6 +265,7 @@ def container_timeline(request, name):
 
 
 @role_required("viewer")
+@require_safe
 def snapshot_search(request):
     try:
         qs = filter_snapshots(snapshot_queryset(), request.GET)

@@ -7,3 +7,6 @@ class CtwebConfig(AppConfig):
 
     def ready(self):
         from . import schema  # noqa: F401  (registers the token scheme with drf-spectacular)
+        from .access import connect_signals
+
+        connect_signals()

@@ -80,7 +80,8 @@ class TokenAuthMiddleware:
             except UnicodeError:
                 key = ""
             user = await database_sync_to_async(user_for_token)(key) if key else None
-            scope = dict(scope, user=user or AnonymousUser())
+            # The socket remembers which token opened it: revoking that token closes it (access.py).
+            scope = dict(scope, user=user or AnonymousUser(), ctweb_token_digest=hash_token(key) if user else None)
         return await self.inner(scope, receive, send)
 
 

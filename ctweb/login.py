@@ -21,6 +21,8 @@ def _blocked(request) -> bool:
 
 
 class LoginView(auth_views.LoginView):
+    http_method_names = ["get", "head", "post"]  # FormView would take PUT as a POST
+
     def post(self, request, *args, **kwargs):
         if _blocked(request):
             form = self.get_form()

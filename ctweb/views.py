@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
@@ -6,7 +7,7 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_POST, require_safe
 
 from containers.models import Operation
 from hosts.validators import USER_RE
@@ -20,7 +21,20 @@ from .roles import ROLES, role_of, set_role
 User = get_user_model()
 
 
+def admin_login(request):
+    """Django admin's login URL: sent to the throttled login page, keeping where to go next."""
+    from urllib.parse import urlencode
+
+    from django.utils.http import url_has_allowed_host_and_scheme
+
+    nxt = request.GET.get("next", "/admin/")
+    if not url_has_allowed_host_and_scheme(nxt, allowed_hosts={request.get_host()}):
+        nxt = "/admin/"
+    return redirect(f"{settings.LOGIN_URL}?{urlencode({'next': nxt}, safe='/')}")
+
+
 @role_required("viewer")
+@require_safe
 def home(request):
     ctx = {
         "hosts": hosts_with_counts()[:100],
@@ -31,6 +45,7 @@ def home(request):
 
 
 @role_required("admin")
+@require_safe
 def user_list(request):
     users = User.objects.order_by("username").prefetch_related("groups", "api_tokens")
     page = Paginator(users, 100).get_page(request.GET.get("page"))
@@ -108,6 +123,7 @@ def user_update(request, user_id):
 
 
 @login_required
+@require_safe
 def token_list(request):
     return render(request, "users/tokens.html", {"tokens": request.user.api_tokens.all()})
 
@@ -134,6 +150,7 @@ def token_revoke(request, token_id):
 
 
 @role_required("admin")
+@require_safe
 def audit_log(request):
     from datetime import date
 

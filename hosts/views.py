@@ -3,7 +3,7 @@ from django.core.paginator import Paginator
 from django.db.models import Count, OuterRef, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from rest_framework.exceptions import APIException
 
 from containers.api import containers_queryset
@@ -29,6 +29,7 @@ def _get_host(name: str) -> Host:
 
 
 @role_required("viewer")
+@require_safe
 def host_list(request):
     hosts = hosts_with_counts()
     page = Paginator(hosts, 100).get_page(request.GET.get("page"))
@@ -36,6 +37,7 @@ def host_list(request):
 
 
 @role_required("viewer")
+@require_safe
 def host_detail(request, name):
     host = _get_host(name)
     ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
@@ -44,6 +46,7 @@ def host_detail(request, name):
 
 
 @role_required("admin")
+@require_http_methods(["GET", "HEAD", "POST"])
 def host_add(request):
     form_data = {"port": 22, "username": "root"}
     error = None

@@ -1,0 +1,566 @@
+"""The authorisation matrix: every URL Django resolves and every websocket route, against
+anonymous, role-less (dave), viewer (carol), operator (bob) and admin (alice) users.
+
+The routes come from Django's resolver, so a URL added without a row here fails
+`test_every_route_is_in_the_matrix`. A refused request answers 401/redirect (anonymous) or
+403 (a role too low), names nothing it guards, answers the same whether the object exists or
+not, and changes nothing: every table's rows, the audit log, the job queue and the bundle
+files are compared before and after.
+"""
+
+import asyncio
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.apps import apps
+from django.contrib.auth.models import Group
+from django.contrib.sessions.models import Session
+from django.core.cache import cache
+from django.test import Client
+from django.urls import URLResolver, get_resolver
+
+from containers import events
+from containers.bundles import bundle_dir
+from containers.models import Container, Operation, Snapshot
+from containers.routing import websocket_urlpatterns
+from ctweb.models import ApiToken, hash_token
+from ctweb.roles import ROLES
+from hosts.models import Host
+
+USERS = ["anonymous", "dave", "carol", "bob", "alice"]  # no role, viewer, operator, admin
+LEVEL = {"anonymous": -1, "dave": 0, "carol": 1, "bob": 2, "alice": 3}
+NEEDS = {"public": -1, "login": 0, "viewer": 1, "operator": 2, "admin": 3}
+METHODS = ["get", "post", "put", "patch", "delete"]
+
+# Names that only the world below uses: a refused answer must contain none of them.
+SECRETS = ["secrethost", "otherhost", "secretbox", "secretsnap", "127.0.0.77", "carol-script"]
+
+# route -> {method: (role needed, body, status a permitted user gets)}; the route's
+# parameters are filled from ARGS. Pages answer anonymous users with a redirect to the
+# login page, the API with 401; users whose role is too low get 403 from both.
+# Bodies of API calls are JSON; bodies of pages are form fields.
+PAGES = {
+    "": {"get": ("viewer", None, 200)},
+    "accounts/login/": {"get": ("public", None, 200), "post": ("public", {"username": "x", "password": "y"}, 200)},
+    "accounts/logout/": {"post": ("public", {}, 302)},
+    "admin/login/": {"get": ("public", None, 302)},  # the throttled login page, not Django admin's own
+    "hosts/": {"get": ("viewer", None, 200)},
+    "hosts/add/": {"get": ("admin", None, 200), "post": ("admin", {"name": "x;y"}, 200)},
+    "hosts/<str:name>/": {"get": ("viewer", None, 200)},
+    "hosts/<str:name>/trust": {"post": ("admin", {"fingerprint": "SHA256:nope"}, 302)},
+    "hosts/<str:name>/probe": {"post": ("operator", {}, 302)},
+    "hosts/<str:name>/delete": {"post": ("admin", {"confirm": "no"}, 302)},
+    "hosts/<str:name>/sync": {"post": ("operator", {}, 302)},
+    "hosts/<str:name>/evacuate": {"post": ("operator", {}, 302)},
+    "containers/": {"get": ("viewer", None, 200)},
+    "containers/new/": {
+        "get": ("operator", None, 200),
+        "post": ("operator", {"name": "newbox", "host": "secrethost"}, 302),
+    },
+    "containers/<str:name>/": {"get": ("viewer", None, 200)},
+    "containers/<str:name>/state": {"post": ("operator", {"action": "start"}, 302)},
+    "containers/<str:name>/migrate": {"post": ("operator", {"target_host": "otherhost", "strategy": "restart"}, 302)},
+    "containers/<str:name>/history/": {"get": ("viewer", None, 200)},
+    "containers/<str:name>/snapshot": {"post": ("operator", {"name": "newsnap"}, 302)},
+    "containers/<str:name>/compare/": {"get": ("viewer", None, 200)},
+    "containers/<str:name>/snapshots/<str:snap>/": {"get": ("viewer", None, 200)},
+    "containers/<str:name>/snapshots/<str:snap>/<str:action>": {"post": ("operator", {}, 302)},
+    "containers/<str:name>/<str:action>": {"post": ("operator", {"confirm": "secretbox"}, 302)},
+    "snapshots/": {"get": ("viewer", None, 200)},
+    "operations/": {"get": ("viewer", None, 200)},
+    "operations/<int:op_id>/": {"get": ("viewer", None, 200)},
+    "operations/<int:op_id>/cancel": {"post": ("operator", {}, 302)},
+    "users/": {"get": ("admin", None, 200)},
+    "audit/": {"get": ("admin", None, 200)},
+    "users/create": {
+        "post": ("admin", {"username": "mallory", "password": "a-long-passphrase-9", "role": "admin"}, 302)
+    },
+    "users/<int:user_id>/update": {"post": ("admin", {"action": "deactivate"}, 302)},
+    "tokens/": {"get": ("login", None, 200)},
+    "tokens/create": {"post": ("login", {"name": "mine"}, 200)},
+    "tokens/<int:token_id>/revoke": {"post": ("login", {}, 302)},  # the user's own token
+    "api/schema/": {"get": ("public", None, 200)},
+}
+
+API = {
+    "api/v1/hosts/": {"get": ("viewer", None, 200), "post": ("admin", {}, 400)},
+    "api/v1/hosts/<str:name>/": {"get": ("viewer", None, 200), "delete": ("admin", None, 409)},  # it has containers
+    "api/v1/hosts/<str:name>/trust": {"post": ("admin", {"fingerprint": "SHA256:nope"}, 400)},  # port 1: unreachable
+    "api/v1/hosts/<str:name>/probe": {"post": ("operator", None, 202)},
+    "api/v1/hosts/<str:name>/sync": {"post": ("operator", None, 202)},
+    "api/v1/hosts/<str:name>/evacuate": {"post": ("operator", None, 202)},
+    "api/v1/ssh-key/": {"get": ("viewer", None, 200)},
+    "api/v1/containers/": {
+        "get": ("viewer", None, 200),
+        "post": ("operator", {"name": "newbox", "host": "secrethost"}, 202),
+    },
+    "api/v1/containers/<str:name>/": {"get": ("viewer", None, 200), "delete": ("operator", None, 202)},
+    "api/v1/containers/<str:name>/state": {"post": ("operator", {"action": "start"}, 202)},
+    "api/v1/containers/<str:name>/migrate": {
+        "post": ("operator", {"target_host": "otherhost", "strategy": "restart"}, 202)
+    },
+    "api/v1/containers/<str:name>/targets": {"get": ("viewer", None, 200)},
+    "api/v1/containers/<str:name>/snapshots/": {
+        "get": ("viewer", None, 200),
+        "post": ("operator", {"name": "newsnap", "stateful": False}, 202),
+    },
+    "api/v1/containers/<str:name>/snapshots/compare": {"get": ("viewer", None, 200)},
+    "api/v1/containers/<str:name>/snapshots/<str:snap>/": {
+        "get": ("viewer", None, 200),
+        "delete": ("operator", None, 202),
+    },
+    "api/v1/containers/<str:name>/snapshots/<str:snap>/restore": {"post": ("operator", None, 202)},
+    "api/v1/snapshots/": {"get": ("viewer", None, 200)},
+    "api/v1/operations/": {"get": ("viewer", None, 200)},
+    "api/v1/operations/<int:op_id>/": {"get": ("viewer", None, 200)},
+    "api/v1/operations/<int:op_id>/cancel": {"post": ("operator", None, 202)},
+    "api/v1/operations/<int:op_id>/bundle": {"get": ("viewer", None, 200)},
+}
+
+# Query strings some reads need to answer 200.
+QUERY = {
+    "containers/<str:name>/compare/": "?a=secretsnap&b=secretsnap2",
+    "api/v1/containers/<str:name>/snapshots/compare": "?a=secretsnap&b=secretsnap2",
+    "api/schema/": "?format=json",
+}
+
+# Which object each route parameter names (per route where it differs), and a name that does not exist.
+ARGS = {"name": "secrethost", "snap": "secretsnap", "op_id": "pending_op", "user_id": "carol", "token_id": "own"}
+ARGS_BY_ROUTE = {
+    "api/v1/operations/<int:op_id>/bundle": {"op_id": "failed_op"},
+    "operations/<int:op_id>/": {"op_id": "failed_op"},
+    "api/v1/operations/<int:op_id>/": {"op_id": "failed_op"},
+    "containers/<str:name>/snapshots/<str:snap>/<str:action>": {"action": "restore"},
+    "containers/<str:name>/<str:action>": {"action": "delete"},
+}
+MISSING = {"name": "nosuchthing", "snap": "nosuchsnap", "op_id": 999999, "user_id": 999999, "token_id": 999999}
+
+# Django's admin site is for staff accounts (`manage.py ensure_admin` makes one); none of
+# the role users is staff, so every admin URL sends them to the (throttled) login page.
+ADMIN_PREFIX = "admin/"
+WEBSOCKETS = {"ws/operations/<int:op_id>/": "viewer", "ws/events/": "viewer"}
+
+
+def _walk(patterns, prefix=""):
+    for p in patterns:
+        if isinstance(p, URLResolver):
+            yield from _walk(p.url_patterns, prefix + str(p.pattern))
+        else:
+            yield prefix + str(p.pattern)
+
+
+def all_routes() -> list[str]:
+    return list(_walk(get_resolver().url_patterns))
+
+
+def test_every_route_is_in_the_matrix():
+    routes = all_routes()
+    ours = [r for r in routes if not r.startswith(ADMIN_PREFIX) or r in PAGES]
+    assert sorted(set(ours) - set(PAGES) - set(API)) == [], "new URLs: add them to the matrix with their role"
+    assert sorted((set(PAGES) | set(API)) - set(routes)) == [], "the matrix names URLs that are gone"
+    ws = [str(p.pattern) for p in websocket_urlpatterns]
+    assert sorted(ws) == sorted(WEBSOCKETS)
+
+
+# --- the world every request is made against ------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_login_throttle_between_tests():
+    cache.clear()  # the matrix posts many failed logins; each test starts unthrottled
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def world(users, tokens, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    caps = {
+        "templates": ["busybox"],
+        "arch": "x86_64",
+        "network": {"subnet": "10.9.9.0/24", "bridge": "lxcbr0", "range": [100, 120]},
+    }
+    key = dict(key_type="ssh-ed25519", key_data="AAAAC3NzaC1lZDI1NTE5AAAAIGbXYqIV8bzRLxNfJ6vHR5cP2xvQ6QFqD7PbSqPXW0Mg")
+    host = Host.objects.create(
+        name="secrethost", address="127.0.0.77", port=1, status=Host.Status.ONLINE, capabilities=caps,
+        fingerprint="SHA256:x", **key,
+    )  # fmt: skip
+    Host.objects.create(
+        name="otherhost", address="127.0.0.78", port=1, status=Host.Status.ONLINE, capabilities=caps,
+        fingerprint="SHA256:y", **key,
+    )  # fmt: skip
+    box = Container.objects.create(name="secretbox", host=host, state=Container.State.STOPPED, ipv4="10.9.9.100")
+    Snapshot.objects.create(container=box, name="secretsnap", stateful=False, created_by=users["bob"])
+    Snapshot.objects.create(container=box, name="secretsnap2", stateful=False, created_by=users["bob"])
+    pending = Operation.objects.create(kind="probe", host=host, created_by=users["alice"])
+    failed = Operation.objects.create(
+        kind="snapshot", status="failure", container=box, container_name="secretbox", host=host,
+        created_by=users["bob"], error="secretbox: CRIU said no", result={"bundle": ["secrethost.tar.gz"]},
+    )  # fmt: skip
+    d = bundle_dir(failed.pk)
+    d.mkdir(parents=True)
+    (d / "secrethost.tar.gz").write_bytes(b"\x1f\x8b not really a tarball")
+    ApiToken.issue(users["carol"], "carol-script")
+    return {
+        "users": users,
+        "tokens": tokens,
+        "pending_op": pending.pk,
+        "failed_op": failed.pk,
+        "carol": users["carol"].pk,
+        "bundles": tmp_path / "bundles",
+    }
+
+
+def _url(route: str, world, user: str, missing: bool = False) -> str:
+    args = {**ARGS, **ARGS_BY_ROUTE.get(route, {})}
+    if route.startswith(("containers/", "api/v1/containers/")):
+        args["name"] = "secretbox"
+    path = route
+    for key, value in args.items():
+        for conv in ("str", "int"):
+            tag = f"<{conv}:{key}>"
+            if tag not in path:
+                continue
+            if missing and key in MISSING:
+                value = MISSING[key]
+            elif value == "own":
+                owner = world["users"]["carol" if user == "anonymous" else user]
+                value = ApiToken.objects.filter(user=owner).order_by("pk").first().pk
+            elif value in world:
+                value = world[value]
+            path = path.replace(tag, str(value))
+    return "/" + path + QUERY.get(route, "")
+
+
+def _request(route, method, body, user, world, missing=False, api=None):
+    api = route.startswith("api/v1/") if api is None else api
+    path = _url(route, world, user, missing)
+    c = Client(raise_request_exception=False)
+    headers = {}
+    if api and user != "anonymous":
+        headers["HTTP_AUTHORIZATION"] = f"Token {world['tokens'][user]}"
+    elif user != "anonymous":
+        c.force_login(world["users"][user])
+    if route == "api/schema/":
+        headers["HTTP_ACCEPT"] = "application/json"
+    if api and body is not None:
+        return getattr(c, method)(path, json.dumps(body), content_type="application/json", **headers)
+    if body is not None:
+        return getattr(c, method)(path, body, **headers)
+    return getattr(c, method)(path, **headers)
+
+
+IGNORED_FIELDS = {"last_used_at", "last_login"}  # bookkeeping of who authenticated, not a change
+
+
+def db_state() -> dict:
+    """Every row of every table (sessions aside), for 'nothing changed' comparisons."""
+    out = {}
+    for model in apps.get_models(include_auto_created=True):
+        if model is Session:
+            continue
+        rows = []
+        for row in model.objects.order_by("pk").values():
+            rows.append({k: v for k, v in row.items() if k not in IGNORED_FIELDS})
+        out[model._meta.label] = rows
+    return out
+
+
+def files_state(world) -> list:
+    return sorted(str(p) for p in world["bundles"].rglob("*"))
+
+
+def assert_refused_and_unchanged(r, user, api, route, before, after, callbacks):
+    if user == "anonymous":
+        if api:
+            assert r.status_code == 401, (route, r.status_code)
+            assert r.json() == {"error": "Authentication credentials were not provided.", "field": None}
+        else:
+            assert r.status_code == 302, (route, r.status_code)
+            assert r["Location"].startswith("/accounts/login/?next=")
+    else:
+        assert r.status_code == 403, (route, user, r.status_code)
+        if api:
+            assert r.json() == {"error": "Your role does not allow this.", "field": None}
+    body = r.content.decode(errors="replace")
+    for secret in SECRETS:
+        assert secret not in body, (route, user, secret)
+    assert after == before, (route, user, "a refused request changed the database")
+    assert callbacks == [], (route, user, "a refused request queued a job")
+
+
+MATRIX = [(route, m, spec) for table in (PAGES, API) for route, methods in table.items() for m, spec in methods.items()]
+
+
+@pytest.mark.parametrize("user", USERS)
+@pytest.mark.parametrize("route,method,spec", MATRIX, ids=[f"{m.upper()} /{r}" for r, m, _ in MATRIX])
+def test_the_matrix(route, method, spec, user, world, django_capture_on_commit_callbacks):
+    needs, body, ok = spec
+    api = route in API
+    before, files = db_state(), files_state(world)
+    with django_capture_on_commit_callbacks() as callbacks:
+        r = _request(route, method, body, user, world)
+    if LEVEL[user] >= NEEDS[needs]:
+        assert r.status_code == ok, (route, user, r.status_code, r.content[:300])
+        if route == "admin/login/":
+            assert r["Location"].startswith("/accounts/login/")
+        return
+    assert_refused_and_unchanged(r, user, api, route, before, db_state(), callbacks)
+    assert files_state(world) == files
+    # The same answer for an object that does not exist: refusals reveal no names.
+    if "<" in route:
+        r2 = _request(route, method, body, user, world, missing=True)
+        assert r2.status_code == r.status_code
+        if user != "anonymous" or api:
+            assert r2.content == r.content
+
+
+UNLISTED = [
+    (route, m, table is API)
+    for table in (PAGES, API)
+    for route, methods in table.items()
+    for m in METHODS
+    if m not in methods and route != "admin/login/"
+]
+
+
+@pytest.mark.parametrize("route,method,api", UNLISTED, ids=[f"{m.upper()} /{r}" for r, m, _ in UNLISTED])
+def test_methods_outside_the_matrix_are_refused(route, method, api, world, django_capture_on_commit_callbacks):
+    """Even for an admin, a method the matrix does not list answers 405 and changes nothing."""
+    before = db_state()
+    with django_capture_on_commit_callbacks() as callbacks:
+        r = _request(route, method, {} if method != "get" else None, "alice", world, api=api)
+    assert r.status_code == 405, (route, method, r.status_code)
+    if api:
+        assert r.json()["error"].endswith(".") and r.json()["field"] is None
+    assert db_state() == before and callbacks == []
+
+
+def test_django_admin_is_for_staff_only(world):
+    """Every URL of Django's admin site sends our non-staff users, admins included, to log in."""
+    admin_routes = [r for r in all_routes() if r.startswith(ADMIN_PREFIX) and r not in PAGES]
+    assert len(admin_routes) > 20
+    fill = {"<path:object_id>": "1", "<id>": "1", "<path:content_type_id>": "1"}
+    for route in admin_routes:
+        path = "/" + route
+        for tag, value in fill.items():
+            path = path.replace(tag, value)
+        path = path.replace("^(?P<app_label>auth|ctweb|hosts|containers)/$", "hosts/").replace("(?P<url>.*)$", "x/")
+        for user in USERS:
+            c = Client(raise_request_exception=False)
+            if user != "anonymous":
+                c.force_login(world["users"][user])
+            before = db_state()
+            for method in ("get", "post"):
+                r = getattr(c, method)(path)
+                assert r.status_code == 302, (path, user, method, r.status_code)
+                assert r["Location"].startswith(("/admin/login/", "/accounts/login/", "/admin/")), (path, r["Location"])
+            assert db_state() == before
+
+
+def test_the_django_admin_login_goes_through_the_throttled_login(world):
+    """/admin/login/ is not a second password form that skips throttling and auditing."""
+    c = Client()
+    r = c.get("/admin/login/?next=/admin/")
+    assert r.status_code == 302 and r["Location"] == "/accounts/login/?next=/admin/"
+    r = c.post("/admin/login/", {"username": "alice", "password": "wrong"})
+    assert r.status_code == 302 and "_auth_user_id" not in c.session
+
+
+# --- things a permitted user may do only to their own objects ---------------------------
+
+
+def test_only_admins_revoke_other_peoples_tokens(world):
+    carols = ApiToken.objects.filter(user=world["users"]["carol"]).order_by("pk").first()
+    for user in ("dave", "bob"):
+        c = Client()
+        c.force_login(world["users"][user])
+        r = c.post(f"/tokens/{carols.pk}/revoke")
+        assert r.status_code == 404
+        assert ApiToken.objects.filter(pk=carols.pk).exists()
+    c = Client()
+    c.force_login(world["users"]["alice"])
+    assert c.post(f"/tokens/{carols.pk}/revoke").status_code == 302
+    assert not ApiToken.objects.filter(pk=carols.pk).exists()
+
+
+def test_the_token_page_lists_only_ones_own_tokens(world):
+    c = Client()
+    c.force_login(world["users"]["dave"])
+    body = c.get("/tokens/").content.decode()
+    assert "carol-script" not in body
+    for t in ApiToken.objects.exclude(user=world["users"]["dave"]):
+        assert t.prefix not in body
+
+
+# --- websockets -----------------------------------------------------------------------
+
+
+async def _ws_connect(path: str, headers: list):
+    from ctweb.asgi import application
+
+    comm = WebsocketCommunicator(application, path, headers=headers)
+    connected, code = await comm.connect(timeout=5)
+    first = await comm.receive_json_from(timeout=5) if connected else None
+    return comm, connected, code, first
+
+
+def _ws_headers(user: str, world) -> list:
+    return [] if user == "anonymous" else [(b"authorization", f"Token {world['tokens'][user]}".encode())]
+
+
+@pytest.fixture
+def ws_world(transactional_db, request):
+    """The world, committed: websocket consumers read it from their own threads."""
+    for role in ROLES:  # a transactional test starts from empty tables, without the migration's groups
+        Group.objects.get_or_create(name=role)
+    return request.getfixturevalue("world")
+
+
+@pytest.mark.parametrize("user", USERS)
+@pytest.mark.parametrize("route", sorted(WEBSOCKETS))
+def test_the_websocket_matrix(route, user, ws_world):
+    world = ws_world
+
+    async def run():
+        out = []
+        for op in (world["pending_op"], 999999):
+            comm, connected, code, first = await _ws_connect(
+                "/" + route.replace("<int:op_id>", str(op)), _ws_headers(user, world)
+            )
+            out.append((connected, code, first))
+            await comm.disconnect()
+        return out
+
+    (ok, code, first), (ok_missing, code_missing, _) = asyncio.run(run())
+    if LEVEL[user] >= NEEDS[WEBSOCKETS[route]]:
+        assert ok and first["type"] == "state"
+        if "op_id" in route:
+            assert not ok_missing and code_missing == 4404
+    else:
+        # Refused before anything is looked up: the same close for an operation that exists or not.
+        assert not ok and code == 4403
+        assert not ok_missing and code_missing == 4403
+
+
+# --- a socket outlives nothing that allowed it ------------------------------------------
+
+
+async def _recv_close(comm) -> int:
+    while True:
+        out = await comm.receive_output(timeout=5)
+        if out["type"] == "websocket.close":
+            return out.get("code")
+
+
+def _publish(op_id: int) -> None:
+    events.publish_operation(Operation.objects.select_related("host", "target_host").get(pk=op_id))
+
+
+def _connect_pair(world, path, headers):
+    """The user's socket, and a control socket of another viewer that must keep receiving."""
+
+    async def run():
+        mine = await _ws_connect(path, headers)
+        control = await _ws_connect(path, _ws_headers("bob", world))
+        assert mine[1] and control[1]
+        return mine[0], control[0]
+
+    return run
+
+
+def _session_cookie(user) -> list:
+    c = Client()
+    c.force_login(user)
+    return c, [(b"cookie", f"sessionid={c.cookies['sessionid'].value}".encode())]
+
+
+@pytest.mark.parametrize("change", ["role removed", "deactivated", "token revoked", "logged out", "password reset"])
+@pytest.mark.parametrize("route", sorted(WEBSOCKETS))
+def test_a_socket_closes_when_its_access_ends(route, change, ws_world):
+    world = ws_world
+    carol = world["users"]["carol"]
+    path = "/" + route.replace("<int:op_id>", str(world["pending_op"]))
+    session_client = None
+    if change in ("logged out", "password reset"):
+        session_client, headers = _session_cookie(carol)
+    else:
+        headers = _ws_headers("carol", world)
+
+    def end_access():
+        if change == "role removed":
+            admin = Client()
+            admin.force_login(world["users"]["alice"])
+            admin.post(f"/users/{carol.pk}/update", {"action": "role", "role": ""})
+        elif change == "deactivated":
+            admin = Client()
+            admin.force_login(world["users"]["alice"])
+            admin.post(f"/users/{carol.pk}/update", {"action": "deactivate"})
+        elif change == "token revoked":
+            token = ApiToken.objects.get(digest=hash_token(world["tokens"]["carol"]))
+            own = Client()
+            own.force_login(carol)
+            assert own.post(f"/tokens/{token.pk}/revoke").status_code == 302
+        elif change == "logged out":
+            assert session_client.post("/accounts/logout/").status_code == 302
+        elif change == "password reset":
+            admin = Client()
+            admin.force_login(world["users"]["alice"])
+            admin.post(f"/users/{carol.pk}/update", {"action": "password", "password": "another-passphrase-7"})
+
+    async def run():
+        mine, control = await _connect_pair(world, path, headers)()
+        await sync_to_async(end_access)()
+        code = await _recv_close(mine)
+        await sync_to_async(_publish)(world["pending_op"])
+        seen = await control.receive_json_from(timeout=5)  # the event was sent...
+        nothing = await mine.receive_nothing(timeout=0.3)  # ...and did not reach the closed socket
+        await mine.disconnect()
+        await control.disconnect()
+        return code, seen, nothing
+
+    code, seen, nothing = asyncio.run(run())
+    assert code == 4403
+    assert seen["type"] == "operation" and seen["operation"]["id"] == world["pending_op"]
+    assert nothing
+
+
+def test_a_socket_stays_open_for_an_unrelated_change(ws_world):
+    """The re-check is not a blanket disconnect: another user's token going leaves carol's socket open."""
+    world = ws_world
+
+    async def run():
+        mine, control = await _connect_pair(world, "/ws/events/", _ws_headers("carol", world))()
+        await sync_to_async(ApiToken.objects.filter(user=world["users"]["dave"]).delete)()
+        await sync_to_async(_publish)(world["pending_op"])
+        got = await mine.receive_json_from(timeout=5)
+        await mine.disconnect()
+        await control.disconnect()
+        return got
+
+    assert asyncio.run(run())["type"] == "operation"
+
+
+def test_a_session_that_ends_silently_closes_its_socket_at_the_next_message(ws_world, monkeypatch):
+    """Sessions expire (or `clearsessions` deletes them) without any signal: a socket looks
+    again before sending once RECHECK_S has passed (0 here), and closes instead of sending."""
+    import containers.consumers
+
+    monkeypatch.setattr(containers.consumers, "RECHECK_S", 0)
+    world = ws_world
+    _, headers = _session_cookie(world["users"]["carol"])
+
+    async def run():
+        mine, control = await _connect_pair(world, "/ws/events/", headers)()
+        await sync_to_async(Session.objects.all().delete)()
+        await sync_to_async(_publish)(world["pending_op"])
+        code = await _recv_close(mine)
+        seen = await control.receive_json_from(timeout=5)
+        await mine.disconnect()
+        await control.disconnect()
+        return code, seen
+
+    code, seen = asyncio.run(run())
+    assert code == 4403 and seen["type"] == "operation"
