@@ -368,9 +368,12 @@ def _date(value: str, field: str) -> date:
         raise ApiError(f"{field} must be a date like 2026-11-26.", 400, field) from None
 
 
+MAX_OFFSET = 10**12  # past any real list; a larger OFFSET overflows the database's integer
+
+
 def _limits(q, default: int = 100, most: int = 500) -> tuple[int, int]:
     try:
-        return min(max(int(q.get("limit", default)), 1), most), max(int(q.get("offset", 0)), 0)
+        return min(max(int(q.get("limit", default)), 1), most), min(max(int(q.get("offset", 0)), 0), MAX_OFFSET)
     except ValueError:
         raise ApiError("limit and offset must be whole numbers.", 400) from None
 

@@ -1,6 +1,11 @@
 from .models import AuditEntry
 
 
+def _text(value: str, most: int) -> str:
+    # What a request sent is recorded as text: never a NUL (PostgreSQL refuses it), never unbounded.
+    return str(value).replace("\x00", "\ufffd")[:most]
+
+
 def audit(
     request, action: str, obj=None, outcome: str = "ok", detail: str = "", object_type: str = "", object_name: str = ""
 ) -> AuditEntry:
@@ -15,8 +20,8 @@ def audit(
         username=user.get_username() if user else "",
         action=action,
         object_type=object_type,
-        object_name=str(obj) if obj is not None else object_name,
+        object_name=_text(obj if obj is not None else object_name, 200),
         outcome=outcome,
-        detail=detail[:2000],
+        detail=_text(detail, 2000),
         remote_addr=(request.META.get("REMOTE_ADDR") if request is not None else None) or None,
     )

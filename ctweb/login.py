@@ -1,6 +1,8 @@
 """Login with a brake: after repeated failures for one user name or one address, the form
 refuses further tries for a while (and says so) instead of checking more passwords."""
 
+import hashlib
+
 from django.contrib.auth import views as auth_views
 from django.core.cache import cache
 
@@ -13,7 +15,9 @@ WINDOW_S = 300
 def _keys(request) -> list[str]:
     name = (request.POST.get("username") or "").strip().lower()[:150]
     addr = request.META.get("REMOTE_ADDR", "")
-    return [f"ctweb:login-fail:user:{name}", f"ctweb:login-fail:addr:{addr}"]
+    # Hashed: a user name may hold anything, a cache key may not (spaces, control characters).
+    name_key = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    return [f"ctweb:login-fail:user:{name_key}", f"ctweb:login-fail:addr:{addr}"]
 
 
 def _blocked(request) -> bool:

@@ -57,6 +57,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "ctweb.middleware.RequestLimitsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -135,6 +136,14 @@ if _PLAIN_STATIC:
     STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
 WHITENOISE_USE_FINDERS = _PLAIN_STATIC
 
+# Request bodies: the largest thing ctweb takes is a container's command (4 KiB) in a small
+# JSON object or form, so 256 KiB leaves room and refuses multi-megabyte bodies with 413
+# before they are read (ctweb.middleware.RequestLimitsMiddleware; the API's JSON parser reads
+# no further either). A reverse proxy in front should set the same limit (nginx:
+# client_max_body_size 256k), as Daphne buffers a whole body before Django sees it.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 200
+
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = _env_bool("HTTPS", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
@@ -198,13 +207,14 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "ctweb.api.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["ctweb.parsers.JSONParser"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "ctweb API",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "PATH_CONVERTER_OVERRIDES": {"id": {"type": "integer", "minimum": 0, "maximum": 999999999999999999}},
     "ENUM_NAME_OVERRIDES": {
         "HostStatusEnum": "hosts.models.Host.Status",
         "OperationStatusEnum": "containers.models.Operation.Status",

@@ -9,7 +9,7 @@ from containers import views as container_views
 from hosts import api as host_api
 from hosts import views as host_views
 
-from . import views
+from . import converters, views  # noqa: F401  (converters registers <id:...>)
 from .login import LoginView
 
 api = [
@@ -31,9 +31,9 @@ api = [
     path("containers/<str:name>/snapshots/<str:snap>/restore", container_api.SnapshotRestore.as_view()),
     path("snapshots/", container_api.FleetSnapshots.as_view()),
     path("operations/", container_api.OperationList.as_view()),
-    path("operations/<int:op_id>/", container_api.OperationDetail.as_view()),
-    path("operations/<int:op_id>/cancel", container_api.OperationCancel.as_view()),
-    path("operations/<int:op_id>/bundle", container_api.OperationBundle.as_view()),
+    path("operations/<id:op_id>/", container_api.OperationDetail.as_view()),
+    path("operations/<id:op_id>/cancel", container_api.OperationCancel.as_view()),
+    path("operations/<id:op_id>/bundle", container_api.OperationBundle.as_view()),
 ]
 
 urlpatterns = [
@@ -65,15 +65,15 @@ urlpatterns = [
     path("containers/<str:name>/<str:action>", container_views.container_action, name="container-action"),
     path("snapshots/", container_views.snapshot_search, name="snapshot-search"),
     path("operations/", container_views.operation_list, name="operation-list"),
-    path("operations/<int:op_id>/", container_views.operation_detail, name="operation-detail"),
-    path("operations/<int:op_id>/cancel", container_views.operation_cancel, name="operation-cancel"),
+    path("operations/<id:op_id>/", container_views.operation_detail, name="operation-detail"),
+    path("operations/<id:op_id>/cancel", container_views.operation_cancel, name="operation-cancel"),
     path("users/", views.user_list, name="user-list"),
     path("audit/", views.audit_log, name="audit-log"),
     path("users/create", views.user_create, name="user-create"),
-    path("users/<int:user_id>/update", views.user_update, name="user-update"),
+    path("users/<id:user_id>/update", views.user_update, name="user-update"),
     path("tokens/", views.token_list, name="token-list"),
     path("tokens/create", views.token_create, name="token-create"),
-    path("tokens/<int:token_id>/revoke", views.token_revoke, name="token-revoke"),
+    path("tokens/<id:token_id>/revoke", views.token_revoke, name="token-revoke"),
     path("api/schema/", SpectacularAPIView.as_view(permission_classes=[AllowAny]), name="schema"),
     # Django admin's own login form would be a second, unthrottled and unaudited password
     # check: its login goes to ours (the admin site still needs a staff account).
@@ -81,3 +81,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(api)),
 ]
+
+# Errors outside the views (no route, a server error, a malformed request) in the API's
+# format under /api/, Django's pages elsewhere.
+handler400 = "ctweb.views.bad_request"
+handler404 = "ctweb.views.not_found"
+handler500 = "ctweb.views.server_error"

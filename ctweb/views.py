@@ -7,6 +7,7 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views import defaults
 from django.views.decorators.http import require_POST, require_safe
 
 from containers.models import Operation
@@ -15,10 +16,29 @@ from hosts.views import hosts_with_counts
 
 from .audit import audit
 from .decorators import role_required
+from .middleware import error_response
 from .models import ApiToken
 from .roles import ROLES, role_of, set_role
 
 User = get_user_model()
+
+
+def bad_request(request, exception=None):
+    if request.path.startswith("/api/"):
+        return error_response(request, "The request is malformed.", 400)
+    return defaults.bad_request(request, exception)
+
+
+def not_found(request, exception=None):
+    if request.path.startswith("/api/"):
+        return error_response(request, "Not found.", 404)
+    return defaults.page_not_found(request, exception)
+
+
+def server_error(request):
+    if request.path.startswith("/api/"):
+        return error_response(request, "Something went wrong on the server; the error is logged.", 500)
+    return defaults.server_error(request)
 
 
 def admin_login(request):
@@ -131,7 +151,7 @@ def token_list(request):
 @login_required
 @require_POST
 def token_create(request):
-    name = request.POST.get("name", "").strip()[:100]
+    name = "".join(ch for ch in request.POST.get("name", "") if ch.isprintable()).strip()[:100]
     token, key = ApiToken.issue(request.user, name)
     audit(request, "token.create", object_type="token", detail=f"{token.prefix}… {name}")
     return render(request, "users/tokens.html", {"tokens": request.user.api_tokens.all(), "new_key": key})

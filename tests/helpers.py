@@ -1,5 +1,7 @@
 import pytest
+from django.apps import apps
 from django.contrib.auth import get_user_model
+from django.contrib.sessions.models import Session
 
 from ctweb.models import ApiToken
 from ctweb.roles import set_role
@@ -35,3 +37,19 @@ def trusted_host(db):
         key_data="AAAAC3NzaC1lZDI1NTE5AAAAIGbXYqIV8bzRLxNfJ6vHR5cP2xvQ6QFqD7PbSqPXW0Mg",
         fingerprint="SHA256:x",
     )
+
+
+IGNORED_FIELDS = {"last_used_at", "last_login"}  # bookkeeping of who authenticated, not a change
+
+
+def db_state() -> dict:
+    """Every row of every table (sessions aside), for 'nothing changed' comparisons."""
+    out = {}
+    for model in apps.get_models(include_auto_created=True):
+        if model is Session:
+            continue
+        rows = [
+            {k: v for k, v in row.items() if k not in IGNORED_FIELDS} for row in model.objects.order_by("pk").values()
+        ]
+        out[model._meta.label] = rows
+    return out
