@@ -10,10 +10,10 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ctweb.api import ApiError
+from ctweb.api import ApiError, StrictBooleanField, StrictCharField
 from ctweb.audit import audit
 from hosts.models import Host
-from hosts.validators import validate_name
+from hosts.validators import NAME_PATTERN, validate_name
 
 from . import events
 from .bundles import bundle_bytes
@@ -33,9 +33,9 @@ from .services import (
 
 class OperationSerializer(serializers.ModelSerializer):
     container = serializers.CharField(source="container_name", allow_null=True)
-    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     url = serializers.SerializerMethodField()
 
     class Meta:
@@ -67,6 +67,20 @@ class OperationSerializer(serializers.ModelSerializer):
 class OperationSummarySerializer(OperationSerializer):
     class Meta(OperationSerializer.Meta):
         fields = [f for f in OperationSerializer.Meta.fields if f != "events"]
+
+
+class OperationAcceptedSerializer(serializers.Serializer):
+    """The answer to every request that starts long work (202)."""
+
+    id = serializers.IntegerField()
+    url = serializers.CharField()
+
+
+class TargetSerializer(serializers.Serializer):
+    host = serializers.CharField()
+    strategies = serializers.DictField(
+        child=serializers.CharField(allow_null=True), help_text="strategy -> null when possible, else why not"
+    )
 
 
 def operation_accepted(op: Operation) -> Response:
@@ -130,7 +144,7 @@ def cancel_operation(request, op: Operation) -> Operation:
 
 
 class OperationCancel(APIView):
-    @extend_schema(request=None, responses=OperationSerializer)
+    @extend_schema(request=None, responses={202: OperationSerializer})
     def post(self, request, op_id):
         op = get_object_or_404(Operation, pk=op_id)
         op = cancel_operation(request, op)
@@ -173,18 +187,16 @@ class ContainerSerializer(serializers.ModelSerializer):
 
 
 class ContainerCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63, trim_whitespace=False, validators=[validate_name])
-    host = serializers.CharField(max_length=63, trim_whitespace=False)
-    template = serializers.CharField(max_length=32, default="busybox", trim_whitespace=False)
+    name = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN, validate_name])
+    host = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
+    template = StrictCharField(max_length=32, default="busybox", trim_whitespace=False)
     command = serializers.JSONField(required=False, allow_null=True, default=None)
 
 
 class StateSerializer(serializers.Serializer):
     action = serializers.ChoiceField(choices=["start", "stop", "restart"])
-    stateful = serializers.BooleanField(
-        default=False, help_text="stop: dump the memory first; the next start resumes it"
-    )
-    discard_state = serializers.BooleanField(default=False, help_text="start: throw away saved state, start cold")
+    stateful = StrictBooleanField(default=False, help_text="stop: dump the memory first; the next start resumes it")
+    discard_state = StrictBooleanField(default=False, help_text="start: throw away saved state, start cold")
 
 
 def containers_queryset():
@@ -261,7 +273,7 @@ class ContainerList(APIView):
         limit, offset = _limits(request.query_params, default=1000, most=1000)
         return Response(container_rows(qs[offset : offset + limit]))
 
-    @extend_schema(request=ContainerCreateSerializer, responses={202: dict})
+    @extend_schema(request=ContainerCreateSerializer, responses={202: OperationAcceptedSerializer})
     def post(self, request):
         s = ContainerCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
@@ -274,13 +286,13 @@ class ContainerDetail(APIView):
     def get(self, request, name):
         return Response(ContainerSerializer(_container(name)).data)
 
-    @extend_schema(responses={202: dict})
+    @extend_schema(responses={202: OperationAcceptedSerializer})
     def delete(self, request, name):
         return operation_accepted(container_operation(request, _container(name), Operation.Kind.DELETE))
 
 
 class ContainerState(APIView):
-    @extend_schema(request=StateSerializer, responses={202: dict})
+    @extend_schema(request=StateSerializer, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
         container = _container(name)
         s = StateSerializer(data=request.data)
@@ -289,7 +301,7 @@ class ContainerState(APIView):
 
 
 class HostSync(APIView):
-    @extend_schema(request=None, responses={202: dict})
+    @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
         return operation_accepted(sync_host(request, get_object_or_404(Host, name=name)))
 
@@ -300,7 +312,7 @@ class HostSync(APIView):
 class SnapshotSerializer(serializers.ModelSerializer):
     container = serializers.CharField(source="container.name", read_only=True)
     host = serializers.CharField(source="container.host.name", read_only=True)
-    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
     class Meta:
         model = Snapshot
@@ -313,8 +325,15 @@ class SnapshotDetailSerializer(SnapshotSerializer):
 
 
 class SnapshotCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63, required=False, allow_null=True, default=None, trim_whitespace=False)
-    stateful = serializers.BooleanField(default=True)
+    name = StrictCharField(
+        max_length=63,
+        required=False,
+        allow_null=True,
+        default=None,
+        trim_whitespace=False,
+        validators=[NAME_PATTERN, validate_name],
+    )
+    stateful = StrictBooleanField(default=True)
 
 
 def _snapshot(container: Container, snap: str) -> Snapshot:
@@ -330,7 +349,9 @@ MAX_IDS = 1000  # beyond this many matching containers a search reads most snaps
 
 def filter_snapshots(qs, params):
     """Filters shared by the snapshot lists (API and pages): stateful, since, until, who, q."""
-    if params.get("stateful") in ("true", "false"):
+    if params.get("stateful"):
+        if params["stateful"] not in ("true", "false"):
+            raise ApiError("stateful must be true or false.", 400, "stateful")
         qs = qs.filter(stateful=params["stateful"] == "true")
     # Days as ranges of created_at, not created_at's date: the index on created_at serves a range.
     since = _date(params["since"], "since") if params.get("since") else date.min
@@ -379,7 +400,7 @@ def _limits(q, default: int = 100, most: int = 500) -> tuple[int, int]:
 
 
 SNAPSHOT_FILTERS = [
-    OpenApiParameter("stateful", str, enum=["true", "false"]),
+    OpenApiParameter("stateful", str, enum=["true", "false", ""], description="empty: either"),
     OpenApiParameter("since", str, description="YYYY-MM-DD"),
     OpenApiParameter("until", str, description="YYYY-MM-DD"),
     OpenApiParameter("created_by", str),
@@ -396,7 +417,7 @@ class SnapshotList(APIView):
         limit, offset = _limits(request.query_params)
         return Response(SnapshotSerializer(qs[offset : offset + limit], many=True).data)
 
-    @extend_schema(request=SnapshotCreateSerializer, responses={202: dict})
+    @extend_schema(request=SnapshotCreateSerializer, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
         container = _container(name)
         s = SnapshotCreateSerializer(data=request.data)
@@ -411,14 +432,14 @@ class SnapshotDetail(APIView):
     def get(self, request, name, snap):
         return Response(SnapshotDetailSerializer(_snapshot(_container(name), snap)).data)
 
-    @extend_schema(responses={202: dict})
+    @extend_schema(responses={202: OperationAcceptedSerializer})
     def delete(self, request, name, snap):
         container = _container(name)
         return operation_accepted(delete_snapshot(request, container, _snapshot(container, snap)))
 
 
 class SnapshotRestore(APIView):
-    @extend_schema(request=None, responses={202: dict})
+    @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name, snap):
         container = _container(name)
         return operation_accepted(restore_snapshot(request, container, _snapshot(container, snap)))
@@ -466,12 +487,12 @@ class OperationBundle(APIView):
 
 
 class MigrateSerializer(serializers.Serializer):
-    target_host = serializers.CharField(max_length=63, trim_whitespace=False)
+    target_host = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
     strategy = serializers.ChoiceField(choices=list(STRATEGIES), default="auto")
 
 
 class ContainerMigrate(APIView):
-    @extend_schema(request=MigrateSerializer, responses={202: dict})
+    @extend_schema(request=MigrateSerializer, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
         container = _container(name)
         s = MigrateSerializer(data=request.data)
@@ -483,7 +504,7 @@ class ContainerMigrate(APIView):
 class ContainerTargets(APIView):
     """For a migration picker: each other host and which strategies it allows, or why not."""
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(responses=TargetSerializer(many=True))
     def get(self, request, name):
         container = _container(name)
         hosts = Host.objects.exclude(pk=container.host_id)
@@ -491,6 +512,6 @@ class ContainerTargets(APIView):
 
 
 class HostEvacuate(APIView):
-    @extend_schema(request=None, responses={202: dict})
+    @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
         return operation_accepted(start_evacuation(request, get_object_or_404(Host, name=name)))

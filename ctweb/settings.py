@@ -214,6 +214,10 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "ctweb API",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "ctweb.schema.add_error_responses",
+    ],
     "PATH_CONVERTER_OVERRIDES": {"id": {"type": "integer", "minimum": 0, "maximum": 999999999999999999}},
     "ENUM_NAME_OVERRIDES": {
         "HostStatusEnum": "hosts.models.Host.Status",

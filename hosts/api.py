@@ -1,23 +1,23 @@
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from containers.api import operation_accepted
+from containers.api import OperationAcceptedSerializer, operation_accepted
 from containers.events import publish_fleet
 from containers.models import Operation
 from containers.runner import enqueue
-from ctweb.api import ApiError
+from ctweb.api import ApiError, StrictCharField, StrictIntegerField
 from ctweb.audit import audit
 
 from . import ssh
 from .jobs import host_state
 from .models import Host
-from .validators import validate_address, validate_name, validate_username
+from .validators import NAME_PATTERN, USER_PATTERN, validate_address, validate_name, validate_username
 
 
 class HostSerializer(serializers.ModelSerializer):
@@ -46,16 +46,16 @@ class HostSerializer(serializers.ModelSerializer):
 
 
 class HostCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63, validators=[validate_name], trim_whitespace=False)
-    address = serializers.CharField(max_length=253, validators=[validate_address], trim_whitespace=False)
-    port = serializers.IntegerField(default=22, min_value=1, max_value=65535)
-    username = serializers.CharField(
-        default="root", max_length=32, validators=[validate_username], trim_whitespace=False
+    name = StrictCharField(max_length=63, validators=[NAME_PATTERN, validate_name], trim_whitespace=False)
+    address = StrictCharField(max_length=253, validators=[validate_address], trim_whitespace=False)
+    port = StrictIntegerField(default=22, min_value=1, max_value=65535)
+    username = StrictCharField(
+        default="root", max_length=32, validators=[USER_PATTERN, validate_username], trim_whitespace=False
     )
 
 
 class TrustSerializer(serializers.Serializer):
-    fingerprint = serializers.CharField(max_length=100)
+    fingerprint = StrictCharField(max_length=100)
 
 
 def _host_for_name(name: str) -> Host:
@@ -192,12 +192,14 @@ class HostTrust(APIView):
 class HostProbe(APIView):
     write_role = "operator"
 
-    @extend_schema(request=None, responses={202: dict})
+    @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
         return operation_accepted(start_probe(request, _host_for_name(name)))
 
 
-@extend_schema(responses={200: dict})
+@extend_schema(
+    responses=inline_serializer("SSHPublicKey", {"public_key": serializers.CharField()}),
+)
 @api_view(["GET"])
 def ssh_public_key(request):
     """The dashboard's SSH public key, for `authorized_keys` on each host."""

@@ -52,7 +52,10 @@ def host_add(request):
     error = None
     if request.method == "POST":
         form_data = request.POST
-        s = HostCreateSerializer(data=request.POST)
+        data = request.POST.dict()  # a form sends text: the port as a number, as the API takes it
+        if data.get("port", "").isdigit():
+            data["port"] = int(data["port"])
+        s = HostCreateSerializer(data=data)
         if s.is_valid():
             try:
                 host = add_host(request, **s.validated_data)
