@@ -42,3 +42,35 @@ def test_a_viewer_gets_the_fleet_state_first(stack):
     )
     assert msg["type"] == "state"
     assert isinstance(msg["active_operations"], list)
+
+
+def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack):
+    """Through the real channel layer (Redis): a token revoked in another process (here a
+    management shell) closes the socket it opened, with 4403."""
+    token = (
+        stack.python(
+            "from django.contrib.auth import get_user_model; from ctweb.models import ApiToken; "
+            "from ctweb.roles import set_role; "
+            "u, _ = get_user_model().objects.get_or_create(username='erin'); set_role(u, 'viewer'); "
+            "print(ApiToken.issue(u, 'ws')[1])"
+        )
+        .strip()
+        .splitlines()[-1]
+    )
+
+    async def run():
+        url = Api(stack, None).ws_url("/ws/events/")
+        async with websockets.connect(url, additional_headers={"Authorization": f"Token {token}"}) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await asyncio.to_thread(
+                stack.python,
+                "from ctweb.models import ApiToken; ApiToken.objects.filter(user__username='erin').delete()",
+            )
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 15)
+            return first, closed.value.rcvd.code
+
+    first, code = asyncio.run(run())
+    assert first["type"] == "state"
+    assert code == 4403
