@@ -38,7 +38,7 @@ def op_ms(api: Api, method: str, path: str, body=None) -> tuple[float, float, di
     t0 = time.monotonic()
     r = api(method, path, json=body) if body is not None else api(method, path)
     r.raise_for_status()
-    op = api.wait_operation(r.json()["id"], timeout=300)
+    op = api.wait_operation(r.json()["id"], timeout=300, interval=0.02)  # as soon as a websocket would say
     wall = (time.monotonic() - t0) * 1000
     if op["status"] != "success":
         raise RuntimeError(f"{method} {path} failed: {op['error']}")
@@ -323,11 +323,36 @@ def write(results: dict, notes: dict | None = None) -> None:
     print("\n".join(lines))
 
 
+BY_HAND = "overhead against doing it by hand (busybox, 64 MiB held in memory)"
+
+
+def by_hand_section(stack: Stack, repeat: int) -> dict:
+    """ctweb against the same steps typed by hand, same containers, same run (bench/byhand.py)."""
+    from bench.byhand import bench_by_hand
+
+    raw = bench_by_hand(stack, repeat, op_ms)
+    out = {f"{k}, ms": summary(v) for k, v in raw.items()}
+    for what, target in (("downtime", 1.10), ("total", 1.25)):
+        for op in ("snapshot", "restore", "stop-and-copy"):
+            ours, theirs = raw.get(f"{op} {what}, ctweb"), raw.get(f"{op} {what}, by hand")
+            if ours and theirs:
+                ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+                s = {
+                    "n": len(ratios),
+                    "median": round(statistics.median(ratios), 2),
+                    "min": round(min(ratios), 2),
+                    "max": round(max(ratios), 2),
+                }
+                verdict = "met" if s["median"] <= target else "MISSED"
+                out[f"{op} {what} ctweb / by hand, per pair (target: within {target}x; {verdict})"] = s
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
-    ap.add_argument("--only", help="run only this part: fleet (no lab), concurrency or memory (with the lab)")
+    ap.add_argument("--only", help="run only this part: fleet (no lab), concurrency, memory or byhand (with the lab)")
     args = ap.parse_args()
     results, notes = {}, {}
     if args.only in (None, "fleet"):
@@ -347,6 +372,7 @@ def main() -> int:
             part = {
                 "concurrency": ("concurrency on the lab", bench_concurrency),
                 "memory": ("downtime against memory size (debian, python writing ~1 MiB/s)", bench_memory),
+                "byhand": (BY_HAND, lambda st: by_hand_section(st, args.repeat)),
             }[args.only]
             results[part[0]] = part[1](stack)
         elif not args.no_lab:
@@ -355,6 +381,7 @@ def main() -> int:
             results["CRIU operations on the lab (busybox counter, snapshots accumulate)"] = bench_criu(
                 stack, args.repeat
             )
+            results[BY_HAND] = by_hand_section(stack, args.repeat)
     finally:
         stack.stop()
         subprocess.run(

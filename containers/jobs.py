@@ -63,7 +63,7 @@ def agent(
     if ctx:
         ctx.event("connect", f"connecting to {host.name}", base)
     try:
-        with ssh.connect(host) as conn:
+        with ssh.pooled(host) as conn:
             return conn.run_agent(subcommand, params, on_event=on_event, timeout=timeout).data
     except ssh.AgentFailed as e:
         raise OperationFailed(str(e), e.details, e.data) from e

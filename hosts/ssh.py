@@ -309,6 +309,14 @@ def _watch_link(transport: paramiko.Transport) -> None:
 @contextmanager
 def connect(host, timeout: float | None = None) -> Iterator[HostConnection]:
     """Open an authenticated SSH connection to a trusted host, with its key pinned."""
+    conn = _open(host, timeout)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _open(host, timeout: float | None = None) -> HostConnection:
     if host.is_blocked:
         raise (
             HostKeyMismatch(host.name, key_from_parts(host.offered_key_type, host.offered_key_data))
@@ -350,11 +358,63 @@ def connect(host, timeout: float | None = None) -> Iterator[HostConnection]:
             f"Cannot connect to {host.name} ({host.address} port {host.port}): {e or type(e).__name__}."
         ) from e
     _watch_link(client.get_transport())
-    conn = HostConnection(host, client)
+    return HostConnection(host, client)
+
+
+# Each worker thread keeps its last connection to each host for a while: a job's agent call
+# then costs one SSH channel, not a handshake (and the agent's SFTP check) every time.
+POOL_IDLE_S = 60
+_pool = threading.local()
+
+
+def _pool_key(host) -> tuple:
+    return (host.pk, host.address, host.port, host.username, host.key_type, host.key_data)
+
+
+def _alive(conn: HostConnection) -> bool:
+    """One round trip: can this connection still open a channel?"""
+    transport = conn.client.get_transport()
+    if transport is None or not transport.is_active():
+        return False
+    try:
+        transport.open_session(timeout=5).close()
+        return True
+    except (paramiko.SSHException, OSError, EOFError):
+        return False
+
+
+@contextmanager
+def pooled(host) -> Iterator[HostConnection]:
+    """Like connect(), reusing this thread's idle connection to the host when it is still
+    alive and still for the same address, user and pinned key. A connection that saw any
+    error is closed, never reused."""
+    if host.is_blocked or not host.key_data:
+        with connect(host) as conn:  # raises the right error
+            yield conn
+        return
+    cache = getattr(_pool, "conns", None)
+    if cache is None:
+        cache = _pool.conns = {}
+    entry = cache.pop(host.pk, None)
+    conn = None
+    if entry is not None:
+        conn, key, last = entry
+        if key != _pool_key(host) or time.monotonic() - last > POOL_IDLE_S or not _alive(conn):
+            conn.close()
+            conn = None
+    if conn is None:
+        conn = _open(host)
+    conn.host = host
+    ok = False
     try:
         yield conn
+        ok = True
     finally:
-        conn.close()
+        transport = conn.client.get_transport()
+        if ok and transport is not None and transport.is_active():
+            cache[host.pk] = (conn, _pool_key(host), time.monotonic())
+        else:
+            conn.close()
 
 
 CHUNK = 1 << 20

@@ -300,12 +300,12 @@ class Api:
     def post(self, path: str, **kw):
         return self("POST", path, **kw)
 
-    def wait_operation(self, op_id: int, timeout: float = 60) -> dict:
+    def wait_operation(self, op_id: int, timeout: float = 60, interval: float = 0.2) -> dict:
         def done():
             op = self.get(f"/api/v1/operations/{op_id}/").json()
             return op if op["status"] in ("success", "failure", "cancelled") else None
 
-        return wait_for(done, timeout, f"operation {op_id}", interval=0.2)
+        return wait_for(done, timeout, f"operation {op_id}", interval=interval)
 
     def ws_url(self, path: str) -> str:
         return self.stack.url.replace("http://", "ws://") + path

@@ -819,14 +819,14 @@ def _thaw(name):
     snapshots, which freeze the container to copy its rootfs consistently -- while LXC
     believes the container RUNNING and does nothing. So write the cgroup file."""
     run(["lxc-unfreeze", "-n", name], timeout=60)
-    for _ in range(50):
+    for _ in range(500):
         state = _freezer_state(name)
         if state in (None, "THAWED"):
             return
         if state == "FROZEN":
             run(["lxc-cgroup", "-n", name, "freezer.state", "THAWED"], timeout=20)
             run(["lxc-cgroup", "-n", name, "cgroup.freeze", "0"], timeout=20)
-        time.sleep(0.1)  # FREEZING/THAWING settle within ms
+        time.sleep(0.01)  # FREEZING/THAWING settle within ms
     raise AgentError(f"{name} stays frozen ({_freezer_state(name)}) after a restore.", data={"state": _state(name)})
 
 
