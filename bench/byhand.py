@@ -85,6 +85,13 @@ class Hosts:
             raise RuntimeError(f"copy {src} -> {dst} failed: {b.stderr.decode()[-500:]}")
 
 
+def copy_rate(h: Hosts, src: str, dst: str, mib: int) -> float:
+    """Bytes per ms of a plain copy from one host to the other through this machine."""
+    t0 = time.monotonic()
+    h.pipe(src, f"head -c {mib << 20} /dev/zero", dst, "cat > /dev/null")
+    return (mib << 20) / ((time.monotonic() - t0) * 1000)
+
+
 def _ms_between(out: str) -> float:
     """The host's own timestamps (ns) printed by `date +%s%N` around the timed part."""
     t = [int(x) for x in out.split() if x.isdigit()]
