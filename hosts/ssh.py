@@ -361,10 +361,12 @@ def _open(host, timeout: float | None = None) -> HostConnection:
     return HostConnection(host, client)
 
 
-# Each worker thread keeps its last connection to each host for a while: a job's agent call
-# then costs one SSH channel, not a handshake (and the agent's SFTP check) every time.
+# The worker keeps idle connections to each host for a while: a job's agent call then costs
+# one SSH channel, not a handshake (and the agent's SFTP check) every time. A connection is
+# used by one job at a time: it is taken out of the pool while in use.
 POOL_IDLE_S = 60
-_pool = threading.local()
+_pool: dict[int, list[tuple[HostConnection, tuple, float]]] = {}
+_pool_lock = threading.Lock()
 
 
 def _pool_key(host) -> tuple:
@@ -383,27 +385,28 @@ def _alive(conn: HostConnection) -> bool:
         return False
 
 
+def _take(host) -> HostConnection | None:
+    while True:
+        with _pool_lock:
+            idle = _pool.get(host.pk) or []
+            if not idle:
+                return None
+            conn, key, last = idle.pop()
+        if key == _pool_key(host) and time.monotonic() - last <= POOL_IDLE_S and _alive(conn):
+            return conn
+        conn.close()
+
+
 @contextmanager
 def pooled(host) -> Iterator[HostConnection]:
-    """Like connect(), reusing this thread's idle connection to the host when it is still
-    alive and still for the same address, user and pinned key. A connection that saw any
-    error is closed, never reused."""
+    """Like connect(), reusing an idle connection from the pool when it is still alive and
+    still for the same address, user and pinned key. A connection that saw any error is
+    closed, never reused."""
     if host.is_blocked or not host.key_data:
         with connect(host) as conn:  # raises the right error
             yield conn
         return
-    cache = getattr(_pool, "conns", None)
-    if cache is None:
-        cache = _pool.conns = {}
-    entry = cache.pop(host.pk, None)
-    conn = None
-    if entry is not None:
-        conn, key, last = entry
-        if key != _pool_key(host) or time.monotonic() - last > POOL_IDLE_S or not _alive(conn):
-            conn.close()
-            conn = None
-    if conn is None:
-        conn = _open(host)
+    conn = _take(host) or _open(host)
     conn.host = host
     ok = False
     try:
@@ -412,7 +415,8 @@ def pooled(host) -> Iterator[HostConnection]:
     finally:
         transport = conn.client.get_transport()
         if ok and transport is not None and transport.is_active():
-            cache[host.pk] = (conn, _pool_key(host), time.monotonic())
+            with _pool_lock:
+                _pool.setdefault(host.pk, []).append((conn, _pool_key(host), time.monotonic()))
         else:
             conn.close()
 
