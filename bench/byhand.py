@@ -166,7 +166,9 @@ def bench_by_hand(stack: Stack, repeat: int, op_ms) -> dict[str, list[float]]:
             down, total = by_hand_restore(h, where, "byhand", snap)
             rows.setdefault("restore downtime, by hand", []).append(down)
             rows.setdefault("restore total, by hand", []).append(total)
+            # Both drop their snapshot, so both move the same data (ctweb moves snapshots along).
             h.run(where, f"rm -rf {WORK}/byhand/{snap}")
+            op_ms(api, "DELETE", f"/api/v1/containers/viactweb/snapshots/{snap}/")
             # stop-and-copy migration
             target = "lab-b" if where == "lab-a" else "lab-a"
             wall, _, op = op_ms(
