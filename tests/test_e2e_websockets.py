@@ -51,7 +51,7 @@ def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack):
         stack.python(
             "from django.contrib.auth import get_user_model; from ctweb.models import ApiToken; "
             "from ctweb.roles import set_role; "
-            "u, _ = get_user_model().objects.get_or_create(username='erin'); set_role(u, 'viewer'); "
+            "u, _ = get_user_model().objects.get_or_create(username='ws-revoked'); set_role(u, 'viewer'); "
             "print(ApiToken.issue(u, 'ws')[1])"
         )
         .strip()
@@ -64,7 +64,7 @@ def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack):
             first = json.loads(await asyncio.wait_for(ws.recv(), 10))
             await asyncio.to_thread(
                 stack.python,
-                "from ctweb.models import ApiToken; ApiToken.objects.filter(user__username='erin').delete()",
+                "from ctweb.models import ApiToken; ApiToken.objects.filter(user__username='ws-revoked').delete()",
             )
             with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
                 while True:
