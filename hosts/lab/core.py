@@ -119,6 +119,12 @@ HOST_PACKAGES = [
 ]
 DEBIAN_TEMPLATE_PACKAGES = ["python3", "iproute2", "iputils-ping", "procps", "sysvinit-core"]
 STAMP = ".ctweb-lab-complete"
+# CRIU comes from sid: trixie's 4.1.1 cannot dump any inet socket on kernels >= 6.16 ("Can't
+# get 1:16 opt"), 4.2.1 can (docs/LAB-NOTES.md). The host rootfs's stamp names it, so a cache
+# built before is rebuilt.
+CRIU_SUITE = "sid"
+CRIU_PACKAGES = ["criu", "python3-pycriu"]
+HOST_STAMP = ".ctweb-lab-complete-criu-sid"
 # cgroup v1 hierarchies mounted inside hosts when the machine does not tell (LAB.md)
 DEFAULT_CGROUP_V1 = [
     ("cpu,cpuacct", "cpu,cpuacct"),
@@ -279,7 +285,31 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
 # ---------------------------------------------------------------- root filesystems
 
 
-def _debootstrap(target: Path, packages: list[str]) -> None:
+def _install_from(root: Path, suite: str, packages: list[str]) -> None:
+    """apt-get install packages from another suite into a built rootfs (only those, and what
+    they need: everything else stays trixie's)."""
+    (root / "etc/apt/sources.list.d/ctweb-extra.list").write_text(f"deb {DEBIAN_MIRROR} {suite} main\n")
+    (root / "etc/apt/preferences.d").mkdir(parents=True, exist_ok=True)
+    (root / "etc/apt/preferences.d/ctweb-extra").write_text(f"Package: *\nPin: release n={suite}\nPin-Priority: 100\n")
+    # The registry's snapshot of sid is older than its Release file's Valid-Until.
+    script = (
+        "mount -t proc proc /proc && mount -t devtmpfs dev /dev || exit 1; "
+        "apt-get -o Acquire::Check-Valid-Until=false -qq update && "
+        f"DEBIAN_FRONTEND=noninteractive apt-get -y -qq -t {suite} install {' '.join(packages)}; "
+        "rc=$?; umount /dev; umount /proc; exit $rc"
+    )
+    _say(f"installing {', '.join(packages)} from {suite}")
+    proc = subprocess.run(
+        ["unshare", "-m", "chroot", str(root), "/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise LabError(f"installing {packages} from {suite} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _debootstrap(target: Path, packages: list[str], stamp: str = STAMP, then=None) -> None:
     if not shutil.which("debootstrap"):
         raise LabError("debootstrap is not installed on the machine (apt-get install debootstrap)")
     if not Path(f"/usr/share/debootstrap/scripts/{SUITE}").exists():
@@ -306,6 +336,8 @@ def _debootstrap(target: Path, packages: list[str]) -> None:
         log = tmp / "debootstrap" / "debootstrap.log"
         tail = log.read_text()[-3000:] if log.exists() else ""
         raise LabError(f"debootstrap failed ({proc.returncode}):\n{proc.stderr[-3000:]}\n{tail}")
+    if then is not None:
+        then(tmp)
     for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for f in (tmp / sub).glob("*"):
             if f.is_file():
@@ -313,7 +345,7 @@ def _debootstrap(target: Path, packages: list[str]) -> None:
     # hosts must not share ssh host keys: generated per host at up()
     for key in (tmp / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    (tmp / STAMP).write_text(f"built {time.ctime()} in {time.monotonic() - t0:.0f}s\n")
+    (tmp / stamp).write_text(f"built {time.ctime()} in {time.monotonic() - t0:.0f}s\n")
     os.rename(tmp, target)
     _say(f"built {target} in {time.monotonic() - t0:.0f}s")
 
@@ -328,12 +360,16 @@ def build_rootfs() -> Path:
     base = lab_dir()
     rootfs = base / "rootfs"
     debian = base / "templates" / "debian"
-    for target, pkgs in ((rootfs, HOST_PACKAGES), (debian, DEBIAN_TEMPLATE_PACKAGES)):
-        if (target / STAMP).exists():
+    builds = (
+        (rootfs, HOST_PACKAGES, HOST_STAMP, lambda tmp: _install_from(tmp, CRIU_SUITE, CRIU_PACKAGES)),
+        (debian, DEBIAN_TEMPLATE_PACKAGES, STAMP, None),
+    )
+    for target, pkgs, stamp, then in builds:
+        if (target / stamp).exists():
             continue
-        if target.exists():  # renamed but stamp missing: cannot be ours complete
+        if target.exists():  # renamed but stamp missing (or an older build): not ours complete
             _rmtree(target)
-        _debootstrap(target, pkgs)
+        _debootstrap(target, pkgs, stamp, then)
     return rootfs
 
 
@@ -546,7 +582,7 @@ def _configure_host_root(root: Path, name: str, index: int, n_hosts: int, author
 def _prepare_host_root(hdir: Path, name: str) -> Path:
     """The host's own copy of the rootfs (+ the debian template staged inside it)."""
     root = hdir / "root"
-    if (root / STAMP).exists() and (root / ".ctweb-lab-host").exists():
+    if (root / HOST_STAMP).exists() and (root / ".ctweb-lab-host").exists():
         return root
     _rmtree(root)
     tmp = hdir / "root.tmp"

@@ -305,7 +305,7 @@ def test_it_leaves_no_trace_after_down(lab):
     for pid in pids:
         assert core._proc_starttime(pid) is None
     assert not (base / "hosts").exists()
-    assert (base / "rootfs" / core.STAMP).exists()  # the cache stays
+    assert (base / "rootfs" / core.HOST_STAMP).exists()  # the cache stays
     cg = Path("/sys/fs/cgroup")
     assert not [p for p in cg.glob("*/**/ctweb-lab-*") if p.is_dir()]
     assert core.status() == []
