@@ -52,3 +52,24 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username} {self.action} {self.object_type}:{self.object_name} {self.outcome}"
+
+
+class FleetSettings(models.Model):
+    """Settings of the whole fleet that an admin changes (one row, pk 1; see ctweb/fleet.py)."""
+
+    # Networks (CIDR strings) on which two hosts may send a migration's tars straight to
+    # each other over plain TCP, unencrypted, instead of through the dashboard over SSH.
+    direct_transfer_networks = models.JSONField(default=list, blank=True)
+    updated_at = models.DateTimeField(null=True, blank=True)
+    updated_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        verbose_name_plural = "fleet settings"
+
+    def __str__(self) -> str:
+        return "fleet settings"
+
+    @classmethod
+    def load(cls) -> "FleetSettings":
+        obj, _ = cls.objects.get_or_create(pk=1)
+        return obj

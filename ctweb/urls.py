@@ -10,6 +10,7 @@ from hosts import api as host_api
 from hosts import views as host_views
 
 from . import converters, views  # noqa: F401  (converters registers <id:...>)
+from .fleet import FleetSettingsView
 from .login import LoginView
 
 api = [
@@ -20,6 +21,7 @@ api = [
     path("hosts/<str:name>/sync", container_api.HostSync.as_view()),
     path("hosts/<str:name>/evacuate", container_api.HostEvacuate.as_view()),
     path("ssh-key/", host_api.ssh_public_key),
+    path("settings/", FleetSettingsView.as_view()),
     path("containers/", container_api.ContainerList.as_view()),
     path("containers/<str:name>/", container_api.ContainerDetail.as_view()),
     path("containers/<str:name>/state", container_api.ContainerState.as_view()),
@@ -69,6 +71,7 @@ urlpatterns = [
     path("operations/<id:op_id>/cancel", container_views.operation_cancel, name="operation-cancel"),
     path("users/", views.user_list, name="user-list"),
     path("audit/", views.audit_log, name="audit-log"),
+    path("settings/", views.fleet_settings, name="fleet-settings"),
     path("users/create", views.user_create, name="user-create"),
     path("users/<id:user_id>/update", views.user_update, name="user-update"),
     path("tokens/", views.token_list, name="token-list"),

@@ -3,7 +3,7 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.password_validation import validate_password
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
 from django.shortcuts import get_object_or_404, redirect, render
@@ -16,9 +16,10 @@ from hosts.views import hosts_with_counts
 
 from .audit import audit
 from .decorators import role_required
+from .fleet import save_direct_networks
 from .middleware import error_response
-from .models import ApiToken
-from .roles import ROLES, role_of, set_role
+from .models import ApiToken, FleetSettings
+from .roles import ROLES, has_role, role_of, set_role
 
 User = get_user_model()
 
@@ -192,3 +193,30 @@ def audit_log(request):
                 messages.error(request, f"{field} must be a date like 2026-11-26.")
     page = Paginator(qs, 100).get_page(f.get("page"))
     return render(request, "users/audit.html", {"page": page, "f": f})
+
+
+@role_required("viewer")
+def fleet_settings(request):
+    """Everyone with a role reads the fleet settings; only admins change them."""
+    typed = None
+    status = 200
+    if request.method == "POST":
+        if not has_role(request.user, "admin"):
+            raise PermissionDenied("Changing the fleet settings needs the admin role.")
+        typed = request.POST.get("direct_transfer_networks", "")
+        try:
+            fs = save_direct_networks(request, typed)
+        except ValidationError as e:
+            messages.error(request, e.messages[0])
+            status = 400
+        else:
+            nets = ", ".join(fs.direct_transfer_networks)
+            messages.success(
+                request,
+                f"Direct transfer allowed on {nets}." if nets else "Direct transfer is off: migrations relay over SSH.",
+            )
+            return redirect("fleet-settings")
+    fs = FleetSettings.load()
+    if typed is None:
+        typed = "\n".join(fs.direct_transfer_networks or [])
+    return render(request, "settings.html", {"fs": fs, "typed": typed}, status=status)

@@ -1,0 +1,168 @@
+"""Fleet settings an admin changes: the networks allowed for direct host-to-host transfer.
+
+By default a migration's bytes go through the dashboard: the worker relays them between
+its two SSH connections, so no host has to reach or trust another and everything is
+encrypted. An admin may name private networks on which two hosts send a migration's tars
+straight to each other over plain TCP instead (faster, but unencrypted: memory pages
+cross that network in the clear). Only RFC 1918, loopback and IPv6 unique-local networks
+are accepted, and a migration goes direct only when both hosts' addresses (as the
+dashboard knows them) are IP addresses inside the same allowed network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .api import ApiError
+from .audit import audit
+from .models import FleetSettings
+
+FIELD = "direct_transfer_networks"
+MAX_NETWORKS = 32
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "::1/128", "fc00::/7")
+)
+
+
+def clean_networks(value) -> list[str]:
+    """The networks as an admin typed them -> a normalised list, or ValidationError saying
+    exactly what is wrong. Accepts a list of strings, or one string (commas, spaces or lines)."""
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[\s,]+", value) if v]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError(f"{FIELD} must be a list of networks such as 10.77.64.0/24.")
+    if len(value) > MAX_NETWORKS:
+        raise ValidationError(f"At most {MAX_NETWORKS} networks.")
+    out: list[str] = []
+    for raw in value:
+        text = raw.strip()
+        if len(text) > 64:
+            raise ValidationError(f"{text[:64]}… is not a network.")
+        try:
+            net = ipaddress.ip_network(text)
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValidationError(
+                    f"{text!r} is not a network: write an address and a prefix length, such as 10.77.64.0/24."
+                ) from None
+            raise ValidationError(f"{text} has host bits set: write the network itself, {loose}.") from None
+        if not any(net.version == p.version and net.subnet_of(p) for p in PRIVATE_NETWORKS):
+            raise ValidationError(
+                f"{net} is not a private network. Direct transfer is unencrypted, so it is allowed only inside "
+                "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, loopback or IPv6 unique-local (fc00::/7) networks."
+            )
+        if str(net) not in out:
+            out.append(str(net))
+    return out
+
+
+def save_direct_networks(request, value) -> FleetSettings:
+    """Validate and store the networks (the caller checked the admin role); audited either way."""
+    try:
+        networks = clean_networks(value)
+    except ValidationError as e:
+        audit(
+            request,
+            "settings.update",
+            object_type="settings",
+            object_name=FIELD,
+            outcome="refused",
+            detail=e.messages[0],
+        )
+        raise
+    with transaction.atomic():
+        fs = FleetSettings.objects.select_for_update().get_or_create(pk=1)[0]
+        before = list(fs.direct_transfer_networks or [])
+        fs.direct_transfer_networks = networks
+        fs.updated_at = timezone.now()
+        fs.updated_by = request.user.get_username()
+        fs.save()
+    audit(
+        request,
+        "settings.update",
+        object_type="settings",
+        object_name=FIELD,
+        detail=f"{', '.join(before) or 'none'} -> {', '.join(networks) or 'none (relay only)'}",
+    )
+    return fs
+
+
+def direct_route(source, target) -> tuple[dict | None, str]:
+    """Whether a migration from `source` to `target` may send its tars directly.
+
+    ({"network", "source_address", "target_address"}, why) when both hosts' addresses lie
+    in one allowed network, else (None, why not). Read when the migration starts."""
+    networks = [ipaddress.ip_network(n) for n in FleetSettings.load().direct_transfer_networks or []]
+    if not networks:
+        return None, "no direct-transfer network is configured"
+    addresses = {}
+    for host in (source, target):
+        try:
+            addresses[host.pk] = ipaddress.ip_address(host.address)
+        except ValueError:
+            return None, f"{host.name}'s address {host.address} is a name, not an IP address in an allowed network"
+    a, b = addresses[source.pk], addresses[target.pk]
+    for net in networks:
+        if a.version == net.version == b.version and a in net and b in net:
+            return {"network": str(net), "source_address": str(a), "target_address": str(b)}, (
+                f"{source.name} ({a}) and {target.name} ({b}) are both in {net}, allowed by an admin"
+            )
+    return None, f"{source.name} ({a}) and {target.name} ({b}) are not both inside one allowed network"
+
+
+def as_dict(fs: FleetSettings) -> dict:
+    return {
+        FIELD: list(fs.direct_transfer_networks or []),
+        "updated_at": fs.updated_at,
+        "updated_by": fs.updated_by,
+    }
+
+
+class FleetSettingsSerializer(serializers.Serializer):
+    direct_transfer_networks = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        max_length=MAX_NETWORKS,
+        help_text="Private networks (CIDR) on which hosts may send migrations directly, unencrypted. "
+        "Empty: every byte is relayed by the dashboard over SSH.",
+    )
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    updated_by = serializers.CharField(read_only=True)
+
+
+class FleetSettingsView(APIView):
+    """GET: any role reads them. PUT/PATCH: admins change them (audited)."""
+
+    write_role = "admin"
+
+    @extend_schema(responses=FleetSettingsSerializer)
+    def get(self, request):
+        return Response(as_dict(FleetSettings.load()))
+
+    @extend_schema(request=FleetSettingsSerializer, responses=FleetSettingsSerializer)
+    def put(self, request):
+        data = request.data
+        if not isinstance(data, dict) or FIELD not in data:
+            raise ApiError(f"{FIELD} is required (a list; empty for relay only).", 400, FIELD)
+        try:
+            fs = save_direct_networks(request, data[FIELD])
+        except ValidationError as e:
+            raise ApiError(e.messages[0], 400, FIELD) from e
+        return Response(as_dict(fs))
+
+    @extend_schema(request=FleetSettingsSerializer, responses=FleetSettingsSerializer)
+    def patch(self, request):
+        if isinstance(request.data, dict) and FIELD not in request.data:
+            return Response(as_dict(FleetSettings.load()))
+        return self.put(request)
