@@ -1,7 +1,10 @@
 """Live migration: moving a container, its root filesystem and snapshots to another host.
 
 The worker relays every byte between its two SSH connections (no host trusts another;
-everything is encrypted). Strategies:
+everything is encrypted), unless an admin allowed direct transfer on a network holding
+both hosts' addresses (ctweb/fleet.py): then the tars go from host to host over plain TCP
+with a one-time token, unencrypted, and post-copy pages still go through the SSH tunnel.
+The result's `transport` and `transfer` say which path was taken. Strategies:
 - stop-and-copy: sync the rootfs while the container runs, dump and stop it, send the
   images and the rootfs delta, restore on the target;
 - restart: the same without memory (stop, copy, start cold), for what CRIU cannot dump,
@@ -25,6 +28,7 @@ from django.conf import settings
 from django.db import transaction
 
 from ctweb.api import ApiError
+from ctweb.fleet import direct_route
 from hosts import ssh
 from hosts.models import Host
 
@@ -137,29 +141,91 @@ def _agent(conn: ssh.HostConnection, ctx: OperationContext, sub: str, params: di
         raise OperationFailed(f"{conn.host.name}: {e}") from e
 
 
-def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, moved: list[int]) -> dict:
-    """Relay one tar from the source agent to the target agent, reporting bytes as they go."""
-    last = [0.0]
+class _Transfer:
+    """How this migration's tars travel (decided once, when it starts) and the bytes moved."""
+
+    def __init__(self, source: Host, target: Host, strategy: str):
+        self.source, self.target, self.strategy = source, target, strategy
+        self.route, self.why = direct_route(source, target)
+        self.bytes = 0
+
+    def describe(self) -> dict:
+        """What `result.transfer` says: the path of the images and of the memory pages."""
+        r = self.route
+        pages = {"stop-and-copy": "in-images", "post-copy": "ssh-tunnel"}.get(self.strategy, "none")
+        return {
+            "images": "direct-tcp" if r else "ssh-relay",
+            "images_encrypted": not r,
+            "network": r["network"] if r else None,
+            "source_address": r["source_address"] if r else None,
+            "target_address": r["target_address"] if r else None,
+            "pages": pages,
+            "pages_encrypted": {"in-images": not r, "ssh-tunnel": True}.get(pages),
+            "why": self.why,
+        }
+
+    def sentence(self) -> str:
+        """What `result.transport` says, in words."""
+        r = self.route
+        if r:
+            images = (
+                f"sent directly from {self.source.name} ({r['source_address']}) to {self.target.name} "
+                f"({r['target_address']}) over TCP on {r['network']}, unencrypted (allowed by an admin)"
+            )
+        else:
+            images = "relayed through the dashboard over both hosts' SSH connections"
+        if self.strategy == "post-copy":
+            return (
+                f"images {images}; memory pulled by the target from the source's loopback-only "
+                "CRIU page server tunnelled over SSH (encrypted)"
+            )
+        if r:
+            memory = "; the memory images crossed it unencrypted" if self.strategy == "stop-and-copy" else ""
+            return f"root filesystem, snapshots and images {images}{memory}"
+        return f"{images} (encrypted)"
+
+    def announce(self) -> str:
+        if self.route:
+            return f"transfer: directly host to host over TCP, unencrypted ({self.why}); " + (
+                "memory pages stay tunnelled over SSH" if self.strategy == "post-copy" else "memory included"
+            )
+        return f"transfer: relayed through the dashboard over SSH, encrypted ({self.why})"
+
+
+def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, xfer: _Transfer) -> dict:
+    """Move one tar from the source agent to the target agent, reporting bytes as they go:
+    relayed by this worker over SSH, or directly between the hosts where an admin allowed it."""
+    last = [0.0, 0.0]
 
     def on_bytes(n: int) -> None:
         now = time.monotonic()
         if now - last[0] >= 0.25:
             last[0] = now
-            ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB", base, bytes=moved[0] + n, what=label)
-            ctx.check_cancel()  # a cancel stops the copy mid-stream (the relay closes both ends)
+            ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB", base, bytes=xfer.bytes + n, what=label)
+            ctx.check_cancel()  # a cancel stops the copy mid-stream (both ends are closed)
 
+    def on_tick() -> None:  # a direct stream that moves nothing for a while still hears a cancel
+        now = time.monotonic()
+        if now - last[1] >= 0.5:
+            last[1] = now
+            ctx.check_cancel()
+
+    how = f" (sent directly on {xfer.route['network']})" if xfer.route else ""
     try:
         # The receiver gives up on its own if nothing arrives for a while (a cut link).
         stall = {"stall_s": int(max(settings.SSH_DEAD_AFTER_S * 2, 10))}
-        n, result = ssh.relay(
-            src.open_stream("send", params), dst.open_stream("receive", {**params, **stall}), on_bytes
-        )
+        if xfer.route:
+            n, result = ssh.direct(src, dst, {**params, **stall}, xfer.route, on_bytes, on_tick)
+        else:
+            n, result = ssh.relay(
+                src.open_stream("send", params), dst.open_stream("receive", {**params, **stall}), on_bytes
+            )
     except ssh.AgentFailed as e:
-        raise OperationFailed(f"Transfer of the {label} failed: {e}", e.details) from e
+        raise OperationFailed(f"Transfer of the {label}{how} failed: {e}", e.details) from e
     except ssh.SSHError as e:
-        raise OperationFailed(f"Transfer of the {label} failed: {e}") from e
-    moved[0] += n
-    ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB sent", base + span, bytes=moved[0], what=label)
+        raise OperationFailed(f"Transfer of the {label}{how} failed: {e}") from e
+    xfer.bytes += n
+    ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB sent", base + span, bytes=xfer.bytes, what=label)
     return result
 
 
@@ -173,20 +239,22 @@ def migrate(ctx: OperationContext) -> dict:
     live = strategy in ("stop-and-copy", "post-copy")
     base = {"name": container.name, "migration": op.pk}
     clock = _Clock()
-    moved = [0]
+    xfer = _Transfer(source, target, strategy)
+    ctx.remember(transfer=xfer.describe())
     ctx.event(
         "preflight", f"{strategy} of {container.name} from {source.name} to {target.name} ({op.params.get('why')})", 1
     )
+    ctx.event("preflight", xfer.announce(), 1)
     try:
         with ExitStack() as hosts:
             src = hosts.enter_context(ssh.connect(source))
             dst = hosts.enter_context(ssh.connect(target))
-            return _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts)
+            return _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer, hosts)
     except ssh.SSHError as e:  # connecting; later SSH failures are turned into OperationFailed
         raise OperationFailed(str(e)) from e
 
 
-def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts: ExitStack) -> dict:
+def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Transfer, hosts: ExitStack) -> dict:
     source, target = src.host, dst.host
     lazy = strategy == "post-copy"
     tunnel = None
@@ -204,17 +272,17 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
         bridge = (target.capabilities.get("network") or {}).get("bridge")
         _agent(dst, ctx, "migrate-check", {**base, "need_bytes": prep["need_bytes"], "bridge": bridge}, 5, 2)
         if live:
-            _send(src, dst, ctx, {**base, "what": "cpuinfo"}, "CPU description", 7, 1, moved)
+            _send(src, dst, ctx, {**base, "what": "cpuinfo"}, "CPU description", 7, 1, xfer)
             _agent(dst, ctx, "cpuinfo-check", base, 8, 1)
         clock.lap("preflight")
         ctx.check_cancel()
 
         # 2. Copy the rootfs and the snapshots while the container still runs.
-        _send(src, dst, ctx, {**base, "what": "rootfs"}, "root filesystem", 10, 30, moved)
+        _send(src, dst, ctx, {**base, "what": "rootfs"}, "root filesystem", 10, 30, xfer)
         if prep.get("snapshots"):
-            _send(src, dst, ctx, {**base, "what": "snapshots"}, "snapshots", 40, 10, moved)
+            _send(src, dst, ctx, {**base, "what": "snapshots"}, "snapshots", 40, 10, xfer)
         if prep.get("has_saved_state"):
-            _send(src, dst, ctx, {**base, "what": "state"}, "saved state", 50, 2, moved)
+            _send(src, dst, ctx, {**base, "what": "state"}, "saved state", 50, 2, xfer)
         clock.lap("presync")
         ctx.check_cancel()
 
@@ -246,9 +314,9 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
         ctx.check_cancel()
 
         # 4. What changed since the copy, and the memory images.
-        _send(src, dst, ctx, {**base, "what": "delta"}, "rootfs changes", 66, 6, moved)
+        _send(src, dst, ctx, {**base, "what": "delta"}, "rootfs changes", 66, 6, xfer)
         if live:
-            _send(src, dst, ctx, {**base, "what": "images"}, "memory images", 72, 10, moved)
+            _send(src, dst, ctx, {**base, "what": "images"}, "memory images", 72, 10, xfer)
         clock.lap("transfer")
         ctx.check_cancel()
 
@@ -322,19 +390,16 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, moved, hosts
         "target": target.name,
         "downtime_ms": round(downtime_ms, 1),
         "total_ms": round((time.monotonic() - clock.t0) * 1000, 1),
-        "bytes_transferred": moved[0],
+        "bytes_transferred": xfer.bytes,
         "phases": clock.marks,
         "dump_stats": stats,
         "restore_stats": restored.get("stats") or {},
-        "transport": "relayed through the dashboard over both hosts' SSH connections (encrypted)",
+        "transport": xfer.sentence(),
+        "transfer": xfer.describe(),
     }
     if ctx.cancel_requested():
         result["cancel"] = f"asked for after {container.name} ran on {target.name}: too late, so the migration finished"
     if lazy:
-        result["transport"] = (
-            "images relayed through the dashboard over both hosts' SSH connections; memory pulled by the target "
-            "from the source's loopback-only CRIU page server tunnelled over SSH (encrypted)"
-        )
         result["pages_ms"] = pulled.get("ms")
         result["page_bytes"] = tunnel.bytes_down
         result["bytes_transferred"] += tunnel.bytes_down + tunnel.bytes_up

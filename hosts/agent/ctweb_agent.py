@@ -15,7 +15,9 @@ import datetime
 import errno
 import fcntl
 import glob
+import hmac
 import io
+import ipaddress
 import json
 import os
 import platform
@@ -1371,7 +1373,10 @@ def cmd_bundle(params):
 
 # --- migration -------------------------------------------------------------------------
 # The dashboard relays tars between two hosts' agents: `send` writes one to stdout,
-# `receive` reads one from stdin (after its JSON parameter line). No host talks to another.
+# `receive` reads one from stdin (after its JSON parameter line). No host talks to another,
+# unless an admin allowed direct transfer on their network: then `receive` listens and
+# `send` connects to it (see "direct transfer" below), and stdin only tells them the
+# dashboard is still there.
 
 MIGRATIONS_PATH = os.path.join(CTWEB_PATH, "migrations")
 SEND_KINDS = ("rootfs", "snapshots", "state", "cpuinfo", "delta", "images")
@@ -1600,15 +1605,24 @@ def cmd_send(params):
     what = params.get("what")
     if what not in SEND_KINDS:
         raise AgentError(f"Cannot send {what!r}.")
-    out = sys.stdout.buffer
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        if what == "delta":
-            _add_delta(tar, name, params)
-        else:
-            for path, arcname in _send_sources(name, params, what):
-                _tar_tree(tar, path, arcname)
-    out.flush()
-    return None  # raw tar only: no JSON on stdout
+    direct = params.get("direct") is not None
+    t0 = time.monotonic()
+    out = _direct_connect(params) if direct else sys.stdout.buffer
+    try:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            if what == "delta":
+                _add_delta(tar, name, params)
+            else:
+                for path, arcname in _send_sources(name, params, what):
+                    _tar_tree(tar, path, arcname)
+        out.flush()
+        if not direct:
+            return None  # raw tar only: no JSON on stdout
+        out.finish()
+    finally:
+        if direct:
+            out.conn.close()
+    return {"bytes": out.bytes, "ms": _ms(t0)}
 
 
 def _add_delta(tar, name, params):
@@ -1653,11 +1667,11 @@ class _Stalling:
         return os.read(self.fd, size)
 
 
-def _extract(dest, top_name, base, stall):
-    """Unpack the tar on standard input under dest/top_name; (files, the delta's list)."""
+def _extract(dest, top_name, base, stream):
+    """Unpack the tar read from `stream` under dest/top_name; (files, the delta's list)."""
     files, delta = 0, None
     extra = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
-    with tarfile.open(fileobj=_Stalling(sys.stdin.buffer, stall), mode="r|") as tar:
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         for m in tar:
             _safe_member(m)
             if m.name == DELTA_MEMBER:
@@ -1710,12 +1724,25 @@ def cmd_receive(params):
     stall = params.get("stall_s", 120)
     if not isinstance(stall, (int, float)) or not 1 <= stall <= 3600:
         raise AgentError("Bad stall_s.")
+    direct = _direct_params(params, ("listen", "peer")) if params.get("direct") is not None else None
+    stream = None
     try:
-        files, delta = _extract(dest, top_name, base, stall)
+        if direct:
+            conn = _direct_accept(direct, stall)
+            try:
+                stream = _DirectIn(conn, stall)
+                files, delta = _extract(dest, top_name, base, stream)
+                stream.drain()
+            finally:
+                conn.close()
+        else:
+            files, delta = _extract(dest, top_name, base, _Stalling(sys.stdin.buffer, stall))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise AgentError(f"This host's disk is full: no space left in {dest} for the {what}.") from None
         raise
+    except tarfile.TarError as e:
+        raise AgentError(f"The {what} arrived cut short or damaged ({e}).") from None
     if what in ("rootfs", "delta"):
         _sanitize_received_config(name)
     if what == "rootfs":
@@ -1732,7 +1759,237 @@ def cmd_receive(params):
                     os.unlink(p)
             else:
                 shutil.rmtree(p, ignore_errors=True)
-    return {"files": files, "ms": _ms(t0), "deleted": len((delta or {}).get("deleted") or [])}
+    out = {"files": files, "ms": _ms(t0), "deleted": len((delta or {}).get("deleted") or [])}
+    if stream is not None:
+        out["bytes"] = stream.bytes
+    return out
+
+
+# --- direct transfer (only on networks an admin allowed) ----------------------------------
+# The dashboard hands both agents the same one-time token over SSH. `receive` with
+# direct={"listen": A, "peer": B, "token": T} listens on A (this host's own address) on an
+# ephemeral port, says which in an event ("listening"), takes one connection from B that
+# starts with the token, and unpacks the tar that follows with every check of a relayed
+# one. `send` with direct={"bind": B, "address": A, "port": P, "token": T} connects from B
+# to A:P, sends the token, then the tar. The bytes are NOT encrypted. Both give up when the
+# other side stalls, and stop at once when their standard input ends: the dashboard went
+# away, was cancelled or gave up (it never writes more than the parameters line).
+
+TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")
+DIRECT_CHUNK = 1 << 20
+
+
+def _direct_params(params, addresses):
+    d = params.get("direct")
+    if not isinstance(d, dict):
+        raise AgentError("Bad direct-transfer parameters.")
+    token = d.get("token")
+    if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
+        raise AgentError("Bad direct-transfer token.")
+    out = {"token": token}
+    for key in addresses:
+        value = d.get(key)
+        try:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            out[key] = ipaddress.ip_address(value)
+        except ValueError:
+            raise AgentError(f"Bad direct-transfer address ({key}).") from None
+    if "port" in d or "address" in addresses:
+        port = d.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise AgentError("Bad direct-transfer port.")
+        out["port"] = port
+    return out
+
+
+def _stdin_fd():
+    return sys.stdin.buffer.fileno()
+
+
+def _check_dashboard(fd):
+    """Called when standard input is readable: its end means the dashboard let go."""
+    try:
+        data = os.read(fd, 4096)
+    except BlockingIOError:
+        return
+    if not data:
+        raise AgentError("The dashboard ended the transfer (it was cancelled, failed elsewhere or lost its link).")
+
+
+def _family(address):
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+def _direct_accept(d, stall):
+    """Listen on our address; return the one connection from the peer that brings the token."""
+    srv = socket.socket(_family(d["listen"]), socket.SOCK_STREAM)
+    try:
+        try:
+            srv.bind((str(d["listen"]), 0))
+        except OSError as e:
+            raise AgentError(
+                f"Cannot listen on {d['listen']} ({e.strerror or e}): for direct transfer, the address the "
+                "dashboard knows this host by must be one of the host's own."
+            ) from None
+        srv.listen(4)
+        port = srv.getsockname()[1]
+        event("transfer", f"listening on {d['listen']}:{port} for {d['peer']}", listening=port)
+        fd = _stdin_fd()
+        deadline = time.monotonic() + stall
+        expected = (d["token"] + "\n").encode()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentError(f"{d['peer']} did not connect within {stall} s.")
+            ready, _, _ = select.select([srv, fd], [], [], left)
+            if fd in ready:
+                _check_dashboard(fd)
+            if srv not in ready:
+                continue
+            conn, addr = srv.accept()
+            if ipaddress.ip_address(addr[0]) != d["peer"]:
+                conn.close()  # only the source host may feed us; anyone else is ignored
+                event("transfer", f"ignored a connection from {addr[0]} (not {d['peer']})")
+                continue
+            got = b""
+            conn.settimeout(min(stall, 30))
+            try:
+                while len(got) < len(expected):
+                    chunk = conn.recv(len(expected) - len(got))
+                    if not chunk:
+                        break
+                    got += chunk
+            except OSError:
+                pass
+            if not hmac.compare_digest(got, expected):
+                conn.close()
+                raise AgentError(f"A connection from {d['peer']} did not bring this transfer's token: refused.")
+            conn.settimeout(None)
+            return conn
+    finally:
+        srv.close()
+
+
+class _DirectIn:
+    """The tar from the source host's socket: gives up on a stall, stops when the dashboard
+    lets go, and reports the bytes received (the dashboard shows them as progress)."""
+
+    def __init__(self, conn, stall_s):
+        self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
+        self.bytes, self._said = 0, 0.0
+
+    def _wait(self):
+        while True:
+            ready, _, _ = select.select([self.conn, self.fd], [], [], self.stall_s)
+            if not ready:
+                raise AgentError(f"Nothing arrived for {self.stall_s} s: the transfer was cut off.")
+            if self.fd in ready:
+                _check_dashboard(self.fd)
+            if self.conn in ready:
+                return
+
+    def read(self, size=-1):
+        size = DIRECT_CHUNK if size is None or size < 0 else size
+        self._wait()
+        try:
+            data = self.conn.recv(size)
+        except OSError as e:
+            raise AgentError(f"The sending host's connection broke ({e.strerror or e}).") from None
+        self.bytes += len(data)
+        now = time.monotonic()
+        if now - self._said >= 0.25:
+            self._said = now
+            event("transfer", f"{self.bytes / 1048576:.1f} MiB received", bytes=self.bytes)
+        return data
+
+    def drain(self):
+        """After the tar's end: read up to the sender's end of stream, so it knows we have it all."""
+        extra = 0
+        while True:
+            self._wait()
+            data = self.conn.recv(1 << 16)
+            if not data:
+                break
+            extra += len(data)
+            self.bytes += len(data)
+            if extra > (16 << 20):
+                raise AgentError("The sending host went on sending after the end of the tar.")
+        event("transfer", f"{self.bytes / 1048576:.1f} MiB received", bytes=self.bytes)
+
+
+class _DirectOut:
+    """The tar to the target host's socket, in 1 MiB writes; stops when the dashboard lets go."""
+
+    def __init__(self, conn, stall_s):
+        self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
+        self.buf = bytearray()
+        self.bytes = 0
+        conn.settimeout(stall_s)  # for each 1 MiB write
+
+    def write(self, data):
+        self.buf += data
+        if len(self.buf) >= DIRECT_CHUNK:
+            self.flush()
+        return len(data)
+
+    def flush(self):
+        ready, _, _ = select.select([self.fd], [], [], 0)
+        if ready:
+            _check_dashboard(self.fd)
+        if not self.buf:
+            return
+        try:
+            self.conn.sendall(self.buf)
+        except TimeoutError:
+            raise AgentError(f"The receiving host took nothing for {self.stall_s} s.") from None
+        except OSError as e:
+            raise AgentError(f"The receiving host closed the connection ({e.strerror or e}).") from None
+        self.bytes += len(self.buf)
+        self.buf.clear()
+
+    def finish(self):
+        """All sent: end our side and wait for the receiver to read it all and close its own."""
+        self.flush()
+        self.conn.shutdown(socket.SHUT_WR)
+        while True:
+            ready, _, _ = select.select([self.conn, self.fd], [], [], self.stall_s)
+            if not ready:
+                raise AgentError(f"The receiving host did not finish reading within {self.stall_s} s.")
+            if self.fd in ready:
+                _check_dashboard(self.fd)
+            if self.conn in ready:
+                try:
+                    if not self.conn.recv(4096):
+                        return
+                except OSError as e:
+                    raise AgentError(f"The receiving host broke the connection ({e.strerror or e}).") from None
+
+
+def _direct_connect(params):
+    d = _direct_params(params, ("bind", "address"))
+    stall = params.get("stall_s", 120)
+    if not isinstance(stall, (int, float)) or not 1 <= stall <= 3600:
+        raise AgentError("Bad stall_s.")
+    conn = socket.socket(_family(d["address"]), socket.SOCK_STREAM)
+    try:
+        try:
+            conn.bind((str(d["bind"]), 0))  # from our own address: the receiver checks it
+        except OSError as e:
+            raise AgentError(
+                f"Cannot send from {d['bind']} ({e.strerror or e}): for direct transfer, the address the "
+                "dashboard knows this host by must be one of the host's own."
+            ) from None
+        conn.settimeout(30)
+        try:
+            conn.connect((str(d["address"]), d["port"]))
+            conn.sendall((d["token"] + "\n").encode())
+        except OSError as e:
+            raise AgentError(f"Cannot connect to {d['address']} port {d['port']} ({e.strerror or e}).") from None
+        return _DirectOut(conn, stall)
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _sanitize_received_config(name):
@@ -2301,7 +2558,8 @@ COMMANDS = {
     "migrate-cleanup": cmd_migrate_cleanup,
     "inspect": cmd_inspect,
 }
-# These write a raw tar on stdout instead of JSON lines; their errors go to stderr.
+# These write a raw tar on stdout instead of JSON lines; their errors go to stderr
+# (unless the tar goes directly to another host: then they print JSON lines too).
 RAW_OUTPUT = {"send"}
 
 
@@ -2338,7 +2596,7 @@ def main(argv):
     except AgentError as e:
         emit({"type": "error", "message": e.message})
         return 1
-    if argv[1] in RAW_OUTPUT:
+    if argv[1] in RAW_OUTPUT and params.get("direct") is None:
         try:
             COMMANDS[argv[1]](params)
         except Exception as e:

@@ -1,0 +1,256 @@
+"""The agent's direct host-to-host transfer, with real sockets on loopback and real files:
+only the peer with the token feeds a receiver, every check of a relayed tar still holds,
+and both ends stop when the dashboard lets go or the other side stalls."""
+
+import importlib.util
+import os
+import secrets
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.test_agent_tar_safety import make_tar
+
+AGENT = Path(__file__).resolve().parent.parent / "hosts" / "agent" / "ctweb_agent.py"
+
+
+def load_agent(root: Path, monkeypatch, events: list):
+    spec = importlib.util.spec_from_file_location(f"ctweb_agent_{root.name}", AGENT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lxc, ctweb = root / "lxc", root / "ctweb"
+    lxc.mkdir(parents=True)
+    ctweb.mkdir()
+    mod.LXC_PATH = str(lxc)
+    mod.CTWEB_PATH = str(ctweb)
+    mod.MIGRATIONS_PATH = str(ctweb / "migrations")
+    mod.SNAPSHOTS_PATH = str(ctweb / "snapshots")
+    mod.STATE_PATH = str(ctweb / "state")
+    mod.event = lambda phase, message, progress=None, **extra: events.append({"message": message, **extra})
+    return mod
+
+
+@pytest.fixture
+def dashboard(monkeypatch):
+    """Standard input as sshd gives it: a pipe the dashboard holds open (closing it = going away)."""
+    r, w = os.pipe()
+
+    class Stdin:
+        buffer = os.fdopen(r, "rb")
+
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    state = {"w": w}
+
+    def leave():
+        if state["w"] is not None:
+            os.close(state["w"])
+            state["w"] = None
+
+    yield leave
+    leave()
+    Stdin.buffer.close()
+
+
+@pytest.fixture
+def pair(tmp_path, monkeypatch, dashboard):
+    events: list = []
+    src = load_agent(tmp_path / "src", monkeypatch, events)
+    dst = load_agent(tmp_path / "dst", monkeypatch, events)
+    cdir = Path(src.LXC_PATH) / "c1"
+    (cdir / "rootfs" / "etc").mkdir(parents=True)
+    (cdir / "config").write_text(f"lxc.rootfs.path = dir:{cdir}/rootfs\nlxc.hook.pre-start = /bin/evil\n")
+    (cdir / "rootfs" / "etc" / "hostname").write_text("c1\n")
+    (cdir / "rootfs" / "big").write_bytes(os.urandom(3 << 20))
+    (cdir / "rootfs" / "evil").symlink_to(tmp_path)  # never followed by the sender
+    (tmp_path / "host-secret").write_text("host only")
+    os.makedirs(os.path.join(src.MIGRATIONS_PATH, "1"))  # made by migrate-prepare
+    return src, dst, events
+
+
+class Receiver(threading.Thread):
+    def __init__(self, agent, events, params):
+        super().__init__(daemon=True)
+        self.agent, self.events, self.params = agent, events, params
+        self.result = self.error = None
+
+    def run(self):
+        try:
+            self.result = self.agent.cmd_receive(self.params)
+        except Exception as e:  # noqa: BLE001
+            self.error = e
+
+    def port(self) -> int:
+        for _ in range(500):
+            for e in self.events:
+                if "listening" in e:
+                    return e["listening"]
+            if not self.is_alive():
+                raise AssertionError(f"the receiver ended: {self.error}")
+            threading.Event().wait(0.01)
+        raise AssertionError("the receiver never listened")
+
+
+def receiver(dst, events, token, peer="127.0.0.1", stall=5):
+    params = {
+        "name": "c1",
+        "migration": 1,
+        "what": "rootfs",
+        "stall_s": stall,
+        "direct": {"listen": "127.0.0.1", "peer": peer, "token": token},
+    }
+    r = Receiver(dst, events, params)
+    r.start()
+    return r, r.port()
+
+
+def send_params(token, port, bind="127.0.0.1"):
+    return {
+        "name": "c1",
+        "migration": 1,
+        "what": "rootfs",
+        "stall_s": 5,
+        "direct": {"bind": bind, "address": "127.0.0.1", "port": port, "token": token},
+    }
+
+
+def test_a_rootfs_goes_directly_with_every_check_of_a_relayed_one(pair):
+    src, dst, events = pair
+    token = secrets.token_hex(32)
+    r, port = receiver(dst, events, token)
+    sent = src.cmd_send(send_params(token, port))
+    r.join(10)
+    assert r.error is None, r.error
+    got = Path(dst.LXC_PATH) / "c1"
+    assert (got / "rootfs" / "big").read_bytes() == (Path(src.LXC_PATH) / "c1" / "rootfs" / "big").read_bytes()
+    assert (got / "rootfs" / "etc" / "hostname").read_text() == "c1\n"
+    assert os.path.islink(got / "rootfs" / "evil")  # the link itself travelled, not what it points to
+    assert not any(b"host only" in p.read_bytes() for p in got.rglob("*") if p.is_file() and not p.is_symlink())
+    config = (got / "config").read_text()
+    assert "lxc.hook" not in config and f"dir:{got}/rootfs" in config  # hooks stripped, rootfs ours
+    assert sent["bytes"] == r.result["bytes"] > 3 << 20
+    assert any(e.get("bytes") for e in events if "listening" not in e)  # progress as it goes
+
+
+def test_a_wrong_token_is_refused_and_nothing_is_unpacked(pair):
+    src, dst, events = pair
+    r, port = receiver(dst, events, secrets.token_hex(32))
+    try:
+        src.cmd_send(send_params(secrets.token_hex(32), port))
+    except src.AgentError:
+        pass  # the receiver may hang up before the sender has written everything
+    r.join(10)
+    assert isinstance(r.error, dst.AgentError) and "token" in r.error.message
+    assert not (Path(dst.LXC_PATH) / "c1" / "rootfs").exists()
+
+
+def test_only_the_source_host_may_connect(pair):
+    src, dst, events = pair
+    token = secrets.token_hex(32)
+    r, port = receiver(dst, events, token, peer="127.0.0.2")
+    with socket.create_connection(("127.0.0.1", port)) as stranger:  # the right port, the wrong host
+        stranger.sendall((token + "\n").encode())
+        try:
+            assert stranger.recv(10) == b""  # hung up on
+        except ConnectionResetError:
+            pass  # or hung up on before it read what came
+    src.cmd_send(send_params(token, port, bind="127.0.0.2"))
+    r.join(10)
+    assert r.error is None, r.error
+    assert any("ignored a connection from 127.0.0.1" in e["message"] for e in events)
+
+
+def test_a_malicious_tar_is_refused_directly_too(pair, tmp_path):
+    _, dst, events = pair
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = make_tar(
+        [
+            ("c1", "dir", None),
+            ("c1/rootfs", "dir", None),
+            ("c1/rootfs/x", "symlink", str(outside)),
+            ("c1/rootfs/x/pwned", "file", b"root on the target"),
+        ]
+    )
+    token = secrets.token_hex(32)
+    r, port = receiver(dst, events, token)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        try:
+            s.sendall((token + "\n").encode() + evil)
+        except OSError:
+            pass
+    r.join(10)
+    assert isinstance(r.error, dst.AgentError) and "outside" in r.error.message
+    assert not (outside / "pwned").exists()
+
+
+def test_the_receiver_stops_when_the_dashboard_lets_go(pair, dashboard):
+    _, dst, events = pair
+    r, port = receiver(dst, events, secrets.token_hex(32), stall=30)
+    dashboard()  # the worker closed its channel (cancel, failure, or it died)
+    r.join(10)
+    assert not r.is_alive()
+    assert isinstance(r.error, dst.AgentError) and "dashboard ended the transfer" in r.error.message
+
+
+def test_a_sender_that_goes_silent_is_given_up(pair):
+    _, dst, events = pair
+    token = secrets.token_hex(32)
+    r, port = receiver(dst, events, token, stall=1)
+    partial = make_tar([("c1", "dir", None), ("c1/big", "file", b"x" * 100000)])[:5000]
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall((token + "\n").encode() + partial)
+        r.join(10)  # the link "died": nothing more comes and nothing says it ended
+    assert isinstance(r.error, dst.AgentError) and "Nothing arrived for 1 s" in r.error.message
+
+
+def test_a_sender_stops_when_the_dashboard_lets_go(pair, dashboard):
+    src, _, _ = pair
+    with socket.socket() as silent:  # a receiver that takes the connection and never reads
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        out = {}
+
+        def run():
+            try:
+                src.cmd_send(send_params(secrets.token_hex(32), port))
+            except Exception as e:  # noqa: BLE001
+                out["error"] = e
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        conn, _ = silent.accept()
+        threading.Event().wait(0.5)
+        dashboard()
+        t.join(10)
+        conn.close()
+    assert not t.is_alive()
+    assert isinstance(out.get("error"), src.AgentError), out
+
+
+@pytest.mark.parametrize(
+    "direct,words",
+    [
+        ({"listen": "127.0.0.1", "peer": "127.0.0.1", "token": "short"}, "token"),
+        ({"listen": "127.0.0.1; reboot", "peer": "127.0.0.1", "token": "a" * 64}, "address"),
+        ({"listen": 2130706433, "peer": "127.0.0.1", "token": "a" * 64}, "address"),
+        ("127.0.0.1", "parameters"),
+    ],
+)
+def test_bad_direct_parameters_are_refused_before_listening(pair, direct, words):
+    _, dst, events = pair
+    with pytest.raises(dst.AgentError, match=words):
+        dst.cmd_receive({"name": "c1", "migration": 1, "what": "rootfs", "direct": direct})
+    assert not any("listening" in e for e in events)
+
+
+def test_bad_ports_are_refused_by_the_sender(pair):
+    src, _, _ = pair
+    for port in (0, 70000, "22", True):
+        params = send_params("a" * 64, 1)
+        params["direct"]["port"] = port
+        with pytest.raises(src.AgentError, match="port"):
+            src.cmd_send(params)
