@@ -5,13 +5,15 @@ of those bytes), the result says so, the memory pattern and the counter come alo
 the setting removed it relays again. A direct stream that breaks ends like a relayed one:
 the container keeps running on the source and nothing is left on the target."""
 
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.stack import Api, ok, run_op, wait_for
 from tests.test_e2e_lab_containers import PATTERN, counter, create, on_host, pattern
-from tests.test_e2e_lab_faults import leftovers, make, phase, settled, start, wait_until
+from tests.test_e2e_lab_faults import fresh_worker, leftovers, make, phase, settled, start, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
@@ -42,16 +44,16 @@ def direct(alice, bob):
     yield names
     allow(alice, [])
     for name in names:
+        for op in bob.get(f"/api/v1/operations/?container={name}&status=running").json():
+            bob.wait_operation(op["id"], timeout=300)
         if bob.get(f"/api/v1/containers/{name}/").status_code == 200:
             run_op(bob, "DELETE", f"/api/v1/containers/{name}/")
 
 
-def migrate(bob, name: str, target: str) -> tuple[dict, int]:
-    """Stop-and-copy to `target`; (the operation, bytes the dashboard's side of the bridge received)."""
+def migrate(bob, name: str, target: str, strategy: str = "stop-and-copy") -> tuple[dict, int]:
+    """Migrate to `target`; (the operation, bytes the dashboard's side of the bridge received)."""
     rx = int(BRIDGE_RX.read_text())
-    op = ok(
-        run_op(bob, "POST", f"/api/v1/containers/{name}/migrate", {"target_host": target, "strategy": "stop-and-copy"})
-    )
+    op = ok(run_op(bob, "POST", f"/api/v1/containers/{name}/migrate", {"target_host": target, "strategy": strategy}))
     return op, int(BRIDGE_RX.read_text()) - rx
 
 
@@ -101,36 +103,73 @@ def test_stop_and_copy_goes_direct_where_an_admin_allows_it_and_relays_again_whe
     assert on_host(lab, "lab-b", "cmp", "-s", "/var/lib/lxc/straight/rootfs/big", "/dev/null").returncode == 1
     assert "lxc.hook" not in on_host(lab, "lab-b", "cat", "/var/lib/lxc/straight/config").stdout
 
+    # Post-copy on the same network: the (page-less) images go direct, the pages stay in the SSH tunnel.
+    before = counter(lab, "lab-b", "straight")
+    op, _ = migrate(bob, "straight", "lab-a", "post-copy")
+    transfer = op["result"]["transfer"]
+    assert (transfer["images"], transfer["images_encrypted"]) == ("direct-tcp", False)
+    assert (transfer["pages"], transfer["pages_encrypted"]) == ("ssh-tunnel", True)
+    assert "page server tunnelled over SSH (encrypted)" in op["result"]["transport"]
+    assert op["result"]["page_bytes"] > 4 << 20  # the pattern's memory came through the tunnel
+    assert counter(lab, "lab-a", "straight") >= before
+    assert pattern(lab, "lab-a", "straight") == (drawn, drawn)
+    assert "straight" not in on_host(lab, "lab-b", "lxc-ls", "-1").stdout.split()
+
     # The admin takes it back: the next migration relays over SSH again.
     allow(alice, [])
-    before = counter(lab, "lab-b", "straight")
-    op, through_dashboard = migrate(bob, "straight", "lab-a")
+    before = counter(lab, "lab-a", "straight")
+    op, through_dashboard = migrate(bob, "straight", "lab-b")
     result = op["result"]
     assert (result["transfer"]["images"], result["transfer"]["images_encrypted"]) == ("ssh-relay", True)
     assert result["transfer"]["pages_encrypted"] is True and result["transfer"]["network"] is None
     assert result["transport"] == "relayed through the dashboard over both hosts' SSH connections (encrypted)"
     assert through_dashboard > BIG_MIB << 20  # every byte came up to the dashboard and went down again
-    assert counter(lab, "lab-a", "straight") >= before
-    assert pattern(lab, "lab-a", "straight") == (drawn, drawn)
-    assert "straight" not in on_host(lab, "lab-b", "lxc-ls", "-1").stdout.split()
+    assert counter(lab, "lab-b", "straight") >= before
+    assert pattern(lab, "lab-b", "straight") == (drawn, drawn)
+    assert "straight" not in on_host(lab, "lab-a", "lxc-ls", "-1").stdout.split()
 
 
-def test_a_direct_stream_whose_receiver_dies_leaves_it_running_on_the_source(bob, lab, direct):
-    name = make(bob, lab, "cut-direct")
+@contextmanager
+def slow_link_to(host: str, rate: str = "200mbit"):
+    """Shape what the bridge sends to `host` (a token bucket on both of its root-side veths:
+    the host answers ARP for its address on its container bridge too), so a copy takes
+    seconds and a fault lands in the middle of it."""
+    from hosts.lab import core
+
+    links = core._root_links(host)
+    for eth in links:
+        subprocess.run(
+            ["tc", "qdisc", "replace", "dev", eth, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms"],
+            check=True,
+        )
+    try:
+        yield
+    finally:
+        for eth in links:
+            subprocess.run(["tc", "qdisc", "del", "dev", eth, "root"], check=False)
+
+
+@pytest.mark.parametrize("fault", ["receiving agent killed", "worker killed"])
+def test_a_direct_stream_that_breaks_leaves_it_running_on_the_source(bob, lab, lab_stack, direct, fault):
+    name = make(bob, lab, "cut-direct" if fault.startswith("receiving") else "lost-direct")
     direct.append(name)
     before = counter(lab, "lab-a", name)
-    op_id = start(bob, f"/api/v1/containers/{name}/migrate", {"target_host": "lab-b", "strategy": "stop-and-copy"})
-    wait_until(bob, op_id, phase("transfer", "root filesystem", 20 << 20), "the direct rootfs transfer")
-
-    def receiver_pid():
-        out = on_host(lab, "lab-b", "cat", f"/var/lib/ctweb/locks/{name}.lock").stdout.split()
-        return out[0] if len(out) == 2 and out[1] == "receive" else None
-
-    pid = wait_for(receiver_pid, 30, "the listening agent on lab-b", interval=0.05)
-    assert on_host(lab, "lab-b", "kill", "-9", pid).returncode == 0
-    op = bob.wait_operation(op_id, timeout=300)
+    with slow_link_to("lab-b"):
+        op_id = start(bob, f"/api/v1/containers/{name}/migrate", {"target_host": "lab-b", "strategy": "stop-and-copy"})
+        wait_until(bob, op_id, phase("transfer", "root filesystem", 20 << 20), "the direct rootfs transfer")
+        if fault == "worker killed":
+            fresh_worker(lab_stack)
+        else:
+            # The agent that listens and unpacks on lab-b holds the container's lock there.
+            out = on_host(lab, "lab-b", "cat", f"/var/lib/ctweb/locks/{name}.lock").stdout.split()
+            assert out[1:] == ["receive"], out
+            assert on_host(lab, "lab-b", "kill", "-9", out[0]).returncode == 0
+        op = bob.wait_operation(op_id, timeout=300)
     assert op["status"] == "failure", op
-    assert "Transfer of the root filesystem (sent directly on 10.77.64.0/24) failed" in op["error"], op["error"]
     assert op["result"]["transfer"]["images"] == "direct-tcp"
-    settled(bob, lab, name, op, "receiving agent killed (direct)", "rootfs transfer", before, expect_host="lab-a")
+    if fault == "worker killed":
+        assert op["error"].startswith("Worker lost") and "Rolled back" in op["error"], op["error"]
+    else:
+        assert "Transfer of the root filesystem (sent directly on 10.77.64.0/24) failed" in op["error"], op["error"]
+    settled(bob, lab, name, op, f"{fault} (direct transfer)", "rootfs transfer", before, expect_host="lab-a")
     assert leftovers(lab, "lab-b", name) == []
