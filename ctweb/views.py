@@ -8,7 +8,7 @@ from django.core.paginator import Paginator
 from django.db import transaction
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views import defaults
-from django.views.decorators.http import require_POST, require_safe
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from containers.models import Operation
 from hosts.validators import USER_RE
@@ -196,6 +196,7 @@ def audit_log(request):
 
 
 @role_required("viewer")
+@require_http_methods(["GET", "HEAD", "POST"])
 def fleet_settings(request):
     """Everyone with a role reads the fleet settings; only admins change them."""
     typed = None

@@ -76,6 +76,10 @@ PAGES = {
     "operations/<id:op_id>/cancel": {"post": ("operator", {}, 302)},
     "users/": {"get": ("admin", None, 200)},
     "audit/": {"get": ("admin", None, 200)},
+    "settings/": {
+        "get": ("viewer", None, 200),
+        "post": ("admin", {"direct_transfer_networks": "10.9.9.0/24"}, 302),
+    },
     "users/create": {
         "post": ("admin", {"username": "mallory", "password": "a-long-passphrase-9", "role": "admin"}, 302)
     },
@@ -94,6 +98,11 @@ API = {
     "api/v1/hosts/<str:name>/sync": {"post": ("operator", None, 202)},
     "api/v1/hosts/<str:name>/evacuate": {"post": ("operator", None, 202)},
     "api/v1/ssh-key/": {"get": ("viewer", None, 200)},
+    "api/v1/settings/": {
+        "get": ("viewer", None, 200),
+        "put": ("admin", {"direct_transfer_networks": ["10.9.9.0/24"]}, 200),
+        "patch": ("admin", {"direct_transfer_networks": []}, 200),
+    },
     "api/v1/containers/": {
         "get": ("viewer", None, 200),
         "post": ("operator", {"name": "newbox", "host": "secrethost"}, 202),
