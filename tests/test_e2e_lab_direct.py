@@ -149,9 +149,11 @@ def slow_link_to(host: str, rate: str = "200mbit"):
             subprocess.run(["tc", "qdisc", "del", "dev", eth, "root"], check=False)
 
 
-@pytest.mark.parametrize("fault", ["receiving agent killed", "worker killed"])
+@pytest.mark.parametrize("fault", ["receiving agent killed", "worker killed", "cancel"])
 def test_a_direct_stream_that_breaks_leaves_it_running_on_the_source(bob, lab, lab_stack, direct, fault):
-    name = make(bob, lab, "cut-direct" if fault.startswith("receiving") else "lost-direct")
+    name = make(
+        bob, lab, {"receiving agent killed": "cut-direct", "worker killed": "lost-direct"}.get(fault, "stop-direct")
+    )
     direct.append(name)
     before = counter(lab, "lab-a", name)
     with slow_link_to("lab-b"):
@@ -159,15 +161,19 @@ def test_a_direct_stream_that_breaks_leaves_it_running_on_the_source(bob, lab, l
         wait_until(bob, op_id, phase("transfer", "root filesystem", 20 << 20), "the direct rootfs transfer")
         if fault == "worker killed":
             fresh_worker(lab_stack)
+        elif fault == "cancel":
+            assert bob.post(f"/api/v1/operations/{op_id}/cancel").status_code in (200, 202)
         else:
             # The agent that listens and unpacks on lab-b holds the container's lock there.
             out = on_host(lab, "lab-b", "cat", f"/var/lib/ctweb/locks/{name}.lock").stdout.split()
             assert out[1:] == ["receive"], out
             assert on_host(lab, "lab-b", "kill", "-9", out[0]).returncode == 0
         op = bob.wait_operation(op_id, timeout=300)
-    assert op["status"] == "failure", op
+    assert op["status"] == ("cancelled" if fault == "cancel" else "failure"), op
     assert op["result"]["transfer"]["images"] == "direct-tcp"
-    if fault == "worker killed":
+    if fault == "cancel":
+        assert op["error"].startswith("Cancelled at the operator's request."), op["error"]
+    elif fault == "worker killed":
         assert op["error"].startswith("Worker lost") and "Rolled back" in op["error"], op["error"]
     else:
         assert "Transfer of the root filesystem (sent directly on 10.77.64.0/24) failed" in op["error"], op["error"]

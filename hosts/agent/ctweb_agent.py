@@ -1666,6 +1666,19 @@ class _Stalling:
             raise AgentError(f"Nothing arrived for {self.stall_s} s: the transfer was cut off.")
         return os.read(self.fd, size)
 
+    def drain(self):
+        """After the tar's end: read on to the end of the stream (the archive's zero padding).
+        Leaving before it would close our channel while the dashboard still relays those last
+        bytes, and it would take that for a receiver that stopped taking data."""
+        extra = 0
+        while True:
+            data = self.read(1 << 16)
+            if not data:
+                return
+            extra += len(data)
+            if extra > (16 << 20):
+                raise AgentError("The sender went on sending after the end of the tar.")
+
 
 def _extract(dest, top_name, base, stream):
     """Unpack the tar read from `stream` under dest/top_name; (files, the delta's list)."""
@@ -1736,7 +1749,9 @@ def cmd_receive(params):
             finally:
                 conn.close()
         else:
-            files, delta = _extract(dest, top_name, base, _Stalling(sys.stdin.buffer, stall))
+            relayed = _Stalling(sys.stdin.buffer, stall)
+            files, delta = _extract(dest, top_name, base, relayed)
+            relayed.drain()
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise AgentError(f"This host's disk is full: no space left in {dest} for the {what}.") from None
