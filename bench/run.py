@@ -219,6 +219,61 @@ def bench_memory(stack: Stack, sizes=(16, 128, 512), repeat: int = 3) -> dict:
     return out
 
 
+DIRECT = "stop-and-copy relayed over SSH vs direct TCP (debian, python holding 512 MiB)"
+
+
+def bench_direct(stack: Stack, mib: int = 512, repeat: int = 3) -> dict:
+    """The same container moved back and forth with stop-and-copy, alternately relayed by the
+    dashboard over SSH (the default) and sent directly between the hosts (an admin allowed the
+    lab's network). Same run, same container, interleaved so drift hits both alike."""
+    api, admin = Api(stack, stack.tokens["bob"]), Api(stack, stack.tokens["alice"])
+    name = f"direct{mib}"
+    cmd = ["python3", "-c", MEMORY_WORKLOAD.format(mib=mib)]
+    op_ms(api, "POST", "/api/v1/containers/", {"name": name, "host": "lab-a", "template": "debian", "command": cmd})
+    time.sleep(2 + mib / 128)  # let it touch its memory
+    rows: dict[str, list[float]] = {}
+    host = "lab-a"
+    try:
+        for _ in range(repeat):
+            for mode, networks in (("relayed over SSH", []), ("direct TCP", ["10.77.64.0/24"])):
+                admin("PUT", "/api/v1/settings/", json={"direct_transfer_networks": networks}).raise_for_status()
+                target = "lab-b" if host == "lab-a" else "lab-a"
+                _, _, op = op_ms(
+                    api,
+                    "POST",
+                    f"/api/v1/containers/{name}/migrate",
+                    {"target_host": target, "strategy": "stop-and-copy"},
+                )
+                host = target
+                res = op["result"]
+                want = "direct-tcp" if networks else "ssh-relay"
+                if res["transfer"]["images"] != want:
+                    raise RuntimeError(f"expected {want}, the result says {res['transfer']}")
+                rows.setdefault(f"downtime, {mode}, ms", []).append(res["downtime_ms"])
+                rows.setdefault(f"total, {mode}, ms", []).append(res["total_ms"])
+                rows.setdefault(f"transfer phase (delta + images, container down), {mode}, ms", []).append(
+                    res["phases"].get("transfer_ms", 0)
+                )
+                moved = res["bytes_transferred"] / 2**20
+                secs = (res["phases"].get("presync_ms", 0) + res["phases"].get("transfer_ms", 0)) / 1000
+                rows.setdefault(f"copy rate (all bytes / presync + transfer), {mode}, MiB/s", []).append(
+                    moved / max(secs, 0.001)
+                )
+    finally:
+        admin("PUT", "/api/v1/settings/", json={"direct_transfer_networks": []})
+        op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
+    out = {k: summary(v) for k, v in rows.items()}
+    relay, direct = out.get("downtime, relayed over SSH, ms"), out.get("downtime, direct TCP, ms")
+    if relay and direct:
+        out["downtime direct / relayed (medians)"] = {
+            "n": 1,
+            "median": round(direct["median"] / relay["median"], 2),
+            "min": 0,
+            "max": 0,
+        }
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -356,7 +411,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
-    ap.add_argument("--only", help="run only this part: fleet (no lab), concurrency, memory or byhand (with the lab)")
+    ap.add_argument(
+        "--only", help="run only this part: fleet (no lab), concurrency, memory, byhand or direct (with the lab)"
+    )
     args = ap.parse_args()
     results, notes = {}, {}
     if args.only in (None, "fleet"):
@@ -383,6 +440,7 @@ def main() -> int:
                 "concurrency": ("concurrency on the lab", bench_concurrency),
                 "memory": ("downtime against memory size (debian, python writing ~1 MiB/s)", bench_memory),
                 "byhand": (BY_HAND, lambda st: by_hand_section(st, args.repeat)),
+                "direct": (DIRECT, bench_direct),
             }[args.only]
             results[part[0]] = part[1](stack)
         elif not args.no_lab:
@@ -392,6 +450,7 @@ def main() -> int:
                 stack, args.repeat
             )
             results[BY_HAND] = by_hand_section(stack, args.repeat)
+            results[DIRECT] = bench_direct(stack)
     finally:
         stack.stop()
         subprocess.run(

@@ -34,10 +34,11 @@ PRIVATE_NETWORKS = tuple(
 )
 
 
-def clean_networks(value) -> list[str]:
-    """The networks as an admin typed them -> a normalised list, or ValidationError saying
-    exactly what is wrong. Accepts a list of strings, or one string (commas, spaces or lines)."""
-    if isinstance(value, str):
+def clean_networks(value, text: bool = False) -> list[str]:
+    """The networks as an admin gave them -> a normalised list, or ValidationError saying
+    exactly what is wrong. A list of strings (the API), or with text=True one string with
+    the networks separated by commas, spaces or lines (the settings page's text box)."""
+    if text and isinstance(value, str):
         value = [v for v in re.split(r"[\s,]+", value) if v]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValidationError(f"{FIELD} must be a list of networks such as 10.77.64.0/24.")
@@ -45,19 +46,19 @@ def clean_networks(value) -> list[str]:
         raise ValidationError(f"At most {MAX_NETWORKS} networks.")
     out: list[str] = []
     for raw in value:
-        text = raw.strip()
-        if len(text) > 64:
-            raise ValidationError(f"{text[:64]}… is not a network.")
+        item = raw.strip()
+        if len(item) > 64:
+            raise ValidationError(f"{item[:64]!r}… is not a network.")
         try:
-            net = ipaddress.ip_network(text)
+            net = ipaddress.ip_network(item)
         except ValueError:
             try:
-                loose = ipaddress.ip_network(text, strict=False)
+                loose = ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValidationError(
-                    f"{text!r} is not a network: write an address and a prefix length, such as 10.77.64.0/24."
+                    f"{item!r} is not a network: write an address and a prefix length, such as 10.77.64.0/24."
                 ) from None
-            raise ValidationError(f"{text} has host bits set: write the network itself, {loose}.") from None
+            raise ValidationError(f"{item} has host bits set: write the network itself, {loose}.") from None
         if not any(net.version == p.version and net.subnet_of(p) for p in PRIVATE_NETWORKS):
             raise ValidationError(
                 f"{net} is not a private network. Direct transfer is unencrypted, so it is allowed only inside "
@@ -68,10 +69,10 @@ def clean_networks(value) -> list[str]:
     return out
 
 
-def save_direct_networks(request, value) -> FleetSettings:
+def save_direct_networks(request, value, text: bool = False) -> FleetSettings:
     """Validate and store the networks (the caller checked the admin role); audited either way."""
     try:
-        networks = clean_networks(value)
+        networks = clean_networks(value, text)
     except ValidationError as e:
         audit(
             request,

@@ -206,7 +206,7 @@ def fleet_settings(request):
             raise PermissionDenied("Changing the fleet settings needs the admin role.")
         typed = request.POST.get("direct_transfer_networks", "")
         try:
-            fs = save_direct_networks(request, typed)
+            fs = save_direct_networks(request, typed, text=True)
         except ValidationError as e:
             messages.error(request, e.messages[0])
             status = 400
