@@ -594,7 +594,9 @@ def direct(
     inside their parameters over SSH (never in a command line, never logged). The worker
     keeps both agents' standard input open: when it closes a channel (a failure, a cancel
     raised by on_bytes/on_tick, its own death) that agent stops at once. The receiver
-    reports bytes as they arrive. Returns (bytes moved, the receiver's result)."""
+    reports bytes as they arrive. Both agents hash the stream and the digests are compared
+    here (they travel over SSH), so bytes altered on the way fail the transfer (the caller's
+    recovery removes what arrived). Returns (bytes moved, the receiver's result)."""
     token = secrets.token_hex(32)
     channels: list[paramiko.Channel] = []
     try:
@@ -658,9 +660,16 @@ def direct(
                 select.select([ch for ch, a in ((rch, recv), (sch, send)) if not a.done], [], [], 0.2)
         result = recv.result or {}
         moved = int(result.get("bytes") or 0)
-        sent = (send.result or {}).get("bytes")
-        if sent != moved:
-            raise AgentFailed(f"The receiving host got {moved} bytes of the {sent} the sending host sent.")
+        sent = send.result or {}
+        if sent.get("bytes") != moved:
+            raise AgentFailed(f"The receiving host got {moved} bytes of the {sent.get('bytes')} the sending host sent.")
+        # The stream itself is not protected: both ends hash what they saw, and the digests
+        # come here over SSH. A difference means the bytes were changed on the way.
+        if not sent.get("sha256") or sent.get("sha256") != result.get("sha256"):
+            raise AgentFailed(
+                "What the receiving host got differs from what the sending host sent (SHA-256 mismatch): "
+                "the direct stream was altered on the network."
+            )
         if on_bytes and moved != total:
             on_bytes(moved)
         return moved, result

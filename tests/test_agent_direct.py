@@ -2,6 +2,7 @@
 only the peer with the token feeds a receiver, every check of a relayed tar still holds,
 and both ends stop when the dashboard lets go or the other side stalls."""
 
+import hashlib
 import importlib.util
 import os
 import secrets
@@ -131,6 +132,7 @@ def test_a_rootfs_goes_directly_with_every_check_of_a_relayed_one(pair):
     config = (got / "config").read_text()
     assert "lxc.hook" not in config and f"dir:{got}/rootfs" in config  # hooks stripped, rootfs ours
     assert sent["bytes"] == r.result["bytes"] > 3 << 20
+    assert sent["sha256"] == r.result["sha256"]  # the dashboard compares them over SSH
     assert any(e.get("bytes") for e in events if "listening" not in e)  # progress as it goes
 
 
@@ -193,6 +195,20 @@ def test_the_receiver_stops_when_the_dashboard_lets_go(pair, dashboard):
     r.join(10)
     assert not r.is_alive()
     assert isinstance(r.error, dst.AgentError) and "dashboard ended the transfer" in r.error.message
+
+
+def test_the_receiver_hashes_exactly_what_came(pair):
+    _, dst, events = pair
+    tar = make_tar([("c1", "dir", None), ("c1/config", "file", b"lxc.uts.name = c1\n"), ("c1/rootfs", "dir", None)])
+    token = secrets.token_hex(32)
+    r, port = receiver(dst, events, token)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall((token + "\n").encode() + tar)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(10) == b""  # it read to our end, then hung up
+    r.join(10)
+    assert r.error is None, r.error
+    assert r.result["bytes"] == len(tar) and r.result["sha256"] == hashlib.sha256(tar).hexdigest()
 
 
 def test_a_sender_that_goes_silent_is_given_up(pair):

@@ -15,6 +15,7 @@ import datetime
 import errno
 import fcntl
 import glob
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -1622,7 +1623,7 @@ def cmd_send(params):
     finally:
         if direct:
             out.conn.close()
-    return {"bytes": out.bytes, "ms": _ms(t0)}
+    return {"bytes": out.bytes, "sha256": out.hash.hexdigest(), "ms": _ms(t0)}
 
 
 def _add_delta(tar, name, params):
@@ -1776,7 +1777,7 @@ def cmd_receive(params):
                 shutil.rmtree(p, ignore_errors=True)
     out = {"files": files, "ms": _ms(t0), "deleted": len((delta or {}).get("deleted") or [])}
     if stream is not None:
-        out["bytes"] = stream.bytes
+        out["bytes"], out["sha256"] = stream.bytes, stream.hash.hexdigest()
     return out
 
 
@@ -1893,6 +1894,7 @@ class _DirectIn:
     def __init__(self, conn, stall_s):
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
         self.bytes, self._said = 0, 0.0
+        self.hash = hashlib.sha256()  # compared by the dashboard with the sender's, over SSH
 
     def _wait(self):
         while True:
@@ -1912,6 +1914,7 @@ class _DirectIn:
         except OSError as e:
             raise AgentError(f"The sending host's connection broke ({e.strerror or e}).") from None
         self.bytes += len(data)
+        self.hash.update(data)
         now = time.monotonic()
         if now - self._said >= 0.25:
             self._said = now
@@ -1928,6 +1931,7 @@ class _DirectIn:
                 break
             extra += len(data)
             self.bytes += len(data)
+            self.hash.update(data)
             if extra > (16 << 20):
                 raise AgentError("The sending host went on sending after the end of the tar.")
         event("transfer", f"{self.bytes / 1048576:.1f} MiB received", bytes=self.bytes)
@@ -1940,6 +1944,7 @@ class _DirectOut:
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
         self.buf = bytearray()
         self.bytes = 0
+        self.hash = hashlib.sha256()
         conn.settimeout(stall_s)  # for each 1 MiB write
 
     def write(self, data):
@@ -1954,6 +1959,7 @@ class _DirectOut:
             _check_dashboard(self.fd)
         if not self.buf:
             return
+        self.hash.update(self.buf)
         try:
             self.conn.sendall(self.buf)
         except TimeoutError:
