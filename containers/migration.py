@@ -148,6 +148,7 @@ class _Transfer:
         self.source, self.target, self.strategy = source, target, strategy
         self.route, self.why = direct_route(source, target)
         self.bytes = 0
+        self.memory_in_images: int | None = None  # bytes of memory pages in the dump's images
 
     def describe(self) -> dict:
         """What `result.transfer` says: the path of the images and of the memory pages."""
@@ -161,6 +162,9 @@ class _Transfer:
             "target_address": r["target_address"] if r else None,
             "pages": pages,
             "pages_encrypted": {"in-images": not r, "ssh-tunnel": True}.get(pages),
+            # Memory that travelled inside the images (all of it for stop-and-copy; for
+            # post-copy the few pages CRIU cannot serve lazily): as encrypted as the images.
+            "memory_in_images_bytes": self.memory_in_images,
             "why": self.why,
         }
 
@@ -175,8 +179,14 @@ class _Transfer:
         else:
             images = "relayed through the dashboard over both hosts' SSH connections"
         if self.strategy == "post-copy":
+            held = ""
+            if r and self.memory_in_images:
+                held = (
+                    f" ({self.memory_in_images / 1024:.0f} KiB of pages CRIU cannot serve lazily went with the "
+                    "images, unencrypted)"
+                )
             return (
-                f"images {images}; memory pulled by the target from the source's loopback-only "
+                f"images {images}{held}; memory pulled by the target from the source's loopback-only "
                 "CRIU page server tunnelled over SSH (encrypted)"
             )
         if r:
@@ -293,6 +303,8 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
             ctx.event("dump", f"dumping {container.name} on {source.name}" + (" (lazy pages)" if lazy else ""), 55)
             dumped = _agent(src, ctx, "migrate-dump", {**base, "lazy": lazy}, 55, 10)
             stats = dumped.get("stats") or {}
+            xfer.memory_in_images = dumped.get("pages_bytes")
+            ctx.remember(transfer=xfer.describe())
         elif was_running:
             ctx.event("stop", f"stopping {container.name} on {source.name}", 55)
             _agent(src, ctx, "stop", {"name": container.name}, 55, 10)

@@ -2193,11 +2193,22 @@ def cmd_migrate_dump(params):
     if lazy:
         port, ms = _lazy_dump(name, mdir, images)
         event("dump", f"images written; page server on 127.0.0.1:{port} after {ms} ms", 90)
-        return {"state": _state(name), "port": port, "stats": {"total_ms": _ms(t0)}, "images_bytes": _du(images)}
+        return {
+            "state": _state(name),
+            "port": port,
+            "stats": {"total_ms": _ms(t0)},
+            "images_bytes": _du(images),
+            "pages_bytes": _pages_bytes(images),  # what CRIU could not leave to the page server
+        }
     _criu_dump(name, images, stop=True)
     stats = _criu_stats(images, "dump")
     stats["total_ms"] = _ms(t0)
-    return {"state": _state(name), "stats": stats, "images_bytes": _du(images)}
+    return {"state": _state(name), "stats": stats, "images_bytes": _du(images), "pages_bytes": _pages_bytes(images)}
+
+
+def _pages_bytes(images):
+    """Bytes of memory pages inside the images (CRIU's pages-N.img files): they travel with the images."""
+    return sum(f["size"] for f in _image_files(images) if re.fullmatch(r"pages-\d+\.img", f["name"]))
 
 
 def _start_lazy_pages(name, mdir, images, port):
