@@ -55,11 +55,16 @@ def create(api: Api, **body) -> dict:
 
 
 def pattern(lab, host: str, name: str) -> tuple[str, str]:
-    """(checksum at start, checksum now) of a PATTERN container's memory."""
-    out = on_host(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/pattern.start", "/tmp/pattern.now")
-    assert out.returncode == 0, out.stderr
-    start, now = out.stdout.split("\n")[:2]
-    return start.split()[0], now.split()[0]
+    """(checksum at start, checksum now) of a PATTERN container's memory. The shell rewrites
+    pattern.now every second: a read that catches it half-written is taken again."""
+
+    def read():
+        out = on_host(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/pattern.start", "/tmp/pattern.now")
+        assert out.returncode == 0, out.stderr
+        sums = [line.split()[0] for line in out.stdout.splitlines() if len(line.split()) == 2]
+        return (sums[0], sums[1]) if len(sums) == 2 else None
+
+    return wait_for(read, 10, f"{name}'s memory pattern checksums", interval=0.2)
 
 
 def counter(lab, host: str, name: str) -> int:
