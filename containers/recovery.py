@@ -14,7 +14,6 @@ from contextlib import ExitStack
 
 from hosts import ssh
 
-from .events import publish_fleet
 from .models import Container, Snapshot
 from .runner import OperationContext, OperationFailed
 
@@ -34,15 +33,6 @@ def _where(container: Container) -> str:
     container.refresh_from_db()
     saved = " with its memory saved (Start resumes it)" if container.has_saved_state else ""
     return f"{container.name} is {container.state} on {container.host.name}{saved}."
-
-
-def _set(container: Container, **fields) -> None:
-    Container.objects.filter(pk=container.pk).update(**fields)
-    container.refresh_from_db()
-    publish_fleet(
-        "container",
-        {"name": container.name, "host": container.host.name, "state": container.state, "ipv4": container.ipv4},
-    )
 
 
 @recovers("migrate")
@@ -99,7 +89,7 @@ def recover_migration(ctx: OperationContext) -> str:
 
 @recovers("snapshot")
 def recover_snapshot(ctx: OperationContext) -> str:
-    from .jobs import agent
+    from .jobs import agent, set_state
 
     op = ctx.op
     container = op.container
@@ -107,7 +97,7 @@ def recover_snapshot(ctx: OperationContext) -> str:
         return "Its container no longer exists: there was nothing to recover."
     snap = op.params.get("snapshot")
     seen = agent(ctx, op.host, "inspect", {"name": container.name, "snapshot": snap, "thaw": True}, 10, 40)
-    _set(container, state=seen["state"] or Container.State.UNKNOWN)
+    set_state(container, seen["state"] or Container.State.UNKNOWN)
     meta = seen.get("snapshot")
     if meta and not container.snapshots.filter(name=snap).exists():
         # It was taken; only its result was lost with the worker. Record it as it is.
@@ -134,16 +124,12 @@ def recover_snapshot(ctx: OperationContext) -> str:
 
 @recovers("restore", "start", "stop", "restart")
 def recover_state_change(ctx: OperationContext) -> str:
-    from .jobs import agent
+    from .jobs import agent, set_state
 
     op = ctx.op
     container = op.container
     if container is None or op.host is None:
         return "Its container no longer exists: there was nothing to recover."
     seen = agent(ctx, op.host, "inspect", {"name": container.name, "thaw": True}, 10, 80)
-    _set(
-        container,
-        state=seen["state"] or Container.State.UNKNOWN,
-        has_saved_state=bool(seen.get("has_saved_state")),
-    )
+    set_state(container, seen["state"] or Container.State.UNKNOWN, has_saved_state=bool(seen.get("has_saved_state")))
     return f"Its host says: {_where(container)}"

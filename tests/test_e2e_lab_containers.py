@@ -54,6 +54,10 @@ def create(api: Api, **body) -> dict:
     return api.wait_operation(r.json()["id"], timeout=120)
 
 
+def ping(ip: str) -> bool:
+    return subprocess.run(["ping", "-c", "1", "-W", "1", ip], capture_output=True).returncode == 0
+
+
 def pattern(lab, host: str, name: str) -> tuple[str, str]:
     """(checksum at start, checksum now) of a PATTERN container's memory. The shell rewrites
     pattern.now every second: a read that catches it half-written is taken again."""

@@ -1,18 +1,13 @@
 """Post-copy live migration (CRIU lazy pages) through the dashboard on the lab."""
 
 import json
-import subprocess
 
 import pytest
 
 from tests.stack import Api, ok, run_op, wait_for
-from tests.test_e2e_lab_containers import COUNTER, PATTERN, counter, create, on_host, pattern
+from tests.test_e2e_lab_containers import COUNTER, PATTERN, counter, create, on_host, pattern, ping
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
-
-
-def _ping(ip: str) -> bool:
-    return subprocess.run(["ping", "-c", "1", "-W", "1", ip], capture_output=True).returncode == 0
 
 
 @pytest.fixture
@@ -53,7 +48,7 @@ def test_post_copy_migration_there_and_back(bob, lab, lazy):
         assert start == now  # every page of the memory pattern arrived intact
         assert "lazyc" not in on_host(lab, source, "lxc-ls", "-1").stdout  # never on two hosts
         assert on_host(lab, source, "test", "-e", f"/var/lib/ctweb/migrations/{op['id']}").returncode != 0
-        assert wait_for(lambda: _ping(ip), 10, "the same address to answer")  # noqa: B023
+        assert wait_for(lambda: ping(ip), 10, "the same address to answer")  # noqa: B023
 
 
 def _agent(lab, host: str, sub: str, params: dict) -> dict:
@@ -83,7 +78,7 @@ def test_a_lazy_dump_that_is_not_restored_elsewhere_gives_the_source_back(bob, l
     assert _agent(lab, "lab-a", "migrate-cleanup", {**base, "remove": False})["type"] == "result"
     row = bob.get("/api/v1/containers/lazyc/").json()
     assert (row["host"], row["state"]) == ("lab-a", "RUNNING")
-    assert wait_for(lambda: _ping(bob.get("/api/v1/containers/lazyc/").json()["ipv4"]), 10, "its address to answer")
+    assert wait_for(lambda: ping(bob.get("/api/v1/containers/lazyc/").json()["ipv4"]), 10, "its address to answer")
 
 
 def test_a_post_copy_whose_restore_fails_resumes_the_source_and_cleans_the_target(bob, lab):
@@ -112,7 +107,7 @@ def test_a_post_copy_whose_restore_fails_resumes_the_source_and_cleans_the_targe
         assert "lazyh" not in on_host(lab, "lab-b", "lxc-ls", "-1").stdout
         assert on_host(lab, "lab-b", "test", "-e", "/var/lib/lxc/lazyh").returncode != 0
         assert on_host(lab, "lab-b", "pgrep", "-x", "criu").returncode != 0  # no lazy-pages daemon left
-        assert wait_for(lambda: _ping(row["ipv4"]), 10, "its address to answer")
+        assert wait_for(lambda: ping(row["ipv4"]), 10, "its address to answer")
     finally:
         on_host(lab, "lab-b", "sh -c 'kill $(cat /root/rm.pid)'")
         run_op(bob, "DELETE", "/api/v1/containers/lazyh/")

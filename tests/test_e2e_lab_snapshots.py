@@ -1,13 +1,12 @@
 """Stateful snapshots, restore, stateful stop/start and migration, through the dashboard on the lab."""
 
 import io
-import subprocess
 import tarfile
 
 import pytest
 
 from tests.stack import Api, ok, run_op, wait_for
-from tests.test_e2e_lab_containers import COUNTER, PATTERN, counter, create, on_host, pattern
+from tests.test_e2e_lab_containers import COUNTER, PATTERN, counter, create, on_host, pattern, ping
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
@@ -121,10 +120,6 @@ def test_a_failed_restore_leaves_it_stopped_and_startable(bob, lab):
         run_op(bob, "DELETE", "/api/v1/containers/holder/")
 
 
-def _ping(ip: str) -> bool:
-    return subprocess.run(["ping", "-c", "1", "-W", "2", ip], capture_output=True).returncode == 0
-
-
 def test_stop_and_copy_migration_there_and_back(bob, lab, counting):
     ok(run_op(bob, "POST", "/api/v1/containers/snapc/snapshots/", {"name": "before-move", "stateful": True}))
     ip = bob.get("/api/v1/containers/snapc/").json()["ipv4"]
@@ -148,7 +143,7 @@ def test_stop_and_copy_migration_there_and_back(bob, lab, counting):
         assert start == now  # the memory pattern came along intact
         assert "snapc" not in on_host(lab, source, "lxc-ls", "-1").stdout  # never on two hosts
         assert on_host(lab, target, "test", "-d", "/var/lib/ctweb/snapshots/snapc/before-move").returncode == 0
-        assert wait_for(lambda: _ping(ip), 10, "the same address to answer")
+        assert wait_for(lambda: ping(ip), 10, "the same address to answer")
 
 
 def test_restart_migration_and_preflight_refusals(bob, lab):
