@@ -1,3 +1,4 @@
+from .clientip import client_ip
 from .models import AuditEntry
 
 
@@ -7,10 +8,19 @@ def _text(value: str, most: int) -> str:
 
 
 def audit(
-    request, action: str, obj=None, outcome: str = "ok", detail: str = "", object_type: str = "", object_name: str = ""
+    request,
+    action: str,
+    obj=None,
+    outcome: str = "ok",
+    detail: str = "",
+    object_type: str = "",
+    object_name: str = "",
+    user=None,
 ) -> AuditEntry:
-    """Record a state-changing request. Call it from every view that changes something."""
-    user = getattr(request, "user", None) if request is not None else None
+    """Record a state-changing request. Call it from every view that changes something.
+    `user` overrides the request's (a logout has already forgotten who it was)."""
+    if user is None:
+        user = getattr(request, "user", None) if request is not None else None
     if user is not None and not user.is_authenticated:
         user = None
     if obj is not None and not object_type:
@@ -23,5 +33,5 @@ def audit(
         object_name=_text(obj if obj is not None else object_name, 200),
         outcome=outcome,
         detail=_text(detail, 2000),
-        remote_addr=(request.META.get("REMOTE_ADDR") if request is not None else None) or None,
+        remote_addr=(client_ip(request) if request is not None else None) or None,
     )

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import dj_database_url
 
+from ctweb.clientip import parse_networks as _parse_networks
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CTWEB_VAR_DIR", BASE_DIR / "var"))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -38,6 +40,10 @@ SECRET_KEY = _secret_key()
 DEBUG = _env_bool("DEBUG", False)
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+# Reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed:
+# only a request whose peer is one of them has its client address taken from that header
+# (ctweb/clientip.py). Empty by default: REMOTE_ADDR is the client.
+TRUSTED_PROXIES = [str(n) for n in _parse_networks(os.environ.get("TRUSTED_PROXIES", "").split(","))]
 
 INSTALLED_APPS = [
     "daphne",

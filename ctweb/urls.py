@@ -1,5 +1,4 @@
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.permissions import AllowAny
@@ -11,7 +10,7 @@ from hosts import views as host_views
 
 from . import converters, views  # noqa: F401  (converters registers <id:...>)
 from .fleet import FleetSettingsView
-from .login import LoginView
+from .login import LoginView, LogoutView
 
 api = [
     path("hosts/", host_api.HostList.as_view()),
@@ -41,7 +40,7 @@ api = [
 urlpatterns = [
     path("", views.home, name="home"),
     path("accounts/login/", LoginView.as_view(), name="login"),
-    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/logout/", LogoutView.as_view(), name="logout"),
     path("hosts/", host_views.host_list, name="host-list"),
     path("hosts/add/", host_views.host_add, name="host-add"),
     path("hosts/<str:name>/", host_views.host_detail, name="host-detail"),
