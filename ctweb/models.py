@@ -33,8 +33,19 @@ class ApiToken(models.Model):
         return token, key
 
 
+class AuditEntryQuerySet(models.QuerySet):
+    def update(self, **kwargs):
+        raise PermissionError("Audit entries are never changed.")
+
+    def delete(self):
+        raise PermissionError("Audit entries are never deleted.")
+
+
 class AuditEntry(models.Model):
-    """Who did what to which object, when, and how it ended."""
+    """Who did what to which object, when, and how it ended. Written once, never changed or
+    deleted through the app: save() of an existing entry, delete() and the manager's
+    update()/delete() raise. (Deleting a user still sets `user` to NULL through Django's
+    base manager; `username` keeps the name.)"""
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
@@ -46,9 +57,20 @@ class AuditEntry(models.Model):
     detail = models.TextField(blank=True)
     remote_addr = models.GenericIPAddressField(null=True, blank=True)
 
+    objects = AuditEntryQuerySet.as_manager()
+
     class Meta:
         ordering = ["-at"]
         verbose_name_plural = "audit entries"
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding or kwargs.get("force_update") or kwargs.get("update_fields") is not None:
+            raise PermissionError("Audit entries are never changed.")
+        kwargs["force_insert"] = True  # never an UPDATE of a row that happens to have this pk
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise PermissionError("Audit entries are never deleted.")
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username} {self.action} {self.object_type}:{self.object_name} {self.outcome}"
