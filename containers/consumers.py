@@ -9,7 +9,7 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from ctweb.access import RECHECK_S, still_allowed, user_group
+from ctweb.access import RECHECK_S, access_stamp, still_allowed, user_group
 from ctweb.roles import has_role
 
 from . import events
@@ -29,6 +29,8 @@ class _Base(AsyncJsonWebsocketConsumer):
         if not allowed:
             await self.close(code=CLOSE_FORBIDDEN)
             return
+        # What the user's access rests on now: a later change of it closes the socket.
+        self.scope["ctweb_access_stamp"] = await database_sync_to_async(access_stamp)(user)
         self.groups_to_join = await self.setup()
         if self.groups_to_join is None:
             await self.close(code=CLOSE_NOT_FOUND)

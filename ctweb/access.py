@@ -4,7 +4,9 @@ A socket is authorised when it connects, but it may stay open for days. Whenever
 that grants access changes -- a user's role, their account being deactivated or their
 password reset, one of their tokens revoked, a logout -- their open sockets are told to look
 again (`auth.changed` to the group `user.<id>`), and each closes itself if what opened it no
-longer would. Sockets also look again at least every RECHECK_S seconds (sessions expire
+longer would, or if the user's password, role or active flag is not what it was when the
+socket opened (`access_stamp`): a token socket too, though the token itself stays valid,
+so a script reconnects under what its user may do now. Sockets also look again at least every RECHECK_S seconds (sessions expire
 without any signal).
 """
 
@@ -49,7 +51,22 @@ def still_allowed(scope, role: str = "viewer") -> bool:
         current = _session_user(scope)
     if current is None or current.pk != user.pk or not current.is_active:
         return False
+    stamp = scope.get("ctweb_access_stamp")
+    if stamp is not None and stamp != access_stamp(current):
+        return False
     return has_role(current, role)
+
+
+def access_stamp(user) -> str:
+    """What a socket's access rests on besides its token or session: the user's password
+    (its hash), active flag, superuser flag and role. Any change closes the socket."""
+    import hashlib
+
+    from .roles import role_of
+
+    user._ctweb_role = False  # read the groups again, not a cached role
+    text = "\0".join([user.password or "", str(user.is_active), str(user.is_superuser), role_of(user) or ""])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _session_user(scope):

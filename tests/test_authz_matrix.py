@@ -488,14 +488,25 @@ def _session_cookie(user) -> list:
     return c, [(b"cookie", f"sessionid={c.cookies['sessionid'].value}".encode())]
 
 
-@pytest.mark.parametrize("change", ["role removed", "deactivated", "token revoked", "logged out", "password reset"])
+# Each change that ends or alters access, for a socket opened with a token and with a session.
+ACCESS_CHANGES = [
+    (change, cred)
+    for change in ("role removed", "role changed", "deactivated", "password reset", "token revoked", "logged out")
+    for cred in ("token", "session")
+    if (change, cred) not in {("token revoked", "session"), ("logged out", "token")}
+]
+
+
+@pytest.mark.parametrize("change,cred", ACCESS_CHANGES, ids=[f"{c} ({k})" for c, k in ACCESS_CHANGES])
 @pytest.mark.parametrize("route", sorted(WEBSOCKETS))
-def test_a_socket_closes_when_its_access_ends(route, change, ws_world):
+def test_a_socket_closes_when_its_access_ends(route, change, cred, ws_world):
+    """Also when what changed would still open a socket (viewer to operator, a new password
+    for a token socket): it closes, and the script reconnects under the access it has now."""
     world = ws_world
     carol = world["users"]["carol"]
     path = "/" + route.replace("<id:op_id>", str(world["pending_op"]))
     session_client = None
-    if change in ("logged out", "password reset"):
+    if cred == "session":
         session_client, headers = _session_cookie(carol)
     else:
         headers = _ws_headers("carol", world)
@@ -505,6 +516,10 @@ def test_a_socket_closes_when_its_access_ends(route, change, ws_world):
             admin = Client()
             admin.force_login(world["users"]["alice"])
             admin.post(f"/users/{carol.pk}/update", {"action": "role", "role": ""})
+        elif change == "role changed":
+            admin = Client()
+            admin.force_login(world["users"]["alice"])
+            admin.post(f"/users/{carol.pk}/update", {"action": "role", "role": "operator"})
         elif change == "deactivated":
             admin = Client()
             admin.force_login(world["users"]["alice"])
