@@ -59,8 +59,8 @@ def test_every_change_through_every_route_is_audited(
     route,
     method,
     spec,
-    world,
-    django_capture_on_commit_callbacks,  # noqa: F811
+    world,  # noqa: F811  (the matrix's fixture)
+    django_capture_on_commit_callbacks,
 ):
     needs, body, _ = spec
     user = WHO_BY_ROUTE.get(route, WHO[needs])
