@@ -5,6 +5,7 @@ import tarfile
 
 import pytest
 
+from tests.bundle_secrets import leaks, secret_fragments
 from tests.stack import Api, ok, run_op, wait_for
 from tests.test_e2e_lab_containers import COUNTER, PATTERN, counter, create, on_host, pattern, ping
 
@@ -97,6 +98,15 @@ def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack):
         assert not any("id_ed25519" in n or "ssh_host" in n for n in names)
         log = [n for n in names if n.endswith("lxc-checkpoint.log") or n.endswith("dump.log")]
         assert log, names
+        # Not only the names: no member's content holds the dashboard's private key, its
+        # SECRET_KEY or any API token (tars and gzips inside the bundle are opened too).
+        fragments = secret_fragments(
+            (lab_stack.var / "ssh" / "id_ed25519").read_text(),
+            (lab_stack.var / "secret_key").read_text().strip(),
+            lab_stack.tokens,
+        )
+        assert len(fragments) >= 6
+        assert leaks(r.content, fragments) == []
     finally:
         run_op(bob, "DELETE", "/api/v1/containers/refuser/")
 
