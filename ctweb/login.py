@@ -2,9 +2,9 @@
 
 Every login attempt is counted against two keys: the account name tried and the client's
 address (ctweb/clientip.py: behind TRUSTED_PROXIES, the address X-Forwarded-For gives; an
-IPv6 client by its /64). For each key the first FREE attempts go straight through; from
-then on an attempt needs the key's gate to be open, and taking it closes the gate for
-2, 4, 8 ... seconds (the n-th attempt closes it for 2**(n-FREE+1) s), at most MAX_DELAY_S.
+IPv6 client by its /64). For each key the first FREE attempts pass at once; from the
+FREE-th on, the n-th attempt closes the key's gate for 2**(n-FREE+1) s (2, 4, 8 ... s, at
+most MAX_DELAY_S) and the next attempt needs the gate open again.
 An attempt that finds a gate closed is refused (429) without its password being checked,
 and is not counted: hammering does not extend anyone's wait. A successful login clears its
 account's count; counts fade RESET_S after the last attempt.
