@@ -171,8 +171,8 @@ class LoginView(auth_views.LoginView):
                     outcome="throttled",
                     detail=f"refused without checking the password: try again in {wait} s",
                 )
-            form = self.get_form()
-            form.errors.clear()
+            # An unbound form: a bound one checks the password as soon as its errors are read.
+            form = self.get_form_class()(request=request)
             response = self.render_to_response(self.get_context_data(form=form, throttled=True, wait=wait))
             response.status_code = 429
             response["Retry-After"] = str(wait)

@@ -102,10 +102,21 @@ def test_the_delay_doubles_and_is_capped():
     assert login.delay_after(13) == login.delay_after(10_000) == login.MAX_DELAY_S == 300
 
 
-def test_a_right_password_gets_in_once_the_accounts_delay_has_passed(users):
+def test_a_right_password_gets_in_once_the_accounts_delay_has_passed(users, monkeypatch):
     """Five failures close the account's gate for 2 s; knocking on it meanwhile (refused,
     429, password unchecked) neither counts nor extends it; then the right password works,
     from another address as from the same one."""
+    import django.contrib.auth.forms
+
+    checked = 0
+    real = django.contrib.auth.forms.authenticate
+
+    def counting(*args, **kwargs):
+        nonlocal checked
+        checked += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(django.contrib.auth.forms, "authenticate", counting)
     c = Client()
     for _ in range(5):
         assert post(c, BAD, addr="198.51.100.1").status_code == 200
@@ -115,6 +126,7 @@ def test_a_right_password_gets_in_once_the_accounts_delay_has_passed(users):
         assert 1 <= int(r["Retry-After"]) <= 2
     for _ in range(30):  # hammering while the gate is shut
         assert post(Client(), BAD, addr="198.51.100.3").status_code == 429
+    assert checked == 5  # the refused attempts had no password checked, not even for the form's errors
     time.sleep(2.2)
     r = post(c, GOOD, addr="198.51.100.2")
     assert r.status_code == 302 and c.session["_auth_user_id"] == str(users["carol"].pk)
