@@ -44,14 +44,24 @@ def test_a_viewer_gets_the_fleet_state_first(stack):
     assert isinstance(msg["active_operations"], list)
 
 
-def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack):
-    """Through the real channel layer (Redis): a token revoked in another process (here a
-    management shell) closes the socket it opened, with 4403."""
+ELSEWHERE = {
+    "token revoked": "from ctweb.models import ApiToken; ApiToken.objects.filter(user__username='{u}').delete()",
+    # The token stays valid; the socket opened under the old password does not.
+    "password reset": "from django.contrib.auth import get_user_model; u = get_user_model().objects.get(username='{u}'); "
+    "u.set_password('another-passphrase-7'); u.save(update_fields=['password'])",
+}
+
+
+@pytest.mark.parametrize("change", sorted(ELSEWHERE))
+def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack, change):
+    """Through the real channel layer (Redis): a token revoked, or its user's password reset,
+    in another process (here a management shell) closes the socket it opened, with 4403."""
+    user = "ws-" + change.split()[0]
     token = (
         stack.python(
             "from django.contrib.auth import get_user_model; from ctweb.models import ApiToken; "
             "from ctweb.roles import set_role; "
-            "u, _ = get_user_model().objects.get_or_create(username='ws-revoked'); set_role(u, 'viewer'); "
+            f"u, _ = get_user_model().objects.get_or_create(username='{user}'); set_role(u, 'viewer'); "
             "print(ApiToken.issue(u, 'ws')[1])"
         )
         .strip()
@@ -62,10 +72,7 @@ def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack):
         url = Api(stack, None).ws_url("/ws/events/")
         async with websockets.connect(url, additional_headers={"Authorization": f"Token {token}"}) as ws:
             first = json.loads(await asyncio.wait_for(ws.recv(), 10))
-            await asyncio.to_thread(
-                stack.python,
-                "from ctweb.models import ApiToken; ApiToken.objects.filter(user__username='ws-revoked').delete()",
-            )
+            await asyncio.to_thread(stack.python, ELSEWHERE[change].format(u=user))
             with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
                 while True:
                     await asyncio.wait_for(ws.recv(), 15)
