@@ -241,3 +241,30 @@ def test_the_admin_site_cannot_change_a_pinned_host_key(staff):
     assert (h.key_data, h.fingerprint, h.status) == (KEY, "SHA256:x", Host.Status.KEY_MISMATCH)
     entry = AuditEntry.objects.get(action="admin.change")
     assert entry.object_type == "hosts.host" and "Address" in entry.detail and json.dumps(entry.detail)
+
+
+def test_a_deletion_of_any_model_through_the_admin_site_is_audited(world, staff):  # noqa: F811
+    """Every model the admin site serves, one object each, deleted through its delete page:
+    each deletion leaves an `admin.delete` entry naming the model, except audit entries,
+    which cannot be deleted at all."""
+    AuditEntry.objects.create(action="host.probe", username="bob")
+    deleted = []
+    first = ["containers.snapshot", "containers.operation", "containers.container"]  # before what they hang on
+    models = sorted(admin.site._registry, key=lambda m: (first + [m._meta.label_lower]).index(m._meta.label_lower))
+    for model in models:
+        qs = model._default_manager.order_by("-pk")
+        obj = (qs.exclude(username="root") if model is get_user_model() else qs).first()  # not the one deleting
+        assert obj is not None, model
+        label = f"{model._meta.app_label}.{model._meta.model_name}"
+        before = AuditEntry.objects.filter(action="admin.delete").count()
+        r = staff.post(f"/admin/{model._meta.app_label}/{model._meta.model_name}/{obj.pk}/delete/", {"post": "yes"})
+        if model is AuditEntry:
+            assert r.status_code == 403 and model.objects.filter(pk=obj.pk).exists()
+            continue
+        assert r.status_code == 302, (label, r.status_code)
+        assert not model._default_manager.filter(pk=obj.pk).exists(), label
+        new = AuditEntry.objects.filter(action="admin.delete").order_by("pk")[before:]
+        assert [e.object_type for e in new] == [label], label
+        assert new[0].username == "root" and new[0].object_name.startswith(f"{obj.pk}: ")
+        deleted.append(label)
+    assert len(deleted) == len(admin.site._registry) - 1
