@@ -157,3 +157,66 @@ def test_a_receive_whose_sender_goes_silent_gives_up(agent, monkeypatch):
     finally:
         os.close(w)
         Stdin.buffer.close()
+
+
+# --- the confirmed attacks of issue 12 (a compromised source host crafts the tar) ----------
+
+
+def test_a_top_level_symlink_is_never_written_through(agent, monkeypatch, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = make_tar([("c1", "symlink", str(outside)), ("c1/pwned", "file", b"root on the target")])
+    with pytest.raises(Exception):  # noqa: B017 (refused; before the fix, a crash after the write)
+        receive(agent, monkeypatch, evil)
+    assert list(outside.iterdir()) == []
+    assert not os.path.lexists(Path(agent.LXC_PATH) / "c1")  # nothing half-placed
+
+
+def test_a_rootfs_symlink_cannot_lead_a_deltas_deletions_to_the_host(agent, monkeypatch, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("keep me")
+    cdir = Path(agent.LXC_PATH) / "c1"
+    first = make_tar(
+        [
+            ("c1", "dir", None),
+            ("c1/config", "file", f"lxc.rootfs.path = dir:{cdir}/rootfs\n".encode()),
+            ("c1/rootfs", "symlink", str(outside)),
+        ]
+    )
+    try:
+        receive(agent, monkeypatch, first)
+    except agent.AgentError:
+        pass  # refused: what matters is that the delta below cannot reach the host
+    assert not os.path.islink(cdir / "rootfs")
+    delta = json.dumps({"deleted": ["victim"]}).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(agent.DELTA_MEMBER)
+        info.size = len(delta)
+        tar.addfile(info, io.BytesIO(delta))
+    try:
+        receive(agent, monkeypatch, buf.getvalue(), what="delta")
+    except (agent.AgentError, OSError):
+        pass
+    assert (outside / "victim").read_text() == "keep me"
+
+
+def test_a_config_tmp_symlink_never_receives_the_agents_config_rewrite(agent, monkeypatch, tmp_path):
+    cron = tmp_path / "cron.d"
+    cron.mkdir()
+    cdir = Path(agent.LXC_PATH) / "c1"
+    evil = make_tar(
+        [
+            ("c1", "dir", None),
+            ("c1/rootfs", "dir", None),
+            ("c1/config", "file", b"* * * * * root /tmp/evil\n"),
+            ("c1/config.tmp", "symlink", str(cron / "evil")),
+        ]
+    )
+    try:
+        receive(agent, monkeypatch, evil)
+    except agent.AgentError:
+        pass
+    assert list(cron.iterdir()) == []
+    assert not os.path.islink(cdir / "config") and not os.path.islink(cdir / "config.tmp")
