@@ -1788,6 +1788,8 @@ class _Stager:
                 _remove_at(parent, leaf)
                 for n in [n for n in self.files if n == m.name or n.startswith(m.name + "/")]:
                     del self.files[n]
+                for d in [d for d in self.dirs if d[: len(parts)] == tuple(parts)]:
+                    del self.dirs[d]
             self.files.pop(m.name, None)
             mode = stat.S_IMODE(m.mode)
             if kind == "dir":
@@ -1968,6 +1970,10 @@ def _place(stager, stage_fd, dest_fd, what, name, top_name, delta):
         top = None
     else:
         top = top_name
+    if what == "rootfs":
+        cfg, rootfs = _lstat_at(stage_fd, f"{top_name}/config"), _lstat_at(stage_fd, f"{top_name}/rootfs")
+        if cfg is None or not stat.S_ISREG(cfg.st_mode) or rootfs is None or not stat.S_ISDIR(rootfs.st_mode):
+            raise AgentError(f"The rootfs arrived without {name}/config or {name}/rootfs: nothing was put in place.")
     if what != "delta":
         if top is None:
             return 0
@@ -1985,6 +1991,14 @@ def _place(stager, stage_fd, dest_fd, what, name, top_name, delta):
             f"{name}'s directory is missing or not a plain directory: the delta has nowhere to go."
         ) from None
     try:
+        # Checked before anything moves: a refused delta changes nothing.
+        rootfs = _lstat_at(cdir, "rootfs")
+        if rootfs is None or not stat.S_ISDIR(rootfs.st_mode):
+            raise AgentError(f"{name}'s rootfs is not a plain directory: the delta is refused.")
+        cfg = _lstat_at(cdir, "config")
+        staged_cfg = _lstat_at(stage_fd, f"{top_name}/config") if top is not None else None
+        if not (staged_cfg and stat.S_ISREG(staged_cfg.st_mode)) and not (cfg and stat.S_ISREG(cfg.st_mode)):
+            raise AgentError(f"{name}'s config is not a plain file and the delta brings none: refused.")
         if top is not None:
             src = os.open(top, _NOFOLLOW_DIR, dir_fd=stage_fd)
             try:
