@@ -1658,6 +1658,9 @@ def _add_delta(tar, name, params):
 RECV_STAGE_PREFIX = ".ctweb-recv-"
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID
+# The configured roots (LXC_PATH, CTWEB_PATH's directories) are the admin's: they may be
+# symlinks (/var/lib/lxc -> /srv/lxc). Everything below them is never followed.
+_ROOT_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 _COPY_CHUNK = 1 << 20
 
 
@@ -1806,7 +1809,9 @@ class _Stager:
                         chunk = src.read(_COPY_CHUNK)
                         if not chunk:
                             break
-                        out.write(chunk)
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[out.write(view) :]
                     self._owner(m, leaf, parent, fd)
                     os.fchmod(fd, mode)  # after chown, which clears setuid bits
                     os.utime(fd, (m.mtime, m.mtime))
@@ -1952,14 +1957,14 @@ def _dest_fd(what, name, params):
     """The directory the received tree goes into, opened without following a symlink."""
     if what in ("cpuinfo", "images"):
         os.makedirs(MIGRATIONS_PATH, exist_ok=True)
-        base = os.open(MIGRATIONS_PATH, _NOFOLLOW_DIR)
+        base = os.open(MIGRATIONS_PATH, _ROOT_DIR)
         try:
             return _open_beneath(base, [str(int(params["migration"]))], create=True)
         finally:
             os.close(base)
     path = {"rootfs": LXC_PATH, "delta": LXC_PATH, "snapshots": SNAPSHOTS_PATH, "state": STATE_PATH}[what]
     os.makedirs(path, exist_ok=True)
-    return os.open(path, _NOFOLLOW_DIR)
+    return os.open(path, _ROOT_DIR)
 
 
 def _place(stager, stage_fd, dest_fd, what, name, top_name, delta):
@@ -2020,10 +2025,29 @@ def _place(stager, stage_fd, dest_fd, what, name, top_name, delta):
         os.close(cdir)
 
 
+def _remove_stages(params):
+    """Staging directories a killed receive of this migration left behind; True if any."""
+    prefix = f"{RECV_STAGE_PREFIX}{int(params['migration'])}-"
+    found = False
+    for base in (LXC_PATH, SNAPSHOTS_PATH, STATE_PATH):
+        try:
+            fd = os.open(base, _ROOT_DIR)
+        except OSError:
+            continue
+        try:
+            for n in os.listdir(fd):
+                if n.startswith(prefix):
+                    _remove_at(fd, n)
+                    found = True
+        finally:
+            os.close(fd)
+    return found
+
+
 def _clear_config_names(name):
     """No symlink (nor anything else) may sit at config.tmp, and config must be a plain file,
     before the agent rewrites the config there."""
-    base = os.open(LXC_PATH, _NOFOLLOW_DIR)
+    base = os.open(LXC_PATH, _ROOT_DIR)
     try:
         cdir = _open_beneath(base, [name])
     finally:
@@ -2040,7 +2064,7 @@ def _clear_config_names(name):
 
 def _write_beneath(name, fname, text):
     """Write LXC_PATH/<name>/<fname> without following a symlink anywhere."""
-    base = os.open(LXC_PATH, _NOFOLLOW_DIR)
+    base = os.open(LXC_PATH, _ROOT_DIR)
     try:
         cdir = _open_beneath(base, [name])
     finally:
@@ -2844,6 +2868,8 @@ def cmd_migrate_abort(params):
             if os.path.exists(os.path.join(base, name)):
                 _remove_tree(os.path.join(base, name))
                 removed.append(os.path.basename(base))
+    if _remove_stages(params):
+        removed.append("staging")
     if os.path.exists(_mig_dir(params)):
         _remove_tree(_mig_dir(params))
     return {"removed": removed}
