@@ -1772,6 +1772,21 @@ class _Stager:
         self.dirs = {}  # path components -> TarInfo of directory members (attributes set last)
         self.as_root = os.geteuid() == 0
         self.count = 0
+        self._parent = None  # (components, descriptor) of the last parent: members come grouped
+
+    def _open_parent(self, parts):
+        key = tuple(parts)
+        if self._parent is not None and self._parent[0] == key:
+            return self._parent[1]
+        self.close()
+        fd = _open_beneath(self.fd, parts, create=True)
+        self._parent = (key, fd)
+        return fd
+
+    def close(self):
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
 
     def _owner(self, m, leaf, dir_fd, fd=None):
         if not self.as_root:
@@ -1784,67 +1799,58 @@ class _Stager:
     def add(self, m, tar):
         parts, kind = _check_member(m, self.what, self.top_name)
         leaf = parts[-1]
-        parent = _open_beneath(self.fd, parts[:-1], create=True)
-        try:
-            old = _lstat_at(parent, leaf)
-            if old is not None and not (kind == "dir" and stat.S_ISDIR(old.st_mode)):
-                _remove_at(parent, leaf)
-                for n in [n for n in self.files if n == m.name or n.startswith(m.name + "/")]:
-                    del self.files[n]
-                for d in [d for d in self.dirs if d[: len(parts)] == tuple(parts)]:
-                    del self.dirs[d]
-            self.files.pop(m.name, None)
-            mode = stat.S_IMODE(m.mode)
-            if kind == "dir":
-                if old is None or not stat.S_ISDIR(old.st_mode):
-                    os.mkdir(leaf, 0o700, dir_fd=parent)
-                self.dirs[tuple(parts)] = m
-            elif kind == "file":
-                fd = os.open(
-                    leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=parent
-                )
-                with os.fdopen(fd, "wb", buffering=0) as out:
-                    src = tar.extractfile(m)
-                    while True:
-                        chunk = src.read(_COPY_CHUNK)
-                        if not chunk:
-                            break
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[out.write(view) :]
-                    self._owner(m, leaf, parent, fd)
-                    os.fchmod(fd, mode)  # after chown, which clears setuid bits
-                    os.utime(fd, (m.mtime, m.mtime))
-                self.files[m.name] = True
-            elif kind == "symlink":
-                os.symlink(m.linkname, leaf, dir_fd=parent)
-                self._owner(m, leaf, parent)
-                os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
-            elif kind == "hardlink":
-                lparts = _split_member(m.linkname, "hard link")
-                target = "/".join(lparts)
-                if not self.files.get(target):
-                    raise AgentError(
-                        f"Refusing a hard link to what this tar did not bring: {m.name!r} -> {m.linkname!r}"
-                    )
-                if _in_rootfs(self.what, lparts) and not _in_rootfs(self.what, parts):
-                    raise AgentError(f"Refusing a hard link across directories: {m.name!r} -> {m.linkname!r}")
-                src_fd = _open_beneath(self.fd, lparts[:-1])
-                try:
-                    os.link(lparts[-1], leaf, src_dir_fd=src_fd, dst_dir_fd=parent, follow_symlinks=False)
-                finally:
-                    os.close(src_fd)
-                self.files[m.name] = True
-            else:  # device node or fifo, inside a rootfs only (checked)
-                fmt = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
-                os.mknod(
-                    leaf, fmt | 0o600, os.makedev(m.devmajor, m.devminor) if fmt != stat.S_IFIFO else 0, dir_fd=parent
-                )
-                self._owner(m, leaf, parent)
-                os.chmod(leaf, mode, dir_fd=parent)  # just made in our private directory: not a symlink
-                os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
-        finally:
-            os.close(parent)
+        parent = self._open_parent(parts[:-1])  # owned by the cache, closed by close()
+        old = _lstat_at(parent, leaf)
+        if old is not None and not (kind == "dir" and stat.S_ISDIR(old.st_mode)):
+            _remove_at(parent, leaf)  # a child of the cached parent: the cache stays right
+            for n in [n for n in self.files if n == m.name or n.startswith(m.name + "/")]:
+                del self.files[n]
+            for d in [d for d in self.dirs if d[: len(parts)] == tuple(parts)]:
+                del self.dirs[d]
+        self.files.pop(m.name, None)
+        mode = stat.S_IMODE(m.mode)
+        if kind == "dir":
+            if old is None or not stat.S_ISDIR(old.st_mode):
+                os.mkdir(leaf, 0o700, dir_fd=parent)
+            self.dirs[tuple(parts)] = m
+        elif kind == "file":
+            fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=parent)
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                src = tar.extractfile(m)
+                while True:
+                    chunk = src.read(_COPY_CHUNK)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[out.write(view) :]
+                self._owner(m, leaf, parent, fd)
+                os.fchmod(fd, mode)  # after chown, which clears setuid bits
+                os.utime(fd, (m.mtime, m.mtime))
+            self.files[m.name] = True
+        elif kind == "symlink":
+            os.symlink(m.linkname, leaf, dir_fd=parent)
+            self._owner(m, leaf, parent)
+            os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
+        elif kind == "hardlink":
+            lparts = _split_member(m.linkname, "hard link")
+            target = "/".join(lparts)
+            if not self.files.get(target):
+                raise AgentError(f"Refusing a hard link to what this tar did not bring: {m.name!r} -> {m.linkname!r}")
+            if _in_rootfs(self.what, lparts) and not _in_rootfs(self.what, parts):
+                raise AgentError(f"Refusing a hard link across directories: {m.name!r} -> {m.linkname!r}")
+            src_fd = _open_beneath(self.fd, lparts[:-1])
+            try:
+                os.link(lparts[-1], leaf, src_dir_fd=src_fd, dst_dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(src_fd)
+            self.files[m.name] = True
+        else:  # device node or fifo, inside a rootfs only (checked)
+            fmt = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+            os.mknod(leaf, fmt | 0o600, os.makedev(m.devmajor, m.devminor) if fmt != stat.S_IFIFO else 0, dir_fd=parent)
+            self._owner(m, leaf, parent)
+            os.chmod(leaf, mode, dir_fd=parent)  # just made in our private directory: not a symlink
+            os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
         self.count += 1
 
     def apply_dir(self, parts, fd):
@@ -1868,7 +1874,19 @@ class _Stager:
 
 def _stage(stage_fd, what, top_name, stream):
     """Unpack the tar read from `stream` into the staging directory; (stager, the delta's list)."""
-    stager, delta = _Stager(stage_fd, what, top_name), None
+    stager = _Stager(stage_fd, what, top_name)
+    try:
+        _stage_members(stager, stream)
+    finally:
+        stager.close()
+    if what != "delta":
+        stager.finish_dirs()
+    return stager, stager.delta
+
+
+def _stage_members(stager, stream):
+    what = stager.what
+    stager.delta = None
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for m in tar:
             if m.name == DELTA_MEMBER and what == "delta" and m.isreg():
@@ -1877,6 +1895,7 @@ def _stage(stage_fd, what, top_name, stream):
                 delta = json.load(tar.extractfile(m))
                 if not isinstance(delta, dict):
                     raise AgentError("The delta's list of deletions is damaged.")
+                stager.delta = delta
                 continue
             try:
                 stager.add(m, tar)
@@ -1886,9 +1905,6 @@ def _stage(stage_fd, what, top_name, stream):
                 raise AgentError(
                     f"Refusing a tar member that would lead outside its directory or cannot be created beneath it: {m.name!r} ({e.strerror or e})"
                 ) from None
-    if what != "delta":
-        stager.finish_dirs()
-    return stager, delta
 
 
 def _merge(stager, src_fd, dst_fd, parts):
