@@ -2315,9 +2315,12 @@ class _DirectIn:
     def __init__(self, conn, stall_s, token):
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
         self.bytes, self._said = 0, 0.0
-        self.hash = hashlib.sha256()  # compared by the dashboard with the sender's, over SSH
         self.mac = hmac.new(_direct_keys(token)[1], digestmod=hashlib.sha256)
-        self.pending = bytearray()  # received, not yet handed on (at least the trailer's length)
+        # Reported as "sha256" and compared by the dashboard with the sender's, over SSH: the
+        # HMAC-SHA256 of the stream (one pass over the bytes does both jobs).
+        self.hash = self.mac
+        self.pending = bytearray()  # received, MACed, not yet handed on
+        self.tail = b""  # the last bytes received: the trailer once the sender has closed
         self.eof = False
 
     def _wait(self):
@@ -2340,8 +2343,14 @@ class _DirectIn:
             self.eof = True
             return
         self.bytes += len(data)
-        self.hash.update(data)
-        self.pending += data
+        data = self.tail + data
+        cut = len(data) - DIRECT_MAC_BYTES
+        if cut > 0:
+            self.mac.update(data[:cut])
+            self.pending += data[:cut]
+            self.tail = data[cut:]
+        else:
+            self.tail = data
         now = time.monotonic()
         if now - self._said >= 0.25:
             self._said = now
@@ -2349,14 +2358,10 @@ class _DirectIn:
 
     def read(self, size=-1):
         size = DIRECT_CHUNK if size is None or size < 0 else size
-        while not self.eof and len(self.pending) <= DIRECT_MAC_BYTES:
-            self._recv(max(size, DIRECT_MAC_BYTES + 1))
-        n = min(size, len(self.pending) - DIRECT_MAC_BYTES)
-        if n <= 0:
-            return b""
-        data = bytes(self.pending[:n])
-        del self.pending[:n]
-        self.mac.update(data)
+        while not self.eof and not self.pending:
+            self._recv(DIRECT_CHUNK)  # big reads: the tar reader asks for 10 KiB at a time
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
         return data
 
     def drain(self):
@@ -2372,7 +2377,7 @@ class _DirectIn:
         event("transfer", f"{self.bytes / 1048576:.1f} MiB received", bytes=self.bytes)
 
     def verify(self):
-        if len(self.pending) != DIRECT_MAC_BYTES or not hmac.compare_digest(bytes(self.pending), self.mac.digest()):
+        if self.pending or len(self.tail) != DIRECT_MAC_BYTES or not hmac.compare_digest(self.tail, self.mac.digest()):
             raise AgentError(
                 "The direct stream failed its authentication (altered, cut short or not sent by the source "
                 "host's agent): nothing of it was put in place."
@@ -2386,8 +2391,8 @@ class _DirectOut:
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
         self.buf = bytearray()
         self.bytes = 0
-        self.hash = hashlib.sha256()
         self.mac = hmac.new(mac_key, digestmod=hashlib.sha256)
+        self.hash = self.mac  # the "sha256" the dashboard compares: the stream's HMAC-SHA256
         conn.settimeout(stall_s)  # for each 1 MiB write
 
     def write(self, data):
@@ -2404,7 +2409,6 @@ class _DirectOut:
             return
         if not trailer:
             self.mac.update(self.buf)
-        self.hash.update(self.buf)
         try:
             self.conn.sendall(self.buf)
         except TimeoutError:
