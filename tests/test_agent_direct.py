@@ -3,6 +3,7 @@ only the peer with the token feeds a receiver, every check of a relayed tar stil
 and both ends stop when the dashboard lets go or the other side stalls."""
 
 import hashlib
+import hmac
 import importlib.util
 import os
 import secrets
@@ -16,6 +17,17 @@ import pytest
 from tests.test_agent_tar_safety import make_tar
 
 AGENT = Path(__file__).resolve().parent.parent / "hosts" / "agent" / "ctweb_agent.py"
+
+
+def hello(token: str) -> bytes:
+    """The connection's first line: derived from the token, which never crosses the network."""
+    return (hmac.new(bytes.fromhex(token), b"ctweb-direct-hello", hashlib.sha256).hexdigest() + "\n").encode()
+
+
+def signed(token: str, stream: bytes) -> bytes:
+    """The stream as the source's agent sends it: the bytes, then their HMAC-SHA256 trailer."""
+    key = hmac.new(bytes.fromhex(token), b"ctweb-direct-mac", hashlib.sha256).digest()
+    return stream + hmac.new(key, stream, hashlib.sha256).digest()
 
 
 def load_agent(root: Path, monkeypatch, events: list):
@@ -153,7 +165,7 @@ def test_only_the_source_host_may_connect(pair):
     token = secrets.token_hex(32)
     r, port = receiver(dst, events, token, peer="127.0.0.2")
     with socket.create_connection(("127.0.0.1", port)) as stranger:  # the right port, the wrong host
-        stranger.sendall((token + "\n").encode())
+        stranger.sendall(hello(token))
         try:
             assert stranger.recv(10) == b""  # hung up on
         except ConnectionResetError:
@@ -180,7 +192,7 @@ def test_a_malicious_tar_is_refused_directly_too(pair, tmp_path):
     r, port = receiver(dst, events, token)
     with socket.create_connection(("127.0.0.1", port)) as s:
         try:
-            s.sendall((token + "\n").encode() + evil)
+            s.sendall(hello(token) + signed(token, evil))  # authentic: refused for what it holds
         except OSError:
             pass
     r.join(10)
@@ -203,12 +215,16 @@ def test_the_receiver_hashes_exactly_what_came(pair):
     token = secrets.token_hex(32)
     r, port = receiver(dst, events, token)
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall((token + "\n").encode() + tar)
+        s.sendall(hello(token) + signed(token, tar))
         s.shutdown(socket.SHUT_WR)
         assert s.recv(10) == b""  # it read to our end, then hung up
     r.join(10)
     assert r.error is None, r.error
-    assert r.result["bytes"] == len(tar) and r.result["sha256"] == hashlib.sha256(tar).hexdigest()
+    wire = signed(token, tar)
+    key = hmac.new(bytes.fromhex(token), b"ctweb-direct-mac", hashlib.sha256).digest()
+    # the digest the dashboard compares with the sender's: the stream's HMAC-SHA256
+    assert r.result["bytes"] == len(wire) and r.result["sha256"] == hmac.new(key, tar, hashlib.sha256).hexdigest()
+    assert (Path(dst.LXC_PATH) / "c1" / "config").is_file()
 
 
 def test_a_sender_that_goes_silent_is_given_up(pair):
@@ -217,7 +233,7 @@ def test_a_sender_that_goes_silent_is_given_up(pair):
     r, port = receiver(dst, events, token, stall=1)
     partial = make_tar([("c1", "dir", None), ("c1/big", "file", b"x" * 100000)])[:5000]
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall((token + "\n").encode() + partial)
+        s.sendall(hello(token) + partial)
         r.join(10)  # the link "died": nothing more comes and nothing says it ended
     assert isinstance(r.error, dst.AgentError) and "Nothing arrived for 1 s" in r.error.message
 
@@ -270,3 +286,40 @@ def test_bad_ports_are_refused_by_the_sender(pair):
         params["direct"]["port"] = port
         with pytest.raises(src.AgentError, match="port"):
             src.cmd_send(params)
+
+
+def test_a_stream_altered_on_the_way_is_never_put_in_place(pair, tmp_path):
+    """Someone on the path sees the connection's first line, then sends a tar of their own
+    (issue 12: the stream used to be unpacked before the two hashes were compared)."""
+    src, dst, events = pair
+    token = secrets.token_hex(32)
+    r, port = receiver(dst, events, token)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = make_tar([("c1", "dir", None), ("c1/config", "file", b"lxc.uts.name = evil\n"), ("c1/rootfs", "dir", None)])
+    with socket.socket() as mitm:
+        mitm.bind(("127.0.0.1", 0))
+        mitm.listen(1)
+        out = {}
+
+        def run():
+            try:
+                src.cmd_send(send_params(token, mitm.getsockname()[1]))
+            except Exception as e:  # noqa: BLE001
+                out["error"] = e
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        conn, _ = mitm.accept()
+        with conn:
+            first = b""
+            while not first.endswith(b"\n"):
+                first += conn.recv(1)
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(first + evil + os.urandom(32))
+                s.shutdown(socket.SHUT_WR)
+                r.join(10)
+    t.join(10)
+    assert isinstance(r.error, dst.AgentError), r.result
+    assert not os.path.lexists(Path(dst.LXC_PATH) / "c1")
+    assert [n for n in os.listdir(dst.LXC_PATH) if n != "c1"] == []  # nothing staged is left either

@@ -157,3 +157,132 @@ def test_a_receive_whose_sender_goes_silent_gives_up(agent, monkeypatch):
     finally:
         os.close(w)
         Stdin.buffer.close()
+
+
+# --- the confirmed attacks of issue 12 (a compromised source host crafts the tar) ----------
+
+
+def test_a_top_level_symlink_is_never_written_through(agent, monkeypatch, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = make_tar([("c1", "symlink", str(outside)), ("c1/pwned", "file", b"root on the target")])
+    with pytest.raises(Exception):  # noqa: B017 (refused; before the fix, a crash after the write)
+        receive(agent, monkeypatch, evil)
+    assert list(outside.iterdir()) == []
+    assert not os.path.lexists(Path(agent.LXC_PATH) / "c1")  # nothing half-placed
+
+
+def test_a_rootfs_symlink_cannot_lead_a_deltas_deletions_to_the_host(agent, monkeypatch, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("keep me")
+    cdir = Path(agent.LXC_PATH) / "c1"
+    first = make_tar(
+        [
+            ("c1", "dir", None),
+            ("c1/config", "file", f"lxc.rootfs.path = dir:{cdir}/rootfs\n".encode()),
+            ("c1/rootfs", "symlink", str(outside)),
+        ]
+    )
+    try:
+        receive(agent, monkeypatch, first)
+    except agent.AgentError:
+        pass  # refused: what matters is that the delta below cannot reach the host
+    assert not os.path.islink(cdir / "rootfs")
+    delta = json.dumps({"deleted": ["victim"]}).encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo(agent.DELTA_MEMBER)
+        info.size = len(delta)
+        tar.addfile(info, io.BytesIO(delta))
+    try:
+        receive(agent, monkeypatch, buf.getvalue(), what="delta")
+    except (agent.AgentError, OSError):
+        pass
+    assert (outside / "victim").read_text() == "keep me"
+
+
+def test_a_config_tmp_symlink_never_receives_the_agents_config_rewrite(agent, monkeypatch, tmp_path):
+    cron = tmp_path / "cron.d"
+    cron.mkdir()
+    cdir = Path(agent.LXC_PATH) / "c1"
+    evil = make_tar(
+        [
+            ("c1", "dir", None),
+            ("c1/rootfs", "dir", None),
+            ("c1/config", "file", b"* * * * * root /tmp/evil\n"),
+            ("c1/config.tmp", "symlink", str(cron / "evil")),
+        ]
+    )
+    try:
+        receive(agent, monkeypatch, evil)
+    except agent.AgentError:
+        pass
+    assert list(cron.iterdir()) == []
+    assert not os.path.islink(cdir / "config") and not os.path.islink(cdir / "config.tmp")
+
+
+def _special_tar(extra):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind in [("c1", tarfile.DIRTYPE), ("c1/rootfs", tarfile.DIRTYPE)]:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tar.addfile(info)
+        info = tarfile.TarInfo("c1/config")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"x=1\n"))
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _info(name, type_=tarfile.REGTYPE, mode=0o644, linkname="", size=0):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname, info.size = type_, mode, linkname, size
+    if type_ == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3
+    return info
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_devices_and_setuid_files_only_inside_a_rootfs(agent, monkeypatch):
+    cdir = Path(agent.LXC_PATH) / "c1"
+    for bad in (
+        _info("c1/null", tarfile.CHRTYPE),
+        _info("c1/su", mode=0o4755),
+        _info("c1/sg", mode=0o2755),
+        _info("c1/link", tarfile.SYMTYPE, linkname="rootfs"),
+    ):
+        with pytest.raises(agent.AgentError, match=bad.name):  # the error names the member
+            receive(agent, monkeypatch, _special_tar([(bad, b"" if bad.isreg() else None)]))
+        assert not os.path.lexists(cdir)
+    ok = [
+        (_info("c1/rootfs/null", tarfile.CHRTYPE, mode=0o666), None),
+        (_info("c1/rootfs/su", mode=0o4755, size=2), b"#!"),
+    ]
+    receive(agent, monkeypatch, _special_tar(ok))
+    assert os.stat(cdir / "rootfs/null").st_rdev == os.makedev(1, 3)
+    assert os.stat(cdir / "rootfs/su").st_mode & 0o7777 == 0o4755
+
+
+def test_hard_links_only_to_files_this_archive_brought(agent, monkeypatch, tmp_path):
+    cdir = Path(agent.LXC_PATH) / "c1"
+    for target in ("c1/rootfs/absent", "c2/config", "/etc/passwd", "c1/../c2/config", "c1/rootfs"):
+        bad = _info("c1/rootfs/l", tarfile.LNKTYPE, linkname=target)
+        with pytest.raises(agent.AgentError):
+            receive(agent, monkeypatch, _special_tar([(bad, None)]))
+        assert not os.path.lexists(cdir)
+    good = [(_info("c1/rootfs/a", size=1), b"a"), (_info("c1/rootfs/b", tarfile.LNKTYPE, linkname="c1/rootfs/a"), None)]
+    receive(agent, monkeypatch, _special_tar(good))
+    assert os.stat(cdir / "rootfs/a").st_ino == os.stat(cdir / "rootfs/b").st_ino
+
+
+def test_an_abort_removes_what_a_killed_receive_left_staged(agent):
+    left = Path(agent.LXC_PATH) / ".ctweb-recv-1-rootfs-123-abcd" / "c1" / "rootfs"
+    left.mkdir(parents=True)
+    other = Path(agent.LXC_PATH) / ".ctweb-recv-2-rootfs-9-ffff"  # another migration's: kept
+    other.mkdir()
+    out = agent.cmd_migrate_abort({"name": "c1", "migration": 1})
+    assert "staging" in out["removed"]
+    assert not left.parent.parent.exists() and other.exists()

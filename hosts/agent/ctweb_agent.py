@@ -1645,12 +1645,452 @@ def _add_delta(tar, name, params):
     tar.addfile(info, io.BytesIO(data))
 
 
-def _safe_member(m):
-    parts = m.name.split("/")
-    if m.name.startswith("/") or ".." in parts:
-        raise AgentError(f"Refusing a tar member outside its directory: {m.name!r}")
-    if m.islnk() and (m.linkname.startswith("/") or ".." in m.linkname.split("/")):
-        raise AgentError(f"Refusing a hard link outside its directory: {m.linkname!r}")
+# --- receive: beneath the receiving directory, never through a symlink ----------------------
+# The tar comes from another host, and a compromised host controls every byte of it. It is
+# unpacked into a fresh private (0700) staging directory beside its destination (same
+# filesystem): every member is created relative to its parent directory's descriptor, each
+# parent opened with O_NOFOLLOW, so nothing the archive plants (nor anything already on the
+# disk) is ever followed. Only once the whole stream arrived (and, for a direct transfer,
+# passed its authentication) is the staged tree renamed into place (a delta's files are
+# renamed one by one into the existing container directory, again walking by descriptors).
+# A refused or broken stream leaves only its staging directory, which is removed.
+
+RECV_STAGE_PREFIX = ".ctweb-recv-"
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID
+# The configured roots (LXC_PATH, CTWEB_PATH's directories) are the admin's: they may be
+# symlinks (/var/lib/lxc -> /srv/lxc). Everything below them is never followed.
+_ROOT_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_COPY_CHUNK = 1 << 20
+
+
+def _split_member(name, what="member"):
+    """A member name as path components; refused if absolute, empty or leading upwards."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\0" in name:
+        raise AgentError(f"Refusing a tar {what} outside its directory: {name!r}")
+    parts = name.rstrip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise AgentError(f"Refusing a tar {what} outside its directory: {name!r}")
+    return parts
+
+
+def _open_beneath(base_fd, parts, create=False):
+    """The directory base/parts..., each component opened with O_NOFOLLOW (a symlink on the
+    way fails with ELOOP/ENOTDIR); missing ones made (0700) when `create`."""
+    fd = os.dup(base_fd)
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lstat_at(dir_fd, name):
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _remove_at(dir_fd, name):
+    """Remove one entry (a directory with all it holds), never following a symlink."""
+    st = _lstat_at(dir_fd, name)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)  # descriptor-based: symlinks inside are removed, not followed
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _in_rootfs(what, parts):
+    """Is this member inside a rootfs (the only place for device nodes, setuid files, symlinks)?"""
+    if what in ("rootfs", "delta"):
+        return len(parts) > 2 and parts[1] == "rootfs"
+    if what == "snapshots":
+        return len(parts) > 3 and parts[2] == "rootfs"
+    return False
+
+
+def _check_member(m, what, top_name):
+    """Refuse what a member may not be, naming it. Returns its path components."""
+    parts = _split_member(m.name)
+    if parts[0] != top_name:
+        raise AgentError(f"Refusing a tar member outside {top_name}/: {m.name!r}")
+    kind = (
+        "dir"
+        if m.isdir()
+        else "file"
+        if m.isreg()
+        else "symlink"
+        if m.issym()
+        else "hardlink"
+        if m.islnk()
+        else "device"
+        if m.ischr() or m.isblk()
+        else "fifo"
+        if m.isfifo()
+        else None
+    )
+    if kind is None:
+        raise AgentError(f"Refusing a tar member of an unknown kind: {m.name!r}")
+    if len(parts) == 1 and kind != "dir":
+        raise AgentError(f"Refusing {m.name!r}: the top of a received tree must be a plain directory.")
+    inside = _in_rootfs(what, parts)
+    if kind in ("symlink", "device", "fifo") and not inside:
+        raise AgentError(f"Refusing a {kind} outside a rootfs: {m.name!r}")
+    if m.mode & _SPECIAL_BITS and not inside:
+        raise AgentError(f"Refusing a setuid/setgid member outside a rootfs: {m.name!r}")
+    if what in ("rootfs", "delta") and len(parts) == 2:
+        if parts[1] == "config.tmp":
+            raise AgentError(f"Refusing {m.name!r}: the agent writes that name itself.")
+        if parts[1] == "config" and kind not in ("file", "hardlink"):
+            raise AgentError(f"Refusing {m.name!r}: a container's config must be a plain file.")
+        if parts[1] == "rootfs" and kind != "dir":
+            raise AgentError(f"Refusing {m.name!r}: a container's rootfs must be a plain directory.")
+    if what == "snapshots" and len(parts) == 3 and parts[2] in ("config", "rootfs", "meta.json", "images"):
+        if (parts[2] in ("rootfs", "images")) != (kind == "dir"):
+            raise AgentError(f"Refusing {m.name!r}: not what a snapshot keeps under that name.")
+    return parts, kind
+
+
+class _Stager:
+    """Unpacks members into a private staging directory, by descriptors only."""
+
+    def __init__(self, stage_fd, what, top_name):
+        self.fd, self.what, self.top_name = stage_fd, what, top_name
+        self.files = {}  # member name -> True for regular files staged (hard-link sources)
+        self.dirs = {}  # path components -> TarInfo of directory members (attributes set last)
+        self.as_root = os.geteuid() == 0
+        self.count = 0
+        self._parent = None  # (components, descriptor) of the last parent: members come grouped
+
+    def _open_parent(self, parts):
+        key = tuple(parts)
+        if self._parent is not None and self._parent[0] == key:
+            return self._parent[1]
+        self.close()
+        fd = _open_beneath(self.fd, parts, create=True)
+        self._parent = (key, fd)
+        return fd
+
+    def close(self):
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
+
+    def _owner(self, m, leaf, dir_fd, fd=None):
+        if not self.as_root:
+            return
+        if fd is not None:
+            os.fchown(fd, m.uid, m.gid)
+        else:
+            os.chown(leaf, m.uid, m.gid, dir_fd=dir_fd, follow_symlinks=False)
+
+    def add(self, m, tar):
+        parts, kind = _check_member(m, self.what, self.top_name)
+        leaf = parts[-1]
+        parent = self._open_parent(parts[:-1])  # owned by the cache, closed by close()
+        old = _lstat_at(parent, leaf)
+        if old is not None and not (kind == "dir" and stat.S_ISDIR(old.st_mode)):
+            _remove_at(parent, leaf)  # a child of the cached parent: the cache stays right
+            for n in [n for n in self.files if n == m.name or n.startswith(m.name + "/")]:
+                del self.files[n]
+            for d in [d for d in self.dirs if d[: len(parts)] == tuple(parts)]:
+                del self.dirs[d]
+        self.files.pop(m.name, None)
+        mode = stat.S_IMODE(m.mode)
+        if kind == "dir":
+            if old is None or not stat.S_ISDIR(old.st_mode):
+                os.mkdir(leaf, 0o700, dir_fd=parent)
+            self.dirs[tuple(parts)] = m
+        elif kind == "file":
+            fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=parent)
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                src = tar.extractfile(m)
+                while True:
+                    chunk = src.read(_COPY_CHUNK)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[out.write(view) :]
+                self._owner(m, leaf, parent, fd)
+                os.fchmod(fd, mode)  # after chown, which clears setuid bits
+                os.utime(fd, (m.mtime, m.mtime))
+            self.files[m.name] = True
+        elif kind == "symlink":
+            os.symlink(m.linkname, leaf, dir_fd=parent)
+            self._owner(m, leaf, parent)
+            os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
+        elif kind == "hardlink":
+            lparts = _split_member(m.linkname, "hard link")
+            target = "/".join(lparts)
+            if not self.files.get(target):
+                raise AgentError(f"Refusing a hard link to what this tar did not bring: {m.name!r} -> {m.linkname!r}")
+            if _in_rootfs(self.what, lparts) and not _in_rootfs(self.what, parts):
+                raise AgentError(f"Refusing a hard link across directories: {m.name!r} -> {m.linkname!r}")
+            src_fd = _open_beneath(self.fd, lparts[:-1])
+            try:
+                os.link(lparts[-1], leaf, src_dir_fd=src_fd, dst_dir_fd=parent, follow_symlinks=False)
+            finally:
+                os.close(src_fd)
+            self.files[m.name] = True
+        else:  # device node or fifo, inside a rootfs only (checked)
+            fmt = stat.S_IFCHR if m.ischr() else stat.S_IFBLK if m.isblk() else stat.S_IFIFO
+            os.mknod(leaf, fmt | 0o600, os.makedev(m.devmajor, m.devminor) if fmt != stat.S_IFIFO else 0, dir_fd=parent)
+            self._owner(m, leaf, parent)
+            os.chmod(leaf, mode, dir_fd=parent)  # just made in our private directory: not a symlink
+            os.utime(leaf, (m.mtime, m.mtime), dir_fd=parent, follow_symlinks=False)
+        self.count += 1
+
+    def apply_dir(self, parts, fd):
+        m = self.dirs.get(tuple(parts))
+        if m is None:
+            return
+        if self.as_root:
+            os.fchown(fd, m.uid, m.gid)
+        os.fchmod(fd, stat.S_IMODE(m.mode))
+        os.utime(fd, (m.mtime, m.mtime))
+
+    def finish_dirs(self):
+        """Directory attributes last (deepest first), as tar does: writing into them changed mtimes."""
+        for parts in sorted(self.dirs, key=len, reverse=True):
+            fd = _open_beneath(self.fd, parts)
+            try:
+                self.apply_dir(parts, fd)
+            finally:
+                os.close(fd)
+
+
+def _stage(stage_fd, what, top_name, stream):
+    """Unpack the tar read from `stream` into the staging directory; (stager, the delta's list)."""
+    stager = _Stager(stage_fd, what, top_name)
+    try:
+        _stage_members(stager, stream)
+    finally:
+        stager.close()
+    if what != "delta":
+        stager.finish_dirs()
+    return stager, stager.delta
+
+
+def _stage_members(stager, stream):
+    what = stager.what
+    stager.delta = None
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for m in tar:
+            if m.name == DELTA_MEMBER and what == "delta" and m.isreg():
+                if m.size > (64 << 20):
+                    raise AgentError("The delta's list of deletions is too big.")
+                delta = json.load(tar.extractfile(m))
+                if not isinstance(delta, dict):
+                    raise AgentError("The delta's list of deletions is damaged.")
+                stager.delta = delta
+                continue
+            try:
+                stager.add(m, tar)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise
+                raise AgentError(
+                    f"Refusing a tar member that would lead outside its directory or cannot be created beneath it: {m.name!r} ({e.strerror or e})"
+                ) from None
+
+
+def _merge(stager, src_fd, dst_fd, parts):
+    """Move a staged delta's entries into the container directory, descriptor by descriptor:
+    a directory over a real directory is merged, anything else replaces what was there."""
+    for n in sorted(os.listdir(src_fd)):
+        sst = _lstat_at(src_fd, n)
+        dst = _lstat_at(dst_fd, n)
+        if stat.S_ISDIR(sst.st_mode) and dst is not None and stat.S_ISDIR(dst.st_mode):
+            s = os.open(n, _NOFOLLOW_DIR, dir_fd=src_fd)
+            try:
+                d = os.open(n, _NOFOLLOW_DIR, dir_fd=dst_fd)
+                try:
+                    _merge(stager, s, d, parts + [n])
+                    stager.apply_dir(parts + [n], d)
+                finally:
+                    os.close(d)
+            finally:
+                os.close(s)
+            continue
+        if dst is not None:
+            _remove_at(dst_fd, n)
+        if stat.S_ISDIR(sst.st_mode):
+            s = os.open(n, _NOFOLLOW_DIR, dir_fd=src_fd)
+            try:
+                _finish_subtree(stager, s, parts + [n])
+            finally:
+                os.close(s)
+        os.rename(n, n, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+
+
+def _finish_subtree(stager, fd, parts):
+    for n in os.listdir(fd):
+        if stat.S_ISDIR(os.stat(n, dir_fd=fd, follow_symlinks=False).st_mode):
+            s = os.open(n, _NOFOLLOW_DIR, dir_fd=fd)
+            try:
+                _finish_subtree(stager, s, parts + [n])
+            finally:
+                os.close(s)
+    stager.apply_dir(parts, fd)
+
+
+def _delete_beneath(rootfs_fd, deleted):
+    """A delta's deletions: each resolved by descriptors below the rootfs, never through a symlink."""
+    n = 0
+    for rel in deleted if isinstance(deleted, list) else []:
+        try:
+            parts = _split_member(rel)
+        except AgentError:
+            continue  # never outside the rootfs
+        try:
+            parent = _open_beneath(rootfs_fd, parts[:-1])
+        except OSError:
+            continue  # a parent is gone or is a symlink: nothing to delete through it
+        try:
+            _remove_at(parent, parts[-1])
+            n += 1
+        except OSError:
+            pass
+        finally:
+            os.close(parent)
+    return n
+
+
+def _dest_fd(what, name, params):
+    """The directory the received tree goes into, opened without following a symlink."""
+    if what in ("cpuinfo", "images"):
+        os.makedirs(MIGRATIONS_PATH, exist_ok=True)
+        base = os.open(MIGRATIONS_PATH, _ROOT_DIR)
+        try:
+            return _open_beneath(base, [str(int(params["migration"]))], create=True)
+        finally:
+            os.close(base)
+    path = {"rootfs": LXC_PATH, "delta": LXC_PATH, "snapshots": SNAPSHOTS_PATH, "state": STATE_PATH}[what]
+    os.makedirs(path, exist_ok=True)
+    return os.open(path, _ROOT_DIR)
+
+
+def _place(stager, stage_fd, dest_fd, what, name, top_name, delta):
+    """Put the verified staged tree in place; returns how many deletions the delta made."""
+    if _lstat_at(stage_fd, top_name) is None:
+        if what in ("rootfs", "delta") and delta is None and stager.count == 0:
+            raise AgentError(f"The {what} arrived empty.")
+        top = None
+    else:
+        top = top_name
+    if what == "rootfs":
+        cfg, rootfs = _lstat_at(stage_fd, f"{top_name}/config"), _lstat_at(stage_fd, f"{top_name}/rootfs")
+        if cfg is None or not stat.S_ISREG(cfg.st_mode) or rootfs is None or not stat.S_ISDIR(rootfs.st_mode):
+            raise AgentError(f"The rootfs arrived without {name}/config or {name}/rootfs: nothing was put in place.")
+    if what != "delta":
+        if top is None:
+            return 0
+        old = _lstat_at(dest_fd, top)
+        if old is not None:
+            if what == "rootfs":
+                raise AgentError(f"{name} exists on this host already.")
+            _remove_at(dest_fd, top)  # a stale copy (or anything planted there) is replaced, not merged into
+        os.rename(top, top, src_dir_fd=stage_fd, dst_dir_fd=dest_fd)
+        return 0
+    try:
+        cdir = _open_beneath(dest_fd, [name])
+    except OSError:
+        raise AgentError(
+            f"{name}'s directory is missing or not a plain directory: the delta has nowhere to go."
+        ) from None
+    try:
+        # Checked before anything moves: a refused delta changes nothing.
+        rootfs = _lstat_at(cdir, "rootfs")
+        if rootfs is None or not stat.S_ISDIR(rootfs.st_mode):
+            raise AgentError(f"{name}'s rootfs is not a plain directory: the delta is refused.")
+        cfg = _lstat_at(cdir, "config")
+        staged_cfg = _lstat_at(stage_fd, f"{top_name}/config") if top is not None else None
+        if not (staged_cfg and stat.S_ISREG(staged_cfg.st_mode)) and not (cfg and stat.S_ISREG(cfg.st_mode)):
+            raise AgentError(f"{name}'s config is not a plain file and the delta brings none: refused.")
+        if top is not None:
+            src = os.open(top, _NOFOLLOW_DIR, dir_fd=stage_fd)
+            try:
+                _merge(stager, src, cdir, [top])
+            finally:
+                os.close(src)
+        deleted = 0
+        if delta:
+            try:
+                rootfs = os.open("rootfs", _NOFOLLOW_DIR, dir_fd=cdir)
+            except OSError:
+                raise AgentError(f"{name}'s rootfs is not a plain directory: no deletions are made.") from None
+            try:
+                deleted = _delete_beneath(rootfs, delta.get("deleted") or [])
+            finally:
+                os.close(rootfs)
+        return deleted
+    finally:
+        os.close(cdir)
+
+
+def _remove_stages(params):
+    """Staging directories a killed receive of this migration left behind; True if any."""
+    prefix = f"{RECV_STAGE_PREFIX}{int(params['migration'])}-"
+    found = False
+    for base in (LXC_PATH, SNAPSHOTS_PATH, STATE_PATH):
+        try:
+            fd = os.open(base, _ROOT_DIR)
+        except OSError:
+            continue
+        try:
+            for n in os.listdir(fd):
+                if n.startswith(prefix):
+                    _remove_at(fd, n)
+                    found = True
+        finally:
+            os.close(fd)
+    return found
+
+
+def _clear_config_names(name):
+    """No symlink (nor anything else) may sit at config.tmp, and config must be a plain file,
+    before the agent rewrites the config there."""
+    base = os.open(LXC_PATH, _ROOT_DIR)
+    try:
+        cdir = _open_beneath(base, [name])
+    finally:
+        os.close(base)
+    try:
+        _remove_at(cdir, "config.tmp")
+        st = _lstat_at(cdir, "config")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            _remove_at(cdir, "config")
+            raise AgentError(f"{name}'s config was not a plain file: removed.")
+    finally:
+        os.close(cdir)
+
+
+def _write_beneath(name, fname, text):
+    """Write LXC_PATH/<name>/<fname> without following a symlink anywhere."""
+    base = os.open(LXC_PATH, _ROOT_DIR)
+    try:
+        cdir = _open_beneath(base, [name])
+    finally:
+        os.close(base)
+    try:
+        fd = os.open(fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | _O_CLOEXEC, 0o600, dir_fd=cdir)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    finally:
+        os.close(cdir)
 
 
 class _Stalling:
@@ -1680,102 +2120,69 @@ class _Stalling:
             if extra > (16 << 20):
                 raise AgentError("The sender went on sending after the end of the tar.")
 
-
-def _extract(dest, top_name, base, stream):
-    """Unpack the tar read from `stream` under dest/top_name; (files, the delta's list)."""
-    files, delta = 0, None
-    extra = {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
-        for m in tar:
-            _safe_member(m)
-            if m.name == DELTA_MEMBER:
-                delta = json.load(tar.extractfile(m))
-                continue
-            if m.name.split("/")[0] != top_name:
-                raise AgentError(f"Refusing a tar member outside {top_name}/: {m.name!r}")
-            target = os.path.join(dest, m.name)
-            # Its parent must really be inside (no symlink on the way may lead out) ...
-            if m.name != top_name and not _inside(base, os.path.dirname(target)):
-                raise AgentError(f"Refusing a tar member that leads outside {top_name}/: {m.name!r}")
-            if m.islnk() and not _inside(base, os.path.dirname(os.path.join(dest, m.linkname))):
-                raise AgentError(f"Refusing a hard link that leads outside {top_name}/: {m.linkname!r}")
-            # ... and an existing symlink in its place is replaced, never followed.
-            if os.path.islink(target) or (os.path.lexists(target) and not (m.isdir() and os.path.isdir(target))):
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                else:
-                    os.unlink(target)
-            tar.extract(m, dest, numeric_owner=True, **extra)
-            files += 1
-    return files, delta
+    def verify(self):
+        """Relayed over the dashboard's own SSH channels: what came is what the source sent."""
 
 
 def cmd_receive(params):
     name = check_name(params.get("name"))
     what = params.get("what")
     mdir = _mig_dir(params)
-    dest = {
-        "rootfs": LXC_PATH,
-        "delta": LXC_PATH,
-        "snapshots": SNAPSHOTS_PATH,
-        "state": STATE_PATH,
-        "cpuinfo": mdir,
-        "images": mdir,
-    }.get(what)
-    if dest is None:
+    if what not in ("rootfs", "delta", "snapshots", "state", "cpuinfo", "images"):
         raise AgentError(f"Cannot receive {what!r}.")
-    if what == "rootfs" and os.path.exists(_cdir(name)):
+    if what == "rootfs" and os.path.lexists(_cdir(name)):
         raise AgentError(f"{name} exists on this host already.")
-    os.makedirs(dest, exist_ok=True)
-    if what == "rootfs":
-        # Said before the first byte lands, so an interrupted copy is still ours to remove.
-        os.makedirs(mdir, exist_ok=True)
-        with open(os.path.join(mdir, "receiving"), "w") as f:
-            f.write(name + "\n")
-    t0 = time.monotonic()
-    top_name = {"cpuinfo": "cpu", "images": "images"}.get(what, name)
-    base = os.path.join(dest, top_name)
     stall = params.get("stall_s", 120)
     if not isinstance(stall, (int, float)) or not 1 <= stall <= 3600:
         raise AgentError("Bad stall_s.")
     direct = _direct_params(params, ("listen", "peer")) if params.get("direct") is not None else None
-    stream = None
+    dest_fd = _dest_fd(what, name, params)
     try:
-        if direct:
-            conn = _direct_accept(direct, stall)
+        if what == "rootfs":
+            # Said before the first byte lands, so an interrupted copy is still ours to remove.
+            os.makedirs(mdir, exist_ok=True)
+            with open(os.path.join(mdir, "receiving"), "w") as f:
+                f.write(name + "\n")
+        t0 = time.monotonic()
+        top_name = {"cpuinfo": "cpu", "images": "images"}.get(what, name)
+        stage = f"{RECV_STAGE_PREFIX}{int(params['migration'])}-{what}-{os.getpid()}-{os.urandom(4).hex()}"
+        os.mkdir(stage, 0o700, dir_fd=dest_fd)
+        stage_fd = os.open(stage, _NOFOLLOW_DIR, dir_fd=dest_fd)
+        stream = None
+        try:
             try:
-                stream = _DirectIn(conn, stall)
-                files, delta = _extract(dest, top_name, base, stream)
-                stream.drain()
-            finally:
-                conn.close()
-        else:
-            relayed = _Stalling(sys.stdin.buffer, stall)
-            files, delta = _extract(dest, top_name, base, relayed)
-            relayed.drain()
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise AgentError(f"This host's disk is full: no space left in {dest} for the {what}.") from None
-        raise
-    except tarfile.TarError as e:
-        raise AgentError(f"The {what} arrived cut short or damaged ({e}).") from None
+                if direct:
+                    conn = _direct_accept(direct, stall)
+                    try:
+                        stream = _DirectIn(conn, stall, direct["token"])
+                        stager, delta = _stage(stage_fd, what, top_name, stream)
+                        stream.drain()
+                        stream.verify()  # nothing is put in place before this
+                    finally:
+                        conn.close()
+                else:
+                    relayed = _Stalling(sys.stdin.buffer, stall)
+                    stager, delta = _stage(stage_fd, what, top_name, relayed)
+                    relayed.drain()
+                    relayed.verify()
+                deleted = _place(stager, stage_fd, dest_fd, what, name, top_name, delta)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise AgentError(f"This host's disk is full: no space left for the {what}.") from None
+                raise
+            except tarfile.TarError as e:
+                raise AgentError(f"The {what} arrived cut short or damaged ({e}).") from None
+        finally:
+            os.close(stage_fd)
+            _remove_at(dest_fd, stage)
+    finally:
+        os.close(dest_fd)
     if what in ("rootfs", "delta"):
+        _clear_config_names(name)
         _sanitize_received_config(name)
     if what == "rootfs":
-        with open(_mig_marker(name, params), "w") as f:
-            f.write("received by migration\n")
-    if delta:
-        root = _rootfs(name)
-        for rel in delta.get("deleted") or []:
-            p = os.path.join(root, rel)
-            if not isinstance(rel, str) or ".." in rel.split("/") or not _inside(root, os.path.dirname(p)):
-                continue  # never through a symlink, never outside the rootfs
-            if os.path.islink(p) or not os.path.isdir(p):
-                if os.path.lexists(p):
-                    os.unlink(p)
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-    out = {"files": files, "ms": _ms(t0), "deleted": len((delta or {}).get("deleted") or [])}
+        _write_beneath(name, f".ctweb-migration-{int(params['migration'])}", "received by migration\n")
+    out = {"files": stager.count, "ms": _ms(t0), "deleted": deleted}
     if stream is not None:
         out["bytes"], out["sha256"] = stream.bytes, stream.hash.hexdigest()
     return out
@@ -1785,14 +2192,26 @@ def cmd_receive(params):
 # The dashboard hands both agents the same one-time token over SSH. `receive` with
 # direct={"listen": A, "peer": B, "token": T} listens on A (this host's own address) on an
 # ephemeral port, says which in an event ("listening"), takes one connection from B that
-# starts with the token, and unpacks the tar that follows with every check of a relayed
-# one. `send` with direct={"bind": B, "address": A, "port": P, "token": T} connects from B
-# to A:P, sends the token, then the tar. The bytes are NOT encrypted. Both give up when the
-# other side stalls, and stop at once when their standard input ends: the dashboard went
-# away, was cancelled or gave up (it never writes more than the parameters line).
+# starts with the hello derived from the token, and stages the tar that follows with every
+# check of a relayed one. `send` with direct={"bind": B, "address": A, "port": P, "token": T}
+# connects from B to A:P, sends the hello, the tar, then a trailer: HMAC-SHA256 of every byte
+# after the hello, keyed with another key derived from the token. The receiver puts nothing
+# in place before that trailer is verified. The token itself never crosses the network (only
+# HMAC(token, "hello") does, which gives nothing of the MAC key), so someone on the path can
+# neither alter, truncate nor replace the stream unnoticed. The bytes are NOT encrypted. Both
+# give up when the other side stalls, and stop at once when their standard input ends: the
+# dashboard went away, was cancelled or gave up (it never writes more than the parameters line).
 
 TOKEN_RE = re.compile(r"^[0-9a-f]{64}$")
 DIRECT_CHUNK = 1 << 20
+DIRECT_MAC_BYTES = 32
+
+
+def _direct_keys(token):
+    """(the hello line sent in the clear, the stream's MAC key), both derived from the token."""
+    key = bytes.fromhex(token)
+    hello = hmac.new(key, b"ctweb-direct-hello", hashlib.sha256).hexdigest()
+    return (hello + "\n").encode(), hmac.new(key, b"ctweb-direct-mac", hashlib.sha256).digest()
 
 
 def _direct_params(params, addresses):
@@ -1853,7 +2272,7 @@ def _direct_accept(d, stall):
         event("transfer", f"listening on {d['listen']}:{port} for {d['peer']}", listening=port)
         fd = _stdin_fd()
         deadline = time.monotonic() + stall
-        expected = (d["token"] + "\n").encode()
+        expected = _direct_keys(d["token"])[0]
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -1880,7 +2299,7 @@ def _direct_accept(d, stall):
                 pass
             if not hmac.compare_digest(got, expected):
                 conn.close()
-                raise AgentError(f"A connection from {d['peer']} did not bring this transfer's token: refused.")
+                raise AgentError(f"A connection from {d['peer']} did not bring this transfer's token (hello): refused.")
             conn.settimeout(None)
             return conn
     finally:
@@ -1889,12 +2308,20 @@ def _direct_accept(d, stall):
 
 class _DirectIn:
     """The tar from the source host's socket: gives up on a stall, stops when the dashboard
-    lets go, and reports the bytes received (the dashboard shows them as progress)."""
+    lets go, and reports the bytes received (the dashboard shows them as progress). The last
+    DIRECT_MAC_BYTES of the stream are the sender's MAC of everything before them: held
+    back from the tar reader and checked by verify()."""
 
-    def __init__(self, conn, stall_s):
+    def __init__(self, conn, stall_s, token):
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
         self.bytes, self._said = 0, 0.0
-        self.hash = hashlib.sha256()  # compared by the dashboard with the sender's, over SSH
+        self.mac = hmac.new(_direct_keys(token)[1], digestmod=hashlib.sha256)
+        # Reported as "sha256" and compared by the dashboard with the sender's, over SSH: the
+        # HMAC-SHA256 of the stream (one pass over the bytes does both jobs).
+        self.hash = self.mac
+        self.pending = bytearray()  # received, MACed, not yet handed on
+        self.tail = b""  # the last bytes received: the trailer once the sender has closed
+        self.eof = False
 
     def _wait(self):
         while True:
@@ -1906,45 +2333,66 @@ class _DirectIn:
             if self.conn in ready:
                 return
 
-    def read(self, size=-1):
-        size = DIRECT_CHUNK if size is None or size < 0 else size
+    def _recv(self, size):
         self._wait()
         try:
             data = self.conn.recv(size)
         except OSError as e:
             raise AgentError(f"The sending host's connection broke ({e.strerror or e}).") from None
+        if not data:
+            self.eof = True
+            return
         self.bytes += len(data)
-        self.hash.update(data)
+        data = self.tail + data
+        cut = len(data) - DIRECT_MAC_BYTES
+        if cut > 0:
+            self.mac.update(data[:cut])
+            self.pending += data[:cut]
+            self.tail = data[cut:]
+        else:
+            self.tail = data
         now = time.monotonic()
         if now - self._said >= 0.25:
             self._said = now
             event("transfer", f"{self.bytes / 1048576:.1f} MiB received", bytes=self.bytes)
+
+    def read(self, size=-1):
+        size = DIRECT_CHUNK if size is None or size < 0 else size
+        while not self.eof and not self.pending:
+            self._recv(DIRECT_CHUNK)  # big reads: the tar reader asks for 10 KiB at a time
+        data = bytes(self.pending[:size])
+        del self.pending[:size]
         return data
 
     def drain(self):
         """After the tar's end: read up to the sender's end of stream, so it knows we have it all."""
         extra = 0
         while True:
-            self._wait()
-            data = self.conn.recv(1 << 16)
+            data = self.read(1 << 16)
             if not data:
                 break
             extra += len(data)
-            self.bytes += len(data)
-            self.hash.update(data)
             if extra > (16 << 20):
                 raise AgentError("The sending host went on sending after the end of the tar.")
         event("transfer", f"{self.bytes / 1048576:.1f} MiB received", bytes=self.bytes)
+
+    def verify(self):
+        if self.pending or len(self.tail) != DIRECT_MAC_BYTES or not hmac.compare_digest(self.tail, self.mac.digest()):
+            raise AgentError(
+                "The direct stream failed its authentication (altered, cut short or not sent by the source "
+                "host's agent): nothing of it was put in place."
+            )
 
 
 class _DirectOut:
     """The tar to the target host's socket, in 1 MiB writes; stops when the dashboard lets go."""
 
-    def __init__(self, conn, stall_s):
+    def __init__(self, conn, stall_s, mac_key):
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
         self.buf = bytearray()
         self.bytes = 0
-        self.hash = hashlib.sha256()
+        self.mac = hmac.new(mac_key, digestmod=hashlib.sha256)
+        self.hash = self.mac  # the "sha256" the dashboard compares: the stream's HMAC-SHA256
         conn.settimeout(stall_s)  # for each 1 MiB write
 
     def write(self, data):
@@ -1953,13 +2401,14 @@ class _DirectOut:
             self.flush()
         return len(data)
 
-    def flush(self):
+    def flush(self, trailer=False):
         ready, _, _ = select.select([self.fd], [], [], 0)
         if ready:
             _check_dashboard(self.fd)
         if not self.buf:
             return
-        self.hash.update(self.buf)
+        if not trailer:
+            self.mac.update(self.buf)
         try:
             self.conn.sendall(self.buf)
         except TimeoutError:
@@ -1972,6 +2421,8 @@ class _DirectOut:
     def finish(self):
         """All sent: end our side and wait for the receiver to read it all and close its own."""
         self.flush()
+        self.buf += self.mac.digest()
+        self.flush(trailer=True)
         self.conn.shutdown(socket.SHUT_WR)
         while True:
             ready, _, _ = select.select([self.conn, self.fd], [], [], self.stall_s)
@@ -2004,10 +2455,11 @@ def _direct_connect(params):
         conn.settimeout(30)
         try:
             conn.connect((str(d["address"]), d["port"]))
-            conn.sendall((d["token"] + "\n").encode())
+            hello, mac_key = _direct_keys(d["token"])
+            conn.sendall(hello)
         except OSError as e:
             raise AgentError(f"Cannot connect to {d['address']} port {d['port']} ({e.strerror or e}).") from None
-        return _DirectOut(conn, stall)
+        return _DirectOut(conn, stall, mac_key)
     except BaseException:
         conn.close()
         raise
@@ -2436,6 +2888,8 @@ def cmd_migrate_abort(params):
             if os.path.exists(os.path.join(base, name)):
                 _remove_tree(os.path.join(base, name))
                 removed.append(os.path.basename(base))
+    if _remove_stages(params):
+        removed.append("staging")
     if os.path.exists(_mig_dir(params)):
         _remove_tree(_mig_dir(params))
     return {"removed": removed}
