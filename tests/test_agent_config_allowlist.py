@@ -159,3 +159,40 @@ def test_private_modes_fix_an_older_layout(agent, tmp_path):  # noqa: F811
     assert stat.S_IMODE(os.stat(os.path.join(ctweb, "bundles", "op-1.tar.gz")).st_mode) == 0o600
     # never inside a rootfs copy
     assert stat.S_IMODE(os.stat(os.path.join(ctweb, "snapshots/c1/s1/rootfs")).st_mode) == 0o755
+
+
+def test_a_config_ctweb_made_earlier_has_no_warnings(agent, monkeypatch):  # noqa: F811
+    # lxc-create -t busybox on a lab host, then the older _configure: nothing outside the allowlist.
+    monkeypatch.setattr(agent, "_host_network", lambda: {"bridge": "lxcbr0", "subnet": "10.77.64.0/24"})
+    cdir = f"{agent.LXC_PATH}/c1"
+    lines = [
+        "# Template used to create this container: /usr/share/lxc/templates/lxc-busybox",
+        "#lxc.include = /usr/share/lxc/config/nesting.conf",
+        f"lxc.rootfs.path = dir:{cdir}/rootfs",
+        "lxc.signal.halt = SIGUSR1",
+        "lxc.signal.reboot = SIGTERM",
+        'lxc.uts.name = "c1"',
+        "lxc.autodev = 1",
+        "lxc.tty.max = 0",
+        "lxc.pty.max = 1",
+        "lxc.cap.drop = sys_module mac_admin mac_override sys_time",
+        "lxc.mount.auto = cgroup:mixed proc:mixed sys:ro",
+        "lxc.mount.entry = shm dev/shm tmpfs defaults,create=dir 0 0",
+        "lxc.mount.entry = mqueue dev/mqueue mqueue defaults,optional,create=dir 0 0",
+        "# ctweb template=busybox",
+        f"lxc.console.logfile = {cdir}/console.log",
+        "lxc.net.0.type = veth",
+        "lxc.net.0.link = lxcbr0",
+        "lxc.net.0.flags = up",
+        "lxc.net.0.name = eth0",
+        "lxc.net.0.hwaddr = 02:c7:0a:4d:40:65",
+        "lxc.net.0.ipv4.address = 10.77.64.101/24",
+        "lxc.init.cmd = /ctweb/init",
+    ]
+    out, dropped = agent._allowlisted("c1", lines)
+    assert dropped == []
+    # what CRIU's restore needs is all still there
+    for line in lines[2:]:
+        if line.startswith("lxc.") and "uts.name" not in line:
+            assert line in out, line
+    assert agent._allowlisted("c1", out) == (out, [])  # a fixed point
