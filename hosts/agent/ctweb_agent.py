@@ -565,14 +565,6 @@ def _allowlisted(name, lines, network=None):
     return out, seen
 
 
-def _config_warnings(name):
-    """The keys of name's config ctweb would not write (a container made outside ctweb)."""
-    try:
-        return _allowlisted(name, _read_config(name))[1]
-    except OSError:
-        return []
-
-
 def _apply_allowlist(directory, name, lines, what, network=None):
     """Rewrite directory/config from the allowlist; names what was dropped in an event."""
     out, dropped = _allowlisted(name, lines, network)
