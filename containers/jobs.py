@@ -85,12 +85,19 @@ def _apply_listing(host: Host, listing: list[dict]) -> dict:
         state = item.get("state", "UNKNOWN")
         ipv4 = (item.get("ipv4") or [None])[0]
         ipv6 = (item.get("ipv6") or [None])[0]
+        warnings = [str(w)[:120] for w in (item.get("config_warnings") or [])][:100]
         c = Container.objects.filter(name=name).first()
         if c is None:
             if ipv4 and Container.objects.filter(ipv4=ipv4).exists():
                 ipv4 = None  # another container owns it in our records; don't guess
             c = Container.objects.create(
-                name=name, host=host, state=state, ipv4=ipv4, ipv6=ipv6, template=item.get("template", "")
+                name=name,
+                host=host,
+                state=state,
+                ipv4=ipv4,
+                ipv6=ipv6,
+                template=item.get("template", ""),
+                config_warnings=warnings,
             )
             added.append(name)
             publish_fleet("container", container_state(c))
@@ -99,6 +106,8 @@ def _apply_listing(host: Host, listing: list[dict]) -> dict:
         elif c.state != state or (ipv6 and c.ipv6 != ipv6):
             set_state(c, state, ipv6=ipv6 or c.ipv6)
             changed.append(name)
+        if c.host_id == host.pk and c.config_warnings != warnings:
+            Container.objects.filter(pk=c.pk).update(config_warnings=warnings)
     # Containers ctweb knows on this host that the host no longer has (and no job is creating).
     for c in Container.objects.filter(host=host).exclude(name__in=seen).exclude(state=Container.State.CREATING):
         if not c.operations.filter(status__in=Operation.ACTIVE).exists():

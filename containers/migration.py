@@ -236,6 +236,10 @@ def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, xfer: _
         raise OperationFailed(f"Transfer of the {label}{how} failed: {e}") from e
     xfer.bytes += n
     ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB sent", base + span, bytes=xfer.bytes, what=label)
+    dropped = (result or {}).get("config_dropped")
+    if dropped:  # the target rewrote the config from its allowlist (docs/SECURITY.md)
+        names = dropped if isinstance(dropped, list) else [f"{s}: {', '.join(k)}" for s, k in dropped.items()]
+        ctx.event("config", f"{label}: the target dropped from the config: {'; '.join(map(str, names))}", base + span)
     return result
 
 

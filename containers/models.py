@@ -25,6 +25,9 @@ class Container(models.Model):
     ipv6 = models.GenericIPAddressField(protocol="IPv6", null=True, blank=True)
     type = models.CharField(max_length=16, default="PERSISTENT")
     has_saved_state = models.BooleanField(default=False, help_text="Stopped statefully; the next start restores")
+    config_warnings = models.JSONField(
+        default=list, blank=True, help_text="Keys of its LXC config outside ctweb's allowlist (made outside ctweb)"
+    )
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -40,6 +40,51 @@ STATE_PATH = os.path.join(CTWEB_PATH, "state")  # <container>/images: the saved 
 BUNDLES_PATH = os.path.join(CTWEB_PATH, "bundles")  # op-<op>.tar.gz, fetched and deleted by the dashboard
 LOCKS_PATH = os.path.join(CTWEB_PATH, "locks")  # <container>.lock: one changing job per container at a time
 
+# Everything the agent itself creates is root-only (umask 077, set in main()); the programs
+# it runs (lxc-create's templates, lxc-start and so the container's init, CRIU) keep the
+# usual 022, so files made inside containers get their ordinary modes.
+AGENT_UMASK = 0o077
+CHILD_UMASK = 0o022
+
+
+def _private_modes():
+    """Make ctweb's directories on this host root-only, also those an older version left
+    0755: /var/lib/ctweb, its direct subdirectories and their per-container/per-snapshot
+    directories (a few chmods, never a walk of any rootfs), and ctweb's own files in them."""
+    if not os.path.isdir(CTWEB_PATH) or os.path.islink(CTWEB_PATH):
+        return
+    todo = [CTWEB_PATH]
+    for sub in sorted(os.listdir(CTWEB_PATH)):
+        todo.append(os.path.join(CTWEB_PATH, sub))
+    for level1 in (SNAPSHOTS_PATH, STATE_PATH, MIGRATIONS_PATH):
+        if os.path.isdir(level1) and not os.path.islink(level1):
+            for n in os.listdir(level1):
+                todo.append(os.path.join(level1, n))
+                if level1 == SNAPSHOTS_PATH:
+                    d = os.path.join(level1, n)
+                    if os.path.isdir(d) and not os.path.islink(d):
+                        todo += [os.path.join(d, s) for s in os.listdir(d)]
+    for files_in in (LOCKS_PATH, BUNDLES_PATH, os.path.join(CTWEB_PATH, "agent")):
+        if os.path.isdir(files_in) and not os.path.islink(files_in):
+            todo += [os.path.join(files_in, n) for n in os.listdir(files_in)]
+    for path in todo:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            want = stat.S_IMODE(st.st_mode) & 0o700
+        elif stat.S_ISREG(st.st_mode):
+            want = stat.S_IMODE(st.st_mode) & 0o700
+        else:
+            continue
+        if stat.S_IMODE(st.st_mode) != want:
+            try:
+                os.chmod(path, want, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                pass
+
+
 # The descriptor of the container's lock while this run holds it (see main()).
 LOCK_FD = None
 # True once the dashboard's end of stdout is gone: the job goes on to a known state, quietly.
@@ -82,7 +127,9 @@ def event(phase, message, progress=None, **extra):
 def run(argv, timeout=120, check=False, input=None):
     """Run a command from an argument list; return (returncode, stdout, stderr)."""
     try:
-        p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, close_fds=True)
+        p = subprocess.run(
+            argv, input=input, capture_output=True, text=True, timeout=timeout, close_fds=True, umask=CHILD_UMASK
+        )
     except FileNotFoundError:
         if check:
             raise AgentError(f"{argv[0]} is not installed on this host.") from None
@@ -246,9 +293,15 @@ def _exists(name):
     return os.path.isfile(_config_path(name))
 
 
-def _read_config(name):
-    with open(_config_path(name)) as f:
+def _read_lines(path):
+    """A config's lines, never through a symlink planted in its place."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, errors="replace") as f:
         return f.read().splitlines()
+
+
+def _read_config(name):
+    return _read_lines(_config_path(name))
 
 
 def _config_value(lines, key):
@@ -259,12 +312,266 @@ def _config_value(lines, key):
     return None
 
 
+def _write_config_in(directory, lines):
+    """Write directory/config via config.tmp created O_EXCL|O_NOFOLLOW relative to the
+    directory's own descriptor, then renamed: a planted symlink is never followed."""
+    dfd = os.open(directory, _NOFOLLOW_DIR)
+    try:
+        for _ in range(2):
+            try:
+                fd = os.open(
+                    "config.tmp",
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                    0o600,
+                    dir_fd=dfd,
+                )
+                break
+            except FileExistsError:
+                st = os.stat("config.tmp", dir_fd=dfd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    raise AgentError(f"Refusing to write {directory}/config: config.tmp is not a plain file.") from None
+                os.unlink("config.tmp", dir_fd=dfd)  # a stale tmp of an interrupted write
+        else:
+            raise AgentError(f"Cannot create {directory}/config.tmp.")
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename("config.tmp", "config", src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
 def _write_config(name, lines):
-    path = _config_path(name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    _write_config_in(_cdir(name), lines)
+
+
+# --- configs from an allowlist (docs/SECURITY.md) ----------------------------------------
+# A config that came from another host, from a snapshot, or from the filesystem unvetted is
+# never used as it is: the agent writes the container's config itself, from the baseline its
+# own templates + _configure give a container here (name, rootfs, console log, capabilities,
+# network of this host) plus only the keys that act inside the container. Every other key
+# (hooks, net scripts, includes, bind mounts of host paths, device or cgroup placement,
+# apparmor/seccomp/selinux, logs at host paths, rootfs elsewhere, namespaces shared with the
+# host, sysctls, prlimits, autostart ...) is dropped and named.
+
+BASE_CAP_DROP = ("sys_module", "mac_admin", "mac_override", "sys_time")
+MOUNT_AUTO_OK = ("cgroup:mixed", "cgroup:ro", "proc:mixed", "sys:ro")
+MOUNT_FSTYPES_OK = ("tmpfs", "mqueue")
+MOUNT_OPT_RE = re.compile(
+    r"^(defaults|ro|rw|nosuid|nodev|noexec|relatime|noatime|nodiratime|optional|create=(dir|file)"
+    r"|(size|mode|uid|gid|nr_inodes|nr_blocks)=[0-9a-zA-Z%]+)$"
+)
+SAFE_VALUE_RE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+SIMPLE_KEYS = {
+    # key: value pattern (all act inside the container only)
+    "lxc.signal.halt": r"SIG[A-Z0-9+]+|\d{1,2}",
+    "lxc.signal.reboot": r"SIG[A-Z0-9+]+|\d{1,2}",
+    "lxc.signal.stop": r"SIG[A-Z0-9+]+|\d{1,2}",
+    "lxc.tty.max": r"\d{1,3}",
+    "lxc.pty.max": r"\d{1,4}",
+    "lxc.autodev": r"[01]",
+    "lxc.arch": r"[a-z0-9_]{1,16}",
+    "lxc.init.cmd": r"/[A-Za-z0-9_./ =:-]{0,255}",
+    "lxc.execute.cmd": r"/[A-Za-z0-9_./ =:-]{0,255}",
+    "lxc.init.cwd": r"/[A-Za-z0-9_./-]{0,255}",
+    "lxc.init.uid": r"\d{1,10}",
+    "lxc.init.gid": r"\d{1,10}",
+    "lxc.init.groups": r"\d{1,10}(,\d{1,10})*",
+    "lxc.environment": r"[A-Za-z_][A-Za-z0-9_]{0,127}(=[^\x00-\x1f\x7f]{0,4096})?",
+    "lxc.no_new_privs": r"[01]",
+    "lxc.console.path": r"none",
+    "lxc.idmap": r"[ug] \d{1,10} \d{1,10} \d{1,10}",  # only ever narrows a privileged template
+}
+CGROUP_KEY_RE = re.compile(
+    r"^lxc\.cgroup2?\.((memory|cpu|cpuacct|cpuset|pids|io|blkio|hugetlb)\.[a-z0-9_.]+|devices\.deny)$"
+)
+
+
+def _host_network():
+    """The container network this host's admin set up (/etc/ctweb/network.json, what the
+    dashboard knows of it), else the bridge of the host's LXC default config."""
+    net = _network() or {}
+    if not net.get("bridge"):
+        try:
+            for line in _read_lines("/etc/lxc/default.conf"):
+                k, _, v = line.partition("=")
+                if k.strip() == "lxc.net.0.link":
+                    net["bridge"] = v.strip()
+        except OSError:
+            pass
+    return net
+
+
+def _mount_entry_ok(value):
+    parts = value.split()
+    if len(parts) < 4 or len(parts) > 6:
+        return False
+    source, target, fstype, opts = parts[:4]
+    if fstype not in MOUNT_FSTYPES_OK or source.startswith("/") or "/" in source:
+        return False
+    if target.startswith("/") or ".." in target.split("/"):
+        return False
+    return all(MOUNT_OPT_RE.match(o) for o in opts.split(","))
+
+
+def _trusted_network(lines, network):
+    """(the lxc.net lines to write, the address used): veth on this host's own bridge with an
+    address of its network, or no network at all."""
+    if network:
+        ipv4, prefix, gateway, bridge = (
+            network["ipv4"],
+            int(network["prefix"]),
+            network.get("gateway"),
+            network["bridge"],
+        )
+    else:
+        host = _host_network()
+        addr = _config_value(lines, "lxc.net.0.ipv4.address") or ""
+        bridge = host.get("bridge") or ""
+        if _config_value(lines, "lxc.net.0.type") != "veth" or not addr or not bridge:
+            return ["lxc.net.0.type = empty"]
+        try:
+            iface = ipaddress.ip_interface(addr if "/" in addr else addr + "/24")
+        except ValueError:
+            return ["lxc.net.0.type = empty"]
+        if iface.version != 4:
+            return ["lxc.net.0.type = empty"]
+        subnet = host.get("subnet")
+        if subnet:
+            net = ipaddress.ip_network(subnet, strict=False)
+            if iface.ip not in net:
+                return ["lxc.net.0.type = empty"]
+            prefix = net.prefixlen
+        else:
+            prefix = iface.network.prefixlen
+        ipv4 = str(iface.ip)
+        gateway = host.get("gateway")
+        if not gateway:
+            g = _config_value(lines, "lxc.net.0.ipv4.gateway")
+            try:
+                gateway = str(ipaddress.ip_address(g)) if g and ipaddress.ip_address(g) in iface.network else None
+            except ValueError:
+                gateway = None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", bridge or ""):
+        return ["lxc.net.0.type = empty"]
+    out = [
+        "lxc.net.0.type = veth",
+        f"lxc.net.0.link = {bridge}",
+        "lxc.net.0.flags = up",
+        "lxc.net.0.name = eth0",
+        f"lxc.net.0.hwaddr = {_hwaddr(ipv4)}",
+        f"lxc.net.0.ipv4.address = {ipv4}/{prefix}",
+    ]
+    if gateway:
+        out.append(f"lxc.net.0.ipv4.gateway = {gateway}")
+    return out
+
+
+def _allowlisted(name, lines, network=None):
+    """(the config ctweb writes for `name` on this host from `lines`, the keys dropped)."""
+    cdir = _cdir(name)
+    dropped = []
+    kept = []
+    template = ""
+    caps = list(BASE_CAP_DROP)
+    mount_auto = []
+    for line in lines:
+        s = line.strip()
+        if not s:
+            continue
+        if s.startswith("#"):
+            m = re.fullmatch(r"# ctweb template=([a-z0-9-]{1,32})", s)
+            if m:
+                template = m.group(1)
+            continue
+        key, sep, value = s.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not SAFE_VALUE_RE.match(value):
+            dropped.append(key or s[:60])
+            continue
+        if key == "lxc.rootfs.path":
+            if value not in (f"dir:{cdir}/rootfs", f"{cdir}/rootfs"):
+                dropped.append(key)
+            continue
+        if key == "lxc.uts.name":
+            if value.strip('"') != name:
+                dropped.append(key)
+            continue
+        if key == "lxc.console.logfile":
+            if value != os.path.join(cdir, "console.log"):
+                dropped.append(key)
+            continue
+        if key == "lxc.cap.drop":
+            names = value.split()
+            if not names or not all(re.fullmatch(r"[a-z_]{1,32}", c) for c in names):
+                dropped.append(key)  # an empty cap.drop would clear the template's drops
+                continue
+            caps += [c for c in names if c not in caps]
+            continue
+        if key == "lxc.mount.auto":
+            for tok in value.split():
+                if tok in MOUNT_AUTO_OK and tok not in mount_auto:
+                    mount_auto.append(tok)
+                elif tok not in MOUNT_AUTO_OK:
+                    dropped.append(f"lxc.mount.auto ({tok})")
+            continue
+        if key == "lxc.mount.entry":
+            if _mount_entry_ok(value) and _mount_target(s) not in DROP_MOUNT_TARGETS:
+                kept.append(f"{key} = {value}")
+            else:
+                dropped.append(f"lxc.mount.entry ({value.split()[1] if len(value.split()) > 1 else value})")
+            continue
+        if key.startswith("lxc.net."):
+            continue  # rebuilt below from this host's network; differences are named there
+        pattern = SIMPLE_KEYS.get(key)
+        if (pattern and re.fullmatch(pattern, value)) or (
+            CGROUP_KEY_RE.match(key) and re.fullmatch(r"[A-Za-z0-9 .:,_*-]{0,256}", value)
+        ):
+            kept.append(f"{key} = {value}")
+            continue
+        dropped.append(key)
+    net = _trusted_network(lines, network)
+    given = {}
+    for line in lines:
+        k, sep, v = line.partition("=")
+        if sep and k.strip().startswith("lxc.net."):
+            given.setdefault(k.strip(), v.strip())
+    written = {ln.partition("=")[0].strip(): ln.partition("=")[2].strip() for ln in net}
+    for k, v in given.items():
+        if k in written and (written[k] == v or k == "lxc.net.0.hwaddr"):
+            continue
+        if k == "lxc.net.0.ipv4.address" and written.get(k, "").split("/")[0] == v.split("/")[0]:
+            continue
+        if k == "lxc.net.0.ipv4.gateway" and k not in written:
+            continue
+        dropped.append(k)
+    out = ["# written by ctweb from its allowlist (docs/SECURITY.md); keys from elsewhere are dropped"]
+    if template:
+        out.append(f"# ctweb template={template}")
+    out += [
+        f"lxc.rootfs.path = dir:{cdir}/rootfs",
+        f"lxc.uts.name = {name}",
+        "lxc.console.logfile = {}".format(os.path.join(cdir, "console.log")),
+        "lxc.cap.drop = " + " ".join(caps),
+    ]
+    if mount_auto:
+        out.append("lxc.mount.auto = " + " ".join(mount_auto))
+    out += kept + net
+    seen = []
+    for d in dropped:
+        if d not in seen:
+            seen.append(d)
+    return out, seen
+
+
+def _apply_allowlist(directory, name, lines, what, network=None):
+    """Rewrite directory/config from the allowlist; names what was dropped in an event."""
+    out, dropped = _allowlisted(name, lines, network)
+    if dropped:
+        event("config", "dropped from {}: {}".format(what, ", ".join(dropped)), config_dropped=dropped)
+    _write_config_in(directory, out)
+    return dropped
 
 
 def _mount_target(line):
@@ -320,6 +627,7 @@ def _describe(name):
         "command": _config_value(lines, "lxc.init.cmd") == "/" + INIT_PATH,
         "has_saved_state": _has_saved_state(name),
         "snapshots": _snapshot_names(name),
+        "config_warnings": _allowlisted(name, lines)[1] if lines else [],
     }
 
 
@@ -389,7 +697,7 @@ def _configure(name, template, command, network):
             f.write("#!/bin/sh\nexec {}\n".format(" ".join(_shell_quote(a) for a in command)))
         os.chmod(init, 0o755)
         lines.append("lxc.init.cmd = /" + INIT_PATH)
-    _write_config(name, lines)
+    _apply_allowlist(_cdir(name), name, lines, f"{name}'s template config", network)
 
 
 def _check_network(network):
@@ -417,6 +725,7 @@ def _lxc_start(name):
         # -d: lxc-start daemonizes; its output goes to a file, never to our pipes.
         p = subprocess.run(
             ["lxc-start", "-n", name, "-d", "-o", log, "-l", "INFO"],
+            umask=CHILD_UMASK,
             stdin=devnull,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -524,6 +833,7 @@ def _start(name, progress):
         return {**_describe(name), "restored": False}
     t0 = time.monotonic()
     images = _state_images(name)
+    dropped = _apply_allowlist(_cdir(name), name, _read_config(name), f"{name}'s config")
     event("restore", f"restoring {name} from its saved state", progress)
     _criu_restore(name, images, failure=f"Restoring {name} from its saved state failed", has_saved_state=True)
     stats = _criu_stats(images, "restore")
@@ -531,7 +841,10 @@ def _start(name, progress):
     # The processes run again: the state is spent (restoring it twice would fork the past).
     _remove_tree(_state_dir(name))
     event("restore", f"{name} restored in {stats['total_ms']} ms", 100)
-    return {**_describe(name), "restored": True, "stats": stats}
+    out = {**_describe(name), "restored": True, "stats": stats}
+    if dropped:
+        out["config_dropped"] = dropped
+    return out
 
 
 def cmd_stop(params):
@@ -772,6 +1085,7 @@ def _lxc_checkpoint(name, images, mode, env=None):
         try:
             p = subprocess.run(
                 argv,
+                umask=CHILD_UMASK,
                 stdin=devnull,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -901,7 +1215,7 @@ def cmd_snapshot(params):
     stats = {}
     frozen_ms = None
     try:
-        shutil.copy2(_config_path(name), os.path.join(tmp, "config"))
+        _write_config_in(tmp, _read_config(name))
         if state == "RUNNING":
             # Bulk copy while it runs; the second pass, frozen, copies only what changed.
             event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs", 10)
@@ -992,8 +1306,12 @@ def cmd_restore(params):
     _remove_tree(_state_dir(name))
     event("copy", f"rolling the rootfs of {name} back to {snap}", 20)
     _sync(os.path.join(sdir, "rootfs"), rootfs)
-    if os.path.isfile(os.path.join(sdir, "config")):
-        shutil.copy2(os.path.join(sdir, "config"), _config_path(name))
+    # The snapshot's config (it may have come from another host) only through the allowlist.
+    try:
+        snap_lines = _read_lines(os.path.join(sdir, "config"))
+    except OSError:
+        snap_lines = _read_config(name)
+    dropped = _apply_allowlist(_cdir(name), name, snap_lines, f"the config of snapshot {snap}")
     t_restore = time.monotonic()
     if stateful:
         event("restore", f"restoring the processes of {name} from {snap}", 60)
@@ -1006,7 +1324,10 @@ def cmd_restore(params):
     stats["restore_ms"] = _ms(t_restore)
     stats["total_ms"] = _ms(t0)
     event("restore", f"{name} restored from {snap} in {stats['total_ms']} ms", 100)
-    return {"name": name, "snapshot": snap, "state": _state(name), "stateful": stateful, "stats": stats}
+    out = {"name": name, "snapshot": snap, "state": _state(name), "stateful": stateful, "stats": stats}
+    if dropped:
+        out["config_dropped"] = dropped
+    return out
 
 
 def cmd_delete_snapshot(params):
@@ -2177,12 +2498,17 @@ def cmd_receive(params):
             _remove_at(dest_fd, stage)
     finally:
         os.close(dest_fd)
+    dropped = None
     if what in ("rootfs", "delta"):
         _clear_config_names(name)
-        _sanitize_received_config(name)
+        dropped = _sanitize_received_config(name)
+    elif what == "snapshots":
+        dropped = _sanitize_received_snapshots(name)
     if what == "rootfs":
         _write_beneath(name, f".ctweb-migration-{int(params['migration'])}", "received by migration\n")
     out = {"files": stager.count, "ms": _ms(t0), "deleted": deleted}
+    if dropped:
+        out["config_dropped"] = dropped
     if stream is not None:
         out["bytes"], out["sha256"] = stream.bytes, stream.hash.hexdigest()
     return out
@@ -2466,14 +2792,26 @@ def _direct_connect(params):
 
 
 def _sanitize_received_config(name):
-    """A config that came from another host runs no hooks here and keeps its rootfs where we expect it."""
-    lines = [
-        line
-        for line in _read_config(name)
-        if not line.partition("=")[0].strip().startswith(("lxc.hook.", "lxc.rootfs.path"))
-    ]
-    lines.append(f"lxc.rootfs.path = dir:{_cdir(name)}/rootfs")
-    _write_config(name, lines)
+    """A config that came from another host is rewritten here from the allowlist."""
+    return _apply_allowlist(_cdir(name), name, _read_config(name), f"the config {name} arrived with")
+
+
+def _sanitize_received_snapshots(name):
+    """Each snapshot's config that came from another host, rewritten from the allowlist."""
+    out = {}
+    base = os.path.join(SNAPSHOTS_PATH, name)
+    for snap in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        sdir = os.path.join(base, snap)
+        if not NAME_RE.fullmatch(snap) or os.path.islink(sdir) or not os.path.isdir(sdir):
+            continue
+        try:
+            lines = _read_lines(os.path.join(sdir, "config"))
+        except OSError:
+            lines = []  # none, or a symlink: the allowlist's baseline replaces it
+        dropped = _apply_allowlist(sdir, name, lines, f"the config of snapshot {snap} as it arrived")
+        if dropped:
+            out[snap] = dropped
+    return out
 
 
 def cmd_cpuinfo_check(params):
@@ -2518,7 +2856,7 @@ def _spawn_watched(argv, mdir, tag, env=None):
             if os.fork() != 0:
                 os._exit(0)
             try:
-                p = subprocess.Popen(argv, stdin=0, stdout=1, stderr=2, env=env, close_fds=True)
+                p = subprocess.Popen(argv, stdin=0, stdout=1, stderr=2, env=env, close_fds=True, umask=CHILD_UMASK)
             except OSError as e:
                 _write_json(rc_path + ".json", {"rc": 127, "error": str(e)})
                 os.replace(rc_path + ".json", rc_path)
@@ -3068,6 +3406,11 @@ def main(argv):
     # Nothing we start may inherit a descriptor from the SSH session: CRIU refuses to
     # dump processes holding files from outside their root (LAB.md).
     os.closerange(3, 1 << 16)
+    os.umask(AGENT_UMASK)
+    try:
+        _private_modes()
+    except OSError:
+        pass  # never the reason a job fails
     raw = _read_line(0).decode()
     try:
         params = json.loads(raw) if raw.strip() else {}
