@@ -152,35 +152,70 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
     return Operation.objects.values_list("status", flat=True).get(pk=op_id)
 
 
+# The operations a thread of this process is running now (the job or its recovery): the
+# lost-worker detector of this process never takes them over, whatever their heartbeat says.
+# The worker runs a thread pool (Procfile), so this is every job of the node.
+_LIVE: set[int] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def running_here() -> set[int]:
+    with _LIVE_LOCK:
+        return set(_LIVE)
+
+
 class Heartbeat:
     """Touch the row every few seconds while its job runs, so that a busy worker (one
-    that is slow to answer a ping) is never taken for a dead one."""
+    that is slow to answer a ping) is never taken for a dead one. A database error does
+    not stop it: it closes its connection and tries again at the next beat, for as long
+    as the job runs."""
 
     def __init__(self, op_id: int):
         self.op_id = op_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{op_id}", daemon=True)
+        self.failures = 0  # beats that could not be written (for the log and the tests)
+        self.beats = 0
 
     def _beat(self) -> None:
         from django.db import connection
 
+        failing = 0
         try:  # the claim set the first beat
             while not self.stop.wait(HEARTBEAT_S):
-                Operation.objects.filter(pk=self.op_id, status=Operation.Status.RUNNING).update(
-                    heartbeat_at=timezone.now()
-                )
-        except Exception as e:  # the database is away: the job itself will say so
-            log.warning("heartbeat of operation %s stopped: %s", self.op_id, e)
+                try:
+                    Operation.objects.filter(pk=self.op_id, status=Operation.Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                    self.beats += 1
+                    if failing:
+                        log.warning("heartbeat of operation %s written again after %d failure(s)", self.op_id, failing)
+                    failing = 0
+                except Exception as e:  # the database is away for a while: try again at the next beat
+                    failing += 1
+                    self.failures += 1
+                    log.warning("heartbeat of operation %s could not be written (%s); retrying", self.op_id, e)
+                    try:
+                        connection.close()  # a broken connection is opened afresh at the next beat
+                    except Exception:
+                        pass
         finally:
-            connection.close()
+            try:
+                connection.close()
+            except Exception:
+                pass
 
     def __enter__(self) -> Heartbeat:
+        with _LIVE_LOCK:
+            _LIVE.add(self.op_id)
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join(10)
+        with _LIVE_LOCK:
+            _LIVE.discard(self.op_id)
 
 
 def _run(op: Operation, ctx: OperationContext, fn) -> None:
@@ -254,13 +289,16 @@ def fail_unqueued(op_id: int, error: str) -> None:
         events.publish_operation(op)
 
 
-def mark_lost_operations(worker: str, alive: Callable[[str], bool]) -> int:
-    """Take over the rows a dead worker left running. `alive(node)` says whether a node answers.
+def mark_lost_operations(me: str, alive: Callable[[str], bool], *, starting: bool = False) -> int:
+    """Take over the rows a dead worker left running. `me` is this worker's node name,
+    `alive(node)` says whether another node answers; `starting` is True when this node has
+    just started (then whatever its name held before is gone: a node name runs once).
 
-    A row is lost when it was ours (a node name runs once: whoever had it before us is
-    gone), or when its worker does not answer and the row has shown no heartbeat for
-    LOST_AFTER_S. Kinds with a recovery (see recovery.py) stay running under this worker
-    until the recovery has found where their container ended up; the others fail at once."""
+    A row is never taken while a thread of this process runs it (running_here()). Else it
+    is lost when it was ours at start, or when it has shown no heartbeat for LOST_AFTER_S
+    and its worker is nobody, is us (and no thread of ours runs it), or does not answer.
+    Kinds with a recovery (see recovery.py) stay running under this worker until the
+    recovery has found where their container ended up; the others fail at once."""
     from datetime import timedelta
 
     from .recovery import RECOVERERS
@@ -269,13 +307,18 @@ def mark_lost_operations(worker: str, alive: Callable[[str], bool]) -> int:
     stale = timezone.now() - timedelta(seconds=LOST_AFTER_S)
     lost = 0
     for op in Operation.objects.filter(status=Operation.Status.RUNNING).select_related("host", "target_host"):
-        beating = op.heartbeat_at is not None and op.heartbeat_at > stale
-        if not (op.worker == worker or not op.worker or (not beating and not alive(op.worker))):
+        if op.pk in running_here():
             continue
+        beating = op.heartbeat_at is not None and op.heartbeat_at > stale
+        if not (starting and me and op.worker == me):
+            if beating:
+                continue
+            if op.worker and op.worker != me and alive(op.worker):
+                continue
         if op.kind in RECOVERERS:
-            taken = Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING, worker=op.worker).update(
-                worker=worker[:200], heartbeat_at=timezone.now(), phase="recovery"
-            )
+            taken = Operation.objects.filter(
+                pk=op.pk, status=Operation.Status.RUNNING, worker=op.worker, heartbeat_at=op.heartbeat_at
+            ).update(worker=me[:200], heartbeat_at=timezone.now(), phase="recovery")
             if taken:
                 lost += 1
                 recover_operation_task.delay(op.pk)
@@ -290,13 +333,17 @@ def mark_lost_operations(worker: str, alive: Callable[[str], bool]) -> int:
     return lost
 
 
-def recover_operation(op_id: int) -> str | None:
+def recover_operation(op_id: int, worker: str = "") -> str | None:
     """Find out where a lost operation left its container, put it right, end the row."""
     from .recovery import RECOVERERS
 
     op = Operation.objects.select_related("host", "target_host", "container").get(pk=op_id)
     if op.status != Operation.Status.RUNNING or op.kind not in RECOVERERS:
         return None
+    if worker:  # the node that runs the recovery holds the row from now on
+        Operation.objects.filter(pk=op_id, status=Operation.Status.RUNNING).update(
+            worker=worker[:200], heartbeat_at=timezone.now()
+        )
     ctx = OperationContext(op)
     ctx.event("recovery", "the worker running this operation was lost; finding out where it stopped on the hosts")
     with Heartbeat(op.pk):
