@@ -151,6 +151,33 @@ class OperationCancel(APIView):
         return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
 
 
+def decide_operation(request, op: Operation, action) -> Operation:
+    from .runner import DecisionRefused, decide
+
+    if not isinstance(action, str) or not action:
+        raise ApiError("action must be the id of one of the operation's result.decision.actions.", 400, "action")
+    try:
+        op = decide(op.pk, action, request.user)
+    except DecisionRefused as e:
+        raise ApiError(str(e), 409, "action") from e
+    audit(request, "operation.decide", op, detail=f"{op.kind} {action}")
+    return op
+
+
+class OperationDecide(APIView):
+    """An admin's choice among the actions a waiting operation offers (result.decision)."""
+
+    write_role = "admin"
+
+    @extend_schema(request=None, responses={202: OperationSerializer})
+    def post(self, request, op_id):
+        op = get_object_or_404(Operation, pk=op_id)
+        body = request.data if isinstance(request.data, dict) else {}
+        op = decide_operation(request, op, body.get("action"))
+        op.refresh_from_db()
+        return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
+
+
 # --- containers --------------------------------------------------------------------
 
 

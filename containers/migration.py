@@ -25,7 +25,7 @@ import time
 from contextlib import ExitStack
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from ctweb.api import ApiError
 from ctweb.fleet import direct_route
@@ -34,7 +34,7 @@ from hosts.models import Host
 
 from .events import publish_fleet
 from .models import Container, Operation
-from .runner import Cancelled, OperationContext, OperationFailed, handler
+from .runner import KEEP_WAITING, Cancelled, OperationContext, OperationFailed, WaitFor, decision_handler, handler
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
 
@@ -299,6 +299,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         # 3. Freeze: from here the container is down until the target runs it.
         down_from = time.monotonic()
         stats = {}
+        ctx.remember(stopping=True)  # from here only the source can say whether it was stopped
         if live:
             ctx.event("dump", f"dumping {container.name} on {source.name}" + (" (lazy pages)" if lazy else ""), 55)
             dumped = _agent(src, ctx, "migrate-dump", {**base, "lazy": lazy}, 55, 10)
@@ -419,12 +420,18 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
 
 
 def _move_record(ctx, container, target, was_running) -> None:
-    with transaction.atomic():
-        Container.objects.filter(pk=container.pk).update(
-            host=target, state=Container.State.RUNNING if was_running else container.state
-        )
-        Operation.objects.filter(pk=ctx.op.pk).update(container=container)
-    container.refresh_from_db()
+    try:
+        with transaction.atomic():
+            Container.objects.filter(pk=container.pk).update(
+                host=target, state=Container.State.RUNNING if was_running else container.state
+            )
+            Operation.objects.filter(pk=ctx.op.pk).update(container=container)
+        container.refresh_from_db()
+    except DatabaseError as e:  # the hosts moved it: the recovery asks them again and writes it then
+        raise WaitFor(
+            f"{container.name} runs on {target.name}, but the database could not record it ({type(e).__name__}); "
+            "ctweb asks the hosts again and records where it runs."
+        ) from e
     publish_fleet(
         "container", {"name": container.name, "host": target.name, "state": container.state, "ipv4": container.ipv4}
     )
@@ -444,15 +451,30 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
             target_clean = True
         except OperationFailed as e:
             ctx.event("cleanup", f"the target could not be confirmed clean: {e.message}")
-    if not committed and was_running:
+    if not committed and was_running and ctx.op.result.get("stopping"):
         # The dump may have gone through although nobody heard of it (its agent or the
         # link died first): the source's word decides. `inspect` waits for a dump still
-        # running there, and thaws what an interrupted one left frozen.
+        # running there, and thaws what an interrupted one left frozen. No answer is no
+        # answer: the operation waits and asks again (recovery.py), it guesses nothing.
         try:
             seen = _agent(src, ctx, "inspect", {**base, "thaw": True}, 96, 1)
             committed = seen.get("exists") and seen.get("state") == "STOPPED"
         except OperationFailed as e:
             ctx.event("cleanup", f"could not ask {src.host.name} how {container.name} is: {e.message}")
+            raise WaitFor(
+                f"{error.message.strip()} {src.host.name} could not be asked whether {container.name} was stopped "
+                f"there ({e.message}); ctweb asks it again until it answers."
+            ) from e
+    if committed and not target_clean and ctx.op.params.get("strategy") != "post-copy":
+        # The source is stopped and the target may run it: nothing is guessed. The source
+        # keeps its dump as it is, the operation waits for the target, and an admin may decide.
+        _db_write(lambda: Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED))
+        raise WaitFor(
+            f"{error.message.strip()} {container.name} is stopped on {src.host.name}"
+            f"{' with its memory dumped' if live else ''}; {target_name} could not be confirmed clean, so it may "
+            f"run there. ctweb asks {target_name} again until it answers.",
+            _unreachable_target_actions(src.host.name, target_name, live),
+        )
     if committed and not target_clean:
         # The target may be running it: resuming the source could make two. Keep the
         # source stopped with its memory as saved state, and say so.
@@ -498,6 +520,69 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
         )
     container.refresh_from_db()
     publish_fleet("container", {"name": container.name, "host": src.host.name, "state": container.state})
+
+
+def _db_write(fn):
+    try:
+        return fn()
+    except DatabaseError as e:
+        raise WaitFor(f"The database could not be written ({type(e).__name__}); ctweb asks the hosts again.") from e
+
+
+RESUME_SOURCE = "resume-source"
+
+
+def _unreachable_target_actions(source: str, target: str, live: bool) -> list[dict]:
+    return [
+        {
+            "id": RESUME_SOURCE,
+            "label": f"Resume on {source}" + (" from its dump" if live else ""),
+            "consequence": f"It runs on {source} again at once{' from the state it was dumped in' if live else ''}. "
+            f"The copy on {target}, if any, is removed when {target} is reachable again; if {target} was already "
+            "running it, what ran there since is lost.",
+        },
+        {
+            "id": KEEP_WAITING,
+            "label": f"Keep waiting for {target}",
+            "consequence": f"Nothing changes: {target} is asked again now and then until it answers, and the "
+            "migration then finishes or rolls back by itself.",
+        },
+    ]
+
+
+@decision_handler("migrate")
+def decide_migration(ctx: OperationContext, action: str) -> dict:
+    """The admin's choice on a migration waiting for an unreachable target."""
+    op = ctx.op
+    container, source = op.container, op.host
+    if action != RESUME_SOURCE or container is None or source is None:
+        raise OperationFailed(f"'{action}' cannot be carried out on this migration.")
+    live = op.params.get("strategy") in ("stop-and-copy", "post-copy")
+    base = {"name": container.name, "migration": op.pk}
+    try:
+        with ssh.connect(source) as src:
+            if live:
+                data = _agent(src, ctx, "migrate-resume", base, 50, 40)
+            else:
+                data = _agent(src, ctx, "start", {"name": container.name}, 50, 40)
+            try:
+                _agent(src, ctx, "migrate-cleanup", {**base, "remove": False}, 95, 5)
+            except OperationFailed as e:
+                ctx.event(
+                    "cleanup", f"the migration's working files on {source.name} could not be removed: {e.message}"
+                )
+    except (ssh.SSHError, OperationFailed) as e:
+        raise WaitFor(
+            f"{source.name} could not resume {container.name} ({e}); ctweb asks the hosts again.",
+            _unreachable_target_actions(source.name, op.target_host.name if op.target_host else "the target", live),
+        ) from e
+    _db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source, state=data.get("state", "RUNNING")))
+    publish_fleet("container", {"name": container.name, "host": source.name, "state": data.get("state", "RUNNING")})
+    target = op.target_host.name if op.target_host else "the target"
+    raise OperationFailed(
+        f"Rolled back by an admin's decision: {container.name} was resumed on {source.name}. What this migration "
+        f"left on {target} is removed when ctweb next reaches it."
+    )
 
 
 # --- evacuation ------------------------------------------------------------------------

@@ -51,6 +51,43 @@ class Cancelled(Exception):
     pass
 
 
+class WaitFor(Exception):
+    """The outcome is unknown (a host does not answer, the database could not be written):
+    nothing may be taken for granted, so the row waits, held by no thread, and is asked
+    again later (retry_waiting_operations). `actions` ([{"id", "label", "consequence"}])
+    are offered to an admin as `result.decision`; the kind's decision_handler runs the
+    chosen one. The id "keep-waiting" is handled here: it only asks again at once."""
+
+    def __init__(self, sentence: str, actions: list[dict] | None = None):
+        super().__init__(sentence)
+        self.sentence = sentence
+        self.actions = actions or []
+
+
+KEEP_WAITING = "keep-waiting"
+WAIT_FIRST_S = 15  # the first retry of a waiting operation; it doubles up to WAIT_MAX_S
+WAIT_MAX_S = 300
+
+DECISION_HANDLERS: dict[str, Callable[[OperationContext, str], str]] = {}
+
+
+def decision_handler(kind: str):
+    """Register what runs an admin's decision on a waiting operation of `kind`:
+    fn(ctx, action_id) -> the result of a success; it raises OperationFailed to end the
+    operation failed with its sentence (a migration rolled back), WaitFor to wait again."""
+
+    def register(fn):
+        DECISION_HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+def wait_backoff(attempts: int) -> int:
+    """Seconds before asking again, after `attempts` unanswered attempts (1, 2, ...)."""
+    return int(min(WAIT_MAX_S, WAIT_FIRST_S * 2 ** max(0, attempts - 1)))
+
+
 class OperationContext:
     def __init__(self, op: Operation):
         self.op = op
@@ -135,6 +172,65 @@ def finish(op: Operation, status: str, *, error: str = "", result: dict | None =
     return bool(ended)
 
 
+def park(op: Operation, wait: WaitFor, tries: int = 6) -> bool:
+    """Move a running row to `waiting` (see WaitFor). The write is tried a few times (the
+    database itself may be what failed); if it never goes through, the row stays running,
+    stops beating, and the lost-worker detector recovers it later."""
+    from datetime import timedelta
+
+    for attempt in range(tries):
+        try:
+            now = timezone.now()
+            fresh = Operation.objects.get(pk=op.pk)
+            result = {**fresh.result, **{k: v for k, v in op.result.items() if k not in ("decision", "decided")}}
+            before = result.get("waiting") or {}
+            attempts = int(before.get("attempts") or 0) + 1
+            result["waiting"] = {
+                "sentence": wait.sentence,
+                "since": before.get("since") or now.isoformat(),
+                "attempts": attempts,
+                "retry_at": (now + timedelta(seconds=wait_backoff(attempts))).isoformat(),
+            }
+            result.pop("decided", None)
+            if wait.actions:
+                result["decision"] = {"sentence": wait.sentence, "actions": wait.actions}
+            else:
+                result.pop("decision", None)
+            events = list(op.events) + [{"at": now.isoformat(), "phase": "waiting", "message": wait.sentence}]
+            events[-1]["seq"] = len(events) - 1
+            fields = {
+                "status": Operation.Status.WAITING,
+                "phase": "waiting",
+                "result": result,
+                "events": events,
+                "worker": "",
+                "heartbeat_at": None,
+            }
+            if not Operation.objects.filter(pk=op.pk, status=Operation.Status.RUNNING).update(**fields):
+                return False
+            for k, v in fields.items():
+                setattr(op, k, v)
+            _publish(op, op.events[-1])
+            return True
+        except Exception as e:
+            log.warning("operation %s could not be set waiting (%s); trying again", op.pk, e)
+            try:
+                from django.db import connection
+
+                connection.close()
+            except Exception:
+                pass
+            time.sleep(min(2**attempt, 10))
+    return False
+
+
+def _publish(op: Operation, entry: dict) -> None:
+    try:
+        events.publish_operation(op, entry)
+    except Exception as e:
+        log.warning("could not publish operation %s: %s", op.pk, e)
+
+
 def run_operation(op_id: int, worker: str = "") -> str | None:
     """Claim, run and end one operation. Safe to call twice: the second call does nothing."""
     claimed = Operation.objects.filter(pk=op_id, status=Operation.Status.PENDING).update(
@@ -147,6 +243,9 @@ def run_operation(op_id: int, worker: str = "") -> str | None:
     ctx = OperationContext(op)
     events.publish_operation(op)
     fn = HANDLERS.get(op.kind)
+    decided = op.result.get("decided")
+    if decided and not decided.get("ran"):  # an admin's decision on a waiting row: run it
+        fn = _decision_runner(op, decided)
     with Heartbeat(op.pk):
         _run(op, ctx, fn)
     return Operation.objects.values_list("status", flat=True).get(pk=op_id)
@@ -218,7 +317,23 @@ class Heartbeat:
             _LIVE.discard(self.op_id)
 
 
+def _decision_runner(op: Operation, decided: dict):
+    def run(ctx: OperationContext) -> dict:
+        handle = DECISION_HANDLERS.get(op.kind)
+        if handle is None:
+            raise OperationFailed(f"This version of ctweb cannot carry out decisions on '{op.kind}' operations.")
+        ctx.remember(decided={**decided, "ran": True})
+        ctx.event("decision", f"carrying out the decision of {decided.get('by')}: {decided.get('label')}")
+        return handle(ctx, decided["action"]) or {}
+
+    return run
+
+
 def _run(op: Operation, ctx: OperationContext, fn) -> None:
+    from django.db import DatabaseError
+
+    from .recovery import RECOVERERS
+
     try:
         if fn is None:
             raise OperationFailed(f"This version of ctweb cannot run '{op.kind}' operations yet.")
@@ -227,6 +342,16 @@ def _run(op: Operation, ctx: OperationContext, fn) -> None:
         result = fn(ctx) or {}
         ctx.save()
         finish(op, Operation.Status.SUCCESS, result={**op.result, **result})
+    except WaitFor as e:
+        _save_quietly(ctx)
+        park(op, e)
+    except DatabaseError as e:
+        if op.kind not in RECOVERERS:
+            _crash(op, ctx)
+            return
+        # A write of this job failed: what the hosts did is asked again (its recovery).
+        log.error("operation %s (%s): database error:\n%s", op.pk, op.kind, traceback.format_exc())
+        park(op, WaitFor(f"The database could not be written ({type(e).__name__}); ctweb asks the hosts again."))
     except Cancelled as e:
         ctx.save()
         if op.kind == Operation.Kind.CREATE:
@@ -240,14 +365,25 @@ def _run(op: Operation, ctx: OperationContext, fn) -> None:
         result = {**op.result, **e.result, **_bundle(ctx)}
         finish(op, Operation.Status.FAILURE, error=message, result=result)
     except Exception:
-        log.error("operation %s (%s) crashed:\n%s", op.pk, op.kind, traceback.format_exc())
+        _crash(op, ctx)
+
+
+def _save_quietly(ctx: OperationContext) -> None:
+    try:
         ctx.save()
-        finish(
-            op,
-            Operation.Status.FAILURE,
-            error="ctweb hit an internal error while running this operation; the worker log has the details.",
-            result={**op.result, **_bundle(ctx)},
-        )
+    except Exception as e:
+        log.warning("operation %s: progress not saved: %s", ctx.op.pk, e)
+
+
+def _crash(op: Operation, ctx: OperationContext) -> None:
+    log.error("operation %s (%s) crashed:\n%s", op.pk, op.kind, traceback.format_exc())
+    ctx.save()
+    finish(
+        op,
+        Operation.Status.FAILURE,
+        error="ctweb hit an internal error while running this operation; the worker log has the details.",
+        result={**op.result, **_bundle(ctx)},
+    )
 
 
 def _bundle(ctx: OperationContext) -> dict:
@@ -345,22 +481,108 @@ def recover_operation(op_id: int, worker: str = "") -> str | None:
             worker=worker[:200], heartbeat_at=timezone.now()
         )
     ctx = OperationContext(op)
-    ctx.event("recovery", "the worker running this operation was lost; finding out where it stopped on the hosts")
+    waited = op.result.get("waiting")
+    if waited:
+        ctx.event("recovery", f"asking the hosts again (attempt {int(waited.get('attempts') or 0) + 1})")
+        prefix = f"After waiting since {waited.get('since', '')[:19].replace('T', ' ')} UTC: "
+    else:
+        ctx.event("recovery", "the worker running this operation was lost; finding out where it stopped on the hosts")
+        prefix = "Worker lost: the worker running this operation stopped before it finished. "
     with Heartbeat(op.pk):
         try:
             outcome = RECOVERERS[op.kind](ctx)
+        except WaitFor as e:
+            _save_quietly(ctx)
+            park(op, e)
+            return op.status
         except OperationFailed as e:
             outcome = f"Recovery could not finish: {e.message} Check the hosts before retrying."
         except Exception as e:
+            from django.db import DatabaseError
+
+            if isinstance(e, DatabaseError):
+                log.error("recovery of operation %s: database error:\n%s", op.pk, traceback.format_exc())
+                park(op, WaitFor(f"The database could not be written ({type(e).__name__}); ctweb asks again."))
+                return op.status
             log.error("recovery of operation %s crashed:\n%s", op.pk, traceback.format_exc())
             outcome = f"Recovery could not finish ({type(e).__name__}); the worker log has the details."
         ctx.save()
-        finish(
-            op,
-            Operation.Status.FAILURE,
-            error=f"Worker lost: the worker running this operation stopped before it finished. {outcome}",
-        )
+        finish(op, Operation.Status.FAILURE, error=f"{prefix}{outcome}")
     return op.status
+
+
+def retry_waiting_operations(me: str, now=None) -> int:
+    """Scheduled: a waiting row whose retry time has come is taken (compare-and-set) and its
+    recovery asks the hosts again. No thread is held between two attempts."""
+    from datetime import datetime
+
+    from .recovery import RECOVERERS
+    from .tasks import recover_operation_task
+
+    now = now or timezone.now()
+    taken = 0
+    for op in Operation.objects.filter(status=Operation.Status.WAITING):
+        retry_at = (op.result.get("waiting") or {}).get("retry_at")
+        try:
+            due = retry_at is None or datetime.fromisoformat(retry_at) <= now
+        except ValueError:
+            due = True
+        if not due or op.kind not in RECOVERERS:
+            continue
+        if Operation.objects.filter(pk=op.pk, status=Operation.Status.WAITING, result=op.result).update(
+            status=Operation.Status.RUNNING, worker=me[:200], heartbeat_at=timezone.now(), phase="recovery"
+        ):
+            taken += 1
+            recover_operation_task.delay(op.pk)
+    return taken
+
+
+class DecisionRefused(Exception):
+    pass
+
+
+def decide(op_id: int, action: str, user) -> Operation:
+    """An admin's decision on a waiting operation. "keep-waiting" asks the hosts again at
+    once and leaves the row waiting; any other offered action re-queues the row, and the
+    kind's decision_handler carries it out."""
+    from datetime import timedelta
+
+    with transaction.atomic():
+        op = Operation.objects.select_for_update().get(pk=op_id)
+        decision = op.result.get("decision") if op.status == Operation.Status.WAITING else None
+        if not decision:
+            raise DecisionRefused(f"Operation {op.pk} is {op.status}: it waits for no decision.")
+        chosen = next((a for a in decision.get("actions") or [] if a.get("id") == action), None)
+        if chosen is None:
+            ids = ", ".join(a.get("id", "") for a in decision.get("actions") or [])
+            raise DecisionRefused(f"'{action}' is not one of this operation's actions ({ids}).")
+        now = timezone.now()
+        record = {
+            "action": action,
+            "label": chosen.get("label"),
+            "by": getattr(user, "username", ""),
+            "at": now.isoformat(),
+        }
+        op.result.setdefault("decisions", []).append(record)
+        op.events.append(
+            {
+                "at": now.isoformat(),
+                "phase": "decision",
+                "message": f"{record['by']} chose: {record['label']}",
+                "seq": len(op.events),
+            }
+        )
+        if action == KEEP_WAITING:
+            op.result.setdefault("waiting", {})["retry_at"] = (now - timedelta(seconds=1)).isoformat()
+            Operation.objects.filter(pk=op.pk).update(result=op.result, events=op.events)
+        else:
+            op.result.pop("decision", None)
+            op.result["decided"] = record
+            op.status = Operation.Status.PENDING
+            Operation.objects.filter(pk=op.pk).update(status=op.status, result=op.result, events=op.events)
+            enqueue(op)
+    _publish(op, op.events[-1])
+    return op
 
 
 def requeue_pending(older_than_s: float = 10) -> int:

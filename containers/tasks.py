@@ -54,6 +54,24 @@ def find_lost_operations(self) -> None:
         log.warning("took over %d operation(s) whose worker was lost", lost)
 
 
+@shared_task(bind=True, ignore_result=True)
+def retry_waiting_operations(self) -> None:
+    """Scheduled: operations waiting for a host ask it again when their backoff has passed."""
+    taken = runner.retry_waiting_operations(self.request.hostname or "")
+    if taken:
+        log.info("asking the hosts again for %d waiting operation(s)", taken)
+
+
+@shared_task(ignore_result=True)
+def reprobe_offline_hosts() -> None:
+    """Scheduled: offline hosts are probed again with backoff and come back online when they answer."""
+    from hosts.jobs import reprobe_offline_hosts as reprobe
+
+    started = reprobe()
+    if started:
+        log.info("probing offline host(s) again: %s", ", ".join(started))
+
+
 @shared_task(ignore_result=True)
 def refresh_container_states() -> None:
     """Keep the container list fresh between operations (scheduled by the worker's beat)."""
