@@ -137,6 +137,10 @@ def cancel_operation(request, op: Operation) -> Operation:
         from .jobs import release_reservation
 
         release_reservation(op)
+    if op.status == Operation.Status.WAITING:  # held by no thread: it hears the cancel when asked again
+        from .runner import ask_again
+
+        ask_again(op.pk)
     audit(request, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
     op.refresh_from_db()
     events.publish_operation(op)

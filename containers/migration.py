@@ -638,24 +638,43 @@ def evacuate(ctx: OperationContext) -> dict:
         else:
             refused[container.name] = "; ".join(reasons) or "there is no other online host"
             ctx.event("migrate", f"{container.name} cannot move: {refused[container.name]}")
-    done: dict[int, str] = {}
-    while len(done) < len(children):
-        time.sleep(1)
-        for child in Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).exclude(pk__in=done):
-            done[child.pk] = child.status
-            ctx.event(
-                "migrate",
-                f"{child.container_name}: {child.status}",
-                5 + 95 * len(done) // max(len(children), 1),
-                child=child.pk,
-            )
-    moved = [c for c, s in done.items() if s == Operation.Status.SUCCESS]
-    failed = {c: s for c, s in done.items() if s != Operation.Status.SUCCESS}
+    ctx.remember(children=children, refused=refused, containers=len(containers))
+    # No thread waits for the children: the row waits (status waiting) and each child's end
+    # asks it again (runner.finish); check_evacuation ends it when the last one ended.
+    return check_evacuation(ctx)
+
+
+def check_evacuation(ctx: OperationContext):
+    """Where an evacuation's children are: a cancel is passed on to them; when all have
+    ended, the evacuation ends with what they did (a dict is success), else it waits."""
+    from .runner import Cancelled as _Cancelled
+    from .runner import finish as _finish
+
+    op, source = ctx.op, ctx.op.host
+    children = op.result.get("children") or []
+    refused = op.result.get("refused") or {}
+    if op.cancel_requested or Operation.objects.filter(pk=op.pk, cancel_requested=True).exists():
+        for child in Operation.objects.filter(pk__in=children, status__in=Operation.ACTIVE):
+            Operation.objects.filter(pk=child.pk).update(cancel_requested=True)  # running ones stop where safe
+            if child.status == Operation.Status.PENDING:
+                _finish_pending = Operation.objects.filter(pk=child.pk, status=Operation.Status.PENDING)
+                if _finish_pending.update(status=Operation.Status.RUNNING):
+                    child.status = Operation.Status.RUNNING
+                    _finish(child, Operation.Status.CANCELLED, error="Cancelled with its evacuation before it started.")
+        if not Operation.objects.filter(pk__in=children, status__in=Operation.ACTIVE).exists():
+            raise _Cancelled(f"The evacuation of {source.name if source else 'the host'} was cancelled.")
+    ended = dict(Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).values_list("pk", "status"))
+    if len(ended) < len(children):
+        raise WaitFor(f"{len(ended)} of {len(children)} migration(s) ended; waiting for the others.")
+    moved = [c for c, s in ended.items() if s == Operation.Status.SUCCESS]
+    failed = {str(c): s for c, s in ended.items() if s != Operation.Status.SUCCESS}
     result = {"children": children, "moved": len(moved), "failed": failed, "refused": refused}
     if failed or refused:
-        names = sorted(refused) + [Operation.objects.get(pk=c).container_name for c in failed]
+        names = sorted(refused) + [Operation.objects.get(pk=int(c)).container_name for c in failed]
+        total = op.result.get("containers") or len(children) + len(refused)
         raise OperationFailed(
-            f"{len(names)} of {len(containers)} container(s) did not leave {source.name}: {', '.join(names)}.",
+            f"{len(names)} of {total} container(s) did not leave {source.name if source else 'the host'}: "
+            f"{', '.join(names)}.",
             "\n".join(f"{n}: {r}" for n, r in refused.items()),
             result,
         )

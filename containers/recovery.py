@@ -100,6 +100,13 @@ def recover_migration(ctx: OperationContext) -> str:
         return f"Rolled back. {failure.message.strip()} {_where(container)}".replace("  ", " ")
 
 
+@recovers("evacuate")
+def recover_evacuation(ctx: OperationContext):
+    from .migration import check_evacuation
+
+    return check_evacuation(ctx)
+
+
 @recovers("snapshot")
 def recover_snapshot(ctx: OperationContext) -> str:
     from .jobs import agent, set_state

@@ -169,7 +169,20 @@ def finish(op: Operation, status: str, *, error: str = "", result: dict | None =
         for k, v in fields.items():
             setattr(op, k, v)
         events.publish_operation(op, op.events[-1])
+        if op.parent_id:
+            ask_again(op.parent_id)
     return bool(ended)
+
+
+def ask_again(op_id: int) -> None:
+    """A waiting row is taken (compare-and-set) and its recovery queued now: a child of it
+    ended, a cancel or a decision came. No scheduler tick is needed."""
+    from .tasks import recover_operation_task
+
+    if Operation.objects.filter(pk=op_id, status=Operation.Status.WAITING).update(
+        status=Operation.Status.RUNNING, worker="", heartbeat_at=timezone.now(), phase="recovery"
+    ):
+        transaction.on_commit(lambda: recover_operation_task.delay(op_id))
 
 
 def park(op: Operation, wait: WaitFor, tries: int = 6) -> bool:
@@ -495,7 +508,14 @@ def recover_operation(op_id: int, worker: str = "") -> str | None:
             _save_quietly(ctx)
             park(op, e)
             return op.status
+        except Cancelled as e:
+            _save_quietly(ctx)
+            finish(op, Operation.Status.CANCELLED, error=str(e) or "Cancelled at the operator's request.")
+            return op.status
         except OperationFailed as e:
+            if op.kind == Operation.Kind.EVACUATE:  # its children's outcome, not a recovery's
+                finish(op, Operation.Status.FAILURE, error=e.message, result={**op.result, **e.result})
+                return op.status
             outcome = f"Recovery could not finish: {e.message} Check the hosts before retrying."
         except Exception as e:
             from django.db import DatabaseError
@@ -507,7 +527,10 @@ def recover_operation(op_id: int, worker: str = "") -> str | None:
             log.error("recovery of operation %s crashed:\n%s", op.pk, traceback.format_exc())
             outcome = f"Recovery could not finish ({type(e).__name__}); the worker log has the details."
         ctx.save()
-        finish(op, Operation.Status.FAILURE, error=f"{prefix}{outcome}")
+        if isinstance(outcome, dict):  # it was found finished: a success
+            finish(op, Operation.Status.SUCCESS, result={**op.result, **outcome})
+        else:
+            finish(op, Operation.Status.FAILURE, error=f"{prefix}{outcome}")
     return op.status
 
 
@@ -545,7 +568,6 @@ def decide(op_id: int, action: str, user) -> Operation:
     """An admin's decision on a waiting operation. "keep-waiting" asks the hosts again at
     once and leaves the row waiting; any other offered action re-queues the row, and the
     kind's decision_handler carries it out."""
-    from datetime import timedelta
 
     with transaction.atomic():
         op = Operation.objects.select_for_update().get(pk=op_id)
@@ -573,8 +595,8 @@ def decide(op_id: int, action: str, user) -> Operation:
             }
         )
         if action == KEEP_WAITING:
-            op.result.setdefault("waiting", {})["retry_at"] = (now - timedelta(seconds=1)).isoformat()
             Operation.objects.filter(pk=op.pk).update(result=op.result, events=op.events)
+            ask_again(op.pk)
         else:
             op.result.pop("decision", None)
             op.result["decided"] = record

@@ -121,10 +121,11 @@ def test_an_admin_decision_is_checked_audited_and_runs_the_kinds_decision_handle
     assert post("bob", {"action": "go"}).status_code == 403  # operators do not decide
     r = post("alice", {"action": "nope"})
     assert r.status_code == 409 and "go, keep-waiting" in str(r.json())
-    r = post("alice", {"action": KEEP_WAITING})
-    assert r.status_code == 202 and r.json()["status"] == "waiting"
-    assert runner.retry_waiting_operations("w@b") == 1  # "keep waiting" asks again at once
-    runner.recover_operation(kinds["recover"][-1], "w@b")
+    with django_capture_on_commit_callbacks(execute=True):
+        r = post("alice", {"action": KEEP_WAITING})
+    assert r.status_code == 202 and r.json()["status"] == "running"  # "keep waiting" asks again at once
+    assert kinds["recover"] == [op.pk]
+    runner.recover_operation(op.pk, "w@b")
     op.refresh_from_db()
     assert op.status == "waiting" and op.result["decision"]["sentence"] == "h1 still does not answer."
     with django_capture_on_commit_callbacks(execute=True):
