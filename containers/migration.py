@@ -665,7 +665,12 @@ def check_evacuation(ctx: OperationContext):
             raise _Cancelled(f"The evacuation of {source.name if source else 'the host'} was cancelled.")
     ended = dict(Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).values_list("pk", "status"))
     if len(ended) < len(children):
-        raise WaitFor(f"{len(ended)} of {len(children)} migration(s) ended; waiting for the others.")
+        raise WaitFor(
+            f"{len(ended)} of {len(children)} migration(s) ended; waiting for the others.",
+            changed=lambda: (
+                Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).count() != len(ended)
+            ),
+        )
     moved = [c for c, s in ended.items() if s == Operation.Status.SUCCESS]
     failed = {str(c): s for c, s in ended.items() if s != Operation.Status.SUCCESS}
     result = {"children": children, "moved": len(moved), "failed": failed, "refused": refused}

@@ -58,10 +58,16 @@ class WaitFor(Exception):
     are offered to an admin as `result.decision`; the kind's decision_handler runs the
     chosen one. The id "keep-waiting" is handled here: it only asks again at once."""
 
-    def __init__(self, sentence: str, actions: list[dict] | None = None):
+    def __init__(self, sentence: str, actions: list[dict] | None = None, changed: Callable[[], bool] | None = None):
         super().__init__(sentence)
         self.sentence = sentence
         self.actions = actions or []
+        self.changed = changed  # asked once parked: True if what it waits for came meanwhile
+
+
+def _park_and_recheck(op: Operation, wait: WaitFor) -> None:
+    if park(op, wait) and wait.changed is not None and wait.changed():
+        ask_again(op.pk)  # e.g. the last child ended between the check and the park
 
 
 KEEP_WAITING = "keep-waiting"
@@ -357,7 +363,7 @@ def _run(op: Operation, ctx: OperationContext, fn) -> None:
         finish(op, Operation.Status.SUCCESS, result={**op.result, **result})
     except WaitFor as e:
         _save_quietly(ctx)
-        park(op, e)
+        _park_and_recheck(op, e)
     except DatabaseError as e:
         if op.kind not in RECOVERERS:
             _crash(op, ctx)
@@ -506,7 +512,7 @@ def recover_operation(op_id: int, worker: str = "") -> str | None:
             outcome = RECOVERERS[op.kind](ctx)
         except WaitFor as e:
             _save_quietly(ctx)
-            park(op, e)
+            _park_and_recheck(op, e)
             return op.status
         except Cancelled as e:
             _save_quietly(ctx)

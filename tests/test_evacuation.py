@@ -66,3 +66,25 @@ def test_cancelling_an_evacuation_cancels_its_children(
     assert evac.status == "waiting"
     _end(running_child, "cancelled", evac, queued, django_capture_on_commit_callbacks)
     assert evac.status == "cancelled"
+
+
+def test_a_child_that_ends_while_its_evacuation_is_being_parked_is_not_missed(
+    db, trusted_host, queued, django_capture_on_commit_callbacks, monkeypatch
+):
+    """The child ends between the evacuation's check and its park (its finish found the
+    evacuation still running, so it could not ask it again): the park notices."""
+    evac, (a,) = _evacuation(trusted_host, "running")
+    real_park = runner.park
+
+    def park_late(op, wait, *args):
+        Operation.objects.filter(pk=a.pk).update(status="success")  # ends in the gap
+        return real_park(op, wait, *args)
+
+    monkeypatch.setattr(runner, "park", park_late)
+    with django_capture_on_commit_callbacks(execute=True):
+        runner.recover_operation(evac.pk, "w@a")
+    assert queued == [evac.pk]
+    monkeypatch.setattr(runner, "park", real_park)
+    runner.recover_operation(queued.pop(), "w@b")
+    evac.refresh_from_db()
+    assert evac.status == "success"
