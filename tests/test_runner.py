@@ -253,7 +253,16 @@ def test_the_detector_never_takes_a_row_its_own_live_thread_runs(transactional_d
         return {}
 
     op = _op()
-    t = threading.Thread(target=runner.run_operation, args=(op.pk, "w@me"))
+
+    def run():
+        from django.db import connection
+
+        try:
+            runner.run_operation(op.pk, "w@me")
+        finally:
+            connection.close()  # this test's own thread: PostgreSQL's test database is dropped after
+
+    t = threading.Thread(target=run)
     t.start()
     try:
         assert started.wait(10)
