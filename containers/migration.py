@@ -550,13 +550,34 @@ def _unreachable_target_actions(source: str, target: str, live: bool) -> list[di
     ]
 
 
+# What each action a waiting migration may offer does: fn(ctx) -> a success's result, or it
+# raises OperationFailed (rolled back, with its sentence) or WaitFor (wait again). A new
+# action (e.g. post-copy's "resume on the source from the state of HH:MM:SS") is one
+# @migration_action("id") function plus the WaitFor(..., actions) that offers it.
+MIGRATION_ACTIONS: dict = {}
+
+
+def migration_action(action_id: str):
+    def register(fn):
+        MIGRATION_ACTIONS[action_id] = fn
+        return fn
+
+    return register
+
+
 @decision_handler("migrate")
 def decide_migration(ctx: OperationContext, action: str) -> dict:
-    """The admin's choice on a migration waiting for an unreachable target."""
+    """The admin's choice on a waiting migration."""
+    if action not in MIGRATION_ACTIONS or ctx.op.container is None or ctx.op.host is None:
+        raise OperationFailed(f"'{action}' cannot be carried out on this migration.")
+    return MIGRATION_ACTIONS[action](ctx)
+
+
+@migration_action(RESUME_SOURCE)
+def resume_on_source(ctx: OperationContext) -> dict:
+    """Stop-and-copy or restart whose target became unreachable after the source was stopped."""
     op = ctx.op
     container, source = op.container, op.host
-    if action != RESUME_SOURCE or container is None or source is None:
-        raise OperationFailed(f"'{action}' cannot be carried out on this migration.")
     live = op.params.get("strategy") in ("stop-and-copy", "post-copy")
     base = {"name": container.name, "migration": op.pk}
     try:

@@ -172,3 +172,35 @@ def test_a_database_error_while_moving_a_migrations_record_leads_to_recovery_not
     op.refresh_from_db()
     assert "could not record it" in op.result["waiting"]["sentence"]
     assert Container.objects.get(pk=c.pk).host == trusted_host  # unchanged until the hosts are asked again
+
+
+def test_resuming_a_migration_on_a_source_that_does_not_answer_waits_again(
+    db, kinds, trusted_host, users, django_capture_on_commit_callbacks
+):
+    """The migrate decision 'resume-source' needs the source: while it does not answer (port 1
+    refuses), the migration waits again with the same choice; nothing is guessed."""
+    from containers.migration import RESUME_SOURCE, _unreachable_target_actions
+
+    target = type(trusted_host).objects.create(name="h2", address="127.0.0.2", port=1, status="online")
+    c = Container.objects.create(name="c1", host=trusted_host, state="STOPPED")
+    actions = _unreachable_target_actions("h1", "h2", True)
+    op = Operation.objects.create(
+        kind="migrate",
+        status="waiting",
+        container=c,
+        host=trusted_host,
+        target_host=target,
+        params={"strategy": "stop-and-copy"},
+        result={
+            "waiting": {"sentence": "h2 does not answer", "attempts": 1},
+            "decision": {"sentence": "x", "actions": actions},
+        },
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        runner.decide(op.pk, RESUME_SOURCE, users["alice"])
+    assert kinds["run"] == [op.pk]
+    assert runner.run_operation(op.pk, "w@a") == "waiting"
+    op.refresh_from_db()
+    assert [a["id"] for a in op.result["decision"]["actions"]] == [RESUME_SOURCE, KEEP_WAITING]
+    assert "h1 could not resume c1" in op.result["waiting"]["sentence"]
+    assert Container.objects.get(pk=c.pk).host == trusted_host
