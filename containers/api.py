@@ -137,6 +137,10 @@ def cancel_operation(request, op: Operation) -> Operation:
         from .jobs import release_reservation
 
         release_reservation(op)
+    if op.status == Operation.Status.WAITING:  # held by no thread: it hears the cancel when asked again
+        from .runner import ask_again
+
+        ask_again(op.pk)
     audit(request, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
     op.refresh_from_db()
     events.publish_operation(op)
@@ -148,6 +152,33 @@ class OperationCancel(APIView):
     def post(self, request, op_id):
         op = get_object_or_404(Operation, pk=op_id)
         op = cancel_operation(request, op)
+        return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
+
+
+def decide_operation(request, op: Operation, action) -> Operation:
+    from .runner import DecisionRefused, decide
+
+    if not isinstance(action, str) or not action:
+        raise ApiError("action must be the id of one of the operation's result.decision.actions.", 400, "action")
+    try:
+        op = decide(op.pk, action, request.user)
+    except DecisionRefused as e:
+        raise ApiError(str(e), 409, "action") from e
+    audit(request, "operation.decide", op, detail=f"{op.kind} {action}")
+    return op
+
+
+class OperationDecide(APIView):
+    """An admin's choice among the actions a waiting operation offers (result.decision)."""
+
+    write_role = "admin"
+
+    @extend_schema(request=None, responses={202: OperationSerializer})
+    def post(self, request, op_id):
+        op = get_object_or_404(Operation, pk=op_id)
+        body = request.data if isinstance(request.data, dict) else {}
+        op = decide_operation(request, op, body.get("action"))
+        op.refresh_from_db()
         return Response(OperationSerializer(op).data, status=status.HTTP_202_ACCEPTED)
 
 

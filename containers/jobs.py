@@ -123,31 +123,57 @@ def sync(ctx: OperationContext) -> dict:
     data = agent(ctx, host, "list", {}, 10, 70)
     ctx.event("save", "updating the container list", 90)
     out = _apply_listing(host, data["containers"])
-    tidied = tidy_migrations(host, data.get("migrations") or [])
+    tidied = tidy_migrations(host, data.get("migrations") or [], data["containers"])
     if tidied:
         out["tidied_migrations"] = tidied
     return out
 
 
-def tidy_migrations(host: Host, leftovers: list[dict]) -> list[int]:
+def tidy_migrations(host: Host, leftovers: list[dict], listing: list[dict] | None = None) -> list[int]:
     """Remove what ended migrations left on a host they could not reach at the time (its
     link was down, say): a target's partial copy, a source's working files. Only for
-    operations that have ended, and never a source's dump kept for an admin to decide."""
+    operations that have ended, and never destructively on a guess: `listing` is what this
+    host runs now (its `list`), and
+    - a target's copy is removed only when this host does not run it and the host the
+      database names, asked now, runs it;
+    - a source's working files (its dump) are removed only when it runs here again.
+    Where this host runs a container the database places elsewhere, nothing is touched and
+    the disagreement is written on the migration (result.disagreement) and logged."""
+    here = {item.get("name"): item.get("state") for item in listing or []}
     tidied = []
     for item in leftovers:
         mid = item.get("migration")
         op = Operation.objects.filter(pk=mid, kind=Operation.Kind.MIGRATE).first() if isinstance(mid, int) else None
-        if op is None or op.status not in Operation.TERMINAL or not op.container_name:
-            continue  # not ours, or still running: left alone
+        if op is None or op.status not in Operation.TERMINAL or not op.container_name or listing is None:
+            continue  # not ours, still running, or this host's containers unknown: left alone
         name = op.container_name
-        owner = Container.objects.filter(name=name).values_list("host_id", flat=True).first()
+        owner = Container.objects.filter(name=name).select_related("host").first()
         params = {"name": name, "migration": mid}
-        if op.target_host_id == host.pk and owner != host.pk:
-            sub, params = "migrate-abort", params  # the container is elsewhere: drop the partial copy
-        elif owner == host.pk and (op.host_id == host.pk or op.status == Operation.Status.SUCCESS):
-            sub, params = "migrate-cleanup", {**params, "remove": False}  # it lives here: working files only
+        if op.target_host_id == host.pk and owner is not None and owner.host_id != host.pk:
+            if here.get(name) not in (None, Container.State.STOPPED):
+                _disagree(
+                    op,
+                    f"{host.name} runs {name} ({here.get(name)}) but ctweb places it on {owner.host.name}: "
+                    "nothing was removed; an admin must look at both hosts.",
+                )
+                continue
+            try:
+                there = agent(None, owner.host, "inspect", {"name": name}, timeout=60)
+            except OperationFailed as e:
+                log.info("tidy of migration %s waits: %s cannot be asked: %s", mid, owner.host, e.message)
+                continue
+            if not (there.get("exists") and there.get("state") == Container.State.RUNNING):
+                _disagree(
+                    op,
+                    f"{name} does not run on {owner.host.name} ({there.get('state')}): what migration {mid} "
+                    f"left on {host.name} is kept.",
+                )
+                continue
+            sub, params = "migrate-abort", params  # it runs elsewhere: drop the partial copy
+        elif owner is not None and owner.host_id == host.pk and here.get(name) == Container.State.RUNNING:
+            sub, params = "migrate-cleanup", {**params, "remove": False}  # it runs here: working files only
         else:
-            continue
+            continue  # no host is confirmed to run it: its dump and copies stay
         try:
             agent(None, host, sub, params, timeout=120)
             tidied.append(mid)
@@ -155,6 +181,12 @@ def tidy_migrations(host: Host, leftovers: list[dict]) -> list[int]:
         except OperationFailed as e:
             log.warning("could not remove what migration %s left on %s: %s", mid, host, e.message)
     return tidied
+
+
+def _disagree(op: Operation, sentence: str) -> None:
+    log.warning("migration %s: %s", op.pk, sentence)
+    if (op.result or {}).get("disagreement") != sentence:
+        Operation.objects.filter(pk=op.pk).update(result={**(op.result or {}), "disagreement": sentence})
 
 
 def refresh_host(host: Host) -> dict | None:
@@ -165,7 +197,7 @@ def refresh_host(host: Host) -> dict | None:
         log.info("refresh of %s failed: %s", host, e.message)
         return None
     out = _apply_listing(host, data["containers"])
-    tidy_migrations(host, data.get("migrations") or [])
+    tidy_migrations(host, data.get("migrations") or [], data["containers"])
     return out
 
 

@@ -25,7 +25,7 @@ import time
 from contextlib import ExitStack
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 from ctweb.api import ApiError
 from ctweb.fleet import direct_route
@@ -34,7 +34,7 @@ from hosts.models import Host
 
 from .events import publish_fleet
 from .models import Container, Operation
-from .runner import Cancelled, OperationContext, OperationFailed, handler
+from .runner import KEEP_WAITING, Cancelled, OperationContext, OperationFailed, WaitFor, decision_handler, handler
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
 
@@ -303,6 +303,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         # 3. Freeze: from here the container is down until the target runs it.
         down_from = time.monotonic()
         stats = {}
+        ctx.remember(stopping=True)  # from here only the source can say whether it was stopped
         if live:
             ctx.event("dump", f"dumping {container.name} on {source.name}" + (" (lazy pages)" if lazy else ""), 55)
             dumped = _agent(src, ctx, "migrate-dump", {**base, "lazy": lazy}, 55, 10)
@@ -423,12 +424,18 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
 
 
 def _move_record(ctx, container, target, was_running) -> None:
-    with transaction.atomic():
-        Container.objects.filter(pk=container.pk).update(
-            host=target, state=Container.State.RUNNING if was_running else container.state
-        )
-        Operation.objects.filter(pk=ctx.op.pk).update(container=container)
-    container.refresh_from_db()
+    try:
+        with transaction.atomic():
+            Container.objects.filter(pk=container.pk).update(
+                host=target, state=Container.State.RUNNING if was_running else container.state
+            )
+            Operation.objects.filter(pk=ctx.op.pk).update(container=container)
+        container.refresh_from_db()
+    except DatabaseError as e:  # the hosts moved it: the recovery asks them again and writes it then
+        raise WaitFor(
+            f"{container.name} runs on {target.name}, but the database could not record it ({type(e).__name__}); "
+            "ctweb asks the hosts again and records where it runs."
+        ) from e
     publish_fleet(
         "container", {"name": container.name, "host": target.name, "state": container.state, "ipv4": container.ipv4}
     )
@@ -448,15 +455,30 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
             target_clean = True
         except OperationFailed as e:
             ctx.event("cleanup", f"the target could not be confirmed clean: {e.message}")
-    if not committed and was_running:
+    if not committed and was_running and ctx.op.result.get("stopping"):
         # The dump may have gone through although nobody heard of it (its agent or the
         # link died first): the source's word decides. `inspect` waits for a dump still
-        # running there, and thaws what an interrupted one left frozen.
+        # running there, and thaws what an interrupted one left frozen. No answer is no
+        # answer: the operation waits and asks again (recovery.py), it guesses nothing.
         try:
             seen = _agent(src, ctx, "inspect", {**base, "thaw": True}, 96, 1)
             committed = seen.get("exists") and seen.get("state") == "STOPPED"
         except OperationFailed as e:
             ctx.event("cleanup", f"could not ask {src.host.name} how {container.name} is: {e.message}")
+            raise WaitFor(
+                f"{error.message.strip()} {src.host.name} could not be asked whether {container.name} was stopped "
+                f"there ({e.message}); ctweb asks it again until it answers."
+            ) from e
+    if committed and not target_clean and ctx.op.params.get("strategy") != "post-copy":
+        # The source is stopped and the target may run it: nothing is guessed. The source
+        # keeps its dump as it is, the operation waits for the target, and an admin may decide.
+        _db_write(lambda: Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED))
+        raise WaitFor(
+            f"{error.message.strip()} {container.name} is stopped on {src.host.name}"
+            f"{' with its memory dumped' if live else ''}; {target_name} could not be confirmed clean, so it may "
+            f"run there. ctweb asks {target_name} again until it answers.",
+            _unreachable_target_actions(src.host.name, target_name, live),
+        )
     if committed and not target_clean:
         # The target may be running it: resuming the source could make two. Keep the
         # source stopped with its memory as saved state, and say so.
@@ -502,6 +524,90 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
         )
     container.refresh_from_db()
     publish_fleet("container", {"name": container.name, "host": src.host.name, "state": container.state})
+
+
+def _db_write(fn):
+    try:
+        return fn()
+    except DatabaseError as e:
+        raise WaitFor(f"The database could not be written ({type(e).__name__}); ctweb asks the hosts again.") from e
+
+
+RESUME_SOURCE = "resume-source"
+
+
+def _unreachable_target_actions(source: str, target: str, live: bool) -> list[dict]:
+    return [
+        {
+            "id": RESUME_SOURCE,
+            "label": f"Resume on {source}" + (" from its dump" if live else ""),
+            "consequence": f"It runs on {source} again at once{' from the state it was dumped in' if live else ''}. "
+            f"The copy on {target}, if any, is removed when {target} is reachable again; if {target} was already "
+            "running it, what ran there since is lost.",
+        },
+        {
+            "id": KEEP_WAITING,
+            "label": f"Keep waiting for {target}",
+            "consequence": f"Nothing changes: {target} is asked again now and then until it answers, and the "
+            "migration then finishes or rolls back by itself.",
+        },
+    ]
+
+
+# What each action a waiting migration may offer does: fn(ctx) -> a success's result, or it
+# raises OperationFailed (rolled back, with its sentence) or WaitFor (wait again). A new
+# action (e.g. post-copy's "resume on the source from the state of HH:MM:SS") is one
+# @migration_action("id") function plus the WaitFor(..., actions) that offers it.
+MIGRATION_ACTIONS: dict = {}
+
+
+def migration_action(action_id: str):
+    def register(fn):
+        MIGRATION_ACTIONS[action_id] = fn
+        return fn
+
+    return register
+
+
+@decision_handler("migrate")
+def decide_migration(ctx: OperationContext, action: str) -> dict:
+    """The admin's choice on a waiting migration."""
+    if action not in MIGRATION_ACTIONS or ctx.op.container is None or ctx.op.host is None:
+        raise OperationFailed(f"'{action}' cannot be carried out on this migration.")
+    return MIGRATION_ACTIONS[action](ctx)
+
+
+@migration_action(RESUME_SOURCE)
+def resume_on_source(ctx: OperationContext) -> dict:
+    """Stop-and-copy or restart whose target became unreachable after the source was stopped."""
+    op = ctx.op
+    container, source = op.container, op.host
+    live = op.params.get("strategy") in ("stop-and-copy", "post-copy")
+    base = {"name": container.name, "migration": op.pk}
+    try:
+        with ssh.connect(source) as src:
+            if live:
+                data = _agent(src, ctx, "migrate-resume", base, 50, 40)
+            else:
+                data = _agent(src, ctx, "start", {"name": container.name}, 50, 40)
+            try:
+                _agent(src, ctx, "migrate-cleanup", {**base, "remove": False}, 95, 5)
+            except OperationFailed as e:
+                ctx.event(
+                    "cleanup", f"the migration's working files on {source.name} could not be removed: {e.message}"
+                )
+    except (ssh.SSHError, OperationFailed) as e:
+        raise WaitFor(
+            f"{source.name} could not resume {container.name} ({e}); ctweb asks the hosts again.",
+            _unreachable_target_actions(source.name, op.target_host.name if op.target_host else "the target", live),
+        ) from e
+    _db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source, state=data.get("state", "RUNNING")))
+    publish_fleet("container", {"name": container.name, "host": source.name, "state": data.get("state", "RUNNING")})
+    target = op.target_host.name if op.target_host else "the target"
+    raise OperationFailed(
+        f"Rolled back by an admin's decision: {container.name} was resumed on {source.name}. What this migration "
+        f"left on {target} is removed when ctweb next reaches it."
+    )
 
 
 # --- evacuation ------------------------------------------------------------------------
@@ -557,24 +663,48 @@ def evacuate(ctx: OperationContext) -> dict:
         else:
             refused[container.name] = "; ".join(reasons) or "there is no other online host"
             ctx.event("migrate", f"{container.name} cannot move: {refused[container.name]}")
-    done: dict[int, str] = {}
-    while len(done) < len(children):
-        time.sleep(1)
-        for child in Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).exclude(pk__in=done):
-            done[child.pk] = child.status
-            ctx.event(
-                "migrate",
-                f"{child.container_name}: {child.status}",
-                5 + 95 * len(done) // max(len(children), 1),
-                child=child.pk,
-            )
-    moved = [c for c, s in done.items() if s == Operation.Status.SUCCESS]
-    failed = {c: s for c, s in done.items() if s != Operation.Status.SUCCESS}
+    ctx.remember(children=children, refused=refused, containers=len(containers))
+    # No thread waits for the children: the row waits (status waiting) and each child's end
+    # asks it again (runner.finish); check_evacuation ends it when the last one ended.
+    return check_evacuation(ctx)
+
+
+def check_evacuation(ctx: OperationContext):
+    """Where an evacuation's children are: a cancel is passed on to them; when all have
+    ended, the evacuation ends with what they did (a dict is success), else it waits."""
+    from .runner import Cancelled as _Cancelled
+    from .runner import finish as _finish
+
+    op, source = ctx.op, ctx.op.host
+    children = op.result.get("children") or []
+    refused = op.result.get("refused") or {}
+    if op.cancel_requested or Operation.objects.filter(pk=op.pk, cancel_requested=True).exists():
+        for child in Operation.objects.filter(pk__in=children, status__in=Operation.ACTIVE):
+            Operation.objects.filter(pk=child.pk).update(cancel_requested=True)  # running ones stop where safe
+            if child.status == Operation.Status.PENDING:
+                _finish_pending = Operation.objects.filter(pk=child.pk, status=Operation.Status.PENDING)
+                if _finish_pending.update(status=Operation.Status.RUNNING):
+                    child.status = Operation.Status.RUNNING
+                    _finish(child, Operation.Status.CANCELLED, error="Cancelled with its evacuation before it started.")
+        if not Operation.objects.filter(pk__in=children, status__in=Operation.ACTIVE).exists():
+            raise _Cancelled(f"The evacuation of {source.name if source else 'the host'} was cancelled.")
+    ended = dict(Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).values_list("pk", "status"))
+    if len(ended) < len(children):
+        raise WaitFor(
+            f"{len(ended)} of {len(children)} migration(s) ended; waiting for the others.",
+            changed=lambda: (
+                Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).count() != len(ended)
+            ),
+        )
+    moved = [c for c, s in ended.items() if s == Operation.Status.SUCCESS]
+    failed = {str(c): s for c, s in ended.items() if s != Operation.Status.SUCCESS}
     result = {"children": children, "moved": len(moved), "failed": failed, "refused": refused}
     if failed or refused:
-        names = sorted(refused) + [Operation.objects.get(pk=c).container_name for c in failed]
+        names = sorted(refused) + [Operation.objects.get(pk=int(c)).container_name for c in failed]
+        total = op.result.get("containers") or len(children) + len(refused)
         raise OperationFailed(
-            f"{len(names)} of {len(containers)} container(s) did not leave {source.name}: {', '.join(names)}.",
+            f"{len(names)} of {total} container(s) did not leave {source.name if source else 'the host'}: "
+            f"{', '.join(names)}.",
             "\n".join(f"{n}: {r}" for n, r in refused.items()),
             result,
         )

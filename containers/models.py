@@ -77,11 +77,15 @@ class Operation(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending"
         RUNNING = "running"
+        # Stopped where only time or a person can tell what is true (a host does not
+        # answer): held by no worker thread, asked again with backoff, never taken for
+        # lost nor tidied; `result.waiting` says why, `result.decision` offers actions.
+        WAITING = "waiting"
         SUCCESS = "success"
         FAILURE = "failure"
         CANCELLED = "cancelled"
 
-    ACTIVE = (Status.PENDING, Status.RUNNING)
+    ACTIVE = (Status.PENDING, Status.RUNNING, Status.WAITING)
     TERMINAL = (Status.SUCCESS, Status.FAILURE, Status.CANCELLED)
 
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -114,7 +118,9 @@ class Operation(models.Model):
             # "Does this container have an operation running?" is asked for every row of the container
             # list; active operations are few among the history, so this index stays tiny.
             models.Index(
-                fields=["container"], condition=models.Q(status__in=["pending", "running"]), name="operation_active"
+                fields=["container"],
+                condition=models.Q(status__in=["pending", "running", "waiting"]),
+                name="operation_active",
             )
         ]
 

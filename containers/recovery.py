@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from hosts import ssh
 
 from .models import Container, Snapshot
-from .runner import OperationContext, OperationFailed
+from .runner import OperationContext, OperationFailed, WaitFor
 
 RECOVERERS: dict[str, Callable[[OperationContext], str]] = {}
 
@@ -49,15 +49,28 @@ def recover_migration(ctx: OperationContext) -> str:
     with ExitStack() as hosts:
         try:
             src = hosts.enter_context(ssh.connect(source))
-        except ssh.SSHError as e:
-            raise OperationFailed(f"{source.name}, where {container.name} was, cannot be reached: {e}") from e
+        except ssh.SSHError as e:  # unknown is not "not committed": ask again later
+            raise WaitFor(
+                f"{source.name}, where {container.name} was, cannot be reached ({e}); ctweb asks again."
+            ) from e
         try:
             dst = hosts.enter_context(ssh.connect(target))
         except ssh.SSHError as e:
             ctx.event("recovery", f"{target.name} cannot be reached: {e}")
             dst = None
-        s = _agent(src, ctx, "inspect", {**base, "thaw": True}, 10, 10)
-        t = _agent(dst, ctx, "inspect", base, 20, 10) if dst else None
+        try:
+            s = _agent(src, ctx, "inspect", {**base, "thaw": True}, 10, 10)
+        except OperationFailed as e:
+            raise WaitFor(
+                f"{source.name} could not say how {container.name} is ({e.message}); ctweb asks again."
+            ) from e
+        t = None
+        if dst:
+            try:
+                t = _agent(dst, ctx, "inspect", base, 20, 10)
+            except OperationFailed as e:
+                ctx.event("recovery", f"{target.name} could not say how {container.name} is there: {e.message}")
+                dst = None
         ctx.event("recovery", f"{source.name}: {s}; {target.name}: {t if t else 'unreachable'}", 30)
         was_running = op.result.get("was_running")
         if was_running is None:  # lost before its preflight ended: nothing had been stopped yet
@@ -85,6 +98,13 @@ def recover_migration(ctx: OperationContext) -> str:
         failure = OperationFailed("")
         _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
         return f"Rolled back. {failure.message.strip()} {_where(container)}".replace("  ", " ")
+
+
+@recovers("evacuate")
+def recover_evacuation(ctx: OperationContext):
+    from .migration import check_evacuation
+
+    return check_evacuation(ctx)
 
 
 @recovers("snapshot")

@@ -88,6 +88,19 @@ def operation_cancel(request, op_id):
     return redirect("operation-detail", op_id=op.pk)
 
 
+@role_required("admin")
+@require_POST
+def operation_decide(request, op_id):
+    from .api import decide_operation
+
+    op = get_object_or_404(Operation, pk=op_id)
+    try:
+        decide_operation(request, op, request.POST.get("action", ""))
+    except APIException as e:
+        messages.error(request, str(e.detail))
+    return redirect("operation-detail", op_id=op.pk)
+
+
 # --- containers ----------------------------------------------------------------------
 
 

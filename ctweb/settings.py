@@ -196,6 +196,16 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(os.environ.get("CTWEB_REFRESH_INTERVAL", 30)),
         "options": {"expires": 25},
     },
+    "retry-waiting-operations": {
+        "task": "containers.tasks.retry_waiting_operations",
+        "schedule": 10.0,
+        "options": {"expires": 9},
+    },
+    "reprobe-offline-hosts": {
+        "task": "containers.tasks.reprobe_offline_hosts",
+        "schedule": float(os.environ.get("CTWEB_REPROBE_TICK", 10)),
+        "options": {"expires": 9},
+    },
     "find-lost-operations": {
         "task": "containers.tasks.find_lost_operations",
         "schedule": 60.0,

@@ -34,6 +34,7 @@ api = [
     path("operations/", container_api.OperationList.as_view()),
     path("operations/<id:op_id>/", container_api.OperationDetail.as_view()),
     path("operations/<id:op_id>/cancel", container_api.OperationCancel.as_view()),
+    path("operations/<id:op_id>/decide", container_api.OperationDecide.as_view()),
     path("operations/<id:op_id>/bundle", container_api.OperationBundle.as_view()),
 ]
 
@@ -68,6 +69,7 @@ urlpatterns = [
     path("operations/", container_views.operation_list, name="operation-list"),
     path("operations/<id:op_id>/", container_views.operation_detail, name="operation-detail"),
     path("operations/<id:op_id>/cancel", container_views.operation_cancel, name="operation-cancel"),
+    path("operations/<id:op_id>/decide", container_views.operation_decide, name="operation-decide"),
     path("users/", views.user_list, name="user-list"),
     path("audit/", views.audit_log, name="audit-log"),
     path("settings/", views.fleet_settings, name="fleet-settings"),

@@ -1,5 +1,6 @@
 """Host operation handlers: the probe."""
 
+from django.db import transaction
 from django.utils import timezone
 
 from containers.events import publish_fleet
@@ -50,3 +51,44 @@ def probe(ctx: OperationContext) -> dict:
     caps = result.data
     set_host_status(host, Host.Status.ONLINE, "", capabilities=caps, last_probe_at=timezone.now())
     return {"capabilities": caps}
+
+
+REPROBE_FIRST_S = 15  # an offline host is probed again after this, doubling up to REPROBE_MAX_S
+REPROBE_MAX_S = 300
+
+
+def reprobe_delay(failures: int) -> int:
+    """Seconds between the automatic probe that failed `failures` times in a row and the next."""
+    return int(min(REPROBE_MAX_S, REPROBE_FIRST_S * 2 ** max(0, failures - 1)))
+
+
+def reprobe_offline_hosts(now=None) -> list[str]:
+    """Scheduled: probe again, with backoff, every trusted host marked offline (a network
+    failure), so that it comes back online by itself when it answers. Each try is an
+    ordinary probe operation (params.auto), visible in the operation list."""
+    from datetime import timedelta
+
+    from containers.models import Operation
+    from containers.runner import enqueue
+
+    now = now or timezone.now()
+    started = []
+    for host in Host.objects.filter(status=Host.Status.OFFLINE).exclude(key_data=""):
+        probes = host.operations.filter(kind=Operation.Kind.PROBE)
+        if probes.filter(status__in=Operation.ACTIVE).exists():
+            continue
+        failures, last = 0, None
+        for op in probes.order_by("-created_at", "-id")[:20]:
+            if not op.params.get("auto") or op.status != Operation.Status.FAILURE:
+                break
+            failures += 1
+            last = last or (op.finished_at or op.created_at)
+        if last is not None and now < last + timedelta(seconds=reprobe_delay(failures)):
+            continue
+        with transaction.atomic():
+            op = Operation.objects.create(
+                kind=Operation.Kind.PROBE, host=host, phase="queued", params={"auto": True, "attempt": failures + 1}
+            )
+            enqueue(op)
+        started.append(host.name)
+    return started

@@ -74,6 +74,7 @@ PAGES = {
     "operations/": {"get": ("viewer", None, 200)},
     "operations/<id:op_id>/": {"get": ("viewer", None, 200)},
     "operations/<id:op_id>/cancel": {"post": ("operator", {}, 302)},
+    "operations/<id:op_id>/decide": {"post": ("admin", {"action": "keep-waiting"}, 302)},
     "users/": {"get": ("admin", None, 200)},
     "audit/": {"get": ("admin", None, 200)},
     "settings/": {
@@ -127,6 +128,7 @@ API = {
     "api/v1/operations/": {"get": ("viewer", None, 200)},
     "api/v1/operations/<id:op_id>/": {"get": ("viewer", None, 200)},
     "api/v1/operations/<id:op_id>/cancel": {"post": ("operator", None, 202)},
+    "api/v1/operations/<id:op_id>/decide": {"post": ("admin", {"action": "keep-waiting"}, 409)},
     "api/v1/operations/<id:op_id>/bundle": {"get": ("viewer", None, 200)},
 }
 

@@ -184,3 +184,117 @@ def test_the_job_touches_its_row_while_it_runs(transactional_db, kinds, monkeypa
     op = _op()
     assert runner.run_operation(op.pk) == "success"
     assert seen[0] is not None and seen[1] > seen[0]
+
+
+def test_the_heartbeat_beats_on_through_database_errors(transactional_db, kinds, monkeypatch):
+    """The heartbeat's first writes hit a dead database connection (the driver's own
+    connection is closed under it, so the driver raises its real error); it keeps beating."""
+    import threading
+    import time
+
+    from django.db.backends.signals import connection_created
+
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.05)
+    broken = {"left": 3, "last": None}
+
+    def breaker(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith("UPDATE") and broken["left"] > 0:
+            broken["left"] -= 1
+            context["connection"].connection.close()  # the server went away under this connection
+            broken["last"] = time.monotonic()
+        return execute(sql, params, many, context)
+
+    def install(sender, connection, **kwargs):
+        if threading.current_thread().name.startswith("heartbeat-") and breaker not in connection.execute_wrappers:
+            connection.execute_wrappers.append(breaker)
+
+    connection_created.connect(install)
+    seen = {}
+
+    @handler("sync")
+    def slow(ctx):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (broken["left"] or time.monotonic() - broken["last"] < 0.5):
+            time.sleep(0.05)
+        seen["hb"] = Operation.objects.get(pk=ctx.op.pk).heartbeat_at
+        return {}
+
+    try:
+        op = _op()
+        assert runner.run_operation(op.pk, "w@me") == "success"
+    finally:
+        connection_created.disconnect(install)
+    assert broken["left"] == 0  # the faults were injected
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    # Beats after the last fault: written within the last half second of the job.
+    assert seen["hb"] is not None and seen["hb"] > timezone.now() - timedelta(seconds=2)
+    op.refresh_from_db()
+    assert seen["hb"] > op.started_at
+
+
+def test_the_detector_never_takes_a_row_its_own_live_thread_runs(transactional_db, kinds, monkeypatch):
+    """Even when the row looks silent (its heartbeat is old), the node whose thread runs it
+    does not take it over."""
+    import threading
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 3600)  # no beat during the test
+    started, release = threading.Event(), threading.Event()
+
+    @handler("sync")
+    def blocked(ctx):
+        started.set()
+        release.wait(10)
+        return {}
+
+    op = _op()
+
+    def run():
+        from django.db import connection
+
+        try:
+            runner.run_operation(op.pk, "w@me")
+        finally:
+            connection.close()  # this test's own thread: PostgreSQL's test database is dropped after
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert started.wait(10)
+        old = timezone.now() - timedelta(seconds=runner.LOST_AFTER_S * 3)
+        Operation.objects.filter(pk=op.pk).update(heartbeat_at=old)
+        assert runner.mark_lost_operations("w@me", alive=lambda node: False) == 0
+        assert runner.mark_lost_operations("w@other", alive=lambda node: node == "w@me") == 0
+        assert Operation.objects.get(pk=op.pk).status == "running"
+    finally:
+        release.set()
+        t.join(10)
+    assert Operation.objects.get(pk=op.pk).status == "success"
+
+
+def test_the_scheduled_detector_writes_its_own_name_and_takes_a_row_once(transactional_db, monkeypatch):
+    """No sentinel in `worker` (PostgreSQL refuses a NUL; a sentinel matched again every
+    minute): the scheduled detector takes a lost row under its real node name, once."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from containers import tasks
+
+    queued = []
+    monkeypatch.setattr(tasks.recover_operation_task, "delay", queued.append)
+    monkeypatch.setattr(tasks.app.control, "ping", lambda **kw: [])  # no other node answers
+    old = timezone.now() - timedelta(seconds=runner.LOST_AFTER_S * 3)
+    lost = Operation.objects.create(kind="migrate", status="running", worker="w@old", heartbeat_at=old)
+    tasks.find_lost_operations.apply()
+    lost.refresh_from_db()
+    assert queued == [lost.pk]
+    assert (lost.status, lost.phase) == ("running", "recovery")
+    assert lost.worker and "\0" not in lost.worker and lost.worker != "w@old"
+    tasks.find_lost_operations.apply()  # a minute later: its recovery holds it
+    assert queued == [lost.pk]
