@@ -3,16 +3,18 @@
 The worker relays every byte between its two SSH connections (no host trusts another;
 everything is encrypted), unless an admin allowed direct transfer on a network holding
 both hosts' addresses (ctweb/fleet.py): then the tars go from host to host over plain TCP
-with a one-time token, unencrypted, and post-copy pages still go through the SSH tunnel.
+with a one-time token, unencrypted, and post-copy pages still go through the dashboard over SSH.
 The result's `transport` and `transfer` say which path was taken. Strategies:
 - stop-and-copy: sync the rootfs while the container runs, dump and stop it, send the
   images and the rootfs delta, restore on the target;
 - restart: the same without memory (stop, copy, start cold), for what CRIU cannot dump,
   and the only way to move a stopped container;
 - post-copy: dump without the memory pages (CRIU lazy pages), restore on the target at
-  once, and let the target pull the pages from the source's page server -- which listens
-  on the source's loopback only and reaches the target through a port forwarded over the
-  worker's two SSH connections; the source is cleaned up only once every page arrived;
+  once, and let the target pull the pages from the source's page server -- through a page
+  relay on each host (CRIU holds a socketpair to it, no port) and the dashboard pumping
+  between the relays over SSH; a broken link or a lost worker only pauses the pull (see
+  docs/RELIABILITY.md, "Post-copy: where the state lives"); the source is cleaned up only
+  once every page arrived;
 - pre-copy is refused with the reason until it is shipped here.
 
 A container is never lost and never runs on two hosts: the source is stopped before the
@@ -201,7 +203,7 @@ class _Transfer:
     def announce(self) -> str:
         if self.route:
             return f"transfer: directly host to host over TCP, unencrypted ({self.why}); " + (
-                "memory pages stay tunnelled over SSH" if self.strategy == "post-copy" else "memory included"
+                "memory pages stay relayed over SSH" if self.strategy == "post-copy" else "memory included"
             )
         return f"transfer: relayed through the dashboard over SSH, encrypted ({self.why})"
 
@@ -409,7 +411,9 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
 def stall_limit_s() -> float:
     """How long a page pull may go without any progress before it is given up (and left
     for an admin: nothing is removed). No limit on the pull's total time."""
-    return float(getattr(settings, "POSTCOPY_STALL_LIMIT_S", 600))
+    from ctweb.models import FleetSettings
+
+    return float(FleetSettings.load().postcopy_stall_limit_s)
 
 
 class _Dead:

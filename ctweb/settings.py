@@ -230,8 +230,6 @@ SSH_KEY_PATH = Path(os.environ.get("CTWEB_SSH_KEY", VAR_DIR / "ssh" / "id_ed2551
 SSH_CONNECT_TIMEOUT_S = float(os.environ.get("CTWEB_SSH_TIMEOUT", 10))
 # A host link that carries nothing (not even a keepalive's answer) this long is dead.
 SSH_DEAD_AFTER_S = float(os.environ.get("CTWEB_SSH_DEAD_AFTER", 30))
-# A post-copy's page pull is given up (for an admin to decide) after this long without progress.
-POSTCOPY_STALL_LIMIT_S = float(os.environ.get("CTWEB_POSTCOPY_STALL_S", 600))
 
 LOGGING = {
     "version": 1,
