@@ -798,9 +798,9 @@ def _shutdown(channel: paramiko.Channel) -> None:
 class PagePump:
     """Carry a post-copy's pages between the two hosts' page relays, for as long as it takes.
 
-    Each round opens its own SSH connections, starts `pages-attach` on both hosts and
-    pumps bytes both ways; when either link or either end breaks, the round ends and a new
-    one starts after a short backoff. The relays' protocol (offsets, acks, a hello on each
+    Each round starts `pages-attach` on both hosts (over SSH connections of its own, made
+    again when one breaks) and pumps bytes both ways; when either link or either end
+    breaks, the round ends and a new one starts after a short backoff. The relays' protocol (offsets, acks, a hello on each
     attach) makes the rounds one stream: no CRIU process sees its connection close. Bytes
     and rounds are counted so the caller can judge progress."""
 
@@ -835,14 +835,21 @@ class PagePump:
     def _run(self) -> None:
         from django.db import connection
 
-        delay = 0.5
+        delay = 0.1
+        started = time.monotonic()
+        conns: list[HostConnection | None] = [None, None]
         try:
             while not self._stop.is_set():
-                conns: list[HostConnection] = []
                 before = self.bytes_down + self.bytes_up
                 try:
-                    for host in (self.source, self.target):
-                        conns.append(_open(host))
+                    for i, host in enumerate((self.source, self.target)):
+                        c = conns[i]
+                        t = c.client.get_transport() if c is not None else None
+                        if t is None or not t.is_active():  # a broken link: connect again
+                            if c is not None:
+                                c.close()
+                            conns[i] = None
+                            conns[i] = _open(host)
                     a = conns[0].open_stream("pages-attach", self.params)
                     b = conns[1].open_stream("pages-attach", self.params)
                     self._channels = [a, b]
@@ -865,12 +872,16 @@ class PagePump:
                         except Exception:  # noqa: BLE001
                             pass
                     self._channels = []
-                    for c in conns:
-                        c.close()
                 moved = self.bytes_down + self.bytes_up > before
-                delay = 0.5 if moved else min(delay * 1.5, 3.0)
+                if moved or time.monotonic() - started < 60:
+                    delay = 0.1  # e.g. the target's relay starts with the restore, just after us
+                else:
+                    delay = min(delay * 1.5, 3.0)
                 self._stop.wait(delay)
         finally:
+            for c in conns:
+                if c is not None:
+                    c.close()
             connection.close()
 
     def _copy(self, src: paramiko.Channel, dst: paramiko.Channel, counter: str) -> None:
