@@ -219,6 +219,37 @@ def bench_memory(stack: Stack, sizes=(16, 128, 512), repeat: int = 3) -> dict:
     return out
 
 
+PAGES = "post-copy page pull rate (debian, python holding 256 MiB)"
+
+
+def bench_pages(stack: Stack, mib: int = 256, repeat: int = 3) -> dict:
+    """How fast a post-copy's pages reach the target: the bytes the page path carried over
+    the time from the restore to the last page (result.page_bytes / result.pages_ms)."""
+    api = Api(stack, stack.tokens["bob"])
+    name = f"pages{mib}"
+    cmd = ["python3", "-c", MEMORY_WORKLOAD.format(mib=mib)]
+    op_ms(api, "POST", "/api/v1/containers/", {"name": name, "host": "lab-a", "template": "debian", "command": cmd})
+    time.sleep(2 + mib / 128)
+    rows: dict[str, list[float]] = {}
+    host = "lab-a"
+    try:
+        for _ in range(repeat):
+            target = "lab-b" if host == "lab-a" else "lab-a"
+            _, _, op = op_ms(
+                api, "POST", f"/api/v1/containers/{name}/migrate", {"target_host": target, "strategy": "post-copy"}
+            )
+            assert op["status"] == "success", op["error"]
+            host = target
+            res = op["result"]
+            rows.setdefault("page bytes pulled, MiB", []).append(res["page_bytes"] / 2**20)
+            rows.setdefault("page pull time, ms", []).append(res["pages_ms"])
+            rows.setdefault("page pull rate, MiB/s", []).append(res["page_bytes"] / 2**20 / (res["pages_ms"] / 1000))
+            rows.setdefault("downtime, ms", []).append(res["downtime_ms"])
+    finally:
+        op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
+    return {k: summary(v) for k, v in rows.items()}
+
+
 DIRECT = "stop-and-copy relayed over SSH vs direct TCP (debian, python holding 512 MiB)"
 
 
@@ -412,7 +443,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
-        "--only", help="run only this part: fleet (no lab), concurrency, memory, byhand or direct (with the lab)"
+        "--only",
+        help="run only this part: fleet (no lab), concurrency, memory, byhand, direct or pages (with the lab)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -441,6 +473,7 @@ def main() -> int:
                 "memory": ("downtime against memory size (debian, python writing ~1 MiB/s)", bench_memory),
                 "byhand": (BY_HAND, lambda st: by_hand_section(st, args.repeat)),
                 "direct": (DIRECT, bench_direct),
+                "pages": (PAGES, bench_pages),
             }[args.only]
             results[part[0]] = part[1](stack)
         elif not args.no_lab:

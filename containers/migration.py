@@ -3,16 +3,18 @@
 The worker relays every byte between its two SSH connections (no host trusts another;
 everything is encrypted), unless an admin allowed direct transfer on a network holding
 both hosts' addresses (ctweb/fleet.py): then the tars go from host to host over plain TCP
-with a one-time token, unencrypted, and post-copy pages still go through the SSH tunnel.
+with a one-time token, unencrypted, and post-copy pages still go through the dashboard over SSH.
 The result's `transport` and `transfer` say which path was taken. Strategies:
 - stop-and-copy: sync the rootfs while the container runs, dump and stop it, send the
   images and the rootfs delta, restore on the target;
 - restart: the same without memory (stop, copy, start cold), for what CRIU cannot dump,
   and the only way to move a stopped container;
 - post-copy: dump without the memory pages (CRIU lazy pages), restore on the target at
-  once, and let the target pull the pages from the source's page server -- which listens
-  on the source's loopback only and reaches the target through a port forwarded over the
-  worker's two SSH connections; the source is cleaned up only once every page arrived;
+  once, and let the target pull the pages from the source's page server -- through a page
+  relay on each host (CRIU holds a socketpair to it, no port) and the dashboard pumping
+  between the relays over SSH; a broken link or a lost worker only pauses the pull (see
+  docs/RELIABILITY.md, "Post-copy: where the state lives"); the source is cleaned up only
+  once every page arrived;
 - pre-copy is refused with the reason until it is shipped here.
 
 A container is never lost and never runs on two hosts: the source is stopped before the
@@ -76,6 +78,10 @@ def strategy_support(container: Container, source: Host, target: Host) -> dict[s
         out["post-copy"] = live
     elif not (sc.get("uffd") and tc.get("uffd")):
         out["post-copy"] = "Lazy pages need userfaultfd (uffd and uffd-noncoop) on both hosts."
+    elif not (sc.get("page_relay") and tc.get("page_relay")):
+        # Without the resumable page relay a broken link could lose the memory: never then.
+        bad = source if not sc.get("page_relay") else target
+        out["post-copy"] = f"{bad.name}'s agent has no resumable page relay (probe it again to update it)."
     else:
         out["post-copy"] = None
     if live:
@@ -153,7 +159,7 @@ class _Transfer:
     def describe(self) -> dict:
         """What `result.transfer` says: the path of the images and of the memory pages."""
         r = self.route
-        pages = {"stop-and-copy": "in-images", "post-copy": "ssh-tunnel"}.get(self.strategy, "none")
+        pages = {"stop-and-copy": "in-images", "post-copy": "ssh-relay"}.get(self.strategy, "none")
         return {
             "images": "direct-tcp" if r else "ssh-relay",
             "images_encrypted": not r,
@@ -161,7 +167,7 @@ class _Transfer:
             "source_address": r["source_address"] if r else None,
             "target_address": r["target_address"] if r else None,
             "pages": pages,
-            "pages_encrypted": {"in-images": not r, "ssh-tunnel": True}.get(pages),
+            "pages_encrypted": {"in-images": not r, "ssh-relay": True}.get(pages),
             # Memory that travelled inside the images (all of it for stop-and-copy; for
             # post-copy the few pages CRIU cannot serve lazily): as encrypted as the images.
             "memory_in_images_bytes": self.memory_in_images,
@@ -186,8 +192,8 @@ class _Transfer:
                     "images, unencrypted)"
                 )
             return (
-                f"images {images}{held}; memory pulled by the target from the source's loopback-only "
-                "CRIU page server tunnelled over SSH (encrypted)"
+                f"images {images}{held}; memory pulled by the target from the source's CRIU page server "
+                "through both hosts' resumable page relays, relayed by the dashboard over SSH (encrypted)"
             )
         if r:
             memory = "; the memory images crossed it unencrypted" if self.strategy == "stop-and-copy" else ""
@@ -197,7 +203,7 @@ class _Transfer:
     def announce(self) -> str:
         if self.route:
             return f"transfer: directly host to host over TCP, unencrypted ({self.why}); " + (
-                "memory pages stay tunnelled over SSH" if self.strategy == "post-copy" else "memory included"
+                "memory pages stay relayed over SSH" if self.strategy == "post-copy" else "memory included"
             )
         return f"transfer: relayed through the dashboard over SSH, encrypted ({self.why})"
 
@@ -315,18 +321,14 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
             _agent(src, ctx, "stop", {"name": container.name}, 55, 10)
         committed = True  # the source is stopped: a failure now resumes it
         if lazy:
-            # The page server listens on the source's loopback only: the target reaches it
-            # through a port its sshd forwards to us, and we to the source over SSH.
-            try:
-                tunnel = hosts.enter_context(ssh.PortTunnel(dst, src, int(dumped["port"])))
-            except ssh.SSHError as e:
-                raise OperationFailed(str(e)) from e
-            ctx.event(
-                "dump",
-                f"page server 127.0.0.1:{dumped['port']} on {source.name} tunnelled to 127.0.0.1:{tunnel.port} "
-                f"on {target.name} over SSH",
-                65,
-            )
+            # CRIU's page server talks to the source's page relay over a socketpair (no
+            # port); this pump carries the relays' stream between the hosts, re-attaching
+            # after any broken link, so neither CRIU process ever sees its connection close.
+            if not dumped.get("relay"):
+                raise OperationFailed(f"{source.name}'s agent did not start a page relay.")
+            tunnel = ssh.PagePump(source, target, base).start()
+            hosts.callback(tunnel.stop)
+            ctx.event("dump", f"the page server on {source.name} serves through its page relay (no port)", 65)
         clock.lap("dump")
         ctx.check_cancel()
 
@@ -341,10 +343,8 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         restored = {}
         if live:
             ctx.event("restore", f"restoring {container.name} on {target.name}", 84)
-            params = {**base, "lazy": True, "port": tunnel.port} if lazy else base
+            params = {**base, "lazy": True} if lazy else base
             restored = _agent(dst, ctx, "migrate-restore", params, 84, 8)
-            if lazy:
-                tunnel.release()  # it runs there: the page server may finish when all is pulled
         elif was_running:
             ctx.event("restore", f"starting {container.name} on {target.name}", 84)
             _agent(dst, ctx, "start", {"name": container.name}, 84, 8)
@@ -356,9 +356,8 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
             failure = OperationFailed("")
         else:
             failure = e if isinstance(e, OperationFailed) else OperationFailed(f"The migration stopped: {e!r}.")
-        # A post-copy's tunnel stays held here: the source's page server must not see its
-        # client go (CRIU would take that for "all served" and kill the frozen source tasks)
-        # before migrate-resume has interrupted the dump, which rolls it back.
+        # A post-copy's relays hold both CRIU ends whatever the pump does: migrate-abort
+        # removes the target's, migrate-resume interrupts the dump (CRIU rolls it back).
         _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
         if cancelled:
             raise Cancelled(failure.message.strip() or f"{container.name} stayed on {source.name}.") from e
@@ -372,20 +371,10 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         # It runs on the target now: the record follows it, whatever happens to the pages.
         _move_record(ctx, container, target, was_running)
         ctx.event("pages", f"{container.name} runs on {target.name}; pulling its memory from {source.name}", 90)
-        try:
-            pulled = _agent(dst, ctx, "migrate-lazy-wait", {**base, "role": "target"}, 90, 3)
-            served = _agent(src, ctx, "migrate-lazy-wait", {**base, "role": "source", "timeout": 120}, 93, 1)
-        except OperationFailed as e:
-            e.message = (
-                f"{container.name} was restored on {target.name}, but moving its memory pages failed: {e.message} "
-                f"Its processes may fault on missing memory. The source's dump is kept on {source.name} "
-                f"(/var/lib/ctweb/migrations/{ctx.op.pk}) for an admin to decide; nothing was cleaned up."
-            )
-            if tunnel is not None and tunnel.errors:
-                e.details = (e.details or "") + "\n--- tunnel ---\n" + "\n".join(tunnel.errors[-10:])
-            raise
-        tunnel.close()
-        stats = served.get("stats") or stats
+        pulled, stats, src2, dst2 = pull_pages(ctx, src, dst, container, base, tunnel, stats)
+        for conn in {src2, dst2} - {src, dst}:  # made again after a broken link
+            hosts.callback(conn.close)
+        src, dst = src2, dst2
         clock.lap("pages")
 
     # 6. The target runs it: the source copy can go, and the records follow the container.
@@ -419,8 +408,178 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
     if lazy:
         result["pages_ms"] = pulled.get("ms")
         result["page_bytes"] = tunnel.bytes_down
+        result["page_relay"] = {"rounds": tunnel.rounds, "bytes_up": tunnel.bytes_up, "relay": pulled.get("relay")}
         result["bytes_transferred"] += tunnel.bytes_down + tunnel.bytes_up
     return result
+
+
+def stall_limit_s() -> float:
+    """How long a page pull may go without any progress before it is given up (and left
+    for an admin: nothing is removed). No limit on the pull's total time."""
+    from ctweb.models import FleetSettings
+
+    return float(FleetSettings.load().postcopy_stall_limit_s)
+
+
+class _Dead:
+    """A host that could not be reached again after the pull: its calls fail with a sentence."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def run_agent(self, *a, **kw):
+        raise ssh.SSHError(f"{self.host.name} cannot be reached.")
+
+    def close(self) -> None:
+        pass
+
+
+class _Link:
+    """One host's SSH connection for the page pull's agent calls, made again when it breaks."""
+
+    def __init__(self, conn):
+        self.host, self.conn = conn.host, conn
+
+    def live(self):
+        """A working connection for what follows the pull (the first one may have broken)."""
+        if self.conn is None:
+            try:
+                self.conn = ssh._open(self.host)
+            except ssh.SSHError:
+                return _Dead(self.host)
+        return self.conn
+
+    def call(self, ctx, sub: str, params: dict) -> dict:
+        if self.conn is None:
+            self.conn = ssh._open(self.host)
+        try:
+            return self.conn.run_agent(sub, params, timeout=max(120, params.get("wait_s", 0) + 60)).data
+        except Exception as e:  # noqa: BLE001 (whatever paramiko raises when a link breaks mid-call)
+            transport = self.conn.client.get_transport()
+            alive = transport is not None and transport.is_active()
+            if isinstance(e, ssh.AgentFailed) and alive and not str(e).startswith("The connection to"):
+                raise  # the agent's own word
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001 (gone already)
+                pass
+            self.conn = None
+            if isinstance(e, ssh.SSHError):
+                raise ssh.SSHError(str(e)) from e
+            raise ssh.SSHError(f"the link to {self.host.name} broke ({e!r})") from e
+
+
+def pull_pages(ctx, src, dst, container, base, pump: ssh.PagePump, stats: dict) -> tuple[dict, dict]:
+    """Wait, with no limit of time, until the target holds every page (its lazy-pages daemon
+    ended with success) and the source's page server has finished. Broken links are
+    waited through (the pump re-attaches, the calls reconnect); only a stretch of
+    stall_limit_s() without any progress gives up, keeping both copies for an admin."""
+    source, target = src.host, dst.host
+    links = {"target": _Link(dst), "source": _Link(src)}
+    limit = stall_limit_s()
+    t0 = last = time.monotonic()
+    seen = None
+    told = 0.0
+    out: dict = {}
+    for role in ("target", "source"):
+        while True:
+            relay = {}
+            try:
+                r = links[role].call(ctx, "migrate-lazy-wait", {**base, "role": role, "wait_s": 5})
+                relay = r.get("relay") or {}
+                if r.get("done"):
+                    if role == "target":
+                        out = {**r, "ms": round((time.monotonic() - t0) * 1000, 1)}
+                    else:
+                        stats = r.get("stats") or stats
+                    break
+            except ssh.AgentFailed as e:
+                if role == "target" and "ended" in (e.data or {}):
+                    _target_lost(ctx, src, dst, container, base, f"{target.name}: {e}", e.details)
+                raise OperationFailed(
+                    f"{container.name}'s memory pull stopped: {links[role].host.name}: {e}", e.details
+                ) from e
+            except ssh.SSHError as e:
+                ctx.event("pages", f"{links[role].host.name} cannot be reached ({e}); waiting for it", None)
+                time.sleep(2)
+            progress = (relay.get("from_peer"), relay.get("from_criu"))
+            now = time.monotonic()
+            if relay and progress != seen:
+                seen, last = progress, now
+            last = max(last, pump.last_progress)  # bytes the pump moved count too
+            if now - last > limit:
+                pump.stop()
+                raise OperationFailed(
+                    f"{container.name}'s memory pull made no progress for {limit / 60:.0f} min, so it was given up: "
+                    f"{container.name} stays frozen on {source.name} with all its pages, and the partial copy on "
+                    f"{target.name} is kept; nothing was removed. An admin chooses: resume it on {source.name} "
+                    f"(what ran on {target.name} since is lost), or keep waiting.",
+                    "\n".join(pump.errors[-20:]),
+                    {"postcopy_decision": ["resume-on-source", "keep-waiting"]},
+                )
+            if now - told >= 2:
+                told = now
+                ctx.event(
+                    "pages",
+                    f"{'pulling' if role == 'target' else 'finishing'}: {pump.bytes_down / 1048576:.1f} MiB of pages "
+                    f"so far, {pump.rounds} link round(s)",
+                    90 if role == "target" else 93,
+                    bytes=pump.bytes_down,
+                )
+    return out, stats, links["source"].live(), links["target"].live()
+
+
+def finish_lost_pull(ctx, src, dst, container, base) -> str:
+    """Recovery of a post-copy whose worker was lost during the page pull: the pull goes on
+    (the relays held both CRIU ends meanwhile), then the source copy is removed."""
+    source, target = src.host, dst.host
+    _move_record(ctx, container, target, True)
+    pump = ssh.PagePump(source, target, base).start()
+    try:
+        _, _, src2, dst2 = pull_pages(ctx, src, dst, container, base, pump, {})
+    finally:
+        pump.stop()
+    src, dst = src2, dst2
+    _agent(src, ctx, "migrate-cleanup", {**base, "remove": True}, 94, 5)
+    _agent(dst, ctx, "migrate-cleanup", {**base, "remove": False}, 99, 1)
+    return (
+        f"{container.name} runs on {target.name}: its memory pull went on after the worker was lost and every "
+        f"page arrived; the copy on {source.name} was removed."
+    )
+
+
+def _target_lost(ctx, src, dst, container, base, why: str, details: str = "") -> None:
+    """The target's lazy-pages daemon died: its restored processes cannot get their
+    missing pages, so that copy is dead. The source still holds every page (the relay
+    never ended its page server): put the container back there, then raise."""
+    failure = OperationFailed(f"{container.name}'s memory could not reach {ctx.op.target_host.name} ({why}).", details)
+    lazy_resume_on_source(ctx, src, dst, container, base, failure)
+    raise failure
+
+
+def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFailed) -> None:
+    """An admin decision (or a dead target copy): the target's copy is removed and the
+    source's frozen tasks run on from the state of the dump (the lazy dump is interrupted,
+    so CRIU rolls it back). If the target cannot be confirmed clean the source is not
+    resumed (two copies must never run): the sentence says so."""
+    source = src.host
+    Container.objects.filter(pk=container.pk).update(host=source)
+    container.refresh_from_db()
+    _recover(ctx, src, dst, container, base, True, True, True, failure)
+
+
+def lazy_keep_waiting(ctx, container, base) -> tuple[dict, dict]:
+    """An admin decision after a pull was given up: attach again and go on pulling."""
+    op = ctx.op
+    with ExitStack() as hosts:
+        src = hosts.enter_context(ssh.connect(op.host))
+        dst = hosts.enter_context(ssh.connect(op.target_host))
+        pump = ssh.PagePump(op.host, op.target_host, base).start()
+        hosts.callback(pump.stop)
+        out, stats, src2, dst2 = pull_pages(ctx, src, dst, container, base, pump, {})
+        for conn in {src2, dst2} - {src, dst}:
+            hosts.callback(conn.close)
+        return out, stats
 
 
 def _move_record(ctx, container, target, was_running) -> None:

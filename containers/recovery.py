@@ -78,12 +78,9 @@ def recover_migration(ctx: OperationContext) -> str:
         if t and t["exists"] and t["state"] == "RUNNING" and t["migration"]["received"]:
             # The target had restored it: roll forward.
             if lazy and (s["migration"]["lazy_dump_running"] or t["migration"]["lazy_pages_running"]):
-                _move_record(ctx, container, target, True)
-                return (
-                    f"{container.name} runs on {target.name}, but its memory pages were being pulled through "
-                    f"the lost worker, so its processes may fault on missing memory. The source's dump is kept "
-                    f"on {source.name} (/var/lib/ctweb/migrations/{op.pk}) for an admin to decide."
-                )
+                from .migration import finish_lost_pull  # the page relays held on: continue the pull
+
+                return finish_lost_pull(ctx, src, dst, container, base)
             _move_record(ctx, container, target, was_running)
             _agent(dst, ctx, "migrate-cleanup", {**base, "remove": False}, 70, 10)  # the images it restored from
             removed = False

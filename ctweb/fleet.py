@@ -1,4 +1,5 @@
-"""Fleet settings an admin changes: the networks allowed for direct host-to-host transfer.
+"""Fleet settings an admin changes: the networks allowed for direct host-to-host transfer,
+and how long a post-copy's page pull may go without progress.
 
 By default a migration's bytes go through the dashboard: the worker relays them between
 its two SSH connections, so no host has to reach or trust another and everything is
@@ -27,6 +28,8 @@ from .audit import audit
 from .models import FleetSettings
 
 FIELD = "direct_transfer_networks"
+STALL_FIELD = "postcopy_stall_limit_s"
+STALL_RANGE = (30, 86400)  # half a minute to a day without progress
 MAX_NETWORKS = 32
 PRIVATE_NETWORKS = tuple(
     ipaddress.ip_network(n)
@@ -100,6 +103,45 @@ def save_direct_networks(request, value, text: bool = False) -> FleetSettings:
     return fs
 
 
+def clean_stall_limit(value) -> int:
+    """Seconds a post-copy's page pull may go without progress: an integer in STALL_RANGE."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    lo, hi = STALL_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValidationError(
+            f"{STALL_FIELD} must be a whole number of seconds from {lo} to {hi} (the default is 600, 10 minutes)."
+        )
+    return value
+
+
+def save_stall_limit(request, value) -> FleetSettings:
+    """Validate and store the post-copy no-progress limit (the caller checked the admin role); audited either way."""
+    try:
+        limit = clean_stall_limit(value)
+    except ValidationError as e:
+        audit(
+            request,
+            "settings.update",
+            object_type="settings",
+            object_name=STALL_FIELD,
+            outcome="refused",
+            detail=e.messages[0],
+        )
+        raise
+    with transaction.atomic():
+        fs = FleetSettings.objects.select_for_update().get_or_create(pk=1)[0]
+        before = fs.postcopy_stall_limit_s
+        fs.postcopy_stall_limit_s = limit
+        fs.updated_at = timezone.now()
+        fs.updated_by = request.user.get_username()
+        fs.save()
+    audit(
+        request, "settings.update", object_type="settings", object_name=STALL_FIELD, detail=f"{before} s -> {limit} s"
+    )
+    return fs
+
+
 def direct_route(source, target) -> tuple[dict | None, str]:
     """Whether a migration from `source` to `target` may send its tars directly.
 
@@ -126,6 +168,7 @@ def direct_route(source, target) -> tuple[dict | None, str]:
 def as_dict(fs: FleetSettings) -> dict:
     return {
         FIELD: list(fs.direct_transfer_networks or []),
+        STALL_FIELD: fs.postcopy_stall_limit_s,
         "updated_at": fs.updated_at,
         "updated_by": fs.updated_by,
     }
@@ -137,6 +180,13 @@ class FleetSettingsSerializer(serializers.Serializer):
         max_length=MAX_NETWORKS,
         help_text="Private networks (CIDR) on which hosts may send migrations directly, unencrypted. "
         "Empty: every byte is relayed by the dashboard over SSH.",
+    )
+    postcopy_stall_limit_s = serializers.IntegerField(
+        min_value=STALL_RANGE[0],
+        max_value=STALL_RANGE[1],
+        required=False,
+        help_text="Seconds a post-copy's page pull may go without any progress before it is given up, both copies "
+        "kept for an admin's decision (default 600). There is no limit on the pull's total time.",
     )
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
     updated_by = serializers.CharField(read_only=True)
@@ -154,16 +204,33 @@ class FleetSettingsView(APIView):
     @extend_schema(request=FleetSettingsSerializer, responses=FleetSettingsSerializer)
     def put(self, request):
         data = request.data
-        if not isinstance(data, dict) or FIELD not in data:
+        if not isinstance(data, dict) or (FIELD not in data and STALL_FIELD not in data):
             raise ApiError(f"{FIELD} is required (a list; empty for relay only).", 400, FIELD)
-        try:
-            fs = save_direct_networks(request, data[FIELD])
-        except ValidationError as e:
-            raise ApiError(e.messages[0], 400, FIELD) from e
+        if STALL_FIELD in data:  # checked before anything is saved
+            try:
+                clean_stall_limit(data[STALL_FIELD])
+            except ValidationError as e:
+                audit(
+                    request,
+                    "settings.update",
+                    object_type="settings",
+                    object_name=STALL_FIELD,
+                    outcome="refused",
+                    detail=e.messages[0],
+                )
+                raise ApiError(e.messages[0], 400, STALL_FIELD) from e
+        fs = None
+        if FIELD in data:
+            try:
+                fs = save_direct_networks(request, data[FIELD])
+            except ValidationError as e:
+                raise ApiError(e.messages[0], 400, FIELD) from e
+        if STALL_FIELD in data:
+            fs = save_stall_limit(request, data[STALL_FIELD])
         return Response(as_dict(fs))
 
     @extend_schema(request=FleetSettingsSerializer, responses=FleetSettingsSerializer)
     def patch(self, request):
-        if isinstance(request.data, dict) and FIELD not in request.data:
+        if isinstance(request.data, dict) and FIELD not in request.data and STALL_FIELD not in request.data:
             return Response(as_dict(FleetSettings.load()))
         return self.put(request)

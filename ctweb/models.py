@@ -82,6 +82,9 @@ class FleetSettings(models.Model):
     # Networks (CIDR strings) on which two hosts may send a migration's tars straight to
     # each other over plain TCP, unencrypted, instead of through the dashboard over SSH.
     direct_transfer_networks = models.JSONField(default=list, blank=True)
+    # A post-copy's page pull is given up (both copies kept, for an admin) after this many
+    # seconds without any progress; there is no limit on its total time.
+    postcopy_stall_limit_s = models.PositiveIntegerField(default=600)
     updated_at = models.DateTimeField(null=True, blank=True)
     updated_by = models.CharField(max_length=150, blank=True)
 

@@ -16,7 +16,7 @@ from hosts.views import hosts_with_counts
 
 from .audit import audit
 from .decorators import role_required
-from .fleet import save_direct_networks
+from .fleet import save_direct_networks, save_stall_limit
 from .middleware import error_response
 from .models import ApiToken, FleetSettings
 from .roles import ROLES, has_role, role_of, set_role
@@ -204,6 +204,23 @@ def fleet_settings(request):
     if request.method == "POST":
         if not has_role(request.user, "admin"):
             raise PermissionDenied("Changing the fleet settings needs the admin role.")
+        if "postcopy_stall_limit_s" in request.POST:  # its own form on the page
+            try:
+                fs = save_stall_limit(request, request.POST.get("postcopy_stall_limit_s", ""))
+            except ValidationError as e:
+                messages.error(request, e.messages[0])
+                fs = FleetSettings.load()
+                return render(
+                    request,
+                    "settings.html",
+                    {"fs": fs, "typed": "\n".join(fs.direct_transfer_networks or [])},
+                    status=400,
+                )
+            messages.success(
+                request,
+                f"A post-copy's page pull is now given up after {fs.postcopy_stall_limit_s} s without progress.",
+            )
+            return redirect("fleet-settings")
         typed = request.POST.get("direct_transfer_networks", "")
         try:
             fs = save_direct_networks(request, typed, text=True)

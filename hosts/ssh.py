@@ -184,6 +184,8 @@ class HostConnection:
             # Both parts are ours: a fixed directory with a hex digest, and a whitelisted word.
             command = f"python3 {path} {subcommand}"
             transport = self.client.get_transport()
+            if transport is None:  # closed already (a broken link the caller gave up on)
+                raise EOFError("connection closed")
             channel = transport.open_session()
             channel.exec_command(command)
             channel.sendall(json.dumps(params or {}).encode() + b"\n")
@@ -791,3 +793,128 @@ def _shutdown(channel: paramiko.Channel) -> None:
         channel.shutdown_write()
     except Exception:  # noqa: BLE001 (gone already)
         pass
+
+
+class PagePump:
+    """Carry a post-copy's pages between the two hosts' page relays, for as long as it takes.
+
+    Each round starts `pages-attach` on both hosts (over SSH connections of its own, made
+    again when one breaks) and pumps bytes both ways; when either link or either end
+    breaks, the round ends and a new one starts after a short backoff. The relays' protocol (offsets, acks, a hello on each
+    attach) makes the rounds one stream: no CRIU process sees its connection close. Bytes
+    and rounds are counted so the caller can judge progress."""
+
+    def __init__(self, source, target, params: dict):
+        self.source, self.target, self.params = source, target, params
+        self.bytes_down = 0  # source -> target (pages)
+        self.bytes_up = 0  # target -> source (requests)
+        self.rounds = 0
+        self.errors: list[str] = []
+        self.last_progress = time.monotonic()
+        self._stop = threading.Event()
+        self._channels: list[paramiko.Channel] = []
+        self._thread = threading.Thread(target=self._run, daemon=True, name="ctweb-page-pump")
+
+    def start(self) -> PagePump:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for ch in list(self._channels):
+            try:
+                ch.close()
+            except Exception:  # noqa: BLE001 (gone already)
+                pass
+        self._thread.join(15)
+
+    def _note(self, msg: str) -> None:
+        self.errors.append(f"{time.strftime('%H:%M:%S')} {msg}")
+        del self.errors[:-50]
+
+    def _run(self) -> None:
+        from django.db import connection
+
+        delay = 0.1
+        started = time.monotonic()
+        conns: list[HostConnection | None] = [None, None]
+        try:
+            while not self._stop.is_set():
+                before = self.bytes_down + self.bytes_up
+                try:
+                    for i, host in enumerate((self.source, self.target)):
+                        c = conns[i]
+                        t = c.client.get_transport() if c is not None else None
+                        if t is None or not t.is_active():  # a broken link: connect again
+                            if c is not None:
+                                c.close()
+                            conns[i] = None
+                            conns[i] = _open(host)
+                    a = conns[0].open_stream("pages-attach", self.params)
+                    b = conns[1].open_stream("pages-attach", self.params)
+                    self._channels = [a, b]
+                    self.rounds += 1
+                    up = threading.Thread(target=self._copy, args=(b, a, "bytes_up"), daemon=True)
+                    up.start()
+                    self._copy(a, b, "bytes_down")
+                    up.join(10)
+                    for ch in (a, b):
+                        if ch.recv_stderr_ready():
+                            err = ch.recv_stderr(4096).decode(errors="replace").strip()
+                            if err:
+                                self._note(f"{err.splitlines()[0]}")
+                except (SSHError, paramiko.SSHException, OSError, EOFError) as e:
+                    self._note(f"{e or type(e).__name__}")
+                finally:
+                    for ch in self._channels:
+                        try:
+                            ch.close()
+                        except Exception:  # noqa: BLE001
+                            pass
+                    self._channels = []
+                moved = self.bytes_down + self.bytes_up > before
+                if moved or time.monotonic() - started < 60:
+                    delay = 0.1  # e.g. the target's relay starts with the restore, just after us
+                else:
+                    delay = min(delay * 1.5, 3.0)
+                self._stop.wait(delay)
+        finally:
+            for c in conns:
+                if c is not None:
+                    c.close()
+            connection.close()
+
+    def _copy(self, src: paramiko.Channel, dst: paramiko.Channel, counter: str) -> None:
+        src.settimeout(1.0)
+        dst.settimeout(1.0)
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = src.recv(CHUNK)
+                except TimeoutError:
+                    if not (src.get_transport().is_active() and dst.get_transport().is_active()):
+                        break
+                    continue
+                if not data:
+                    break
+                view = memoryview(data)
+                while view and not self._stop.is_set():
+                    try:
+                        n = dst.send(view)
+                    except TimeoutError:
+                        if not dst.get_transport().is_active():
+                            raise EOFError("link lost") from None
+                        continue
+                    if n <= 0:
+                        raise EOFError("channel closed")
+                    view = view[n:]
+                setattr(self, counter, getattr(self, counter) + len(data))
+                self.last_progress = time.monotonic()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            self._note(f"{counter}: {e or type(e).__name__}")
+        finally:
+            for ch in (src, dst):  # the other direction ends too: the round is over
+                try:
+                    ch.close()
+                except Exception:  # noqa: BLE001
+                    pass

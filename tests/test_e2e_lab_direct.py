@@ -116,14 +116,14 @@ def test_stop_and_copy_goes_direct_where_an_admin_allows_it_and_relays_again_whe
     assert on_host(lab, "lab-b", "cmp", "-s", "/var/lib/lxc/straight/rootfs/big", "/dev/null").returncode == 1
     assert "lxc.hook" not in on_host(lab, "lab-b", "cat", "/var/lib/lxc/straight/config").stdout
 
-    # Post-copy on the same network: the (page-less) images go direct, the pages stay in the SSH tunnel.
+    # Post-copy on the same network: the (page-less) images go direct, the pages stay relayed over SSH.
     before = counter(lab, "lab-b", "straight")
     op, _ = migrate(bob, "straight", "lab-a", "post-copy")
     transfer = op["result"]["transfer"]
     assert (transfer["images"], transfer["images_encrypted"]) == ("direct-tcp", False)
-    assert (transfer["pages"], transfer["pages_encrypted"]) == ("ssh-tunnel", True)
-    assert "page server tunnelled over SSH (encrypted)" in op["result"]["transport"]
-    # The pattern's 8 MB came through the tunnel, apart from what CRIU kept in the images
+    assert (transfer["pages"], transfer["pages_encrypted"]) == ("ssh-relay", True)
+    assert "relayed by the dashboard over SSH (encrypted)" in op["result"]["transport"]
+    # The pattern's 8 MB came through the page relays, apart from what CRIU kept in the images
     # (which went direct, unencrypted, and the result says how much).
     held = transfer["memory_in_images_bytes"]
     assert op["result"]["page_bytes"] > 0 and op["result"]["page_bytes"] + held > 4 << 20, (op["result"], held)

@@ -36,7 +36,7 @@ def test_post_copy_migration_there_and_back(bob, lab, lazy):
         result = op["result"]
         assert result["strategy"] == "post-copy" and result["bytes_transferred"] > 0
         assert 0 < result["downtime_ms"] < result["total_ms"]
-        assert "page server tunnelled over SSH" in result["transport"]
+        assert "resumable page relays" in result["transport"]
         assert result["page_bytes"] > 0  # the memory came through the tunnel, not in the images
         assert {"pages"} <= {e["phase"] for e in op["events"]}
         row = bob.get("/api/v1/containers/lazyc/").json()

@@ -119,3 +119,47 @@ def test_a_migration_goes_direct_only_when_both_addresses_are_in_one_allowed_net
     assert "allowed by an admin" in why
     assert direct_route(a, c)[0] is None and "not both inside" in direct_route(a, c)[1]
     assert direct_route(named, a)[0] is None and "is a name" in direct_route(named, a)[1]
+
+
+# --- the post-copy no-progress limit ---------------------------------------------------
+
+
+def test_the_post_copy_stall_limit_defaults_to_ten_minutes_and_the_migration_reads_it(tokens):
+    from containers.migration import stall_limit_s
+
+    assert Client().get(URL, **api(tokens, "carol")).json()["postcopy_stall_limit_s"] == 600
+    assert stall_limit_s() == 600
+    r = put(tokens, "alice", {"postcopy_stall_limit_s": 1800}, "patch")
+    assert r.status_code == 200, r.content
+    assert r.json()["postcopy_stall_limit_s"] == 1800 and r.json()["direct_transfer_networks"] == []
+    assert stall_limit_s() == 1800
+    entry = AuditEntry.objects.get(action="settings.update", object_name="postcopy_stall_limit_s")
+    assert (entry.username, entry.outcome, entry.detail) == ("alice", "ok", "600 s -> 1800 s")
+
+
+@pytest.mark.parametrize("value", [29, 86401, -1, 0, "ten", True, None, 60.5, [600]])
+def test_a_bad_stall_limit_is_refused_with_a_sentence_and_audited(tokens, value):
+    r = put(tokens, "alice", {"postcopy_stall_limit_s": value, "direct_transfer_networks": ["10.77.64.0/24"]})
+    assert r.status_code == 400, r.content
+    assert r.json()["field"] == "postcopy_stall_limit_s" and "30 to 86400" in r.json()["error"]
+    fs = FleetSettings.load()
+    assert (fs.postcopy_stall_limit_s, fs.direct_transfer_networks) == (600, [])  # nothing saved, networks neither
+    assert AuditEntry.objects.get(action="settings.update").outcome == "refused"
+
+
+@pytest.mark.parametrize("who", ["carol", "bob"])
+def test_only_admins_change_the_stall_limit(tokens, who):
+    assert put(tokens, who, {"postcopy_stall_limit_s": 60}, "patch").status_code == 403
+    assert FleetSettings.load().postcopy_stall_limit_s == 600
+
+
+def test_the_settings_page_changes_the_stall_limit(users):
+    c = Client()
+    c.force_login(users["alice"])
+    r = c.post("/settings/", {"postcopy_stall_limit_s": "900"})
+    assert r.status_code == 302
+    assert FleetSettings.load().postcopy_stall_limit_s == 900
+    assert "900 s without progress" in c.get("/settings/").content.decode()
+    r = c.post("/settings/", {"postcopy_stall_limit_s": "5"})
+    assert r.status_code == 400 and "30 to 86400" in r.content.decode()
+    assert FleetSettings.load().postcopy_stall_limit_s == 900

@@ -14,6 +14,7 @@ CAPS = {
     "criu_check": "ok",
     "criu_version": "4.1.1",
     "uffd": True,
+    "page_relay": 1,
     "dirty_tracking": False,
     "network": NET,
     "templates": ["busybox"],
@@ -61,6 +62,16 @@ def test_without_uffd_on_either_host_post_copy_is_refused_and_auto_stops_and_cop
     with pytest.raises(ApiError) as e:
         choose_strategy(c, a, b, "post-copy")
     assert "userfaultfd" in str(e.value.detail)
+    strategy, why = choose_strategy(c, a, b, "auto")
+    assert strategy == "stop-and-copy" and "auto" in why
+
+
+@pytest.mark.parametrize("which", ["source", "target"])
+def test_auto_picks_post_copy_only_where_both_agents_have_the_resumable_page_relay(pair, which):
+    c, a, b = pair
+    host = a if which == "source" else b
+    host.capabilities = {k: v for k, v in CAPS.items() if k != "page_relay"}  # an agent from before the relay
+    assert "resumable page relay" in strategy_support(c, a, b)["post-copy"]
     strategy, why = choose_strategy(c, a, b, "auto")
     assert strategy == "stop-and-copy" and "auto" in why
 

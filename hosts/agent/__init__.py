@@ -19,6 +19,7 @@ AGENT_SUBCOMMANDS = frozenset(
         "migrate-restore",
         "migrate-resume",
         "migrate-lazy-wait",
+        "pages-attach",
         "migrate-abort",
         "migrate-cleanup",
         "list",

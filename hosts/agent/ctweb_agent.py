@@ -27,6 +27,7 @@ import select
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -268,6 +269,8 @@ def cmd_probe(params):
     caps["templates"] = _templates()
     caps["network"] = _network()
     caps["disk"] = [_disk(LXC_PATH), _disk(CTWEB_PATH)]
+    # Post-copy pages go through the resumable page relay (CRIU over --ps-socket): its version.
+    caps["page_relay"] = RELAY_VERSION
     event("probe", "done", 100)
     return caps
 
@@ -2827,18 +2830,25 @@ def cmd_cpuinfo_check(params):
 # --- post-copy (lazy pages) ---------------------------------------------------------------
 # The source's `criu dump --lazy-pages` (run by lxc-checkpoint -s, options from
 # CRIU_CONFIG_FILE) writes the images without memory pages, then serves the pages from the
-# frozen tasks on 127.0.0.1:P of the source only; the dashboard tunnels that port over its
-# SSH connections to 127.0.0.1:Q of the target, where `criu lazy-pages --page-server` pulls
-# them for the restored tasks. Both long-lived processes run detached under a small
-# watcher that records their exit status, so later subcommands can wait for them.
+# frozen tasks over a socketpair (--ps-socket: no port) to the source's page relay. On the
+# target, `criu lazy-pages --page-server --ps-socket` talks over another socketpair to the
+# target's page relay. The two relays speak a resumable protocol (offsets, acks, a hello
+# on every reconnection) over whatever the dashboard provides: `pages-attach` channels it
+# opens on both hosts and pumps between, and re-opens after any link or worker fault. So
+# neither CRIU process ever sees its connection close until the target holds every page.
+# The long-lived processes run detached under a small watcher that records their exit
+# status, so later subcommands can wait for them.
 
 LAZY_DUMP = "lazy-dump"  # <mig dir>/lazy-dump.{json,out,rc}: the source's dump + page server
 LAZY_PAGES = "lazy-pages"  # <mig dir>/lazy-pages.{json,out,rc}: the target's lazy-pages daemon
+PAGE_RELAY = "page-relay"  # <mig dir>/page-relay.{json,out,rc}: this host's page relay
+RELAY_VERSION = 1  # the resumable page relay's protocol (the probe reports it)
 
 
-def _spawn_watched(argv, mdir, tag, env=None):
+def _spawn_watched(argv, mdir, tag, env=None, keep_fd=None):
     """Start argv detached (own session, stdio to <tag>.out) under a watcher process that
-    writes its exit status to <tag>.rc. Returns {"pid", "watcher"} once it runs."""
+    writes its exit status to <tag>.rc. Returns {"pid", "watcher"} once it runs.
+    `keep_fd` is handed to the program as its descriptor 3 (e.g. CRIU's --ps-socket)."""
     out_path, rc_path, info_path = (os.path.join(mdir, f"{tag}.{ext}") for ext in ("out", "rc", "json"))
     for path in (rc_path, info_path):
         if os.path.exists(path):
@@ -2852,11 +2862,20 @@ def _spawn_watched(argv, mdir, tag, env=None):
             os.dup2(devnull, 0)
             os.dup2(out, 1)
             os.dup2(out, 2)
-            os.closerange(3, 1 << 16)
+            if keep_fd is not None:
+                os.dup2(keep_fd, 3)  # inheritable: dup2 clears O_CLOEXEC
+                os.closerange(4, 1 << 16)
+            else:
+                os.closerange(3, 1 << 16)
             if os.fork() != 0:
                 os._exit(0)
             try:
-                p = subprocess.Popen(argv, stdin=0, stdout=1, stderr=2, env=env, close_fds=True, umask=CHILD_UMASK)
+                kept = (3,) if keep_fd is not None else ()
+                p = subprocess.Popen(
+                    argv, stdin=0, stdout=1, stderr=2, env=env, close_fds=True, pass_fds=kept, umask=CHILD_UMASK
+                )
+                if kept:
+                    os.close(3)  # only the program holds it: its end is the program's end
             except OSError as e:
                 _write_json(rc_path + ".json", {"rc": 127, "error": str(e)})
                 os.replace(rc_path + ".json", rc_path)
@@ -2944,17 +2963,41 @@ def _criu_config(mdir, tag, lines):
     return dict(os.environ, CRIU_CONFIG_FILE=path)
 
 
+def _private_dir(mdir):
+    """The migration's directory holds the page relay's socket and status: root only."""
+    os.makedirs(mdir, exist_ok=True)
+    os.chmod(mdir, 0o700)
+
+
+def _start_relay(mdir, role):
+    """Start this host's page relay for a post-copy; return the socket CRIU must use.
+    CRIU gets the other end of a socketpair as --ps-socket: no port is ever opened."""
+    _private_dir(mdir)
+    mine, criu_end = socket.socketpair()
+    try:
+        env = dict(os.environ, CTWEB_RELAY=json.dumps({"dir": mdir, "role": role}))
+        _spawn_watched([sys.executable, os.path.abspath(__file__), "pages-relay"], mdir, PAGE_RELAY, env, mine.fileno())
+    finally:
+        mine.close()
+    return criu_end
+
+
 def _lazy_dump(name, mdir, images):
-    """Start the lazy dump; return once the images are written and the page server listens."""
-    port = _free_port()
-    env = _criu_config(mdir, "dump", ["lazy-pages", "address 127.0.0.1", f"port {port}"])
+    """Start the lazy dump; return once the images are written. CRIU's page server then
+    serves the frozen tasks' memory over a socketpair to this host's page relay."""
+    criu_end = _start_relay(mdir, "source")
+    env = _criu_config(mdir, "dump", ["lazy-pages", "ps-socket 3"])
     argv = ["lxc-checkpoint", "-n", name, "-D", images, "-s"]
     t0 = time.monotonic()
-    _spawn_watched(argv, mdir, LAZY_DUMP, env)
+    try:
+        _spawn_watched(argv, mdir, LAZY_DUMP, env, criu_end.fileno())
+    finally:
+        criu_end.close()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         rc = _watched_rc(mdir, LAZY_DUMP)
         if rc is not None:
+            _kill_watched(mdir, PAGE_RELAY)
             details = _criu_log(images, "dump")
             out = _tail(os.path.join(mdir, f"{LAZY_DUMP}.out"))
             if out.strip():
@@ -2964,11 +3007,324 @@ def _lazy_dump(name, mdir, images):
                 details,
                 {"state": _state(name), "has_saved_state": _has_saved_state(name)},
             )
-        if os.path.isfile(os.path.join(images, "inventory.img")) and _listening(port):
-            return port, _ms(t0)
+        if os.path.isfile(os.path.join(images, "inventory.img")):
+            # CRIU writes the inventory last, then serves pages on the socketpair.
+            time.sleep(0.05)
+            if _watched_rc(mdir, LAZY_DUMP) is None:
+                return _ms(t0)
+            continue
         time.sleep(0.02)
     _kill_watched(mdir, LAZY_DUMP)
     raise AgentError(f"The lazy dump of {name} did not start its page server within 300 s.", _criu_log(images, "dump"))
+
+
+# The relays' frames: type (1 byte), value (8), payload length (4), payload.
+_F_HELLO, _F_DATA, _F_ACK, _F_FIN, _F_ABORT = 1, 2, 3, 4, 5
+_FRAME = struct.Struct(">BQI")
+_RELAY_CHUNK = 256 * 1024
+_RELAY_WINDOW = 64 * 1024 * 1024  # unacknowledged bytes held before CRIU is read no further
+
+
+class _Relay:
+    """One host's end of the page path: CRIU's socket on one side, the current attach
+    connection (to the other host's relay, through the dashboard) on the other. Every byte
+    from CRIU is kept until the peer acknowledges it; a new attach starts with a HELLO
+    saying how much each side has, and the rest is sent again."""
+
+    def __init__(self, mdir, role, criu_sock):
+        self.mdir, self.role, self.criu = mdir, role, criu_sock
+        self.criu.setblocking(False)
+        self.out = bytearray()  # from CRIU, not yet acknowledged by the peer
+        self.out_base = 0  # offset of out[0]
+        self.sent = 0  # offset sent on the current link
+        self.to_criu = bytearray()
+        self.received = 0  # bytes from the peer, in order
+        self.acked_sent = 0
+        self.local_end = None  # "fin" or "abort" once CRIU's side ended
+        self.peer_end = None  # ("fin", total) or ("abort", None)
+        self.criu_shut = False
+        self.link = None
+        self.link_ready = False  # the peer's HELLO arrived on this link
+        self.inbuf = bytearray()
+        self.outq = bytearray()
+        self.attaches = 0
+        self.done_at = None
+        self.last_ack_t = 0.0
+        self.last_status = 0.0
+        self._end_sent = None  # the link the FIN/ABORT went out on
+
+    # --- the link -------------------------------------------------------------
+    def attach(self, conn):
+        if self.link is not None:
+            self.link.close()
+        conn.setblocking(False)
+        self.link, self.link_ready, self.inbuf, self.outq = conn, False, bytearray(), bytearray()
+        self.attaches += 1
+        self._frame(_F_HELLO, self.received)
+
+    def drop_link(self):
+        if self.link is not None:
+            self.link.close()
+        self.link, self.link_ready = None, False
+
+    def _frame(self, kind, value, payload=b""):
+        self.outq += _FRAME.pack(kind, value, len(payload)) + payload
+
+    def on_frames(self):
+        while len(self.inbuf) >= _FRAME.size:
+            kind, value, n = _FRAME.unpack_from(self.inbuf)
+            if n > 4 * _RELAY_CHUNK or kind not in (1, 2, 3, 4, 5):
+                raise ValueError("bad frame")
+            if len(self.inbuf) < _FRAME.size + n:
+                return
+            payload = bytes(self.inbuf[_FRAME.size : _FRAME.size + n])
+            del self.inbuf[: _FRAME.size + n]
+            if kind == _F_HELLO:
+                self._acked(value)
+                self.sent = max(value, self.out_base)
+                self.link_ready = True
+            elif kind == _F_DATA:
+                if value > self.received:
+                    raise ValueError("a gap in the peer's data")
+                fresh = payload[self.received - value :]
+                self.to_criu += fresh
+                self.received += len(fresh)
+            elif kind == _F_ACK:
+                self._acked(value)
+            elif kind == _F_FIN:
+                self.peer_end = ("fin", value)
+            elif kind == _F_ABORT:
+                self.peer_end = ("abort", None)
+
+    def _acked(self, upto):
+        if upto > self.out_base:
+            del self.out[: upto - self.out_base]
+            self.out_base = upto
+
+    def fill_link(self):
+        if not self.link_ready:
+            return
+        while len(self.outq) < 2 * _RELAY_CHUNK:
+            end = self.out_base + len(self.out)
+            if self.sent < end:
+                a = self.sent - self.out_base
+                chunk = bytes(self.out[a : a + _RELAY_CHUNK])
+                self._frame(_F_DATA, self.sent, chunk)
+                self.sent += len(chunk)
+                continue
+            break
+        now = time.monotonic()
+        if self.received > self.acked_sent and (
+            self.received - self.acked_sent >= 1 << 20 or now - self.last_ack_t >= 0.2
+        ):
+            self._frame(_F_ACK, self.received)
+            self.acked_sent, self.last_ack_t = self.received, now
+        if self.local_end and self.sent == self.out_base + len(self.out) and self._end_sent is not self.link:
+            total = self.out_base + len(self.out)
+            self._frame(_F_FIN if self.local_end == "fin" else _F_ABORT, total)
+            self._end_sent = self.link
+
+    # --- CRIU's side --------------------------------------------------------------
+    def criu_ended(self):
+        """CRIU closed its side: its normal end (the target pulled every page; the source's
+        page server finished), or a death (then the peer must not end its CRIU)."""
+        if self.role == "source" and self.criu_shut:
+            self.local_end = "fin"  # we ended it: the target has every page
+            return
+        tag = LAZY_PAGES if self.role == "target" else LAZY_DUMP
+        rc = None
+        for _ in range(100):  # its watcher records the status just after the end
+            rc = _watched_rc(self.mdir, tag)
+            if rc is not None:
+                break
+            time.sleep(0.05)
+        self.local_end = "fin" if rc == 0 else "abort"
+
+    def status(self, force=False):
+        now = time.monotonic()
+        if not force and now - self.last_status < 0.5:
+            return
+        self.last_status = now
+        _write_json(
+            os.path.join(self.mdir, "page-relay-status.json"),
+            {
+                "role": self.role,
+                "from_criu": self.out_base + len(self.out),
+                "acked_by_peer": self.out_base,
+                "from_peer": self.received,
+                "attached": self.link is not None,
+                "attaches": self.attaches,
+                "local_end": self.local_end,
+                "peer_end": self.peer_end[0] if self.peer_end else None,
+                "updated": time.time(),
+            },
+        )
+
+    def finished(self):
+        now = time.monotonic()
+        if self.local_end == "abort":
+            # Our CRIU is gone, so nothing is left to protect here: tell the peer, then go.
+            self.done_at = self.done_at or now
+            told = self._end_sent is not None and not self.outq
+            return told or self.peer_end is not None or now - self.done_at > 30
+        if self.local_end is None or self.peer_end is None:
+            return False
+        if self.peer_end[0] == "fin" and (self.received < self.peer_end[1] or self.to_criu):
+            return False
+        if self.out or self.outq:
+            self.done_at = self.done_at or now
+            return now - self.done_at > 30  # the peer's last acknowledgement may still come
+        return True
+
+
+def cmd_pages_relay(params):
+    """The page relay (started detached by migrate-dump or migrate-restore, never by the
+    dashboard): runs until both CRIU processes are done with each other."""
+    cfg = json.loads(os.environ.get("CTWEB_RELAY", "{}"))
+    mdir, role = cfg["dir"], cfg["role"]
+    criu_sock = socket.socket(fileno=3)
+    path = os.path.join(mdir, "page-relay.sock")
+    if os.path.lexists(path):
+        os.unlink(path)
+    old = os.umask(0o077)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.umask(old)
+    os.chmod(path, 0o600)
+    listener.listen(4)
+    listener.setblocking(False)
+    r = _Relay(mdir, role, criu_sock)
+    throttle = _relay_throttle(mdir)
+    checked = time.monotonic()
+
+    while not r.finished():
+        rd, wr = [listener], []
+        if r.local_end is None and len(r.out) < _RELAY_WINDOW:
+            rd.append(r.criu)
+        if r.to_criu and not r.criu_shut:
+            wr.append(r.criu)
+        if r.link is not None:
+            rd.append(r.link)
+            r.fill_link()
+            if r.outq:
+                wr.append(r.link)
+        try:
+            readable, writable, _ = select.select(rd, wr, [], 0.2)
+        except ValueError:
+            readable, writable = [], []
+        if listener in readable:
+            try:
+                conn, _ = listener.accept()
+                r.attach(conn)
+            except OSError:
+                pass
+        if r.criu in readable:
+            try:
+                data = r.criu.recv(_RELAY_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                r.criu_ended()
+            elif data:
+                r.out += data
+        if r.criu in writable and r.to_criu:
+            try:
+                n = r.criu.send(r.to_criu[:_RELAY_CHUNK])
+                del r.to_criu[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                r.criu_shut = True
+                r.to_criu.clear()
+        if r.link is not None and r.link in readable:
+            try:
+                data = r.link.recv(_RELAY_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                r.drop_link()
+            elif data:
+                r.inbuf += data
+                try:
+                    r.on_frames()
+                except ValueError:
+                    r.drop_link()
+        if r.link is not None and r.link in writable and r.outq:
+            try:
+                n = r.link.send(r.outq[: throttle or _RELAY_CHUNK])
+                del r.outq[:n]
+                if throttle:
+                    time.sleep(0.1)  # test-only throttle: about 10 x throttle bytes a second
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                r.drop_link()
+        # The peer's CRIU finished normally and we delivered all it sent: end ours too
+        # (the source's page server takes the end for "all served" and finishes the dump).
+        if r.peer_end and r.peer_end[0] == "fin" and r.received >= r.peer_end[1] and not r.to_criu:
+            if not r.criu_shut:
+                try:
+                    r.criu.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                r.criu_shut = True
+        r.status()
+        if time.monotonic() - checked >= 0.5:  # a test may write its throttle just after we started
+            throttle, checked = _relay_throttle(mdir), time.monotonic()
+    if r.link is not None:
+        r.fill_link()
+        try:
+            r.link.setblocking(True)
+            r.link.settimeout(5)
+            r.link.sendall(r.outq)
+        except OSError:
+            pass
+    r.status(force=True)
+    return {"role": role, "from_criu": r.out_base + len(r.out), "from_peer": r.received}
+
+
+def _relay_throttle(mdir):
+    """Tests only: a throttle file the test itself writes into the migration directory
+    (root-only, made for this one migration) slows the relay so a fault can hit the pull.
+    Production never writes it; its presence is reported in the relay's status."""
+    try:
+        with open(os.path.join(mdir, "TEST-ONLY-throttle")) as f:
+            return max(1024, int(f.read().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
+def cmd_pages_attach(params):
+    """Bridge this SSH channel to the migration's page relay (the dashboard pumps bytes
+    between the two hosts' attach channels)."""
+    check_name(params.get("name"))
+    path = os.path.join(_mig_dir(params), "page-relay.sock")
+    sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sk.connect(path)
+    except OSError as e:
+        raise AgentError(f"No page relay runs for this migration here ({e.strerror}).") from None
+    fds = [0, sk.fileno()]
+    while True:
+        readable, _, _ = select.select(fds, [], [])
+        if 0 in readable:
+            data = os.read(0, _RELAY_CHUNK)
+            if not data:
+                break
+            sk.sendall(data)
+        if sk.fileno() in readable:
+            data = sk.recv(_RELAY_CHUNK)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                n = os.write(1, view)
+                view = view[n:]
+    return None
 
 
 def cmd_migrate_dump(params):
@@ -2981,11 +3337,11 @@ def cmd_migrate_dump(params):
     t0 = time.monotonic()
     event("dump", f"dumping {name}" + (" without its memory pages (lazy)" if lazy else ""), 10)
     if lazy:
-        port, ms = _lazy_dump(name, mdir, images)
-        event("dump", f"images written; page server on 127.0.0.1:{port} after {ms} ms", 90)
+        ms = _lazy_dump(name, mdir, images)
+        event("dump", f"images written after {ms} ms; the page server serves this host's page relay", 90)
         return {
             "state": _state(name),
-            "port": port,
+            "relay": RELAY_VERSION,
             "stats": {"total_ms": _ms(t0)},
             "images_bytes": _du(images),
             "pages_bytes": _pages_bytes(images),  # what CRIU could not leave to the page server
@@ -3001,15 +3357,20 @@ def _pages_bytes(images):
     return sum(f["size"] for f in _image_files(images) if re.fullmatch(r"pages-\d+\.img", f["name"]))
 
 
-def _start_lazy_pages(name, mdir, images, port):
-    argv = ["criu", "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", str(port)]
+def _start_lazy_pages(name, mdir, images):
+    criu_end = _start_relay(mdir, "target")
+    argv = ["criu", "lazy-pages", "--page-server", "--ps-socket", "3"]
     argv += ["-D", images, "-o", "lazy-pages.log", "-v4"]
-    _spawn_watched(argv, mdir, LAZY_PAGES)
+    try:
+        _spawn_watched(argv, mdir, LAZY_PAGES, None, criu_end.fileno())
+    finally:
+        criu_end.close()
     sock = os.path.join(images, "lazy-pages.socket")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         rc = _watched_rc(mdir, LAZY_PAGES)
         if rc is not None:
+            _kill_watched(mdir, PAGE_RELAY)
             raise AgentError(
                 f"criu lazy-pages ended at once (exit status {rc}).",
                 _criu_log(images, "lazy-pages") + "\n" + _tail(os.path.join(mdir, f"{LAZY_PAGES}.out")),
@@ -3019,6 +3380,7 @@ def _start_lazy_pages(name, mdir, images, port):
             return
         time.sleep(0.02)
     _kill_watched(mdir, LAZY_PAGES)
+    _kill_watched(mdir, PAGE_RELAY)
     raise AgentError("criu lazy-pages did not open its socket within 30 s.", _criu_log(images, "lazy-pages"))
 
 
@@ -3030,11 +3392,8 @@ def cmd_migrate_restore(params):
     t0 = time.monotonic()
     env = None
     if lazy:
-        port = params.get("port")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise AgentError("Bad port.")
-        event("restore", f"starting criu lazy-pages (page server at 127.0.0.1:{port})", 5)
-        _start_lazy_pages(name, mdir, images, port)
+        event("restore", "starting criu lazy-pages and this host's page relay", 5)
+        _start_lazy_pages(name, mdir, images)
         env = _criu_config(mdir, "restore", ["lazy-pages"])
     event("restore", f"restoring {name}" + (" (memory follows lazily)" if lazy else ""), 10)
     try:
@@ -3042,6 +3401,7 @@ def cmd_migrate_restore(params):
     except AgentError as e:
         if lazy:
             _kill_watched(mdir, LAZY_PAGES)
+            _kill_watched(mdir, PAGE_RELAY)
             e.details += "\n--- lazy-pages.log ---\n" + _criu_log(images, "lazy-pages")
         raise
     stats = _criu_stats(images, "restore")
@@ -3050,49 +3410,37 @@ def cmd_migrate_restore(params):
 
 
 def cmd_migrate_lazy_wait(params):
-    """Wait until a post-copy's long-lived CRIU process ends: role "target" waits for the
-    lazy-pages daemon (every page arrived), role "source" for the dump's page server."""
+    """Wait up to wait_s seconds for a post-copy's long-lived CRIU process to end: role
+    "target" waits for the lazy-pages daemon (every page arrived), role "source" for the
+    dump's page server. No limit of its own: it returns {"done": false} with the page
+    relay's counters, and the dashboard judges progress."""
     name = check_name(params.get("name"))
     role = params.get("role")
     if role not in ("source", "target"):
         raise AgentError("role must be source or target.")
-    timeout = params.get("timeout", 600)
-    if not isinstance(timeout, int) or not 0 < timeout <= 3600:
-        raise AgentError("Bad timeout.")
+    wait_s = params.get("wait_s", 20)
+    if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= 300:
+        raise AgentError("Bad wait_s.")
     mdir = _mig_dir(params)
     images = os.path.join(mdir, "images")
     tag, log = (LAZY_PAGES, "lazy-pages") if role == "target" else (LAZY_DUMP, "dump")
     if not os.path.exists(os.path.join(mdir, f"{tag}.json")) and not os.path.exists(os.path.join(mdir, f"{tag}.rc")):
         raise AgentError(f"No {log} process was started for this migration here.")
     t0 = time.monotonic()
-    last = 0.0
     rc = _watched_rc(mdir, tag)
-    while rc is None:
-        if time.monotonic() - t0 > timeout:
-            raise AgentError(
-                f"criu {log} still runs after {timeout} s.", _criu_log(images, log), {"state": _state(name)}
-            )
-        if time.monotonic() - last >= 1:
-            last = time.monotonic()
-            try:
-                size = os.path.getsize(os.path.join(images, f"{log}.log"))
-            except OSError:
-                size = 0
-            event(
-                "pages",
-                f"{'pulling' if role == 'target' else 'serving'} memory pages: {_ms(t0)} ms",
-                None,
-                log_bytes=size,
-            )
-        time.sleep(0.05)
+    while rc is None and time.monotonic() - t0 < wait_s:
+        time.sleep(0.1)
         rc = _watched_rc(mdir, tag)
+    relay = _read_json(os.path.join(mdir, "page-relay-status.json")) or {}
+    if rc is None:
+        return {"done": False, "relay": relay, "state": _state(name)}
     if rc != 0:
         raise AgentError(
             f"criu {log} ended with exit status {rc}.",
             _criu_log(images, log) + "\n" + _tail(os.path.join(mdir, f"{tag}.out")),
-            {"state": _state(name)},
+            {"state": _state(name), "ended": rc, "relay": relay},
         )
-    out = {"ms": _ms(t0), "state": _state(name)}
+    out = {"done": True, "state": _state(name), "relay": relay}
     if role == "source":
         out["stats"] = _criu_stats(images, "dump")
     return out
@@ -3210,6 +3558,8 @@ def cmd_migrate_abort(params):
     removed = []
     if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), LAZY_PAGES, 9):
         removed.append("lazy-pages daemon")
+    if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), PAGE_RELAY, 9):
+        removed.append("page relay")
     if os.path.exists(_mig_marker(name, params)) or os.path.exists(os.path.join(_mig_dir(params), "receiving")):
         if _exists(name) and _state(name) != "STOPPED":
             run(["lxc-stop", "-n", name, "-k"], timeout=60)
@@ -3253,6 +3603,7 @@ def cmd_migrate_cleanup(params):
             os.makedirs(_state_dir(name), exist_ok=True)
             os.rename(images, _state_images(name))
         if os.path.exists(_mig_dir(params)):
+            _kill_watched(_mig_dir(params), PAGE_RELAY, 9)
             _remove_tree(_mig_dir(params))
         return {"removed": False, "has_saved_state": _has_saved_state(name)}
     if remove and _exists(name):
@@ -3263,6 +3614,11 @@ def cmd_migrate_cleanup(params):
             if os.path.exists(os.path.join(base, name)):
                 _remove_tree(os.path.join(base, name))
     if os.path.exists(_mig_dir(params)):
+        if _watched_rc(_mig_dir(params), LAZY_DUMP) is None and os.path.exists(
+            os.path.join(_mig_dir(params), f"{LAZY_DUMP}.json")
+        ):
+            raise AgentError("The lazy dump still holds the frozen tasks here: refusing to remove its files.")
+        _kill_watched(_mig_dir(params), PAGE_RELAY, 9)
         _remove_tree(_mig_dir(params))
     if os.path.lexists(_mig_marker(name, params)):
         os.unlink(_mig_marker(name, params))  # on a target that runs it now: it is simply ours
@@ -3381,10 +3737,12 @@ COMMANDS = {
     "migrate-abort": cmd_migrate_abort,
     "migrate-cleanup": cmd_migrate_cleanup,
     "inspect": cmd_inspect,
+    "pages-attach": cmd_pages_attach,
+    "pages-relay": cmd_pages_relay,  # started by migrate-dump/-restore only
 }
 # These write a raw tar on stdout instead of JSON lines; their errors go to stderr
 # (unless the tar goes directly to another host: then they print JSON lines too).
-RAW_OUTPUT = {"send"}
+RAW_OUTPUT = {"send", "pages-attach"}
 
 
 def _read_line(fd, limit=1 << 20):
@@ -3405,7 +3763,8 @@ def main(argv):
         return 2
     # Nothing we start may inherit a descriptor from the SSH session: CRIU refuses to
     # dump processes holding files from outside their root (LAB.md).
-    os.closerange(3, 1 << 16)
+    # (The page relay keeps its descriptor 3: CRIU's socket, handed over by its starter.)
+    os.closerange(4 if argv[1] == "pages-relay" else 3, 1 << 16)
     os.umask(AGENT_UMASK)
     try:
         _private_modes()
