@@ -43,6 +43,10 @@ NO_CHANGE_HERE = {
     ("api/v1/hosts/", "post"),
     ("api/v1/hosts/<str:name>/", "delete"),  # 409: it has containers
     ("api/v1/hosts/<str:name>/trust", "post"),
+    # the operation waits for no decision here (409); a decision taken is audited:
+    # tests/test_waiting.py::test_an_admin_decision_is_checked_audited_and_runs_the_kinds_decision_handler
+    ("operations/<id:op_id>/decide", "post"),
+    ("api/v1/operations/<id:op_id>/decide", "post"),
 }
 
 
