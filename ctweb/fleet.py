@@ -204,8 +204,11 @@ class FleetSettingsView(APIView):
     @extend_schema(request=FleetSettingsSerializer, responses=FleetSettingsSerializer)
     def put(self, request):
         data = request.data
-        if not isinstance(data, dict) or (FIELD not in data and STALL_FIELD not in data):
+        if not isinstance(data, dict) or FIELD not in data:  # a PUT names the whole object (PATCH: a part)
             raise ApiError(f"{FIELD} is required (a list; empty for relay only).", 400, FIELD)
+        return self._update(request, data)
+
+    def _update(self, request, data: dict):
         if STALL_FIELD in data:  # checked before anything is saved
             try:
                 clean_stall_limit(data[STALL_FIELD])
@@ -233,4 +236,6 @@ class FleetSettingsView(APIView):
     def patch(self, request):
         if isinstance(request.data, dict) and FIELD not in request.data and STALL_FIELD not in request.data:
             return Response(as_dict(FleetSettings.load()))
-        return self.put(request)
+        if not isinstance(request.data, dict):
+            raise ApiError("The body must be a JSON object.", 400)
+        return self._update(request, request.data)
