@@ -3583,6 +3583,15 @@ def cmd_migrate_abort(params):
     return {"removed": removed}
 
 
+def _end_relay(mdir):
+    """Kill the page relay and wait for its watcher's last word (its .rc file): written after
+    the directory's removal began, it left the directory behind (seen on the lab)."""
+    if _kill_watched(mdir, PAGE_RELAY, 9):
+        deadline = time.monotonic() + 5
+        while _watched_rc(mdir, PAGE_RELAY) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 def cmd_migrate_cleanup(params):
     """On the source: after success remove the container (it runs on the target now);
     with remove=false only the migration's working files."""
@@ -3603,7 +3612,7 @@ def cmd_migrate_cleanup(params):
             os.makedirs(_state_dir(name), exist_ok=True)
             os.rename(images, _state_images(name))
         if os.path.exists(_mig_dir(params)):
-            _kill_watched(_mig_dir(params), PAGE_RELAY, 9)
+            _end_relay(_mig_dir(params))
             _remove_tree(_mig_dir(params))
         return {"removed": False, "has_saved_state": _has_saved_state(name)}
     if remove and _exists(name):
@@ -3618,7 +3627,7 @@ def cmd_migrate_cleanup(params):
             os.path.join(_mig_dir(params), f"{LAZY_DUMP}.json")
         ):
             raise AgentError("The lazy dump still holds the frozen tasks here: refusing to remove its files.")
-        _kill_watched(_mig_dir(params), PAGE_RELAY, 9)
+        _end_relay(_mig_dir(params))
         _remove_tree(_mig_dir(params))
     if os.path.lexists(_mig_marker(name, params)):
         os.unlink(_mig_marker(name, params))  # on a target that runs it now: it is simply ours
