@@ -669,7 +669,7 @@ def direct(
         # come here over SSH. A difference means the bytes were changed on the way.
         if not sent.get("sha256") or sent.get("sha256") != result.get("sha256"):
             raise AgentFailed(
-                "What the receiving host got differs from what the sending host sent (SHA-256 mismatch): "
+                "What the receiving host got differs from what the sending host sent (the stream's HMAC-SHA256 differs): "
                 "the direct stream was altered on the network."
             )
         if on_bytes and moved != total:
@@ -681,111 +681,6 @@ def direct(
                 channel.close()
             except Exception:  # noqa: BLE001 (gone already)
                 pass
-
-
-class PortTunnel:
-    """Make 127.0.0.1:`port` on `to`'s host reachable as 127.0.0.1:<self.port> on `via`'s host.
-
-    `via`'s sshd listens on its loopback (remote forwarding) and hands each connection to
-    us; we open a direct-tcpip channel to 127.0.0.1:`port` on `to` and pipe both ways. The
-    bytes cross only this process's two SSH connections: encrypted, and neither host needs
-    to reach or trust the other. Used for CRIU's page server in post-copy migrations."""
-
-    def __init__(self, via: HostConnection, to: HostConnection, port: int):
-        self.via, self.to, self.dest_port = via, to, port
-        self.port: int | None = None
-        self.bytes_up = 0  # from `via` to `to` (page requests)
-        self.bytes_down = 0  # from `to` to `via` (pages)
-        self.connections = 0
-        self.errors: list[str] = []
-        self._channels: list[paramiko.Channel] = []
-        self._outbound: list[paramiko.Channel] = []
-        self._ended: list[paramiko.Channel] = []  # outbound channels whose inbound side ended
-        self._lock = threading.Lock()
-        # While held, an end on `via`'s side is not passed on to `to`: CRIU's lazy-dump page
-        # server takes a closed connection for "all served" and kills the frozen source tasks,
-        # so until the target has resumed, only the source's own recovery may end it.
-        self.held = True
-
-    def __enter__(self) -> PortTunnel:
-        try:
-            self.port = self.via.client.get_transport().request_port_forward("127.0.0.1", 0, handler=self._accept)
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            raise SSHError(
-                f"{self.via.host} refused to forward a port over SSH ({e or type(e).__name__}): "
-                "its sshd must allow TCP forwarding (AllowTcpForwarding)."
-            ) from e
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def release(self) -> None:
-        """From now on an end on `via`'s side reaches `to` (and any that came already)."""
-        with self._lock:
-            self.held = False
-            ended, self._ended = self._ended, []
-        for ch in ended:
-            _shutdown(ch)
-
-    def close(self) -> None:
-        if self.port is not None:
-            try:
-                self.via.client.get_transport().cancel_port_forward("127.0.0.1", self.port)
-            except Exception:  # noqa: BLE001 (the connection may be gone already)
-                pass
-        with self._lock:
-            channels, self._channels = self._channels, []
-        for ch in channels:
-            try:
-                ch.close()
-            except Exception:  # noqa: BLE001
-                pass
-
-    def _accept(self, channel: paramiko.Channel, origin, server) -> None:
-        # Called on paramiko's transport thread: never block it.
-        threading.Thread(target=self._serve, args=(channel,), daemon=True, name="ctweb-tunnel").start()
-
-    def _serve(self, inbound: paramiko.Channel) -> None:
-        try:
-            outbound = self.to.client.get_transport().open_channel(
-                "direct-tcpip", ("127.0.0.1", self.dest_port), ("127.0.0.1", 0), timeout=30
-            )
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            self.errors.append(f"{self.to.host} 127.0.0.1:{self.dest_port}: {e or type(e).__name__}")
-            inbound.close()
-            return
-        with self._lock:
-            self.connections += 1
-            self._channels += [inbound, outbound]
-            self._outbound.append(outbound)
-        up = threading.Thread(target=self._pump, args=(inbound, outbound, "bytes_up"), daemon=True)
-        up.start()
-        self._pump(outbound, inbound, "bytes_down")
-        up.join()
-        inbound.close()
-        with self._lock:
-            if self.held:
-                return  # close() or release() ends it
-        outbound.close()
-
-    def _pump(self, src: paramiko.Channel, dst: paramiko.Channel, counter: str) -> None:
-        try:
-            while True:
-                data = src.recv(CHUNK)
-                if not data:
-                    break
-                dst.sendall(data)
-                setattr(self, counter, getattr(self, counter) + len(data))
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            self.errors.append(f"{counter}: {e or type(e).__name__}")
-        finally:
-            with self._lock:
-                hold = self.held and dst in self._outbound
-                if hold:
-                    self._ended.append(dst)
-            if not hold:
-                _shutdown(dst)
 
 
 def _shutdown(channel: paramiko.Channel) -> None:

@@ -1920,11 +1920,6 @@ def _add_path(tar, root, rel, arcname):
         os.close(fd)
 
 
-def _inside(base, path):
-    base, path = os.path.realpath(base), os.path.realpath(path)
-    return path == base or path.startswith(base + "/")
-
-
 def cmd_send(params):
     name = _require(params.get("name"))
     what = params.get("what")
