@@ -1,5 +1,7 @@
 """API plumbing: every error is `{"error": "<sentence>", "field": <name or null>}`."""
 
+import re
+
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from rest_framework import exceptions, serializers, status
@@ -53,11 +55,25 @@ def _first_message(detail) -> tuple[str, str | None]:
     return str(detail), None
 
 
+def _not_found(exc, context) -> str:
+    """A 404 names what was looked for (the URL's own words), e.g. "There is no container named 'c9'."."""
+    kwargs = getattr(context.get("view"), "kwargs", None) or {}
+    model = re.match(r"No (\w+) matches", str(exc))
+    what = model.group(1).lower() if model else ""
+    if what == "snapshot" and "snap" in kwargs:
+        return f"Container {kwargs.get('name')!r} has no snapshot named {kwargs['snap']!r}."
+    if what == "operation" and "op_id" in kwargs:
+        return f"There is no operation {kwargs['op_id']}."
+    if what in ("container", "host") and "name" in kwargs:
+        return f"There is no {what} named {kwargs['name']!r}."
+    return "Not found."
+
+
 def exception_handler(exc, context):
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.messages)
     if isinstance(exc, Http404):
-        return Response({"error": "Not found.", "field": None}, status=status.HTTP_404_NOT_FOUND)
+        return Response({"error": _not_found(exc, context), "field": None}, status=status.HTTP_404_NOT_FOUND)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None

@@ -54,5 +54,12 @@ if [ "$want" != "$have" ]; then
   echo "$want" > .venv/.requirements.sha256
 fi
 
+# The terminal client: the `ctweb` command in .venv/bin, installed from this checkout (editable).
+here=$(pwd -P)
+if [ "$(cat .venv/.cli-installed 2>/dev/null)" != "$here" ] || [ ! -x .venv/bin/ctweb ]; then
+  .venv/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+  echo "$here" > .venv/.cli-installed
+fi
+
 .venv/bin/python manage.py migrate --noinput -v 0
 .venv/bin/python manage.py collectstatic --noinput -v 0
