@@ -57,7 +57,7 @@ fi
 # The terminal client: the `ctweb` command in .venv/bin, installed from this checkout (editable).
 here=$(pwd -P)
 if [ "$(cat .venv/.cli-installed 2>/dev/null)" != "$here" ] || [ ! -x .venv/bin/ctweb ]; then
-  .venv/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+  out=$(.venv/bin/pip install -q --no-deps --no-build-isolation -e . 2>&1) || { echo "$out" >&2; exit 1; }
   echo "$here" > .venv/.cli-installed
 fi
 
