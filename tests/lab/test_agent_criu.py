@@ -19,7 +19,7 @@ import time
 import pytest
 
 from hosts.agent import AGENT_SUBCOMMANDS, agent_source
-from hosts.lab import core
+from lab import core
 
 pytestmark = [
     pytest.mark.lab,
