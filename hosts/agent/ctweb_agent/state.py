@@ -10,8 +10,6 @@ SNAPSHOTS_PATH = os.path.join(CTWEB_PATH, "snapshots")  # <container>/<snapshot>
 STATE_PATH = os.path.join(CTWEB_PATH, "state")  # <container>/images: the saved state of a stateful stop
 BUNDLES_PATH = os.path.join(CTWEB_PATH, "bundles")  # op-<op>.tar.gz, fetched and deleted by the dashboard
 LOCKS_PATH = os.path.join(CTWEB_PATH, "locks")  # <container>.lock: one changing job per container at a time
-
-
 MIGRATIONS_PATH = os.path.join(CTWEB_PATH, "migrations")  # <migration id>/: one migration's working files
 
 # The descriptor of the container's lock while this run holds it (see main()).
