@@ -15,6 +15,7 @@ bench: setup
 lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports --no-logo --cache-dir var/import-linter
 
 format:
 	.venv/bin/ruff check --fix .

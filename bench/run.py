@@ -53,10 +53,10 @@ def bench_lab(repeat: int) -> dict:
     ups, downs = [], []
     for _ in range(repeat):
         t0 = time.monotonic()
-        subprocess.run([py, "-m", "hosts.lab", "up"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([py, "-m", "lab", "up"], cwd=ROOT, check=True, capture_output=True)
         ups.append((time.monotonic() - t0) * 1000)
         t0 = time.monotonic()
-        subprocess.run([py, "-m", "hosts.lab", "down"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([py, "-m", "lab", "down"], cwd=ROOT, check=True, capture_output=True)
         downs.append((time.monotonic() - t0) * 1000)
     return {"lab up (from cache), ms": summary(ups), "lab down, ms": summary(downs)}
 
@@ -486,9 +486,7 @@ def main() -> int:
             results[DIRECT] = bench_direct(stack)
     finally:
         stack.stop()
-        subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "python"), "-m", "hosts.lab", "down"], cwd=ROOT, capture_output=True
-        )
+        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "lab", "down"], cwd=ROOT, capture_output=True)
     write(results, notes)
     return 0
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.conf import settings
 
-from .agent import AGENT_SUBCOMMANDS, agent_source
+from .agent import AGENT_SUBCOMMANDS, agent_file_name, agent_source
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ class HostConnection:
         """Copy the agent over SFTP unless this exact version is already there."""
         if self._agent_path:
             return self._agent_path
-        source, digest = agent_source()
-        remote = f"{REMOTE_AGENT_DIR}/ctweb-agent-{digest[:16]}.py"
+        source, _ = agent_source()
+        remote = f"{REMOTE_AGENT_DIR}/{agent_file_name()}"
         sftp = self.client.open_sftp()
         try:
             try:

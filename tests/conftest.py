@@ -54,7 +54,7 @@ def lab(tmp_path_factory):
     """One real lab for the whole run (hosts lab-a, lab-b), taken down at the end."""
     if os.geteuid() != 0:
         pytest.skip("the lab needs root")
-    from hosts.lab import core
+    from lab import core
 
     # One lab per machine: a second test run (another checkout, say) waits for this one.
     lock = open("/run/lock/ctweb-lab.lock", "w")

@@ -59,12 +59,12 @@ def _events(capsys):
 
 
 def test_a_hostile_received_config_keeps_no_host_power(agent, monkeypatch, tmp_path, capsys):  # noqa: F811
-    monkeypatch.setattr(agent, "_host_network", lambda: {"bridge": "lxcbr0", "subnet": "10.9.0.0/24"})
+    monkeypatch.setattr(agent.lxc, "_host_network", lambda: {"bridge": "lxcbr0", "subnet": "10.9.0.0/24"})
     cfg = "\n".join(BENIGN + HOSTILE + ["lxc.net.0.ipv4.address = 10.9.0.5/24"]).encode()
     res = receive(
         agent, monkeypatch, make_tar([("c1", "dir", b""), ("c1/rootfs", "dir", b""), ("c1/config", "f", cfg)])
     )
-    written = _config_of(os.path.join(agent.LXC_PATH, "c1", "config"))
+    written = _config_of(os.path.join(agent.S.LXC_PATH, "c1", "config"))
     text = "\n".join(written)
     for bad in (
         "hook",
@@ -86,10 +86,10 @@ def test_a_hostile_received_config_keeps_no_host_power(agent, monkeypatch, tmp_p
         "rw",
     ):
         assert bad not in text, (bad, written)
-    assert f"lxc.rootfs.path = dir:{agent.LXC_PATH}/c1/rootfs" in written
+    assert f"lxc.rootfs.path = dir:{agent.S.LXC_PATH}/c1/rootfs" in written
     assert "lxc.uts.name = c1" in written
     assert "lxc.cap.drop = sys_module mac_admin mac_override sys_time sys_rawio" in written
-    assert f"lxc.console.logfile = {agent.LXC_PATH}/c1/console.log" in written
+    assert f"lxc.console.logfile = {agent.S.LXC_PATH}/c1/console.log" in written
     for line in BENIGN[:-1]:
         assert line in written
     # a phys NIC is not this host's bridge: no network rather than a host interface
@@ -99,11 +99,11 @@ def test_a_hostile_received_config_keeps_no_host_power(agent, monkeypatch, tmp_p
         assert any(d.startswith(key) for d in dropped), (key, dropped)
     events = [e for e in _events(capsys) if e["phase"] == "config"]
     assert events and "lxc.hook.pre-start" in events[0]["message"]
-    assert stat.S_IMODE(os.stat(os.path.join(agent.LXC_PATH, "c1", "config")).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.join(agent.S.LXC_PATH, "c1", "config")).st_mode) == 0o600
 
 
 def test_the_network_is_this_hosts_own(agent, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(agent, "_host_network", lambda: {"bridge": "lxcbr0", "subnet": "10.9.0.0/24"})
+    monkeypatch.setattr(agent.lxc, "_host_network", lambda: {"bridge": "lxcbr0", "subnet": "10.9.0.0/24"})
     lines = ["lxc.net.0.type = veth", "lxc.net.0.link = lxcbr0", "lxc.net.0.ipv4.address = 10.9.0.7/24"]
     out, dropped = agent._allowlisted("c1", lines)
     assert "lxc.net.0.ipv4.address = 10.9.0.7/24" in out and "lxc.net.0.link = lxcbr0" in out
@@ -115,17 +115,17 @@ def test_the_network_is_this_hosts_own(agent, monkeypatch):  # noqa: F811
 
 
 def test_snapshot_configs_are_rewritten_on_receive(agent, monkeypatch, capsys):  # noqa: F811
-    monkeypatch.setattr(agent, "_host_network", lambda: {})
+    monkeypatch.setattr(agent.lxc, "_host_network", lambda: {})
     cfg = "\n".join(HOSTILE).encode()
     members = [("c1", "dir", b""), ("c1/s1", "dir", b""), ("c1/s1/config", "f", cfg), ("c1/s1/rootfs", "dir", b"")]
     res = receive(agent, monkeypatch, make_tar(members), what="snapshots")
-    written = _config_of(os.path.join(agent.SNAPSHOTS_PATH, "c1", "s1", "config"))
+    written = _config_of(os.path.join(agent.S.SNAPSHOTS_PATH, "c1", "s1", "config"))
     assert not any(k in _keys(written) for k in ("lxc.hook.pre-start", "lxc.include", "lxc.cgroup2.devices.allow"))
     assert "lxc.hook.pre-start" in res["config_dropped"]["s1"]
 
 
 def test_a_planted_config_tmp_symlink_is_never_followed(agent, tmp_path):  # noqa: F811
-    cdir = os.path.join(agent.LXC_PATH, "c1")
+    cdir = os.path.join(agent.S.LXC_PATH, "c1")
     os.makedirs(os.path.join(cdir, "rootfs"))
     victim = tmp_path / "cron-file"
     victim.write_text("host\n")
@@ -143,7 +143,7 @@ def test_a_planted_config_tmp_symlink_is_never_followed(agent, tmp_path):  # noq
 
 
 def test_private_modes_fix_an_older_layout(agent, tmp_path):  # noqa: F811
-    ctweb = agent.CTWEB_PATH
+    ctweb = agent.S.CTWEB_PATH
     for d in ("snapshots/c1/s1/rootfs", "state/c1", "migrations/3", "locks", "bundles"):
         os.makedirs(os.path.join(ctweb, d), mode=0o755)
     for d in ("", "snapshots", "snapshots/c1", "snapshots/c1/s1", "state", "state/c1", "migrations", "migrations/3"):
@@ -151,8 +151,8 @@ def test_private_modes_fix_an_older_layout(agent, tmp_path):  # noqa: F811
     open(os.path.join(ctweb, "bundles", "op-1.tar.gz"), "w").close()
     os.chmod(os.path.join(ctweb, "bundles", "op-1.tar.gz"), 0o644)
     os.chmod(os.path.join(ctweb, "snapshots/c1/s1/rootfs"), 0o755)
-    agent.LOCKS_PATH = os.path.join(ctweb, "locks")
-    agent.BUNDLES_PATH = os.path.join(ctweb, "bundles")
+    agent.S.LOCKS_PATH = os.path.join(ctweb, "locks")
+    agent.S.BUNDLES_PATH = os.path.join(ctweb, "bundles")
     agent._private_modes()
     for d in ("", "snapshots", "snapshots/c1", "snapshots/c1/s1", "state", "state/c1", "migrations/3", "bundles"):
         assert stat.S_IMODE(os.stat(os.path.join(ctweb, d)).st_mode) == 0o700, d
@@ -163,8 +163,8 @@ def test_private_modes_fix_an_older_layout(agent, tmp_path):  # noqa: F811
 
 def test_a_config_ctweb_made_earlier_has_no_warnings(agent, monkeypatch):  # noqa: F811
     # lxc-create -t busybox on a lab host, then the older _configure: nothing outside the allowlist.
-    monkeypatch.setattr(agent, "_host_network", lambda: {"bridge": "lxcbr0", "subnet": "10.77.64.0/24"})
-    cdir = f"{agent.LXC_PATH}/c1"
+    monkeypatch.setattr(agent.lxc, "_host_network", lambda: {"bridge": "lxcbr0", "subnet": "10.77.64.0/24"})
+    cdir = f"{agent.S.LXC_PATH}/c1"
     lines = [
         "# Template used to create this container: /usr/share/lxc/templates/lxc-busybox",
         "#lxc.include = /usr/share/lxc/config/nesting.conf",

@@ -4,7 +4,6 @@ and both ends stop when the dashboard lets go or the other side stalls."""
 
 import hashlib
 import hmac
-import importlib.util
 import os
 import secrets
 import socket
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent_loader import load_agent
 from tests.test_agent_tar_safety import make_tar
-
-AGENT = Path(__file__).resolve().parent.parent / "hosts" / "agent" / "ctweb_agent.py"
 
 
 def hello(token: str) -> bytes:
@@ -30,20 +28,10 @@ def signed(token: str, stream: bytes) -> bytes:
     return stream + hmac.new(key, stream, hashlib.sha256).digest()
 
 
-def load_agent(root: Path, monkeypatch, events: list):
-    spec = importlib.util.spec_from_file_location(f"ctweb_agent_{root.name}", AGENT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    lxc, ctweb = root / "lxc", root / "ctweb"
-    lxc.mkdir(parents=True)
-    ctweb.mkdir()
-    mod.LXC_PATH = str(lxc)
-    mod.CTWEB_PATH = str(ctweb)
-    mod.MIGRATIONS_PATH = str(ctweb / "migrations")
-    mod.SNAPSHOTS_PATH = str(ctweb / "snapshots")
-    mod.STATE_PATH = str(ctweb / "state")
-    mod.event = lambda phase, message, progress=None, **extra: events.append({"message": message, **extra})
-    return mod
+def load(root: Path, events: list):
+    agent = load_agent(root=root)
+    agent.common.emit = lambda msg: events.append(msg) if msg.get("type") == "event" else None
+    return agent
 
 
 @pytest.fixture
@@ -70,16 +58,16 @@ def dashboard(monkeypatch):
 @pytest.fixture
 def pair(tmp_path, monkeypatch, dashboard):
     events: list = []
-    src = load_agent(tmp_path / "src", monkeypatch, events)
-    dst = load_agent(tmp_path / "dst", monkeypatch, events)
-    cdir = Path(src.LXC_PATH) / "c1"
+    src = load(tmp_path / "src", events)
+    dst = load(tmp_path / "dst", events)
+    cdir = Path(src.S.LXC_PATH) / "c1"
     (cdir / "rootfs" / "etc").mkdir(parents=True)
     (cdir / "config").write_text(f"lxc.rootfs.path = dir:{cdir}/rootfs\nlxc.hook.pre-start = /bin/evil\n")
     (cdir / "rootfs" / "etc" / "hostname").write_text("c1\n")
     (cdir / "rootfs" / "big").write_bytes(os.urandom(3 << 20))
     (cdir / "rootfs" / "evil").symlink_to(tmp_path)  # never followed by the sender
     (tmp_path / "host-secret").write_text("host only")
-    os.makedirs(os.path.join(src.MIGRATIONS_PATH, "1"))  # made by migrate-prepare
+    os.makedirs(os.path.join(src.S.MIGRATIONS_PATH, "1"))  # made by migrate-prepare
     return src, dst, events
 
 
@@ -136,8 +124,8 @@ def test_a_rootfs_goes_directly_with_every_check_of_a_relayed_one(pair):
     sent = src.cmd_send(send_params(token, port))
     r.join(10)
     assert r.error is None, r.error
-    got = Path(dst.LXC_PATH) / "c1"
-    assert (got / "rootfs" / "big").read_bytes() == (Path(src.LXC_PATH) / "c1" / "rootfs" / "big").read_bytes()
+    got = Path(dst.S.LXC_PATH) / "c1"
+    assert (got / "rootfs" / "big").read_bytes() == (Path(src.S.LXC_PATH) / "c1" / "rootfs" / "big").read_bytes()
     assert (got / "rootfs" / "etc" / "hostname").read_text() == "c1\n"
     assert os.path.islink(got / "rootfs" / "evil")  # the link itself travelled, not what it points to
     assert not any(b"host only" in p.read_bytes() for p in got.rglob("*") if p.is_file() and not p.is_symlink())
@@ -157,7 +145,7 @@ def test_a_wrong_token_is_refused_and_nothing_is_unpacked(pair):
         pass  # the receiver may hang up before the sender has written everything
     r.join(10)
     assert isinstance(r.error, dst.AgentError) and "token" in r.error.message
-    assert not (Path(dst.LXC_PATH) / "c1" / "rootfs").exists()
+    assert not (Path(dst.S.LXC_PATH) / "c1" / "rootfs").exists()
 
 
 def test_only_the_source_host_may_connect(pair):
@@ -224,7 +212,7 @@ def test_the_receiver_hashes_exactly_what_came(pair):
     key = hmac.new(bytes.fromhex(token), b"ctweb-direct-mac", hashlib.sha256).digest()
     # the digest the dashboard compares with the sender's: the stream's HMAC-SHA256
     assert r.result["bytes"] == len(wire) and r.result["sha256"] == hmac.new(key, tar, hashlib.sha256).hexdigest()
-    assert (Path(dst.LXC_PATH) / "c1" / "config").is_file()
+    assert (Path(dst.S.LXC_PATH) / "c1" / "config").is_file()
 
 
 def test_a_sender_that_goes_silent_is_given_up(pair):
@@ -321,5 +309,5 @@ def test_a_stream_altered_on_the_way_is_never_put_in_place(pair, tmp_path):
                 r.join(10)
     t.join(10)
     assert isinstance(r.error, dst.AgentError), r.result
-    assert not os.path.lexists(Path(dst.LXC_PATH) / "c1")
-    assert [n for n in os.listdir(dst.LXC_PATH) if n != "c1"] == []  # nothing staged is left either
+    assert not os.path.lexists(Path(dst.S.LXC_PATH) / "c1")
+    assert [n for n in os.listdir(dst.S.LXC_PATH) if n != "c1"] == []  # nothing staged is left either

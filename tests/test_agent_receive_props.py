@@ -13,13 +13,12 @@ links inside and pointing outside, device nodes, fifos, setuid files, long and u
 truncated streams, deltas with `deleted` lists), then a full lstat+content snapshot of
 everything outside the allowed directories is compared with the one taken before. Needs root
 (the mount namespace, mknod, chown), like the other root tests. CTWEB_RECEIVE_EXAMPLES sets
-the number of examples (2,000 by default); CTWEB_AGENT_UNDER_TEST another agent file.
+the number of examples (2,000 by default); CTWEB_AGENT_UNDER_TEST another agent (a package directory or a built .pyz).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-AGENT = Path(__file__).resolve().parent.parent / "hosts" / "agent" / "ctweb_agent.py"
+from tests.agent_loader import PACKAGE_DIR, load_agent
+
 EXAMPLES = int(os.environ.get("CTWEB_RECEIVE_EXAMPLES", "2000"))
 
 
@@ -226,16 +226,13 @@ def main():
     from hypothesis import strategies as st
 
     _setup()
-    agent_file = os.environ.get("CTWEB_AGENT_UNDER_TEST") or str(AGENT)
-    spec = importlib.util.spec_from_file_location("ctweb_agent_props", agent_file)
-    agent = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agent)
-    agent.LXC_PATH = f"{SANDBOX}/lxc"
-    agent.CTWEB_PATH = f"{SANDBOX}/ctweb"
-    agent.SNAPSHOTS_PATH = f"{SANDBOX}/ctweb/snapshots"
-    agent.STATE_PATH = f"{SANDBOX}/ctweb/state"
-    agent.MIGRATIONS_PATH = f"{SANDBOX}/ctweb/migrations"
-    agent.event = lambda *a, **k: None
+    agent = load_agent(os.environ.get("CTWEB_AGENT_UNDER_TEST") or PACKAGE_DIR)
+    agent.S.LXC_PATH = f"{SANDBOX}/lxc"
+    agent.S.CTWEB_PATH = f"{SANDBOX}/ctweb"
+    agent.S.SNAPSHOTS_PATH = f"{SANDBOX}/ctweb/snapshots"
+    agent.S.STATE_PATH = f"{SANDBOX}/ctweb/state"
+    agent.S.MIGRATIONS_PATH = f"{SANDBOX}/ctweb/migrations"
+    agent.common.emit = lambda msg: None
 
     tops = {"rootfs": NAME, "delta": NAME, "snapshots": NAME, "state": NAME, "images": "images"}
     components = st.one_of(

@@ -1,6 +1,5 @@
 """The agent's migration tars never read or write outside the container (real files, temp dirs)."""
 
-import importlib.util
 import io
 import json
 import os
@@ -11,23 +10,12 @@ from pathlib import Path
 
 import pytest
 
-AGENT = Path(__file__).resolve().parent.parent / "hosts" / "agent" / "ctweb_agent.py"
+from tests.agent_loader import load_agent
 
 
 @pytest.fixture
-def agent(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("ctweb_agent_under_test", AGENT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    lxc, ctweb = tmp_path / "lxc", tmp_path / "ctweb"
-    lxc.mkdir()
-    ctweb.mkdir()
-    monkeypatch.setattr(mod, "LXC_PATH", str(lxc))
-    monkeypatch.setattr(mod, "CTWEB_PATH", str(ctweb))
-    monkeypatch.setattr(mod, "MIGRATIONS_PATH", str(ctweb / "migrations"))
-    monkeypatch.setattr(mod, "SNAPSHOTS_PATH", str(ctweb / "snapshots"))
-    monkeypatch.setattr(mod, "STATE_PATH", str(ctweb / "state"))
-    return mod
+def agent(tmp_path):
+    return load_agent(root=tmp_path)
 
 
 def receive(agent, monkeypatch, tar_bytes: bytes, what="rootfs"):
@@ -109,7 +97,7 @@ def test_a_delta_never_deletes_through_a_symlink(agent, monkeypatch, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "victim").write_text("keep me")
-    root = Path(agent.LXC_PATH) / "c1" / "rootfs"
+    root = Path(agent.S.LXC_PATH) / "c1" / "rootfs"
     root.mkdir(parents=True)
     (root / "gone").write_text("old")
     (root / "d").symlink_to(outside)
@@ -132,7 +120,7 @@ def test_a_delta_never_deletes_through_a_symlink(agent, monkeypatch, tmp_path):
 
 
 def test_the_rootfs_must_be_the_containers_own(agent):
-    cdir = Path(agent.LXC_PATH) / "c1"
+    cdir = Path(agent.S.LXC_PATH) / "c1"
     (cdir / "rootfs").mkdir(parents=True)
     (cdir / "config").write_text("lxc.rootfs.path = dir:/usr\n")
     with pytest.raises(agent.AgentError):
@@ -169,14 +157,14 @@ def test_a_top_level_symlink_is_never_written_through(agent, monkeypatch, tmp_pa
     with pytest.raises(Exception):  # noqa: B017 (refused; before the fix, a crash after the write)
         receive(agent, monkeypatch, evil)
     assert list(outside.iterdir()) == []
-    assert not os.path.lexists(Path(agent.LXC_PATH) / "c1")  # nothing half-placed
+    assert not os.path.lexists(Path(agent.S.LXC_PATH) / "c1")  # nothing half-placed
 
 
 def test_a_rootfs_symlink_cannot_lead_a_deltas_deletions_to_the_host(agent, monkeypatch, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "victim").write_text("keep me")
-    cdir = Path(agent.LXC_PATH) / "c1"
+    cdir = Path(agent.S.LXC_PATH) / "c1"
     first = make_tar(
         [
             ("c1", "dir", None),
@@ -205,7 +193,7 @@ def test_a_rootfs_symlink_cannot_lead_a_deltas_deletions_to_the_host(agent, monk
 def test_a_config_tmp_symlink_never_receives_the_agents_config_rewrite(agent, monkeypatch, tmp_path):
     cron = tmp_path / "cron.d"
     cron.mkdir()
-    cdir = Path(agent.LXC_PATH) / "c1"
+    cdir = Path(agent.S.LXC_PATH) / "c1"
     evil = make_tar(
         [
             ("c1", "dir", None),
@@ -247,7 +235,7 @@ def _info(name, type_=tarfile.REGTYPE, mode=0o644, linkname="", size=0):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
 def test_devices_and_setuid_files_only_inside_a_rootfs(agent, monkeypatch):
-    cdir = Path(agent.LXC_PATH) / "c1"
+    cdir = Path(agent.S.LXC_PATH) / "c1"
     for bad in (
         _info("c1/null", tarfile.CHRTYPE),
         _info("c1/su", mode=0o4755),
@@ -267,7 +255,7 @@ def test_devices_and_setuid_files_only_inside_a_rootfs(agent, monkeypatch):
 
 
 def test_hard_links_only_to_files_this_archive_brought(agent, monkeypatch, tmp_path):
-    cdir = Path(agent.LXC_PATH) / "c1"
+    cdir = Path(agent.S.LXC_PATH) / "c1"
     for target in ("c1/rootfs/absent", "c2/config", "/etc/passwd", "c1/../c2/config", "c1/rootfs"):
         bad = _info("c1/rootfs/l", tarfile.LNKTYPE, linkname=target)
         with pytest.raises(agent.AgentError):
@@ -279,9 +267,9 @@ def test_hard_links_only_to_files_this_archive_brought(agent, monkeypatch, tmp_p
 
 
 def test_an_abort_removes_what_a_killed_receive_left_staged(agent):
-    left = Path(agent.LXC_PATH) / ".ctweb-recv-1-rootfs-123-abcd" / "c1" / "rootfs"
+    left = Path(agent.S.LXC_PATH) / ".ctweb-recv-1-rootfs-123-abcd" / "c1" / "rootfs"
     left.mkdir(parents=True)
-    other = Path(agent.LXC_PATH) / ".ctweb-recv-2-rootfs-9-ffff"  # another migration's: kept
+    other = Path(agent.S.LXC_PATH) / ".ctweb-recv-2-rootfs-9-ffff"  # another migration's: kept
     other.mkdir()
     out = agent.cmd_migrate_abort({"name": "c1", "migration": 1})
     assert "staging" in out["removed"]

@@ -26,9 +26,9 @@ def planted(agent, tmp_path, monkeypatch):  # noqa: F811
     (tmp_path / "keys" / "notes.txt").write_text(secret_text)  # secrets under a harmless name
 
     ctweb, lxc = tmp_path / "ctweb", tmp_path / "lxc"
-    monkeypatch.setattr(agent, "BUNDLES_PATH", str(ctweb / "bundles"))
-    monkeypatch.setattr(agent, "run", lambda argv, **kw: (0, f"ran {argv[0]}\n", ""))
-    monkeypatch.setattr(agent, "emit", lambda msg: None)
+    monkeypatch.setattr(agent.S, "BUNDLES_PATH", str(ctweb / "bundles"))
+    monkeypatch.setattr(agent.bundle, "run", lambda argv, **kw: (0, f"ran {argv[0]}\n", ""))
+    monkeypatch.setattr(agent.common, "emit", lambda msg: None)
     box = lxc / "box"
     (box / "rootfs" / "root" / ".ssh").mkdir(parents=True)
     (box / "rootfs" / "root" / ".ssh" / "id_ed25519").write_text(secret_text)  # the container's own files

@@ -227,7 +227,7 @@ def _link(lab_core, host: str, up: bool) -> None:
 
 
 def test_the_targets_link_is_cut_mid_transfer(bob, lab, cleanup):
-    from hosts.lab import core
+    from lab import core
 
     name = make(bob, lab, "cut-link")
     cleanup.append(name)

@@ -53,10 +53,10 @@ def test_post_copy_migration_there_and_back(bob, lab, lazy):
 
 def _agent(lab, host: str, sub: str, params: dict) -> dict:
     """Run one agent subcommand on a lab host as the dashboard would, and return its last line."""
-    from hosts.agent import agent_source
+    from hosts.agent import agent_file_name
     from hosts.ssh import REMOTE_AGENT_DIR
 
-    path = f"{REMOTE_AGENT_DIR}/ctweb-agent-{agent_source()[1][:16]}.py"
+    path = f"{REMOTE_AGENT_DIR}/{agent_file_name()}"
     out = on_host(lab, host, f"echo '{json.dumps(params)}' | python3 {path} {sub}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 

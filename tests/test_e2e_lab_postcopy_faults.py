@@ -85,7 +85,7 @@ def _intact(lab, host: str, name: str, before: int) -> None:
     ],
 )
 def test_post_copy_survives_a_link_down_during_the_pull(bob, lab, patterned, host, seconds):  # noqa: F811
-    from hosts.lab import core
+    from lab import core
 
     name = patterned(f"pc-cut-{host[-1]}")
     before = counter(lab, "lab-a", name)

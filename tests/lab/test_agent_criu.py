@@ -18,15 +18,15 @@ import time
 
 import pytest
 
-from hosts.agent import AGENT_PATH, AGENT_SUBCOMMANDS
-from hosts.lab import core
+from hosts.agent import AGENT_SUBCOMMANDS, agent_source
+from lab import core
 
 pytestmark = [
     pytest.mark.lab,
     pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root"),
 ]
 
-REMOTE_AGENT = "/root/ctweb_agent_test.py"
+REMOTE_AGENT = "/root/ctweb_agent_test.pyz"  # the zipapp the dashboard ships
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done"
 # 64 MiB of a repeated pattern, its SHA-256 checked every second: OK/BAD + a tick count.
 MEMCHECK = r"""
@@ -149,7 +149,9 @@ def create(lab, host, name: str, octet: int, template: str = "busybox", command=
 
 
 @pytest.fixture(scope="module")
-def hosts(lab):
+def hosts(lab, tmp_path_factory):
+    pyz = tmp_path_factory.mktemp("agent") / "ctweb_agent_test.pyz"
+    pyz.write_bytes(agent_source()[0])
     for h in lab["hosts"]:
         scp = subprocess.run(
             [
@@ -161,7 +163,7 @@ def hosts(lab):
                 "BatchMode=yes",
                 "-o",
                 f"UserKnownHostsFile={lab['known_hosts']}",
-                str(AGENT_PATH),
+                str(pyz),
                 f"root@{h['address']}:{REMOTE_AGENT}",
             ],
             capture_output=True,
@@ -233,10 +235,10 @@ def test_it_decodes_a_snapshot_on_request(lab, counting):
 
 def test_it_fails_cleanly_when_the_disk_is_short(lab, counting):
     a, name = counting
-    # The agent as a module with an absurd margin: the estimate can never fit.
+    # The agent's package (imported from its zipapp) with an absurd margin: the estimate can never fit.
     prog = (
-        "import sys; sys.path.insert(0, '/root'); import ctweb_agent_test as a; "
-        "a.DISK_MARGIN = 1 << 60; sys.exit(a.main(['agent', 'snapshot']))"
+        f"import sys; sys.path.insert(0, {REMOTE_AGENT!r}); from ctweb_agent import commands, criu; "
+        "criu.DISK_MARGIN = 1 << 60; sys.exit(commands.main(['agent', 'snapshot']))"
     )
     params = json.dumps({"name": name, "snapshot": "big", "stateful": True}).encode() + b"\n"
     proc = ssh(lab, a, "python3", "-c", prog, check=False, input=params)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hosts.lab import core
+from lab import core
 from tests.conftest import LAB_HOSTS as N_HOSTS
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""python -m hosts.lab up|down|status|build [--hosts N] [--key PUBKEY_FILE] [--json]"""
+"""python -m lab up|down|status|build [--hosts N] [--key PUBKEY_FILE] [--json]"""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from hosts.lab import core
+from lab import core
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hosts.lab", description="ctweb lab hosts (LXC + CRIU in namespaces)")
+    ap = argparse.ArgumentParser(prog="python -m lab", description="ctweb lab hosts (LXC + CRIU in namespaces)")
     ap.add_argument("command", choices=["up", "down", "status", "build"])
     ap.add_argument("--hosts", type=int, default=2, help="number of hosts for up (default 2)")
     ap.add_argument(

@@ -82,7 +82,10 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+# What the lab writes into each host, as files: its init, sshd's and LXC's configuration, the
+# offline debian template and its containers' inittab (see _configure_host_root).
+FILES_DIR = Path(__file__).resolve().with_name("files")
 DEFAULT_SUBNET = "10.77.64.0/24"
 NETNS_PREFIX = "ctweb-lab-"
 ROOT_BRIDGE = "ctweb-br0"
@@ -125,18 +128,6 @@ STAMP = ".ctweb-lab-complete"
 CRIU_SUITE = "sid"
 CRIU_PACKAGES = ["criu", "python3-pycriu"]
 HOST_STAMP = ".ctweb-lab-complete-criu-sid"
-# cgroup v1 hierarchies mounted inside hosts when the machine does not tell (LAB.md)
-DEFAULT_CGROUP_V1 = [
-    ("cpu,cpuacct", "cpu,cpuacct"),
-    ("cpuset", "cpuset"),
-    ("memory", "memory"),
-    ("devices", "devices"),
-    ("freezer", "freezer"),
-    ("pids", "pids"),
-    ("blkio", "blkio"),
-    ("systemd", "none,name=systemd"),
-]
-
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -177,11 +168,6 @@ def host_name(index: int) -> str:
 
 def host_address(index: int) -> str:
     return str(subnet().network_address + HOST_FIRST_OCTET + index)
-
-
-def container_addresses() -> list[str]:
-    base = subnet().network_address
-    return [str(base + i) for i in range(CONTAINER_RANGE[0], CONTAINER_RANGE[1] + 1)]
 
 
 def _letter(name: str) -> str:
@@ -272,6 +258,11 @@ def _rmtree(path: Path) -> None:
 def _link_exists(name: str, netns: str | None = None) -> bool:
     args = ["ip"] + (["-n", netns] if netns else []) + ["link", "show", "dev", name]
     return _run(args, check=False).returncode == 0
+
+
+def _file(name: str) -> str:
+    """One of the files the lab writes into its hosts (lab/files/)."""
+    return (FILES_DIR / name).read_text()
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -375,115 +366,6 @@ def build_rootfs() -> Path:
 
 # ---------------------------------------------------------------- host configuration
 
-INIT_SCRIPT = r"""#!/usr/bin/python3
-# ctweb lab host init (pid 1 of the host's pid namespace): reap children, keep sshd up.
-# Like a real init it ignores SIGTERM/SIGINT (processes in the host may send them to
-# pid 1); the lab stops a host with SIGKILL from the root namespace, which ends every
-# process in the host's pid namespace.
-import os, signal, time
-
-LOG = "/var/log/ctweb-lab-init.log"
-
-
-def log(msg):
-    with open(LOG, "a") as fh:
-        fh.write(time.strftime("%F %T ") + msg + "\n")
-
-
-def start_sshd():
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.setsid()
-            fd = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(fd, 0)
-            out = os.open("/var/log/sshd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.dup2(out, 1)
-            os.dup2(out, 2)
-            os.closerange(3, 65536)
-            os.execv("/usr/sbin/sshd", ["/usr/sbin/sshd", "-D", "-e"])
-        finally:
-            os._exit(127)
-    log(f"sshd started, pid {pid}")
-    return pid
-
-
-WATCH = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPWR}
-signal.pthread_sigmask(signal.SIG_BLOCK, WATCH)
-log("init up")
-sshd, next_start, backoff, started = None, 0.0, 1.0, 0.0
-while True:
-    if sshd is None and time.monotonic() >= next_start:
-        sshd = start_sshd()
-        started = time.monotonic()
-    info = signal.sigtimedwait(WATCH, 1.0)
-    if info is not None and info.si_signo != signal.SIGCHLD:
-        log(f"ignoring signal {signal.Signals(info.si_signo).name} from pid {info.si_pid}")
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid == 0:
-            break
-        if pid == sshd:
-            log(f"sshd exited with status {status}")
-            backoff = 1.0 if time.monotonic() - started > 10 else min(backoff * 2, 30.0)
-            sshd, next_start = None, time.monotonic() + backoff
-"""
-
-DEBIAN_TEMPLATE_SCRIPT = r"""#!/bin/sh
-# ctweb lab: offline "debian" LXC template.  Copies the staged Debian 13 minbase rootfs
-# (HOST_DEBIAN_TEMPLATE) into the container; sysvinit is the container's init.
-# CRIU-friendly config: no ttys/getty (dump: "Unable to find a master"), pty.max = 1
-# (with more, lxc-checkpoint -r fails: "lxc.console.path configured on source host but
-# not target"), no bind mounts of host paths, no AppArmor.
-set -eu
-SRC=@SRC@
-name=""; path=""; rootfs=""
-for arg in "$@"; do
-    case "$arg" in
-        --name=*) name=${arg#--name=} ;;
-        --path=*) path=${arg#--path=} ;;
-        --rootfs=*) rootfs=${arg#--rootfs=} ;;
-        -h|--help) echo "usage: lxc-create -t debian -n NAME (copies $SRC)"; exit 0 ;;
-    esac
-done
-[ -n "$name" ] && [ -n "$path" ] || { echo "need --name and --path" >&2; exit 1; }
-[ -n "$rootfs" ] || rootfs="$path/rootfs"
-[ -d "$SRC/etc" ] || { echo "no template rootfs at $SRC" >&2; exit 1; }
-mkdir -p "$rootfs"
-cp -a "$SRC/." "$rootfs/"
-echo "$name" > "$rootfs/etc/hostname"
-printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$name" > "$rootfs/etc/hosts"
-cat >> "$path/config" <<EOF
-lxc.arch = linux64
-lxc.uts.name = $name
-lxc.init.cmd = /sbin/init
-lxc.autodev = 1
-lxc.tty.max = 0
-lxc.pty.max = 1
-lxc.cap.drop = sys_module mac_admin mac_override sys_time
-lxc.mount.auto = cgroup:mixed proc:mixed sys:ro
-lxc.mount.entry = shm dev/shm tmpfs defaults,create=dir 0 0
-lxc.mount.entry = mqueue dev/mqueue mqueue defaults,optional,create=dir 0 0
-EOF
-"""
-
-CONTAINER_INITTAB = """# ctweb lab debian template: sysvinit without gettys (use lxc-attach)
-id:2:initdefault:
-si::sysinit:/etc/init.d/rcS
-l0:0:wait:/etc/init.d/rc 0
-l1:1:wait:/etc/init.d/rc 1
-l2:2:wait:/etc/init.d/rc 2
-l3:3:wait:/etc/init.d/rc 3
-l6:6:wait:/etc/init.d/rc 6
-p0::powerfail:/sbin/init 0
-ca:12345:ctrlaltdel:/sbin/shutdown -t1 -a -r now
-"""
-
 
 def _patch_busybox_template(path: Path) -> None:
     """Make the stock lxc-busybox template CRIU-friendly and static-address friendly:
@@ -524,20 +406,10 @@ def _configure_host_root(root: Path, name: str, index: int, n_hosts: int, author
     hosts = ["127.0.0.1 localhost", f"{bridge_address()} lab-gw"]
     hosts += [f"{host_address(i)} {host_name(i)}" for i in range(max(n_hosts, index + 1))]
     _write(root / "etc/hosts", "\n".join(hosts) + "\n")
-    _write(root / "usr/local/sbin/ctweb-lab-init", INIT_SCRIPT, 0o755)
+    _write(root / "usr/local/sbin/ctweb-lab-init", _file("ctweb-lab-init"), 0o755)
     _write(
         root / "etc/ssh/sshd_config.d/ctweb-lab.conf",
-        f"# ctweb lab host {name}\n"
-        f"ListenAddress {addr}:{SSH_PORT}\n"
-        "HostKey /etc/ssh/ssh_host_ed25519_key\n"
-        "PermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\n"
-        "UsePAM no\n"
-        "UseDNS no\n"
-        "PrintMotd no\n"
-        "MaxSessions 64\n"
-        "MaxStartups 64:30:128\n",
+        _file("sshd_config").format(name=name, address=addr, port=SSH_PORT),
     )
     key = root / "etc/ssh/ssh_host_ed25519_key"
     if not key.exists():
@@ -554,14 +426,7 @@ def _configure_host_root(root: Path, name: str, index: int, n_hosts: int, author
         if line not in keys:  # additive: several users/test sessions may share a lab
             _write(ak, "".join(k + "\n" for k in keys + [line]), 0o600)
     # LXC: no AppArmor anywhere (the kernel has none; restore fails otherwise)
-    _write(
-        root / "etc/lxc/default.conf",
-        "# ctweb lab: containers join the lab's container segment through lxcbr0\n"
-        "lxc.net.0.type = veth\n"
-        f"lxc.net.0.link = {HOST_BRIDGE}\n"
-        "lxc.net.0.flags = up\n"
-        "lxc.net.0.hwaddr = 00:16:3e:xx:xx:xx\n",
-    )
+    _write(root / "etc/lxc/default.conf", _file("lxc-default.conf").format(bridge=HOST_BRIDGE))
     for conf in (root / "usr/share/lxc/config").glob("*.conf"):
         text = conf.read_text()
         if "lxc.apparmor" in text:
@@ -569,11 +434,11 @@ def _configure_host_root(root: Path, name: str, index: int, n_hosts: int, author
     _write(root / "etc/default/lxc-net", 'USE_LXC_BRIDGE="false"\n')
     tdir = root / "usr/share/lxc/templates"
     _patch_busybox_template(tdir / "lxc-busybox")
-    script = DEBIAN_TEMPLATE_SCRIPT.replace("@SRC@", HOST_DEBIAN_TEMPLATE)
+    script = _file("lxc-ctweb-debian").replace("@SRC@", HOST_DEBIAN_TEMPLATE)
     _write(tdir / "lxc-ctweb-debian", script, 0o755)
     _write(tdir / "lxc-debian", script, 0o755)  # the stock one needs a registry
     tmpl = root / HOST_DEBIAN_TEMPLATE.lstrip("/")
-    _write(tmpl / "etc/inittab", CONTAINER_INITTAB)
+    _write(tmpl / "etc/inittab", _file("inittab"))
     for d in ("var/lib/lxc", "var/lib/ctweb", "var/log", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "tmp", 0o1777)

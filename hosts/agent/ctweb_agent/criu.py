@@ -1,0 +1,404 @@
+"""CRIU checkpoints: snapshots (stateful or not), restore, the saved state of a stateful stop,
+lxc-checkpoint, freezing and thawing, disk checks."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from . import state as S
+from .common import (
+    CHILD_UMASK,
+    NAME_RE,
+    AgentError,
+    _du,
+    _flag,
+    _ms,
+    _now,
+    _read_json,
+    _remove_tree,
+    _write_json,
+    check_name,
+    event,
+    run,
+)
+from .contents import _contents, _criu_stats, _image_files
+from .lxc import (
+    _apply_allowlist,
+    _cdir,
+    _config_value,
+    _lxc_start,
+    _read_config,
+    _read_lines,
+    _require,
+    _state,
+    _write_config_in,
+)
+
+# --- CRIU: snapshots, stateful stop/start ----------------------------------------------
+
+DISK_MARGIN = 64 << 20  # bytes kept free beyond the estimate (logs, metadata, rounding)
+LOG_LINE_RE = re.compile(r"\b(Error|Err|Warn|Warning)\b")
+
+
+def _state_dir(name):
+    return os.path.join(S.STATE_PATH, name)
+
+
+def _state_images(name):
+    return os.path.join(S.STATE_PATH, name, "images")
+
+
+def _has_saved_state(name):
+    return os.path.isfile(os.path.join(_state_images(name), "inventory.img"))
+
+
+def _snap_dir(name, snap):
+    return os.path.join(S.SNAPSHOTS_PATH, name, snap)
+
+
+def _snapshot_names(name):
+    base = os.path.join(S.SNAPSHOTS_PATH, name)
+    try:
+        names = [
+            n for n in os.listdir(base) if NAME_RE.fullmatch(n) and os.path.isfile(os.path.join(base, n, "meta.json"))
+        ]
+    except OSError:
+        return []
+    return sorted(names, key=lambda n: os.path.getmtime(os.path.join(base, n, "meta.json")))
+
+
+def _rootfs(name):
+    value = _config_value(_read_config(name), "lxc.rootfs.path") or os.path.join(_cdir(name), "rootfs")
+    path = value.split(":", 1)[1] if value.startswith("dir:") else value
+    # Only the rootfs LXC keeps for it: a config pointing elsewhere must not make us copy,
+    # roll back or delete some other directory of the host.
+    if os.path.realpath(path) != os.path.realpath(os.path.join(_cdir(name), "rootfs")) or not os.path.isdir(path):
+        raise AgentError(f"{name}'s rootfs is {value!r}; ctweb handles only {_cdir(name)}/rootfs.")
+    return path
+
+
+def _memory_bytes(name):
+    """Memory the container's cgroup charges now (v1 or v2): what a dump may write."""
+    for key in ("memory.usage_in_bytes", "memory.current"):
+        rc, out, err = run(["lxc-cgroup", "-n", name, key], timeout=20)
+        if rc == 0 and out.strip().isdigit():
+            return int(out.strip())
+    return 0
+
+
+def _check_disk(estimate, what):
+    os.makedirs(S.CTWEB_PATH, exist_ok=True)
+    need = int(estimate * 1.2) + DISK_MARGIN
+    free = shutil.disk_usage(S.CTWEB_PATH).free
+    if free < need:
+        raise AgentError(
+            f"Not enough disk space for {what}: about {need >> 20} MiB needed under {S.CTWEB_PATH}, "
+            f"{free >> 20} MiB free.",
+            data={"needed_bytes": need, "free_bytes": free},
+        )
+    return need
+
+
+def _sync(src, dst):
+    """Make dst an exact copy of src (ownership, modes, hard links, ACLs, xattrs: file
+    capabilities matter). rsync copies only what changed, so a second pass is cheap."""
+    os.makedirs(dst, exist_ok=True)
+    if shutil.which("rsync"):
+        rc, out, err = run(
+            ["rsync", "-aHAX", "--numeric-ids", "--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600
+        )
+        if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
+            raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+        return
+    shutil.rmtree(dst)
+    run(["cp", "-a", "--reflink=auto", src, dst], timeout=3600, check=True)
+
+
+def _criu_log(images, which, tail=25):
+    """The lines of CRIU's log that explain a failure: errors and warnings, then the tail."""
+    path = os.path.join(images, f"{which}.log")
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        return f"{which}.log: {e.strerror}"
+    picked = [line for line in lines if LOG_LINE_RE.search(line)][-60:]
+    rest = [line for line in lines[-tail:] if line not in picked]
+    text = "\n".join(picked)
+    if rest:
+        text += "\n--- last lines of {}.log ---\n{}".format(which, "\n".join(rest))
+    return text
+
+
+def _checkpoint_log(name):
+    return os.path.join(_cdir(name), "lxc-checkpoint.log")
+
+
+def _lxc_checkpoint(name, images, mode, env=None):
+    """lxc-checkpoint -n NAME -D IMAGES [-s | -r]. The LXC monitor that a restore leaves
+    behind keeps its caller's stdout/stderr: they go to a file, never to our pipes.
+    `env` (e.g. CRIU_CONFIG_FILE for lazy pages) is passed to lxc-checkpoint and its criu."""
+    argv = ["lxc-checkpoint", "-n", name, "-D", images]
+    if mode == "stop":
+        argv.append("-s")
+    elif mode == "restore":
+        argv.append("-r")
+    log = _checkpoint_log(name)
+    if os.path.exists(log) and os.path.getsize(log) > 1 << 20:
+        os.truncate(log, 0)
+    # Append: the monitor of an earlier restore may still hold this file open.
+    with open(os.devnull, "rb") as devnull, open(log, "ab") as out:
+        start = out.tell()
+        out.write("--- {} {}\n".format(_now(), " ".join(argv)).encode())
+        out.flush()
+        # A dump keeps the container's lock even if this agent dies first: nobody may look
+        # at (or resume) the container until CRIU has finished with it. A restore must not:
+        # its LXC monitor lives as long as the container.
+        keep = (S.LOCK_FD,) if S.LOCK_FD is not None and mode in ("stop", "dump") else ()
+        try:
+            p = subprocess.run(
+                argv,
+                umask=CHILD_UMASK,
+                stdin=devnull,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                pass_fds=keep,
+                timeout=900,
+                env=env,
+            )
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+        except FileNotFoundError:
+            raise AgentError("lxc-checkpoint is not installed on this host.") from None
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            output = f.read().decode(errors="replace").split("\n", 1)[-1][-3000:]
+    except OSError:
+        output = ""
+    return rc, output
+
+
+def _criu_dump(name, images, stop):
+    what = "dump and stop" if stop else "dump"
+    rc, output = _lxc_checkpoint(name, images, "stop" if stop else "dump")
+    if rc != 0 or not os.path.isfile(os.path.join(images, "inventory.img")):
+        details = _criu_log(images, "dump")
+        if output.strip():
+            details += "\n--- lxc-checkpoint ---\n" + output.strip()
+        state = _state(name)
+        msg = f"CRIU could not {what} {name} (lxc-checkpoint exit status {rc})."
+        raise AgentError(msg, details, {"state": state, "has_saved_state": _has_saved_state(name)})
+
+
+def _freezer_state(name):
+    rc, out, err = run(["lxc-cgroup", "-n", name, "freezer.state"], timeout=20)
+    if rc == 0 and out.strip():
+        return out.strip()
+    rc, out, err = run(["lxc-cgroup", "-n", name, "cgroup.freeze"], timeout=20)  # cgroup v2
+    if rc == 0 and out.strip() in ("0", "1"):
+        return "FROZEN" if out.strip() == "1" else "THAWED"
+    return None
+
+
+def _thaw(name):
+    """Thaw the container's freezer cgroup. lxc-unfreeze is not enough after a restore:
+    CRIU (--manage-cgroups=full) restores the freezer state it dumped -- FROZEN for our
+    snapshots, which freeze the container to copy its rootfs consistently -- while LXC
+    believes the container RUNNING and does nothing. So write the cgroup file."""
+    run(["lxc-unfreeze", "-n", name], timeout=60)
+    for _ in range(500):
+        state = _freezer_state(name)
+        if state in (None, "THAWED"):
+            return
+        if state == "FROZEN":
+            run(["lxc-cgroup", "-n", name, "freezer.state", "THAWED"], timeout=20)
+            run(["lxc-cgroup", "-n", name, "cgroup.freeze", "0"], timeout=20)
+        time.sleep(0.01)  # FREEZING/THAWING settle within ms
+    raise AgentError(f"{name} stays frozen ({_freezer_state(name)}) after a restore.", data={"state": _state(name)})
+
+
+def _criu_restore(name, images, failure, has_saved_state, env=None):
+    rc, output = _lxc_checkpoint(name, images, "restore", env)
+    state = _state(name)
+    if rc == 0 and state in ("RUNNING", "FROZEN"):
+        _thaw(name)
+        return
+    details = _criu_log(images, "restore")
+    if output.strip():
+        details += "\n--- lxc-checkpoint ---\n" + output.strip()
+    if state != "STOPPED":
+        run(["lxc-stop", "-n", name, "-k"], timeout=60)
+        state = _state(name)
+    raise AgentError(
+        f"{failure} (lxc-checkpoint exit status {rc}); {name} is {state}.",
+        details,
+        {"state": state, "has_saved_state": has_saved_state},
+    )
+
+
+def cmd_snapshot(params):
+    """{name, snapshot, stateful=true}. Stateful: CRIU dump of the running container
+    (it keeps running), plus its rootfs copied while frozen, so files and memory agree."""
+    name = _require(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    stateful = _flag(params, "stateful", True)
+    t0 = time.monotonic()
+    final = _snap_dir(name, snap)
+    if os.path.lexists(final):
+        raise AgentError(f"{name} has a snapshot named {snap} already.", data={"state": _state(name)})
+    state = _state(name)
+    if state not in ("RUNNING", "STOPPED"):
+        raise AgentError(f"{name} is {state}; snapshots need it RUNNING or STOPPED.", data={"state": state})
+    if stateful and state != "RUNNING":
+        raise AgentError(f"{name} is {state}: a stateful snapshot needs a running container.", data={"state": state})
+    rootfs = _rootfs(name)
+    event("preflight", "checking disk space", 2)
+    rootfs_bytes = _du(rootfs)
+    _check_disk(rootfs_bytes + (_memory_bytes(name) if stateful else 0), f"snapshot {snap} of {name}")
+    tmp = os.path.join(S.SNAPSHOTS_PATH, name, f".tmp-{snap}")
+    _remove_tree(tmp)
+    os.makedirs(tmp)
+    images = os.path.join(tmp, "images")
+    stats = {}
+    frozen_ms = None
+    try:
+        _write_config_in(tmp, _read_config(name))
+        if state == "RUNNING":
+            # Bulk copy while it runs; the second pass, frozen, copies only what changed.
+            event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs", 10)
+            _sync(rootfs, os.path.join(tmp, "rootfs"))
+            event("freeze", f"freezing {name}", 40)
+            t_freeze = time.monotonic()
+            run(["lxc-freeze", "-n", name], timeout=60, check=True)
+            try:
+                if stateful:
+                    os.makedirs(images)
+                    event("dump", f"dumping {name} with CRIU (it keeps running)", 50)
+                    _criu_dump(name, images, stop=False)
+                event("copy", "copying what changed in the rootfs while frozen", 75)
+                _sync(rootfs, os.path.join(tmp, "rootfs"))
+            finally:
+                _thaw(name)
+                frozen_ms = _ms(t_freeze)
+            state = _state(name)
+            if state != "RUNNING":
+                raise AgentError(f"{name} is {state} after the snapshot, not RUNNING.", data={"state": state})
+        else:
+            event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB)", 20)
+            _sync(rootfs, os.path.join(tmp, "rootfs"))
+        if stateful:
+            stats = _criu_stats(images, "dump")
+        stats["total_ms"] = _ms(t0)
+        if frozen_ms is not None:
+            stats["frozen_ms"] = frozen_ms  # the container's downtime, dump + frozen copy
+        event("copy", "writing metadata", 90)
+        meta = {
+            "snapshot": snap,
+            "container": name,
+            "stateful": stateful,
+            "created_at": _now(),
+            "stats": stats,
+            "container_state": state,
+        }
+        _write_json(os.path.join(tmp, "meta.json"), meta)
+        os.rename(tmp, final)
+    except AgentError as e:
+        _remove_tree(tmp)
+        e.data["state"] = _state(name)  # after the thaw
+        e.message += f" {name} is {e.data['state']}; no snapshot was kept."
+        raise
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    size = _du(final)
+    meta["size_bytes"] = size
+    _write_json(os.path.join(final, "meta.json"), meta)
+    images = os.path.join(final, "images")
+    result = {
+        **meta,
+        "images": _image_files(images) if stateful else [],
+        "contents": _contents(images) if stateful else None,
+    }
+    event("copy", f"snapshot {snap} of {name} done in {stats['total_ms']} ms", 100)
+    return result
+
+
+def _load_snapshot(name, snap):
+    sdir = _snap_dir(name, snap)
+    meta = _read_json(os.path.join(sdir, "meta.json"))
+    if meta is None:
+        raise AgentError(f"{name} has no snapshot {snap} on this host.", data={"state": _state(name)})
+    return sdir, meta
+
+
+def cmd_restore(params):
+    """{name, snapshot}: kill the container, roll its rootfs (and config) back to the
+    snapshot, then restore the processes (stateful) or cold start (stateless)."""
+    name = _require(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    sdir, meta = _load_snapshot(name, snap)
+    images = os.path.join(sdir, "images")
+    stateful = bool(meta.get("stateful")) and os.path.isfile(os.path.join(images, "inventory.img"))
+    if not os.path.isdir(os.path.join(sdir, "rootfs")):
+        raise AgentError(f"Snapshot {snap} of {name} has no rootfs copy.", data={"state": _state(name)})
+    rootfs = _rootfs(name)
+    t0 = time.monotonic()
+    event("stop", f"stopping {name}", 5)
+    if _state(name) != "STOPPED":
+        rc, out, err = run(["lxc-stop", "-n", name, "-k"], timeout=60)
+        state = _state(name)
+        if state != "STOPPED":
+            raise AgentError(f"lxc-stop did not stop {name}.", (err or out)[-2000:], {"state": state})
+    # A saved state belongs to the filesystem we are about to replace.
+    _remove_tree(_state_dir(name))
+    event("copy", f"rolling the rootfs of {name} back to {snap}", 20)
+    _sync(os.path.join(sdir, "rootfs"), rootfs)
+    # The snapshot's config (it may have come from another host) only through the allowlist.
+    try:
+        snap_lines = _read_lines(os.path.join(sdir, "config"))
+    except OSError:
+        snap_lines = _read_config(name)
+    dropped = _apply_allowlist(_cdir(name), name, snap_lines, f"the config of snapshot {snap}")
+    t_restore = time.monotonic()
+    if stateful:
+        event("restore", f"restoring the processes of {name} from {snap}", 60)
+        _criu_restore(name, images, failure=f"Restoring {name} from snapshot {snap} failed", has_saved_state=False)
+        stats = _criu_stats(images, "restore")
+    else:
+        event("restore", f"starting {name} (stateless snapshot: cold start)", 60)
+        _lxc_start(name)
+        stats = {}
+    stats["restore_ms"] = _ms(t_restore)
+    stats["total_ms"] = _ms(t0)
+    event("restore", f"{name} restored from {snap} in {stats['total_ms']} ms", 100)
+    out = {"name": name, "snapshot": snap, "state": _state(name), "stateful": stateful, "stats": stats}
+    if dropped:
+        out["config_dropped"] = dropped
+    return out
+
+
+def cmd_delete_snapshot(params):
+    name = check_name(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    sdir = _snap_dir(name, snap)
+    if not os.path.isdir(sdir):
+        raise AgentError(f"{name} has no snapshot {snap} on this host.")
+    event("delete", f"deleting snapshot {snap} of {name}", 50)
+    _remove_tree(sdir)
+    return {"name": name, "snapshot": snap, "deleted": True}
+
+
+def cmd_snapshot_contents(params):
+    name = check_name(params.get("name"))
+    snap = check_name(params.get("snapshot"), "snapshot")
+    sdir, meta = _load_snapshot(name, snap)
+    images = os.path.join(sdir, "images")
+    if not os.path.isdir(images):
+        return {"name": name, "snapshot": snap, "stateful": False, "contents": None}
+    event("decode", f"decoding the CRIU images of {snap}", 50)
+    return {"name": name, "snapshot": snap, "stateful": True, "contents": _contents(images)}

@@ -1,0 +1,840 @@
+"""Post-copy (lazy pages): the source's lazy dump, the target's lazy-pages daemon, the
+resumable page relay between them, and the migrate-dump/-restore/-resume/-abort/-cleanup steps."""
+
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from . import state as S
+from .common import (
+    CHILD_UMASK,
+    AgentError,
+    _du,
+    _flag,
+    _ms,
+    _read_json,
+    _remove_tree,
+    _write_json,
+    agent_file,
+    check_name,
+    event,
+    run,
+)
+from .contents import _criu_stats, _image_files
+from .criu import _criu_dump, _criu_log, _criu_restore, _has_saved_state, _state_dir, _state_images, _thaw
+from .images import _remove_stages
+from .lxc import _cdir, _exists, _require, _state
+from .migrate import _mig_dir, _mig_marker
+
+# --- post-copy (lazy pages) ---------------------------------------------------------------
+# The source's `criu dump --lazy-pages` (run by lxc-checkpoint -s, options from
+# CRIU_CONFIG_FILE) writes the images without memory pages, then serves the pages from the
+# frozen tasks over a socketpair (--ps-socket: no port) to the source's page relay. On the
+# target, `criu lazy-pages --page-server --ps-socket` talks over another socketpair to the
+# target's page relay. The two relays speak a resumable protocol (offsets, acks, a hello
+# on every reconnection) over whatever the dashboard provides: `pages-attach` channels it
+# opens on both hosts and pumps between, and re-opens after any link or worker fault. So
+# neither CRIU process ever sees its connection close until the target holds every page.
+# The long-lived processes run detached under a small watcher that records their exit
+# status, so later subcommands can wait for them.
+
+LAZY_DUMP = "lazy-dump"  # <mig dir>/lazy-dump.{json,out,rc}: the source's dump + page server
+LAZY_PAGES = "lazy-pages"  # <mig dir>/lazy-pages.{json,out,rc}: the target's lazy-pages daemon
+PAGE_RELAY = "page-relay"  # <mig dir>/page-relay.{json,out,rc}: this host's page relay
+RELAY_VERSION = 1  # the resumable page relay's protocol (the probe reports it)
+
+
+def _spawn_watched(argv, mdir, tag, env=None, keep_fd=None):
+    """Start argv detached (own session, stdio to <tag>.out) under a watcher process that
+    writes its exit status to <tag>.rc. Returns {"pid", "watcher"} once it runs.
+    `keep_fd` is handed to the program as its descriptor 3 (e.g. CRIU's --ps-socket)."""
+    out_path, rc_path, info_path = (os.path.join(mdir, f"{tag}.{ext}") for ext in ("out", "rc", "json"))
+    for path in (rc_path, info_path):
+        if os.path.exists(path):
+            os.unlink(path)
+    pid = os.fork()
+    if pid == 0:  # first child: detach, then fork the watcher and leave
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            if keep_fd is not None:
+                os.dup2(keep_fd, 3)  # inheritable: dup2 clears O_CLOEXEC
+                os.closerange(4, 1 << 16)
+            else:
+                os.closerange(3, 1 << 16)
+            if os.fork() != 0:
+                os._exit(0)
+            try:
+                kept = (3,) if keep_fd is not None else ()
+                p = subprocess.Popen(
+                    argv, stdin=0, stdout=1, stderr=2, env=env, close_fds=True, pass_fds=kept, umask=CHILD_UMASK
+                )
+                if kept:
+                    os.close(3)  # only the program holds it: its end is the program's end
+            except OSError as e:
+                _write_json(rc_path + ".json", {"rc": 127, "error": str(e)})
+                os.replace(rc_path + ".json", rc_path)
+                os._exit(0)
+            _write_json(info_path, {"pid": p.pid, "watcher": os.getpid(), "argv": argv, "started": time.time()})
+            rc = p.wait()
+            _write_json(rc_path + ".json", {"rc": rc, "ended": time.time()})
+            os.replace(rc_path + ".json", rc_path)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    for _ in range(100):
+        info = _read_json(info_path)
+        if info or os.path.exists(rc_path):
+            return info or {}
+        time.sleep(0.02)
+    raise AgentError(f"{argv[0]} did not start.")
+
+
+def _watched_rc(mdir, tag):
+    """The exit status of a watched process, or None while it runs."""
+    data = _read_json(os.path.join(mdir, f"{tag}.rc"))
+    if data is not None:
+        return data.get("rc")
+    info = _read_json(os.path.join(mdir, f"{tag}.json"))
+    if not info or not _pid_alive(info.get("watcher")):
+        return -1 if info else None  # the watcher died without a word
+    return None
+
+
+def _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 1:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_watched(mdir, tag, sig=15):
+    info = _read_json(os.path.join(mdir, f"{tag}.json")) or {}
+    pid = info.get("pid")
+    if _watched_rc(mdir, tag) is None and _pid_alive(pid):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+        return True
+    return False
+
+
+def _tail(path, n=40):
+    try:
+        with open(path, errors="replace") as f:
+            return "\n".join(f.read().splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _listening(port):
+    """Is something listening on 127.0.0.1:port (or any address) in this network namespace?"""
+    want = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
+    try:
+        with open("/proc/net/tcp") as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if parts[1] in want and parts[3] == "0A":
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def _criu_config(mdir, tag, lines):
+    path = os.path.join(mdir, f"criu-{tag}.conf")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return dict(os.environ, CRIU_CONFIG_FILE=path)
+
+
+def _private_dir(mdir):
+    """The migration's directory holds the page relay's socket and status: root only."""
+    os.makedirs(mdir, exist_ok=True)
+    os.chmod(mdir, 0o700)
+
+
+def _start_relay(mdir, role):
+    """Start this host's page relay for a post-copy; return the socket CRIU must use.
+    CRIU gets the other end of a socketpair as --ps-socket: no port is ever opened."""
+    _private_dir(mdir)
+    mine, criu_end = socket.socketpair()
+    try:
+        env = dict(os.environ, CTWEB_RELAY=json.dumps({"dir": mdir, "role": role}))
+        _spawn_watched([sys.executable, agent_file(), "pages-relay"], mdir, PAGE_RELAY, env, mine.fileno())
+    finally:
+        mine.close()
+    return criu_end
+
+
+def _lazy_dump(name, mdir, images):
+    """Start the lazy dump; return once the images are written. CRIU's page server then
+    serves the frozen tasks' memory over a socketpair to this host's page relay."""
+    criu_end = _start_relay(mdir, "source")
+    env = _criu_config(mdir, "dump", ["lazy-pages", "ps-socket 3"])
+    argv = ["lxc-checkpoint", "-n", name, "-D", images, "-s"]
+    t0 = time.monotonic()
+    try:
+        _spawn_watched(argv, mdir, LAZY_DUMP, env, criu_end.fileno())
+    finally:
+        criu_end.close()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        rc = _watched_rc(mdir, LAZY_DUMP)
+        if rc is not None:
+            _kill_watched(mdir, PAGE_RELAY)
+            details = _criu_log(images, "dump")
+            out = _tail(os.path.join(mdir, f"{LAZY_DUMP}.out"))
+            if out.strip():
+                details += "\n--- lxc-checkpoint ---\n" + out
+            raise AgentError(
+                f"CRIU could not dump {name} lazily (lxc-checkpoint exit status {rc}).",
+                details,
+                {"state": _state(name), "has_saved_state": _has_saved_state(name)},
+            )
+        if os.path.isfile(os.path.join(images, "inventory.img")):
+            # CRIU writes the inventory last, then serves pages on the socketpair.
+            time.sleep(0.05)
+            if _watched_rc(mdir, LAZY_DUMP) is None:
+                return _ms(t0)
+            continue
+        time.sleep(0.02)
+    _kill_watched(mdir, LAZY_DUMP)
+    raise AgentError(f"The lazy dump of {name} did not start its page server within 300 s.", _criu_log(images, "dump"))
+
+
+# The relays' frames: type (1 byte), value (8), payload length (4), payload.
+_F_HELLO, _F_DATA, _F_ACK, _F_FIN, _F_ABORT = 1, 2, 3, 4, 5
+_FRAME = struct.Struct(">BQI")
+_RELAY_CHUNK = 256 * 1024
+_RELAY_WINDOW = 64 * 1024 * 1024  # unacknowledged bytes held before CRIU is read no further
+
+
+class _Relay:
+    """One host's end of the page path: CRIU's socket on one side, the current attach
+    connection (to the other host's relay, through the dashboard) on the other. Every byte
+    from CRIU is kept until the peer acknowledges it; a new attach starts with a HELLO
+    saying how much each side has, and the rest is sent again."""
+
+    def __init__(self, mdir, role, criu_sock):
+        self.mdir, self.role, self.criu = mdir, role, criu_sock
+        self.criu.setblocking(False)
+        self.out = bytearray()  # from CRIU, not yet acknowledged by the peer
+        self.out_base = 0  # offset of out[0]
+        self.sent = 0  # offset sent on the current link
+        self.to_criu = bytearray()
+        self.received = 0  # bytes from the peer, in order
+        self.acked_sent = 0
+        self.local_end = None  # "fin" or "abort" once CRIU's side ended
+        self.peer_end = None  # ("fin", total) or ("abort", None)
+        self.criu_shut = False
+        self.link = None
+        self.link_ready = False  # the peer's HELLO arrived on this link
+        self.inbuf = bytearray()
+        self.outq = bytearray()
+        self.attaches = 0
+        self.done_at = None
+        self.last_ack_t = 0.0
+        self.last_status = 0.0
+        self._end_sent = None  # the link the FIN/ABORT went out on
+
+    # --- the link -------------------------------------------------------------
+    def attach(self, conn):
+        if self.link is not None:
+            self.link.close()
+        conn.setblocking(False)
+        self.link, self.link_ready, self.inbuf, self.outq = conn, False, bytearray(), bytearray()
+        self.attaches += 1
+        self._frame(_F_HELLO, self.received)
+
+    def drop_link(self):
+        if self.link is not None:
+            self.link.close()
+        self.link, self.link_ready = None, False
+
+    def _frame(self, kind, value, payload=b""):
+        self.outq += _FRAME.pack(kind, value, len(payload)) + payload
+
+    def on_frames(self):
+        while len(self.inbuf) >= _FRAME.size:
+            kind, value, n = _FRAME.unpack_from(self.inbuf)
+            if n > 4 * _RELAY_CHUNK or kind not in (1, 2, 3, 4, 5):
+                raise ValueError("bad frame")
+            if len(self.inbuf) < _FRAME.size + n:
+                return
+            payload = bytes(self.inbuf[_FRAME.size : _FRAME.size + n])
+            del self.inbuf[: _FRAME.size + n]
+            if kind == _F_HELLO:
+                self._acked(value)
+                self.sent = max(value, self.out_base)
+                self.link_ready = True
+            elif kind == _F_DATA:
+                if value > self.received:
+                    raise ValueError("a gap in the peer's data")
+                fresh = payload[self.received - value :]
+                self.to_criu += fresh
+                self.received += len(fresh)
+            elif kind == _F_ACK:
+                self._acked(value)
+            elif kind == _F_FIN:
+                self.peer_end = ("fin", value)
+            elif kind == _F_ABORT:
+                self.peer_end = ("abort", None)
+
+    def _acked(self, upto):
+        if upto > self.out_base:
+            del self.out[: upto - self.out_base]
+            self.out_base = upto
+
+    def fill_link(self):
+        if not self.link_ready:
+            return
+        while len(self.outq) < 2 * _RELAY_CHUNK:
+            end = self.out_base + len(self.out)
+            if self.sent < end:
+                a = self.sent - self.out_base
+                chunk = bytes(self.out[a : a + _RELAY_CHUNK])
+                self._frame(_F_DATA, self.sent, chunk)
+                self.sent += len(chunk)
+                continue
+            break
+        now = time.monotonic()
+        if self.received > self.acked_sent and (
+            self.received - self.acked_sent >= 1 << 20 or now - self.last_ack_t >= 0.2
+        ):
+            self._frame(_F_ACK, self.received)
+            self.acked_sent, self.last_ack_t = self.received, now
+        if self.local_end and self.sent == self.out_base + len(self.out) and self._end_sent is not self.link:
+            total = self.out_base + len(self.out)
+            self._frame(_F_FIN if self.local_end == "fin" else _F_ABORT, total)
+            self._end_sent = self.link
+
+    # --- CRIU's side --------------------------------------------------------------
+    def criu_ended(self):
+        """CRIU closed its side: its normal end (the target pulled every page; the source's
+        page server finished), or a death (then the peer must not end its CRIU)."""
+        if self.role == "source" and self.criu_shut:
+            self.local_end = "fin"  # we ended it: the target has every page
+            return
+        tag = LAZY_PAGES if self.role == "target" else LAZY_DUMP
+        rc = None
+        for _ in range(100):  # its watcher records the status just after the end
+            rc = _watched_rc(self.mdir, tag)
+            if rc is not None:
+                break
+            time.sleep(0.05)
+        self.local_end = "fin" if rc == 0 else "abort"
+
+    def status(self, force=False):
+        now = time.monotonic()
+        if not force and now - self.last_status < 0.5:
+            return
+        self.last_status = now
+        _write_json(
+            os.path.join(self.mdir, "page-relay-status.json"),
+            {
+                "role": self.role,
+                "from_criu": self.out_base + len(self.out),
+                "acked_by_peer": self.out_base,
+                "from_peer": self.received,
+                "attached": self.link is not None,
+                "attaches": self.attaches,
+                "local_end": self.local_end,
+                "peer_end": self.peer_end[0] if self.peer_end else None,
+                "updated": time.time(),
+            },
+        )
+
+    def finished(self):
+        now = time.monotonic()
+        if self.local_end == "abort":
+            # Our CRIU is gone, so nothing is left to protect here: tell the peer, then go.
+            self.done_at = self.done_at or now
+            told = self._end_sent is not None and not self.outq
+            return told or self.peer_end is not None or now - self.done_at > 30
+        if self.local_end is None or self.peer_end is None:
+            return False
+        if self.peer_end[0] == "fin" and (self.received < self.peer_end[1] or self.to_criu):
+            return False
+        if self.out or self.outq:
+            self.done_at = self.done_at or now
+            return now - self.done_at > 30  # the peer's last acknowledgement may still come
+        return True
+
+
+def cmd_pages_relay(params):
+    """The page relay (started detached by migrate-dump or migrate-restore, never by the
+    dashboard): runs until both CRIU processes are done with each other."""
+    cfg = json.loads(os.environ.get("CTWEB_RELAY", "{}"))
+    mdir, role = cfg["dir"], cfg["role"]
+    criu_sock = socket.socket(fileno=3)
+    path = os.path.join(mdir, "page-relay.sock")
+    if os.path.lexists(path):
+        os.unlink(path)
+    old = os.umask(0o077)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.umask(old)
+    os.chmod(path, 0o600)
+    listener.listen(4)
+    listener.setblocking(False)
+    r = _Relay(mdir, role, criu_sock)
+    throttle = _relay_throttle(mdir)
+    checked = time.monotonic()
+
+    while not r.finished():
+        rd, wr = [listener], []
+        if r.local_end is None and len(r.out) < _RELAY_WINDOW:
+            rd.append(r.criu)
+        if r.to_criu and not r.criu_shut:
+            wr.append(r.criu)
+        if r.link is not None:
+            rd.append(r.link)
+            r.fill_link()
+            if r.outq:
+                wr.append(r.link)
+        try:
+            readable, writable, _ = select.select(rd, wr, [], 0.2)
+        except ValueError:
+            readable, writable = [], []
+        if listener in readable:
+            try:
+                conn, _ = listener.accept()
+                r.attach(conn)
+            except OSError:
+                pass
+        if r.criu in readable:
+            try:
+                data = r.criu.recv(_RELAY_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                r.criu_ended()
+            elif data:
+                r.out += data
+        if r.criu in writable and r.to_criu:
+            try:
+                n = r.criu.send(r.to_criu[:_RELAY_CHUNK])
+                del r.to_criu[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                r.criu_shut = True
+                r.to_criu.clear()
+        if r.link is not None and r.link in readable:
+            try:
+                data = r.link.recv(_RELAY_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                r.drop_link()
+            elif data:
+                r.inbuf += data
+                try:
+                    r.on_frames()
+                except ValueError:
+                    r.drop_link()
+        if r.link is not None and r.link in writable and r.outq:
+            try:
+                n = r.link.send(r.outq[: throttle or _RELAY_CHUNK])
+                del r.outq[:n]
+                if throttle:
+                    time.sleep(0.1)  # test-only throttle: about 10 x throttle bytes a second
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                r.drop_link()
+        # The peer's CRIU finished normally and we delivered all it sent: end ours too
+        # (the source's page server takes the end for "all served" and finishes the dump).
+        if r.peer_end and r.peer_end[0] == "fin" and r.received >= r.peer_end[1] and not r.to_criu:
+            if not r.criu_shut:
+                try:
+                    r.criu.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                r.criu_shut = True
+        r.status()
+        if time.monotonic() - checked >= 0.5:  # a test may write its throttle just after we started
+            throttle, checked = _relay_throttle(mdir), time.monotonic()
+    if r.link is not None:
+        r.fill_link()
+        try:
+            r.link.setblocking(True)
+            r.link.settimeout(5)
+            r.link.sendall(r.outq)
+        except OSError:
+            pass
+    r.status(force=True)
+    return {"role": role, "from_criu": r.out_base + len(r.out), "from_peer": r.received}
+
+
+def _relay_throttle(mdir):
+    """Tests only: a throttle file the test itself writes into the migration directory
+    (root-only, made for this one migration) slows the relay so a fault can hit the pull.
+    Production never writes it; its presence is reported in the relay's status."""
+    try:
+        with open(os.path.join(mdir, "TEST-ONLY-throttle")) as f:
+            return max(1024, int(f.read().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
+def cmd_pages_attach(params):
+    """Bridge this SSH channel to the migration's page relay (the dashboard pumps bytes
+    between the two hosts' attach channels)."""
+    check_name(params.get("name"))
+    path = os.path.join(_mig_dir(params), "page-relay.sock")
+    sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sk.connect(path)
+    except OSError as e:
+        raise AgentError(f"No page relay runs for this migration here ({e.strerror}).") from None
+    fds = [0, sk.fileno()]
+    while True:
+        readable, _, _ = select.select(fds, [], [])
+        if 0 in readable:
+            data = os.read(0, _RELAY_CHUNK)
+            if not data:
+                break
+            sk.sendall(data)
+        if sk.fileno() in readable:
+            data = sk.recv(_RELAY_CHUNK)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                n = os.write(1, view)
+                view = view[n:]
+    return None
+
+
+def cmd_migrate_dump(params):
+    name = _require(params.get("name"))
+    lazy = _flag(params, "lazy", False)
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
+    _remove_tree(images) if os.path.exists(images) else None
+    os.makedirs(images)
+    t0 = time.monotonic()
+    event("dump", f"dumping {name}" + (" without its memory pages (lazy)" if lazy else ""), 10)
+    if lazy:
+        ms = _lazy_dump(name, mdir, images)
+        event("dump", f"images written after {ms} ms; the page server serves this host's page relay", 90)
+        return {
+            "state": _state(name),
+            "relay": RELAY_VERSION,
+            "stats": {"total_ms": _ms(t0)},
+            "images_bytes": _du(images),
+            "pages_bytes": _pages_bytes(images),  # what CRIU could not leave to the page server
+        }
+    _criu_dump(name, images, stop=True)
+    stats = _criu_stats(images, "dump")
+    stats["total_ms"] = _ms(t0)
+    return {"state": _state(name), "stats": stats, "images_bytes": _du(images), "pages_bytes": _pages_bytes(images)}
+
+
+def _pages_bytes(images):
+    """Bytes of memory pages inside the images (CRIU's pages-N.img files): they travel with the images."""
+    return sum(f["size"] for f in _image_files(images) if re.fullmatch(r"pages-\d+\.img", f["name"]))
+
+
+def _start_lazy_pages(name, mdir, images):
+    criu_end = _start_relay(mdir, "target")
+    argv = ["criu", "lazy-pages", "--page-server", "--ps-socket", "3"]
+    argv += ["-D", images, "-o", "lazy-pages.log", "-v4"]
+    try:
+        _spawn_watched(argv, mdir, LAZY_PAGES, None, criu_end.fileno())
+    finally:
+        criu_end.close()
+    sock = os.path.join(images, "lazy-pages.socket")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rc = _watched_rc(mdir, LAZY_PAGES)
+        if rc is not None:
+            _kill_watched(mdir, PAGE_RELAY)
+            raise AgentError(
+                f"criu lazy-pages ended at once (exit status {rc}).",
+                _criu_log(images, "lazy-pages") + "\n" + _tail(os.path.join(mdir, f"{LAZY_PAGES}.out")),
+                {"state": _state(name)},
+            )
+        if os.path.exists(sock):
+            return
+        time.sleep(0.02)
+    _kill_watched(mdir, LAZY_PAGES)
+    _kill_watched(mdir, PAGE_RELAY)
+    raise AgentError("criu lazy-pages did not open its socket within 30 s.", _criu_log(images, "lazy-pages"))
+
+
+def cmd_migrate_restore(params):
+    name = _require(params.get("name"))
+    lazy = _flag(params, "lazy", False)
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
+    t0 = time.monotonic()
+    env = None
+    if lazy:
+        event("restore", "starting criu lazy-pages and this host's page relay", 5)
+        _start_lazy_pages(name, mdir, images)
+        env = _criu_config(mdir, "restore", ["lazy-pages"])
+    event("restore", f"restoring {name}" + (" (memory follows lazily)" if lazy else ""), 10)
+    try:
+        _criu_restore(name, images, f"CRIU could not restore {name} on this host", False, env)
+    except AgentError as e:
+        if lazy:
+            _kill_watched(mdir, LAZY_PAGES)
+            _kill_watched(mdir, PAGE_RELAY)
+            e.details += "\n--- lazy-pages.log ---\n" + _criu_log(images, "lazy-pages")
+        raise
+    stats = _criu_stats(images, "restore")
+    stats["total_ms"] = _ms(t0)
+    return {"state": _state(name), "stats": stats}
+
+
+def cmd_migrate_lazy_wait(params):
+    """Wait up to wait_s seconds for a post-copy's long-lived CRIU process to end: role
+    "target" waits for the lazy-pages daemon (every page arrived), role "source" for the
+    dump's page server. No limit of its own: it returns {"done": false} with the page
+    relay's counters, and the dashboard judges progress."""
+    name = check_name(params.get("name"))
+    role = params.get("role")
+    if role not in ("source", "target"):
+        raise AgentError("role must be source or target.")
+    wait_s = params.get("wait_s", 20)
+    if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= 300:
+        raise AgentError("Bad wait_s.")
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
+    tag, log = (LAZY_PAGES, "lazy-pages") if role == "target" else (LAZY_DUMP, "dump")
+    if not os.path.exists(os.path.join(mdir, f"{tag}.json")) and not os.path.exists(os.path.join(mdir, f"{tag}.rc")):
+        raise AgentError(f"No {log} process was started for this migration here.")
+    t0 = time.monotonic()
+    rc = _watched_rc(mdir, tag)
+    while rc is None and time.monotonic() - t0 < wait_s:
+        time.sleep(0.1)
+        rc = _watched_rc(mdir, tag)
+    relay = _read_json(os.path.join(mdir, "page-relay-status.json")) or {}
+    if rc is None:
+        return {"done": False, "relay": relay, "state": _state(name)}
+    if rc != 0:
+        raise AgentError(
+            f"criu {log} ended with exit status {rc}.",
+            _criu_log(images, log) + "\n" + _tail(os.path.join(mdir, f"{tag}.out")),
+            {"state": _state(name), "ended": rc, "relay": relay},
+        )
+    out = {"done": True, "state": _state(name), "relay": relay}
+    if role == "source":
+        out["stats"] = _criu_stats(images, "dump")
+    return out
+
+
+def cmd_migrate_resume(params):
+    """On the source, after the move failed: restore the container from its migration dump.
+    If that fails too, the images become its saved state, so Start can try again.
+    After a lazy dump the images hold no memory: the source can only go on if the dump
+    process still holds its frozen tasks (see _lazy_resume)."""
+    name = _require(params.get("name"))
+    mdir = _mig_dir(params)
+    images = os.path.join(mdir, "images")
+    if os.path.exists(os.path.join(mdir, f"{LAZY_DUMP}.json")):
+        return _lazy_resume(name, mdir, images)
+    try:
+        _criu_restore(name, images, f"CRIU could not resume {name} here", True)
+    except AgentError as e:
+        state_images = _state_images(name)
+        if os.path.isfile(os.path.join(images, "inventory.img")) and not os.path.exists(state_images):
+            os.makedirs(os.path.dirname(state_images), exist_ok=True)
+            os.rename(images, state_images)
+        e.data["has_saved_state"] = _has_saved_state(name)
+        raise
+    return {"state": _state(name), "stats": _criu_stats(images, "restore")}
+
+
+def _descendants(pid):
+    """(pid, comm) of every process below pid."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                head, _, tail = f.read().rpartition(")")
+            comm = head.split("(", 1)[1]
+            children.setdefault(int(tail.split()[1]), []).append((int(entry), comm))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+def _criu_network_unlock(name):
+    """Undo CRIU's network lock in the container's netns. CRIU 4.1 unlocks the network of
+    a failed dump before the lazy page server runs, not after it: a rolled-back lazy dump
+    leaves its CRIU chain dropping every packet (seen on the lab)."""
+    rc, out, err = run(["lxc-info", "-n", name, "-pH"], timeout=20)
+    pid = out.strip()
+    if rc != 0 or not pid.isdigit():
+        return False
+    done = False
+    for tool in ("iptables", "ip6tables"):
+        ns = ["nsenter", "-t", pid, "-n", tool, "-w"]
+        rc, out, err = run(ns + ["-S", "CRIU"], timeout=20)
+        if rc != 0:
+            continue
+        for chain in ("INPUT", "OUTPUT"):
+            while run(ns + ["-D", chain, "-j", "CRIU"], timeout=20)[0] == 0:
+                pass
+        run(ns + ["-F", "CRIU"], timeout=20)
+        done = run(ns + ["-X", "CRIU"], timeout=20)[0] == 0 or done
+    rc, out, err = run(["nsenter", "-t", pid, "-n", "nft", "list", "tables"], timeout=20)
+    for line in out.splitlines() if rc == 0 else []:
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "table" and parts[2].startswith("CRIU"):
+            done = run(["nsenter", "-t", pid, "-n", "nft", "delete", "table", parts[1], parts[2]], timeout=20)[0] == 0
+    return done
+
+
+def _lazy_resume(name, mdir, images):
+    """Give the tasks a lazy dump still holds back to the source. Closing the page server
+    is no way: CRIU takes an unserved close for success and kills the tasks. An interrupted
+    page server is a failed dump, though, and CRIU rolls a failed dump back (the tasks run
+    on): its SIGALRM handler (the --timeout one) does not restart syscalls, so SIGALRM makes
+    the page server's accept()/recv() fail."""
+    info = _read_json(os.path.join(mdir, f"{LAZY_DUMP}.json")) or {}
+    signalled = []
+    if _watched_rc(mdir, LAZY_DUMP) is None and _pid_alive(info.get("pid")):
+        for pid, comm in _descendants(info["pid"]):
+            if comm == "criu":
+                try:
+                    os.kill(pid, 14)  # SIGALRM
+                    signalled.append(pid)
+                except OSError:
+                    pass
+    deadline = time.monotonic() + 60
+    while _watched_rc(mdir, LAZY_DUMP) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = _state(name)
+    if state in ("RUNNING", "FROZEN"):
+        _thaw(name)
+        unlocked = _criu_network_unlock(name)
+        return {
+            "state": _state(name),
+            "resumed": f"the lazy dump was interrupted (criu {signalled}) and rolled back",
+            "network_unlocked": unlocked,
+        }
+    raise AgentError(
+        f"{name} could not be resumed here: its lazy dump holds no memory pages and the dump "
+        f"process {'ended' if _watched_rc(mdir, LAZY_DUMP) is not None else 'still runs'}; it is {state}.",
+        _criu_log(images, "dump"),
+        {"state": state, "has_saved_state": False},
+    )
+
+
+def cmd_migrate_abort(params):
+    """On the target: remove only what this migration brought."""
+    name = check_name(params.get("name"))
+    removed = []
+    if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), LAZY_PAGES, 9):
+        removed.append("lazy-pages daemon")
+    if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), PAGE_RELAY, 9):
+        removed.append("page relay")
+    if os.path.exists(_mig_marker(name, params)) or os.path.exists(os.path.join(_mig_dir(params), "receiving")):
+        if _exists(name) and _state(name) != "STOPPED":
+            run(["lxc-stop", "-n", name, "-k"], timeout=60)
+            if _state(name) != "STOPPED":
+                raise AgentError(f"{name} is still {_state(name)} here and could not be stopped.")
+        if _exists(name):
+            run(["lxc-destroy", "-n", name], timeout=120)
+        if os.path.exists(_cdir(name)):
+            shutil.rmtree(_cdir(name), ignore_errors=True)
+        if os.path.exists(_cdir(name)):
+            raise AgentError(f"{_cdir(name)} could not be removed.")
+        removed.append("container")
+        for base in (S.SNAPSHOTS_PATH, S.STATE_PATH):
+            if os.path.exists(os.path.join(base, name)):
+                _remove_tree(os.path.join(base, name))
+                removed.append(os.path.basename(base))
+    if _remove_stages(params):
+        removed.append("staging")
+    if os.path.exists(_mig_dir(params)):
+        _remove_tree(_mig_dir(params))
+    return {"removed": removed}
+
+
+def _end_relay(mdir):
+    """Kill the page relay and wait for its watcher's last word (its .rc file): written after
+    the directory's removal began, it left the directory behind (seen on the lab)."""
+    if _kill_watched(mdir, PAGE_RELAY, 9):
+        deadline = time.monotonic() + 5
+        while _watched_rc(mdir, PAGE_RELAY) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def cmd_migrate_cleanup(params):
+    """On the source: after success remove the container (it runs on the target now);
+    with remove=false only the migration's working files."""
+    name = check_name(params.get("name"))
+    remove = _flag(params, "remove", False)
+    if _flag(params, "keep_state", False):
+        # The move failed and the target is in doubt: the dump becomes the saved state.
+        images = os.path.join(_mig_dir(params), "images")
+        lazy = os.path.exists(os.path.join(_mig_dir(params), f"{LAZY_DUMP}.json"))
+        if lazy and _watched_rc(_mig_dir(params), LAZY_DUMP) is None:
+            # Its page server may still feed a running target: keep everything as it is.
+            return {"removed": False, "has_saved_state": False, "lazy_dump_running": True}
+        if (
+            not lazy  # a lazy dump's images hold no memory: they are no saved state
+            and os.path.isfile(os.path.join(images, "inventory.img"))
+            and not os.path.exists(_state_images(name))
+        ):
+            os.makedirs(_state_dir(name), exist_ok=True)
+            os.rename(images, _state_images(name))
+        if os.path.exists(_mig_dir(params)):
+            _end_relay(_mig_dir(params))
+            _remove_tree(_mig_dir(params))
+        return {"removed": False, "has_saved_state": _has_saved_state(name)}
+    if remove and _exists(name):
+        if _state(name) != "STOPPED":
+            raise AgentError(f"{name} is {_state(name)} here: refusing to remove a running source.")
+        run(["lxc-destroy", "-n", name], timeout=120, check=True)
+        for base in (S.SNAPSHOTS_PATH, S.STATE_PATH):
+            if os.path.exists(os.path.join(base, name)):
+                _remove_tree(os.path.join(base, name))
+    if os.path.exists(_mig_dir(params)):
+        if _watched_rc(_mig_dir(params), LAZY_DUMP) is None and os.path.exists(
+            os.path.join(_mig_dir(params), f"{LAZY_DUMP}.json")
+        ):
+            raise AgentError("The lazy dump still holds the frozen tasks here: refusing to remove its files.")
+        _end_relay(_mig_dir(params))
+        _remove_tree(_mig_dir(params))
+    if os.path.lexists(_mig_marker(name, params)):
+        os.unlink(_mig_marker(name, params))  # on a target that runs it now: it is simply ours
+    return {"removed": remove}
