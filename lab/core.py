@@ -371,7 +371,7 @@ def _patch_busybox_template(path: Path) -> None:
     """Make the stock lxc-busybox template CRIU-friendly and static-address friendly:
 
     * drop the bind mounts of /lib, /usr/lib, /lib64, /usr/lib64, /sys/kernel/security
-      (CRIU's mount-v2 restore fails on them, LAB.md; busybox-static needs no libraries);
+      (CRIU's mount-v2 restore fails on them, docs/LAB-NOTES.md; busybox-static needs no libraries);
     * drop ``/bin/udhcpc`` from the container's rcS: it flushes the static address LXC
       set from ``lxc.net.0.ipv4.address`` and then keeps broadcasting DHCP requests;
     * ``lxc.tty.max = 0`` and no getty on tty1 (see below).

@@ -180,7 +180,7 @@ def main(argv):
         emit({"type": "error", "message": "usage: ctweb-agent {{{}}}".format(",".join(sorted(COMMANDS)))})
         return 2
     # Nothing we start may inherit a descriptor from the SSH session: CRIU refuses to
-    # dump processes holding files from outside their root (LAB.md).
+    # dump processes holding files from outside their root (docs/LAB-NOTES.md).
     # (The page relay keeps its descriptor 3: CRIU's socket, handed over by its starter.)
     os.closerange(4 if argv[1] == "pages-relay" else 3, 1 << 16)
     os.umask(AGENT_UMASK)

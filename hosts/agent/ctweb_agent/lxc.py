@@ -45,7 +45,7 @@ def _network():
 
 INIT_PATH = "ctweb/init"  # inside the container's rootfs: runs the `command` as its init
 DROP_CONFIG_PREFIXES = ("lxc.apparmor.", "lxc.net.")
-# Bind mounts of host libraries break CRIU restores (mount-v2 move_mount, LAB.md); the
+# Bind mounts of host libraries break CRIU restores (mount-v2 move_mount, docs/LAB-NOTES.md); the
 # static busybox needs none of them.
 DROP_MOUNT_TARGETS = ("lib", "usr/lib", "lib64", "usr/lib64", "sys/kernel/security")
 
