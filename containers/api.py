@@ -14,9 +14,9 @@ from ctweb.api import ApiError, StrictBooleanField, StrictCharField
 from ctweb.audit import audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
+from operations import events
+from operations.bundles import bundle_bytes
 
-from . import events
-from .bundles import bundle_bytes
 from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
 from .models import Container, Operation, Snapshot
@@ -138,7 +138,7 @@ def cancel_operation(request, op: Operation) -> Operation:
 
         release_reservation(op)
     if op.status == Operation.Status.WAITING:  # held by no thread: it hears the cancel when asked again
-        from .runner import ask_again
+        from operations.runner import ask_again
 
         ask_again(op.pk)
     audit(request, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
@@ -156,7 +156,7 @@ class OperationCancel(APIView):
 
 
 def decide_operation(request, op: Operation, action) -> Operation:
-    from .runner import DecisionRefused, decide
+    from operations.runner import DecisionRefused, decide
 
     if not isinstance(action, str) or not action:
         raise ApiError("action must be the id of one of the operation's result.decision.actions.", 400, "action")

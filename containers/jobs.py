@@ -8,10 +8,10 @@ from django.db import transaction
 
 from hosts import ssh
 from hosts.models import Host
+from operations.events import publish_fleet
+from operations.runner import OperationContext, OperationFailed, handler
 
-from .events import publish_fleet
 from .models import Container, Operation, Snapshot
-from .runner import OperationContext, OperationFailed, handler
 
 log = logging.getLogger(__name__)
 

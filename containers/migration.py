@@ -33,10 +33,18 @@ from ctweb.api import ApiError
 from ctweb.fleet import direct_route
 from hosts import ssh
 from hosts.models import Host
+from operations.events import publish_fleet
+from operations.runner import (
+    KEEP_WAITING,
+    Cancelled,
+    OperationContext,
+    OperationFailed,
+    WaitFor,
+    decision_handler,
+    handler,
+)
 
-from .events import publish_fleet
 from .models import Container, Operation
-from .runner import KEEP_WAITING, Cancelled, OperationContext, OperationFailed, WaitFor, decision_handler, handler
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
 
@@ -773,7 +781,7 @@ def resume_on_source(ctx: OperationContext) -> dict:
 
 
 def start_evacuation(request, host: Host) -> Operation:
-    from .runner import enqueue
+    from operations.runner import enqueue
 
     running = Operation.objects.filter(kind=Operation.Kind.EVACUATE, host=host, status__in=Operation.ACTIVE).first()
     if running:
@@ -831,8 +839,8 @@ def evacuate(ctx: OperationContext) -> dict:
 def check_evacuation(ctx: OperationContext):
     """Where an evacuation's children are: a cancel is passed on to them; when all have
     ended, the evacuation ends with what they did (a dict is success), else it waits."""
-    from .runner import Cancelled as _Cancelled
-    from .runner import finish as _finish
+    from operations.runner import Cancelled as _Cancelled
+    from operations.runner import finish as _finish
 
     op, source = ctx.op, ctx.op.host
     children = op.result.get("children") or []

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from hosts import ssh
+from operations.runner import OperationContext, OperationFailed, WaitFor
 
 from .models import Container, Snapshot
-from .runner import OperationContext, OperationFailed, WaitFor
 
 RECOVERERS: dict[str, Callable[[OperationContext], str]] = {}
 

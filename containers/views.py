@@ -11,10 +11,10 @@ from rest_framework.exceptions import APIException
 
 from ctweb.decorators import role_required
 from hosts.models import Host
+from operations.display import downtime_breakdown, phase_spans
 
 from .api import _midnight, cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
-from .display import downtime_breakdown, phase_spans
 from .migration import start_evacuation, start_migration, strategy_support
 from .models import Container, Operation
 from .services import (

@@ -28,7 +28,7 @@ def user_group(user_id: int) -> str:
 
 def notify(user_ids) -> None:
     """Tell the sockets of these users to check their access again, once the change is committed."""
-    from containers.events import send
+    from operations.events import send
 
     ids = sorted({int(i) for i in user_ids if i is not None})
     if ids:

@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "channels",
     "ctweb",
+    "operations",
     "hosts",
     "containers",
 ]
@@ -192,22 +193,22 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_ALWAYS_EAGER = _env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULE = {
     "refresh-container-states": {
-        "task": "containers.tasks.refresh_container_states",
+        "task": "operations.tasks.refresh_container_states",
         "schedule": float(os.environ.get("CTWEB_REFRESH_INTERVAL", 30)),
         "options": {"expires": 25},
     },
     "retry-waiting-operations": {
-        "task": "containers.tasks.retry_waiting_operations",
+        "task": "operations.tasks.retry_waiting_operations",
         "schedule": 10.0,
         "options": {"expires": 9},
     },
     "reprobe-offline-hosts": {
-        "task": "containers.tasks.reprobe_offline_hosts",
+        "task": "hosts.tasks.reprobe_offline_hosts",
         "schedule": float(os.environ.get("CTWEB_REPROBE_TICK", 10)),
         "options": {"expires": 9},
     },
     "find-lost-operations": {
-        "task": "containers.tasks.find_lost_operations",
+        "task": "operations.tasks.find_lost_operations",
         "schedule": 60.0,
         "options": {"expires": 55},
     },

@@ -8,11 +8,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from containers.api import OperationAcceptedSerializer, operation_accepted
-from containers.events import publish_fleet
 from containers.models import Operation
-from containers.runner import enqueue
 from ctweb.api import ApiError, StrictCharField, StrictIntegerField
 from ctweb.audit import audit
+from operations.events import publish_fleet
+from operations.runner import enqueue
 
 from . import ssh
 from .jobs import host_state

@@ -3,8 +3,8 @@
 from django.db import transaction
 from django.utils import timezone
 
-from containers.events import publish_fleet
-from containers.runner import OperationContext, OperationFailed, handler
+from operations.events import publish_fleet
+from operations.runner import OperationContext, OperationFailed, handler
 
 from . import ssh
 from .models import Host
@@ -69,7 +69,7 @@ def reprobe_offline_hosts(now=None) -> list[str]:
     from datetime import timedelta
 
     from containers.models import Operation
-    from containers.runner import enqueue
+    from operations.runner import enqueue
 
     now = now or timezone.now()
     started = []

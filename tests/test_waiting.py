@@ -7,10 +7,11 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from containers import recovery, runner, tasks
+from containers import recovery
 from containers.models import Container, Operation
-from containers.runner import KEEP_WAITING, OperationFailed, WaitFor, handler
 from ctweb.models import AuditEntry
+from operations import runner, tasks
+from operations.runner import KEEP_WAITING, OperationFailed, WaitFor, handler
 
 ACTIONS = [
     {"id": "go", "label": "Go", "consequence": "It goes."},

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from django.db import transaction
 from django.utils import timezone
 
+from containers.models import Operation
+
 from . import events
-from .models import Operation
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ def _decision_runner(op: Operation, decided: dict):
 def _run(op: Operation, ctx: OperationContext, fn) -> None:
     from django.db import DatabaseError
 
-    from .recovery import RECOVERERS
+    from containers.recovery import RECOVERERS
 
     try:
         if fn is None:
@@ -374,7 +375,7 @@ def _run(op: Operation, ctx: OperationContext, fn) -> None:
     except Cancelled as e:
         ctx.save()
         if op.kind == Operation.Kind.CREATE:
-            from .jobs import release_reservation
+            from containers.jobs import release_reservation
 
             release_reservation(op)
         finish(op, Operation.Status.CANCELLED, error=f"Cancelled at the operator's request. {e}".strip())
@@ -438,7 +439,7 @@ def fail_unqueued(op_id: int, error: str) -> None:
     ):
         op = Operation.objects.select_related("host").get(pk=op_id)
         if op.kind == Operation.Kind.CREATE:
-            from .jobs import release_reservation
+            from containers.jobs import release_reservation
 
             release_reservation(op)
         events.publish_operation(op)
@@ -456,7 +457,8 @@ def mark_lost_operations(me: str, alive: Callable[[str], bool], *, starting: boo
     recovery has found where their container ended up; the others fail at once."""
     from datetime import timedelta
 
-    from .recovery import RECOVERERS
+    from containers.recovery import RECOVERERS
+
     from .tasks import recover_operation_task
 
     stale = timezone.now() - timedelta(seconds=LOST_AFTER_S)
@@ -490,7 +492,7 @@ def mark_lost_operations(me: str, alive: Callable[[str], bool], *, starting: boo
 
 def recover_operation(op_id: int, worker: str = "") -> str | None:
     """Find out where a lost operation left its container, put it right, end the row."""
-    from .recovery import RECOVERERS
+    from containers.recovery import RECOVERERS
 
     op = Operation.objects.select_related("host", "target_host", "container").get(pk=op_id)
     if op.status != Operation.Status.RUNNING or op.kind not in RECOVERERS:
@@ -545,7 +547,8 @@ def retry_waiting_operations(me: str, now=None) -> int:
     recovery asks the hosts again. No thread is held between two attempts."""
     from datetime import datetime
 
-    from .recovery import RECOVERERS
+    from containers.recovery import RECOVERERS
+
     from .tasks import recover_operation_task
 
     now = now or timezone.now()

@@ -9,11 +9,11 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from containers.models import Operation
 from ctweb.access import RECHECK_S, access_stamp, still_allowed, user_group
 from ctweb.roles import has_role
 
 from . import events
-from .models import Operation
 
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from containers.models import Operation
 from hosts import ssh
-
-from .models import Operation
 
 log = logging.getLogger(__name__)
 
