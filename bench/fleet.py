@@ -186,8 +186,9 @@ def generate(scale: dict, seed: int = 7) -> dict:
     from django.db import connection
     from django.utils import timezone
 
-    from containers.models import Container, Operation, Snapshot
+    from containers.models import Container, Snapshot
     from hosts.models import Host
+    from operations.models import Operation
 
     rnd = random.Random(seed)
     now = timezone.now()
@@ -302,7 +303,7 @@ def generate(scale: dict, seed: int = 7) -> dict:
 
 
 def _operation(rnd, kind, c, hosts, host, users, now, status):
-    from containers.models import Operation
+    from operations.models import Operation
 
     created = now - timedelta(days=rnd.uniform(0, 365), seconds=rnd.uniform(0, 86_400))
     target = rnd.choice([h for h in hosts if h.pk != host.pk] or hosts) if kind == "migrate" else None

@@ -16,10 +16,11 @@ from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
 from operations import events
 from operations.bundles import bundle_bytes
+from operations.models import Operation
 
 from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
-from .models import Container, Operation, Snapshot
+from .models import Container, Snapshot
 from .services import (
     change_state,
     container_operation,

@@ -9,9 +9,10 @@ from django.db import transaction
 from hosts import ssh
 from hosts.models import Host
 from operations.events import publish_fleet
+from operations.models import Operation
 from operations.runner import OperationContext, OperationFailed, handler
 
-from .models import Container, Operation, Snapshot
+from .models import Container, Snapshot
 
 log = logging.getLogger(__name__)
 

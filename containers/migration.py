@@ -34,6 +34,7 @@ from ctweb.fleet import direct_route
 from hosts import ssh
 from hosts.models import Host
 from operations.events import publish_fleet
+from operations.models import Operation
 from operations.runner import (
     KEEP_WAITING,
     Cancelled,
@@ -44,7 +45,7 @@ from operations.runner import (
     handler,
 )
 
-from .models import Container, Operation
+from .models import Container
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
 

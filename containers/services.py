@@ -11,9 +11,10 @@ from ctweb.api import ApiError
 from ctweb.audit import audit
 from hosts.models import Host
 from hosts.validators import validate_name
+from operations.models import Operation
 from operations.runner import enqueue
 
-from .models import Container, Operation
+from .models import Container
 
 MAX_COMMAND_ARGS = 64
 MAX_COMMAND_LEN = 4096

@@ -12,11 +12,12 @@ from rest_framework.exceptions import APIException
 from ctweb.decorators import role_required
 from hosts.models import Host
 from operations.display import downtime_breakdown, phase_spans
+from operations.models import Operation
 
 from .api import _midnight, cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
 from .migration import start_evacuation, start_migration, strategy_support
-from .models import Container, Operation
+from .models import Container
 from .services import (
     change_state,
     container_operation,

@@ -10,9 +10,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views import defaults
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from containers.models import Operation
 from hosts.validators import USER_RE
 from hosts.views import hosts_with_counts
+from operations.models import Operation
 
 from .audit import audit
 from .decorators import role_required

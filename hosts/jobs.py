@@ -68,7 +68,7 @@ def reprobe_offline_hosts(now=None) -> list[str]:
     ordinary probe operation (params.auto), visible in the operation list."""
     from datetime import timedelta
 
-    from containers.models import Operation
+    from operations.models import Operation
     from operations.runner import enqueue
 
     now = now or timezone.now()

@@ -7,9 +7,9 @@ from django.views.decorators.http import require_http_methods, require_POST, req
 from rest_framework.exceptions import APIException
 
 from containers.api import containers_queryset
-from containers.models import Operation
 from containers.views import start_or_back
 from ctweb.decorators import role_required
+from operations.models import Operation
 
 from . import ssh
 from .api import HostCreateSerializer, add_host, remove_host, start_probe, trust_host

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from django.conf import settings
 
-from containers.models import Operation
 from hosts import ssh
+from operations.models import Operation
 
 log = logging.getLogger(__name__)
 

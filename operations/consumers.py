@@ -9,9 +9,9 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from containers.models import Operation
 from ctweb.access import RECHECK_S, access_stamp, still_allowed, user_group
 from ctweb.roles import has_role
+from operations.models import Operation
 
 from . import events
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from django.db import transaction
 from django.utils import timezone
 
-from containers.models import Operation
+from operations.models import Operation
 
 from . import events
 

@@ -253,7 +253,7 @@ def test_a_deletion_of_any_model_through_the_admin_site_is_audited(world, staff)
     which cannot be deleted at all."""
     AuditEntry.objects.create(action="host.probe", username="bob")
     deleted = []
-    first = ["containers.snapshot", "containers.operation", "containers.container"]  # before what they hang on
+    first = ["containers.snapshot", "operations.operation", "containers.container"]  # before what they hang on
     models = sorted(admin.site._registry, key=lambda m: (first + [m._meta.label_lower]).index(m._meta.label_lower))
     for model in models:
         qs = model._default_manager.order_by("-pk")

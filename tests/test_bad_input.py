@@ -204,7 +204,7 @@ def test_bad_commands_are_refused(command, tokens, box, django_capture_on_commit
 
 def test_a_command_with_shell_metacharacters_is_kept_as_text(tokens, box):
     """Accepted, but as an argument list: `;`, `$(...)` and backticks are never given to a shell."""
-    from containers.models import Operation
+    from operations.models import Operation
 
     r = _post_json(tokens, "/api/v1/containers/", {"name": "fresh", "host": "h1", "command": "echo $(reboot); `id`"})
     assert r.status_code == 202

@@ -4,10 +4,10 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from containers.models import Operation
 from hosts import jobs
 from hosts.models import Host
 from operations import runner
+from operations.models import Operation
 
 
 def test_the_reprobe_backoff_doubles_from_15_s_up_to_5_min():

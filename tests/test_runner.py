@@ -2,8 +2,8 @@
 
 import pytest
 
-from containers.models import Operation
 from operations import runner
+from operations.models import Operation
 from operations.runner import OperationFailed, handler
 
 

@@ -8,9 +8,10 @@ from django.test import Client
 from django.utils import timezone
 
 from containers import recovery
-from containers.models import Container, Operation
+from containers.models import Container
 from ctweb.models import AuditEntry
 from operations import runner, tasks
+from operations.models import Operation
 from operations.runner import KEEP_WAITING, OperationFailed, WaitFor, handler
 
 ACTIONS = [

@@ -7,11 +7,12 @@ import os
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from containers.models import Container, Operation
+from containers.models import Container
 from hosts import ssh
 from hosts.lab import core
 from hosts.models import Host
 from operations import runner
+from operations.models import Operation
 
 DEMO_COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done"
 # A small TCP service: answers each connection with the container's name and a counter.
