@@ -14,7 +14,7 @@ from ctweb.api import ApiError, StrictBooleanField, StrictCharField
 from ctweb.audit import audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
-from operations import events
+from operations import events, runner
 from operations.bundles import bundle_bytes
 from operations.models import Operation
 
@@ -134,10 +134,8 @@ def cancel_operation(request, op: Operation) -> Operation:
         ended = Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
             status=Operation.Status.CANCELLED, error="Cancelled before it started.", finished_at=timezone.now()
         )
-    if ended and op.kind == Operation.Kind.CREATE:
-        from .jobs import release_reservation
-
-        release_reservation(op)
+    if ended:
+        runner.undo(op)
     if op.status == Operation.Status.WAITING:  # held by no thread: it hears the cancel when asked again
         from operations.runner import ask_again
 

@@ -9,24 +9,12 @@ in one place, in a known state, and the row ends with what was found and done.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import ExitStack
 
 from hosts import ssh
-from operations.runner import OperationContext, OperationFailed, WaitFor
+from operations.runner import OperationContext, OperationFailed, WaitFor, recovers
 
 from .models import Container, Snapshot
-
-RECOVERERS: dict[str, Callable[[OperationContext], str]] = {}
-
-
-def recovers(*kinds: str):
-    def register(fn):
-        for kind in kinds:
-            RECOVERERS[kind] = fn
-        return fn
-
-    return register
 
 
 def _where(container: Container) -> str:
@@ -97,7 +85,7 @@ def recover_migration(ctx: OperationContext) -> str:
         return f"Rolled back. {failure.message.strip()} {_where(container)}".replace("  ", " ")
 
 
-@recovers("evacuate")
+@recovers("evacuate", failure_is_outcome=True)
 def recover_evacuation(ctx: OperationContext):
     from .migration import check_evacuation
 

@@ -1,25 +1,13 @@
 import logging
 
+from celery import current_app as app
 from celery import shared_task
 from celery.signals import worker_ready
 
-from ctweb.celery import app
-
 from . import runner
+from .runner import recover_operation_task, run_operation_task  # noqa: F401  (the job tasks live beside what queues them)
 
 log = logging.getLogger(__name__)
-
-
-# The names are those the tasks had in containers/tasks.py: a message queued by the previous
-# version is still run after an upgrade.
-@shared_task(bind=True, ignore_result=True, name="containers.tasks.run_operation_task")
-def run_operation_task(self, op_id: int) -> None:
-    runner.run_operation(op_id, worker=self.request.hostname or "")
-
-
-@shared_task(bind=True, ignore_result=True, name="containers.tasks.recover_operation_task")
-def recover_operation_task(self, op_id: int) -> None:
-    runner.recover_operation(op_id, worker=self.request.hostname or "")
 
 
 def _alive(me: str):

@@ -7,7 +7,6 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from containers import recovery
 from containers.models import Container
 from ctweb.models import AuditEntry
 from operations import runner, tasks
@@ -49,7 +48,7 @@ def _waiting(monkeypatch, actions=None, answers=None):
             raise a
         return a
 
-    monkeypatch.setitem(recovery.RECOVERERS, "sync", recover)
+    monkeypatch.setitem(runner.RECOVERERS, "sync", recover)
     op = Operation.objects.create(kind="sync")
     assert runner.run_operation(op.pk, "w@a") == "waiting"
     op.refresh_from_db()
