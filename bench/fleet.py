@@ -392,7 +392,7 @@ def clients():
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from ctweb.models import ApiToken
+    from core.models import ApiToken
 
     carol = get_user_model().objects.get(username="carol")
     page = Client()
@@ -452,7 +452,7 @@ def run(repeat: int, sql_out: Path | None = None) -> dict:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    from ctweb.roles import set_role
+    from core.roles import set_role
 
     call_command("migrate", verbosity=0)
     for name, role in [

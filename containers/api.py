@@ -10,8 +10,8 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ctweb.api import ApiError, StrictBooleanField, StrictCharField
-from ctweb.audit import audit
+from core.api import ApiError, StrictBooleanField, StrictCharField
+from core.audit import audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
 from operations import events, runner

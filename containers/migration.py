@@ -2,7 +2,7 @@
 
 The worker relays every byte between its two SSH connections (no host trusts another;
 everything is encrypted), unless an admin allowed direct transfer on a network holding
-both hosts' addresses (ctweb/fleet.py): then the tars go from host to host over plain TCP
+both hosts' addresses (core/fleet.py): then the tars go from host to host over plain TCP
 with a one-time token, unencrypted, and post-copy pages still go through the dashboard over SSH.
 The result's `transport` and `transfer` say which path was taken. Strategies:
 - stop-and-copy: sync the rootfs while the container runs, dump and stop it, send the
@@ -29,8 +29,8 @@ from contextlib import ExitStack
 from django.conf import settings
 from django.db import DatabaseError, transaction
 
-from ctweb.api import ApiError
-from ctweb.fleet import direct_route
+from core.api import ApiError
+from core.fleet import direct_route
 from hosts import ssh
 from hosts.models import Host
 from operations.events import publish_fleet
@@ -425,7 +425,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
 def stall_limit_s() -> float:
     """How long a page pull may go without any progress before it is given up (and left
     for an admin: nothing is removed). No limit on the pull's total time."""
-    from ctweb.models import FleetSettings
+    from core.models import FleetSettings
 
     return float(FleetSettings.load().postcopy_stall_limit_s)
 
@@ -792,7 +792,7 @@ def start_evacuation(request, host: Host) -> Operation:
     with transaction.atomic():
         op = Operation.objects.create(kind=Operation.Kind.EVACUATE, host=host, created_by=request.user)
         enqueue(op)
-    from ctweb.audit import audit
+    from core.audit import audit
 
     audit(request, "host.evacuate", host, detail=f"op {op.pk}")
     return op

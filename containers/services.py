@@ -7,8 +7,8 @@ import shlex
 
 from django.db import IntegrityError, transaction
 
-from ctweb.api import ApiError
-from ctweb.audit import audit
+from core.api import ApiError
+from core.audit import audit
 from hosts.models import Host
 from hosts.validators import validate_name
 from operations.models import Operation

@@ -9,7 +9,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from rest_framework.exceptions import APIException
 
-from ctweb.decorators import role_required
+from core.decorators import role_required
 from hosts.models import Host
 from operations.display import downtime_breakdown, phase_spans
 from operations.models import Operation

@@ -5,12 +5,13 @@ from rest_framework.permissions import AllowAny
 
 from containers import api as container_api
 from containers import views as container_views
+from core import converters  # noqa: F401  (registers <id:...>)
+from core.fleet import FleetSettingsView
+from core.login import LoginView, LogoutView
 from hosts import api as host_api
 from hosts import views as host_views
 
-from . import converters, views  # noqa: F401  (converters registers <id:...>)
-from .fleet import FleetSettingsView
-from .login import LoginView, LogoutView
+from . import views
 
 api = [
     path("hosts/", host_api.HostList.as_view()),

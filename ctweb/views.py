@@ -10,16 +10,15 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views import defaults
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
+from core.audit import audit
+from core.decorators import role_required
+from core.fleet import save_direct_networks, save_stall_limit
+from core.middleware import error_response
+from core.models import ApiToken, FleetSettings
+from core.roles import ROLES, has_role, role_of, set_role
 from hosts.validators import USER_RE
 from hosts.views import hosts_with_counts
 from operations.models import Operation
-
-from .audit import audit
-from .decorators import role_required
-from .fleet import save_direct_networks, save_stall_limit
-from .middleware import error_response
-from .models import ApiToken, FleetSettings
-from .roles import ROLES, has_role, role_of, set_role
 
 User = get_user_model()
 
@@ -175,7 +174,7 @@ def token_revoke(request, token_id):
 def audit_log(request):
     from datetime import date
 
-    from .models import AuditEntry
+    from core.models import AuditEntry
 
     qs = AuditEntry.objects.all()
     f = request.GET

@@ -8,8 +8,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from containers.api import OperationAcceptedSerializer, operation_accepted
-from ctweb.api import ApiError, StrictCharField, StrictIntegerField
-from ctweb.audit import audit
+from core.api import ApiError, StrictCharField, StrictIntegerField
+from core.audit import audit
 from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import enqueue

@@ -590,7 +590,7 @@ def direct(
 ) -> tuple[int, dict]:
     """Have the sender agent stream a tar straight to the receiver agent over TCP.
 
-    Only for hosts an admin allowed (`route` from ctweb.fleet.direct_route): the bytes
+    Only for hosts an admin allowed (`route` from core.fleet.direct_route): the bytes
     are NOT encrypted. The receiver listens on its own address for one connection from
     the sender's address bringing a one-time token; the token travels to both agents
     inside their parameters over SSH (never in a command line, never logged). The worker

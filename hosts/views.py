@@ -8,7 +8,7 @@ from rest_framework.exceptions import APIException
 
 from containers.api import containers_queryset
 from containers.views import start_or_back
-from ctweb.decorators import role_required
+from core.decorators import role_required
 from operations.models import Operation
 
 from . import ssh

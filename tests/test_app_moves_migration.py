@@ -1,6 +1,7 @@
 """Models moved between apps keep their tables and rows: a database at the schema main had
-before the move (Operation in `containers`) migrates to the new apps without losing a row,
-a link or an index, and the content types follow the models."""
+before the moves (Operation in `containers`; ApiToken, AuditEntry, FleetSettings in `ctweb`)
+migrates to the new apps (operations, core) without losing a row, a link or an index, and
+the content types follow the models."""
 
 import pytest
 from django.core.management import call_command
@@ -8,7 +9,12 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 
 # Where main's schema was before the moves: the apps that did not exist yet are unapplied.
-BEFORE = {"containers": "0006_operation_waiting", "operations": None}
+BEFORE = {
+    "containers": "0006_operation_waiting",
+    "ctweb": "0003_postcopy_stall_limit",
+    "operations": None,
+    "core": None,
+}
 
 
 def _latest():
@@ -30,7 +36,15 @@ def _migrate(targets):
 def test_an_existing_database_keeps_its_operations_when_the_model_moves_apps():
     old = _migrate(_before())
     ContentType = old.get_model("contenttypes", "ContentType")
-    ContentType.objects.get_or_create(app_label="containers", model="operation")
+    for app, model in [("containers", "operation"), ("ctweb", "apitoken"), ("ctweb", "auditentry")]:
+        ContentType.objects.get_or_create(app_label=app, model=model)
+    User = old.get_model("auth", "User")
+    alice = User.objects.create(username="alice")
+    token = old.get_model("ctweb", "ApiToken").objects.create(user=alice, name="ci", prefix="abcd1234", digest="d" * 64)
+    entry = old.get_model("ctweb", "AuditEntry").objects.create(user=alice, username="alice", action="host.add")
+    old.get_model("ctweb", "FleetSettings").objects.update_or_create(
+        pk=1, defaults={"direct_transfer_networks": ["10.0.0.0/24"], "postcopy_stall_limit_s": 42}
+    )
     Host = old.get_model("hosts", "Host")
     Container = old.get_model("containers", "Container")
     Operation = old.get_model("containers", "Operation")
@@ -75,6 +89,17 @@ def test_an_existing_database_keeps_its_operations_when_the_model_moves_apps():
     assert CT.objects.filter(app_label="operations", model="operation").count() == 1
     assert not CT.objects.filter(app_label="containers", model="operation").exists()
 
+    # The floor's models, moved from ctweb to core.
+    Token = new.get_model("core", "ApiToken")
+    assert Token._meta.db_table == "ctweb_apitoken"
+    assert list(Token.objects.values_list("pk", "user_id", "name", "digest")) == [(token.pk, alice.pk, "ci", "d" * 64)]
+    Entry = new.get_model("core", "AuditEntry")
+    assert list(Entry.objects.values_list("pk", "user_id", "action")) == [(entry.pk, alice.pk, "host.add")]
+    fleet = new.get_model("core", "FleetSettings").objects.get(pk=1)
+    assert (fleet.direct_transfer_networks, fleet.postcopy_stall_limit_s) == (["10.0.0.0/24"], 42)
+    assert CT.objects.filter(app_label="core", model__in=["apitoken", "auditentry"]).count() == 2
+    assert not CT.objects.filter(app_label="ctweb").exists()
+
 
 @pytest.mark.django_db(transaction=True)
 def test_the_moves_create_no_table():
@@ -84,5 +109,7 @@ def test_the_moves_create_no_table():
     out = io.StringIO()
     call_command("sqlmigrate", "operations", "0001", stdout=out)
     call_command("sqlmigrate", "containers", "0007", stdout=out)
+    call_command("sqlmigrate", "core", "0001", stdout=out)
+    call_command("sqlmigrate", "ctweb", "0004", stdout=out)
     sql = out.getvalue().upper()
     assert "CREATE TABLE" not in sql and "DROP TABLE" not in sql and "ALTER TABLE" not in sql

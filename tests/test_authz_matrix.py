@@ -23,8 +23,8 @@ from django.test import Client
 from django.urls import URLResolver, get_resolver
 
 from containers.models import Container, Snapshot
-from ctweb.models import ApiToken, hash_token
-from ctweb.roles import ROLES
+from core.models import ApiToken, hash_token
+from core.roles import ROLES
 from hosts.models import Host
 from operations import events
 from operations.bundles import bundle_dir

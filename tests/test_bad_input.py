@@ -5,7 +5,7 @@ import json
 import pytest
 from django.test import Client
 
-from ctweb.models import AuditEntry
+from core.models import AuditEntry
 from hosts.models import Host
 from tests.helpers import db_state
 

@@ -5,7 +5,7 @@ from django.test import Client
 
 from containers.models import Container
 from containers.services import allocate_ipv4, parse_command
-from ctweb.api import ApiError
+from core.api import ApiError
 from operations.models import Operation
 
 

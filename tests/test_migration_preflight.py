@@ -5,7 +5,7 @@ from django.test import Client
 
 from containers.migration import choose_strategy, strategy_support
 from containers.models import Container
-from ctweb.api import ApiError
+from core.api import ApiError
 from hosts.models import Host
 from operations.models import Operation
 

@@ -8,7 +8,7 @@ from django.test import Client
 from django.utils import timezone
 
 from containers.models import Container
-from ctweb.models import AuditEntry
+from core.models import AuditEntry
 from operations import runner, tasks
 from operations.models import Operation
 from operations.runner import KEEP_WAITING, OperationFailed, WaitFor, handler

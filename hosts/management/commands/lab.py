@@ -114,7 +114,7 @@ class Command(BaseCommand):
         from django.contrib.auth import get_user_model
 
         from containers.services import create_container
-        from ctweb.api import ApiError
+        from core.api import ApiError
 
         class _Request:  # the audit log records the lab as the actor
             user = get_user_model().objects.filter(is_superuser=True).first()
