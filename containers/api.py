@@ -15,6 +15,7 @@ from core.audit import audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
 from operations import events, runner
+from operations.api import OperationAcceptedSerializer, operation_accepted
 from operations.bundles import bundle_bytes
 from operations.models import Operation
 
@@ -70,22 +71,11 @@ class OperationSummarySerializer(OperationSerializer):
         fields = [f for f in OperationSerializer.Meta.fields if f != "events"]
 
 
-class OperationAcceptedSerializer(serializers.Serializer):
-    """The answer to every request that starts long work (202)."""
-
-    id = serializers.IntegerField()
-    url = serializers.CharField()
-
-
 class TargetSerializer(serializers.Serializer):
     host = serializers.CharField()
     strategies = serializers.DictField(
         child=serializers.CharField(allow_null=True), help_text="strategy -> null when possible, else why not"
     )
-
-
-def operation_accepted(op: Operation) -> Response:
-    return Response({"id": op.pk, "url": op.api_url()}, status=status.HTTP_202_ACCEPTED)
 
 
 class OperationList(APIView):
@@ -137,9 +127,7 @@ def cancel_operation(request, op: Operation) -> Operation:
     if ended:
         runner.undo(op)
     if op.status == Operation.Status.WAITING:  # held by no thread: it hears the cancel when asked again
-        from operations.runner import ask_again
-
-        ask_again(op.pk)
+        runner.ask_again(op.pk)
     audit(request, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
     op.refresh_from_db()
     events.publish_operation(op)
@@ -155,13 +143,11 @@ class OperationCancel(APIView):
 
 
 def decide_operation(request, op: Operation, action) -> Operation:
-    from operations.runner import DecisionRefused, decide
-
     if not isinstance(action, str) or not action:
         raise ApiError("action must be the id of one of the operation's result.decision.actions.", 400, "action")
     try:
-        op = decide(op.pk, action, request.user)
-    except DecisionRefused as e:
+        op = runner.decide(op.pk, action, request.user)
+    except runner.DecisionRefused as e:
         raise ApiError(str(e), 409, "action") from e
     audit(request, "operation.decide", op, detail=f"{op.kind} {action}")
     return op

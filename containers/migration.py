@@ -30,7 +30,9 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 
 from core.api import ApiError
+from core.audit import audit
 from core.fleet import direct_route
+from core.models import FleetSettings
 from hosts import ssh
 from hosts.models import Host
 from operations.events import publish_fleet
@@ -42,10 +44,13 @@ from operations.runner import (
     OperationFailed,
     WaitFor,
     decision_handler,
+    enqueue,
+    finish,
     handler,
 )
 
 from .models import Container
+from .services import container_operation, usable_host
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
 
@@ -121,8 +126,6 @@ def choose_strategy(container: Container, source: Host, target: Host, wanted: st
 
 
 def start_migration(request, container: Container, target_name: str, strategy: str = "auto") -> Operation:
-    from .services import container_operation, usable_host
-
     target = usable_host(target_name, field="target_host")
     chosen, why = choose_strategy(container, container.host, target, strategy)
     return container_operation(
@@ -425,8 +428,6 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
 def stall_limit_s() -> float:
     """How long a page pull may go without any progress before it is given up (and left
     for an admin: nothing is removed). No limit on the pull's total time."""
-    from core.models import FleetSettings
-
     return float(FleetSettings.load().postcopy_stall_limit_s)
 
 
@@ -782,8 +783,6 @@ def resume_on_source(ctx: OperationContext) -> dict:
 
 
 def start_evacuation(request, host: Host) -> Operation:
-    from operations.runner import enqueue
-
     running = Operation.objects.filter(kind=Operation.Kind.EVACUATE, host=host, status__in=Operation.ACTIVE).first()
     if running:
         raise ApiError(f"{host.name} is being evacuated already ({running.api_url()}).", 409)
@@ -792,8 +791,6 @@ def start_evacuation(request, host: Host) -> Operation:
     with transaction.atomic():
         op = Operation.objects.create(kind=Operation.Kind.EVACUATE, host=host, created_by=request.user)
         enqueue(op)
-    from core.audit import audit
-
     audit(request, "host.evacuate", host, detail=f"op {op.pk}")
     return op
 
@@ -840,9 +837,6 @@ def evacuate(ctx: OperationContext) -> dict:
 def check_evacuation(ctx: OperationContext):
     """Where an evacuation's children are: a cancel is passed on to them; when all have
     ended, the evacuation ends with what they did (a dict is success), else it waits."""
-    from operations.runner import Cancelled as _Cancelled
-    from operations.runner import finish as _finish
-
     op, source = ctx.op, ctx.op.host
     children = op.result.get("children") or []
     refused = op.result.get("refused") or {}
@@ -853,9 +847,9 @@ def check_evacuation(ctx: OperationContext):
                 _finish_pending = Operation.objects.filter(pk=child.pk, status=Operation.Status.PENDING)
                 if _finish_pending.update(status=Operation.Status.RUNNING):
                     child.status = Operation.Status.RUNNING
-                    _finish(child, Operation.Status.CANCELLED, error="Cancelled with its evacuation before it started.")
+                    finish(child, Operation.Status.CANCELLED, error="Cancelled with its evacuation before it started.")
         if not Operation.objects.filter(pk__in=children, status__in=Operation.ACTIVE).exists():
-            raise _Cancelled(f"The evacuation of {source.name if source else 'the host'} was cancelled.")
+            raise Cancelled(f"The evacuation of {source.name if source else 'the host'} was cancelled.")
     ended = dict(Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).values_list("pk", "status"))
     if len(ended) < len(children):
         raise WaitFor(

@@ -13,8 +13,9 @@ from core.decorators import role_required
 from hosts.models import Host
 from operations.display import downtime_breakdown, phase_spans
 from operations.models import Operation
+from operations.views import start_or_back
 
-from .api import _midnight, cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
+from .api import _midnight, cancel_operation, containers_queryset, decide_operation, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
 from .migration import start_evacuation, start_migration, strategy_support
 from .models import Container
@@ -92,8 +93,6 @@ def operation_cancel(request, op_id):
 @role_required("admin")
 @require_POST
 def operation_decide(request, op_id):
-    from .api import decide_operation
-
     op = get_object_or_404(Operation, pk=op_id)
     try:
         decide_operation(request, op, request.POST.get("action", ""))
@@ -103,16 +102,6 @@ def operation_decide(request, op_id):
 
 
 # --- containers ----------------------------------------------------------------------
-
-
-def start_or_back(request, start, back: str):
-    """Start an operation and show it; if it is refused, say why on the page we came from."""
-    try:
-        op = start()
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect(back)
-    return redirect("operation-detail", op_id=op.pk)
 
 
 def _get_container(name: str) -> Container:

@@ -7,9 +7,9 @@ from rest_framework.decorators import api_view
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from containers.api import OperationAcceptedSerializer, operation_accepted
 from core.api import ApiError, StrictCharField, StrictIntegerField
 from core.audit import audit
+from operations.api import OperationAcceptedSerializer, operation_accepted
 from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import enqueue

@@ -4,7 +4,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from operations.events import publish_fleet
-from operations.runner import OperationContext, OperationFailed, handler
+from operations.models import Operation
+from operations.runner import OperationContext, OperationFailed, enqueue, handler
 
 from . import ssh
 from .models import Host
@@ -67,9 +68,6 @@ def reprobe_offline_hosts(now=None) -> list[str]:
     failure), so that it comes back online by itself when it answers. Each try is an
     ordinary probe operation (params.auto), visible in the operation list."""
     from datetime import timedelta
-
-    from operations.models import Operation
-    from operations.runner import enqueue
 
     now = now or timezone.now()
     started = []

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.conf import settings
 
 from .agent import AGENT_SUBCOMMANDS, agent_source
+from .models import Host
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +287,6 @@ def _lines(channel: paramiko.Channel, stderr: bytearray, deadline: float) -> Ite
 
 
 def mark_key_mismatch(host, offered: paramiko.PKey) -> None:
-    from .models import Host
-
     Host.objects.filter(pk=host.pk).update(
         status=Host.Status.KEY_MISMATCH,
         status_message=str(HostKeyMismatch(host.name, offered)),

@@ -1,48 +1,18 @@
 from django.contrib import messages
-from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, Subquery
-from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods, require_POST, require_safe
+from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework.exceptions import APIException
 
-from containers.api import containers_queryset
-from containers.views import start_or_back
 from core.decorators import role_required
-from operations.models import Operation
+from operations.views import start_or_back
 
 from . import ssh
 from .api import HostCreateSerializer, add_host, remove_host, start_probe, trust_host
 from .models import Host
 
 
-def hosts_with_counts():
-    """Hosts by name with their number of containers: a subquery per host, no GROUP BY over the fleet."""
-    from containers.models import Container
-
-    n = Container.objects.filter(host=OuterRef("pk")).order_by().values("host").annotate(n=Count("*")).values("n")
-    return Host.objects.annotate(n_containers=Coalesce(Subquery(n), 0)).order_by("name")
-
-
 def _get_host(name: str) -> Host:
     return get_object_or_404(Host, name=name)
-
-
-@role_required("viewer")
-@require_safe
-def host_list(request):
-    hosts = hosts_with_counts()
-    page = Paginator(hosts, 100).get_page(request.GET.get("page"))
-    return render(request, "hosts/list.html", {"page": page, "public_key": ssh.public_key_line()})
-
-
-@role_required("viewer")
-@require_safe
-def host_detail(request, name):
-    host = _get_host(name)
-    ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
-    containers = containers_queryset().filter(host=host)
-    return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})
 
 
 @role_required("admin")

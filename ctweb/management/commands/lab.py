@@ -4,10 +4,13 @@ with the dashboard (keys pinned: the lab made them) and probed."""
 import json
 import os
 
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from containers.models import Container
+from containers.services import create_container
+from core.api import ApiError
 from hosts import ssh
 from hosts.lab import core
 from hosts.models import Host
@@ -111,11 +114,6 @@ class Command(BaseCommand):
         return host
 
     def demo(self, host_names: list[str]) -> None:
-        from django.contrib.auth import get_user_model
-
-        from containers.services import create_container
-        from core.api import ApiError
-
         class _Request:  # the audit log records the lab as the actor
             user = get_user_model().objects.filter(is_superuser=True).first()
             META = {}
