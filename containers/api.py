@@ -11,7 +11,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.api import ApiError, StrictBooleanField, StrictCharField
-from core.audit import audit
+from core.audit import Actor, audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
 from operations import events, runner
@@ -297,7 +297,9 @@ class ContainerList(APIView):
         s = ContainerCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
-        return operation_accepted(create_container(request, d["name"], d["host"], d["template"], d.get("command")))
+        return operation_accepted(
+            create_container(Actor.of(request), d["name"], d["host"], d["template"], d.get("command"))
+        )
 
 
 class ContainerDetail(APIView):
@@ -307,7 +309,7 @@ class ContainerDetail(APIView):
 
     @extend_schema(responses={202: OperationAcceptedSerializer})
     def delete(self, request, name):
-        return operation_accepted(container_operation(request, _container(name), Operation.Kind.DELETE))
+        return operation_accepted(container_operation(Actor.of(request), _container(name), Operation.Kind.DELETE))
 
 
 class ContainerState(APIView):
@@ -316,13 +318,13 @@ class ContainerState(APIView):
         container = _container(name)
         s = StateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return operation_accepted(change_state(request, container, **s.validated_data))
+        return operation_accepted(change_state(Actor.of(request), container, **s.validated_data))
 
 
 class HostSync(APIView):
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
-        return operation_accepted(sync_host(request, get_object_or_404(Host, name=name)))
+        return operation_accepted(sync_host(Actor.of(request), get_object_or_404(Host, name=name)))
 
 
 # --- snapshots -----------------------------------------------------------------------
@@ -442,7 +444,7 @@ class SnapshotList(APIView):
         s = SnapshotCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return operation_accepted(
-            snapshot_container(request, container, s.validated_data["name"], s.validated_data["stateful"])
+            snapshot_container(Actor.of(request), container, s.validated_data["name"], s.validated_data["stateful"])
         )
 
 
@@ -454,14 +456,14 @@ class SnapshotDetail(APIView):
     @extend_schema(responses={202: OperationAcceptedSerializer})
     def delete(self, request, name, snap):
         container = _container(name)
-        return operation_accepted(delete_snapshot(request, container, _snapshot(container, snap)))
+        return operation_accepted(delete_snapshot(Actor.of(request), container, _snapshot(container, snap)))
 
 
 class SnapshotRestore(APIView):
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name, snap):
         container = _container(name)
-        return operation_accepted(restore_snapshot(request, container, _snapshot(container, snap)))
+        return operation_accepted(restore_snapshot(Actor.of(request), container, _snapshot(container, snap)))
 
 
 class SnapshotCompare(APIView):
@@ -517,7 +519,7 @@ class ContainerMigrate(APIView):
         s = MigrateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
-        return operation_accepted(start_migration(request, container, d["target_host"], d["strategy"]))
+        return operation_accepted(start_migration(Actor.of(request), container, d["target_host"], d["strategy"]))
 
 
 class ContainerTargets(APIView):
@@ -533,4 +535,4 @@ class ContainerTargets(APIView):
 class HostEvacuate(APIView):
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
-        return operation_accepted(start_evacuation(request, get_object_or_404(Host, name=name)))
+        return operation_accepted(start_evacuation(Actor.of(request), get_object_or_404(Host, name=name)))

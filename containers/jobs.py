@@ -7,6 +7,7 @@ import logging
 from django.db import transaction
 
 from hosts import ssh
+from hosts.jobs import failure
 from hosts.models import Host
 from operations.bundles import bundle_dir
 from operations.events import publish_fleet
@@ -67,15 +68,8 @@ def agent(
     try:
         with ssh.pooled(host) as conn:
             return conn.run_agent(subcommand, params, on_event=on_event, timeout=timeout).data
-    except ssh.AgentFailed as e:
-        raise OperationFailed(str(e), e.details, e.data) from e
     except ssh.SSHError as e:
-        host.refresh_from_db()
-        if not host.is_blocked:
-            from hosts.jobs import set_host_status  # hosts.jobs imports the runner too
-
-            set_host_status(host, Host.Status.OFFLINE, str(e))  # the host lists show it at once
-        raise OperationFailed(str(e)) from e
+        raise failure(e, host) from e
 
 
 def _apply_listing(host: Host, listing: list[dict]) -> dict:

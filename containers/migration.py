@@ -30,10 +30,11 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 
 from core.api import ApiError
-from core.audit import audit
+from core.audit import Actor, audit
 from core.fleet import direct_route
 from core.models import FleetSettings
 from hosts import ssh
+from hosts.jobs import failure
 from hosts.models import Host
 from operations.events import publish_fleet
 from operations.models import Operation
@@ -125,11 +126,11 @@ def choose_strategy(container: Container, source: Host, target: Host, wanted: st
     raise ApiError(f"{container.name} cannot move to {target.name}: {support['restart']}", 409, "target_host")
 
 
-def start_migration(request, container: Container, target_name: str, strategy: str = "auto") -> Operation:
+def start_migration(actor: Actor, container: Container, target_name: str, strategy: str = "auto") -> Operation:
     target = usable_host(target_name, field="target_host")
     chosen, why = choose_strategy(container, container.host, target, strategy)
     return container_operation(
-        request, container, Operation.Kind.MIGRATE, target_host=target, strategy=chosen, requested=strategy, why=why
+        actor, container, Operation.Kind.MIGRATE, target_host=target, strategy=chosen, requested=strategy, why=why
     )
 
 
@@ -153,10 +154,8 @@ class _Clock:
 def _agent(conn: ssh.HostConnection, ctx: OperationContext, sub: str, params: dict, base: int, span: int) -> dict:
     try:
         return conn.run_agent(sub, params, on_event=ctx.relay(base, span)).data
-    except ssh.AgentFailed as e:
-        raise OperationFailed(f"{conn.host.name}: {e}", e.details, e.data) from e
     except ssh.SSHError as e:
-        raise OperationFailed(f"{conn.host.name}: {e}") from e
+        raise failure(e, prefix=f"{conn.host.name}: ") from e
 
 
 class _Transfer:
@@ -782,25 +781,17 @@ def resume_on_source(ctx: OperationContext) -> dict:
 # --- evacuation ------------------------------------------------------------------------
 
 
-def start_evacuation(request, host: Host) -> Operation:
+def start_evacuation(actor: Actor, host: Host) -> Operation:
     running = Operation.objects.filter(kind=Operation.Kind.EVACUATE, host=host, status__in=Operation.ACTIVE).first()
     if running:
         raise ApiError(f"{host.name} is being evacuated already ({running.api_url()}).", 409)
     if not host.containers.exists():
         raise ApiError(f"{host.name} has no containers to move.", 409)
     with transaction.atomic():
-        op = Operation.objects.create(kind=Operation.Kind.EVACUATE, host=host, created_by=request.user)
+        op = Operation.objects.create(kind=Operation.Kind.EVACUATE, host=host, created_by=actor.user)
         enqueue(op)
-    audit(request, "host.evacuate", host, detail=f"op {op.pk}")
+    audit(actor, "host.evacuate", host, detail=f"op {op.pk}")
     return op
-
-
-class _As:
-    """The evacuation's children are started in the name of whoever asked for it."""
-
-    def __init__(self, user):
-        self.user = user
-        self.META = {}
 
 
 @handler("evacuate")
@@ -817,7 +808,7 @@ def evacuate(ctx: OperationContext) -> dict:
         for k in range(len(targets)):  # round robin, then the next host that can take it
             target = targets[(i + k) % len(targets)]
             try:
-                child = start_migration(_As(op.created_by), container, target.name, "auto")
+                child = start_migration(Actor(op.created_by), container, target.name, "auto")
             except ApiError as e:
                 reasons.append(f"{target.name}: {e.detail}")
                 continue

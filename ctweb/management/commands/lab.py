@@ -11,6 +11,7 @@ from django.db import transaction
 from containers.models import Container
 from containers.services import create_container
 from core.api import ApiError
+from core.audit import Actor
 from hosts import ssh
 from hosts.lab import core
 from hosts.models import Host
@@ -114,15 +115,13 @@ class Command(BaseCommand):
         return host
 
     def demo(self, host_names: list[str]) -> None:
-        class _Request:  # the audit log records the lab as the actor
-            user = get_user_model().objects.filter(is_superuser=True).first()
-            META = {}
+        actor = Actor(get_user_model().objects.filter(is_superuser=True).first())  # the audit log names the admin
 
         for i, (name, template, command) in enumerate(DEMOS):
             if Container.objects.filter(name=name).exists():
                 continue
             try:
-                op = create_container(_Request, name, host_names[i % len(host_names)], template, command, queue=False)
+                op = create_container(actor, name, host_names[i % len(host_names)], template, command, queue=False)
             except ApiError as e:
                 self.say(f"{name}: not created: {e.detail}")
                 continue
