@@ -3,6 +3,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework.exceptions import APIException
 
+from core.audit import Actor
 from core.decorators import role_required
 from operations.views import start_or_back
 
@@ -28,7 +29,7 @@ def host_add(request):
         s = HostCreateSerializer(data=data)
         if s.is_valid():
             try:
-                host = add_host(request, **s.validated_data)
+                host = add_host(Actor.of(request), **s.validated_data)
             except APIException as e:
                 error = str(e.detail)
             else:
@@ -45,12 +46,12 @@ def host_add(request):
 def host_trust(request, name):
     host = _get_host(name)
     try:
-        trust_host(request, host, request.POST.get("fingerprint", ""))
+        trust_host(Actor.of(request), host, request.POST.get("fingerprint", ""))
     except APIException as e:
         messages.error(request, str(e.detail))
     else:
         messages.success(request, f"{host.name}'s key is pinned. Probing it now.")
-        op = start_probe(request, host)
+        op = start_probe(Actor.of(request), host)
         return redirect("operation-detail", op_id=op.pk)
     return redirect("host-detail", name=name)
 
@@ -59,7 +60,7 @@ def host_trust(request, name):
 @require_POST
 def host_probe(request, name):
     host = _get_host(name)
-    return start_or_back(request, lambda: start_probe(request, host), f"/hosts/{host.name}/")
+    return start_or_back(request, lambda: start_probe(Actor.of(request), host), f"/hosts/{host.name}/")
 
 
 @role_required("admin")
@@ -70,7 +71,7 @@ def host_delete(request, name):
         messages.error(request, f"Type {host.name} to confirm removing it.")
         return redirect("host-detail", name=name)
     try:
-        remove_host(request, host)
+        remove_host(Actor.of(request), host)
     except APIException as e:
         messages.error(request, str(e.detail))
         return redirect("host-detail", name=name)
