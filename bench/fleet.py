@@ -186,8 +186,9 @@ def generate(scale: dict, seed: int = 7) -> dict:
     from django.db import connection
     from django.utils import timezone
 
-    from containers.models import Container, Operation, Snapshot
+    from containers.models import Container, Snapshot
     from hosts.models import Host
+    from operations.models import Operation
 
     rnd = random.Random(seed)
     now = timezone.now()
@@ -302,7 +303,7 @@ def generate(scale: dict, seed: int = 7) -> dict:
 
 
 def _operation(rnd, kind, c, hosts, host, users, now, status):
-    from containers.models import Operation
+    from operations.models import Operation
 
     created = now - timedelta(days=rnd.uniform(0, 365), seconds=rnd.uniform(0, 86_400))
     target = rnd.choice([h for h in hosts if h.pk != host.pk] or hosts) if kind == "migrate" else None
@@ -391,7 +392,7 @@ def clients():
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from ctweb.models import ApiToken
+    from core.models import ApiToken
 
     carol = get_user_model().objects.get(username="carol")
     page = Client()
@@ -451,7 +452,7 @@ def run(repeat: int, sql_out: Path | None = None) -> dict:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    from ctweb.roles import set_role
+    from core.roles import set_role
 
     call_command("migrate", verbosity=0)
     for name, role in [

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import Container, Operation, Snapshot
+from .models import Container, Snapshot
 
 
 @admin.register(Container)
@@ -14,10 +14,3 @@ class ContainerAdmin(admin.ModelAdmin):
 class SnapshotAdmin(admin.ModelAdmin):
     list_display = ["container", "name", "stateful", "created_at", "size_bytes"]
     list_filter = ["stateful"]
-
-
-@admin.register(Operation)
-class OperationAdmin(admin.ModelAdmin):
-    list_display = ["id", "kind", "status", "phase", "progress", "container_name", "host", "created_at"]
-    list_filter = ["status", "kind"]
-    search_fields = ["container_name"]

@@ -10,16 +10,18 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from ctweb.api import ApiError, StrictBooleanField, StrictCharField
-from ctweb.audit import audit
+from core.api import ApiError, StrictBooleanField, StrictCharField
+from core.audit import Actor, audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
+from operations import events, runner
+from operations.api import OperationAcceptedSerializer, operation_accepted
+from operations.bundles import bundle_bytes
+from operations.models import Operation
 
-from . import events
-from .bundles import bundle_bytes
 from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
-from .models import Container, Operation, Snapshot
+from .models import Container, Snapshot
 from .services import (
     change_state,
     container_operation,
@@ -69,22 +71,11 @@ class OperationSummarySerializer(OperationSerializer):
         fields = [f for f in OperationSerializer.Meta.fields if f != "events"]
 
 
-class OperationAcceptedSerializer(serializers.Serializer):
-    """The answer to every request that starts long work (202)."""
-
-    id = serializers.IntegerField()
-    url = serializers.CharField()
-
-
 class TargetSerializer(serializers.Serializer):
     host = serializers.CharField()
     strategies = serializers.DictField(
         child=serializers.CharField(allow_null=True), help_text="strategy -> null when possible, else why not"
     )
-
-
-def operation_accepted(op: Operation) -> Response:
-    return Response({"id": op.pk, "url": op.api_url()}, status=status.HTTP_202_ACCEPTED)
 
 
 class OperationList(APIView):
@@ -133,14 +124,10 @@ def cancel_operation(request, op: Operation) -> Operation:
         ended = Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
             status=Operation.Status.CANCELLED, error="Cancelled before it started.", finished_at=timezone.now()
         )
-    if ended and op.kind == Operation.Kind.CREATE:
-        from .jobs import release_reservation
-
-        release_reservation(op)
+    if ended:
+        runner.undo(op)
     if op.status == Operation.Status.WAITING:  # held by no thread: it hears the cancel when asked again
-        from .runner import ask_again
-
-        ask_again(op.pk)
+        runner.ask_again(op.pk)
     audit(request, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
     op.refresh_from_db()
     events.publish_operation(op)
@@ -156,13 +143,11 @@ class OperationCancel(APIView):
 
 
 def decide_operation(request, op: Operation, action) -> Operation:
-    from .runner import DecisionRefused, decide
-
     if not isinstance(action, str) or not action:
         raise ApiError("action must be the id of one of the operation's result.decision.actions.", 400, "action")
     try:
-        op = decide(op.pk, action, request.user)
-    except DecisionRefused as e:
+        op = runner.decide(op.pk, action, request.user)
+    except runner.DecisionRefused as e:
         raise ApiError(str(e), 409, "action") from e
     audit(request, "operation.decide", op, detail=f"{op.kind} {action}")
     return op
@@ -312,7 +297,9 @@ class ContainerList(APIView):
         s = ContainerCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
-        return operation_accepted(create_container(request, d["name"], d["host"], d["template"], d.get("command")))
+        return operation_accepted(
+            create_container(Actor.of(request), d["name"], d["host"], d["template"], d.get("command"))
+        )
 
 
 class ContainerDetail(APIView):
@@ -322,7 +309,7 @@ class ContainerDetail(APIView):
 
     @extend_schema(responses={202: OperationAcceptedSerializer})
     def delete(self, request, name):
-        return operation_accepted(container_operation(request, _container(name), Operation.Kind.DELETE))
+        return operation_accepted(container_operation(Actor.of(request), _container(name), Operation.Kind.DELETE))
 
 
 class ContainerState(APIView):
@@ -331,13 +318,13 @@ class ContainerState(APIView):
         container = _container(name)
         s = StateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return operation_accepted(change_state(request, container, **s.validated_data))
+        return operation_accepted(change_state(Actor.of(request), container, **s.validated_data))
 
 
 class HostSync(APIView):
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
-        return operation_accepted(sync_host(request, get_object_or_404(Host, name=name)))
+        return operation_accepted(sync_host(Actor.of(request), get_object_or_404(Host, name=name)))
 
 
 # --- snapshots -----------------------------------------------------------------------
@@ -457,7 +444,7 @@ class SnapshotList(APIView):
         s = SnapshotCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return operation_accepted(
-            snapshot_container(request, container, s.validated_data["name"], s.validated_data["stateful"])
+            snapshot_container(Actor.of(request), container, s.validated_data["name"], s.validated_data["stateful"])
         )
 
 
@@ -469,14 +456,14 @@ class SnapshotDetail(APIView):
     @extend_schema(responses={202: OperationAcceptedSerializer})
     def delete(self, request, name, snap):
         container = _container(name)
-        return operation_accepted(delete_snapshot(request, container, _snapshot(container, snap)))
+        return operation_accepted(delete_snapshot(Actor.of(request), container, _snapshot(container, snap)))
 
 
 class SnapshotRestore(APIView):
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name, snap):
         container = _container(name)
-        return operation_accepted(restore_snapshot(request, container, _snapshot(container, snap)))
+        return operation_accepted(restore_snapshot(Actor.of(request), container, _snapshot(container, snap)))
 
 
 class SnapshotCompare(APIView):
@@ -532,7 +519,7 @@ class ContainerMigrate(APIView):
         s = MigrateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
-        return operation_accepted(start_migration(request, container, d["target_host"], d["strategy"]))
+        return operation_accepted(start_migration(Actor.of(request), container, d["target_host"], d["strategy"]))
 
 
 class ContainerTargets(APIView):
@@ -548,4 +535,4 @@ class ContainerTargets(APIView):
 class HostEvacuate(APIView):
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
-        return operation_accepted(start_evacuation(request, get_object_or_404(Host, name=name)))
+        return operation_accepted(start_evacuation(Actor.of(request), get_object_or_404(Host, name=name)))

@@ -5,4 +5,4 @@ class ContainersConfig(AppConfig):
     name = "containers"
 
     def ready(self):
-        from . import jobs, migration  # noqa: F401  (register the container handlers with the runner)
+        from . import jobs, migration, recovery  # noqa: F401  (register the container operations with the runner)

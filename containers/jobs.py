@@ -7,11 +7,14 @@ import logging
 from django.db import transaction
 
 from hosts import ssh
+from hosts.jobs import failure
 from hosts.models import Host
+from operations.bundles import bundle_dir
+from operations.events import publish_fleet
+from operations.models import Operation
+from operations.runner import OperationContext, OperationFailed, collects_bundle, handler, undoes
 
-from .events import publish_fleet
-from .models import Container, Operation, Snapshot
-from .runner import OperationContext, OperationFailed, handler
+from .models import Container, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,8 @@ def agent(
     try:
         with ssh.pooled(host) as conn:
             return conn.run_agent(subcommand, params, on_event=on_event, timeout=timeout).data
-    except ssh.AgentFailed as e:
-        raise OperationFailed(str(e), e.details, e.data) from e
     except ssh.SSHError as e:
-        host.refresh_from_db()
-        if not host.is_blocked:
-            from hosts.jobs import set_host_status  # hosts.jobs imports the runner too
-
-            set_host_status(host, Host.Status.OFFLINE, str(e))  # the host lists show it at once
-        raise OperationFailed(str(e)) from e
+        raise failure(e, host) from e
 
 
 def _apply_listing(host: Host, listing: list[dict]) -> dict:
@@ -220,6 +216,7 @@ def create(ctx: OperationContext) -> dict:
     return data
 
 
+@undoes(Operation.Kind.CREATE)
 def release_reservation(op: Operation) -> None:
     """Drop the name and address a create reserved, if the container never came to be."""
     container = Container.objects.filter(name=op.container_name, state=Container.State.CREATING).first()
@@ -322,3 +319,32 @@ def delete_snapshot(ctx: OperationContext) -> dict:
     container.snapshots.filter(name=snap).delete()
     publish_fleet("container", container_state(container))
     return data
+
+
+# Operations on containers leave debug bundles; a probe's failure is its own explanation.
+@collects_bundle(
+    Operation.Kind.CREATE,
+    Operation.Kind.START,
+    Operation.Kind.STOP,
+    Operation.Kind.RESTART,
+    Operation.Kind.DELETE,
+    Operation.Kind.SNAPSHOT,
+    Operation.Kind.RESTORE,
+    Operation.Kind.DELETE_SNAPSHOT,
+    Operation.Kind.MIGRATE,
+)
+def collect_bundle(op: Operation) -> list[str]:
+    """Fetch a debug bundle from every host the operation touched: the CRIU logs, `uname -a`,
+    `criu check`, the container's LXC config, mountinfo and the tail of dmesg (the agent's
+    `bundle` subcommand makes a tar.gz there; it is fetched over SFTP). Best effort: never raises."""
+    saved = []
+    for host in [h for h in (op.host, op.target_host) if h is not None]:
+        try:
+            with ssh.connect(host, timeout=10) as conn:
+                data = conn.run_agent("bundle", {"name": op.container_name or None, "op": op.pk}, timeout=120).data
+                local = bundle_dir(op.pk) / f"{host.name}.tar.gz"
+                conn.fetch(data["path"], local)
+                saved.append(local.name)
+        except Exception as e:  # the operation's own error matters more than its bundle
+            log.warning("no debug bundle from %s for operation %s: %s", host, op.pk, e)
+    return saved

@@ -2,7 +2,7 @@
 
 The worker relays every byte between its two SSH connections (no host trusts another;
 everything is encrypted), unless an admin allowed direct transfer on a network holding
-both hosts' addresses (ctweb/fleet.py): then the tars go from host to host over plain TCP
+both hosts' addresses (core/fleet.py): then the tars go from host to host over plain TCP
 with a one-time token, unencrypted, and post-copy pages still go through the dashboard over SSH.
 The result's `transport` and `transfer` say which path was taken. Strategies:
 - stop-and-copy: sync the rootfs while the container runs, dump and stop it, send the
@@ -29,14 +29,29 @@ from contextlib import ExitStack
 from django.conf import settings
 from django.db import DatabaseError, transaction
 
-from ctweb.api import ApiError
-from ctweb.fleet import direct_route
+from core.api import ApiError
+from core.audit import Actor, audit
+from core.fleet import direct_route
+from core.models import FleetSettings
 from hosts import ssh
+from hosts.jobs import failure
 from hosts.models import Host
+from operations.events import publish_fleet
+from operations.models import Operation
+from operations.runner import (
+    KEEP_WAITING,
+    Cancelled,
+    OperationContext,
+    OperationFailed,
+    WaitFor,
+    decision_handler,
+    enqueue,
+    finish,
+    handler,
+)
 
-from .events import publish_fleet
-from .models import Container, Operation
-from .runner import KEEP_WAITING, Cancelled, OperationContext, OperationFailed, WaitFor, decision_handler, handler
+from .models import Container
+from .services import container_operation, usable_host
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy", "restart")
 
@@ -111,13 +126,11 @@ def choose_strategy(container: Container, source: Host, target: Host, wanted: st
     raise ApiError(f"{container.name} cannot move to {target.name}: {support['restart']}", 409, "target_host")
 
 
-def start_migration(request, container: Container, target_name: str, strategy: str = "auto") -> Operation:
-    from .services import container_operation, usable_host
-
+def start_migration(actor: Actor, container: Container, target_name: str, strategy: str = "auto") -> Operation:
     target = usable_host(target_name, field="target_host")
     chosen, why = choose_strategy(container, container.host, target, strategy)
     return container_operation(
-        request, container, Operation.Kind.MIGRATE, target_host=target, strategy=chosen, requested=strategy, why=why
+        actor, container, Operation.Kind.MIGRATE, target_host=target, strategy=chosen, requested=strategy, why=why
     )
 
 
@@ -141,10 +154,8 @@ class _Clock:
 def _agent(conn: ssh.HostConnection, ctx: OperationContext, sub: str, params: dict, base: int, span: int) -> dict:
     try:
         return conn.run_agent(sub, params, on_event=ctx.relay(base, span)).data
-    except ssh.AgentFailed as e:
-        raise OperationFailed(f"{conn.host.name}: {e}", e.details, e.data) from e
     except ssh.SSHError as e:
-        raise OperationFailed(f"{conn.host.name}: {e}") from e
+        raise failure(e, prefix=f"{conn.host.name}: ") from e
 
 
 class _Transfer:
@@ -416,8 +427,6 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
 def stall_limit_s() -> float:
     """How long a page pull may go without any progress before it is given up (and left
     for an admin: nothing is removed). No limit on the pull's total time."""
-    from ctweb.models import FleetSettings
-
     return float(FleetSettings.load().postcopy_stall_limit_s)
 
 
@@ -772,29 +781,17 @@ def resume_on_source(ctx: OperationContext) -> dict:
 # --- evacuation ------------------------------------------------------------------------
 
 
-def start_evacuation(request, host: Host) -> Operation:
-    from .runner import enqueue
-
+def start_evacuation(actor: Actor, host: Host) -> Operation:
     running = Operation.objects.filter(kind=Operation.Kind.EVACUATE, host=host, status__in=Operation.ACTIVE).first()
     if running:
         raise ApiError(f"{host.name} is being evacuated already ({running.api_url()}).", 409)
     if not host.containers.exists():
         raise ApiError(f"{host.name} has no containers to move.", 409)
     with transaction.atomic():
-        op = Operation.objects.create(kind=Operation.Kind.EVACUATE, host=host, created_by=request.user)
+        op = Operation.objects.create(kind=Operation.Kind.EVACUATE, host=host, created_by=actor.user)
         enqueue(op)
-    from ctweb.audit import audit
-
-    audit(request, "host.evacuate", host, detail=f"op {op.pk}")
+    audit(actor, "host.evacuate", host, detail=f"op {op.pk}")
     return op
-
-
-class _As:
-    """The evacuation's children are started in the name of whoever asked for it."""
-
-    def __init__(self, user):
-        self.user = user
-        self.META = {}
 
 
 @handler("evacuate")
@@ -811,7 +808,7 @@ def evacuate(ctx: OperationContext) -> dict:
         for k in range(len(targets)):  # round robin, then the next host that can take it
             target = targets[(i + k) % len(targets)]
             try:
-                child = start_migration(_As(op.created_by), container, target.name, "auto")
+                child = start_migration(Actor(op.created_by), container, target.name, "auto")
             except ApiError as e:
                 reasons.append(f"{target.name}: {e.detail}")
                 continue
@@ -831,9 +828,6 @@ def evacuate(ctx: OperationContext) -> dict:
 def check_evacuation(ctx: OperationContext):
     """Where an evacuation's children are: a cancel is passed on to them; when all have
     ended, the evacuation ends with what they did (a dict is success), else it waits."""
-    from .runner import Cancelled as _Cancelled
-    from .runner import finish as _finish
-
     op, source = ctx.op, ctx.op.host
     children = op.result.get("children") or []
     refused = op.result.get("refused") or {}
@@ -844,9 +838,9 @@ def check_evacuation(ctx: OperationContext):
                 _finish_pending = Operation.objects.filter(pk=child.pk, status=Operation.Status.PENDING)
                 if _finish_pending.update(status=Operation.Status.RUNNING):
                     child.status = Operation.Status.RUNNING
-                    _finish(child, Operation.Status.CANCELLED, error="Cancelled with its evacuation before it started.")
+                    finish(child, Operation.Status.CANCELLED, error="Cancelled with its evacuation before it started.")
         if not Operation.objects.filter(pk__in=children, status__in=Operation.ACTIVE).exists():
-            raise _Cancelled(f"The evacuation of {source.name if source else 'the host'} was cancelled.")
+            raise Cancelled(f"The evacuation of {source.name if source else 'the host'} was cancelled.")
     ended = dict(Operation.objects.filter(pk__in=children, status__in=Operation.TERMINAL).values_list("pk", "status"))
     if len(ended) < len(children):
         raise WaitFor(

@@ -9,24 +9,14 @@ in one place, in a known state, and the row ends with what was found and done.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import ExitStack
 
 from hosts import ssh
+from operations.runner import OperationContext, OperationFailed, WaitFor, recovers
 
+from .jobs import agent, set_state
+from .migration import _agent, _move_record, _recover, check_evacuation, finish_lost_pull
 from .models import Container, Snapshot
-from .runner import OperationContext, OperationFailed, WaitFor
-
-RECOVERERS: dict[str, Callable[[OperationContext], str]] = {}
-
-
-def recovers(*kinds: str):
-    def register(fn):
-        for kind in kinds:
-            RECOVERERS[kind] = fn
-        return fn
-
-    return register
 
 
 def _where(container: Container) -> str:
@@ -37,8 +27,6 @@ def _where(container: Container) -> str:
 
 @recovers("migrate")
 def recover_migration(ctx: OperationContext) -> str:
-    from .migration import _agent, _move_record, _recover
-
     op = ctx.op
     container, source, target = op.container, op.host, op.target_host
     if container is None or source is None or target is None:
@@ -78,8 +66,7 @@ def recover_migration(ctx: OperationContext) -> str:
         if t and t["exists"] and t["state"] == "RUNNING" and t["migration"]["received"]:
             # The target had restored it: roll forward.
             if lazy and (s["migration"]["lazy_dump_running"] or t["migration"]["lazy_pages_running"]):
-                from .migration import finish_lost_pull  # the page relays held on: continue the pull
-
+                # The page relays held on: continue the pull.
                 return finish_lost_pull(ctx, src, dst, container, base)
             _move_record(ctx, container, target, was_running)
             _agent(dst, ctx, "migrate-cleanup", {**base, "remove": False}, 70, 10)  # the images it restored from
@@ -97,17 +84,13 @@ def recover_migration(ctx: OperationContext) -> str:
         return f"Rolled back. {failure.message.strip()} {_where(container)}".replace("  ", " ")
 
 
-@recovers("evacuate")
+@recovers("evacuate", failure_is_outcome=True)
 def recover_evacuation(ctx: OperationContext):
-    from .migration import check_evacuation
-
     return check_evacuation(ctx)
 
 
 @recovers("snapshot")
 def recover_snapshot(ctx: OperationContext) -> str:
-    from .jobs import agent, set_state
-
     op = ctx.op
     container = op.container
     if container is None or op.host is None:
@@ -141,8 +124,6 @@ def recover_snapshot(ctx: OperationContext) -> str:
 
 @recovers("restore", "start", "stop", "restart")
 def recover_state_change(ctx: OperationContext) -> str:
-    from .jobs import agent, set_state
-
     op = ctx.op
     container = op.container
     if container is None or op.host is None:

@@ -7,13 +7,14 @@ import shlex
 
 from django.db import IntegrityError, transaction
 
-from ctweb.api import ApiError
-from ctweb.audit import audit
+from core.api import ApiError
+from core.audit import Actor, audit
 from hosts.models import Host
 from hosts.validators import validate_name
+from operations.models import Operation
+from operations.runner import enqueue
 
-from .models import Container, Operation
-from .runner import enqueue
+from .models import Container
 
 MAX_COMMAND_ARGS = 64
 MAX_COMMAND_LEN = 4096
@@ -85,7 +86,7 @@ def allocate_ipv4(host: Host) -> tuple[str | None, dict | None]:
     raise ApiError(f"The container network of {host.name} ({subnet}) has no free address left.", 409, "host")
 
 
-def create_container(request, name, host_name, template="busybox", command=None, queue: bool = True) -> Operation:
+def create_container(actor: Actor, name, host_name, template="busybox", command=None, queue: bool = True) -> Operation:
     """Reserve the name and an address, and queue the create (`queue=False`: the caller runs it)."""
     try:
         validate_name(name)
@@ -114,7 +115,7 @@ def create_container(request, name, host_name, template="busybox", command=None,
                     container=container,
                     container_name=name,
                     host=host,
-                    created_by=request.user,
+                    created_by=actor.user,
                     params={"template": template, "command": argv, "network": net},
                 )
                 if queue:
@@ -123,13 +124,13 @@ def create_container(request, name, host_name, template="busybox", command=None,
             if Container.objects.filter(name=name).exists():
                 raise ApiError(f"A container named {name} exists already.", 409, "name") from None
             continue
-        audit(request, "container.create", container, detail=f"on {host.name} from {template}, op {op.pk}")
+        audit(actor, "container.create", container, detail=f"on {host.name} from {template}, op {op.pk}")
         return op
     raise ApiError("Could not reserve an address for the container; try again.", 409, "host")
 
 
 def container_operation(
-    request, container: Container, kind: str, target_host: Host | None = None, **params
+    actor: Actor, container: Container, kind: str, target_host: Host | None = None, **params
 ) -> Operation:
     """Queue an operation on one container, refusing a second one while one runs."""
     with transaction.atomic():
@@ -147,23 +148,23 @@ def container_operation(
             container_name=container.name,
             host=host,
             target_host=target_host,
-            created_by=request.user,
+            created_by=actor.user,
             params=params,
         )
         enqueue(op)
-    audit(request, f"container.{kind}", container, detail=f"op {op.pk} {params or ''}".strip())
+    audit(actor, f"container.{kind}", container, detail=f"op {op.pk} {params or ''}".strip())
     return op
 
 
-def sync_host(request, host: Host) -> Operation:
+def sync_host(actor: Actor, host: Host) -> Operation:
     host = usable_host(host.name)
     running = host.operations.filter(kind=Operation.Kind.SYNC, status__in=Operation.ACTIVE).first()
     if running:
         return running
     with transaction.atomic():
-        op = Operation.objects.create(kind=Operation.Kind.SYNC, host=host, created_by=request.user)
+        op = Operation.objects.create(kind=Operation.Kind.SYNC, host=host, created_by=actor.user)
         enqueue(op)
-    audit(request, "host.sync", host, detail=f"op {op.pk}")
+    audit(actor, "host.sync", host, detail=f"op {op.pk}")
     return op
 
 
@@ -183,7 +184,7 @@ def next_snapshot_name(container: Container) -> str:
     return f"snap{i}"
 
 
-def snapshot_container(request, container: Container, name: str | None = None, stateful: bool = True) -> Operation:
+def snapshot_container(actor: Actor, container: Container, name: str | None = None, stateful: bool = True) -> Operation:
     if name is not None:
         try:
             validate_name(name)
@@ -199,21 +200,21 @@ def snapshot_container(request, container: Container, name: str | None = None, s
             "stateful",
         )
     return container_operation(
-        request, container, Operation.Kind.SNAPSHOT, snapshot=name or next_snapshot_name(container), stateful=stateful
+        actor, container, Operation.Kind.SNAPSHOT, snapshot=name or next_snapshot_name(container), stateful=stateful
     )
 
 
-def restore_snapshot(request, container: Container, snapshot) -> Operation:
+def restore_snapshot(actor: Actor, container: Container, snapshot) -> Operation:
     return container_operation(
-        request, container, Operation.Kind.RESTORE, snapshot=snapshot.name, stateful=snapshot.stateful
+        actor, container, Operation.Kind.RESTORE, snapshot=snapshot.name, stateful=snapshot.stateful
     )
 
 
-def delete_snapshot(request, container: Container, snapshot) -> Operation:
-    return container_operation(request, container, Operation.Kind.DELETE_SNAPSHOT, snapshot=snapshot.name)
+def delete_snapshot(actor: Actor, container: Container, snapshot) -> Operation:
+    return container_operation(actor, container, Operation.Kind.DELETE_SNAPSHOT, snapshot=snapshot.name)
 
 
-def change_state(request, container: Container, action: str, stateful: bool = False, discard_state: bool = False):
+def change_state(actor: Actor, container: Container, action: str, stateful: bool = False, discard_state: bool = False):
     """start/stop/restart. As in LXD, a start resumes the memory a stateful stop saved;
     `discard_state` throws it away and starts cold instead."""
     if action not in ("start", "stop", "restart"):
@@ -231,4 +232,4 @@ def change_state(request, container: Container, action: str, stateful: bool = Fa
         params["stateful"] = True
     if discard_state:
         params["discard_state"] = True
-    return container_operation(request, container, action, **params)
+    return container_operation(actor, container, action, **params)

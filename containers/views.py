@@ -9,14 +9,17 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from rest_framework.exceptions import APIException
 
-from ctweb.decorators import role_required
+from core.audit import Actor
+from core.decorators import role_required
 from hosts.models import Host
+from operations.display import downtime_breakdown, phase_spans
+from operations.models import Operation
+from operations.views import start_or_back
 
-from .api import _midnight, cancel_operation, containers_queryset, filter_snapshots, snapshot_queryset
+from .api import _midnight, cancel_operation, containers_queryset, decide_operation, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
-from .display import downtime_breakdown, phase_spans
 from .migration import start_evacuation, start_migration, strategy_support
-from .models import Container, Operation
+from .models import Container
 from .services import (
     change_state,
     container_operation,
@@ -91,8 +94,6 @@ def operation_cancel(request, op_id):
 @role_required("admin")
 @require_POST
 def operation_decide(request, op_id):
-    from .api import decide_operation
-
     op = get_object_or_404(Operation, pk=op_id)
     try:
         decide_operation(request, op, request.POST.get("action", ""))
@@ -102,16 +103,6 @@ def operation_decide(request, op_id):
 
 
 # --- containers ----------------------------------------------------------------------
-
-
-def start_or_back(request, start, back: str):
-    """Start an operation and show it; if it is refused, say why on the page we came from."""
-    try:
-        op = start()
-    except APIException as e:
-        messages.error(request, str(e.detail))
-        return redirect(back)
-    return redirect("operation-detail", op_id=op.pk)
 
 
 def _get_container(name: str) -> Container:
@@ -160,7 +151,7 @@ def container_create(request):
         form = request.POST
         try:
             op = create_container(
-                request,
+                Actor.of(request),
                 form.get("name", ""),
                 form.get("host", ""),
                 form.get("template", "busybox"),
@@ -185,7 +176,7 @@ def container_action(request, name, action):
         messages.error(request, f"Type {container.name} to confirm deleting it.")
         return redirect("container-detail", name=name)
     return start_or_back(
-        request, lambda: container_operation(request, container, kinds[action]), container.get_absolute_url()
+        request, lambda: container_operation(Actor.of(request), container, kinds[action]), container.get_absolute_url()
     )
 
 
@@ -193,7 +184,7 @@ def container_action(request, name, action):
 @require_POST
 def host_sync(request, name):
     host = get_object_or_404(Host, name=name)
-    return start_or_back(request, lambda: sync_host(request, host), f"/hosts/{host.name}/")
+    return start_or_back(request, lambda: sync_host(Actor.of(request), host), f"/hosts/{host.name}/")
 
 
 # --- snapshots and history -----------------------------------------------------------
@@ -208,7 +199,7 @@ def container_state(request, name):
     return start_or_back(
         request,
         lambda: change_state(
-            request, container, request.POST.get("action", ""), stateful=stateful, discard_state=discard
+            Actor.of(request), container, request.POST.get("action", ""), stateful=stateful, discard_state=discard
         ),
         container.get_absolute_url(),
     )
@@ -220,7 +211,9 @@ def snapshot_create(request, name):
     container = _get_container(name)
     snap, stateful = request.POST.get("name") or None, request.POST.get("stateful") == "1"
     return start_or_back(
-        request, lambda: snapshot_container(request, container, snap, stateful=stateful), container.get_absolute_url()
+        request,
+        lambda: snapshot_container(Actor.of(request), container, snap, stateful=stateful),
+        container.get_absolute_url(),
     )
 
 
@@ -295,7 +288,7 @@ def container_migrate(request, name):
     container = _get_container(name)
     target, strategy = request.POST.get("target_host", ""), request.POST.get("strategy", "auto")
     return start_or_back(
-        request, lambda: start_migration(request, container, target, strategy), container.get_absolute_url()
+        request, lambda: start_migration(Actor.of(request), container, target, strategy), container.get_absolute_url()
     )
 
 
@@ -303,4 +296,4 @@ def container_migrate(request, name):
 @require_POST
 def host_evacuate(request, name):
     host = get_object_or_404(Host, name=name)
-    return start_or_back(request, lambda: start_evacuation(request, host), f"/hosts/{host.name}/")
+    return start_or_back(request, lambda: start_evacuation(Actor.of(request), host), f"/hosts/{host.name}/")

@@ -7,8 +7,8 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from containers.routing import websocket_urlpatterns  # noqa: E402
-from ctweb.auth import TokenAuthMiddlewareStack, browser_origin_validator  # noqa: E402
+from core.auth import TokenAuthMiddlewareStack, browser_origin_validator  # noqa: E402
+from operations.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

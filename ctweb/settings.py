@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from ctweb.clientip import parse_networks as _parse_networks
+from core.clientip import parse_networks as _parse_networks
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CTWEB_VAR_DIR", BASE_DIR / "var"))
@@ -42,7 +42,7 @@ ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").spl
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 # Reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed:
 # only a request whose peer is one of them has its client address taken from that header
-# (ctweb/clientip.py). Empty by default: REMOTE_ADDR is the client.
+# (core/clientip.py). Empty by default: REMOTE_ADDR is the client.
 TRUSTED_PROXIES = [str(n) for n in _parse_networks(os.environ.get("TRUSTED_PROXIES", "").split(","))]
 
 INSTALLED_APPS = [
@@ -56,14 +56,16 @@ INSTALLED_APPS = [
     "rest_framework",
     "drf_spectacular",
     "channels",
+    "core",
     "ctweb",
+    "operations",
     "hosts",
     "containers",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "ctweb.middleware.RequestLimitsMiddleware",
+    "core.middleware.RequestLimitsMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -71,7 +73,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "ctweb.middleware.SecurityHeadersMiddleware",
+    "core.middleware.SecurityHeadersMiddleware",
 ]
 
 ROOT_URLCONF = "ctweb.urls"
@@ -88,7 +90,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "ctweb.context_processors.ctweb",
+                "core.context_processors.ctweb",
             ]
         },
     }
@@ -144,7 +146,7 @@ WHITENOISE_USE_FINDERS = _PLAIN_STATIC
 
 # Request bodies: the largest thing ctweb takes is a container's command (4 KiB) in a small
 # JSON object or form, so 256 KiB leaves room and refuses multi-megabyte bodies with 413
-# before they are read (ctweb.middleware.RequestLimitsMiddleware; the API's JSON parser reads
+# before they are read (core.middleware.RequestLimitsMiddleware; the API's JSON parser reads
 # no further either). A reverse proxy in front should set the same limit (nginx:
 # client_max_body_size 256k), as Daphne buffers a whole body before Django sees it.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
@@ -192,22 +194,22 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_ALWAYS_EAGER = _env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULE = {
     "refresh-container-states": {
-        "task": "containers.tasks.refresh_container_states",
+        "task": "operations.tasks.refresh_container_states",
         "schedule": float(os.environ.get("CTWEB_REFRESH_INTERVAL", 30)),
         "options": {"expires": 25},
     },
     "retry-waiting-operations": {
-        "task": "containers.tasks.retry_waiting_operations",
+        "task": "operations.tasks.retry_waiting_operations",
         "schedule": 10.0,
         "options": {"expires": 9},
     },
     "reprobe-offline-hosts": {
-        "task": "containers.tasks.reprobe_offline_hosts",
+        "task": "hosts.tasks.reprobe_offline_hosts",
         "schedule": float(os.environ.get("CTWEB_REPROBE_TICK", 10)),
         "options": {"expires": 9},
     },
     "find-lost-operations": {
-        "task": "containers.tasks.find_lost_operations",
+        "task": "operations.tasks.find_lost_operations",
         "schedule": 60.0,
         "options": {"expires": 55},
     },
@@ -216,14 +218,14 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "ctweb.auth.TokenAuthentication",
+        "core.auth.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["ctweb.auth.ViewerOrBetter"],
+    "DEFAULT_PERMISSION_CLASSES": ["core.auth.ViewerOrBetter"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "ctweb.api.exception_handler",
+    "EXCEPTION_HANDLER": "core.api.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["ctweb.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["core.parsers.JSONParser"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
@@ -232,7 +234,7 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
-        "ctweb.schema.add_error_responses",
+        "core.schema.add_error_responses",
     ],
     "PATH_CONVERTER_OVERRIDES": {"id": {"type": "integer", "minimum": 0, "maximum": 999999999999999999}},
     "ENUM_NAME_OVERRIDES": {

@@ -5,12 +5,13 @@ from rest_framework.permissions import AllowAny
 
 from containers import api as container_api
 from containers import views as container_views
+from core import converters  # noqa: F401  (registers <id:...>)
+from core.fleet import FleetSettingsView
+from core.login import LoginView, LogoutView
 from hosts import api as host_api
 from hosts import views as host_views
 
-from . import converters, views  # noqa: F401  (converters registers <id:...>)
-from .fleet import FleetSettingsView
-from .login import LoginView, LogoutView
+from . import views
 
 api = [
     path("hosts/", host_api.HostList.as_view()),
@@ -42,9 +43,9 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("accounts/login/", LoginView.as_view(), name="login"),
     path("accounts/logout/", LogoutView.as_view(), name="logout"),
-    path("hosts/", host_views.host_list, name="host-list"),
+    path("hosts/", views.host_list, name="host-list"),
     path("hosts/add/", host_views.host_add, name="host-add"),
-    path("hosts/<str:name>/", host_views.host_detail, name="host-detail"),
+    path("hosts/<str:name>/", views.host_detail, name="host-detail"),
     path("hosts/<str:name>/trust", host_views.host_trust, name="host-trust"),
     path("hosts/<str:name>/probe", host_views.host_probe, name="host-probe"),
     path("hosts/<str:name>/delete", host_views.host_delete, name="host-delete"),

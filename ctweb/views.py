@@ -6,20 +6,24 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db import transaction
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views import defaults
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from containers.models import Operation
+from containers.api import containers_queryset
+from containers.models import Container
+from core.audit import audit
+from core.decorators import role_required
+from core.fleet import save_direct_networks, save_stall_limit
+from core.middleware import error_response
+from core.models import ApiToken, AuditEntry, FleetSettings
+from core.roles import ROLES, has_role, role_of, set_role
+from hosts import ssh
+from hosts.models import Host
 from hosts.validators import USER_RE
-from hosts.views import hosts_with_counts
-
-from .audit import audit
-from .decorators import role_required
-from .fleet import save_direct_networks, save_stall_limit
-from .middleware import error_response
-from .models import ApiToken, FleetSettings
-from .roles import ROLES, has_role, role_of, set_role
+from operations.models import Operation
 
 User = get_user_model()
 
@@ -175,8 +179,6 @@ def token_revoke(request, token_id):
 def audit_log(request):
     from datetime import date
 
-    from .models import AuditEntry
-
     qs = AuditEntry.objects.all()
     f = request.GET
     if f.get("user"):
@@ -238,3 +240,29 @@ def fleet_settings(request):
     if typed is None:
         typed = "\n".join(fs.direct_transfer_networks or [])
     return render(request, "settings.html", {"fs": fs, "typed": typed}, status=status)
+
+
+# --- the host pages: they show the containers of each host ---------------------------------------
+
+
+def hosts_with_counts():
+    """Hosts by name with their number of containers: a subquery per host, no GROUP BY over the fleet."""
+    n = Container.objects.filter(host=OuterRef("pk")).order_by().values("host").annotate(n=Count("*")).values("n")
+    return Host.objects.annotate(n_containers=Coalesce(Subquery(n), 0)).order_by("name")
+
+
+@role_required("viewer")
+@require_safe
+def host_list(request):
+    hosts = hosts_with_counts()
+    page = Paginator(hosts, 100).get_page(request.GET.get("page"))
+    return render(request, "hosts/list.html", {"page": page, "public_key": ssh.public_key_line()})
+
+
+@role_required("viewer")
+@require_safe
+def host_detail(request, name):
+    host = get_object_or_404(Host, name=name)
+    ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
+    containers = containers_queryset().filter(host=host)
+    return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})

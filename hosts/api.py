@@ -7,12 +7,12 @@ from rest_framework.decorators import api_view
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from containers.api import OperationAcceptedSerializer, operation_accepted
-from containers.events import publish_fleet
-from containers.models import Operation
-from containers.runner import enqueue
-from ctweb.api import ApiError, StrictCharField, StrictIntegerField
-from ctweb.audit import audit
+from core.api import ApiError, StrictCharField, StrictIntegerField
+from core.audit import Actor, audit
+from operations.api import OperationAcceptedSerializer, operation_accepted
+from operations.events import publish_fleet
+from operations.models import Operation
+from operations.runner import enqueue
 
 from . import ssh
 from .jobs import host_state
@@ -62,14 +62,14 @@ def _host_for_name(name: str) -> Host:
     return get_object_or_404(Host, name=name)
 
 
-def add_host(request, name: str, address: str, port: int, username: str) -> Host:
+def add_host(actor: Actor, name: str, address: str, port: int, username: str) -> Host:
     """Look at the host's SSH key and save the host as untrusted. Nothing runs there yet."""
     if Host.objects.filter(name=name).exists():
         raise ApiError(f"A host named {name} already exists.", 409, "name")
     try:
         key = ssh.fetch_host_key(address, port)
     except ssh.SSHError as e:
-        audit(request, "host.add", object_type="host", outcome="failed", detail=str(e))
+        audit(actor, "host.add", object_type="host", outcome="failed", detail=str(e))
         raise ApiError(str(e), 400, "address") from e
     try:
         with transaction.atomic():
@@ -85,12 +85,12 @@ def add_host(request, name: str, address: str, port: int, username: str) -> Host
             )
     except IntegrityError as e:
         raise ApiError(f"A host named {name} already exists.", 409, "name") from e
-    audit(request, "host.add", host, detail=f"{address}:{port} presented {host.offered_fingerprint}")
+    audit(actor, "host.add", host, detail=f"{address}:{port} presented {host.offered_fingerprint}")
     publish_fleet("host", host_state(host))
     return host
 
 
-def trust_host(request, host: Host, fingerprint: str) -> Host:
+def trust_host(actor: Actor, host: Host, fingerprint: str) -> Host:
     """Pin the key the host presents now, if it is the one the admin checked."""
     try:
         key = ssh.fetch_host_key(host.address, host.port)
@@ -98,7 +98,7 @@ def trust_host(request, host: Host, fingerprint: str) -> Host:
         raise ApiError(str(e), 400) from e
     presented = ssh.fingerprint(key)
     if fingerprint.strip() != presented:
-        audit(request, "host.trust", host, outcome="refused", detail=f"asked {fingerprint}, host presents {presented}")
+        audit(actor, "host.trust", host, outcome="refused", detail=f"asked {fingerprint}, host presents {presented}")
         raise ApiError(
             f"{host.name} presents {presented}, not the fingerprint given. Check the host before trusting it.",
             409,
@@ -115,12 +115,12 @@ def trust_host(request, host: Host, fingerprint: str) -> Host:
         status_message="",
     )
     host.refresh_from_db()
-    audit(request, "host.trust", host, detail=presented)
+    audit(actor, "host.trust", host, detail=presented)
     publish_fleet("host", host_state(host))
     return host
 
 
-def start_probe(request, host: Host) -> Operation:
+def start_probe(actor: Actor, host: Host) -> Operation:
     if not host.is_trusted:
         raise ApiError(
             f"{host.name} is not trusted: an admin must check and trust its host key first."
@@ -132,19 +132,19 @@ def start_probe(request, host: Host) -> Operation:
     if active:
         return active
     with transaction.atomic():
-        op = Operation.objects.create(kind=Operation.Kind.PROBE, host=host, created_by=request.user, phase="queued")
+        op = Operation.objects.create(kind=Operation.Kind.PROBE, host=host, created_by=actor.user, phase="queued")
         enqueue(op)
-    audit(request, "host.probe", host, detail=f"operation {op.pk}")
+    audit(actor, "host.probe", host, detail=f"operation {op.pk}")
     return op
 
 
-def remove_host(request, host: Host) -> None:
+def remove_host(actor: Actor, host: Host) -> None:
     """Forget an empty host. Its containers must be migrated or deleted first."""
     if host.containers.exists():
         raise ApiError(f"{host.name} still has containers: migrate or delete them first.", 409)
     if Operation.objects.filter(Q(host=host) | Q(target_host=host), status__in=Operation.ACTIVE).exists():
         raise ApiError(f"{host.name} has an operation running.", 409)
-    audit(request, "host.delete", host)
+    audit(actor, "host.delete", host)
     name = host.name
     host.delete()
     publish_fleet("host", {"name": name, "status": "deleted"})
@@ -161,7 +161,7 @@ class HostList(APIView):
     def post(self, request):
         s = HostCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        host = add_host(request, **s.validated_data)
+        host = add_host(Actor.of(request), **s.validated_data)
         return Response(HostSerializer(host).data, status=status.HTTP_201_CREATED)
 
 
@@ -174,7 +174,7 @@ class HostDetail(APIView):
 
     @extend_schema(responses={204: None})
     def delete(self, request, name):
-        remove_host(request, _host_for_name(name))
+        remove_host(Actor.of(request), _host_for_name(name))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -186,7 +186,7 @@ class HostTrust(APIView):
         host = _host_for_name(name)
         s = TrustSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return Response(HostSerializer(trust_host(request, host, s.validated_data["fingerprint"])).data)
+        return Response(HostSerializer(trust_host(Actor.of(request), host, s.validated_data["fingerprint"])).data)
 
 
 class HostProbe(APIView):
@@ -194,7 +194,7 @@ class HostProbe(APIView):
 
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
-        return operation_accepted(start_probe(request, _host_for_name(name)))
+        return operation_accepted(start_probe(Actor.of(request), _host_for_name(name)))
 
 
 @extend_schema(

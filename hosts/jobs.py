@@ -3,8 +3,9 @@
 from django.db import transaction
 from django.utils import timezone
 
-from containers.events import publish_fleet
-from containers.runner import OperationContext, OperationFailed, handler
+from operations.events import publish_fleet
+from operations.models import Operation
+from operations.runner import OperationContext, OperationFailed, enqueue, handler
 
 from . import ssh
 from .models import Host
@@ -25,6 +26,20 @@ def set_host_status(host: Host, status: str, message: str = "", **fields) -> Non
     publish_fleet("host", host_state(host))
 
 
+def failure(e: ssh.SSHError, host: Host | None = None, prefix: str = "") -> OperationFailed:
+    """The one door from a job's SSH or agent error to its OperationFailed: the sentence (after
+    `prefix`), and for an agent's error its log lines and data. Given the `host`, one that cannot
+    be reached is marked offline at once (the host lists show it), unless it is blocked (a
+    changed key, marked already)."""
+    if isinstance(e, ssh.AgentFailed):
+        return OperationFailed(f"{prefix}{e}", e.details, e.data)
+    if host is not None:
+        host.refresh_from_db()
+        if not host.is_blocked:
+            set_host_status(host, Host.Status.OFFLINE, str(e))
+    return OperationFailed(f"{prefix}{e}")
+
+
 @handler("probe")
 def probe(ctx: OperationContext) -> dict:
     host = ctx.op.host
@@ -37,16 +52,10 @@ def probe(ctx: OperationContext) -> dict:
             conn.ensure_agent()
             ctx.event("probe", "probing", 20)
             result = conn.run_agent("probe", {}, on_event=ctx.relay(20, 70), timeout=300)
-    except ssh.HostKeyMismatch as e:
-        raise OperationFailed(str(e)) from e
-    except ssh.AgentFailed as e:
-        set_host_status(host, Host.Status.OFFLINE, str(e))
-        raise OperationFailed(str(e), e.details) from e
     except ssh.SSHError as e:
-        host.refresh_from_db()
-        if not host.is_blocked:
+        if isinstance(e, ssh.AgentFailed):  # a host whose agent cannot probe it is not usable either
             set_host_status(host, Host.Status.OFFLINE, str(e))
-        raise OperationFailed(str(e)) from e
+        raise failure(e, host) from e
     ctx.event("save", "saving capabilities", 95)
     caps = result.data
     set_host_status(host, Host.Status.ONLINE, "", capabilities=caps, last_probe_at=timezone.now())
@@ -67,9 +76,6 @@ def reprobe_offline_hosts(now=None) -> list[str]:
     failure), so that it comes back online by itself when it answers. Each try is an
     ordinary probe operation (params.auto), visible in the operation list."""
     from datetime import timedelta
-
-    from containers.models import Operation
-    from containers.runner import enqueue
 
     now = now or timezone.now()
     started = []

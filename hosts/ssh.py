@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.conf import settings
 
 from .agent import AGENT_SUBCOMMANDS, agent_file_name, agent_source
+from .models import Host
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +287,6 @@ def _lines(channel: paramiko.Channel, stderr: bytearray, deadline: float) -> Ite
 
 
 def mark_key_mismatch(host, offered: paramiko.PKey) -> None:
-    from .models import Host
-
     Host.objects.filter(pk=host.pk).update(
         status=Host.Status.KEY_MISMATCH,
         status_message=str(HostKeyMismatch(host.name, offered)),
@@ -590,7 +589,7 @@ def direct(
 ) -> tuple[int, dict]:
     """Have the sender agent stream a tar straight to the receiver agent over TCP.
 
-    Only for hosts an admin allowed (`route` from ctweb.fleet.direct_route): the bytes
+    Only for hosts an admin allowed (`route` from core.fleet.direct_route): the bytes
     are NOT encrypted. The receiver listens on its own address for one connection from
     the sender's address bringing a one-time token; the token travels to both agents
     inside their parameters over SSH (never in a command line, never logged). The worker

@@ -1,48 +1,19 @@
 from django.contrib import messages
-from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, Subquery
-from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_http_methods, require_POST, require_safe
+from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework.exceptions import APIException
 
-from containers.api import containers_queryset
-from containers.models import Operation
-from containers.views import start_or_back
-from ctweb.decorators import role_required
+from core.audit import Actor
+from core.decorators import role_required
+from operations.views import start_or_back
 
 from . import ssh
 from .api import HostCreateSerializer, add_host, remove_host, start_probe, trust_host
 from .models import Host
 
 
-def hosts_with_counts():
-    """Hosts by name with their number of containers: a subquery per host, no GROUP BY over the fleet."""
-    from containers.models import Container
-
-    n = Container.objects.filter(host=OuterRef("pk")).order_by().values("host").annotate(n=Count("*")).values("n")
-    return Host.objects.annotate(n_containers=Coalesce(Subquery(n), 0)).order_by("name")
-
-
 def _get_host(name: str) -> Host:
     return get_object_or_404(Host, name=name)
-
-
-@role_required("viewer")
-@require_safe
-def host_list(request):
-    hosts = hosts_with_counts()
-    page = Paginator(hosts, 100).get_page(request.GET.get("page"))
-    return render(request, "hosts/list.html", {"page": page, "public_key": ssh.public_key_line()})
-
-
-@role_required("viewer")
-@require_safe
-def host_detail(request, name):
-    host = _get_host(name)
-    ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
-    containers = containers_queryset().filter(host=host)
-    return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})
 
 
 @role_required("admin")
@@ -58,7 +29,7 @@ def host_add(request):
         s = HostCreateSerializer(data=data)
         if s.is_valid():
             try:
-                host = add_host(request, **s.validated_data)
+                host = add_host(Actor.of(request), **s.validated_data)
             except APIException as e:
                 error = str(e.detail)
             else:
@@ -75,12 +46,12 @@ def host_add(request):
 def host_trust(request, name):
     host = _get_host(name)
     try:
-        trust_host(request, host, request.POST.get("fingerprint", ""))
+        trust_host(Actor.of(request), host, request.POST.get("fingerprint", ""))
     except APIException as e:
         messages.error(request, str(e.detail))
     else:
         messages.success(request, f"{host.name}'s key is pinned. Probing it now.")
-        op = start_probe(request, host)
+        op = start_probe(Actor.of(request), host)
         return redirect("operation-detail", op_id=op.pk)
     return redirect("host-detail", name=name)
 
@@ -89,7 +60,7 @@ def host_trust(request, name):
 @require_POST
 def host_probe(request, name):
     host = _get_host(name)
-    return start_or_back(request, lambda: start_probe(request, host), f"/hosts/{host.name}/")
+    return start_or_back(request, lambda: start_probe(Actor.of(request), host), f"/hosts/{host.name}/")
 
 
 @role_required("admin")
@@ -100,7 +71,7 @@ def host_delete(request, name):
         messages.error(request, f"Type {host.name} to confirm removing it.")
         return redirect("host-detail", name=name)
     try:
-        remove_host(request, host)
+        remove_host(Actor.of(request), host)
     except APIException as e:
         messages.error(request, str(e.detail))
         return redirect("host-detail", name=name)

@@ -3,8 +3,8 @@ from django.apps import apps
 from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 
-from ctweb.models import ApiToken
-from ctweb.roles import set_role
+from core.models import ApiToken
+from core.roles import set_role
 from hosts.models import Host
 
 ROLE_OF = {"alice": "admin", "bob": "operator", "carol": "viewer", "dave": None}

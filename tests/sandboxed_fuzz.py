@@ -72,7 +72,8 @@ def seeded(stack):
         f"""
 import json
 from hosts.models import Host
-from containers.models import Container, Snapshot, Operation
+from containers.models import Container, Snapshot
+from operations.models import Operation
 from django.contrib.auth import get_user_model
 caps = {{"templates": ["busybox"], "arch": "x86_64", "criu_check": "ok", "criu_version": "4.0",
         "network": {{"subnet": "10.9.9.0/24", "range": [100, 200]}}}}

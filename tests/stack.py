@@ -222,8 +222,8 @@ class Stack:
         code = """
 import json
 from django.contrib.auth import get_user_model
-from ctweb.models import ApiToken
-from ctweb.roles import set_role
+from core.models import ApiToken
+from core.roles import set_role
 out = {}
 for name, role in [("alice", "admin"), ("bob", "operator"), ("carol", "viewer"), ("dave", None)]:
     u, _ = get_user_model().objects.get_or_create(username=name)

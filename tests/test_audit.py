@@ -17,7 +17,7 @@ from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.test import Client
 
-from ctweb.models import AuditEntry
+from core.models import AuditEntry
 from hosts.models import Host
 from tests.helpers import db_state
 from tests.test_authz_matrix import API, MATRIX, _url, world  # noqa: F401  (world: a fixture)
@@ -55,7 +55,7 @@ def _sessions():
 
 
 def _without_audit(state):
-    return {k: v for k, v in state.items() if k != "ctweb.AuditEntry"}
+    return {k: v for k, v in state.items() if k != "core.AuditEntry"}
 
 
 @pytest.mark.parametrize("route,method,spec", WRITES, ids=[f"{m.upper()} /{r}" for r, m, _ in WRITES])
@@ -127,7 +127,7 @@ def staff(db):
 
 def test_no_model_admin_skips_the_audit_hook():
     """Admin changes are audited through ModelAdmin.log_addition/log_change/log_deletions
-    (ctweb/admin.py): no registered ModelAdmin may replace them."""
+    (core/admin.py): no registered ModelAdmin may replace them."""
     assert len(admin.site._registry) >= 7
     for model, model_admin in admin.site._registry.items():
         for name in ("log_addition", "log_change", "log_deletions", "log_deletion"):
@@ -194,13 +194,13 @@ def test_deleting_a_user_keeps_their_entries(db):
 
 def test_the_admin_site_shows_entries_but_cannot_add_change_or_delete_them(staff):
     e = _entry()
-    assert staff.get("/admin/ctweb/auditentry/").status_code == 200
-    page = staff.get(f"/admin/ctweb/auditentry/{e.pk}/change/")
+    assert staff.get("/admin/core/auditentry/").status_code == 200
+    page = staff.get(f"/admin/core/auditentry/{e.pk}/change/")
     assert page.status_code == 200 and b'name="action"' not in page.content  # read only
-    assert staff.post(f"/admin/ctweb/auditentry/{e.pk}/change/", {"action": "x", "outcome": "x"}).status_code == 403
-    assert staff.post(f"/admin/ctweb/auditentry/{e.pk}/delete/", {"post": "yes"}).status_code == 403
-    assert staff.post("/admin/ctweb/auditentry/add/", {"action": "x"}).status_code == 403
-    r = staff.post("/admin/ctweb/auditentry/", {"action": "delete_selected", "_selected_action": [e.pk], "post": "yes"})
+    assert staff.post(f"/admin/core/auditentry/{e.pk}/change/", {"action": "x", "outcome": "x"}).status_code == 403
+    assert staff.post(f"/admin/core/auditentry/{e.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert staff.post("/admin/core/auditentry/add/", {"action": "x"}).status_code == 403
+    r = staff.post("/admin/core/auditentry/", {"action": "delete_selected", "_selected_action": [e.pk], "post": "yes"})
     assert r.status_code in (200, 302)
     e2 = AuditEntry.objects.get(pk=e.pk)
     assert (e2.action, e2.outcome) == ("host.probe", "ok")
@@ -253,7 +253,7 @@ def test_a_deletion_of_any_model_through_the_admin_site_is_audited(world, staff)
     which cannot be deleted at all."""
     AuditEntry.objects.create(action="host.probe", username="bob")
     deleted = []
-    first = ["containers.snapshot", "containers.operation", "containers.container"]  # before what they hang on
+    first = ["containers.snapshot", "operations.operation", "containers.container"]  # before what they hang on
     models = sorted(admin.site._registry, key=lambda m: (first + [m._meta.label_lower]).index(m._meta.label_lower))
     for model in models:
         qs = model._default_manager.order_by("-pk")

@@ -5,7 +5,7 @@ import json
 import pytest
 from django.test import Client
 
-from ctweb.models import AuditEntry
+from core.models import AuditEntry
 from hosts.models import Host
 from tests.helpers import db_state
 
@@ -209,7 +209,7 @@ def test_bad_commands_are_refused(command, tokens, box, django_capture_on_commit
 
 def test_a_command_with_shell_metacharacters_is_kept_as_text(tokens, box):
     """Accepted, but as an argument list: `;`, `$(...)` and backticks are never given to a shell."""
-    from containers.models import Operation
+    from operations.models import Operation
 
     r = _post_json(tokens, "/api/v1/containers/", {"name": "fresh", "host": "h1", "command": "echo $(reboot); `id`"})
     assert r.status_code == 202

@@ -3,9 +3,10 @@
 import pytest
 from django.test import Client
 
-from containers.models import Container, Operation
+from containers.models import Container
 from containers.services import allocate_ipv4, parse_command
-from ctweb.api import ApiError
+from core.api import ApiError
+from operations.models import Operation
 
 
 @pytest.fixture

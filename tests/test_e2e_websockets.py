@@ -45,7 +45,7 @@ def test_a_viewer_gets_the_fleet_state_first(stack):
 
 
 ELSEWHERE = {
-    "token revoked": "from ctweb.models import ApiToken; ApiToken.objects.filter(user__username='{u}').delete()",
+    "token revoked": "from core.models import ApiToken; ApiToken.objects.filter(user__username='{u}').delete()",
     # The token stays valid; the socket opened under the old password does not.
     "password reset": "from django.contrib.auth import get_user_model; u = get_user_model().objects.get(username='{u}'); "
     "u.set_password('another-passphrase-7'); u.save(update_fields=['password'])",
@@ -59,8 +59,8 @@ def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack, change):
     user = "ws-" + change.split()[0]
     token = (
         stack.python(
-            "from django.contrib.auth import get_user_model; from ctweb.models import ApiToken; "
-            "from ctweb.roles import set_role; "
+            "from django.contrib.auth import get_user_model; from core.models import ApiToken; "
+            "from core.roles import set_role; "
             f"u, _ = get_user_model().objects.get_or_create(username='{user}'); set_role(u, 'viewer'); "
             "print(ApiToken.issue(u, 'ws')[1])"
         )

@@ -3,8 +3,8 @@ ends, and a cancel reaches its children."""
 
 import pytest
 
-from containers import runner, tasks
-from containers.models import Operation
+from operations import runner, tasks
+from operations.models import Operation
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ decides which migrations may send their tars host to host."""
 import pytest
 from django.test import Client
 
-from ctweb.fleet import direct_route
-from ctweb.models import AuditEntry, FleetSettings
+from core.fleet import direct_route
+from core.models import AuditEntry, FleetSettings
 from hosts.models import Host
 
 URL = "/api/v1/settings/"

@@ -4,10 +4,10 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from containers import runner
-from containers.models import Operation
 from hosts import jobs
 from hosts.models import Host
+from operations import runner
+from operations.models import Operation
 
 
 def test_the_reprobe_backoff_doubles_from_15_s_up_to_5_min():
@@ -17,7 +17,7 @@ def test_the_reprobe_backoff_doubles_from_15_s_up_to_5_min():
 def test_an_offline_host_is_probed_again_with_backoff_and_comes_back_online(
     db, trusted_host, django_capture_on_commit_callbacks, monkeypatch
 ):
-    from containers import tasks
+    from operations import tasks
 
     monkeypatch.setattr(tasks.run_operation_task, "delay", lambda pk: None)
     Host.objects.filter(pk=trusted_host.pk).update(status=Host.Status.OFFLINE)

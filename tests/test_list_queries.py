@@ -6,7 +6,8 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from containers.models import Container, Operation, Snapshot
+from containers.models import Container, Snapshot
+from operations.models import Operation
 
 PATHS = [
     "/",

@@ -7,9 +7,9 @@ import pytest
 from django.core.cache import cache
 from django.test import Client
 
-from ctweb import login
-from ctweb.clientip import client_ip, parse_networks
-from ctweb.models import AuditEntry
+from core import login
+from core.clientip import client_ip, parse_networks
+from core.models import AuditEntry
 
 GOOD = {"username": "carol", "password": "carol-password-1"}
 BAD = {"username": "carol", "password": "wrong"}

@@ -4,9 +4,10 @@ import pytest
 from django.test import Client
 
 from containers.migration import choose_strategy, strategy_support
-from containers.models import Container, Operation
-from ctweb.api import ApiError
+from containers.models import Container
+from core.api import ApiError
 from hosts.models import Host
+from operations.models import Operation
 
 NET = {"subnet": "10.9.9.0/24", "bridge": "lxcbr0", "range": [100, 200]}
 CAPS = {

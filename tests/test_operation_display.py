@@ -2,7 +2,7 @@
 
 from datetime import datetime
 
-from containers.display import downtime_breakdown, phase_spans
+from operations.display import downtime_breakdown, phase_spans
 
 
 def _ev(at: str, phase: str) -> dict:

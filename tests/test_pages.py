@@ -6,7 +6,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from containers.models import Operation
+from operations.models import Operation
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ kind of user) is tests/test_authz_matrix.py."""
 
 from django.test import Client
 
-from containers.models import Operation
+from operations.models import Operation
 
 
 def test_it_answers_401_to_a_wrong_token(db):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from containers import runner
-from containers.models import Operation
-from containers.runner import OperationFailed, handler
+from operations import runner
+from operations.models import Operation
+from operations.runner import OperationFailed, handler
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_a_beating_row_is_never_taken_for_lost_even_if_its_worker_is_slow_to_ans
 
 
 def test_a_lost_migration_stays_running_under_the_new_worker_until_it_is_recovered(db, monkeypatch):
-    from containers import tasks
+    from operations import tasks
 
     queued = []
     monkeypatch.setattr(tasks.recover_operation_task, "delay", queued.append)
@@ -284,7 +284,7 @@ def test_the_scheduled_detector_writes_its_own_name_and_takes_a_row_once(transac
 
     from django.utils import timezone
 
-    from containers import tasks
+    from operations import tasks
 
     queued = []
     monkeypatch.setattr(tasks.recover_operation_task, "delay", queued.append)

@@ -7,7 +7,8 @@ from django.test import Client
 from django.utils import timezone
 
 from containers.compare import compare_snapshots
-from containers.models import Container, Operation, Snapshot
+from containers.models import Container, Snapshot
+from operations.models import Operation
 
 
 @pytest.fixture

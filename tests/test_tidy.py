@@ -5,8 +5,9 @@ The agent is replaced by a table of what each host answers (the decisions are pu
 import pytest
 
 from containers import jobs
-from containers.models import Container, Operation
+from containers.models import Container
 from hosts.models import Host
+from operations.models import Operation
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.test import Client
 
-from ctweb.models import ApiToken, AuditEntry
-from ctweb.roles import role_of
+from core.models import ApiToken, AuditEntry
+from core.roles import role_of
 
 User = get_user_model()
 

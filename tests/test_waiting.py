@@ -7,10 +7,11 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from containers import recovery, runner, tasks
-from containers.models import Container, Operation
-from containers.runner import KEEP_WAITING, OperationFailed, WaitFor, handler
-from ctweb.models import AuditEntry
+from containers.models import Container
+from core.models import AuditEntry
+from operations import runner, tasks
+from operations.models import Operation
+from operations.runner import KEEP_WAITING, OperationFailed, WaitFor, handler
 
 ACTIONS = [
     {"id": "go", "label": "Go", "consequence": "It goes."},
@@ -47,7 +48,7 @@ def _waiting(monkeypatch, actions=None, answers=None):
             raise a
         return a
 
-    monkeypatch.setitem(recovery.RECOVERERS, "sync", recover)
+    monkeypatch.setitem(runner.RECOVERERS, "sync", recover)
     op = Operation.objects.create(kind="sync")
     assert runner.run_operation(op.pk, "w@a") == "waiting"
     op.refresh_from_db()

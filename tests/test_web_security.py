@@ -5,7 +5,7 @@ from django.core.cache import cache
 from django.test import Client
 from django.urls import path
 
-from ctweb.models import AuditEntry
+from core.models import AuditEntry
 
 
 @pytest.fixture(autouse=True)

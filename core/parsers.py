@@ -7,14 +7,14 @@ from django.conf import settings
 from rest_framework import exceptions, parsers
 from rest_framework.utils import json
 
+from .errors import ApiError
+
 
 class JSONParser(parsers.JSONParser):
     """DRF's JSON parser, but reading no more than DATA_UPLOAD_MAX_MEMORY_SIZE (413 past it)
     and answering 400, not 500, to JSON nested deeper than Python's recursion limit."""
 
     def parse(self, stream, media_type=None, parser_context=None):
-        from .api import ApiError
-
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         raw = stream.read(limit + 1) if stream is not None else b""
         if len(raw) > limit:

@@ -2,6 +2,7 @@ import json
 
 from django.contrib import admin
 
+from .audit import audit
 from .models import ApiToken, AuditEntry
 
 
@@ -42,8 +43,6 @@ _log_deletions = admin.ModelAdmin.log_deletions
 
 def _admin_audit(request, action, obj, message="") -> None:
     from django.contrib.admin.models import LogEntry
-
-    from .audit import audit
 
     if isinstance(message, list):
         message = json.dumps(message)

@@ -21,6 +21,7 @@ class ApiToken(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        db_table = "ctweb_apitoken"  # the table it had in the ctweb app (no data moved)
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
@@ -60,6 +61,7 @@ class AuditEntry(models.Model):
     objects = AuditEntryQuerySet.as_manager()
 
     class Meta:
+        db_table = "ctweb_auditentry"  # the table it had in the ctweb app (no data moved)
         ordering = ["-at"]
         verbose_name_plural = "audit entries"
 
@@ -77,7 +79,7 @@ class AuditEntry(models.Model):
 
 
 class FleetSettings(models.Model):
-    """Settings of the whole fleet that an admin changes (one row, pk 1; see ctweb/fleet.py)."""
+    """Settings of the whole fleet that an admin changes (one row, pk 1; see core/fleet.py)."""
 
     # Networks (CIDR strings) on which two hosts may send a migration's tars straight to
     # each other over plain TCP, unencrypted, instead of through the dashboard over SSH.
@@ -89,6 +91,7 @@ class FleetSettings(models.Model):
     updated_by = models.CharField(max_length=150, blank=True)
 
     class Meta:
+        db_table = "ctweb_fleetsettings"  # the table it had in the ctweb app (no data moved)
         verbose_name_plural = "fleet settings"
 
     def __str__(self) -> str:

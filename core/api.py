@@ -8,12 +8,9 @@ from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from .errors import ApiError
 
-class ApiError(exceptions.APIException):
-    def __init__(self, message: str, status_code: int = 400, field: str | None = None):
-        self.status_code = status_code
-        self.field = field
-        super().__init__(detail=message)
+__all__ = ["ApiError"]  # where the features take it from
 
 
 # Request fields that take only their own JSON type: DRF would read 5 as "5", "1" or 0 as a

@@ -9,11 +9,11 @@ import time
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from ctweb.access import RECHECK_S, access_stamp, still_allowed, user_group
-from ctweb.roles import has_role
+from core.access import RECHECK_S, access_stamp, still_allowed, user_group
+from core.roles import has_role
+from operations.models import Operation
 
 from . import events
-from .models import Operation
 
 CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
@@ -35,7 +35,7 @@ class _Base(AsyncJsonWebsocketConsumer):
         if self.groups_to_join is None:
             await self.close(code=CLOSE_NOT_FOUND)
             return
-        # Changes to this user's access reach the socket through their own group (ctweb/access.py).
+        # Changes to this user's access reach the socket through their own group (core/access.py).
         self.groups_to_join.append(user_group(user.pk))
         self.closed = False
         self.checked_at = time.monotonic()

@@ -2,7 +2,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 
 
 class TokenScheme(OpenApiAuthenticationExtension):
-    target_class = "ctweb.auth.TokenAuthentication"
+    target_class = "core.auth.TokenAuthentication"
     name = "tokenAuth"
 
     def get_security_definition(self, auto_schema):
@@ -14,7 +14,7 @@ class TokenScheme(OpenApiAuthenticationExtension):
         }
 
 
-# Every answer that is not a success is {"error", "field"} (ctweb/api.py); the schema says
+# Every answer that is not a success is {"error", "field"} (core/api.py); the schema says
 # which statuses each operation can give, so clients and schemathesis can check them.
 ERROR_SCHEMA = {
     "type": "object",

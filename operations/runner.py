@@ -4,6 +4,12 @@ It claims the Operation row by compare-and-set on its status, runs the job's han
 and always ends the row in exactly one terminal state. Handlers raise
 OperationFailed for expected failures (a sentence for the operator) and anything
 else is a crash: its traceback goes to the worker log, a short sentence to the user.
+
+The features (containers, hosts) register, per operation kind, what runs it (`handler`)
+and its hooks: what finds out where a lost one stopped (`recovers`), what carries out an
+admin's decision on a waiting one (`decision_handler`), what gives back what its request
+reserved when it never ran to the end (`undoes`) and what collects a debug bundle when it
+fails (`collects_bundle`). The runner imports no feature.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
-from django.db import transaction
+from celery import shared_task
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from . import events
@@ -27,6 +35,16 @@ HEARTBEAT_S = 5  # a running job touches its row this often, whatever it is doin
 LOST_AFTER_S = 60  # a row untouched this long, whose worker does not answer, is lost
 
 HANDLERS: dict[str, Callable[[OperationContext], dict | None]] = {}
+# kind -> fn(ctx) -> a sentence (the row fails with it) or a dict (it succeeds with it),
+# for a row whose worker was lost or that waits (see mark_lost_operations, WaitFor).
+RECOVERERS: dict[str, Callable[[OperationContext], str | dict]] = {}
+# Kinds whose recovery's OperationFailed is their own outcome (an evacuation whose children
+# failed), not a recovery that could not finish.
+FAILURE_IS_OUTCOME: set[str] = set()
+# kind -> fn(op): gives back what the request reserved, when the job was cancelled or never queued.
+UNDOERS: dict[str, Callable[[Operation], None]] = {}
+# kind -> fn(op) -> names of the files it saved in bundles.bundle_dir(op.pk) (best effort, never raises).
+BUNDLERS: dict[str, Callable[[Operation], list[str]]] = {}
 
 
 def handler(kind: str):
@@ -35,6 +53,42 @@ def handler(kind: str):
         return fn
 
     return register
+
+
+def recovers(*kinds: str, failure_is_outcome: bool = False):
+    def register(fn):
+        for kind in kinds:
+            RECOVERERS[kind] = fn
+            if failure_is_outcome:
+                FAILURE_IS_OUTCOME.add(kind)
+        return fn
+
+    return register
+
+
+def undoes(*kinds: str):
+    def register(fn):
+        for kind in kinds:
+            UNDOERS[kind] = fn
+        return fn
+
+    return register
+
+
+def collects_bundle(*kinds: str):
+    def register(fn):
+        for kind in kinds:
+            BUNDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+def undo(op: Operation) -> None:
+    """Give back what the request of a job that did not run to its end reserved (if its kind says how)."""
+    fn = UNDOERS.get(op.kind)
+    if fn is not None:
+        fn(op)
 
 
 class OperationFailed(Exception):
@@ -183,8 +237,6 @@ def finish(op: Operation, status: str, *, error: str = "", result: dict | None =
 def ask_again(op_id: int) -> None:
     """A waiting row is taken (compare-and-set) and its recovery queued now: a child of it
     ended, a cancel or a decision came. No scheduler tick is needed."""
-    from .tasks import recover_operation_task
-
     if Operation.objects.filter(pk=op_id, status=Operation.Status.WAITING).update(
         status=Operation.Status.RUNNING, worker="", heartbeat_at=timezone.now(), phase="recovery"
     ):
@@ -195,8 +247,6 @@ def park(op: Operation, wait: WaitFor, tries: int = 6) -> bool:
     """Move a running row to `waiting` (see WaitFor). The write is tried a few times (the
     database itself may be what failed); if it never goes through, the row stays running,
     stops beating, and the lost-worker detector recovers it later."""
-    from datetime import timedelta
-
     for attempt in range(tries):
         try:
             now = timezone.now()
@@ -234,8 +284,6 @@ def park(op: Operation, wait: WaitFor, tries: int = 6) -> bool:
         except Exception as e:
             log.warning("operation %s could not be set waiting (%s); trying again", op.pk, e)
             try:
-                from django.db import connection
-
                 connection.close()
             except Exception:
                 pass
@@ -296,8 +344,6 @@ class Heartbeat:
         self.beats = 0
 
     def _beat(self) -> None:
-        from django.db import connection
-
         failing = 0
         try:  # the claim set the first beat
             while not self.stop.wait(HEARTBEAT_S):
@@ -349,10 +395,6 @@ def _decision_runner(op: Operation, decided: dict):
 
 
 def _run(op: Operation, ctx: OperationContext, fn) -> None:
-    from django.db import DatabaseError
-
-    from .recovery import RECOVERERS
-
     try:
         if fn is None:
             raise OperationFailed(f"This version of ctweb cannot run '{op.kind}' operations yet.")
@@ -373,10 +415,7 @@ def _run(op: Operation, ctx: OperationContext, fn) -> None:
         park(op, WaitFor(f"The database could not be written ({type(e).__name__}); ctweb asks the hosts again."))
     except Cancelled as e:
         ctx.save()
-        if op.kind == Operation.Kind.CREATE:
-            from .jobs import release_reservation
-
-            release_reservation(op)
+        undo(op)
         finish(op, Operation.Status.CANCELLED, error=f"Cancelled at the operator's request. {e}".strip())
     except OperationFailed as e:
         ctx.save()
@@ -406,9 +445,8 @@ def _crash(op: Operation, ctx: OperationContext) -> None:
 
 
 def _bundle(ctx: OperationContext) -> dict:
-    from .bundles import BUNDLE_KINDS, collect
-
-    if ctx.op.kind not in BUNDLE_KINDS:
+    collect = BUNDLERS.get(ctx.op.kind)
+    if collect is None:
         return {}
     ctx.event("bundle", "collecting a debug bundle from the hosts")
     files = collect(ctx.op)
@@ -417,7 +455,6 @@ def _bundle(ctx: OperationContext) -> dict:
 
 def enqueue(op: Operation) -> Operation:
     """Queue the job once the row is committed, so the worker always finds it."""
-    from .tasks import run_operation_task
 
     def send():
         try:
@@ -437,10 +474,7 @@ def fail_unqueued(op_id: int, error: str) -> None:
         status=Operation.Status.FAILURE, error=error, finished_at=now
     ):
         op = Operation.objects.select_related("host").get(pk=op_id)
-        if op.kind == Operation.Kind.CREATE:
-            from .jobs import release_reservation
-
-            release_reservation(op)
+        undo(op)
         events.publish_operation(op)
 
 
@@ -454,11 +488,6 @@ def mark_lost_operations(me: str, alive: Callable[[str], bool], *, starting: boo
     and its worker is nobody, is us (and no thread of ours runs it), or does not answer.
     Kinds with a recovery (see recovery.py) stay running under this worker until the
     recovery has found where their container ended up; the others fail at once."""
-    from datetime import timedelta
-
-    from .recovery import RECOVERERS
-    from .tasks import recover_operation_task
-
     stale = timezone.now() - timedelta(seconds=LOST_AFTER_S)
     lost = 0
     for op in Operation.objects.filter(status=Operation.Status.RUNNING).select_related("host", "target_host"):
@@ -490,8 +519,6 @@ def mark_lost_operations(me: str, alive: Callable[[str], bool], *, starting: boo
 
 def recover_operation(op_id: int, worker: str = "") -> str | None:
     """Find out where a lost operation left its container, put it right, end the row."""
-    from .recovery import RECOVERERS
-
     op = Operation.objects.select_related("host", "target_host", "container").get(pk=op_id)
     if op.status != Operation.Status.RUNNING or op.kind not in RECOVERERS:
         return None
@@ -519,13 +546,11 @@ def recover_operation(op_id: int, worker: str = "") -> str | None:
             finish(op, Operation.Status.CANCELLED, error=str(e) or "Cancelled at the operator's request.")
             return op.status
         except OperationFailed as e:
-            if op.kind == Operation.Kind.EVACUATE:  # its children's outcome, not a recovery's
+            if op.kind in FAILURE_IS_OUTCOME:  # e.g. an evacuation's children's outcome, not a recovery's
                 finish(op, Operation.Status.FAILURE, error=e.message, result={**op.result, **e.result})
                 return op.status
             outcome = f"Recovery could not finish: {e.message} Check the hosts before retrying."
         except Exception as e:
-            from django.db import DatabaseError
-
             if isinstance(e, DatabaseError):
                 log.error("recovery of operation %s: database error:\n%s", op.pk, traceback.format_exc())
                 park(op, WaitFor(f"The database could not be written ({type(e).__name__}); ctweb asks again."))
@@ -543,11 +568,6 @@ def recover_operation(op_id: int, worker: str = "") -> str | None:
 def retry_waiting_operations(me: str, now=None) -> int:
     """Scheduled: a waiting row whose retry time has come is taken (compare-and-set) and its
     recovery asks the hosts again. No thread is held between two attempts."""
-    from datetime import datetime
-
-    from .recovery import RECOVERERS
-    from .tasks import recover_operation_task
-
     now = now or timezone.now()
     taken = 0
     for op in Operation.objects.filter(status=Operation.Status.WAITING):
@@ -616,10 +636,6 @@ def decide(op_id: int, action: str, user) -> Operation:
 def requeue_pending(older_than_s: float = 10) -> int:
     """Send again the jobs still pending after a while (their message may have died with a
     worker or a Redis restart). Harmless twice: only one run can claim a row."""
-    from datetime import timedelta
-
-    from .tasks import run_operation_task
-
     cutoff = timezone.now() - timedelta(seconds=older_than_s)
     ids = list(
         Operation.objects.filter(status=Operation.Status.PENDING, created_at__lt=cutoff).values_list("pk", flat=True)
@@ -627,3 +643,15 @@ def requeue_pending(older_than_s: float = 10) -> int:
     for op_id in ids:
         run_operation_task.delay(op_id)
     return len(ids)
+
+
+# The tasks that run a job and its recovery. The names are those they had in
+# containers/tasks.py: a message queued by the previous version is still run after an upgrade.
+@shared_task(bind=True, ignore_result=True, name="containers.tasks.run_operation_task")
+def run_operation_task(self, op_id: int) -> None:
+    run_operation(op_id, worker=self.request.hostname or "")
+
+
+@shared_task(bind=True, ignore_result=True, name="containers.tasks.recover_operation_task")
+def recover_operation_task(self, op_id: int) -> None:
+    recover_operation(op_id, worker=self.request.hostname or "")

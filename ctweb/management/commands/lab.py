@@ -4,14 +4,19 @@ with the dashboard (keys pinned: the lab made them) and probed."""
 import json
 import os
 
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from containers import runner
-from containers.models import Container, Operation
+from containers.models import Container
+from containers.services import create_container
+from core.api import ApiError
+from core.audit import Actor
 from hosts import ssh
 from hosts.models import Host
 from lab import core
+from operations import runner
+from operations.models import Operation
 
 DEMO_COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done"
 # A small TCP service: answers each connection with the container's name and a counter.
@@ -110,20 +115,13 @@ class Command(BaseCommand):
         return host
 
     def demo(self, host_names: list[str]) -> None:
-        from django.contrib.auth import get_user_model
-
-        from containers.services import create_container
-        from ctweb.api import ApiError
-
-        class _Request:  # the audit log records the lab as the actor
-            user = get_user_model().objects.filter(is_superuser=True).first()
-            META = {}
+        actor = Actor(get_user_model().objects.filter(is_superuser=True).first())  # the audit log names the admin
 
         for i, (name, template, command) in enumerate(DEMOS):
             if Container.objects.filter(name=name).exists():
                 continue
             try:
-                op = create_container(_Request, name, host_names[i % len(host_names)], template, command, queue=False)
+                op = create_container(actor, name, host_names[i % len(host_names)], template, command, queue=False)
             except ApiError as e:
                 self.say(f"{name}: not created: {e.detail}")
                 continue

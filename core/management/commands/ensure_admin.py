@@ -3,7 +3,7 @@ import secrets
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from ctweb.roles import set_role
+from core.roles import set_role
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 """Login with a brake that slows guessing down without locking anyone out for good.
 
 Every login attempt is counted against two keys: the account name tried and the client's
-address (ctweb/clientip.py: behind TRUSTED_PROXIES, the address X-Forwarded-For gives; an
+address (core/clientip.py: behind TRUSTED_PROXIES, the address X-Forwarded-For gives; an
 IPv6 client by its /64). For each key the first FREE attempts pass at once; from the
 FREE-th on, the n-th attempt closes the key's gate for 2**(n-FREE+1) s (2, 4, 8 ... s, at
 most MAX_DELAY_S) and the next attempt needs the gate open again.
@@ -38,7 +38,7 @@ MAX_DELAY_S = 300  # the longest a key ever waits between two attempts
 RESET_S = 900  # a key's count is forgotten this long after its last attempt
 KNOWN_COOKIE = "ctweb_known"
 KNOWN_MAX_AGE_S = 90 * 86400
-_SALT = "ctweb.login.known-browser"
+_SALT = "ctweb.login.known-browser"  # kept: browsers already remembered stay remembered
 
 
 def delay_after(n: int) -> int:

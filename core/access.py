@@ -12,12 +12,17 @@ without any signal).
 
 from __future__ import annotations
 
+import hashlib
 from importlib import import_module
 
 from django.conf import settings
 from django.contrib.auth import get_user_model, user_logged_out
 from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
+
+from .live import send
+from .models import ApiToken
+from .roles import has_role, role_of
 
 RECHECK_S = 60
 
@@ -28,8 +33,6 @@ def user_group(user_id: int) -> str:
 
 def notify(user_ids) -> None:
     """Tell the sockets of these users to check their access again, once the change is committed."""
-    from containers.events import send
-
     ids = sorted({int(i) for i in user_ids if i is not None})
     if ids:
         transaction.on_commit(lambda: send([user_group(i) for i in ids], {"type": "auth.changed"}))
@@ -37,9 +40,6 @@ def notify(user_ids) -> None:
 
 def still_allowed(scope, role: str = "viewer") -> bool:
     """Would this socket's credentials open it now? (Runs in a thread: it reads the database.)"""
-    from .models import ApiToken
-    from .roles import has_role
-
     user = scope.get("user")
     if user is None or not user.is_authenticated:
         return False
@@ -60,10 +60,6 @@ def still_allowed(scope, role: str = "viewer") -> bool:
 def access_stamp(user) -> str:
     """What a socket's access rests on besides its token or session: the user's password
     (its hash), active flag, superuser flag and role. Any change closes the socket."""
-    import hashlib
-
-    from .roles import role_of
-
     user._ctweb_role = False  # read the groups again, not a cached role
     text = "\0".join([user.password or "", str(user.is_active), str(user.is_superuser), role_of(user) or ""])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -118,8 +114,6 @@ def _logged_out(sender, request, user, **kwargs):
 
 
 def connect_signals() -> None:
-    from .models import ApiToken
-
     User = get_user_model()
     m2m_changed.connect(_groups_changed, sender=User.groups.through, dispatch_uid="ctweb-access-groups")
     post_save.connect(_user_saved, sender=User, dispatch_uid="ctweb-access-user-saved")
