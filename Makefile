@@ -1,4 +1,4 @@
-.PHONY: setup run test bench lint format clean
+.PHONY: setup run test test-fast bench lint format clean
 
 setup:
 	bash scripts/setup.sh
@@ -8,6 +8,10 @@ run: setup
 
 test: setup
 	bash scripts/test.sh
+
+# Everything that needs neither root nor the lab, in about two minutes on 2 cores.
+test-fast: setup
+	.venv/bin/python -m pytest -m "not e2e and not lab" -n 2 -q
 
 bench: setup
 	.venv/bin/python bench/run.py

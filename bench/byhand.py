@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.stack import Api, Stack
+from tests.support.stack import Api, Stack
 
 MEMORY = "v=$(yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 67108864); "
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done"

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.stack import Api, SSHServer, Stack  # noqa: E402
+from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -34,7 +34,7 @@ class AuditEntryAdmin(admin.ModelAdmin):
 # ModelAdmin records its additions, changes and deletions (bulk deletes included) through
 # these three methods; each also writes an AuditEntry ("admin.add", "admin.change",
 # "admin.delete"). No ModelAdmin of the project or of django.contrib overrides them
-# (tests/test_audit.py checks every registered one).
+# (tests/security/test_audit.py checks every registered one).
 
 _log_addition = admin.ModelAdmin.log_addition
 _log_change = admin.ModelAdmin.log_change

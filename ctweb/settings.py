@@ -184,7 +184,7 @@ CELERY_BROKER_URL = _celery_broker(REDIS_URL)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": OPERATION_TIMEOUT_S + 3600}
 # Acknowledged on receipt, not late: kombu 5.7 kills the worker ("Unrecoverable error",
 # AttributeError in restore_unacked) when the Redis connection drops while a late-acked task
-# runs (tests/test_e2e_worker_lost.py). The Operation row is the truth and its claim is a
+# runs (tests/operations/test_e2e_worker_lost.py). The Operation row is the truth and its claim is a
 # compare-and-set, so a starting worker re-queues rows still pending instead (tasks.py).
 CELERY_TASK_ACKS_LATE = False
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

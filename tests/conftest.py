@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.stack import SSHServer, Stack
+from tests.support.stack import SSHServer, Stack
 
 LAB_HOSTS = 2
 
@@ -83,5 +83,5 @@ def lab_stack(stack, lab):
     return stack
 
 
-from tests.browser import browser, page_as  # noqa: E402,F401  (shared fixtures)
-from tests.helpers import tokens, trusted_host, users  # noqa: E402,F401  (shared fixtures)
+from tests.support.browser import browser, page_as  # noqa: E402,F401  (shared fixtures)
+from tests.support.helpers import tokens, trusted_host, users  # noqa: E402,F401  (shared fixtures)

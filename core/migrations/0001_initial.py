@@ -1,7 +1,7 @@
 """ApiToken, AuditEntry and FleetSettings moved here from the ctweb package (now only the
 project on top). Their tables keep their names (Meta.db_table), so this migration changes
 Django's state only: an existing database keeps its tables and rows as they are
-(tests/test_app_moves_migration.py)."""
+(tests/operations/test_app_moves_migration.py)."""
 
 import django.db.models.deletion
 import django.utils.timezone

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.lab.test_agent_criu import (  # noqa: F401 (fixtures)
+from tests.support.criu import (  # noqa: F401 (fixtures)
     COUNTER,
     REMOTE_AGENT,
     _ssh_args,

@@ -1,0 +1,108 @@
+"""The `ctweb` terminal client: its remotes file, and (on the real stack) its answers to a
+wrong token, an unknown container and an unreachable dashboard: sentences, never tracebacks."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from ctwebcli import config
+from ctwebcli.follow import sentence
+from tests.support.cli import CTWEB, ctweb  # noqa: F401
+from tests.support.stack import free_port
+
+# --- the remotes file (pure logic) ------------------------------------------------------
+
+
+def test_the_remotes_file_is_only_its_owners(tmp_path, monkeypatch):
+    cfg = tmp_path / "conf" / "config.json"
+    monkeypatch.setenv("CTWEB_CONFIG", str(cfg))
+    config.add("lab", "http://127.0.0.1:8000/", "secret-token")
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    assert stat.S_IMODE(cfg.parent.stat().st_mode) == 0o700
+    assert config.resolve(None) == ("lab", "http://127.0.0.1:8000", "secret-token")
+    config.add("prod", "https://ctweb.example", "t2", make_current=False)
+    assert config.resolve(None)[0] == "lab"
+    config.switch("prod")
+    assert config.resolve(None)[1] == "https://ctweb.example"
+    assert [p.name for p in cfg.parent.iterdir()] == ["config.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", ["", "a;rm -rf /", "$(id)", "a b", "-x", "x" * 65, "../up"])
+def test_a_remote_name_with_shell_characters_is_refused(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("CTWEB_CONFIG", str(tmp_path / "c.json"))
+    with pytest.raises(config.ConfigError, match="not a remote name"):
+        config.add(name, "http://127.0.0.1:8000", "t")
+    assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "127.0.0.1:8000", "http://", "http://u:p@h", "http://h/?a=1"])
+def test_a_dashboard_address_that_is_not_one_is_refused(url):
+    with pytest.raises(config.ConfigError):
+        config.check_url(url)
+
+
+def test_a_moves_sentence_says_strategy_downtime_and_bytes():
+    op = {
+        "kind": "migrate",
+        "status": "success",
+        "container": "c1",
+        "target_host": "lab-b",
+        "result": {"strategy": "post-copy", "downtime_ms": 781.4, "total_ms": 4210, "bytes_transferred": 3 << 20},
+    }
+    assert sentence(op) == "Moved c1 to lab-b: strategy post-copy, downtime 781 ms, 4.2 s in all, 3.0 MiB transferred."
+    failed = {**op, "status": "failure", "error": "CRIU refused the dump: nested user namespace."}
+    assert sentence(failed) == "migrate of c1 failed: CRIU refused the dump: nested user namespace."
+
+
+# --- against the real stack -------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_it_adds_a_remote_only_with_a_token_that_works(stack, tmp_path):
+    cfg = tmp_path / "config.json"
+    bad = ctweb(cfg, "remote", "add", "lab", stack.url, stdin="not-a-token\n")
+    assert bad.returncode == 2, bad
+    assert "does not accept this token" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not cfg.exists()  # nothing stored
+
+    good = ctweb(cfg, "remote", "add", "lab", stack.url, stdin=stack.tokens["carol"] + "\n")
+    assert good.returncode == 0, good.stderr
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    listed = json.loads(ctweb(cfg, "--json", "remote", "list").stdout)
+    assert listed == [{"name": "lab", "url": stack.url, "current": True}]
+    assert stack.tokens["carol"] not in ctweb(cfg, "remote", "list").stdout  # the token is never printed
+
+
+@pytest.mark.e2e
+def test_its_errors_are_the_dashboards_sentences(stack, tmp_path):
+    cfg = tmp_path / "config.json"
+    env = {"CTWEB_URL": stack.url, "CTWEB_TOKEN": stack.tokens["carol"]}
+    unknown = ctweb(cfg, "info", "no-such-container", env=env)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("Error: ") and "no-such-container" in unknown.stderr, unknown.stderr
+    assert "Traceback" not in unknown.stderr
+
+    viewer = ctweb(cfg, "stop", "no-such-container", env=env)  # a viewer may not change anything
+    assert viewer.returncode == 2 and "Traceback" not in viewer.stderr, viewer.stderr
+    assert "role" in viewer.stderr.lower(), viewer.stderr
+
+    nobody = ctweb(cfg, "list", env={"CTWEB_URL": f"http://127.0.0.1:{free_port()}", "CTWEB_TOKEN": "x"})
+    assert nobody.returncode == 2 and "Cannot reach the dashboard" in nobody.stderr, nobody.stderr
+
+    no_remote = ctweb(cfg, "list")
+    assert no_remote.returncode == 2 and "ctweb remote add" in no_remote.stderr
+
+    hosts = ctweb(cfg, "--json", "hosts", env=env)
+    assert hosts.returncode == 0 and isinstance(json.loads(hosts.stdout), list)
+    table = ctweb(cfg, "list", env=env)  # not a terminal: no colours
+    assert table.returncode == 0 and "NAME" in table.stdout and "\x1b[" not in table.stdout
+
+
+@pytest.mark.e2e
+def test_a_destructive_verb_without_a_terminal_needs_yes(stack, tmp_path):
+    env = {"CTWEB_URL": stack.url, "CTWEB_TOKEN": stack.tokens["bob"]}
+    r = ctweb(tmp_path / "c.json", "delete", "anything", env=env)
+    assert r.returncode == 2 and "--yes" in r.stderr, r.stderr

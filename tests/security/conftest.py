@@ -1,0 +1,3 @@
+"""The authorisation matrix's world (tests/support/authz.py)."""
+
+from tests.support.authz import world  # noqa: F401  (fixture)

@@ -1,0 +1,144 @@
+"""Helpers for tests that drive the host agent directly on the lab (no dashboard): the agent's zipapp on each host, run over SSH, and small containers made with it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import time
+
+import pytest
+
+from hosts.agent import AGENT_SUBCOMMANDS, agent_source
+from lab import core
+
+REMOTE_AGENT = "/root/ctweb_agent_test.pyz"  # the zipapp the dashboard ships
+
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done"
+
+
+def _ip(octet: int) -> str:
+    return str(core.subnet().network_address + octet)
+
+
+def _ssh_args(lab, host: dict, *cmd: str) -> list[str]:
+    return [
+        "ssh",
+        "-i",
+        str(lab["key"]),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={lab['known_hosts']}",
+        "-o",
+        "ConnectTimeout=10",
+        f"{host['username']}@{host['address']}",
+        "--",
+        shlex.join(cmd),
+    ]
+
+
+def ssh(lab, host, *cmd: str, check: bool = True, timeout: float = 120, input: bytes | None = None):
+    proc = subprocess.run(
+        _ssh_args(lab, host, *cmd),
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} on {host['name']} -> {proc.returncode}\n{proc.stdout!r}\n{proc.stderr!r}")
+    return proc
+
+
+def agent(lab, host, sub: str, params: dict, timeout: float = 300) -> tuple[list[dict], dict]:
+    """Run one agent subcommand; returns (events, final line). The final line is the
+    result or the error object; every line must be JSON."""
+    assert sub in AGENT_SUBCOMMANDS
+    proc = subprocess.run(
+        _ssh_args(lab, host, "python3", REMOTE_AGENT, sub),
+        input=(json.dumps(params) + "\n").encode(),
+        capture_output=True,
+        timeout=timeout,
+    )
+    lines = [json.loads(line) for line in proc.stdout.decode().splitlines() if line.strip()]
+    assert lines, proc.stderr.decode()
+    final = lines[-1]
+    assert final["type"] in ("result", "error"), lines
+    assert all(line["type"] == "event" for line in lines[:-1])
+    assert (proc.returncode == 0) == (final["type"] == "result"), (proc.returncode, final)
+    return lines[:-1], final
+
+
+def ok(lab, host, sub, params, timeout=300) -> dict:
+    events, final = agent(lab, host, sub, params, timeout)
+    assert final["type"] == "result", json.dumps(final, indent=1)[:6000]
+    return final["data"]
+
+
+def fail(lab, host, sub, params, timeout=300) -> dict:
+    events, final = agent(lab, host, sub, params, timeout)
+    assert final["type"] == "error", json.dumps(final, indent=1)[:3000]
+    return final
+
+
+def wait_for(pred, timeout: float = 15.0, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+def read_file(lab, host, path: str) -> str:
+    return ssh(lab, host, "cat", path, check=False).stdout.decode().strip()
+
+
+def counter(lab, host, name: str) -> int:
+    text = read_file(lab, host, f"/var/lib/lxc/{name}/rootfs/tmp/counter")
+    return int(text) if text.isdigit() else 0
+
+
+def state(lab, host, name: str) -> dict:
+    rows = ok(lab, host, "list", {})["containers"]
+    return next(r for r in rows if r["name"] == name)
+
+
+def create(lab, host, name: str, octet: int, template: str = "busybox", command=None) -> dict:
+    params = {
+        "name": name,
+        "template": template,
+        "network": {"ipv4": _ip(octet), "prefix": 24, "bridge": "lxcbr0"},
+    }
+    if command:
+        params["command"] = command
+    return ok(lab, host, "create", params)
+
+
+@pytest.fixture(scope="module")
+def hosts(lab, tmp_path_factory):
+    pyz = tmp_path_factory.mktemp("agent") / "ctweb_agent_test.pyz"
+    pyz.write_bytes(agent_source()[0])
+    for h in lab["hosts"]:
+        scp = subprocess.run(
+            [
+                "scp",
+                "-q",
+                "-i",
+                str(lab["key"]),
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                f"UserKnownHostsFile={lab['known_hosts']}",
+                str(pyz),
+                f"root@{h['address']}:{REMOTE_AGENT}",
+            ],
+            capture_output=True,
+            timeout=60,
+        )
+        assert scp.returncode == 0, scp.stderr
+    return lab["hosts"]

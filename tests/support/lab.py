@@ -1,0 +1,78 @@
+"""Helpers for tests on the real lab: a command on a lab host over SSH, a container made through the API, and the two programs whose memory the tests check (a counter and a memory pattern)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.support.stack import Api, wait_for
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done"
+
+
+# A known memory pattern: 8 MB of random hex held only in the shell's memory. Its checksum
+# is written once at start (pattern.start) and again every second (pattern.now): the two
+# agree only while that very memory lives on (a cold start draws a new pattern).
+PATTERN = (
+    "v=$(head -c 4000000 /dev/urandom | od -An -tx1 | tr -d ' \\n'); echo \"$v\" | md5sum > /tmp/pattern.start; "
+    'i=0; while true; do i=$((i+1)); echo "$v" | md5sum > /tmp/pattern.now; echo $i > /tmp/counter; sleep 1; done'
+)
+
+
+SERVICE = (
+    "import socket\n"
+    "s = socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen()\n"
+    "while True:\n"
+    "    c, _ = s.accept(); c.sendall(b'hello from inside\\n'); c.close()\n"
+)
+
+
+def on_host(lab, name: str, *argv: str) -> subprocess.CompletedProcess:
+    """Run a command on a lab host as an operator would: over SSH with its pinned key."""
+    host = next(h for h in lab["hosts"] if h["name"] == name)
+    return subprocess.run(
+        [
+            "ssh",
+            "-i",
+            str(lab["key"]),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={lab['known_hosts']}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            f"root@{host['address']}",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def create(api: Api, **body) -> dict:
+    r = api.post("/api/v1/containers/", json=body)
+    assert r.status_code == 202, r.text
+    return api.wait_operation(r.json()["id"], timeout=120)
+
+
+def ping(ip: str) -> bool:
+    return subprocess.run(["ping", "-c", "1", "-W", "1", ip], capture_output=True).returncode == 0
+
+
+def pattern(lab, host: str, name: str) -> tuple[str, str]:
+    """(checksum at start, checksum now) of a PATTERN container's memory. The shell rewrites
+    pattern.now every second: a read that catches it half-written is taken again."""
+
+    def read():
+        out = on_host(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/pattern.start", "/tmp/pattern.now")
+        assert out.returncode == 0, out.stderr
+        sums = [line.split()[0] for line in out.stdout.splitlines() if len(line.split()) == 2]
+        return (sums[0], sums[1]) if len(sums) == 2 else None
+
+    return wait_for(read, 10, f"{name}'s memory pattern checksums", interval=0.2)
+
+
+def counter(lab, host: str, name: str) -> int:
+    out = on_host(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/counter")
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
