@@ -148,7 +148,13 @@ def container_detail(request, name):
         strategies = strategy_support(container, container.host, h)
         refused = json.dumps({k: v for k, v in strategies.items() if v})
         targets.append({"host": h, "strategies": strategies, "refused": refused})
-    return render(request, "containers/detail.html", {"c": container, "operations": ops, "targets": targets})
+    from .jobs import disagreements
+
+    return render(
+        request,
+        "containers/detail.html",
+        {"c": container, "operations": ops, "targets": targets, "disagreements": disagreements(container.name)},
+    )
 
 
 @role_required("operator")

@@ -42,7 +42,13 @@ def host_detail(request, name):
     host = _get_host(name)
     ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
     containers = containers_queryset().filter(host=host)
-    return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})
+    from containers.jobs import disagreements
+
+    return render(
+        request,
+        "hosts/detail.html",
+        {"host": host, "operations": ops, "containers": containers, "disagreements": disagreements(host=host)},
+    )
 
 
 @role_required("admin")
