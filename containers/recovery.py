@@ -75,6 +75,32 @@ def recover_migration(ctx: OperationContext) -> str:
         was_running = op.result.get("was_running")
         if was_running is None:  # lost before its preflight ended: nothing had been stopped yet
             was_running = s["state"] == "RUNNING"
+        if lazy and s["migration"]["lazy_dump"] and op.result.get("stopping"):
+            held = s["migration"]["lazy_dump_running"]  # the source's frozen tasks with every page
+            if t is None:
+                # The target may run it with part of its pages, or be gone: nothing is guessed,
+                # nothing removed. The operation waits; an admin may decide.
+                from .migration import postcopy_actions
+
+                raise WaitFor(
+                    f"{target.name} cannot be reached during {container.name}'s post-copy: "
+                    + (
+                        f"{container.name} stays frozen on {source.name} with all its pages, and whatever {target.name} "
+                        "holds is kept; nothing was removed. ctweb asks again; an admin may decide."
+                        if held
+                        else f"{source.name}'s page server has ended, so {target.name} may hold every page; ctweb asks "
+                        "again."
+                    ),
+                    postcopy_actions(op, source.name, target.name, can_resume=held),
+                )
+            if held and not (t["exists"] and t["state"] == "RUNNING" and t["migration"]["lazy_pages_running"]):
+                # The target answers without a live copy (its host crashed, its lazy-pages
+                # daemon died): that copy is dead, the source's frozen state is the container.
+                from .migration import lazy_resume_on_source
+
+                failure = OperationFailed(f"{target.name} no longer runs {container.name}'s restored copy.")
+                lazy_resume_on_source(ctx, src, dst, container, base, failure)
+                return f"Rolled back. {failure.message.strip()} {_where(container)}"
         if t and t["exists"] and t["state"] == "RUNNING" and t["migration"]["received"]:
             # The target had restored it: roll forward.
             if lazy and (s["migration"]["lazy_dump_running"] or t["migration"]["lazy_pages_running"]):
