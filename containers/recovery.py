@@ -77,7 +77,7 @@ def recover_migration(ctx: OperationContext) -> str:
             was_running = s["state"] == "RUNNING"
         if lazy and s["migration"]["lazy_dump"] and op.result.get("stopping"):
             held = s["migration"]["lazy_dump_running"]  # the source's frozen tasks with every page
-            if t is None:
+            if t is None and (held or s["state"] != "RUNNING"):
                 # The target may run it with part of its pages, or be gone: nothing is guessed,
                 # nothing removed. The operation waits; an admin may decide.
                 from .migration import postcopy_actions
@@ -93,9 +93,11 @@ def recover_migration(ctx: OperationContext) -> str:
                     ),
                     postcopy_actions(op, source.name, target.name, can_resume=held),
                 )
-            if held and not (t["exists"] and t["state"] == "RUNNING" and t["migration"]["lazy_pages_running"]):
-                # The target answers without a live copy (its host crashed, its lazy-pages
-                # daemon died): that copy is dead, the source's frozen state is the container.
+            if t is not None and held and not (t["exists"] and t["state"] == "RUNNING"):
+                # The target answers without a running copy (its host crashed and came back):
+                # that copy is dead, the source's frozen state is the container. (A running
+                # copy goes on below: finish_lost_pull asks its lazy-pages daemon, and gives
+                # it up for the source only if that daemon died.)
                 from .migration import lazy_resume_on_source
 
                 failure = OperationFailed(f"{target.name} no longer runs {container.name}'s restored copy.")
