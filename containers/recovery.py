@@ -50,8 +50,13 @@ def recover_migration(ctx: OperationContext) -> str:
         try:
             src = hosts.enter_context(ssh.connect(source))
         except ssh.SSHError as e:  # unknown is not "not committed": ask again later
+            actions = None
+            if lazy and op.result.get("stopping"):  # a post-copy's decision stays on offer meanwhile
+                from .migration import postcopy_actions
+
+                actions = postcopy_actions(op, source.name, target.name)
             raise WaitFor(
-                f"{source.name}, where {container.name} was, cannot be reached ({e}); ctweb asks again."
+                f"{source.name}, where {container.name} was, cannot be reached ({e}); ctweb asks again.", actions
             ) from e
         try:
             dst = hosts.enter_context(ssh.connect(target))

@@ -80,3 +80,12 @@ def test_a_target_back_without_a_running_copy_gives_the_container_back_to_the_so
     c.refresh_from_db()
     assert (c.host, c.state) == (source, "RUNNING"), outcome
     assert "resumed on h1" in outcome
+
+
+def test_with_both_hosts_unreachable_the_decision_stays_on_offer(world):
+    source, target, c, op, hosts = world
+    calls = hosts({"h1": None, "h2": None})
+    with pytest.raises(WaitFor) as e:
+        recovery.recover_migration(OperationContext(op))
+    assert [a["id"] for a in e.value.actions] == [migration.POSTCOPY_RESUME, KEEP_WAITING]
+    assert calls == [] and Container.objects.get(pk=c.pk).host == target
