@@ -5,7 +5,7 @@ from django.db.models import Count, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -15,8 +15,9 @@ from core.audit import Actor, audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
 from operations import events, runner
-from operations.api import OperationAcceptedSerializer, operation_accepted
+from operations.api import DisagreementSerializer, OperationAcceptedSerializer, operation_accepted
 from operations.bundles import bundle_bytes
+from operations.disagreements import disagreements
 from operations.models import Operation
 
 from .compare import compare_snapshots
@@ -302,10 +303,23 @@ class ContainerList(APIView):
         )
 
 
+class ContainerDetailSerializer(ContainerSerializer):
+    disagreements = serializers.SerializerMethodField()
+
+    class Meta(ContainerSerializer.Meta):
+        fields = [*ContainerSerializer.Meta.fields, "disagreements"]
+
+    @extend_schema_field(DisagreementSerializer(many=True))
+    def get_disagreements(self, c) -> list[dict]:
+        """Where the tidy found the database and the hosts disagreeing about this container
+        (the hosts win; see docs/RELIABILITY.md)."""
+        return disagreements(container_name=c.name)
+
+
 class ContainerDetail(APIView):
-    @extend_schema(responses=ContainerSerializer)
+    @extend_schema(responses=ContainerDetailSerializer)
     def get(self, request, name):
-        return Response(ContainerSerializer(_container(name)).data)
+        return Response(ContainerDetailSerializer(_container(name)).data)
 
     @extend_schema(responses={202: OperationAcceptedSerializer})
     def delete(self, request, name):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from django.db import transaction
+from django.utils import timezone
 
+from core.audit import audit
 from hosts import ssh
 from hosts.jobs import failure
 from hosts.models import Host
@@ -133,8 +135,14 @@ def tidy_migrations(host: Host, leftovers: list[dict], listing: list[dict] | Non
     - a target's copy is removed only when this host does not run it and the host the
       database names, asked now, runs it;
     - a source's working files (its dump) are removed only when it runs here again.
-    Where this host runs a container the database places elsewhere, nothing is touched and
-    the disagreement is written on the migration (result.disagreement) and logged."""
+    The record follows the host: where this host (the target) runs a container that the
+    database places on the source, and the source, asked now, does not run it, the hosts
+    win: the record moves here (audited) and nothing is removed. Every disagreement is
+    written on the migration (result.disagreement, shown on the host and container pages
+    and in the API) and logged.
+    One exception, an admin's decision: a post-copy resumed on its source by force marks
+    the target's copy superseded (result.superseded); that copy is never followed, and is
+    stopped and removed here once the source's copy is confirmed running."""
     here = {item.get("name"): item.get("state") for item in listing or []}
     tidied = []
     for item in leftovers:
@@ -145,27 +153,39 @@ def tidy_migrations(host: Host, leftovers: list[dict], listing: list[dict] | Non
         name = op.container_name
         owner = Container.objects.filter(name=name).select_related("host").first()
         params = {"name": name, "migration": mid}
+        superseded = (op.result or {}).get("superseded")
         if op.target_host_id == host.pk and owner is not None and owner.host_id != host.pk:
-            if here.get(name) not in (None, Container.State.STOPPED):
-                _disagree(
-                    op,
-                    f"{host.name} runs {name} ({here.get(name)}) but ctweb places it on {owner.host.name}: "
-                    "nothing was removed; an admin must look at both hosts.",
-                )
-                continue
+            runs_here = here.get(name) not in (None, Container.State.STOPPED)
             try:
                 there = agent(None, owner.host, "inspect", {"name": name}, timeout=60)
             except OperationFailed as e:
                 log.info("tidy of migration %s waits: %s cannot be asked: %s", mid, owner.host, e.message)
+                if runs_here and not superseded:
+                    _disagree(
+                        op,
+                        f"{host.name} runs {name} ({here.get(name)}) but ctweb places it on {owner.host.name}, which "
+                        "cannot be asked now: nothing was changed or removed.",
+                    )
                 continue
-            if not (there.get("exists") and there.get("state") == Container.State.RUNNING):
+            runs_there = there.get("exists") and there.get("state") == Container.State.RUNNING
+            if runs_here and not superseded:
+                if runs_there:
+                    _disagree(
+                        op,
+                        f"{host.name} runs {name} ({here.get(name)}) and so does {owner.host.name}, where ctweb places "
+                        "it: nothing was removed; an admin must look at both hosts.",
+                    )
+                else:
+                    _follow_host(op, owner, host, here[name], there)
+                continue
+            if not runs_there:
                 _disagree(
                     op,
                     f"{name} does not run on {owner.host.name} ({there.get('state')}): what migration {mid} "
                     f"left on {host.name} is kept.",
                 )
                 continue
-            sub, params = "migrate-abort", params  # it runs elsewhere: drop the partial copy
+            sub, params = "migrate-abort", params  # it runs elsewhere: drop the partial (or superseded) copy
         elif owner is not None and owner.host_id == host.pk and here.get(name) == Container.State.RUNNING:
             sub, params = "migrate-cleanup", {**params, "remove": False}  # it runs here: working files only
         else:
@@ -179,10 +199,28 @@ def tidy_migrations(host: Host, leftovers: list[dict], listing: list[dict] | Non
     return tidied
 
 
+def _follow_host(op: Operation, owner: Container, host: Host, state: str, there: dict) -> None:
+    """The hosts win: `host` runs the container the database placed elsewhere (which does not
+    run it): the record moves to `host`, audited, and the disagreement stays visible."""
+    was = owner.host.name
+    Container.objects.filter(pk=owner.pk, host_id=owner.host_id).update(host=host, state=state)
+    owner.refresh_from_db()
+    sentence = (
+        f"{host.name} runs {owner.name} ({state}) but ctweb placed it on {was} "
+        f"({there.get('state') if there.get('exists') else 'not there'}): the record now follows {host.name}, "
+        "where it runs; nothing was removed."
+    )
+    audit(None, "container.follow_host", owner, detail=f"migration {op.pk}: {was} -> {host.name} ({state})")
+    _disagree(op, sentence)
+    publish_fleet("container", container_state(owner))
+
+
 def _disagree(op: Operation, sentence: str) -> None:
     log.warning("migration %s: %s", op.pk, sentence)
     if (op.result or {}).get("disagreement") != sentence:
-        Operation.objects.filter(pk=op.pk).update(result={**(op.result or {}), "disagreement": sentence})
+        result = {**(op.result or {}), "disagreement": sentence, "disagreement_at": timezone.now().isoformat()}
+        Operation.objects.filter(pk=op.pk).update(result=result)
+        op.result = result
 
 
 def refresh_host(host: Host) -> dict | None:

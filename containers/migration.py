@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
+from django.utils import timezone
 
 from core.api import ApiError
 from core.audit import Actor, audit
@@ -320,7 +322,9 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         # 3. Freeze: from here the container is down until the target runs it.
         down_from = time.monotonic()
         stats = {}
-        ctx.remember(stopping=True)  # from here only the source can say whether it was stopped
+        # From here only the source can say whether it was stopped; frozen_at is the state
+        # a post-copy's source keeps (an admin may resume it from there).
+        ctx.remember(stopping=True, frozen_at=_now_iso())
         if live:
             ctx.event("dump", f"dumping {container.name} on {source.name}" + (" (lazy pages)" if lazy else ""), 55)
             dumped = _agent(src, ctx, "migrate-dump", {**base, "lazy": lazy}, 55, 10)
@@ -424,6 +428,21 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
     return result
 
 
+# What each action a waiting migration may offer does: fn(ctx) -> a success's result, or it
+# raises OperationFailed (rolled back, with its sentence) or WaitFor (wait again). A new
+# action (e.g. post-copy's "resume on the source from the state of HH:MM:SS") is one
+# @migration_action("id") function plus the WaitFor(..., actions) that offers it.
+MIGRATION_ACTIONS: dict = {}
+
+
+def migration_action(action_id: str):
+    def register(fn):
+        MIGRATION_ACTIONS[action_id] = fn
+        return fn
+
+    return register
+
+
 def stall_limit_s() -> float:
     """How long a page pull may go without any progress before it is given up (and left
     for an admin: nothing is removed). No limit on the pull's total time."""
@@ -482,7 +501,8 @@ def pull_pages(ctx, src, dst, container, base, pump: ssh.PagePump, stats: dict) 
     """Wait, with no limit of time, until the target holds every page (its lazy-pages daemon
     ended with success) and the source's page server has finished. Broken links are
     waited through (the pump re-attaches, the calls reconnect); only a stretch of
-    stall_limit_s() without any progress gives up, keeping both copies for an admin."""
+    stall_limit_s() without any progress stops the pull: both copies are kept and the
+    operation waits for an admin's decision (postcopy_actions), nothing is removed."""
     source, target = src.host, dst.host
     links = {"target": _Link(dst), "source": _Link(src)}
     limit = stall_limit_s()
@@ -490,11 +510,13 @@ def pull_pages(ctx, src, dst, container, base, pump: ssh.PagePump, stats: dict) 
     seen = None
     told = 0.0
     out: dict = {}
+    unreachable: dict[str, str] = {}  # host name -> the last reason it could not be reached
     for role in ("target", "source"):
         while True:
             relay = {}
             try:
                 r = links[role].call(ctx, "migrate-lazy-wait", {**base, "role": role, "wait_s": 5})
+                unreachable.pop(links[role].host.name, None)
                 relay = r.get("relay") or {}
                 if r.get("done"):
                     if role == "target":
@@ -509,6 +531,7 @@ def pull_pages(ctx, src, dst, container, base, pump: ssh.PagePump, stats: dict) 
                     f"{container.name}'s memory pull stopped: {links[role].host.name}: {e}", e.details
                 ) from e
             except ssh.SSHError as e:
+                unreachable[links[role].host.name] = str(e)
                 ctx.event("pages", f"{links[role].host.name} cannot be reached ({e}); waiting for it", None)
                 time.sleep(2)
             progress = (relay.get("from_peer"), relay.get("from_criu"))
@@ -518,13 +541,18 @@ def pull_pages(ctx, src, dst, container, base, pump: ssh.PagePump, stats: dict) 
             last = max(last, pump.last_progress)  # bytes the pump moved count too
             if now - last > limit:
                 pump.stop()
-                raise OperationFailed(
-                    f"{container.name}'s memory pull made no progress for {limit / 60:.0f} min, so it was given up: "
-                    f"{container.name} stays frozen on {source.name} with all its pages, and the partial copy on "
-                    f"{target.name} is kept; nothing was removed. An admin chooses: resume it on {source.name} "
-                    f"(what ran on {target.name} since is lost), or keep waiting.",
-                    "\n".join(pump.errors[-20:]),
-                    {"postcopy_decision": ["resume-on-source", "keep-waiting"]},
+                ctx.event("pages", "\n".join(pump.errors[-20:]) or "no progress", None)
+                why = (
+                    f"{' and '.join(sorted(unreachable))} cannot be reached"
+                    if unreachable
+                    else "both hosts answer but no page moved"
+                )
+                raise WaitFor(
+                    f"{container.name}'s memory pull made no progress for {_duration(limit)} ({why}), so it was "
+                    f"stopped: {container.name} stays frozen on {source.name} with all its pages (the state of "
+                    f"{_hms(ctx.op.result.get('frozen_at'))}), and the partial copy on {target.name} is kept; "
+                    "nothing was removed. An admin chooses what happens next.",
+                    postcopy_actions(ctx.op, source.name, target.name),
                 )
             if now - told >= 2:
                 told = now
@@ -538,9 +566,59 @@ def pull_pages(ctx, src, dst, container, base, pump: ssh.PagePump, stats: dict) 
     return out, stats, links["source"].live(), links["target"].live()
 
 
-def finish_lost_pull(ctx, src, dst, container, base) -> str:
-    """Recovery of a post-copy whose worker was lost during the page pull: the pull goes on
-    (the relays held both CRIU ends meanwhile), then the source copy is removed."""
+def _now_iso() -> str:
+    return timezone.now().isoformat()
+
+
+def _hms(iso: str | None) -> str:
+    """'HH:MM:SS UTC' of an ISO time (what the admin sees in an action's label)."""
+    try:
+        return datetime.fromisoformat(iso).astimezone(UTC).strftime("%H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return "the dump"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+POSTCOPY_RESUME = "postcopy-resume-source"
+
+
+def postcopy_actions(op, source: str, target: str, can_resume: bool = True) -> list[dict]:
+    """What an admin may do with a post-copy stopped mid-pull (the target gone, both hosts
+    unreachable, or no progress for the stall limit): the exact actions and what follows."""
+    name = op.container_name or "the container"
+    at = _hms(op.result.get("frozen_at"))
+    actions = []
+    if can_resume:
+        actions.append(
+            {
+                "id": POSTCOPY_RESUME,
+                "label": f"Resume on {source} from the state of {at}",
+                "consequence": f"{name} runs on {source} again from the state it was frozen in at {at}; what ran on "
+                f"{target} since is lost. The partial copy on {target} is never resumed: it is stopped and removed "
+                f"when {target} answers again, once the copy on {source} is confirmed running. If {source} does not "
+                "answer, the operation waits for it with the same choice.",
+            }
+        )
+    actions.append(
+        {
+            "id": KEEP_WAITING,
+            "label": f"Keep waiting for {target}" if can_resume else "Keep waiting",
+            "consequence": f"Nothing changes and nothing is removed: {source} keeps {name} frozen with all its pages, "
+            f"{target} keeps its partial copy. The hosts are asked again at once and then now and then; when both "
+            "answer, the page pull goes on and the migration finishes by itself.",
+        }
+    )
+    return actions
+
+
+def finish_lost_pull(ctx, src, dst, container, base) -> str | dict:
+    """Recovery of a post-copy whose worker was lost during the page pull, or that waited
+    (an admin chose "keep waiting", or the hosts answered again): the pull goes on (the
+    relays held both CRIU ends meanwhile), then the source copy is removed. After a wait
+    the migration simply succeeded (a dict); after a lost worker the sentence says so."""
     source, target = src.host, dst.host
     _move_record(ctx, container, target, True)
     pump = ssh.PagePump(source, target, base).start()
@@ -551,6 +629,13 @@ def finish_lost_pull(ctx, src, dst, container, base) -> str:
     src, dst = src2, dst2
     _agent(src, ctx, "migrate-cleanup", {**base, "remove": True}, 94, 5)
     _agent(dst, ctx, "migrate-cleanup", {**base, "remove": False}, 99, 1)
+    if ctx.op.result.get("waiting"):
+        return {
+            "strategy": "post-copy",
+            "source": source.name,
+            "target": target.name,
+            "pages": f"the pull went on after waiting and every page arrived; the copy on {source.name} was removed",
+        }
     return (
         f"{container.name} runs on {target.name}: its memory pull went on after the worker was lost and every "
         f"page arrived; the copy on {source.name} was removed."
@@ -566,29 +651,88 @@ def _target_lost(ctx, src, dst, container, base, why: str, details: str = "") ->
     raise failure
 
 
-def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFailed) -> None:
-    """An admin decision (or a dead target copy): the target's copy is removed and the
-    source's frozen tasks run on from the state of the dump (the lazy dump is interrupted,
-    so CRIU rolls it back). If the target cannot be confirmed clean the source is not
-    resumed (two copies must never run): the sentence says so."""
+def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFailed, force: bool = False) -> None:
+    """The target's copy is removed and the source's frozen tasks run on from the state of
+    the dump (the lazy dump is interrupted, so CRIU rolls it back). Without `force` (a dead
+    target copy, found by the pull) the source is not resumed while the target cannot be
+    confirmed clean: the sentence says so. With `force` (an admin's decision; `dst` may be
+    None, the target gone) the source is resumed anyway, and the migration records that the
+    target's copy is superseded: the tidy stops and removes it when that host answers again,
+    once the source's copy is confirmed running (jobs.tidy_migrations); it never runs on."""
     source = src.host
-    Container.objects.filter(pk=container.pk).update(host=source)
+    _db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source))
     container.refresh_from_db()
-    _recover(ctx, src, dst, container, base, True, True, True, failure)
-
-
-def lazy_keep_waiting(ctx, container, base) -> tuple[dict, dict]:
-    """An admin decision after a pull was given up: attach again and go on pulling."""
+    if not force:
+        _recover(ctx, src, dst, container, base, True, True, True, failure)
+        return
     op = ctx.op
-    with ExitStack() as hosts:
-        src = hosts.enter_context(ssh.connect(op.host))
-        dst = hosts.enter_context(ssh.connect(op.target_host))
-        pump = ssh.PagePump(op.host, op.target_host, base).start()
-        hosts.callback(pump.stop)
-        out, stats, src2, dst2 = pull_pages(ctx, src, dst, container, base, pump, {})
-        for conn in {src2, dst2} - {src, dst}:
-            hosts.callback(conn.close)
-        return out, stats
+    target = op.target_host.name if op.target_host else "the target"
+    at = _hms(op.result.get("frozen_at"))
+    target_clean = False
+    if dst is not None:
+        try:
+            _agent(dst, ctx, "migrate-abort", base, 40, 10)
+            target_clean = True
+        except OperationFailed as e:
+            ctx.event("cleanup", f"the copy on {target} could not be removed now: {e.message}")
+    # Written before the source runs, so that whatever happens next the target's copy is
+    # known to be stale (never resumed, never followed by the record).
+    ctx.remember(superseded={"host": target, "clean": target_clean, "at": _now_iso()})
+    ctx.event("decision", f"resuming {container.name} on {source.name} from the state of {at}", 60)
+    try:
+        data = src.run_agent("migrate-resume", base, on_event=ctx.relay(60, 30)).data
+    except ssh.AgentFailed as e:  # the source's word: its frozen state is gone
+        _db_write(lambda: Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED))
+        failure.message = (
+            f"{container.name} could not be resumed on {source.name} ({e}); it is stopped there. The copy on "
+            f"{target} is kept as it is (it is removed only once a copy is confirmed running)."
+        )
+        failure.details = e.details
+        return
+    try:  # it runs from its tasks again: the relay and the working files can go
+        _agent(src, ctx, "migrate-cleanup", {**base, "remove": False}, 92, 5)
+    except OperationFailed as e:
+        ctx.event("cleanup", f"the migration's working files on {source.name} could not be removed: {e.message}")
+    state = data.get("state", "RUNNING")
+    _db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source, state=state))
+    container.refresh_from_db()
+    publish_fleet("container", {"name": container.name, "host": source.name, "state": state})
+    failure.message = (
+        f"Rolled back by an admin's decision: {container.name} was resumed on {source.name} from the state of {at}; "
+        f"what ran on {target} since is lost. "
+        + (
+            f"The copy on {target} was removed."
+            if target_clean
+            else f"The partial copy on {target} is never resumed: it is stopped and removed when {target} answers "
+            "again."
+        )
+    )
+
+
+@migration_action(POSTCOPY_RESUME)
+def lazy_resume_decision(ctx: OperationContext) -> dict:
+    """The admin chose to resume a stopped post-copy on its source (lazy_resume_on_source,
+    forced). A source that does not answer: the operation waits again with the same choice."""
+    op = ctx.op
+    container, source, target = op.container, op.host, op.target_host
+    base = {"name": container.name, "migration": op.pk}
+    failure = OperationFailed("")
+    try:
+        with ExitStack() as hosts:
+            src = hosts.enter_context(ssh.connect(source))
+            dst = None
+            if target is not None:
+                try:
+                    dst = hosts.enter_context(ssh.connect(target))
+                except ssh.SSHError as e:
+                    ctx.event("decision", f"{target.name} cannot be reached ({e}): its copy is dealt with later")
+            lazy_resume_on_source(ctx, src, dst, container, base, failure, force=True)
+    except ssh.SSHError as e:  # connecting, or the link broke while the source resumed: unknown
+        raise WaitFor(
+            f"{source.name} could not be asked to resume {container.name} ({e}); ctweb asks it again.",
+            postcopy_actions(op, source.name, target.name if target else "the target"),
+        ) from e
+    raise failure
 
 
 def _move_record(ctx, container, target, was_running) -> None:
@@ -720,21 +864,6 @@ def _unreachable_target_actions(source: str, target: str, live: bool) -> list[di
             "migration then finishes or rolls back by itself.",
         },
     ]
-
-
-# What each action a waiting migration may offer does: fn(ctx) -> a success's result, or it
-# raises OperationFailed (rolled back, with its sentence) or WaitFor (wait again). A new
-# action (e.g. post-copy's "resume on the source from the state of HH:MM:SS") is one
-# @migration_action("id") function plus the WaitFor(..., actions) that offers it.
-MIGRATION_ACTIONS: dict = {}
-
-
-def migration_action(action_id: str):
-    def register(fn):
-        MIGRATION_ACTIONS[action_id] = fn
-        return fn
-
-    return register
 
 
 @decision_handler("migrate")

@@ -15,7 +15,17 @@ from hosts import ssh
 from operations.runner import OperationContext, OperationFailed, WaitFor, recovers
 
 from .jobs import agent, set_state
-from .migration import _agent, _move_record, _recover, check_evacuation, finish_lost_pull
+from .migration import (
+    KEEP_WAITING,
+    _agent,
+    _move_record,
+    _recover,
+    check_evacuation,
+    finish_lost_pull,
+    lazy_resume_on_source,
+    migration_action,
+    postcopy_actions,
+)
 from .models import Container, Snapshot
 
 
@@ -38,8 +48,11 @@ def recover_migration(ctx: OperationContext) -> str:
         try:
             src = hosts.enter_context(ssh.connect(source))
         except ssh.SSHError as e:  # unknown is not "not committed": ask again later
+            actions = None
+            if lazy and op.result.get("stopping"):  # a post-copy's decision stays on offer meanwhile
+                actions = postcopy_actions(op, source.name, target.name)
             raise WaitFor(
-                f"{source.name}, where {container.name} was, cannot be reached ({e}); ctweb asks again."
+                f"{source.name}, where {container.name} was, cannot be reached ({e}); ctweb asks again.", actions
             ) from e
         try:
             dst = hosts.enter_context(ssh.connect(target))
@@ -63,6 +76,32 @@ def recover_migration(ctx: OperationContext) -> str:
         was_running = op.result.get("was_running")
         if was_running is None:  # lost before its preflight ended: nothing had been stopped yet
             was_running = s["state"] == "RUNNING"
+        if lazy and s["migration"]["lazy_dump"] and op.result.get("stopping"):
+            held = s["migration"]["lazy_dump_running"]  # the source's frozen tasks with every page
+            if t is None and (held or s["state"] != "RUNNING"):
+                # The target may run it with part of its pages, or be gone: nothing is guessed,
+                # nothing removed. The operation waits; an admin may decide.
+
+                raise WaitFor(
+                    f"{target.name} cannot be reached during {container.name}'s post-copy: "
+                    + (
+                        f"{container.name} stays frozen on {source.name} with all its pages, and whatever {target.name} "
+                        "holds is kept; nothing was removed. ctweb asks again; an admin may decide."
+                        if held
+                        else f"{source.name}'s page server has ended, so {target.name} may hold every page; ctweb asks "
+                        "again."
+                    ),
+                    postcopy_actions(op, source.name, target.name, can_resume=held),
+                )
+            if t is not None and held and not (t["exists"] and t["state"] == "RUNNING"):
+                # The target answers without a running copy (its host crashed and came back):
+                # that copy is dead, the source's frozen state is the container. (A running
+                # copy goes on below: finish_lost_pull asks its lazy-pages daemon, and gives
+                # it up for the source only if that daemon died.)
+
+                failure = OperationFailed(f"{target.name} no longer runs {container.name}'s restored copy.")
+                lazy_resume_on_source(ctx, src, dst, container, base, failure)
+                return f"Rolled back. {failure.message.strip()} {_where(container)}"
         if t and t["exists"] and t["state"] == "RUNNING" and t["migration"]["received"]:
             # The target had restored it: roll forward.
             if lazy and (s["migration"]["lazy_dump_running"] or t["migration"]["lazy_pages_running"]):
@@ -131,3 +170,12 @@ def recover_state_change(ctx: OperationContext) -> str:
     seen = agent(ctx, op.host, "inspect", {"name": container.name, "thaw": True}, 10, 80)
     set_state(container, seen["state"] or Container.State.UNKNOWN, has_saved_state=bool(seen.get("has_saved_state")))
     return f"Its host says: {_where(container)}"
+
+
+@migration_action(KEEP_WAITING)
+def lazy_keep_waiting(ctx: OperationContext) -> str | dict:
+    """Keep waiting on a stopped post-copy: the decision's runner asks the recovery again at
+    once (runner.decide, KEEP_WAITING), whose post-copy branch (recovery.recover_migration)
+    comes here with both hosts answering: the pull goes on (finish_lost_pull); a host still
+    silent makes it wait again with the same actions."""
+    return recover_migration(ctx)

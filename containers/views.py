@@ -12,6 +12,7 @@ from rest_framework.exceptions import APIException
 from core.audit import Actor
 from core.decorators import role_required
 from hosts.models import Host
+from operations.disagreements import disagreements
 from operations.display import downtime_breakdown, phase_spans
 from operations.models import Operation
 from operations.views import start_or_back
@@ -139,7 +140,11 @@ def container_detail(request, name):
         strategies = strategy_support(container, container.host, h)
         refused = json.dumps({k: v for k, v in strategies.items() if v})
         targets.append({"host": h, "strategies": strategies, "refused": refused})
-    return render(request, "containers/detail.html", {"c": container, "operations": ops, "targets": targets})
+    return render(
+        request,
+        "containers/detail.html",
+        {"c": container, "operations": ops, "targets": targets, "disagreements": disagreements(container.name)},
+    )
 
 
 @role_required("operator")

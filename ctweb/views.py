@@ -23,6 +23,7 @@ from core.roles import ROLES, has_role, role_of, set_role
 from hosts import ssh
 from hosts.models import Host
 from hosts.validators import USER_RE
+from operations.disagreements import disagreements
 from operations.models import Operation
 
 User = get_user_model()
@@ -265,4 +266,8 @@ def host_detail(request, name):
     host = get_object_or_404(Host, name=name)
     ops = Operation.objects.filter(host=host).select_related("host", "target_host", "created_by")[:20]
     containers = containers_queryset().filter(host=host)
-    return render(request, "hosts/detail.html", {"host": host, "operations": ops, "containers": containers})
+    return render(
+        request,
+        "hosts/detail.html",
+        {"host": host, "operations": ops, "containers": containers, "disagreements": disagreements(host=host)},
+    )

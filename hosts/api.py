@@ -1,7 +1,7 @@
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
@@ -9,7 +9,8 @@ from rest_framework.views import APIView
 
 from core.api import ApiError, StrictCharField, StrictIntegerField
 from core.audit import Actor, audit
-from operations.api import OperationAcceptedSerializer, operation_accepted
+from operations.api import DisagreementSerializer, OperationAcceptedSerializer, operation_accepted
+from operations.disagreements import disagreements
 from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import enqueue
@@ -165,12 +166,25 @@ class HostList(APIView):
         return Response(HostSerializer(host).data, status=status.HTTP_201_CREATED)
 
 
+class HostDetailSerializer(HostSerializer):
+    disagreements = serializers.SerializerMethodField()
+
+    class Meta(HostSerializer.Meta):
+        fields = [*HostSerializer.Meta.fields, "disagreements"]
+
+    @extend_schema_field(DisagreementSerializer(many=True))
+    def get_disagreements(self, host) -> list[dict]:
+        """Where the tidy found the database and the hosts disagreeing on migrations to or
+        from this host (the hosts win; see docs/RELIABILITY.md)."""
+        return disagreements(host=host)
+
+
 class HostDetail(APIView):
     write_role = "admin"
 
-    @extend_schema(responses=HostSerializer)
+    @extend_schema(responses=HostDetailSerializer)
     def get(self, request, name):
-        return Response(HostSerializer(_host_for_name(name)).data)
+        return Response(HostDetailSerializer(_host_for_name(name)).data)
 
     @extend_schema(responses={204: None})
     def delete(self, request, name):

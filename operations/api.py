@@ -15,3 +15,10 @@ class OperationAcceptedSerializer(serializers.Serializer):
 
 def operation_accepted(op: Operation) -> Response:
     return Response({"id": op.pk, "url": op.api_url()}, status=status.HTTP_202_ACCEPTED)
+
+
+class DisagreementSerializer(serializers.Serializer):
+    migration = serializers.IntegerField()
+    container = serializers.CharField()
+    sentence = serializers.CharField()
+    at = serializers.CharField(allow_null=True)

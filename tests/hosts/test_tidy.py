@@ -66,3 +66,67 @@ def test_the_tidy_removes_leftovers_once_the_named_host_is_confirmed_to_run_it(w
     calls.clear()
     assert jobs.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == [op.pk]
     assert calls == [("h1", "migrate-cleanup")]
+
+
+def test_the_record_follows_the_host_that_runs_it_audited_and_nothing_is_removed(world, monkeypatch):
+    """The target restored it but the answer was lost, and the source does not run it: the
+    hosts win. The record moves to the target, the move is audited, the disagreement stays."""
+    from core.models import AuditEntry
+
+    source, target, c, op = world
+    calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "STOPPED"}})
+    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert calls == [("h1", "inspect")]  # asked, nothing removed anywhere
+    c.refresh_from_db()
+    assert (c.host, c.state) == (target, "RUNNING")
+    op.refresh_from_db()
+    assert "the record now follows h2" in op.result["disagreement"]
+    entry = AuditEntry.objects.get(action="container.follow_host")
+    assert entry.object_name == "c1" and f"migration {op.pk}: h1 -> h2" in entry.detail
+    # The source's stopped copy and dump stay: no host is confirmed to run it there.
+    calls.clear()
+    assert jobs.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == []
+    assert calls == []
+
+
+def test_when_both_hosts_run_it_nothing_moves_and_nothing_is_removed(world, monkeypatch):
+    source, target, c, op = world
+    calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "RUNNING"}})
+    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert calls == [("h1", "inspect")]
+    assert Container.objects.get(pk=c.pk).host == source
+    op.refresh_from_db()
+    assert "and so does h1" in op.result["disagreement"]
+
+
+def test_a_copy_an_admin_superseded_is_removed_once_the_source_runs_it(world, monkeypatch):
+    """A post-copy resumed on its source by an admin's decision: the target's copy, even
+    running, is never followed; it is stopped and removed once the source is confirmed running."""
+    source, target, c, op = world
+    Operation.objects.filter(pk=op.pk).update(result={"superseded": {"host": "h2", "clean": False}})
+    calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "FROZEN"}})
+    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert calls == [("h1", "inspect")]  # the source does not run it (yet): the copy stays
+    assert Container.objects.get(pk=c.pk).host == source
+    calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "RUNNING"}})
+    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == [op.pk]
+    assert calls == [("h1", "inspect"), ("h2", "migrate-abort")]
+    assert Container.objects.get(pk=c.pk).host == source
+
+
+def test_admins_see_the_disagreement_on_the_host_and_container_pages_and_in_the_api(world, monkeypatch, users, tokens):
+    from django.test import Client
+
+    source, target, c, op = world
+    _agent(monkeypatch, {"h1": {"exists": True, "state": "STOPPED"}})
+    jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}])
+    api = Client(HTTP_AUTHORIZATION=f"Token {tokens['carol']}")  # a viewer sees it too
+    for url in ("/api/v1/containers/c1/", "/api/v1/hosts/h2/", "/api/v1/hosts/h1/"):
+        got = api.get(url).json()["disagreements"]
+        assert [d["migration"] for d in got] == [op.pk], (url, got)
+        assert "the record now follows h2" in got[0]["sentence"]
+    page = Client()
+    page.force_login(users["alice"])
+    for url in ("/containers/c1/", "/hosts/h2/"):
+        html = page.get(url).content.decode()
+        assert 'id="disagreements"' in html and "the record now follows h2" in html, url

@@ -86,7 +86,19 @@ def _spawn_watched(argv, mdir, tag, env=None, keep_fd=None):
                 _write_json(rc_path + ".json", {"rc": 127, "error": str(e)})
                 os.replace(rc_path + ".json", rc_path)
                 os._exit(0)
-            _write_json(info_path, {"pid": p.pid, "watcher": os.getpid(), "argv": argv, "started": time.time()})
+            _write_json(
+                info_path,
+                {
+                    "pid": p.pid,
+                    "watcher": os.getpid(),
+                    # A pid names its process only with its start time: after the host
+                    # restarted (a crash), a new process may have the same pid.
+                    "pid_start": _starttime(p.pid),
+                    "watcher_start": _starttime(os.getpid()),
+                    "argv": argv,
+                    "started": time.time(),
+                },
+            )
             rc = p.wait()
             _write_json(rc_path + ".json", {"rc": rc, "ended": time.time()})
             os.replace(rc_path + ".json", rc_path)
@@ -107,25 +119,38 @@ def _watched_rc(mdir, tag):
     if data is not None:
         return data.get("rc")
     info = _read_json(os.path.join(mdir, f"{tag}.json"))
-    if not info or not _pid_alive(info.get("watcher")):
-        return -1 if info else None  # the watcher died without a word
+    if not info or not _pid_alive(info.get("watcher"), info.get("watcher_start")):
+        return -1 if info else None  # the watcher died without a word (or the host restarted)
     return None
 
 
-def _pid_alive(pid):
+def _starttime(pid):
+    """When a process started (clock ticks since boot), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[-1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid, start=None):
+    """Is pid alive, and (when its start time was recorded) still the same process?"""
     if not isinstance(pid, int) or pid <= 1:
         return False
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[-1].split()
     except OSError:
         return False
+    if fields[0] == "Z":
+        return False
+    return start is None or fields[19] == str(start)
 
 
 def _kill_watched(mdir, tag, sig=15):
     info = _read_json(os.path.join(mdir, f"{tag}.json")) or {}
     pid = info.get("pid")
-    if _watched_rc(mdir, tag) is None and _pid_alive(pid):
+    if _watched_rc(mdir, tag) is None and _pid_alive(pid, info.get("pid_start")):
         try:
             os.kill(pid, sig)
         except OSError:
@@ -730,7 +755,7 @@ def _lazy_resume(name, mdir, images):
     the page server's accept()/recv() fail."""
     info = _read_json(os.path.join(mdir, f"{LAZY_DUMP}.json")) or {}
     signalled = []
-    if _watched_rc(mdir, LAZY_DUMP) is None and _pid_alive(info.get("pid")):
+    if _watched_rc(mdir, LAZY_DUMP) is None and _pid_alive(info.get("pid"), info.get("pid_start")):
         for pid, comm in _descendants(info["pid"]):
             if comm == "criu":
                 try:
