@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
 
 
+def pytest_sessionfinish(session):
+    # Whatever fault rows the lab tests recorded: test-artifacts/fault-matrix.md and .json.
+    from tests.support import faults
+
+    faults.write_report()
+
+
 @pytest.fixture(scope="session")
 def stack():
     s = Stack()

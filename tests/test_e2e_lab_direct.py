@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.stack import Api, ok, run_op, wait_for
+from tests.support.faults import fresh_worker, leftovers, phase, settled, start, wait_until
 from tests.test_e2e_lab_containers import PATTERN, counter, create, on_host, pattern
-from tests.test_e2e_lab_faults import fresh_worker, leftovers, make, phase, settled, start, wait_until
+from tests.test_e2e_lab_faults import make
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
@@ -194,5 +195,16 @@ def test_a_direct_stream_that_breaks_leaves_it_running_on_the_source(bob, lab, l
         assert op["error"].startswith("Worker lost") and "Rolled back" in op["error"], op["error"]
     else:
         assert "Transfer of the root filesystem (sent directly on 10.77.64.0/24) failed" in op["error"], op["error"]
-    settled(bob, lab, name, op, f"{fault} (direct transfer)", "rootfs transfer", before, expect_host="lab-a")
+    settled(
+        bob,
+        lab,
+        name,
+        op,
+        strategy="stop-and-copy",
+        fault=f"{fault} (direct transfer)",
+        when="transfer",
+        before=before,
+        test=f"direct transfer: {fault}",
+        expect_host="lab-a",
+    )
     assert leftovers(lab, "lab-b", name) == []
