@@ -299,7 +299,7 @@ def made(bob):
                 bob.wait_operation(r.json()["id"], timeout=300)
             return False
 
-        wait_for(deleted, 900, f"{name} to be deleted", interval=5)
+        wait_for(deleted, 300, f"{name} to be deleted", interval=5)
 
 
 @pytest.mark.parametrize("case", list(_params()))
