@@ -126,11 +126,11 @@ def unthrottle(lab, host: str, op_id: int) -> None:
     shell(lab, host, f"rm -f /var/lib/ctweb/migrations/{op_id}/TEST-ONLY-throttle")
 
 
-def kill_lock_holder(lab, host: str, name: str, subcommand: str, timeout: float = 45) -> str:
-    """SIGKILL the agent running `subcommand` for the container on a host: the process that
-    holds the container's lock (a detached page relay holds none). The host itself watches
-    the lock file every 10 ms (a lazy dump's agent lives for a second or less). Returns
-    'pid subcommand'."""
+def arm_lock_killer(lab, host: str, name: str, subcommand: str, timeout: float = 45) -> subprocess.Popen:
+    """Start watching, on the host itself, for the agent running `subcommand` for the
+    container (the process that holds the container's lock; a detached page relay holds
+    none), and SIGKILL it the moment it appears: the lock file is read every 10 ms (a lazy
+    dump's or a `lxc-stop -k`'s agent lives for a second or less). Wait with `fired`."""
     lock = f"/var/lib/ctweb/locks/{name}.lock"
     script = (
         f"end=$(( $(date +%s) + {int(timeout)} )); while [ $(date +%s) -lt $end ]; do "
@@ -138,9 +138,30 @@ def kill_lock_holder(lab, host: str, name: str, subcommand: str, timeout: float 
         f'if [ "$2" = {shlex.quote(subcommand)} ] && kill -9 "$1" 2>/dev/null; then echo "$1 $2"; exit 0; fi; '
         "sleep 0.01; done; exit 1"
     )
-    out = on_host(lab, host, "sh -c " + shlex.quote(script))
-    assert out.returncode == 0, f"no agent ran {subcommand} for {name} on {host} within {timeout}s"
-    return out.stdout.strip()
+    h = next(x for x in lab["hosts"] if x["name"] == host)
+    argv = ["ssh", "-i", str(lab["key"]), "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={lab['known_hosts']}"]
+    argv += ["-o", "StrictHostKeyChecking=yes", f"root@{h['address']}", "sh -c " + shlex.quote(script)]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.what = f"an agent running {subcommand} for {name} on {host}"
+    p.limit = timeout + 15
+    return p
+
+
+def fired(p: subprocess.Popen) -> str:
+    try:
+        out, err = p.communicate(timeout=p.limit)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise AssertionError(f"no {p.what} appeared") from None
+    assert p.returncode == 0, f"no {p.what} appeared ({err.strip()})"
+    return out.strip()
+
+
+def kill_lock_holder(lab, host: str, name: str, subcommand: str, timeout: float = 45) -> str:
+    """SIGKILL the agent running `subcommand` for the container on a host now (or as soon
+    as it starts). Returns 'pid subcommand'."""
+    return fired(arm_lock_killer(lab, host, name, subcommand, timeout))
 
 
 def kill_lazy_pages(lab, host: str, op_id: int) -> None:
