@@ -106,14 +106,15 @@ def recover_evacuation(ctx: OperationContext):
 
 @recovers("snapshot")
 def recover_snapshot(ctx: OperationContext) -> str:
-    from .jobs import agent, set_state
+    from .jobs import agent, agent_or_wait, set_state
 
     op = ctx.op
     container = op.container
     if container is None or op.host is None:
         return "Its container no longer exists: there was nothing to recover."
     snap = op.params.get("snapshot")
-    seen = agent(ctx, op.host, "inspect", {"name": container.name, "snapshot": snap, "thaw": True}, 10, 40)
+    params = {"name": container.name, "snapshot": snap, "thaw": True}
+    seen = agent_or_wait(ctx, op.host, "inspect", params, 10, 40, f"{op.host.name} is asked again until it answers.")
     set_state(container, seen["state"] or Container.State.UNKNOWN)
     meta = seen.get("snapshot")
     if meta and not container.snapshots.filter(name=snap).exists():
@@ -141,12 +142,13 @@ def recover_snapshot(ctx: OperationContext) -> str:
 
 @recovers("restore", "start", "stop", "restart")
 def recover_state_change(ctx: OperationContext) -> str:
-    from .jobs import agent, set_state
+    from .jobs import agent_or_wait, set_state
 
     op = ctx.op
     container = op.container
     if container is None or op.host is None:
         return "Its container no longer exists: there was nothing to recover."
-    seen = agent(ctx, op.host, "inspect", {"name": container.name, "thaw": True}, 10, 80)
+    params = {"name": container.name, "thaw": True}
+    seen = agent_or_wait(ctx, op.host, "inspect", params, 10, 80, f"{op.host.name} is asked again until it answers.")
     set_state(container, seen["state"] or Container.State.UNKNOWN, has_saved_state=bool(seen.get("has_saved_state")))
     return f"Its host says: {_where(container)}"
