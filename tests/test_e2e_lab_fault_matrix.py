@@ -113,7 +113,15 @@ CI = {
     "start": {"worker": "restore", "link-source": "restore", "agent": "restore", "database": "restore"},
 }
 # Known product bugs: case id -> reason (strict: an unexpected pass fails the run).
-XFAIL: dict[str, str] = {}
+XFAIL: dict[str, str] = {
+    "restore-agent-copy": (
+        "the agent killed while it rolls the rootfs back: the container is left STOPPED with a half "
+        "rolled-back rootfs and no saved state; its whole state is still in the stateful snapshot (a "
+        "second restore brings it back), but the recovery ends the operation failed ('Its host says: "
+        "... STOPPED') instead of restoring again or offering that as a decision (containers/recovery.py "
+        "recover_state_change)"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -350,5 +358,7 @@ def test_fault(case: Case, bob, lab, lab_stack, made, request):
     except BaseException:
         if F.ROWS and F.ROWS[-1].get("test") == request.node.nodeid.split("::")[-1]:
             F.ROWS[-1]["survived"] = False  # a case's own expectation failed
+            if case.id in XFAIL:
+                F.ROWS[-1]["known_bug"] = XFAIL[case.id]
         print(F.worker_log(lab_stack, f"fault-{case.id}-worker.log"), op.get("error"), op.get("events", [])[-8:])
         raise

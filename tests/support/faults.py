@@ -380,6 +380,8 @@ def render(report: dict) -> str:
     ]
     for r in rows:
         lost = "**LOST**" if r["lost"] else ("no" if r["survived"] else "no (a check failed)")
+        if r.get("known_bug"):
+            lost += f" (known bug, xfail: {r['known_bug']})"
         lines.append(
             f"| {r['strategy']} | {r['fault']} | {r['phase']} | {r.get('status', '?')} | {r.get('ended', '?')} "
             f"| {lost} | `{r.get('test', '')}` |"
