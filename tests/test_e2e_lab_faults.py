@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
 BIG_MIB = 300  # a file in the rootfs: its copy takes a few seconds
 # About 400 MB of a shell variable: its dump, copy and restore take a few seconds each.
-MEMORY = "v=$(yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 400000000); "
+MEMORY = "m=$(yes aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa | head -c 400000000); "  # not $v: PATTERN uses that
 
 
 @pytest.fixture
