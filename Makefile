@@ -1,4 +1,4 @@
-.PHONY: setup run test test-fast bench lint format clean
+.PHONY: setup run test test-fast faults fault-report bench lint format clean
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,15 @@ test: setup
 # Everything that needs neither root nor the lab, in about two minutes on 2 cores.
 test-fast: setup
 	.venv/bin/python -m pytest -m "not e2e and not lab" -n 2 -q
+
+# The whole fault matrix (every strategy x fault x phase x cut length) on the lab; hours,
+# dominated by the 5-minute cuts. Pick a chunk with ARGS='-k "post-copy and 10s"'.
+faults: setup
+	CTWEB_FAULTS=all bash scripts/test.sh tests/migration/test_e2e_lab_fault_matrix.py $(ARGS)
+
+# docs/fault-matrix.md from the latest test-artifacts/fault-matrix.json (ARGS=--all: every session kept).
+fault-report:
+	.venv/bin/python scripts/fault_report.py $(ARGS)
 
 bench: setup
 	.venv/bin/python bench/run.py

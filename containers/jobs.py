@@ -14,7 +14,7 @@ from hosts.models import Host
 from operations.bundles import bundle_dir
 from operations.events import publish_fleet
 from operations.models import Operation
-from operations.runner import OperationContext, OperationFailed, collects_bundle, handler, undoes
+from operations.runner import OperationContext, OperationFailed, WaitFor, collects_bundle, handler, undoes
 
 from .models import Container, Snapshot
 
@@ -72,6 +72,28 @@ def agent(
             return conn.run_agent(subcommand, params, on_event=on_event, timeout=timeout).data
     except ssh.SSHError as e:
         raise failure(e, host) from e
+
+
+def lost_answer(e: OperationFailed) -> bool:
+    """The host's answer never came (the link broke, the agent died, no connection): what
+    it did is unknown, not failed."""
+    cause = e.__cause__
+    if isinstance(cause, (ssh.HostKeyMismatch, ssh.HostNotTrusted)):
+        return False
+    return isinstance(cause, ssh.AgentLost) or (
+        isinstance(cause, ssh.SSHError) and not isinstance(cause, ssh.AgentFailed)
+    )
+
+
+def agent_or_wait(ctx: OperationContext, host: Host, subcommand: str, params: dict, base: int, span: int, then: str):
+    """agent(), but a lost answer makes the operation wait: its recovery asks the host again
+    (with backoff) until it answers, instead of ending on a guess."""
+    try:
+        return agent(ctx, host, subcommand, params, base, span)
+    except OperationFailed as e:
+        if lost_answer(e):
+            raise WaitFor(f"{e.message} {then}") from e
+        raise
 
 
 def _apply_listing(host: Host, listing: list[dict]) -> dict:
@@ -279,7 +301,12 @@ def _simple(ctx: OperationContext, subcommand: str, transitional: str | None) ->
     if transitional:
         set_state(container, transitional)
     try:
-        data = agent(ctx, ctx.op.host, subcommand, {"name": container.name, **ctx.op.params}, 5, 90)
+        params = {"name": container.name, **ctx.op.params}
+        if subcommand == "delete":  # no recovery: it fails with the host's last word
+            data = agent(ctx, ctx.op.host, subcommand, params, 5, 90)
+        else:
+            then = f"How {container.name} is on {ctx.op.host.name} is asked again until it answers."
+            data = agent_or_wait(ctx, ctx.op.host, subcommand, params, 5, 90, then)
     except OperationFailed as e:
         # Tell the truth about where the container is now, not what we hoped.
         data = e.result or {}
@@ -323,7 +350,9 @@ def delete(ctx: OperationContext) -> dict:
 def snapshot(ctx: OperationContext) -> dict:
     op, container = ctx.op, container_of(ctx)
     name, stateful = op.params["snapshot"], bool(op.params.get("stateful", True))
-    data = agent(ctx, op.host, "snapshot", {"name": container.name, "snapshot": name, "stateful": stateful}, 5, 90)
+    params = {"name": container.name, "snapshot": name, "stateful": stateful}
+    then = f"Whether {op.host.name} kept snapshot {name} is asked again until it answers."
+    data = agent_or_wait(ctx, op.host, "snapshot", params, 5, 90, then)
     ctx.event("save", f"recording snapshot {name}", 97)
     Snapshot.objects.create(
         container=container,

@@ -775,6 +775,9 @@ def _recover(ctx, src, dst, container, base, committed, live, was_running, error
         try:
             seen = _agent(src, ctx, "inspect", {**base, "thaw": True}, 96, 1)
             committed = seen.get("exists") and seen.get("state") == "STOPPED"
+            # A lazy dump goes on without its agent: CRIU holds the tasks frozen as a page
+            # server. Only migrate-resume gives them back (and copes with one rolled back).
+            committed = committed or bool((seen.get("migration") or {}).get("lazy_dump"))
         except OperationFailed as e:
             ctx.event("cleanup", f"could not ask {src.host.name} how {container.name} is: {e.message}")
             raise WaitFor(

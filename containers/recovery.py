@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from hosts import ssh
 from operations.runner import OperationContext, OperationFailed, WaitFor, recovers
 
-from .jobs import agent, set_state
+from .jobs import agent, agent_or_wait, set_state
 from .migration import (
     KEEP_WAITING,
     _agent,
@@ -135,7 +135,8 @@ def recover_snapshot(ctx: OperationContext) -> str:
     if container is None or op.host is None:
         return "Its container no longer exists: there was nothing to recover."
     snap = op.params.get("snapshot")
-    seen = agent(ctx, op.host, "inspect", {"name": container.name, "snapshot": snap, "thaw": True}, 10, 40)
+    params = {"name": container.name, "snapshot": snap, "thaw": True}
+    seen = agent_or_wait(ctx, op.host, "inspect", params, 10, 40, f"{op.host.name} is asked again until it answers.")
     set_state(container, seen["state"] or Container.State.UNKNOWN)
     meta = seen.get("snapshot")
     if meta and not container.snapshots.filter(name=snap).exists():
@@ -167,7 +168,8 @@ def recover_state_change(ctx: OperationContext) -> str:
     container = op.container
     if container is None or op.host is None:
         return "Its container no longer exists: there was nothing to recover."
-    seen = agent(ctx, op.host, "inspect", {"name": container.name, "thaw": True}, 10, 80)
+    params = {"name": container.name, "thaw": True}
+    seen = agent_or_wait(ctx, op.host, "inspect", params, 10, 80, f"{op.host.name} is asked again until it answers.")
     set_state(container, seen["state"] or Container.State.UNKNOWN, has_saved_state=bool(seen.get("has_saved_state")))
     return f"Its host says: {_where(container)}"
 

@@ -137,6 +137,11 @@ class AgentFailed(SSHError):
         self.data = data or {}
 
 
+class AgentLost(AgentFailed):
+    """The agent's answer never came (the link broke, or the agent died): what it did on the
+    host is unknown until someone asks the host again."""
+
+
 class HostConnection:
     def __init__(self, host, client: paramiko.SSHClient):
         self.host = host
@@ -221,8 +226,8 @@ class HostConnection:
         if result is None:
             tail = "\n".join(err_text.strip().splitlines()[-20:])
             if not transport.is_active():
-                raise AgentFailed(f"The connection to {self.host} was lost before the agent finished.", tail)
-            raise AgentFailed(f"The agent on {self.host} ended without a result (exit status {exit_status}).", tail)
+                raise AgentLost(f"The connection to {self.host} was lost before the agent finished.", tail)
+            raise AgentLost(f"The agent on {self.host} ended without a result (exit status {exit_status}).", tail)
         return AgentResult(result, err_text, exit_status)
 
     def open_stream(self, subcommand: str, params: dict) -> paramiko.Channel:

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.support.stack import SSHServer, Stack
+from tests.support.stack import Api, SSHServer, Stack
 
 LAB_HOSTS = 2
 
@@ -26,6 +26,13 @@ def _in_memory_channel_layer(settings):
 def pytest_collection_modifyitems(config, items):
     # The test that takes the lab down and looks for traces runs after every other test.
     items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
+
+
+def pytest_sessionfinish(session):
+    # Whatever fault rows the lab tests recorded: test-artifacts/fault-matrix.md and .json.
+    from tests.support import faults
+
+    faults.write_report()
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +88,12 @@ def lab_stack(stack, lab):
     out = stack.manage("lab", "up", "--hosts", str(LAB_HOSTS))
     assert out.count("probe success") == LAB_HOSTS, out
     return stack
+
+
+@pytest.fixture
+def bob(lab_stack):
+    """The operator's API on the lab stack (tests/support/stack.py Api)."""
+    return Api(lab_stack, lab_stack.tokens["bob"])
 
 
 from tests.support.browser import browser, page_as  # noqa: E402,F401  (shared fixtures)

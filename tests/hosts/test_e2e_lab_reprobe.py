@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.migration.test_e2e_lab_faults import _link
+from tests.support.faults import link
 from tests.support.stack import Api, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
@@ -29,12 +29,12 @@ def _tick(stack) -> list:
 
 
 def test_a_host_marked_offline_after_a_link_cut_comes_back_online_by_itself(lab_stack, lab):
-    from hosts.lab import core
+    from lab import core  # noqa: F401
 
     alice = Api(lab_stack, lab_stack.tokens["alice"])
     status = lambda: alice.get("/api/v1/hosts/lab-b/").json()["status"]  # noqa: E731
     assert status() == "online"
-    _link(core, "lab-b", up=False)
+    link("lab-b", up=False)
     try:
         op = run_op(alice, "POST", "/api/v1/hosts/lab-b/probe", timeout=120)
         assert op["status"] == "failure", op
@@ -47,7 +47,7 @@ def test_a_host_marked_offline_after_a_link_cut_comes_back_online_by_itself(lab_
         probes = _tick(lab_stack)
         assert sum(1 for p in probes if p[2].get("auto")) == 1, probes  # backoff: not again at once
     finally:
-        _link(core, "lab-b", up=True)
+        link("lab-b", up=True)
     t0 = time.monotonic()
 
     def online():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.migration.test_e2e_lab_faults import bob, hosts_with, shell  # noqa: F401
+from tests.support.faults import hosts_with, shell
 from tests.support.lab import COUNTER, counter, create
 from tests.support.stack import Api, ok, run_op, wait_for
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.migration.test_e2e_lab_faults import fresh_worker, leftovers, make, phase, settled, start, wait_until
+from tests.support.faults import fresh_worker, leftovers, make, phase, settled, start, wait_until
 from tests.support.lab import PATTERN, counter, create, on_host, pattern
 from tests.support.stack import Api, ok, run_op, wait_for
 
@@ -151,7 +151,7 @@ def slow_link_to(host: str, rate: str = "200mbit"):
     """Shape what the bridge sends to `host` (a token bucket on both of its root-side veths:
     the host answers ARP for its address on its container bridge too), so a copy takes
     seconds and a fault lands in the middle of it."""
-    from lab import core
+    from hosts.lab import core
 
     links = core._root_links(host)
     for eth in links:
@@ -194,5 +194,16 @@ def test_a_direct_stream_that_breaks_leaves_it_running_on_the_source(bob, lab, l
         assert op["error"].startswith("Worker lost") and "Rolled back" in op["error"], op["error"]
     else:
         assert "Transfer of the root filesystem (sent directly on 10.77.64.0/24) failed" in op["error"], op["error"]
-    settled(bob, lab, name, op, f"{fault} (direct transfer)", "rootfs transfer", before, expect_host="lab-a")
+    settled(
+        bob,
+        lab,
+        name,
+        op,
+        strategy="stop-and-copy",
+        fault=f"{fault} (direct transfer)",
+        when="transfer",
+        before=before,
+        test=f"direct transfer: {fault}",
+        expect_host="lab-a",
+    )
     assert leftovers(lab, "lab-b", name) == []
