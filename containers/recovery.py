@@ -15,6 +15,7 @@ from hosts import ssh
 from operations.runner import OperationContext, OperationFailed, WaitFor, recovers
 
 from .jobs import agent, agent_or_wait, set_state
+from .jobs import restore as run_restore
 from .migration import (
     KEEP_WAITING,
     _agent,
@@ -171,6 +172,14 @@ def recover_state_change(ctx: OperationContext) -> str:
     params = {"name": container.name, "thaw": True}
     seen = agent_or_wait(ctx, op.host, "inspect", params, 10, 80, f"{op.host.name} is asked again until it answers.")
     set_state(container, seen["state"] or Container.State.UNKNOWN, has_saved_state=bool(seen.get("has_saved_state")))
+    snap = (op.params or {}).get("snapshot")
+    if op.kind == "restore" and seen["state"] != Container.State.RUNNING and snap:
+        # The restore stopped half-way (its agent died or its answer was lost while it rolled the
+        # rootfs back): the container does not run, but its whole state is still in the snapshot,
+        # and a restore may be run again from the start. So it is, rather than leaving it stopped.
+        ctx.event("recovery", f"The restore was interrupted; {container.name} is restored again from {snap}.", 85)
+        data = run_restore(ctx)
+        return {**(data or {}), "recovered": f"The restore was interrupted and run again from {snap}."}
     return f"Its host says: {_where(container)}"
 
 

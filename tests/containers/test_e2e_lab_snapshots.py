@@ -6,6 +6,7 @@ import tarfile
 import pytest
 
 from tests.support.bundle_secrets import leaks, secret_fragments
+from tests.support.cli import ctweb
 from tests.support.lab import COUNTER, PATTERN, counter, create, on_host, pattern, ping
 from tests.support.stack import Api, ok, run_op, wait_for
 
@@ -74,7 +75,7 @@ def test_stateful_stop_and_start_keep_the_counter(bob, lab, counting):
     assert (row["state"], row["has_saved_state"]) == ("RUNNING", False)
 
 
-def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack):
+def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack, tmp_path):
     refusing = "setsid unshare -U sleep 100000 & " + COUNTER  # CRIU cannot dump nested user namespaces
     ok(create(bob, name="refuser", host="lab-b", command=["sh", "-c", refusing]))
     try:
@@ -89,6 +90,18 @@ def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack):
         assert op["result"]["bundle"] == ["lab-b.tar.gz"]
         r = bob.get(f"/api/v1/operations/{op['id']}/bundle")
         assert r.status_code == 200 and r.headers["Content-Type"] == "application/gzip"
+
+        # The terminal client: a failed operation exits 1 with its error, and downloads the same bundle.
+        env = {"CTWEB_URL": lab_stack.url, "CTWEB_TOKEN": lab_stack.tokens["bob"]}
+        cfg = tmp_path / "ctweb.json"
+        again = ctweb(cfg, "snapshot", "refuser", "--stateful", env=env)
+        assert again.returncode == 1, again
+        assert (
+            again.stderr.startswith("Error: snapshot of refuser failed: ") and "nested user namespace" in again.stderr
+        )
+        got = ctweb(cfg, "bundle", str(op["id"]), "-o", str(tmp_path / "b.tar.gz"), env=env)
+        assert got.returncode == 0, got.stderr
+        assert (tmp_path / "b.tar.gz").read_bytes() == r.content
         outer = tarfile.open(fileobj=io.BytesIO(r.content))
         inner = tarfile.open(fileobj=outer.extractfile(f"op-{op['id']}/lab-b.tar.gz"))
         names = inner.getnames()

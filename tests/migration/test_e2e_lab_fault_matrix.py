@@ -113,15 +113,7 @@ CI = {
     "start": {"worker": "restore", "link-source": "restore", "agent": "restore", "database": "restore"},
 }
 # Known product bugs: case id -> reason (strict: an unexpected pass fails the run).
-XFAIL: dict[str, str] = {
-    "restore-agent-copy": (
-        "the agent killed while it rolls the rootfs back: the container is left STOPPED with a half "
-        "rolled-back rootfs and no saved state; its whole state is still in the stateful snapshot (a "
-        "second restore brings it back), but the recovery ends the operation failed ('Its host says: "
-        "... STOPPED') instead of restoring again or offering that as a decision (containers/recovery.py "
-        "recover_state_change)"
-    ),
-}
+XFAIL: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
