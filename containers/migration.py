@@ -36,7 +36,7 @@ from core.audit import Actor, audit
 from core.fleet import direct_route
 from core.models import FleetSettings
 from hosts import ssh
-from hosts.jobs import failure
+from hosts.handlers import failure
 from hosts.models import Host
 from operations.events import publish_fleet
 from operations.models import Operation
@@ -295,7 +295,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
     was_running = container.state == Container.State.RUNNING
     try:
         # 1. Preflight: nothing has changed yet, so any failure leaves everything as it was
-        # (the working directories it made on both hosts are removed by _recover).
+        # (the working directories it made on both hosts are removed by _roll_back).
         prep = _agent(src, ctx, "migrate-prepare", {**base, "live": live}, 2, 3)
         # The host's word, not our last refresh: what runs is what must be stopped.
         was_running = prep["state"] == "RUNNING"
@@ -373,7 +373,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
             failure = e if isinstance(e, OperationFailed) else OperationFailed(f"The migration stopped: {e!r}.")
         # A post-copy's relays hold both CRIU ends whatever the pump does: migrate-abort
         # removes the target's, migrate-resume interrupts the dump (CRIU rolls it back).
-        _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
+        _roll_back(ctx, src, dst, container, base, committed, live, was_running, failure)
         if cancelled:
             raise Cancelled(failure.message.strip() or f"{container.name} stayed on {source.name}.") from e
         if isinstance(e, OperationFailed) or not isinstance(e, Exception):
@@ -658,12 +658,12 @@ def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFail
     confirmed clean: the sentence says so. With `force` (an admin's decision; `dst` may be
     None, the target gone) the source is resumed anyway, and the migration records that the
     target's copy is superseded: the tidy stops and removes it when that host answers again,
-    once the source's copy is confirmed running (jobs.tidy_migrations); it never runs on."""
+    once the source's copy is confirmed running (handlers.tidy_migrations); it never runs on."""
     source = src.host
     _db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source))
     container.refresh_from_db()
     if not force:
-        _recover(ctx, src, dst, container, base, True, True, True, failure)
+        _roll_back(ctx, src, dst, container, base, True, True, True, failure)
         return
     op = ctx.op
     target = op.target_host.name if op.target_host else "the target"
@@ -753,7 +753,7 @@ def _move_record(ctx, container, target, was_running) -> None:
     )
 
 
-def _recover(ctx, src, dst, container, base, committed, live, was_running, error: OperationFailed) -> None:
+def _roll_back(ctx, src, dst, container, base, committed, live, was_running, error: OperationFailed) -> None:
     """After a failure: nothing half-made stays on the target, and the source keeps the container.
     `dst` is None when the target cannot be reached at all."""
     target_name = ctx.op.target_host.name if ctx.op.target_host else "the target"

@@ -14,13 +14,13 @@ from contextlib import ExitStack
 from hosts import ssh
 from operations.runner import OperationContext, OperationFailed, WaitFor, recovers
 
-from .jobs import agent, agent_or_wait, set_state
-from .jobs import restore as run_restore
+from .handlers import agent, agent_or_wait, set_state
+from .handlers import restore as run_restore
 from .migration import (
     KEEP_WAITING,
     _agent,
     _move_record,
-    _recover,
+    _roll_back,
     check_evacuation,
     finish_lost_pull,
     lazy_resume_on_source,
@@ -120,7 +120,7 @@ def recover_migration(ctx: OperationContext) -> str:
         # Roll back: the target gives up what it received; the source keeps the container.
         committed = bool(was_running and s["exists"] and s["state"] != "RUNNING")
         failure = OperationFailed("")
-        _recover(ctx, src, dst, container, base, committed, live, was_running, failure)
+        _roll_back(ctx, src, dst, container, base, committed, live, was_running, failure)
         return f"Rolled back. {failure.message.strip()} {_where(container)}".replace("  ", " ")
 
 

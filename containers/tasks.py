@@ -2,7 +2,7 @@ from celery import shared_task
 
 from hosts.models import Host
 
-from .jobs import refresh_host
+from .handlers import refresh_host
 
 
 @shared_task(ignore_result=True)

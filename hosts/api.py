@@ -16,7 +16,7 @@ from operations.models import Operation
 from operations.runner import enqueue
 
 from . import ssh
-from .jobs import host_state
+from .handlers import host_state
 from .models import Host
 from .validators import NAME_PATTERN, USER_PATTERN, validate_address, validate_name, validate_username
 

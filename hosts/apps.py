@@ -5,4 +5,4 @@ class HostsConfig(AppConfig):
     name = "hosts"
 
     def ready(self):
-        from . import jobs  # noqa: F401  (registers the probe handler with the runner)
+        from . import handlers  # noqa: F401  (registers the probe handler with the runner)

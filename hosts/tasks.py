@@ -2,7 +2,7 @@ import logging
 
 from celery import shared_task
 
-from .jobs import reprobe_offline_hosts as reprobe
+from .handlers import reprobe_offline_hosts as reprobe
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Where they are kept and how they are served. What goes in them is the features' business
 (runner.collects_bundle; the containers' operations fetch one from each host involved:
-containers/jobs.py collect_bundle). Never the dashboard's own keys or settings.
+containers/handlers.py collect_bundle). Never the dashboard's own keys or settings.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ ctweb's allowlist (the agent's `list` names them) are on the container page and 
 
 from django.test import Client
 
-from containers.jobs import _apply_listing
+from containers.handlers import _apply_listing
 from containers.models import Container
 
 

@@ -6,7 +6,7 @@ a table of answers here; on the lab: tests/migration/test_e2e_lab_fault_matrix.p
 
 import pytest
 
-from containers import jobs, recovery
+from containers import handlers, recovery
 from containers.models import Container, Snapshot
 from operations.models import Operation
 from operations.runner import OperationContext
@@ -31,7 +31,7 @@ def restoring(db, trusted_host, monkeypatch):
                 return {"state": "RUNNING", "restored": True}
             raise AssertionError(sub)
 
-        monkeypatch.setattr(jobs, "agent", agent)
+        monkeypatch.setattr(handlers, "agent", agent)
         return calls
 
     return c, op, answers

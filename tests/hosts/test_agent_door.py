@@ -1,16 +1,16 @@
-"""The one door from a job's SSH or agent error to its failure (hosts/jobs.py failure), used by
-containers/jobs.py agent(), the probe and the migration's agent calls; and the actor the
+"""The one door from a job's SSH or agent error to its failure (hosts/handlers.py failure), used by
+containers/handlers.py agent(), the probe and the migration's agent calls; and the actor the
 services take instead of a request (core/audit.py Actor)."""
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import RequestFactory
 
-from containers.jobs import agent
+from containers.handlers import agent
 from core.audit import Actor, audit
 from core.models import AuditEntry
 from hosts import ssh
-from hosts.jobs import failure
+from hosts.handlers import failure
 from hosts.models import Host
 from operations.runner import OperationFailed
 

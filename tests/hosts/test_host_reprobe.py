@@ -1,17 +1,17 @@
-"""An offline host is probed again by itself, with backoff (hosts/jobs.py reprobe_offline_hosts)."""
+"""An offline host is probed again by itself, with backoff (hosts/handlers.py reprobe_offline_hosts)."""
 
 from datetime import timedelta
 
 from django.utils import timezone
 
-from hosts import jobs
+from hosts import handlers
 from hosts.models import Host
 from operations import runner
 from operations.models import Operation
 
 
 def test_the_reprobe_backoff_doubles_from_15_s_up_to_5_min():
-    assert [jobs.reprobe_delay(n) for n in range(1, 8)] == [15, 30, 60, 120, 240, 300, 300]
+    assert [handlers.reprobe_delay(n) for n in range(1, 8)] == [15, 30, 60, 120, 240, 300, 300]
 
 
 def test_an_offline_host_is_probed_again_with_backoff_and_comes_back_online(
@@ -23,21 +23,21 @@ def test_an_offline_host_is_probed_again_with_backoff_and_comes_back_online(
     Host.objects.filter(pk=trusted_host.pk).update(status=Host.Status.OFFLINE)
     untrusted = Host.objects.create(name="h9", address="127.0.0.9", status=Host.Status.OFFLINE)  # no pinned key
     t0 = timezone.now()
-    assert jobs.reprobe_offline_hosts(t0) == ["h1"]
-    assert jobs.reprobe_offline_hosts(t0) == []  # one probe at a time
+    assert handlers.reprobe_offline_hosts(t0) == ["h1"]
+    assert handlers.reprobe_offline_hosts(t0) == []  # one probe at a time
     op = Operation.objects.get(host=trusted_host)
     assert op.params["auto"] and op.created_by is None and untrusted.operations.count() == 0
     # Port 1 refuses: the probe fails, the host stays offline; the next try waits 15 s, then 30 s.
     assert runner.run_operation(op.pk, "w@a") == "failure"
     done = Operation.objects.get(pk=op.pk).finished_at
-    assert jobs.reprobe_offline_hosts(done + timedelta(seconds=14)) == []
-    assert jobs.reprobe_offline_hosts(done + timedelta(seconds=16)) == ["h1"]
+    assert handlers.reprobe_offline_hosts(done + timedelta(seconds=14)) == []
+    assert handlers.reprobe_offline_hosts(done + timedelta(seconds=16)) == ["h1"]
     op2 = Operation.objects.filter(host=trusted_host).order_by("-id").first()
     assert runner.run_operation(op2.pk, "w@a") == "failure"
     done = Operation.objects.get(pk=op2.pk).finished_at
-    assert jobs.reprobe_offline_hosts(done + timedelta(seconds=29)) == []
-    assert jobs.reprobe_offline_hosts(done + timedelta(seconds=31)) == ["h1"]
+    assert handlers.reprobe_offline_hosts(done + timedelta(seconds=29)) == []
+    assert handlers.reprobe_offline_hosts(done + timedelta(seconds=31)) == ["h1"]
     # A host that is online is left alone.
     Operation.objects.filter(status="pending").update(status="cancelled")
     Host.objects.filter(pk=trusted_host.pk).update(status=Host.Status.ONLINE)
-    assert jobs.reprobe_offline_hosts(done + timedelta(hours=1)) == []
+    assert handlers.reprobe_offline_hosts(done + timedelta(hours=1)) == []

@@ -4,7 +4,7 @@ The agent is replaced by a table of what each host answers (the decisions are pu
 
 import pytest
 
-from containers import jobs
+from containers import handlers
 from containers.models import Container
 from hosts.models import Host
 from operations.models import Operation
@@ -29,7 +29,7 @@ def _agent(monkeypatch, inspect: dict):
             return inspect[host.name]
         return {}
 
-    monkeypatch.setattr(jobs, "agent", agent)
+    monkeypatch.setattr(handlers, "agent", agent)
     return calls
 
 
@@ -37,7 +37,7 @@ def test_the_tidy_never_stops_a_target_that_runs_the_container(world, monkeypatc
     """The target restored it but its answer was lost: the database still names the source."""
     source, target, c, op = world
     calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "STOPPED"}})
-    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert handlers.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
     assert ("h2", "migrate-abort") not in calls
     op.refresh_from_db()
     assert "h2 runs c1" in op.result["disagreement"]
@@ -46,14 +46,14 @@ def test_the_tidy_never_stops_a_target_that_runs_the_container(world, monkeypatc
 def test_the_tidy_keeps_a_sources_dump_while_no_host_runs_it(world, monkeypatch):
     source, target, c, op = world
     calls = _agent(monkeypatch, {})
-    assert jobs.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == []
+    assert handlers.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == []
     assert calls == []
 
 
 def test_the_tidy_keeps_a_targets_copy_when_the_source_does_not_run_it(world, monkeypatch):
     source, target, c, op = world
     calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "STOPPED"}})
-    assert jobs.tidy_migrations(target, [{"migration": op.pk}], []) == []
+    assert handlers.tidy_migrations(target, [{"migration": op.pk}], []) == []
     assert calls == [("h1", "inspect")]  # both hosts asked; nothing removed
 
 
@@ -61,10 +61,10 @@ def test_the_tidy_removes_leftovers_once_the_named_host_is_confirmed_to_run_it(w
     source, target, c, op = world
     Container.objects.filter(pk=c.pk).update(state="RUNNING")
     calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "RUNNING"}})
-    assert jobs.tidy_migrations(target, [{"migration": op.pk}], []) == [op.pk]
+    assert handlers.tidy_migrations(target, [{"migration": op.pk}], []) == [op.pk]
     assert calls == [("h1", "inspect"), ("h2", "migrate-abort")]
     calls.clear()
-    assert jobs.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == [op.pk]
+    assert handlers.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == [op.pk]
     assert calls == [("h1", "migrate-cleanup")]
 
 
@@ -75,7 +75,7 @@ def test_the_record_follows_the_host_that_runs_it_audited_and_nothing_is_removed
 
     source, target, c, op = world
     calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "STOPPED"}})
-    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert handlers.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
     assert calls == [("h1", "inspect")]  # asked, nothing removed anywhere
     c.refresh_from_db()
     assert (c.host, c.state) == (target, "RUNNING")
@@ -85,14 +85,14 @@ def test_the_record_follows_the_host_that_runs_it_audited_and_nothing_is_removed
     assert entry.object_name == "c1" and f"migration {op.pk}: h1 -> h2" in entry.detail
     # The source's stopped copy and dump stay: no host is confirmed to run it there.
     calls.clear()
-    assert jobs.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == []
+    assert handlers.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == []
     assert calls == []
 
 
 def test_when_both_hosts_run_it_nothing_moves_and_nothing_is_removed(world, monkeypatch):
     source, target, c, op = world
     calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "RUNNING"}})
-    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert handlers.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
     assert calls == [("h1", "inspect")]
     assert Container.objects.get(pk=c.pk).host == source
     op.refresh_from_db()
@@ -105,11 +105,11 @@ def test_a_copy_an_admin_superseded_is_removed_once_the_source_runs_it(world, mo
     source, target, c, op = world
     Operation.objects.filter(pk=op.pk).update(result={"superseded": {"host": "h2", "clean": False}})
     calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "FROZEN"}})
-    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert handlers.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
     assert calls == [("h1", "inspect")]  # the source does not run it (yet): the copy stays
     assert Container.objects.get(pk=c.pk).host == source
     calls = _agent(monkeypatch, {"h1": {"exists": True, "state": "RUNNING"}})
-    assert jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == [op.pk]
+    assert handlers.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == [op.pk]
     assert calls == [("h1", "inspect"), ("h2", "migrate-abort")]
     assert Container.objects.get(pk=c.pk).host == source
 
@@ -119,7 +119,7 @@ def test_admins_see_the_disagreement_on_the_host_and_container_pages_and_in_the_
 
     source, target, c, op = world
     _agent(monkeypatch, {"h1": {"exists": True, "state": "STOPPED"}})
-    jobs.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}])
+    handlers.tidy_migrations(target, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}])
     api = Client(HTTP_AUTHORIZATION=f"Token {tokens['carol']}")  # a viewer sees it too
     for url in ("/api/v1/containers/c1/", "/api/v1/hosts/h2/", "/api/v1/hosts/h1/"):
         got = api.get(url).json()["disagreements"]

@@ -88,13 +88,13 @@ def test_a_waiting_operation_still_blocks_other_operations_on_its_container(db, 
 
 
 def test_a_waiting_migration_is_never_tidied(db, trusted_host, monkeypatch):
-    from containers import jobs
+    from containers import handlers
 
     calls = []
-    monkeypatch.setattr(jobs, "agent", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(handlers, "agent", lambda *a, **k: calls.append(a))
     Container.objects.create(name="c1", host=trusted_host, state="STOPPED")
     op = Operation.objects.create(kind="migrate", status="waiting", container_name="c1", target_host=trusted_host)
-    assert jobs.tidy_migrations(trusted_host, [{"migration": op.pk}]) == []
+    assert handlers.tidy_migrations(trusted_host, [{"migration": op.pk}]) == []
     assert calls == []
 
 

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from core.audit import audit
 from hosts import ssh
-from hosts.jobs import failure
+from hosts.handlers import failure
 from hosts.models import Host
 from operations.bundles import bundle_dir
 from operations.events import publish_fleet
