@@ -122,6 +122,6 @@ def test_the_list_is_refreshed_from_the_hosts(lab_stack, lab):
     bob = Api(lab_stack, lab_stack.tokens["bob"])
     assert create(bob, name="drifter", host="lab-a", command=["sleep", "600"])["status"] == "success"
     on_host(lab, "lab-a", "lxc-stop", "-k", "-n", "drifter")  # behind the dashboard's back
-    lab_stack.python("from operations.tasks import refresh_container_states; refresh_container_states()")
+    lab_stack.python("from containers.tasks import refresh_container_states; refresh_container_states()")
     assert bob.get("/api/v1/containers/drifter/").json()["state"] == "STOPPED"
     bob.wait_operation(bob("DELETE", "/api/v1/containers/drifter/").json()["id"], timeout=60)

@@ -151,7 +151,7 @@ def slow_link_to(host: str, rate: str = "200mbit"):
     """Shape what the bridge sends to `host` (a token bucket on both of its root-side veths:
     the host answers ARP for its address on its container bridge too), so a copy takes
     seconds and a fault lands in the middle of it."""
-    from hosts.lab import core
+    from lab import core
 
     links = core._root_links(host)
     for eth in links:

@@ -249,7 +249,7 @@ def _finish(bob, op_id: int, timeout: float) -> dict:
         if op["status"] == "waiting" and time.monotonic() - beat > 10:
             # The stack runs its worker without --beat: send the scheduled retry of waiting
             # operations as beat does in production (every 10 s, ctweb/settings.py).
-            bob.stack.python("from containers.tasks import retry_waiting_operations as t; t.delay()")
+            bob.stack.python("from operations.tasks import retry_waiting_operations as t; t.delay()")
             beat = time.monotonic()
         decision = (op.get("result") or {}).get("decision")
         if op["status"] == "waiting" and decision and not decided:

@@ -100,7 +100,7 @@ def leftovers(lab, host: str, name: str) -> list[str]:
 
 def link(host: str, up: bool) -> None:
     """The dashboard's link to a lab host (its veth in the root namespace) up or down."""
-    from hosts.lab import core
+    from lab import core
 
     eth = core._root_links(host)[0]
     subprocess.run(["ip", "link", "set", eth, "up" if up else "down"], check=True)
