@@ -16,17 +16,8 @@ from operations.runner import OperationFailed
 
 
 @pytest.fixture
-def host(db):
-    # Port 1 on loopback refuses at once: a real SSH attempt that fails fast.
-    return Host.objects.create(
-        name="h1",
-        address="127.0.0.1",
-        port=1,
-        status=Host.Status.ONLINE,
-        key_type="ssh-ed25519",
-        key_data="AAAAC3NzaC1lZDI1NTE5AAAAIGbXYqIV8bzRLxNfJ6vHR5cP2xvQ6QFqD7PbSqPXW0Mg",
-        fingerprint="SHA256:x",
-    )
+def host(trusted_host):
+    return trusted_host  # port 1 on loopback refuses at once: a real SSH attempt that fails fast
 
 
 def test_an_agent_error_keeps_its_log_lines_and_data_and_leaves_the_host_as_it_is(host):
