@@ -72,35 +72,41 @@ def clean_networks(value, text: bool = False) -> list[str]:
     return out
 
 
-def save_direct_networks(request, value, text: bool = False) -> FleetSettings:
-    """Validate and store the networks (the caller checked the admin role); audited either way."""
+def _save(request, field: str, clean, attr: str, describe) -> FleetSettings:
+    """Validate with `clean()` and store one fleet setting (the caller checked the admin role);
+    audited either way, the change as `describe(before, after)`."""
     try:
-        networks = clean_networks(value, text)
+        value = clean()
     except ValidationError as e:
         audit(
             request,
             "settings.update",
             object_type="settings",
-            object_name=FIELD,
+            object_name=field,
             outcome="refused",
             detail=e.messages[0],
         )
         raise
     with transaction.atomic():
         fs = FleetSettings.objects.select_for_update().get_or_create(pk=1)[0]
-        before = list(fs.direct_transfer_networks or [])
-        fs.direct_transfer_networks = networks
+        before = getattr(fs, attr)
+        setattr(fs, attr, value)
         fs.updated_at = timezone.now()
         fs.updated_by = request.user.get_username()
         fs.save()
-    audit(
-        request,
-        "settings.update",
-        object_type="settings",
-        object_name=FIELD,
-        detail=f"{', '.join(before) or 'none'} -> {', '.join(networks) or 'none (relay only)'}",
-    )
+    audit(request, "settings.update", object_type="settings", object_name=field, detail=describe(before, value))
     return fs
+
+
+def save_direct_networks(request, value, text: bool = False) -> FleetSettings:
+    """Validate and store the networks (the caller checked the admin role); audited either way."""
+    return _save(
+        request,
+        FIELD,
+        lambda: clean_networks(value, text),
+        "direct_transfer_networks",
+        lambda before, after: f"{', '.join(before or []) or 'none'} -> {', '.join(after) or 'none (relay only)'}",
+    )
 
 
 def clean_stall_limit(value) -> int:
@@ -117,29 +123,13 @@ def clean_stall_limit(value) -> int:
 
 def save_stall_limit(request, value) -> FleetSettings:
     """Validate and store the post-copy no-progress limit (the caller checked the admin role); audited either way."""
-    try:
-        limit = clean_stall_limit(value)
-    except ValidationError as e:
-        audit(
-            request,
-            "settings.update",
-            object_type="settings",
-            object_name=STALL_FIELD,
-            outcome="refused",
-            detail=e.messages[0],
-        )
-        raise
-    with transaction.atomic():
-        fs = FleetSettings.objects.select_for_update().get_or_create(pk=1)[0]
-        before = fs.postcopy_stall_limit_s
-        fs.postcopy_stall_limit_s = limit
-        fs.updated_at = timezone.now()
-        fs.updated_by = request.user.get_username()
-        fs.save()
-    audit(
-        request, "settings.update", object_type="settings", object_name=STALL_FIELD, detail=f"{before} s -> {limit} s"
+    return _save(
+        request,
+        STALL_FIELD,
+        lambda: clean_stall_limit(value),
+        "postcopy_stall_limit_s",
+        lambda before, after: f"{before} s -> {after} s",
     )
-    return fs
 
 
 def direct_route(source, target) -> tuple[dict | None, str]:

@@ -90,8 +90,7 @@ class Client:
         """Every row of a paged list (limit/offset)."""
         out: list = []
         while True:
-            page = self.get(path, limit=limit, offset=len(out), **params)
-            rows = page.get("results", page) if isinstance(page, dict) else page
+            rows = self.get(path, limit=limit, offset=len(out), **params)
             out.extend(rows)
             if len(rows) < limit:
                 return out

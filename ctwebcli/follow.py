@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime
 
-from .client import ApiError, Client
+from .client import Client
 
 FINAL = ("success", "failure", "cancelled")
 QUIET_S = 5.0  # ask the API when the websocket has been silent this long
@@ -47,8 +48,6 @@ def sentence(op: dict) -> str:
         return f"Moved {name} to {op.get('target_host')}: {', '.join(parts)}."
     took = ""
     if op.get("started_at") and op.get("finished_at"):
-        from datetime import datetime
-
         try:
             secs = (
                 datetime.fromisoformat(op["finished_at"]) - datetime.fromisoformat(op["started_at"])
@@ -65,6 +64,7 @@ class _Plain:
     def __init__(self, quiet: bool):
         self.quiet = quiet
         self.phase = None
+        self.waiting_shown = False
         self.decision_shown = False
 
     def update(self, op: dict, event: dict | None) -> None:
@@ -73,7 +73,20 @@ class _Plain:
             self.phase = phase
             message = (event or {}).get("message") or ""
             print(f"operation {op.get('id')}: {phase}{': ' + message if message else ''}", file=sys.stderr, flush=True)
+        self.show_waiting(op)
         self.show_decision(op)
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def show_waiting(self, op: dict) -> None:
+        """Once per wait: what it waits for."""
+        if op.get("status") != "waiting":
+            self.waiting_shown = False
+            return
+        if not self.quiet and not self.waiting_shown:
+            self.waiting_shown = True
+            self.say(sentence(op))
 
     def show_decision(self, op: dict) -> None:
         decision = (op.get("result") or {}).get("decision")
@@ -83,7 +96,7 @@ class _Plain:
         lines = [f"operation {op.get('id')} needs a decision: {decision.get('sentence')}"]
         for a in decision.get("actions") or []:
             lines.append(f"  ctweb decide {op.get('id')} {a.get('id')}   # {a.get('label')}: {a.get('consequence')}")
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        self.say("\n".join(lines))
 
     def close(self) -> None:
         pass
@@ -117,18 +130,11 @@ class _Bar(_Plain):
         if event.get("bytes"):
             fields["bytes"] = _mib(event["bytes"])
         self.progress.update(self.task, completed=op.get("progress") or 0, **fields)
-        if op.get("status") == "waiting" and not self.decision_shown:
-            self.progress.console.print(sentence(op))
+        self.show_waiting(op)
         self.show_decision(op)
 
-    def show_decision(self, op: dict) -> None:
-        decision = (op.get("result") or {}).get("decision")
-        if self.decision_shown or op.get("status") != "waiting" or not decision:
-            return
-        self.decision_shown = True
-        self.progress.console.print(f"[yellow]Needs a decision:[/] {decision.get('sentence')}")
-        for a in decision.get("actions") or []:
-            self.progress.console.print(f"  ctweb decide {op.get('id')} {a.get('id')}  ({a.get('consequence')})")
+    def say(self, text: str) -> None:
+        self.progress.console.print(text, markup=False)
 
     def close(self) -> None:
         self.progress.stop()
@@ -199,11 +205,6 @@ def _via_polling(client: Client, op_id: int, show, interval: float = 1.0) -> dic
 def follow(client: Client, op_id: int, show) -> dict:
     """Wait for the operation's end, showing its progress; returns the final operation."""
     try:
-        op = _via_websocket(client, op_id, show)
-        if op is None:
-            op = _via_polling(client, op_id, show)
-        return op
-    except ApiError:
-        raise
+        return _via_websocket(client, op_id, show) or _via_polling(client, op_id, show)
     finally:
         show.close()

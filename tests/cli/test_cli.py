@@ -106,3 +106,25 @@ def test_a_destructive_verb_without_a_terminal_needs_yes(stack, tmp_path):
     env = {"CTWEB_URL": stack.url, "CTWEB_TOKEN": stack.tokens["bob"]}
     r = ctweb(tmp_path / "c.json", "delete", "anything", env=env)
     assert r.returncode == 2 and "--yes" in r.stderr, r.stderr
+
+
+@pytest.mark.e2e
+def test_it_follows_an_operation_by_polling_when_the_websocket_cannot_be_opened(stack):
+    from ctwebcli.client import Client
+    from ctwebcli.follow import _Plain, follow
+
+    stack.python(  # a trusted host on a port that refuses at once: its probe fails fast
+        "from hosts.models import Host\n"
+        "Host.objects.get_or_create(name='cli-h1', defaults=dict(address='127.0.0.1', port=1, status='trusted',"
+        " key_type='ssh-ed25519', key_data='AAAAC3NzaC1lZDI1NTE5AAAAIGbXYqIV8bzRLxNfJ6vHR5cP2xvQ6QFqD7PbSqPXW0Mg',"
+        " fingerprint='SHA256:test'))"
+    )
+    client = Client(stack.url, stack.tokens["bob"])
+    live = follow(client, client.post("/api/v1/hosts/cli-h1/probe")["id"], _Plain(quiet=True))
+    assert (live["kind"], live["status"]) == ("probe", "failure")
+
+    nowhere = f"ws://127.0.0.1:{free_port()}"  # the websocket cannot be opened: the client polls
+    client.ws_url = lambda path: nowhere + path
+    polled = follow(client, client.post("/api/v1/hosts/cli-h1/probe")["id"], _Plain(quiet=True))
+    assert (polled["kind"], polled["status"]) == ("probe", "failure")
+    assert polled["error"] and polled["events"], polled  # the whole row, as over the websocket

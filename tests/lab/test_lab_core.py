@@ -16,6 +16,7 @@ import pytest
 
 from lab import core
 from tests.conftest import LAB_HOSTS as N_HOSTS
+from tests.support.criu import _ssh_args
 
 pytestmark = [
     pytest.mark.lab,
@@ -27,27 +28,6 @@ def _net_ip(octet: int) -> str:
     # Tests here use .90-.99 with random MACs: below the dashboard's range (.100-), so the
     # root namespace never holds a stale ARP entry for an address the dashboard hands out.
     return str(core.subnet().network_address + octet)
-
-
-def _ssh_args(lab, host: dict, *cmd: str) -> list[str]:
-    return [
-        "ssh",
-        "-i",
-        str(lab["key"]),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        f"UserKnownHostsFile={lab['known_hosts']}",
-        "-o",
-        "ConnectTimeout=10",
-        "-p",
-        str(host["port"]),
-        f"{host['username']}@{host['address']}",
-        "--",
-        shlex.join(cmd),  # the remote shell re-parses the command line
-    ]
 
 
 def ssh(lab, host: dict, *cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -23,11 +23,6 @@ BRIDGE_RX = Path("/sys/class/net/ctweb-br0/statistics/rx_bytes")  # what reaches
 
 
 @pytest.fixture
-def bob(lab_stack):
-    return Api(lab_stack, lab_stack.tokens["bob"])
-
-
-@pytest.fixture
 def alice(lab_stack):
     return Api(lab_stack, lab_stack.tokens["alice"])
 

@@ -159,11 +159,6 @@ def _params():
             yield pytest.param(c, id=c.id, marks=marks)
 
 
-@pytest.fixture
-def bob(lab_stack):
-    return Api(lab_stack, lab_stack.tokens["bob"])
-
-
 def _name(case: Case) -> str:
     short = {"post-copy": "pc", "stop-and-copy": "sc", "restart": "rs", "snapshot": "sn", "restore": "rt"}
     kind = {

@@ -5,14 +5,9 @@ import json
 import pytest
 
 from tests.support.lab import COUNTER, PATTERN, counter, create, on_host, pattern, ping
-from tests.support.stack import Api, ok, run_op, wait_for
+from tests.support.stack import ok, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
-
-
-@pytest.fixture
-def bob(lab_stack):
-    return Api(lab_stack, lab_stack.tokens["bob"])
 
 
 @pytest.fixture

@@ -32,11 +32,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
 
 @pytest.fixture
-def bob(lab_stack):
-    return Api(lab_stack, lab_stack.tokens["bob"])
-
-
-@pytest.fixture
 def patterned(bob, lab):
     names = []
 
@@ -229,7 +224,6 @@ def hosts_with_up(lab, name: str, up: list[str]) -> list[str]:
 
 
 def test_post_copy_whose_target_host_crashes_waits_for_an_admin_and_resumes_on_the_source(bob, lab, patterned):  # noqa: F811
-    from tests.support.stack import Api
 
     alice = Api(bob.stack, bob.stack.tokens["alice"])
     r = alice("PATCH", "/api/v1/settings/", json={"postcopy_stall_limit_s": 30})

@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from tests.support.lab import create
-from tests.support.stack import Api, ok, run_op, wait_for
+from tests.support.stack import ok, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
@@ -24,11 +24,6 @@ ECHO = (
     "while True:\n"
     "    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
 )
-
-
-@pytest.fixture
-def bob(lab_stack):
-    return Api(lab_stack, lab_stack.tokens["bob"])
 
 
 def echo(sock: socket.socket, msg: bytes) -> bytes:

@@ -35,9 +35,11 @@ def _ssh_args(lab, host: dict, *cmd: str) -> list[str]:
         f"UserKnownHostsFile={lab['known_hosts']}",
         "-o",
         "ConnectTimeout=10",
+        "-p",
+        str(host["port"]),
         f"{host['username']}@{host['address']}",
         "--",
-        shlex.join(cmd),
+        shlex.join(cmd),  # the remote shell re-parses the command line
     ]
 
 
