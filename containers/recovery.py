@@ -17,14 +17,12 @@ from operations.runner import OperationContext, OperationFailed, WaitFor, recove
 from .handlers import agent, agent_or_wait, set_state
 from .handlers import restore as run_restore
 from .migration import (
-    KEEP_WAITING,
     _agent,
     _move_record,
     _roll_back,
     check_evacuation,
     finish_lost_pull,
     lazy_resume_on_source,
-    migration_action,
     postcopy_actions,
 )
 from .models import Container, Snapshot
@@ -181,12 +179,3 @@ def recover_state_change(ctx: OperationContext) -> str:
         data = run_restore(ctx)
         return {**(data or {}), "recovered": f"The restore was interrupted and run again from {snap}."}
     return f"Its host says: {_where(container)}"
-
-
-@migration_action(KEEP_WAITING)
-def lazy_keep_waiting(ctx: OperationContext) -> str | dict:
-    """Keep waiting on a stopped post-copy: the decision's runner asks the recovery again at
-    once (runner.decide, KEEP_WAITING), whose post-copy branch (recovery.recover_migration)
-    comes here with both hosts answering: the pull goes on (finish_lost_pull); a host still
-    silent makes it wait again with the same actions."""
-    return recover_migration(ctx)
