@@ -13,10 +13,12 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -m "not e2e and not lab" -n 2 -q
 
-# The whole fault matrix (every strategy x fault x phase x cut length) on the lab; hours,
-# dominated by the 5-minute cuts. Pick a chunk with ARGS='-k "post-copy and 10s"'.
+# The whole fault matrix (every strategy x fault x phase x cut length) on the lab, FAULT_JOBS cases
+# at a time (each xdist worker has a lab instance of its own); dominated by the 5-minute cuts.
+# Pick a chunk with ARGS='-k "post-copy and 10s"'.
+FAULT_JOBS ?= 6
 faults: setup
-	CTWEB_FAULTS=all bash scripts/test.sh tests/migration/test_e2e_lab_fault_matrix.py $(ARGS)
+	CTWEB_FAULTS=all bash scripts/test.sh tests/migration/test_e2e_lab_fault_matrix.py -n $(FAULT_JOBS) --dist load $(ARGS)
 
 # docs/fault-matrix.md from the latest test-artifacts/fault-matrix.json (ARGS=--all: every session kept).
 fault-report:

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lab import core  # noqa: E402
 from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -266,7 +267,7 @@ def bench_direct(stack: Stack, mib: int = 512, repeat: int = 3) -> dict:
     host = "lab-a"
     try:
         for _ in range(repeat):
-            for mode, networks in (("relayed over SSH", []), ("direct TCP", ["10.77.64.0/24"])):
+            for mode, networks in (("relayed over SSH", []), ("direct TCP", [str(core.subnet())])):
                 admin("PUT", "/api/v1/settings/", json={"direct_transfer_networks": networks}).raise_for_status()
                 target = "lab-b" if host == "lab-a" else "lab-a"
                 _, _, op = op_ms(
@@ -456,8 +457,8 @@ def main() -> int:
     if not args.no_lab:
         import fcntl
 
-        # One lab per machine: wait for a test run (or another bench) that has it.
-        lab_lock = open("/run/lock/ctweb-lab.lock", "w")
+        # One session per lab instance: wait for a test run (or another bench) that has it.
+        lab_lock = open(core.LOCK_PATH, "w")
         fcntl.flock(lab_lock, fcntl.LOCK_EX)
     if not args.no_lab and not args.only:
         results["lab"] = bench_lab(args.repeat)

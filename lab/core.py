@@ -63,7 +63,16 @@ with stdio redirected to files (or an SSH session never sees EOF).
 Hosts beyond ``n_hosts`` that already run are left alone by up(); down() stops all.
 
 fs.pipe-max-size (machine-wide; CRIU lazy pages need ~3.2 MiB pipes) is raised to 4 MiB
-by up(); the old value is saved in LAB_DIR/pipe-max-size.orig and restored by down().
+by up(); the old value is saved in /run/ctweb-lab-pipe-max-size.orig and restored by the
+down() of the last lab instance on the machine.
+
+Instances: several labs can run side by side on one machine (a second checkout's test run,
+the fault matrix in chunks, a fresh-clone check).  ``CTWEB_LAB_ID`` (a digit 1-9; unset is
+the default instance) names everything an instance makes on the machine: netns
+``ctweb-labN-X``, bridge ``ctweb-brN``, links ``ctlN-X-*``, cgroups ``ctwebN-lab-X``, lock
+``/run/lock/ctweb-labN.lock``, host directories ``LAB_DIR/instanceN/hosts``, and its
+default subnet 10.77.(64+N).0/24 (``CTWEB_LAB_SUBNET`` still overrides it).  The rootfs
+cache is shared.  Each instance addresses only its own /24 on its own bridge.
 """
 
 from __future__ import annotations
@@ -86,13 +95,28 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 # What the lab writes into each host, as files: its init, sshd's and LXC's configuration, the
 # offline debian template and its containers' inittab (see _configure_host_root).
 FILES_DIR = Path(__file__).resolve().with_name("files")
-DEFAULT_SUBNET = "10.77.64.0/24"
-NETNS_PREFIX = "ctweb-lab-"
-ROOT_BRIDGE = "ctweb-br0"
+
+
+def _instance_id() -> str:
+    value = os.environ.get("CTWEB_LAB_ID", "")
+    if value not in ("", *"123456789"):
+        raise SystemExit(f"lab: CTWEB_LAB_ID must be one digit 1-9 (or unset), not {value!r}")
+    return value
+
+
+INSTANCE = _instance_id()
+DEFAULT_SUBNET = f"10.77.{64 + int(INSTANCE or 0)}.0/24"
+NETNS_PREFIX = f"ctweb-lab{INSTANCE}-"
+ROOT_BRIDGE = f"ctweb-br{INSTANCE or 0}"
+CGROUP_PREFIX = f"ctweb{INSTANCE}-"  # + the host's name: ctweb-lab-a, ctweb2-lab-a
+LOCK_PATH = f"/run/lock/ctweb-lab{INSTANCE}.lock"  # one test session or bench per instance
+ANY_NETNS_PREFIX = "ctweb-lab"  # every instance's namespaces start so
+PIPE_ORIG = Path("/run/ctweb-lab-pipe-max-size.orig")  # machine-wide, like the sysctl
+NETNS_DIR_MARKER = Path("/run/ctweb-lab-netns-dir-created")
 HOST_BRIDGE = "lxcbr0"  # inside every host's netns
 HOST_IFACE = "eth0"  # the host's own interface inside its netns
 HOST_UPLINK = "ctup"  # inside the host netns, enslaved to HOST_BRIDGE
-LINK_PREFIX = "ctl-"  # root-namespace ends of the lab's veth pairs
+LINK_PREFIX = f"ctl{INSTANCE}-"  # root-namespace ends of the lab's veth pairs
 HOST_FIRST_OCTET = 11  # lab-a = .11, lab-b = .12, ...
 CONTAINER_RANGE = (100, 250)  # last octets the dashboard may give containers
 MAX_HOSTS = 26
@@ -149,6 +173,15 @@ class LabError(RuntimeError):
 
 def lab_dir() -> Path:
     return Path(os.environ.get("CTWEB_LAB_DIR") or PROJECT_DIR / "var" / "lab").resolve()
+
+
+def instance_dir() -> Path:
+    """Where this instance keeps its hosts (the rootfs cache in lab_dir() is shared)."""
+    return lab_dir() / f"instance{INSTANCE}" if INSTANCE else lab_dir()
+
+
+def hosts_dir() -> Path:
+    return instance_dir() / "hosts"
 
 
 def subnet() -> ipaddress.IPv4Network:
@@ -502,7 +535,7 @@ def _make_host_cgroups(hdir: Path, name: str) -> list[dict]:
     made = []
     for dirname, opts, own in _cgroup_v1_layout():
         base = Path("/sys/fs/cgroup") / dirname
-        path = base / own.lstrip("/") / f"ctweb-{name}"
+        path = base / own.lstrip("/") / f"{CGROUP_PREFIX}{name}"
         path.mkdir(exist_ok=True)
         if "cpuset" in opts.split(","):
             for f in ("cpuset.cpus", "cpuset.mems"):
@@ -549,7 +582,7 @@ def _no_ipv6(link: str) -> None:
 
 def _ensure_host_network(name: str, index: int) -> None:
     ns = _netns(name)
-    marker = lab_dir() / "netns-dir-created"
+    marker = NETNS_DIR_MARKER
     if not Path("/run/netns").exists() and not marker.exists():
         _write(marker, "ip netns add made /run/netns (a bind mount); down removes it when empty\n")
     if not Path(f"/run/netns/{ns}").exists():
@@ -743,7 +776,7 @@ def _host_key(root: Path) -> str:
 def _raise_pipe_max_size() -> None:
     p = Path("/proc/sys/fs/pipe-max-size")
     cur = int(p.read_text())
-    orig = lab_dir() / "pipe-max-size.orig"
+    orig = PIPE_ORIG
     if cur < PIPE_MAX_SIZE:
         if not orig.exists():
             _write(orig, f"{cur}\n")
@@ -765,13 +798,12 @@ def up(n_hosts: int = 2, authorized_key: str | None = None) -> list[dict]:
     subnet()  # validate CTWEB_LAB_SUBNET before touching anything
     t0 = time.monotonic()
     build_rootfs()
-    base = lab_dir()
     _raise_pipe_max_size()
     _ensure_root_bridge()
     result = []
     for i in range(n_hosts):
         name = host_name(i)
-        hdir = base / "hosts" / name
+        hdir = hosts_dir() / name
         hdir.mkdir(parents=True, exist_ok=True)
         pid = _alive_pid(hdir)
         if pid is None:
@@ -805,7 +837,7 @@ def up(n_hosts: int = 2, authorized_key: str | None = None) -> list[dict]:
         while _ssh_banner(h["address"], 1.0) is None:
             if time.monotonic() > deadline:
                 raise LabError(
-                    f"{h['name']}: sshd does not answer on {h['address']}:{SSH_PORT}; see {base}/hosts/{h['name']}/root/var/log/sshd.log"
+                    f"{h['name']}: sshd does not answer on {h['address']}:{SSH_PORT}; see {hosts_dir()}/{h['name']}/root/var/log/sshd.log"
                 )
             time.sleep(0.2)
         _say(f"{h['name']}: sshd answers on {h['address']}:{SSH_PORT}")
@@ -846,14 +878,19 @@ def _lab_netns() -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.startswith(NETNS_PREFIX)) if d.is_dir() else []
 
 
+def _any_lab_netns() -> bool:
+    """Does any lab instance on this machine (this one included) still have a namespace?"""
+    d = Path("/run/netns")
+    return d.is_dir() and any(p.name.startswith(ANY_NETNS_PREFIX) for p in d.iterdir())
+
+
 def down() -> None:
     """Stop the lab's hosts (by recorded pid only) and remove every trace of them
     (namespaces, links, bridge, mounts, cgroups, per-host copies).  Keeps the rootfs
     cache.  Safe on a half-built or already removed lab."""
     require_root()
     t0 = time.monotonic()
-    base = lab_dir()
-    hosts = base / "hosts"
+    hosts = hosts_dir()
     hdirs = sorted(p for p in hosts.iterdir() if p.is_dir()) if hosts.is_dir() else []
     stuck = []
     for hdir in hdirs:
@@ -869,7 +906,7 @@ def down() -> None:
     for link in _lab_links():
         _say(f"deleting link {link}")
         _run(["ip", "link", "del", link], check=False)
-    marker = base / "netns-dir-created"
+    marker = NETNS_DIR_MARKER
     if marker.exists():
         d = Path("/run/netns")
         if d.is_dir() and not any(d.iterdir()):
@@ -888,12 +925,12 @@ def down() -> None:
                 _remove_cgroup_tree(Path(cg["path"]))
     if stuck:  # never delete the root of a host that still runs
         raise LabError("down incomplete: " + "; ".join(stuck))
-    _umount_all_under(base)
+    _umount_all_under(hosts)
     if hosts.exists():
         _say(f"removing {hosts}")
         _rmtree(hosts)
-    orig = base / "pipe-max-size.orig"
-    if orig.exists():
+    orig = PIPE_ORIG
+    if orig.exists() and not _any_lab_netns():  # the last instance on the machine restores it
         Path("/proc/sys/fs/pipe-max-size").write_text(orig.read_text().strip())
         orig.unlink()
         _say("fs.pipe-max-size restored")
@@ -902,7 +939,7 @@ def down() -> None:
 
 def status() -> list[dict]:
     """One dict per host directory: name, address, pid (or None), running, sshd."""
-    base = lab_dir() / "hosts"
+    base = hosts_dir()
     out = []
     for hdir in sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
         name = hdir.name

@@ -9,14 +9,13 @@ in chunks), a later row of the same test replacing an earlier one.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.faults import render  # noqa: E402
+from tests.support.faults import merge, render  # noqa: E402
 
 HEAD = """# The fault matrix: the latest report
 
@@ -27,24 +26,6 @@ one checks is in docs/RELIABILITY.md ("The fault matrix per strategy"). Tried / 
 lost per strategy; lost must be 0.
 
 """
-
-
-def merge(paths: list[Path]) -> dict:
-    rows: dict[str, dict] = {}
-    dates, commits, selections = [], [], []
-    for path in sorted(paths):
-        part = json.loads(path.read_text())
-        dates.append(part["date"])
-        commits.append(part["commit"])
-        selections.append(part["selection"])
-        for i, row in enumerate(part["rows"]):
-            rows[row.get("test") or f"{path}:{i}"] = row
-    return {
-        "date": dates[0] if len(set(dates)) == 1 else f"{dates[0]} to {dates[-1]}",
-        "commit": ", ".join(dict.fromkeys(commits)),
-        "selection": ", ".join(dict.fromkeys(selections)) + f" ({len(paths)} session(s))",
-        "rows": list(rows.values()),
-    }
 
 
 def main(argv: list[str]) -> int:

@@ -3,15 +3,21 @@
 # The lab tests bring the lab up themselves; whatever happens, it is down afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-trap '[ "$(id -u)" = 0 ] && .venv/bin/python -m lab down >/dev/null 2>&1 || true' EXIT
+# Every lab instance this can have made (the default one, and one per xdist worker: 1, 2, ...).
+down_all() {
+  [ "$(id -u)" = 0 ] || return 0
+  for id in "" 1 2 3 4 5 6 7 8 9; do CTWEB_LAB_ID=$id .venv/bin/python -m lab down >/dev/null 2>&1 || true; done
+}
+trap down_all EXIT
 .venv/bin/ruff check .
 .venv/bin/ruff format --check . >/dev/null || { echo "ruff format would change files: run make format"; exit 1; }
 contracts=$(.venv/bin/lint-imports --no-logo --cache-dir var/import-linter 2>&1) || { echo "$contracts"; exit 1; }
 if [ $# -eq 0 ]; then
   # Everything that needs neither root nor the lab, two at a time (`make test-fast`); then the
-  # real stack and the lab, one test at a time (one lab per machine).
+  # real stack and the lab, two test files at a time, each xdist worker with a stack and a lab
+  # instance of its own (tests/conftest.py).
   .venv/bin/python -m pytest -m "not e2e and not lab" -n 2
-  .venv/bin/python -m pytest -m "e2e or lab"
+  .venv/bin/python -m pytest -m "e2e or lab" -n 2 --dist loadfile
 else
   .venv/bin/python -m pytest "$@"
 fi

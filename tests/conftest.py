@@ -3,9 +3,17 @@ import os
 import subprocess
 import time
 
-import pytest
+# Under pytest-xdist each worker gets a lab instance of its own (gw0 -> 1, gw1 -> 2, ...,
+# shifted by CTWEB_LAB_BASE so two runs on one machine need not share; lab/core.py: its own
+# namespaces, bridge and /24), so lab tests run side by side. Set before anything imports
+# lab.core, which reads it once. Two sessions on one instance wait for each other (its lock).
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw") and not os.environ.get("CTWEB_LAB_ID"):
+    os.environ["CTWEB_LAB_ID"] = str((int(_worker[2:]) + int(os.environ.get("CTWEB_LAB_BASE") or 0)) % 9 + 1)
 
-from tests.support.stack import Api, SSHServer, Stack
+import pytest  # noqa: E402
+
+from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
 
 LAB_HOSTS = 2
 
@@ -23,13 +31,9 @@ def _in_memory_channel_layer(settings):
     }
 
 
-def pytest_collection_modifyitems(config, items):
-    # The test that takes the lab down and looks for traces runs after every other test.
-    items.sort(key=lambda item: item.get_closest_marker("lab_teardown") is not None)
-
-
 def pytest_sessionfinish(session):
-    # Whatever fault rows the lab tests recorded: test-artifacts/fault-matrix.md and .json.
+    # Whatever fault rows the lab tests recorded: test-artifacts/fault-matrix.md and .json
+    # (under xdist each worker keeps its rows and the controller puts this run's together).
     from tests.support import faults
 
     faults.write_report()
@@ -63,8 +67,8 @@ def lab(tmp_path_factory):
         pytest.skip("the lab needs root")
     from lab import core
 
-    # One lab per machine: a second test run (another checkout, say) waits for this one.
-    lock = open("/run/lock/ctweb-lab.lock", "w")
+    # One session per lab instance (CTWEB_LAB_ID): a second test run of the same instance waits.
+    lock = open(core.LOCK_PATH, "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
 
     tmp = tmp_path_factory.mktemp("labkeys")

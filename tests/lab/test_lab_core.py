@@ -1,14 +1,18 @@
 """The lab for real: namespaces, sshd, LXC and CRIU inside lab hosts.  Needs root.
 
 Run: python3 -m pytest -m lab tests/lab -v   (the first run builds the rootfs cache)
-No Django here on purpose.  The last test takes the lab down and checks for traces.
+No Django here on purpose.  One test brings a second lab instance up beside the session's
+and checks that its down() leaves no trace.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -268,24 +272,57 @@ def test_it_repairs_a_half_broken_lab(lab):
     assert all(r["running"] and r["sshd"] for r in core.status())
 
 
-@pytest.mark.lab_teardown
-def test_it_leaves_no_trace_after_down(lab):
-    pids = [h["pid"] for h in lab["hosts"]]
-    base = core.lab_dir()
-    t0 = time.monotonic()
-    core.down()
-    print(f"\ndown in {time.monotonic() - t0:.2f}s")
+SIDE = "9"  # the lab instance the next test brings up and takes down beside the session's
+
+
+def _side_lab(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CTWEB_LAB_ID": SIDE}
+    env.pop("CTWEB_LAB_SUBNET", None)
+    cmd = [sys.executable, "-m", "lab", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=core.PROJECT_DIR, timeout=300)
+
+
+def _side_names() -> dict:
+    code = "import json; from lab import core as c; print(json.dumps([c.NETNS_PREFIX, c.ROOT_BRIDGE, c.LINK_PREFIX, c.CGROUP_PREFIX, str(c.hosts_dir())]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=core.PROJECT_DIR,
+        env={**os.environ, "CTWEB_LAB_ID": SIDE},
+    ).stdout
+    return dict(zip(("netns", "bridge", "links", "cgroups", "hosts"), json.loads(out), strict=True))
+
+
+def test_a_second_instance_runs_beside_the_first_and_leaves_no_trace_after_down(lab):
+    """Another lab instance (CTWEB_LAB_ID) comes up beside the session's, with its own names
+    and /24, and its down() removes everything it made and nothing of the session's lab."""
+    names = _side_names()
+    assert names["netns"] != core.NETNS_PREFIX and names["bridge"] != core.ROOT_BRIDGE
+    with open(f"/run/lock/ctweb-lab{SIDE}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        up = _side_lab("up", "--hosts", "2", "--json")
+        assert up.returncode == 0, up.stdout + up.stderr
+        hosts = json.loads(up.stdout[up.stdout.index("[\n") :])  # after the [lab] lines
+        assert [h["address"] for h in hosts] == ["10.77.73.11", "10.77.73.12"]
+        assert all(r["running"] and r["sshd"] for r in core.status())  # the session's lab is untouched
+        t0 = time.monotonic()
+        down = _side_lab("down")
+        assert down.returncode == 0, down.stdout + down.stderr
+        print(f"\ndown in {time.monotonic() - t0:.2f}s")
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert core.NETNS_PREFIX not in netns
+    assert names["netns"] not in netns and core.NETNS_PREFIX in netns
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    assert core.ROOT_BRIDGE not in links and f" {core.LINK_PREFIX}" not in links
+    assert names["bridge"] not in links and f" {names['links']}" not in links
+    assert core.ROOT_BRIDGE in links
     mountinfo = Path("/proc/self/mountinfo").read_text()
-    assert str(base) not in mountinfo
-    assert "ctweb-lab" not in mountinfo
-    for pid in pids:
-        assert core._proc_starttime(pid) is None
-    assert not (base / "hosts").exists()
-    assert (base / "rootfs" / core.HOST_STAMP).exists()  # the cache stays
+    assert names["hosts"] not in mountinfo and names["netns"] not in mountinfo
+    for h in hosts:
+        assert core._proc_starttime(h["pid"]) is None
+    assert not Path(names["hosts"]).exists()
+    assert (core.lab_dir() / "rootfs" / core.HOST_STAMP).exists()  # the cache stays
     cg = Path("/sys/fs/cgroup")
-    assert not [p for p in cg.glob("*/**/ctweb-lab-*") if p.is_dir()]
-    assert core.status() == []
+    assert not [p for p in cg.glob(f"*/**/{names['cgroups']}lab-*") if p.is_dir()]
+    assert all(r["running"] and r["sshd"] for r in core.status())
+    assert ssh(lab, lab["hosts"][0], "true").returncode == 0

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from lab import core
 from tests.support.faults import fresh_worker, leftovers, make, phase, settled, start, wait_until
 from tests.support.lab import PATTERN, counter, create, on_host, pattern
 from tests.support.stack import Api, ok, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
-LAB_NET = "10.77.64.0/24"
+LAB_NET = str(core.subnet())
+A, B = core.host_address(0), core.host_address(1)
 BIG_MIB = 64  # a file in the rootfs: the bytes that show which way the copy went
-BRIDGE_RX = Path("/sys/class/net/ctweb-br0/statistics/rx_bytes")  # what reaches the dashboard's side
+BRIDGE_RX = Path(f"/sys/class/net/{core.ROOT_BRIDGE}/statistics/rx_bytes")  # what reaches the dashboard's side
 
 
 @pytest.fixture
@@ -84,14 +86,14 @@ def test_stop_and_copy_goes_direct_where_an_admin_allows_it_and_relays_again_whe
         "images": "direct-tcp",
         "images_encrypted": False,
         "network": LAB_NET,
-        "source_address": "10.77.64.11",
-        "target_address": "10.77.64.12",
+        "source_address": A,
+        "target_address": B,
         "pages": "in-images",
         "pages_encrypted": False,
-        "why": f"lab-a (10.77.64.11) and lab-b (10.77.64.12) are both in {LAB_NET}, allowed by an admin",
+        "why": f"lab-a ({A}) and lab-b ({B}) are both in {LAB_NET}, allowed by an admin",
     }
     assert (
-        "sent directly from lab-a (10.77.64.11) to lab-b (10.77.64.12) over TCP on 10.77.64.0/24" in result["transport"]
+        f"sent directly from lab-a ({A}) to lab-b ({B}) over TCP on {LAB_NET}" in result["transport"]
         and "unencrypted" in result["transport"]
     )
     assert result["bytes_transferred"] > BIG_MIB << 20
@@ -188,7 +190,7 @@ def test_a_direct_stream_that_breaks_leaves_it_running_on_the_source(bob, lab, l
     elif fault == "worker killed":
         assert op["error"].startswith("Worker lost") and "Rolled back" in op["error"], op["error"]
     else:
-        assert "Transfer of the root filesystem (sent directly on 10.77.64.0/24) failed" in op["error"], op["error"]
+        assert f"Transfer of the root filesystem (sent directly on {LAB_NET}) failed" in op["error"], op["error"]
     settled(
         bob,
         lab,

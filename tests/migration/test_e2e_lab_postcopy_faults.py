@@ -124,7 +124,7 @@ def _crash(core, host: str) -> None:
     """The host "crashes": SIGKILL to its init ends its pid namespace, so every process of
     it dies at once (its containers, CRIU, sshd), as lab down() does for each host; its disk
     (the root directory) stays as a crash leaves it."""
-    rec = core._read_pidfile(core.lab_dir() / "hosts" / host)
+    rec = core._read_pidfile(core.hosts_dir() / host)
     assert rec, f"{host} has no recorded init"
     core._stop_pid(rec[0], rec[1], host)
 

@@ -18,6 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from tests.support.lab import PATTERN, counter, create, on_host, pattern
 from tests.support.stack import ROOT, Api, ok, run_op, wait_for
@@ -26,7 +27,12 @@ FINAL = ("success", "failure", "cancelled")
 HOSTS = ("lab-a", "lab-b")
 THROTTLE = 32 * 1024  # bytes per page-relay send, 10 sends a second: about 320 KiB/s
 ROWS: list[dict] = []
-SESSION = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+# One test run: set by the first process (an xdist controller's workers inherit it), so a
+# run's sessions find each other's rows.
+RUN = os.environ.setdefault(
+    "CTWEB_TEST_RUN", datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+)
+SESSION = RUN + "-" + (os.environ.get("PYTEST_XDIST_WORKER") or "main")
 
 
 # --- the operation and its phases ---------------------------------------------------------
@@ -333,25 +339,50 @@ def _git(*args: str) -> str:
         return ""
 
 
-def write_report(selection: str = "") -> None:
-    """test-artifacts/fault-matrix.md and .json: this session's rows, per strategy."""
-    if not ROWS:
-        return
+def write_report() -> None:
+    """test-artifacts/fault-matrix.md and .json: this run's rows, per strategy. Every
+    session's rows are kept in test-artifacts/fault-matrix-runs/ too (the full matrix runs in
+    chunks; scripts/fault_report.py --all puts them together). An xdist worker writes only
+    its own session's file; the controller (rows of its own: none) merges the run's."""
     out = ROOT / "test-artifacts"
-    out.mkdir(exist_ok=True)
-    meta = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git("rev-parse", "--short", "HEAD")
-        + (" (with local changes)" if _git("status", "--porcelain") else ""),
-        "selection": selection or os.environ.get("CTWEB_FAULTS", "ci"),
+    runs = out / "fault-matrix-runs"
+    if ROWS:
+        runs.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _git("rev-parse", "--short", "HEAD")
+            + (" (with local changes)" if _git("status", "--porcelain") else ""),
+            "selection": os.environ.get("CTWEB_FAULTS", "ci"),
+        }
+        (runs / f"{SESSION}.json").write_text(json.dumps({**meta, "rows": ROWS}, indent=1))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    parts = sorted(runs.glob(f"{RUN}-*.json")) if runs.is_dir() else []
+    if not parts:
+        return
+    report = merge(parts)
+    (out / "fault-matrix.json").write_text(json.dumps(report, indent=1))
+    (out / "fault-matrix.md").write_text(render(report))
+
+
+def merge(paths: list[Path]) -> dict:
+    """Several sessions' reports as one; a later row of the same test replaces an earlier one."""
+    rows: dict[str, dict] = {}
+    dates, commits, selections = [], [], []
+    for path in sorted(paths):
+        part = json.loads(path.read_text())
+        dates.append(part["date"])
+        commits.append(part["commit"])
+        selections.append(part["selection"])
+        for i, row in enumerate(part["rows"]):
+            rows[row.get("test") or f"{path}:{i}"] = row
+    dates.sort()
+    return {
+        "date": dates[0] if len(set(dates)) == 1 else f"{dates[0]} to {dates[-1]}",
+        "commit": ", ".join(dict.fromkeys(commits)),
+        "selection": ", ".join(dict.fromkeys(selections)) + f" ({len(paths)} session(s))",
+        "rows": list(rows.values()),
     }
-    report = json.dumps({**meta, "rows": ROWS}, indent=1)
-    (out / "fault-matrix.json").write_text(report)
-    (out / "fault-matrix.md").write_text(render({**meta, "rows": ROWS}))
-    # Every session's rows are kept too: the full matrix runs in chunks, and
-    # scripts/fault_report.py --all puts them together.
-    (out / "fault-matrix-runs").mkdir(exist_ok=True)
-    (out / "fault-matrix-runs" / f"{SESSION}.json").write_text(report)
 
 
 def render(report: dict) -> str:

@@ -75,7 +75,7 @@ class Command(BaseCommand):
         # up() adds the dashboard's key to the keys already there (tests share the lab).
         started = core.up(n_hosts, authorized_key=ssh.public_key_line())
         for info in started:
-            self._describe_network(core.lab_dir() / "hosts" / info["name"] / "root")
+            self._describe_network(core.hosts_dir() / info["name"] / "root")
             host = self._register(info)
             op = Operation.objects.create(kind=Operation.Kind.PROBE, host=host, phase="queued")
             status = runner.run_operation(op.pk, worker="manage.py lab")
