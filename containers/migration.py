@@ -818,6 +818,8 @@ def _roll_back(ctx, src, dst, container, base, committed, live, was_running, err
                 f" {container.name} stayed on {src.host.name}; {target_name} could not be confirmed clean: what this "
                 f"migration left there is removed when ctweb next reaches it."
             )
+        else:
+            error.message += f" {container.name} stayed on {src.host.name}; nothing is left on {target_name}."
         return
     # The source was stopped for the move. Resuming it there is safe: the target copy is gone.
     try:

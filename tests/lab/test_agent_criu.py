@@ -398,3 +398,26 @@ def test_delete_removes_snapshots_and_saved_state(lab, counting):
     assert ok(lab, a, "delete", {"name": name})["deleted"] is True
     for path in (f"/var/lib/ctweb/snapshots/{name}", f"/var/lib/ctweb/state/{name}", f"/var/lib/lxc/{name}"):
         assert ssh(lab, a, "test", "-e", path, check=False).returncode == 1, path
+
+
+def test_inspect_thaws_a_container_its_freezer_holds_while_lxc_says_running(lab, counting):
+    """A restore's agent killed between CRIU's restore (which puts back the freezer state it
+    dumped: FROZEN) and its thaw leaves LXC saying RUNNING over frozen tasks. The recovery's
+    inspect with thaw=true must see the freezer, not LXC's word, and thaw it (found by the
+    fault matrix's restore-agent case: the container was reported RUNNING and answered nothing)."""
+    a, name = counting
+    ssh(lab, a, "lxc-cgroup", "-n", name, "freezer.state", "FROZEN")
+    try:
+        assert wait_for(
+            lambda: ssh(lab, a, "lxc-cgroup", "-n", name, "freezer.state").stdout.decode().strip() == "FROZEN"
+        )
+        assert state(lab, a, name)["state"] == "RUNNING"  # LXC's word: the trap
+        stuck = counter(lab, a, name)
+        time.sleep(1)
+        assert counter(lab, a, name) == stuck  # frozen: it does not count
+        seen = ok(lab, a, "inspect", {"name": name, "thaw": True})
+        assert seen["thawed"] is True and seen["state"] == "RUNNING", seen
+        assert ssh(lab, a, "lxc-cgroup", "-n", name, "freezer.state").stdout.decode().strip() == "THAWED"
+        assert wait_for(lambda: counter(lab, a, name) > stuck + 3)
+    finally:
+        ssh(lab, a, "lxc-cgroup", "-n", name, "freezer.state", "THAWED", check=False)

@@ -12,6 +12,7 @@ from .bundle import cmd_bundle
 from .common import AGENT_UMASK, NAME_RE, AgentError, _flag, _private_modes, _read_json, _remove_tree, check_name, emit
 from .containers import cmd_create, cmd_delete, cmd_list, cmd_restart, cmd_start, cmd_stop
 from .criu import (
+    _freezer_state,
     _has_saved_state,
     _snap_dir,
     _thaw,
@@ -64,7 +65,10 @@ def cmd_inspect(params):
             "lazy_pages_running": _watched_rc(mdir, LAZY_PAGES) is None
             and os.path.exists(os.path.join(mdir, f"{LAZY_PAGES}.json")),
         }
-    if exists and out["state"] == "FROZEN" and not holding and _flag(params, "thaw", False):
+    # LXC's word is not enough: a restore cut off between CRIU's restore (which puts back the
+    # freezer state it dumped, FROZEN) and its thaw leaves LXC saying RUNNING over frozen tasks.
+    frozen = exists and (out["state"] == "FROZEN" or (out["state"] == "RUNNING" and _freezer_state(name) == "FROZEN"))
+    if frozen and not holding and _flag(params, "thaw", False):
         _thaw(name)
         out["state"] = _state(name)
         out["thawed"] = True
