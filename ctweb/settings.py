@@ -194,7 +194,7 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_ALWAYS_EAGER = _env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULE = {
     "refresh-container-states": {
-        "task": "operations.tasks.refresh_container_states",
+        "task": "containers.tasks.refresh_container_states",
         "schedule": float(os.environ.get("CTWEB_REFRESH_INTERVAL", 30)),
         "options": {"expires": 25},
     },
