@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.audit import audit
-from hosts import ssh
+from hosts import criu_errors, ssh
 from hosts.handlers import failure
 from hosts.models import Host
 from operations.bundles import bundle_dir
@@ -386,6 +386,66 @@ def delete_snapshot(ctx: OperationContext) -> dict:
     container.snapshots.filter(name=snap).delete()
     publish_fleet("container", container_state(container))
     return data
+
+
+# --- checkpointability ------------------------------------------------------------------
+
+CHECK_CLASSES = frozenset(criu_errors.CLASSES) | {"devices", "unknown"}
+MAX_CHECK_REASONS = 20
+
+
+def _check_reason(item) -> dict | None:
+    """One reason the host's scan gave, kept only as short text of a known class (a host may lie)."""
+    if not isinstance(item, dict):
+        return None
+    cls = item.get("class") if item.get("class") in CHECK_CLASSES else "unknown"
+    return {"class": cls, "sentence": str(item.get("sentence") or "")[:300], "fix": str(item.get("fix") or "")[:300]}
+
+
+def _trial_reason(details: str) -> dict:
+    found = criu_errors.explain(details)
+    if found is None:
+        return {
+            "class": "unknown",
+            "sentence": "The trial dump failed, with CRIU error lines ctweb does not recognise.",
+            "fix": "Read CRIU's lines in the check operation's result (trial_log).",
+        }
+    return {"class": found["class"], "sentence": f"The trial dump failed: {found['sentence']}", "fix": found["fix"],
+            "line": found["line"]}  # fmt: skip
+
+
+@handler("check")
+def check(ctx: OperationContext) -> dict:
+    """Checkpointability: the host's static scan of the container's processes (namespaces,
+    sessions, files from outside, device nodes, foreign sockets), and with `trial` a dump that
+    leaves it running, into a private tmpfs, CRIU's freeze capped (the agent's `check`). The
+    answer is the container's `checkpointable`: no (reasons), yes (a trial went through) or
+    unknown (no blocker seen, not tried). A blocked container is a successful check."""
+    op, container = ctx.op, container_of(ctx)
+    trial = bool(op.params.get("trial", True))
+    data = agent(ctx, op.host, "check", {"name": container.name, "trial": trial}, 5, 90)
+    reasons = [r for r in map(_check_reason, list(data.get("reasons") or [])[:MAX_CHECK_REASONS]) if r]
+    t = data.get("trial") if isinstance(data.get("trial"), dict) else None
+    log_lines = ""
+    if t is not None and t.get("ok") is not True:
+        log_lines = str(t.get("details") or "")[:6000]
+        reasons.append(_trial_reason(log_lines))
+    now = timezone.now().isoformat()
+    value = {
+        "status": "no" if reasons else ("yes" if t is not None else "unknown"),
+        "reasons": reasons,
+        "verified_at": now if t is not None else None,
+        "checked_at": now,
+        "operation": op.pk,
+    }
+    if t is not None and t.get("ok") is True:
+        for key in ("frozen_ms", "freezing_ms", "total_ms", "freeze_cap_s"):
+            if isinstance(t.get(key), (int, float)) and not isinstance(t.get(key), bool):
+                value[f"trial_{key}"] = t[key]
+    ctx.event("save", f"{container.name}: checkpointable {value['status']}", 97)
+    Container.objects.filter(pk=container.pk).update(checkpointable=value)
+    publish_fleet("container", container_state(container))
+    return {"checkpointable": value, "processes": data.get("processes"), "trial_log": log_lines}
 
 
 # Operations on containers leave debug bundles; a probe's failure is its own explanation.
