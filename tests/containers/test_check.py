@@ -122,3 +122,50 @@ def test_the_api_and_pages_show_the_answer(db, trusted_host, client, users):
     page = client.get("/containers/c3/").content.decode()
     assert "blocked: Process 9 holds /x. — fix: Close it." in page
     assert "blocked: files" in client.get("/containers/").content.decode()
+
+
+def test_a_container_that_was_checkpointable_and_is_blocked_now_is_reported(checking):
+    run, _ = checking
+    c = run({"reasons": [], "trial": {"ok": True, "frozen_ms": 100.0}})
+    verified = c.checkpointable["verified_at"]
+    c = run({"reasons": [PROCESSES], "trial": {"ok": False, "details": SESSION_LOG}})
+    k = c.checkpointable
+    assert k["status"] == "no" and k["newly_blocked"].startswith(
+        f"c1 was checkpointable (verified {verified[:19]} UTC)"
+    )
+    assert "blocked now: Process 806 (sleep)" in k["newly_blocked"] and "Fix: Use setsid." in k["newly_blocked"]
+    assert [e["message"] for e in c.op.events if e["phase"] == "blocked"] == [k["newly_blocked"]]
+    entry = AuditEntry.objects.get(action="container.checkpointable_lost")
+    assert entry.object_name == "c1" and f"check {c.op.pk}" in entry.detail
+    # Blocked again: nothing new to report.
+    c = run({"reasons": [PROCESSES], "trial": None})
+    assert "newly_blocked" not in c.checkpointable
+    assert AuditEntry.objects.filter(action="container.checkpointable_lost").count() == 1
+
+
+def test_the_canary_checks_running_containers_whose_check_is_old_or_missing(db, trusted_host, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    trusted_host.status = "online"
+    trusted_host.save()
+    now = timezone.now()
+    old = {"status": "yes", "checked_at": (now - timedelta(hours=30)).isoformat()}
+    fresh = {"status": "yes", "checked_at": (now - timedelta(hours=2)).isoformat()}
+    for name, state, k in [("a-never", "RUNNING", {}), ("b-old", "RUNNING", old), ("c-fresh", "RUNNING", fresh),
+                           ("d-stopped", "STOPPED", {}), ("e-busy", "RUNNING", {})]:  # fmt: skip
+        Container.objects.create(name=name, host=trusted_host, state=state, checkpointable=k)
+    busy = Container.objects.get(name="e-busy")
+    Operation.objects.create(kind="stop", status="running", container=busy, container_name="e-busy")
+    queued = []
+    monkeypatch.setattr(handlers, "enqueue", lambda op: queued.append(op.pk))
+    assert handlers.canary_checks(24, now=now) == ["a-never", "b-old"]
+    ops = Operation.objects.filter(kind="check").order_by("container_name")
+    assert [(o.container_name, o.params) for o in ops] == [("a-never", {"trial": True, "auto": True}),
+                                                           ("b-old", {"trial": True, "auto": True})]  # fmt: skip
+    assert sorted(queued) == sorted(o.pk for o in ops)
+    assert handlers.canary_checks(24, now=now) == []  # their checks are active now: not twice
+    assert handlers.canary_checks(0, now=now + timedelta(days=9)) == []  # 0: off
+    Operation.objects.filter(kind="check").update(status="success")
+    assert handlers.canary_checks(24, now=now, limit=1) == ["a-never"]  # at most `limit` per tick
