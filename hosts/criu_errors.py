@@ -98,11 +98,11 @@ CATALOGUE: tuple[FailureClass, ...] = (
     FailureClass(
         "files",
         "files",
-        "A process in the container holds a file CRIU cannot checkpoint: one from outside the "
-        "container's root, a deleted or device file, or an unusual kind of file.",
-        "Find the process with the file (lsof in the container) and close it or restart that process; "
-        "files held from the host (a descriptor inherited from lxc-attach, a device node such as a GPU) "
-        "cannot move with the container.",
+        "A process in the container holds a file CRIU cannot checkpoint or reopen: one from outside the "
+        "container's root, one missing or changed since the dump, a device file, or an unusual kind of file.",
+        "CRIU's line names the file: one held from the host (a descriptor inherited from lxc-attach, a device "
+        "such as a GPU) cannot move, so close it or restart that process; one missing on restore must be put "
+        "back where it was.",
         (
             r"Can't lookup mount=\d+ for fd",
             r"Can't dump file \d+ of that type",
@@ -176,10 +176,46 @@ NOISE = (
     re.compile(r"This is not fatal"),
 )
 
+# Where CRIU's error line comes from says what it is about when its words do not: the source
+# file in "Error (criu/files-reg.c:2353): ...". Only files whose subject is one class.
+SOURCE_FILES = {
+    "files.c": "files",
+    "files-reg.c": "files",
+    "files-ext.c": "files",
+    "file-lock.c": "files",
+    "fsnotify.c": "files",
+    "sk-inet.c": "sockets",
+    "sk-tcp.c": "sockets",
+    "sk-unix.c": "sockets",
+    "sk-packet.c": "sockets",
+    "sk-netlink.c": "sockets",
+    "sk-queue.c": "sockets",
+    "sockets.c": "sockets",
+    "tty.c": "tty",
+    "pstree.c": "processes",
+    "namespaces.c": "namespaces",
+    "mount.c": "mounts",
+    "mount-v2.c": "mounts",
+    "filesystems.c": "mounts",
+    "autofs.c": "mounts",
+    "cgroup.c": "cgroups",
+    "cgroup-props.c": "cgroups",
+    "seize.c": "cgroups",
+    "netfilter.c": "network-lock",
+    "cpu.c": "cpu",
+    "kerndat.c": "kernel",
+    "vdso.c": "kernel",
+    "uffd.c": "kernel",
+    "lsm.c": "security",
+    "apparmor.c": "security",
+    "seccomp.c": "security",
+}
+SOURCE_RE = re.compile(r"Error \((?:[\w.-]+/)*([\w.-]+\.c):\d+\)")
 _COMPILED = tuple((c, tuple(re.compile(p) for p in c.patterns)) for c in CATALOGUE)
+_BY_KEY = {c.key: c for c in CATALOGUE}
 # CRIU: "(00.012345) Error (criu/x.c:12): ..." (also "pie: N: Error ..."); lxc: "... ERROR criu - ...".
 ERROR_LINE = re.compile(r"\bError\b|\bERROR\b|\bErr\b")
-STAMP = re.compile(r"^\(\s*[\d.]+\)\s*(?:\d+:\s*)?(?:pie: \s*\d+:\s*)?")
+STAMP = re.compile(r"^(?:\(\s*[\d.]+\)\s*)?(?:\d+:\s*)?(?:pie: \s*\d+:\s*)?")
 LINE_LIMIT = 2000  # lines looked at: the first errors are the cause, the rest follow from them
 CLASSES = tuple(c.key for c in CATALOGUE)
 
@@ -196,10 +232,12 @@ def error_lines(text: str) -> list[str]:
 
 
 def classify_line(line: str) -> FailureClass | None:
+    """The class whose words the line has, else the class of the CRIU source file it names."""
     for cls, patterns in _COMPILED:
         if any(p.search(line) for p in patterns):
             return cls
-    return None
+    m = SOURCE_RE.search(line)
+    return _BY_KEY.get(SOURCE_FILES.get(m.group(1), "")) if m else None
 
 
 def explain(text: str) -> dict | None:

@@ -50,6 +50,16 @@ LAB = [
      "Error (criu/cr-dump.c:1975): Dumping FAILED.\n--- last lines of dump.log ---\n"
      "iptables-restore: line 3 failed: Bad rule (does a matching rule exist in that chain?).\n--- lxc-checkpoint ---\n"
      "lxc-checkpoint: xp-nested: ../src/lxc/tools/lxc_checkpoint.c: checkpoint: 182 Checkpointing xp-nested failed"),
+    # restore of a saved state after a file its init held open was moved away (test_agent_criu.py)
+    ("files", "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+     "Warn  (criu/cr-restore.c:1050): Set CLONE_PARENT | CLONE_NEWPID but it might cause restore problem,because "
+     "not all kernels support such clone flags combinations!\n"
+     "Error: ipv4: Address already assigned.\nError: ipv6: address already assigned.\n"
+     "     1: Error (criu/files-reg.c:2353): Can't open file data/held on restore: No such file or directory\n"
+     "     1: Error (criu/files-reg.c:2267): Can't open file data/held: No such file or directory\n"
+     "     1: Error (criu/files.c:1221): Unable to open fd=3 id=0x3\n"
+     "Error (criu/cr-restore.c:2331): Restoring FAILED.\n"
+     "Error (criu/cgroup.c:2055): cg: cgroupd: recv req error: No such file or directory"),
 ]  # fmt: skip
 
 SOURCE = [
@@ -74,6 +84,8 @@ SOURCE = [
     ("security", "(00.070000) Error (criu/lsm.c:406): apparmor LSM specified but apparmor not supported by kernel"),
     ("sockets", "(00.080000) Error (criu/sk-unix.c:428): unix: Unix socket 4242 with unreachable peer 4243 (4243)"),
     ("network-lock", "(00.061000) Error (criu/net.c:3308): Locking network failed using nftables"),
+    # no known words: the source file it comes from says what it is about
+    ("sockets", "(00.090000) Error (criu/sk-queue.c:200): queue: recvmsg: Bad address"),
 ]  # fmt: skip
 
 
@@ -103,6 +115,14 @@ def test_the_first_error_line_is_the_cause_and_the_noise_is_skipped():
     )
     assert [line.split(":")[0] for line in error_lines(text)] == ["Error (criu/files-reg.c", "Error (criu/image.c"]
     assert explain(text)["class"] == "files"
+
+
+def test_a_restore_failure_is_read_from_its_first_known_line_without_the_pid_prefix():
+    found = explain(LAB[5][1])
+    assert (
+        found["line"]
+        == "Error (criu/files-reg.c:2353): Can't open file data/held on restore: No such file or directory"
+    )
 
 
 def test_unknown_or_empty_logs_are_not_explained():
