@@ -15,8 +15,9 @@ from .criu import _criu_log, _lxc_checkpoint, _memory_bytes, _thaw
 from .lxc import _require, _state
 
 NAMESPACES = ("mnt", "uts", "ipc", "net", "pid", "user", "cgroup", "time")
-# (major, minor or None for any): what every container has and CRIU handles through LXC.
-PLAIN_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2), (10, 200), (10, 229)}
+# (major, minor): null, zero, full, random, urandom, tty, console, ptmx, net/tun: what containers
+# have and CRIU handles through LXC (pts, majors 136-143, too). Anything else (a GPU, /dev/fuse) is reported.
+PLAIN_DEVICES = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2), (10, 200)}
 PTY_MAJORS = range(136, 144)
 TRIAL_FREEZE_CAP_S = 10  # CRIU gives up freezing after this (its --timeout)
 TRIAL_PATH_NAME = "trial"
