@@ -118,8 +118,8 @@ CATALOGUE: tuple[FailureClass, ...] = (
         "mounts",
         "The container has a mount CRIU cannot checkpoint or recreate: a bind mount from the host, or a "
         "mount it cannot find or make again on restore.",
-        "Remove the bind mount (lxc.mount.entry) or make it one LXC passes to CRIU as external; on "
-        "restore, check that the mount's source exists on the target host.",
+        "Remove the container's bind mounts from the host (lxc.mount.entry) before moving it: ctweb's config "
+        "allowlist does not carry them to another host, and a restore needs each mount's source there.",
         (
             r"autodetected external mount",
             r"\bext-mount-map\b",

@@ -117,6 +117,30 @@ def test_a_migration_of_a_file_held_from_the_host_is_explained_with_the_source_h
     _delete(bob, "why-fd")
 
 
+def test_a_migration_whose_restore_fails_on_the_target_names_the_target(lab_stack, lab, bob):
+    """Both hosts: the dump on lab-a goes through (LXC hands its bind mount from the host to CRIU
+    as external), the restore on lab-b cannot make the mount again (ctweb's config allowlist
+    drops a bind mount from the host, and lab-b has no such directory anyway)."""
+    _container(bob, "why-dst", COUNTER)
+    assert _run(bob, "POST", "/api/v1/containers/why-dst/state", {"action": "stop"})["status"] == "success"
+    on_host(lab, "lab-a", "mkdir", "-p", "/srv/why-share")
+    on_host(
+        lab,
+        "lab-a",
+        "sh",
+        "-c",
+        "'echo lxc.mount.entry = /srv/why-share srv none bind,create=dir 0 0 >> /var/lib/lxc/why-dst/config'",
+    )
+    assert _run(bob, "POST", "/api/v1/containers/why-dst/state", {"action": "start"})["status"] == "success"
+    op = _run(bob, "POST", "/api/v1/containers/why-dst/migrate", {"target_host": "lab-b", "strategy": "stop-and-copy"})
+    print(f"\n{op['error'][:2500]}\n{op['result'].get('explanation')}")
+    _explained(op, "mounts", host="lab-b")
+    assert op["error"].startswith("lab-b: ")
+    row = bob.get("/api/v1/containers/why-dst/").json()
+    assert (row["host"], row["state"]) == ("lab-a", "RUNNING")  # rolled back to its source
+    _delete(bob, "why-dst")
+
+
 def test_a_check_shows_checkpointable_or_blocked_with_its_fix(lab_stack, lab, bob, page_as):
     """Issue 17 item 1 through the dashboard: the check operation's answer on the container."""
     _container(bob, "chk-web", COUNTER)

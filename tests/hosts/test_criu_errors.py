@@ -60,6 +60,11 @@ LAB = [
      "     1: Error (criu/files.c:1221): Unable to open fd=3 id=0x3\n"
      "Error (criu/cr-restore.c:2331): Restoring FAILED.\n"
      "Error (criu/cgroup.c:2055): cg: cgroupd: recv req error: No such file or directory"),
+    # a migration of a container with an lxc.mount.entry bind mount from lab-a: lab-b's restore
+    ("mounts", "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+     "Error (criu/mount.c:3141): mnt: No mapping for 216:(null) mountpoint\n"
+     "Error (criu/cgroup.c:2055): cg: cgroupd: recv req error: No such file or directory\n--- lxc-checkpoint ---\n"
+     "lxc-checkpoint: why-dst: ../src/lxc/criu.c: do_restore: 1070 criu process exited 1, output:"),
 ]  # fmt: skip
 
 SOURCE = [
