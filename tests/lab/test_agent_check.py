@@ -101,3 +101,17 @@ def test_it_refuses_a_stopped_container_and_bad_parameters(lab, box):
     for bad in ({"trial": "yes"}, {"freeze_cap_s": 0}, {"freeze_cap_s": True}):
         _, final = agent(lab, a, "check", {"name": name, **bad})
         assert final["type"] == "error", final
+
+
+def test_a_bind_mount_from_the_host_is_found_though_the_trial_goes_through(lab, box):
+    """LXC hands it to CRIU as an external mount, so it dumps here; another host cannot restore it
+    (tests/containers/test_e2e_lab_explained.py: the migration that fails on lab-b)."""
+    a, name = box("chk-bind", 75)
+    ok(lab, a, "stop", {"name": name})
+    ssh(lab, a, "mkdir", "-p", "/srv/chk-share")
+    entry = "lxc.mount.entry = /srv/chk-share srv none bind,create=dir 0 0"
+    ssh(lab, a, "sh", "-c", f"echo '{entry}' >> /var/lib/lxc/{name}/config")
+    ok(lab, a, "start", {"name": name})
+    data = ok(lab, a, "check", {"name": name, "trial": True})
+    assert [(r["class"], r["source"], r["target"]) for r in data["reasons"]] == [("mounts", "/srv/chk-share", "srv")]
+    assert data["trial"]["ok"] is True and data["status"] == "no"

@@ -12,7 +12,7 @@ from . import state as S
 from .common import AgentError, _ms, _now, event, run
 from .contents import _criu_stats
 from .criu import _criu_log, _lxc_checkpoint, _memory_bytes, _thaw
-from .lxc import _require, _state
+from .lxc import _mount_entry_ok, _read_config, _require, _state
 
 NAMESPACES = ("mnt", "uts", "ipc", "net", "pid", "user", "cgroup", "time")
 # (major, minor): null, zero, full, random, urandom, tty, console, ptmx, net/tun: what containers
@@ -40,6 +40,12 @@ SENTENCES = {
     "devices": (
         "Process {pid} ({comm}) holds the device node {path} (fd {fd}, {major}:{minor}).",
         "Devices such as GPUs cannot be checkpointed: stop the program that uses it, or move the container cold.",
+    ),
+    "mounts": (
+        "It has a bind mount from the host ({source} on /{target}): a checkpoint works here, but the "
+        "container cannot be restored on another host.",
+        "Remove the lxc.mount.entry (ctweb's config allowlist does not carry it to another host), or keep the "
+        "container on this host.",
     ),
     "sockets": (
         "Process {pid} ({comm}) holds {what} (fd {fd}).",
@@ -155,6 +161,12 @@ def scan(name):
             sentence, fix = SENTENCES[cls]
             reasons.append({"class": cls, "sentence": sentence.format(**facts), "fix": fix, **facts})
 
+    for line in _read_config(name):
+        key, _, value = line.partition("=")
+        parts = value.split()
+        if key.strip() == "lxc.mount.entry" and len(parts) >= 4 and not _mount_entry_ok(value.strip()):
+            if parts[0].startswith("/") and "bind" in parts[3].split(","):
+                add("mounts", source=parts[0], target=parts[1].strip("/"))
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is None:
