@@ -25,6 +25,7 @@ from .migration import STRATEGIES, start_evacuation, start_migration, strategy_s
 from .models import Container, Snapshot
 from .services import (
     change_state,
+    check_container,
     container_operation,
     create_container,
     delete_snapshot,
@@ -190,6 +191,7 @@ class ContainerSerializer(serializers.ModelSerializer):
             "command",
             "has_saved_state",
             "config_warnings",
+            "checkpointable",
             "created_at",
             "updated_at",
             "operation",
@@ -247,6 +249,7 @@ def container_rows(qs) -> list[dict]:
             "command": r["command"],
             "has_saved_state": r["has_saved_state"],
             "config_warnings": r["config_warnings"],
+            "checkpointable": r["checkpointable"],
             "created_at": when(r["created_at"]),
             "updated_at": when(r["updated_at"]),
             "operation": f"/api/v1/operations/{r['active_op']}/" if r["active_op"] else None,
@@ -263,6 +266,7 @@ def container_rows(qs) -> list[dict]:
             "command",
             "has_saved_state",
             "config_warnings",
+            "checkpointable",
             "created_at",
             "updated_at",
             "active_op",
@@ -333,6 +337,19 @@ class ContainerState(APIView):
         s = StateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return operation_accepted(change_state(Actor.of(request), container, **s.validated_data))
+
+
+class CheckSerializer(serializers.Serializer):
+    trial = StrictBooleanField(default=True, help_text="also a trial dump (it keeps running; the freeze is capped)")
+
+
+class ContainerCheck(APIView):
+    @extend_schema(request=CheckSerializer, responses={202: OperationAcceptedSerializer})
+    def post(self, request, name):
+        container = _container(name)
+        s = CheckSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return operation_accepted(check_container(Actor.of(request), container, **s.validated_data))
 
 
 class HostSync(APIView):

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
 from core.audit import audit
-from hosts import ssh
+from hosts import criu_errors, ssh
 from hosts.handlers import failure
 from hosts.models import Host
 from operations.bundles import bundle_dir
 from operations.events import publish_fleet
 from operations.models import Operation
-from operations.runner import OperationContext, OperationFailed, WaitFor, collects_bundle, handler, undoes
+from operations.runner import OperationContext, OperationFailed, WaitFor, collects_bundle, enqueue, handler, undoes
 
 from .models import Container, Snapshot
 
@@ -386,6 +387,113 @@ def delete_snapshot(ctx: OperationContext) -> dict:
     container.snapshots.filter(name=snap).delete()
     publish_fleet("container", container_state(container))
     return data
+
+
+# --- checkpointability ------------------------------------------------------------------
+
+CHECK_CLASSES = frozenset(criu_errors.CLASSES) | {"devices", "unknown"}
+MAX_CHECK_REASONS = 20
+
+
+def _check_reason(item) -> dict | None:
+    """One reason the host's scan gave, kept only as short text of a known class (a host may lie)."""
+    if not isinstance(item, dict):
+        return None
+    cls = item.get("class") if item.get("class") in CHECK_CLASSES else "unknown"
+    return {"class": cls, "sentence": str(item.get("sentence") or "")[:300], "fix": str(item.get("fix") or "")[:300]}
+
+
+def _trial_reason(details: str) -> dict:
+    found = criu_errors.explain(details)
+    if found is None:
+        return {
+            "class": "unknown",
+            "sentence": "The trial dump failed, with CRIU error lines ctweb does not recognise.",
+            "fix": "Read CRIU's lines in the check operation's result (trial_log).",
+        }
+    return {"class": found["class"], "sentence": f"The trial dump failed: {found['sentence']}", "fix": found["fix"],
+            "line": found["line"]}  # fmt: skip
+
+
+@handler("check")
+def check(ctx: OperationContext) -> dict:
+    """Checkpointability: the host's static scan of the container's processes (namespaces,
+    sessions, files from outside, device nodes, foreign sockets), and with `trial` a dump that
+    leaves it running, into a private tmpfs, CRIU's freeze capped (the agent's `check`). The
+    answer is the container's `checkpointable`: no (reasons), yes (a trial went through) or
+    unknown (no blocker seen, not tried). A blocked container is a successful check."""
+    op, container = ctx.op, container_of(ctx)
+    before = container.checkpointable or {}
+    trial = bool(op.params.get("trial", True))
+    data = agent(ctx, op.host, "check", {"name": container.name, "trial": trial}, 5, 90)
+    reasons = [r for r in map(_check_reason, list(data.get("reasons") or [])[:MAX_CHECK_REASONS]) if r]
+    t = data.get("trial") if isinstance(data.get("trial"), dict) else None
+    log_lines = ""
+    if t is not None and t.get("ok") is not True:
+        log_lines = str(t.get("details") or "")[:6000]
+        reasons.append(_trial_reason(log_lines))
+    now = timezone.now().isoformat()
+    value = {
+        "status": "no" if reasons else ("yes" if t is not None else "unknown"),
+        "reasons": reasons,
+        "verified_at": now if t is not None else None,
+        "checked_at": now,
+        "operation": op.pk,
+    }
+    if t is not None and t.get("ok") is True:
+        for key in ("frozen_ms", "freezing_ms", "total_ms", "freeze_cap_s"):
+            if isinstance(t.get(key), (int, float)) and not isinstance(t.get(key), bool):
+                value[f"trial_{key}"] = t[key]
+    ctx.event("save", f"{container.name}: checkpointable {value['status']}", 97)
+    if before.get("status") == "yes" and value["status"] == "no":
+        # Something changed since the last verification (an update, a new process): say so loudly.
+        sentence = (
+            f"{container.name} was checkpointable (verified {str(before.get('verified_at'))[:19]} UTC) and is "
+            f"blocked now: {reasons[0]['sentence']} Fix: {reasons[0]['fix']}"
+        )
+        value["newly_blocked"] = sentence
+        ctx.event("blocked", sentence)
+        audit(None, "container.checkpointable_lost", container, outcome="blocked", detail=f"check {op.pk}: {sentence}")
+        log.warning("%s", sentence)
+    Container.objects.filter(pk=container.pk).update(checkpointable=value)
+    publish_fleet("container", container_state(container))
+    return {"checkpointable": value, "processes": data.get("processes"), "trial_log": log_lines}
+
+
+def canary_checks(hours: float, now=None, limit: int = 5) -> list[str]:
+    """Scheduled: a check with a trial dump, as an ordinary operation (params.auto), of each
+    running container whose last check is older than `hours` (or that was never checked), at
+    most `limit` per tick, never beside another operation of the container. A container that
+    was checkpointable and is blocked now is reported by the check itself (check above)."""
+    now = now or timezone.now()
+    started = []
+    if hours <= 0:
+        return started
+    running = Container.objects.filter(state=Container.State.RUNNING, host__status=Host.Status.ONLINE).exclude(
+        host__key_data=""
+    )
+    for c in running.select_related("host").order_by("name"):
+        if len(started) >= limit:
+            break
+        checked = (c.checkpointable or {}).get("checked_at")
+        try:
+            fresh = checked and now - datetime.fromisoformat(checked) < timedelta(hours=hours)
+        except (TypeError, ValueError):
+            fresh = False
+        if fresh or c.operations.filter(status__in=Operation.ACTIVE).exists():
+            continue
+        with transaction.atomic():
+            op = Operation.objects.create(
+                kind=Operation.Kind.CHECK,
+                container=c,
+                container_name=c.name,
+                host=c.host,
+                phase="queued",
+                params={"trial": True, "auto": True},
+            )
+            enqueue(op)
+        started.append(c.name)
+    return started
 
 
 # Operations on containers leave debug bundles; a probe's failure is its own explanation.

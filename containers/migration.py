@@ -157,7 +157,7 @@ def _agent(conn: ssh.HostConnection, ctx: OperationContext, sub: str, params: di
     try:
         return conn.run_agent(sub, params, on_event=ctx.relay(base, span)).data
     except ssh.SSHError as e:
-        raise failure(e, prefix=f"{conn.host.name}: ") from e
+        raise failure(e, prefix=f"{conn.host.name}: ", on=conn.host.name) from e
 
 
 class _Transfer:

@@ -28,6 +28,9 @@ class Container(models.Model):
     config_warnings = models.JSONField(
         default=list, blank=True, help_text="Keys of its LXC config outside ctweb's allowlist (made outside ctweb)"
     )
+    # The last `check` operation's answer: {status: yes|no|unknown, reasons: [...], verified_at, ...}
+    # ({} until one ran); containers/handlers.py check.
+    checkpointable = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 

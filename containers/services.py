@@ -214,6 +214,14 @@ def delete_snapshot(actor: Actor, container: Container, snapshot) -> Operation:
     return container_operation(actor, container, Operation.Kind.DELETE_SNAPSHOT, snapshot=snapshot.name)
 
 
+def check_container(actor: Actor, container: Container, trial: bool = True) -> Operation:
+    """Can it be checkpointed? A static scan of its processes on its host, and with `trial` a
+    dump that leaves it running (containers/handlers.py check)."""
+    if container.state != Container.State.RUNNING:
+        raise ApiError(f"{container.name} is {container.state}: only a running container can be checked.", 409)
+    return container_operation(actor, container, Operation.Kind.CHECK, trial=trial)
+
+
 def change_state(actor: Actor, container: Container, action: str, stateful: bool = False, discard_state: bool = False):
     """start/stop/restart. As in LXD, a start resumes the memory a stateful stop saved;
     `discard_state` throws it away and starts cold instead."""

@@ -1,8 +1,9 @@
 from celery import shared_task
+from django.conf import settings
 
 from hosts.models import Host
 
-from .handlers import refresh_host
+from .handlers import canary_checks, refresh_host
 
 
 @shared_task(ignore_result=True)
@@ -10,3 +11,10 @@ def refresh_container_states() -> None:
     """Keep the container list fresh between operations (scheduled by the worker's beat)."""
     for host in Host.objects.filter(status=Host.Status.ONLINE):
         refresh_host(host)
+
+
+@shared_task(ignore_result=True)
+def checkpoint_canary() -> None:
+    """Scheduled: re-verify every running container's checkpointability every
+    CTWEB_CANARY_HOURS hours (0: never) with an ordinary check operation."""
+    canary_checks(settings.CTWEB_CANARY_HOURS)

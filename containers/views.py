@@ -23,6 +23,7 @@ from .migration import start_evacuation, start_migration, strategy_support
 from .models import Container
 from .services import (
     change_state,
+    check_container,
     container_operation,
     create_container,
     delete_snapshot,
@@ -174,9 +175,13 @@ def container_create(request):
 @require_POST
 def container_action(request, name, action):
     container = _get_container(name)
-    kinds = {"delete": "delete"}
+    kinds = {"delete": "delete", "check": "check"}
     if action not in kinds:
         raise Http404()
+    if action == "check":  # with a trial dump: the page's button means "verify it now"
+        return start_or_back(
+            request, lambda: check_container(Actor.of(request), container), container.get_absolute_url()
+        )
     if action == "delete" and request.POST.get("confirm") != container.name:
         messages.error(request, f"Type {container.name} to confirm deleting it.")
         return redirect("container-detail", name=name)

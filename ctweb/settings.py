@@ -213,7 +213,15 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 60.0,
         "options": {"expires": 55},
     },
+    "checkpoint-canary": {
+        "task": "containers.tasks.checkpoint_canary",
+        "schedule": 300.0,
+        "options": {"expires": 290},
+    },
 }
+# Each running container's checkpointability is checked again (a trial dump) after this many
+# hours (containers/handlers.py canary_checks); 0 turns the canary off.
+CTWEB_CANARY_HOURS = float(os.environ.get("CTWEB_CANARY_HOURS", 24))
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 REST_FRAMEWORK = {

@@ -26,6 +26,7 @@ api = [
     path("containers/<str:name>/", container_api.ContainerDetail.as_view()),
     path("containers/<str:name>/state", container_api.ContainerState.as_view()),
     path("containers/<str:name>/migrate", container_api.ContainerMigrate.as_view()),
+    path("containers/<str:name>/check", container_api.ContainerCheck.as_view()),
     path("containers/<str:name>/targets", container_api.ContainerTargets.as_view()),
     path("containers/<str:name>/snapshots/", container_api.SnapshotList.as_view()),
     path("containers/<str:name>/snapshots/compare", container_api.SnapshotCompare.as_view()),

@@ -29,7 +29,12 @@ def sentence(op: dict) -> str:
     name = op.get("container") or op.get("host") or f"operation {op.get('id')}"
     result = op.get("result") or {}
     if status == "failure":
-        return f"{kind} of {name} failed: {op.get('error') or 'no reason was recorded'}"
+        error = op.get("error") or "no reason was recorded"
+        why = result.get("explanation") if isinstance(result.get("explanation"), dict) else None
+        if why and why.get("sentence") and why.get("fix"):  # what CRIU's lines mean, first
+            where = f" on {why['host']}" if why.get("host") else ""
+            return f"{kind} of {name} failed{where}: {why['sentence']} Fix: {why['fix']}\n{error}"
+        return f"{kind} of {name} failed: {error}"
     if status == "cancelled":
         return f"{kind} of {name} was cancelled{': ' + op['error'] if op.get('error') else ''}."
     if status == "waiting":

@@ -5,9 +5,9 @@ from django.utils import timezone
 
 from operations.events import publish_fleet
 from operations.models import Operation
-from operations.runner import OperationContext, OperationFailed, enqueue, handler
+from operations.runner import OperationContext, OperationFailed, enqueue, explains, handler
 
-from . import ssh
+from . import criu_errors, ssh
 from .models import Host
 
 
@@ -26,18 +26,28 @@ def set_host_status(host: Host, status: str, message: str = "", **fields) -> Non
     publish_fleet("host", host_state(host))
 
 
-def failure(e: ssh.SSHError, host: Host | None = None, prefix: str = "") -> OperationFailed:
+def failure(e: ssh.SSHError, host: Host | None = None, prefix: str = "", on: str = "") -> OperationFailed:
     """The one door from a job's SSH or agent error to its OperationFailed: the sentence (after
-    `prefix`), and for an agent's error its log lines and data. Given the `host`, one that cannot
-    be reached is marked offline at once (the host lists show it), unless it is blocked (a
-    changed key, marked already)."""
+    `prefix`), and for an agent's error its log lines and data, and the name of the host they
+    came from (`host`, or `on` where the caller keeps the host's status to itself). Given the
+    `host`, one that cannot be reached is marked offline at once (the host lists show it),
+    unless it is blocked (a changed key, marked already)."""
     if isinstance(e, ssh.AgentFailed):
-        return OperationFailed(f"{prefix}{e}", e.details, e.data)
+        return OperationFailed(f"{prefix}{e}", e.details, e.data, host=host.name if host else on)
     if host is not None:
         host.refresh_from_db()
         if not host.is_blocked:
             set_host_status(host, Host.Status.OFFLINE, str(e))
     return OperationFailed(f"{prefix}{e}")
+
+
+@explains
+def explain_failure(op: Operation, e: OperationFailed) -> dict | None:
+    """What CRIU's error lines in an agent's failure mean (hosts/criu_errors.py), and on which host."""
+    found = criu_errors.explain(e.details)
+    if found is not None and e.host:
+        found["host"] = e.host
+    return found
 
 
 @handler("probe")

@@ -21,6 +21,7 @@ class Operation(models.Model):
         DELETE_SNAPSHOT = "delete-snapshot"
         MIGRATE = "migrate"
         EVACUATE = "evacuate"
+        CHECK = "check"
 
     class Status(models.TextChoices):
         PENDING = "pending"

@@ -45,6 +45,7 @@ FAILURE_IS_OUTCOME: set[str] = set()
 UNDOERS: dict[str, Callable[[Operation], None]] = {}
 # kind -> fn(op) -> names of the files it saved in bundles.bundle_dir(op.pk) (best effort, never raises).
 BUNDLERS: dict[str, Callable[[Operation], list[str]]] = {}
+EXPLAINERS: list[Callable[[Operation, OperationFailed], dict | None]] = []
 
 
 def handler(kind: str):
@@ -84,6 +85,13 @@ def collects_bundle(*kinds: str):
     return register
 
 
+def explains(fn):
+    """Register fn(op, failure) -> dict | None: what a failed operation's error means, kept as
+    `result.explanation` (a sentence and a fix the page shows first). The first answer wins."""
+    EXPLAINERS.append(fn)
+    return fn
+
+
 def undo(op: Operation) -> None:
     """Give back what the request of a job that did not run to its end reserved (if its kind says how)."""
     fn = UNDOERS.get(op.kind)
@@ -92,13 +100,15 @@ def undo(op: Operation) -> None:
 
 
 class OperationFailed(Exception):
-    """An expected failure. `message` is for the operator; `details` are log lines that explain it."""
+    """An expected failure. `message` is for the operator; `details` are log lines that explain it;
+    `host` names the host whose lines they are, when one host's agent reported it."""
 
-    def __init__(self, message: str, details: str = "", result: dict | None = None):
+    def __init__(self, message: str, details: str = "", result: dict | None = None, host: str = ""):
         super().__init__(message)
         self.message = message
         self.details = details
         self.result = result or {}
+        self.host = host
 
 
 class Cancelled(Exception):
@@ -420,7 +430,7 @@ def _run(op: Operation, ctx: OperationContext, fn) -> None:
     except OperationFailed as e:
         ctx.save()
         message = e.message if not e.details else f"{e.message}\n\n{e.details}"
-        result = {**op.result, **e.result, **_bundle(ctx)}
+        result = {**op.result, **e.result, **_bundle(ctx), **_explain(op, e)}
         finish(op, Operation.Status.FAILURE, error=message, result=result)
     except Exception:
         _crash(op, ctx)
@@ -451,6 +461,18 @@ def _bundle(ctx: OperationContext) -> dict:
     ctx.event("bundle", "collecting a debug bundle from the hosts")
     files = collect(ctx.op)
     return {"bundle": files} if files else {}
+
+
+def _explain(op: Operation, failure: OperationFailed) -> dict:
+    for fn in EXPLAINERS:
+        try:
+            found = fn(op, failure)
+        except Exception:  # the failure's own sentence matters more than its explanation
+            log.exception("operation %s: explaining its failure failed", op.pk)
+            continue
+        if found:
+            return {"explanation": found}
+    return {}
 
 
 def enqueue(op: Operation) -> Operation:

@@ -81,3 +81,23 @@ def test_the_search_finds_a_key_in_a_bundle(agent, planted, tmp_path):  # noqa: 
         tar.addfile(info, io.BytesIO(inner.getvalue()))
     found = leaks(outer.getvalue(), planted)
     assert any(member.endswith("!op-7/host/innocent.txt") for _, member in found), found
+
+
+def test_a_bundle_holds_what_explains_a_criu_failure(agent, planted, monkeypatch):  # noqa: F811
+    """`criu check --all`, the netfilter state (CRIU locks the network with it) and the versions
+    of what checkpoints depend on, each from the command that reports it."""
+    ran = []
+
+    def fake_run(argv, **kw):
+        ran.append(argv)
+        return (0, f"{' '.join(argv)} says hello\n", "")
+
+    monkeypatch.setattr(agent.bundle, "run", fake_run)
+    out = agent.cmd_bundle({"op": 8, "name": "box"})
+    texts = {n: m for n, m in members(open(out["path"], "rb").read())}
+    assert ["criu", "check", "--all"] in ran and ["iptables-save"] in ran and ["nft", "list", "ruleset"] in ran
+    for name in ("criu-check-all", "netfilter-iptables", "netfilter-ip6tables", "netfilter-nft", "versions"):
+        assert f"op-8/host/{name}.txt" in texts, sorted(texts)
+    versions = texts["op-8/host/versions.txt"].decode()
+    assert "criu: criu --version says hello" in versions and "lxc: lxc-start --version says hello" in versions
+    assert versions.startswith("kernel: ") and "\nagent: " in versions

@@ -55,6 +55,13 @@ def test_a_moves_sentence_says_strategy_downtime_and_bytes():
     assert sentence(op) == "Moved c1 to lab-b: strategy post-copy, downtime 781 ms, 4.2 s in all, 3.0 MiB transferred."
     failed = {**op, "status": "failure", "error": "CRIU refused the dump: nested user namespace."}
     assert sentence(failed) == "migrate of c1 failed: CRIU refused the dump: nested user namespace."
+    why = {"class": "namespaces", "sentence": "A process runs in a namespace of its own.", "fix": "Stop it.",
+           "line": "Error (criu/namespaces.c:460): Can't dump nested uts namespace for 1635", "host": "lab-a"}  # fmt: skip
+    explained = {**failed, "result": {"explanation": why}}
+    assert sentence(explained) == (
+        "migrate of c1 failed on lab-a: A process runs in a namespace of its own. Fix: Stop it.\n"
+        "CRIU refused the dump: nested user namespace."
+    )
 
 
 # --- against the real stack -------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from hosts.criu_errors import explain
 from tests.support.criu import (  # noqa: F401
     COUNTER,
     REMOTE_AGENT,
@@ -275,6 +276,9 @@ def test_a_failed_restore_keeps_the_state_and_a_later_start_restores_it(lab, hos
         print(f"\nrestore failure: {err['message']}\n{err['details'][:1500]}")
         assert err["data"] == {"state": "STOPPED", "has_saved_state": True}
         assert "Error (criu/" in err["details"] and "data/held" in err["details"]
+        why = explain(err["details"])  # what the dashboard will say first (hosts/criu_errors.py)
+        print(f"explained as {why['class']}: {why['line']}")
+        assert why["class"] == "files" and "data/held" in why["line"]
         row = state(lab, b, name)
         assert row["state"] == "STOPPED" and row["has_saved_state"] is True
         for f in ("inventory.img", "restore.log", "dump.log"):
@@ -289,6 +293,10 @@ def test_a_failed_restore_keeps_the_state_and_a_later_start_restores_it(lab, hos
             files = {m.name: tar.extractfile(m).read().decode(errors="replace") for m in tar.getmembers() if m.isfile()}
         assert files["op-4242/host/uname.txt"].count("Linux") >= 1
         assert "Looks good" in files["op-4242/host/criu-check.txt"]
+        assert files["op-4242/host/criu-check-all.txt"].startswith("$ criu check --all\n(exit status ")
+        assert files["op-4242/host/netfilter-iptables.txt"].startswith("$ iptables-save\n(exit status 0)")
+        versions = files["op-4242/host/versions.txt"]
+        assert "criu: Version: 4." in versions and "lxc: 6." in versions and "\nagent: ctweb_agent_test.pyz" in versions
         assert "dmesg" in files["op-4242/host/dmesg-tail.txt"]
         assert " - " in files["op-4242/host/mountinfo.txt"]
         assert "lxc.rootfs.path" in files["op-4242/container/config"]

@@ -7,7 +7,7 @@ import tarfile
 import time
 
 from . import state as S
-from .common import AgentError, check_name, event, run
+from .common import AgentError, agent_file, check_name, event, run
 from .criu import _state_dir
 from .lxc import _cdir, _exists
 
@@ -46,6 +46,25 @@ def _bundle_dirs(name, dirs):
         out.append(_state_dir(name))
         out += sorted(glob.glob(os.path.join(S.SNAPSHOTS_PATH, name, "*")))
     return out
+
+
+VERSION_COMMANDS = (
+    ("criu", ["criu", "--version"]),
+    ("lxc", ["lxc-start", "--version"]),
+    ("iptables", ["iptables", "--version"]),
+    ("nft", ["nft", "--version"]),
+    ("python3", ["python3", "--version"]),
+)
+
+
+def _versions():
+    """One line per program the checkpoints depend on, and the kernel, and this agent."""
+    lines = [f"kernel: {os.uname().release}", f"agent: {os.path.basename(agent_file())}"]
+    for what, argv in VERSION_COMMANDS:
+        rc, out, err = run(argv, timeout=20)
+        text = (out or err).strip().splitlines()
+        lines.append(f"{what}: {text[0] if rc == 0 and text else f'unavailable (exit status {rc})'}")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_bundle(params):
@@ -95,8 +114,15 @@ def cmd_bundle(params):
     with tarfile.open(tmp, "w:gz") as tar:
         add_cmd(tar, "host/uname.txt", ["uname", "-a"])
         add_cmd(tar, "host/criu-check.txt", ["criu", "check"], timeout=90)
+        # Every feature CRIU would use, with what this kernel lacks (failures explained).
+        add_cmd(tar, "host/criu-check-all.txt", ["criu", "check", "--all"], timeout=90)
         add_cmd(tar, "host/criu-version.txt", ["criu", "--version"])
         add_cmd(tar, "host/lxc-version.txt", ["lxc-start", "--version"])
+        add_bytes(tar, "host/versions.txt", _versions().encode())
+        # CRIU locks a container's network with iptables (or nftables) during a dump.
+        add_cmd(tar, "host/netfilter-iptables.txt", ["iptables-save"])
+        add_cmd(tar, "host/netfilter-ip6tables.txt", ["ip6tables-save"])
+        add_cmd(tar, "host/netfilter-nft.txt", ["nft", "list", "ruleset"])
         add_cmd(tar, "host/dmesg-tail.txt", ["dmesg"], keep_tail=200)
         add_file(tar, "/proc/self/mountinfo", "host/mountinfo.txt")
         add_file(tar, "/etc/os-release", "host/os-release.txt")

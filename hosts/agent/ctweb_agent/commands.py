@@ -9,6 +9,7 @@ import time
 
 from . import state as S
 from .bundle import cmd_bundle
+from .check import cmd_check
 from .common import AGENT_UMASK, NAME_RE, AgentError, _flag, _private_modes, _read_json, _remove_tree, check_name, emit
 from .containers import cmd_create, cmd_delete, cmd_list, cmd_restart, cmd_start, cmd_stop
 from .criu import (
@@ -125,6 +126,7 @@ LOCKED = {
     "migrate-cleanup",
     "receive",
     "inspect",
+    "check",
 }
 LOCK_WAIT_S = {"inspect": 900}  # a dump the agent left behind may take this long to end
 
@@ -142,6 +144,7 @@ COMMANDS = {
     "delete-snapshot": cmd_delete_snapshot,
     "snapshot-contents": cmd_snapshot_contents,
     "bundle": cmd_bundle,
+    "check": cmd_check,
     "migrate-prepare": cmd_migrate_prepare,
     "migrate-check": cmd_migrate_check,
     "send": cmd_send,

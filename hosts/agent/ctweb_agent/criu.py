@@ -117,14 +117,18 @@ def _sync(src, dst):
 
 
 def _criu_log(images, which, tail=25):
-    """The lines of CRIU's log that explain a failure: errors and warnings, then the tail."""
+    """The lines of CRIU's log that explain a failure: errors and warnings, then the tail.
+    The first errors are the cause (the dashboard classifies them, hosts/criu_errors.py) and
+    the last ones what followed: of many, both ends are kept."""
     path = os.path.join(images, f"{which}.log")
     try:
         with open(path, errors="replace") as f:
             lines = f.read().splitlines()
     except OSError as e:
         return f"{which}.log: {e.strerror}"
-    picked = [line for line in lines if LOG_LINE_RE.search(line)][-60:]
+    picked = [line for line in lines if LOG_LINE_RE.search(line)]
+    if len(picked) > 60:
+        picked = picked[:20] + [f"... ({len(picked) - 60} more error and warning lines) ..."] + picked[-40:]
     rest = [line for line in lines[-tail:] if line not in picked]
     text = "\n".join(picked)
     if rest:
