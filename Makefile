@@ -18,7 +18,7 @@ test-fast: setup
 # Pick a chunk with ARGS='-k "post-copy and 10s"'.
 FAULT_JOBS ?= 6
 faults: setup
-	CTWEB_FAULTS=all bash scripts/test.sh tests/migration/test_e2e_lab_fault_matrix.py -n $(FAULT_JOBS) --dist load $(ARGS)
+	CTWEB_FAULTS=all bash scripts/test.sh tests/migration/test_e2e_lab_fault_matrix.py -n $(FAULT_JOBS) --dist worksteal $(ARGS)
 
 # docs/fault-matrix.md from the latest test-artifacts/fault-matrix.json (ARGS=--all: every session kept).
 fault-report:
