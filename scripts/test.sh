@@ -3,10 +3,13 @@
 # The lab tests bring the lab up themselves; whatever happens, it is down afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Every lab instance this can have made (the default one, and one per xdist worker: 1, 2, ...).
+# Every lab instance this can have made (the default one, and one per xdist worker: 1, 2, ...),
+# but none another session still holds (its lock: another checkout's run on this machine).
 down_all() {
   [ "$(id -u)" = 0 ] || return 0
-  for id in "" 1 2 3 4 5 6 7 8 9; do CTWEB_LAB_ID=$id .venv/bin/python -m lab down >/dev/null 2>&1 || true; done
+  for id in "" 1 2 3 4 5 6 7 8 9; do
+    flock -n "/run/lock/ctweb-lab$id.lock" env CTWEB_LAB_ID=$id .venv/bin/python -m lab down >/dev/null 2>&1 || true
+  done
 }
 trap down_all EXIT
 .venv/bin/ruff check .
