@@ -10,8 +10,7 @@ from operations.runner import OperationContext, OperationFailed, WaitFor, decisi
 
 from ..models import Container
 from .common import call, db_write
-from .phases import RESUME_SOURCE as RESUME_SOURCE_STEPS
-from .phases import Progress
+from .phases import RESUME_DECISION, Progress
 from .postcopy import POSTCOPY_RESUME, lazy_resume_on_source, postcopy_actions
 from .rollback import RESUME_SOURCE, unreachable_target_actions
 
@@ -45,7 +44,7 @@ def resume_on_source(ctx: OperationContext) -> dict:
     container, source = op.container, op.host
     live = op.params.get("strategy") in ("stop-and-copy", "post-copy")
     base = {"name": container.name, "migration": op.pk}
-    progress = Progress.rest_of(ctx, RESUME_SOURCE_STEPS)
+    progress = Progress.rest_of(ctx, RESUME_DECISION)
     try:
         with ssh.connect(source) as src:
             if live:

@@ -102,7 +102,7 @@ FINISH_PULL = (  # a post-copy's page pull, going on after a lost worker or a wa
     Step(CLEANUP, "cleanup-source", 20),
     Step(CLEANUP, "cleanup-target", 10),
 )
-RESUME_SOURCE = (  # an admin's decision: resume on the source (decisions.py)
+RESUME_DECISION = (  # an admin's decision: resume on the source (decisions.py)
     Step("decision", "resume-source", 90),
     Step("decision", "cleanup-source", 10),
 )

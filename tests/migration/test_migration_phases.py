@@ -20,7 +20,7 @@ FOLLOW_UPS = {
     "roll-back": phases.ROLL_BACK,
     "recovery": phases.RECOVERY,
     "finish-pull": phases.FINISH_PULL,
-    "resume-source": phases.RESUME_SOURCE,
+    "resume-decision": phases.RESUME_DECISION,
     "lazy-resume": phases.LAZY_RESUME,
     "evacuation": phases.EVACUATION,
 }
