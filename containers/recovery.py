@@ -5,6 +5,8 @@ the hosts where the job stopped: the agent's `inspect` takes the container's loc
 it first waits for any step still running there (an agent whose dashboard went away
 finishes its step; a dump keeps the lock until CRIU exits). Then the container is put
 in one place, in a known state, and the row ends with what was found and done.
+A migration's (and an evacuation's) recovery is in the migration package
+(containers/migration/recovery.py).
 """
 
 from __future__ import annotations
