@@ -40,6 +40,13 @@ def container_of(ctx: OperationContext) -> Container:
     return ctx.op.container
 
 
+def where(container: Container) -> str:
+    """Where a container is now, in a sentence (from the database, refreshed)."""
+    container.refresh_from_db()
+    saved = " with its memory saved (Start resumes it)" if container.has_saved_state else ""
+    return f"{container.name} is {container.state} on {container.host.name}{saved}."
+
+
 def forget(container: Container, host_name: str | None) -> None:
     """Drop a container's records (its operations keep their history by name)."""
     name = container.name

@@ -1,4 +1,4 @@
-"""The page pull's own logic (containers/migration.py pull_pages) with the hosts replaced by
+"""The page pull's own logic (containers/migration/postcopy.py pull_pages) with the hosts replaced by
 a table of answers and a fake clock: no limit on the pull's total time while pages move,
 and a pull that stops moving for the admin-set stall limit waits for an admin's decision
 with the exact actions (nothing removed), instead of ending failed with a sentence.
@@ -9,6 +9,8 @@ import re
 import pytest
 
 from containers import migration
+from containers.migration import postcopy
+from containers.migration.phases import FINISH_PULL, Progress
 from containers.models import Container
 from hosts import ssh
 from hosts.models import Host
@@ -59,8 +61,8 @@ class Pump:
 @pytest.fixture
 def pull(db, trusted_host, monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(migration, "time", clock)
-    monkeypatch.setattr(migration, "stall_limit_s", lambda: 60.0)
+    monkeypatch.setattr(postcopy, "time", clock)
+    monkeypatch.setattr(postcopy, "stall_limit_s", lambda: 60.0)
     target = Host.objects.create(name="h2", address="127.0.0.2", port=1, status="online", key_data="x")
     c = Container.objects.create(name="c1", host=target, state="RUNNING")
     op = Operation.objects.create(
@@ -77,7 +79,9 @@ def pull(db, trusted_host, monkeypatch):
     def run(answer):
         monkeypatch.setattr(ssh, "_open", lambda host, timeout=None: Conn(host, clock, answer))  # a reconnect
         src, dst = Conn(trusted_host, clock, answer), Conn(target, clock, answer)
-        return migration.pull_pages(ctx, src, dst, c, {"name": "c1", "migration": op.pk}, Pump(), {})
+        return migration.pull_pages(
+            Progress(ctx, FINISH_PULL), src, dst, c, {"name": "c1", "migration": op.pk}, Pump(), {}
+        )
 
     run.clock = clock
     return run

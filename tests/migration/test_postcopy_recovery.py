@@ -8,7 +8,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from containers import migration, recovery
+from containers import migration
+from containers.migration.recovery import recover_migration
 from containers.models import Container
 from hosts import ssh
 from hosts.models import Host
@@ -39,23 +40,25 @@ def world(db, trusted_host, monkeypatch):
     calls = []
 
     def hosts(answers: dict):
+        class Conn:
+            def __init__(self, host):
+                self.host = host
+
+            def run_agent(self, sub, params, on_event=None, timeout=None):
+                calls.append((self.host.name, sub))
+                if sub == "inspect":
+                    return ssh.AgentResult(answers[self.host.name], "", 0)
+                if sub == "migrate-resume":
+                    return ssh.AgentResult({"state": "RUNNING"}, "", 0)
+                return ssh.AgentResult({}, "", 0)
+
         @contextmanager
         def connect(host, timeout=None):
             if answers.get(host.name) is None:
                 raise ssh.SSHError(f"Cannot connect to {host.name}")
-            yield type("Conn", (), {"host": host})()
-
-        def agent(conn, ctx, sub, params, *a):
-            calls.append((conn.host.name, sub))
-            if sub == "inspect":
-                return answers[conn.host.name]
-            if sub == "migrate-resume":
-                return {"state": "RUNNING"}
-            return {}
+            yield Conn(host)
 
         monkeypatch.setattr(ssh, "connect", connect)
-        monkeypatch.setattr(migration, "_agent", agent)
-        monkeypatch.setattr(recovery, "_agent", agent)  # it imports the name
         return calls
 
     return trusted_host, target, c, op, hosts
@@ -65,7 +68,7 @@ def test_a_target_that_does_not_answer_makes_it_wait_with_the_actions_and_nothin
     source, target, c, op, hosts = world
     calls = hosts({"h1": FROZEN, "h2": None})
     with pytest.raises(WaitFor) as e:
-        recovery.recover_migration(OperationContext(op))
+        recover_migration(OperationContext(op))
     assert [a["id"] for a in e.value.actions] == [migration.POSTCOPY_RESUME, KEEP_WAITING]
     assert "nothing was removed" in e.value.sentence
     assert calls == [("h1", "inspect")]  # asked, nothing resumed, aborted or cleaned
@@ -76,7 +79,7 @@ def test_a_target_back_without_a_running_copy_gives_the_container_back_to_the_so
     source, target, c, op, hosts = world
     stopped = {"exists": True, "state": "STOPPED", "migration": {"received": True, "lazy_pages_running": False}}
     calls = hosts({"h1": FROZEN, "h2": stopped})
-    outcome = recovery.recover_migration(OperationContext(op))
+    outcome = recover_migration(OperationContext(op))
     assert ("h2", "migrate-abort") in calls and ("h1", "migrate-resume") in calls
     assert calls.index(("h2", "migrate-abort")) < calls.index(("h1", "migrate-resume"))  # never two copies
     c.refresh_from_db()
@@ -88,6 +91,6 @@ def test_with_both_hosts_unreachable_the_decision_stays_on_offer(world):
     source, target, c, op, hosts = world
     calls = hosts({"h1": None, "h2": None})
     with pytest.raises(WaitFor) as e:
-        recovery.recover_migration(OperationContext(op))
+        recover_migration(OperationContext(op))
     assert [a["id"] for a in e.value.actions] == [migration.POSTCOPY_RESUME, KEEP_WAITING]
     assert calls == [] and Container.objects.get(pk=c.pk).host == target

@@ -153,7 +153,7 @@ def test_a_database_error_while_moving_a_migrations_record_leads_to_recovery_not
     naming the source while the target ran it)."""
     from django.db import OperationalError, connection
 
-    from containers.migration import _move_record
+    from containers.migration.common import move_record
 
     target = type(trusted_host).objects.create(name="h2", address="127.0.0.2", port=1, status="online")
     c = Container.objects.create(name="c1", host=trusted_host, state="RUNNING")
@@ -166,7 +166,7 @@ def test_a_database_error_while_moving_a_migrations_record_leads_to_recovery_not
     @handler("migrate")
     def job(ctx):
         with connection.execute_wrapper(refuse):
-            _move_record(ctx, c, target, True)
+            move_record(ctx, c, target, True)
 
     op = Operation.objects.create(kind="migrate", container=c, host=trusted_host, target_host=target)
     assert runner.run_operation(op.pk, "w@a") == "waiting"
@@ -180,11 +180,11 @@ def test_resuming_a_migration_on_a_source_that_does_not_answer_waits_again(
 ):
     """The migrate decision 'resume-source' needs the source: while it does not answer (port 1
     refuses), the migration waits again with the same choice; nothing is guessed."""
-    from containers.migration import RESUME_SOURCE, _unreachable_target_actions
+    from containers.migration import RESUME_SOURCE, unreachable_target_actions
 
     target = type(trusted_host).objects.create(name="h2", address="127.0.0.2", port=1, status="online")
     c = Container.objects.create(name="c1", host=trusted_host, state="STOPPED")
-    actions = _unreachable_target_actions("h1", "h2", True)
+    actions = unreachable_target_actions("h1", "h2", True)
     op = Operation.objects.create(
         kind="migrate",
         status="waiting",

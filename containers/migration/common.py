@@ -1,0 +1,71 @@
+"""What the parts of a migration share: the one way they call an agent on a connection they
+hold open, the record that follows the container, and the words for times."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from django.db import DatabaseError, transaction
+from django.utils import timezone
+
+from hosts import ssh
+from hosts.handlers import failure
+from operations.events import publish_fleet
+from operations.models import Operation
+from operations.runner import OperationContext, WaitFor
+
+from ..models import Container
+from .phases import Progress
+
+
+def call(conn: ssh.HostConnection, progress: Progress, step: str, sub: str, params: dict) -> dict:
+    """Run an agent subcommand on an open connection, its progress as `step`'s own fraction;
+    an SSH or agent error becomes the operation's sentence through the one door
+    (hosts.handlers.failure), named after the host."""
+    try:
+        return conn.run_agent(sub, params, on_event=progress.relay(step)).data
+    except ssh.SSHError as e:
+        raise failure(e, prefix=f"{conn.host.name}: ", on=conn.host.name) from e
+
+
+def move_record(ctx: OperationContext, container: Container, target, was_running: bool) -> None:
+    """The record follows the container to the target that runs it (an operation waits if the
+    database cannot be written: the recovery asks the hosts again and writes it then)."""
+    try:
+        with transaction.atomic():
+            Container.objects.filter(pk=container.pk).update(
+                host=target, state=Container.State.RUNNING if was_running else container.state
+            )
+            Operation.objects.filter(pk=ctx.op.pk).update(container=container)
+        container.refresh_from_db()
+    except DatabaseError as e:  # the hosts moved it: the recovery asks them again and writes it then
+        raise WaitFor(
+            f"{container.name} runs on {target.name}, but the database could not record it ({type(e).__name__}); "
+            "ctweb asks the hosts again and records where it runs."
+        ) from e
+    publish_fleet(
+        "container", {"name": container.name, "host": target.name, "state": container.state, "ipv4": container.ipv4}
+    )
+
+
+def db_write(fn):
+    try:
+        return fn()
+    except DatabaseError as e:
+        raise WaitFor(f"The database could not be written ({type(e).__name__}); ctweb asks the hosts again.") from e
+
+
+def now_iso() -> str:
+    return timezone.now().isoformat()
+
+
+def hms(iso: str | None) -> str:
+    """'HH:MM:SS UTC' of an ISO time (what the admin sees in an action's label)."""
+    try:
+        return datetime.fromisoformat(iso).astimezone(UTC).strftime("%H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return "the dump"
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"

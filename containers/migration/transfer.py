@@ -1,0 +1,122 @@
+"""How a migration's tars travel from the source's agent to the target's: relayed by the
+worker over both hosts' SSH connections (encrypted), or directly host to host over TCP
+where an admin allowed it (core/fleet.py); and what the result says about it."""
+
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+
+from core.fleet import direct_route
+from hosts import ssh
+from hosts.models import Host
+from operations.runner import OperationContext, OperationFailed
+
+from .phases import Progress
+
+
+class Transfer:
+    """How this migration's tars travel (decided once, when it starts) and the bytes moved."""
+
+    def __init__(self, source: Host, target: Host, strategy: str):
+        self.source, self.target, self.strategy = source, target, strategy
+        self.route, self.why = direct_route(source, target)
+        self.bytes = 0
+        self.memory_in_images: int | None = None  # bytes of memory pages in the dump's images
+
+    def describe(self) -> dict:
+        """What `result.transfer` says: the path of the images and of the memory pages."""
+        r = self.route
+        pages = {"stop-and-copy": "in-images", "post-copy": "ssh-relay"}.get(self.strategy, "none")
+        return {
+            "images": "direct-tcp" if r else "ssh-relay",
+            "images_encrypted": not r,
+            "network": r["network"] if r else None,
+            "source_address": r["source_address"] if r else None,
+            "target_address": r["target_address"] if r else None,
+            "pages": pages,
+            "pages_encrypted": {"in-images": not r, "ssh-relay": True}.get(pages),
+            # Memory that travelled inside the images (all of it for stop-and-copy; for
+            # post-copy the few pages CRIU cannot serve lazily): as encrypted as the images.
+            "memory_in_images_bytes": self.memory_in_images,
+            "why": self.why,
+        }
+
+    def sentence(self) -> str:
+        """What `result.transport` says, in words."""
+        r = self.route
+        if r:
+            images = (
+                f"sent directly from {self.source.name} ({r['source_address']}) to {self.target.name} "
+                f"({r['target_address']}) over TCP on {r['network']}, unencrypted (allowed by an admin)"
+            )
+        else:
+            images = "relayed through the dashboard over both hosts' SSH connections"
+        if self.strategy == "post-copy":
+            held = ""
+            if r and self.memory_in_images:
+                held = (
+                    f" ({self.memory_in_images / 1024:.0f} KiB of pages CRIU cannot serve lazily went with the "
+                    "images, unencrypted)"
+                )
+            return (
+                f"images {images}{held}; memory pulled by the target from the source's CRIU page server "
+                "through both hosts' resumable page relays, relayed by the dashboard over SSH (encrypted)"
+            )
+        if r:
+            memory = "; the memory images crossed it unencrypted" if self.strategy == "stop-and-copy" else ""
+            return f"root filesystem, snapshots and images {images}{memory}"
+        return f"{images} (encrypted)"
+
+    def announce(self) -> str:
+        if self.route:
+            return f"transfer: directly host to host over TCP, unencrypted ({self.why}); " + (
+                "memory pages stay relayed over SSH" if self.strategy == "post-copy" else "memory included"
+            )
+        return f"transfer: relayed through the dashboard over SSH, encrypted ({self.why})"
+
+
+def send(src, dst, progress: Progress, step: str, params: dict, label: str, xfer: Transfer) -> dict:
+    """Move one tar from the source agent to the target agent as `step`, reporting bytes as
+    they go: relayed by this worker over SSH, or directly between the hosts where an admin
+    allowed it."""
+    ctx: OperationContext = progress.ctx
+    last = [0.0, 0.0]
+
+    def on_bytes(n: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.25:
+            last[0] = now
+            progress.event("transfer", f"{label}: {n / 1048576:.1f} MiB", step, bytes=xfer.bytes + n, what=label)
+            ctx.check_cancel()  # a cancel stops the copy mid-stream (both ends are closed)
+
+    def on_tick() -> None:  # a direct stream that moves nothing for a while still hears a cancel
+        now = time.monotonic()
+        if now - last[1] >= 0.5:
+            last[1] = now
+            ctx.check_cancel()
+
+    how = f" (sent directly on {xfer.route['network']})" if xfer.route else ""
+    try:
+        # The receiver gives up on its own if nothing arrives for a while (a cut link).
+        stall = {"stall_s": int(max(settings.SSH_DEAD_AFTER_S * 2, 10))}
+        if xfer.route:
+            n, result = ssh.direct(src, dst, {**params, **stall}, xfer.route, on_bytes, on_tick)
+        else:
+            n, result = ssh.relay(
+                src.open_stream("send", params), dst.open_stream("receive", {**params, **stall}), on_bytes
+            )
+    except ssh.AgentFailed as e:
+        raise OperationFailed(f"Transfer of the {label}{how} failed: {e}", e.details) from e
+    except ssh.SSHError as e:
+        raise OperationFailed(f"Transfer of the {label}{how} failed: {e}") from e
+    xfer.bytes += n
+    progress.event("transfer", f"{label}: {n / 1048576:.1f} MiB sent", step, 1.0, bytes=xfer.bytes, what=label)
+    dropped = (result or {}).get("config_dropped")
+    if dropped:  # the target rewrote the config from its allowlist (docs/SECURITY.md)
+        names = dropped if isinstance(dropped, list) else [f"{s}: {', '.join(k)}" for s, k in dropped.items()]
+        progress.event(
+            "config", f"{label}: the target dropped from the config: {'; '.join(map(str, names))}", step, 1.0
+        )
+    return result

@@ -1,0 +1,170 @@
+"""A migration's progress bar comes from one table per run (containers/migration/phases.py):
+each table's shares make the whole bar, and a run reports progress that never goes back and
+ends at 100, through the same phases the operation page shows. The hosts are replaced by
+fake connections that answer every agent call (progress 0, 50, 100) and move no bytes; the
+real runs are the lab tests (tests/migration/test_e2e_lab_*.py, tests/cli/test_cli_lab.py)."""
+
+from contextlib import contextmanager
+
+import pytest
+
+from containers.migration import phases
+from containers.migration.run import migrate
+from containers.models import Container
+from hosts import ssh
+from hosts.models import Host
+from operations.models import Operation
+from operations.runner import OperationContext, OperationFailed
+
+FOLLOW_UPS = {
+    "roll-back": phases.ROLL_BACK,
+    "recovery": phases.RECOVERY,
+    "finish-pull": phases.FINISH_PULL,
+    "resume-decision": phases.RESUME_DECISION,
+    "lazy-resume": phases.LAZY_RESUME,
+    "evacuation": phases.EVACUATION,
+}
+TIMED = ["preflight", "presync", "dump", "transfer", "restore", "pages", "cleanup"]  # result.phases, in order
+
+
+@pytest.mark.parametrize("name", [*phases.STRATEGY_STEPS, *FOLLOW_UPS])
+def test_every_table_shares_the_whole_bar_once(name):
+    steps = phases.STRATEGY_STEPS.get(name) or FOLLOW_UPS[name]
+    assert sum(s.share for s in steps) == 100
+    assert all(s.share > 0 for s in steps)
+    assert len({s.name for s in steps}) == len(steps)  # a step is named once
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy", "restart"])
+def test_a_strategys_phases_come_in_the_order_they_are_timed(strategy):
+    seen = list(dict.fromkeys(s.phase for s in phases.STRATEGY_STEPS[strategy]))
+    assert seen == [p for p in TIMED if p in seen]
+    assert ("pages" in seen) == (strategy == "post-copy")
+
+
+def test_only_the_strategies_that_can_run_have_a_table():
+    from containers.migration import STRATEGIES
+
+    assert set(phases.STRATEGY_STEPS) == set(STRATEGIES) - {"auto", "pre-copy"}
+
+
+class Conn:
+    """A host's connection whose agent does each step at once (0, 50, 100 per cent)."""
+
+    def __init__(self, host, calls, fail):
+        self.host, self.calls, self.fail = host, calls, fail
+
+    def run_agent(self, sub, params, on_event=None, timeout=None):
+        self.calls.append((self.host.name, sub))
+        for p in (0, 50, 100):
+            if on_event:
+                on_event({"type": "event", "progress": p, "message": f"{sub} {p}%"})
+        if sub == self.fail:
+            raise ssh.AgentFailed(f"{sub} failed on purpose")
+        return ssh.AgentResult(ANSWERS.get(sub, {}), "", 0)
+
+    def open_stream(self, sub, params):
+        self.calls.append((self.host.name, f"{sub} {params['what']}"))
+        return (self.host.name, params["what"])
+
+    def close(self):
+        pass
+
+
+ANSWERS = {
+    "migrate-prepare": {"state": "RUNNING", "need_bytes": 1, "snapshots": ["s1"], "has_saved_state": True},
+    "migrate-dump": {"stats": {"frozen_ms": 1}, "pages_bytes": 4096, "relay": True},
+    "migrate-restore": {"stats": {"restore_ms": 1}},
+    "migrate-lazy-wait": {"done": True, "relay": {}},
+    "migrate-resume": {"state": "RUNNING"},
+    "start": {"state": "RUNNING"},
+    "inspect": {"exists": True, "state": "FROZEN", "migration": {"lazy_dump": False}},
+}
+
+
+class Pump:
+    bytes_down = bytes_up = rounds = 0
+    last_progress = 0.0
+    errors: list = []
+
+    def __init__(self, *a):
+        pass
+
+    def start(self):
+        return self
+
+    def stop(self):
+        pass
+
+
+@pytest.fixture
+def run(db, trusted_host, monkeypatch):
+    net = {"network": {"subnet": "10.0.0.0/24", "bridge": "br0"}}
+    Host.objects.filter(pk=trusted_host.pk).update(capabilities=net)
+    target = Host.objects.create(
+        name="h2", address="127.0.0.2", port=1, status="online", key_data="x", capabilities=net
+    )
+    c = Container.objects.create(name="c1", host=trusted_host, state="RUNNING")
+    calls: list = []
+
+    def go(strategy: str, fail: str | None = None):
+        @contextmanager
+        def connect(host, timeout=None):
+            yield Conn(host, calls, fail)
+
+        def relay(sender, receiver, on_bytes=None, timeout=3600):
+            on_bytes(1)
+            return 1, {}
+
+        monkeypatch.setattr(ssh, "connect", connect)
+        monkeypatch.setattr(ssh, "relay", relay)
+        monkeypatch.setattr(ssh, "PagePump", Pump)
+        op = Operation.objects.create(
+            kind="migrate",
+            status="running",
+            container=c,
+            container_name="c1",
+            host=Host.objects.get(pk=trusted_host.pk),
+            target_host=target,
+            params={"strategy": strategy, "why": "asked for"},
+        )
+        ctx = OperationContext(op)
+        try:
+            outcome = migrate(ctx)
+        except OperationFailed as e:
+            outcome = e
+        progress = [e["progress"] for e in op.events if "progress" in e]
+        spans = [p for i, p in enumerate(e["phase"] for e in op.events) if i == 0 or op.events[i - 1]["phase"] != p]
+        return outcome, progress, spans
+
+    go.calls = calls
+    return go
+
+
+# The phases the operation page shows (each event's phase, consecutive ones as one span;
+# here the agent's events name none, so they stay in the current one), as the migration
+# reported them before its progress came from the tables (its events compared one by one
+# with those of the code before, in 81 runs of this fake, when the tables came in).
+SPANS = {
+    "stop-and-copy": ["preflight", "transfer", "dump", "transfer", "restore", "cleanup"],
+    "post-copy": ["preflight", "transfer", "dump", "transfer", "restore", "pages", "cleanup"],
+    "restart": ["preflight", "transfer", "stop", "transfer", "restore", "cleanup"],
+}
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy", "restart"])
+def test_a_run_reports_progress_that_never_goes_back_and_ends_at_100(run, strategy):
+    result, progress, spans = run(strategy)
+    assert isinstance(result, dict) and result["strategy"] == strategy, result
+    assert progress == sorted(progress), progress
+    assert progress[-1] == 100
+    assert spans == SPANS[strategy]
+    assert list(result["phases"]) == [f"{p}_ms" for p in TIMED if p != "pages" or strategy == "post-copy"]
+
+
+@pytest.mark.parametrize("fail", ["migrate-prepare", "migrate-dump", "migrate-restore"])
+def test_a_failed_run_rolls_back_with_its_progress_still_going_forward(run, fail):
+    error, progress, spans = run("stop-and-copy", fail)
+    assert isinstance(error, OperationFailed) and f"{fail} failed on purpose" in error.message
+    assert progress == sorted(progress), progress
+    assert spans[-1] == "cleanup" and ("h2", "migrate-abort") in run.calls
