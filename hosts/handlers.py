@@ -30,10 +30,11 @@ def failure(e: ssh.SSHError, host: Host | None = None, prefix: str = "") -> Oper
     """The one door from a job's SSH or agent error to its OperationFailed: the sentence (after
     `prefix`), and for an agent's error its log lines and data. Given the `host`, one that cannot
     be reached is marked offline at once (the host lists show it), unless it is blocked (a
-    changed key, marked already)."""
+    changed key, marked already) or the fault is this node's own (its copy of the fleet's key
+    missing: the host is fine)."""
     if isinstance(e, ssh.AgentFailed):
         return OperationFailed(f"{prefix}{e}", e.details, e.data)
-    if host is not None:
+    if host is not None and not isinstance(e, ssh.KeyMissing):
         host.refresh_from_db()
         if not host.is_blocked:
             set_host_status(host, Host.Status.OFFLINE, str(e))

@@ -3,6 +3,7 @@
 # The lab tests bring the lab up themselves; whatever happens, it is down afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/env.sh
 trap '[ "$(id -u)" = 0 ] && .venv/bin/python -m lab down >/dev/null 2>&1 || true' EXIT
 .venv/bin/ruff check .
 .venv/bin/ruff format --check . >/dev/null || { echo "ruff format would change files: run make format"; exit 1; }
