@@ -182,14 +182,20 @@ class Stack:
         self.manage("collectstatic", "--noinput", "-v", "0")
         self.start_worker()
         self.start_beat()
-        self.procs["web"] = Process(
-            "web",
-            [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(self.port), "ctweb.asgi:application"],
-            self.env,
-            self.dir / "web.log",
-        ).start()
-        wait_for(lambda: requests.get(self.url + "/accounts/login/", timeout=2).status_code == 200, 30, "daphne")
+        self.start_web("web", self.port)
         return self
+
+    def start_web(self, name: str, port: int) -> str:
+        """A web node (daphne) on 127.0.0.1:port, logging to <name>.log; its URL."""
+        url = f"http://127.0.0.1:{port}"
+        self.procs[name] = Process(
+            name,
+            [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "ctweb.asgi:application"],
+            self.env,
+            self.dir / f"{name}.log",
+        ).start()
+        wait_for(lambda: requests.get(url + "/accounts/login/", timeout=2).status_code == 200, 30, name)
+        return url
 
     def start_worker(self, name: str = "e2e") -> Process:
         self.workers += 1
@@ -256,7 +262,7 @@ class Stack:
     def log_marks(self) -> dict[Path, int]:
         """Where each of the stack's Python logs (web, workers, beat) ends now."""
         marks = {}
-        for name in ("web", "worker", "beat"):
+        for name in ("worker", "beat", *(n for n in self.procs if n.startswith("web"))):
             path = self.dir / f"{name}.log"
             marks[path] = path.stat().st_size if path.exists() else 0
         return marks
