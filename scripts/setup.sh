@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates chromium)
+APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates chromium nginx openssl)
+# nginx and openssl: deploy/'s site and its test (which runs nginx as its own process, not the service).
 # The lab's own needs (debootstrap and friends) are listed beside its code.
 if [ -f scripts/apt-lab.txt ]; then
   mapfile -t lab_pkgs < <(grep -v '^\s*#' scripts/apt-lab.txt | grep -v '^\s*$')
