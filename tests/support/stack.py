@@ -261,18 +261,18 @@ class Stack:
 
     def log_marks(self) -> dict[Path, int]:
         """Where each of the stack's Python logs (web, workers, beat) ends now."""
-        marks = {}
-        for name in ("worker", "beat", *(n for n in self.procs if n.startswith("web"))):
-            path = self.dir / f"{name}.log"
-            marks[path] = path.stat().st_size if path.exists() else 0
-        return marks
+        return {path: path.stat().st_size for path in self._python_logs()}
+
+    def _python_logs(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("*.log") if p.name.startswith(("web", "worker", "beat")))
 
     def errors_since(self, marks: dict[Path, int]) -> list[str]:
-        """What the stack's processes logged at ERROR (or CRITICAL) after `marks`, and any
-        traceback printed outside a log line: one entry each, with its log's name and the
-        traceback that follows it."""
+        """What the stack's processes logged at ERROR (or CRITICAL) after `marks` (and in logs
+        begun since, such as another web node's), and any traceback printed outside a log line:
+        one entry each, with its log's name and the traceback that follows it."""
         found = []
-        for path, start in marks.items():
+        later = {p: 0 for p in (self._python_logs() if hasattr(self, "dir") else []) if p not in marks}
+        for path, start in {**marks, **later}.items():
             try:
                 with open(path, "rb") as f:
                     f.seek(start)
