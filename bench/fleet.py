@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -542,6 +543,7 @@ def main() -> int:
             CTWEB_PLAIN_STATIC="1",
             ALLOWED_HOSTS="testserver",
             LOG_LEVEL="WARNING",
+            SECRET_KEY=os.environ.get("SECRET_KEY") or secrets.token_urlsafe(50),
         )
         os.makedirs(os.path.join(tmp, "var", "static"))  # WhiteNoise looks for it; the bench serves no files
         out = run(args.repeat, args.sql)

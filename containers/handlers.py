@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from django.db import transaction
 from django.utils import timezone
@@ -12,7 +14,7 @@ from core.audit import audit
 from hosts import criu_errors, ssh
 from hosts.handlers import failure
 from hosts.models import Host
-from operations.bundles import bundle_dir
+from operations.bundles import save_bundle
 from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import OperationContext, OperationFailed, WaitFor, collects_bundle, enqueue, handler, undoes
@@ -524,9 +526,11 @@ def collect_bundle(op: Operation) -> list[str]:
         try:
             with ssh.connect(host, timeout=10) as conn:
                 data = conn.run_agent("bundle", {"name": op.container_name or None, "op": op.pk}, timeout=120).data
-                local = bundle_dir(op.pk) / f"{host.name}.tar.gz"
-                conn.fetch(data["path"], local)
-                saved.append(local.name)
+                with tempfile.TemporaryDirectory(prefix="ctweb-bundle-") as tmp:
+                    local = Path(tmp) / "bundle.tar.gz"
+                    conn.fetch(data["path"], local)
+                    with open(local, "rb") as f:
+                        saved.append(save_bundle(op.pk, f"{host.name}.tar.gz", f))
         except Exception as e:  # the operation's own error matters more than its bundle
             log.warning("no debug bundle from %s for operation %s: %s", host, op.pk, e)
     return saved

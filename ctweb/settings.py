@@ -1,15 +1,20 @@
 """ctweb settings: one file, driven by the environment.
 
-The defaults need nothing configured: SQLite and a private Redis under var/,
-so `make run` and `make test` work on a fresh machine.
+The defaults need little configured: SQLite and a private Redis under var/, so `make run`
+and `make test` work on a fresh machine (scripts/env.sh gives them a SECRET_KEY file and
+scripts/setup.sh the fleet's SSH key). Several web and worker nodes share one PostgreSQL
+(DATABASE_URL), one Redis (REDIS_URL, Sentinel allowed), one SECRET_KEY, one SSH key and
+one bundle storage: nothing a node needs is kept only on that node.
 """
 
+import json
 import os
-import secrets
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
+from core import redisconf
 from core.clientip import parse_networks as _parse_networks
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -23,21 +28,33 @@ def _env_bool(name: str, default: bool) -> bool:
     return os.environ.get(name, str(default)).lower() in ("1", "true", "yes", "on")
 
 
+DEBUG = _env_bool("DEBUG", False)
+
+
 def _secret_key() -> str:
-    # A per-install key kept under var/ (mode 0600) unless the environment gives one,
-    # so sessions survive restarts without anyone having to configure a secret.
+    # The same on every web node, or a session signed by one is refused by the next: so it
+    # comes from configuration (SECRET_KEY, or SECRET_KEY_FILE naming a file that holds it),
+    # never made up by a node. Only DEBUG runs without one.
     if os.environ.get("SECRET_KEY"):
         return os.environ["SECRET_KEY"]
-    path = VAR_DIR / "secret_key"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(50))
-    return path.read_text().strip()
+    if os.environ.get("SECRET_KEY_FILE"):
+        try:
+            key = Path(os.environ["SECRET_KEY_FILE"]).read_text().strip()
+        except OSError as e:
+            raise ImproperlyConfigured(f"SECRET_KEY_FILE {os.environ['SECRET_KEY_FILE']}: {e.strerror or e}.") from e
+        if key:
+            return key
+    if DEBUG:
+        return "debug-only-not-secret"
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set: give every web and worker node the same one (SECRET_KEY, or SECRET_KEY_FILE "
+        "naming a file that holds it; `make run` uses var/secret_key)."
+    )
 
 
 SECRET_KEY = _secret_key()
-DEBUG = _env_bool("DEBUG", False)
+if not DEBUG and len(SECRET_KEY) < 32:
+    raise ImproperlyConfigured("SECRET_KEY is too short: use at least 32 random characters.")
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
 # Reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For is believed:
@@ -133,9 +150,24 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"
+# Debug bundles (operations/bundles.py) are written by a worker and served by a web node, so
+# with several nodes they belong in shared storage: CTWEB_BUNDLE_STORAGE is a Django storage
+# as JSON, e.g. {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {"bucket_name": "ctweb-bundles",
+# "endpoint_url": "https://s3.example"}} with django-storages[s3] installed. By default: files
+# under var/bundles (one machine, or a shared filesystem mounted there).
+try:
+    _BUNDLE_STORAGE = json.loads(os.environ.get("CTWEB_BUNDLE_STORAGE") or "null") or {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(VAR_DIR / "bundles"), "directory_permissions_mode": 0o700},
+    }
+except ValueError as e:
+    raise ImproperlyConfigured(f"CTWEB_BUNDLE_STORAGE is not JSON: {e}.") from e
+if not isinstance(_BUNDLE_STORAGE, dict) or not isinstance(_BUNDLE_STORAGE.get("BACKEND"), str):
+    raise ImproperlyConfigured('CTWEB_BUNDLE_STORAGE must be a JSON object with a "BACKEND".')
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    "bundles": _BUNDLE_STORAGE,
 }
 # Production serves what `collectstatic` wrote (setup.sh runs it): hashed names, compressed
 # copies, cached for a year by browsers. DEBUG (or CTWEB_PLAIN_STATIC) serves the source files.
@@ -155,33 +187,47 @@ DATA_UPLOAD_MAX_NUMBER_FIELDS = 200
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = _env_bool("HTTPS", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+if SESSION_COOKIE_SECURE:
+    # Served over HTTPS by a TLS proxy in front (deploy/nginx-ctweb.conf), which says so; the
+    # proxy also sends HSTS.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 
-# Redis: one server for the Celery broker and the Channels layer. Without REDIS_URL
-# the project runs its own redis-server on a unix socket under var/ (scripts/redis).
+# Redis: one server (or one Sentinel-watched master) for the Celery broker, the Channels
+# layer and the cache. Without REDIS_URL the project runs its own redis-server on a unix
+# socket under var/ (scripts/redis.sh). The forms: core/redisconf.py.
 REDIS_SOCKET = VAR_DIR / "redis.sock"
 REDIS_URL = os.environ.get("REDIS_URL", f"unix://{REDIS_SOCKET}")
+try:
+    _REDIS = redisconf.parse(REDIS_URL)
+except redisconf.BadRedisURL as e:
+    raise ImproperlyConfigured(str(e)) from e
 
 
-def _celery_broker(url: str) -> str:
-    if url.startswith("unix://"):
-        return "redis+socket://" + url[len("unix://") :]
-    return url
-
-
+# A websocket's consumer waits for its messages with BZPOPMIN, 5 s at a time (channels_redis),
+# while redis-py 8 gives up on any read after 5 s (its default socket timeout): the two raced,
+# and an idle socket died after 5 s with "Timeout reading from ..." in daphne's log. The reads
+# may take longer than the pop (a dead Redis is still noticed, 15 s later).
+REDIS_SOCKET_TIMEOUT_S = 15
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+        "CONFIG": {
+            "hosts": [redisconf.channel_layer_host(_REDIS, REDIS_SOCKET_TIMEOUT_S)],
+            "capacity": 1000,
+            "expiry": 30,
+        },
     }
 }
 
 # The longest job (a migration of a big container) must finish inside the broker's
 # visibility timeout, or Redis hands the same task to a second worker.
 OPERATION_TIMEOUT_S = int(os.environ.get("CTWEB_OPERATION_TIMEOUT", 4 * 3600))
-CELERY_BROKER_URL = _celery_broker(REDIS_URL)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": OPERATION_TIMEOUT_S + 3600}
+CELERY_BROKER_URL, _broker_options = redisconf.celery_broker(_REDIS)
+CELERY_BROKER_TRANSPORT_OPTIONS = {**_broker_options, "visibility_timeout": OPERATION_TIMEOUT_S + 3600}
+# Login throttling counts attempts here (core/login.py): shared by every web node.
+CACHES = {"default": redisconf.django_cache(_REDIS)}
 # Acknowledged on receipt, not late: kombu 5.7 kills the worker ("Unrecoverable error",
 # AttributeError in restore_unacked) when the Redis connection drops while a late-acked task
 # runs (tests/operations/test_e2e_worker_lost.py). The Operation row is the truth and its claim is a
@@ -251,7 +297,9 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
-# Where the dashboard keeps its own SSH key pair (generated once, private key 0600).
+# The fleet's SSH key (private, 0600): the same file on every worker and web node. Made once by
+# scripts/setup.sh (`manage.py sshkey`) while no host exists; a node without it refuses to start
+# once hosts exist (hosts/ssh.py check_key_at_start), it never makes a new one.
 SSH_KEY_PATH = Path(os.environ.get("CTWEB_SSH_KEY", VAR_DIR / "ssh" / "id_ed25519"))
 SSH_CONNECT_TIMEOUT_S = float(os.environ.get("CTWEB_SSH_TIMEOUT", 10))
 # A host link that carries nothing (not even a keepalive's answer) this long is dead.
@@ -263,5 +311,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"paramiko": {"level": "WARNING"}},
+    # paramiko logs every failed handshake or dropped link at ERROR, with a traceback, and
+    # raises it too: ctweb turns that into the operation's error and the host's status, so
+    # paramiko's own lines would only repeat it (and bury real errors in the logs).
+    "loggers": {"paramiko": {"level": "CRITICAL"}},
 }

@@ -31,10 +31,11 @@ def failure(e: ssh.SSHError, host: Host | None = None, prefix: str = "", on: str
     `prefix`), and for an agent's error its log lines and data, and the name of the host they
     came from (`host`, or `on` where the caller keeps the host's status to itself). Given the
     `host`, one that cannot be reached is marked offline at once (the host lists show it),
-    unless it is blocked (a changed key, marked already)."""
+    unless it is blocked (a changed key, marked already) or the fault is this node's own (its
+    copy of the fleet's key missing: the host is fine)."""
     if isinstance(e, ssh.AgentFailed):
         return OperationFailed(f"{prefix}{e}", e.details, e.data, host=host.name if host else on)
-    if host is not None:
+    if host is not None and not isinstance(e, ssh.KeyMissing):
         host.refresh_from_db()
         if not host.is_blocked:
             set_host_status(host, Host.Status.OFFLINE, str(e))

@@ -17,6 +17,7 @@ import os
 import secrets
 import select
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,37 +61,100 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
-# --- the dashboard's own key pair -------------------------------------------------
+# --- the fleet's key pair -----------------------------------------------------------
+#
+# One key for the whole fleet, the same file on every node (settings.SSH_KEY_PATH). It is
+# made once, by `manage.py sshkey` (scripts/setup.sh), while no host exists; after that a
+# node without it refuses to start (check_key_at_start): a node that made a key of its own
+# would fail to log in to every host and the next refresh would mark the fleet offline.
 
 
-def ensure_keypair(path: Path | None = None) -> Path:
-    """Create the dashboard's Ed25519 key pair once; the private key is mode 0600."""
-    path = Path(path or settings.SSH_KEY_PATH)
+class KeyMissing(SSHError):
+    pass
+
+
+def _key_path(path: Path | None = None) -> Path:
+    return Path(path or settings.SSH_KEY_PATH)
+
+
+def create_keypair(path: Path | None = None) -> bool:
+    """Make the fleet's Ed25519 key at `path` unless a key is there already; True if this call
+    made it. Safe against another process doing the same: the key is written to a file of its
+    own and linked into place (O_EXCL semantics), so the path holds one whole key, the first."""
+    path = _key_path(path)
     if path.exists():
-        return path
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    path.with_suffix(".pub").write_bytes(public + b" ctweb-dashboard\n")
-    os.replace(tmp, path)
-    return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, a name of its own
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(private)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if any key got there first: that one stays
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(tmp)
+    _write_public(path)
+    return True
 
 
-def public_key_line() -> str:
-    path = ensure_keypair()
-    return path.with_suffix(".pub").read_text().strip()
+def _write_public(path: Path) -> None:
+    # For people (ssh-copy-id, authorized_keys); the dashboard reads the private key only.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pub.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(public_key_line(path) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path.with_name(path.name + ".pub"))
 
 
-def _private_key() -> paramiko.PKey:
-    return paramiko.Ed25519Key.from_private_key_file(str(ensure_keypair()))
+def key_problem(path: Path | None = None) -> str | None:
+    """None if the fleet's key is there and readable, else the sentence that says what is wrong."""
+    path = _key_path(path)
+    try:
+        paramiko.Ed25519Key.from_private_key_file(str(path))
+    except FileNotFoundError:
+        return f"The fleet's SSH key {path} is missing"
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        return f"The fleet's SSH key {path} cannot be read ({e})"
+    return None
+
+
+def check_key_at_start(path: Path | None = None) -> None:
+    """A web or worker node starting: without the fleet's key it refuses (SystemExit with one
+    sentence) once hosts exist; before any host exists it makes the key (first run)."""
+    problem = key_problem(path)
+    if problem is None:
+        return
+    if Host.objects.exists():
+        raise SystemExit(
+            f"ctweb: {problem}: this node cannot reach the fleet's hosts. Copy the fleet's key there "
+            "(the same file on every node, CTWEB_SSH_KEY); no new key is made once hosts exist."
+        )
+    create_keypair(path)
+
+
+def public_key_line(path: Path | None = None) -> str:
+    key = _private_key(path)
+    return f"{key.get_name()} {key.get_base64()} ctweb-dashboard"
+
+
+def _private_key(path: Path | None = None) -> paramiko.PKey:
+    path = _key_path(path)
+    try:
+        return paramiko.Ed25519Key.from_private_key_file(str(path))
+    except FileNotFoundError as e:
+        raise KeyMissing(
+            f"The fleet's SSH key {path} is missing on this node; copy it here (CTWEB_SSH_KEY) or, "
+            "before any host is added, make it with `manage.py sshkey`."
+        ) from e
 
 
 # --- host keys ---------------------------------------------------------------------
@@ -334,6 +398,7 @@ def _open(host, timeout: float | None = None) -> HostConnection:
     if not host.key_data:
         raise HostNotTrusted(f"{host.name} is not trusted yet: an admin must check and trust its host key first.")
     timeout = timeout or settings.SSH_CONNECT_TIMEOUT_S
+    pkey = _private_key()  # this node's problem if it is missing, not the host's (KeyMissing)
     client = paramiko.SSHClient()
     known = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
     client.get_host_keys().add(known, host.key_type, key_from_parts(host.key_type, host.key_data))
@@ -343,7 +408,7 @@ def _open(host, timeout: float | None = None) -> HostConnection:
             hostname=host.address,
             port=host.port,
             username=host.username,
-            pkey=_private_key(),
+            pkey=pkey,
             look_for_keys=False,
             allow_agent=False,
             timeout=timeout,

@@ -2,11 +2,12 @@
 # Installs everything ctweb needs on a fresh Debian machine; safe to run again.
 # - Debian packages (only the missing ones; apt-get update at most once)
 # - a project virtualenv in .venv with requirements.txt (re-run when it changes)
-# - the database schema and static files
+# - the database schema and static files, a SECRET_KEY file and the fleet's SSH key (scripts/env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates chromium)
+APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates chromium nginx openssl)
+# nginx and openssl: deploy/'s site and its test (which runs nginx as its own process, not the service).
 # The lab's own needs (debootstrap and friends) are listed beside its code.
 if [ -f scripts/apt-lab.txt ]; then
   mapfile -t lab_pkgs < <(grep -v '^\s*#' scripts/apt-lab.txt | grep -v '^\s*$')
@@ -61,5 +62,9 @@ if [ "$(cat .venv/.cli-installed 2>/dev/null)" != "$here" ] || [ ! -x .venv/bin/
   echo "$here" > .venv/.cli-installed
 fi
 
+. scripts/env.sh
 .venv/bin/python manage.py migrate --noinput -v 0
 .venv/bin/python manage.py collectstatic --noinput -v 0
+# The fleet's SSH key (CTWEB_SSH_KEY, default var/ssh/id_ed25519): made here once, while no host
+# exists; a node of a fleet gets a copy of the fleet's instead.
+.venv/bin/python manage.py sshkey >/dev/null

@@ -3,6 +3,7 @@
 # The lab tests bring the lab up themselves; whatever happens, it is down afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/env.sh
 # Every lab instance this can have made (the default one, and one per xdist worker: 1, 2, ...),
 # but none another session still holds (its lock: another checkout's run on this machine).
 down_all() {

@@ -1,5 +1,6 @@
 import fcntl
 import os
+import re
 import subprocess
 import time
 
@@ -25,10 +26,23 @@ def _in_memory_channel_layer(settings):
     # Hashing is deliberately slow in production; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     # Pages render without a collectstatic run (the e2e stack serves the real thing).
+    # Debug bundles in memory (a test that looks at files gives its own folder).
     settings.STORAGES = {
         **settings.STORAGES,
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+        "bundles": {"BACKEND": "django.core.files.storage.InMemoryStorage"},
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fleet_key(tmp_path_factory):
+    # The fleet's SSH key, made once for the session (a node never makes one at run time).
+    from django.conf import settings
+
+    from hosts import ssh
+
+    settings.SSH_KEY_PATH = tmp_path_factory.mktemp("fleet-key") / "id_ed25519"
+    ssh.create_keypair(settings.SSH_KEY_PATH)
 
 
 def pytest_sessionfinish(session):
@@ -51,6 +65,23 @@ def stack():
     s.tokens = s.make_users()
     yield s
     s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stack_logs_have_no_errors(request):
+    """Every test that runs the e2e stack leaves no ERROR line in its logs (web, workers,
+    beat). A test that causes errors on purpose says which ones, by regular expression:
+    @pytest.mark.stack_errors(r"pattern", ...); any other ERROR line fails it."""
+    if not ({"stack", "lab_stack"} & set(request.fixturenames)):
+        yield
+        return
+    stack = request.getfixturevalue("stack")
+    marks = stack.log_marks()
+    yield
+    allowed = [re.compile(p) for m in request.node.iter_markers("stack_errors") for p in m.args]
+    unexpected = [line for line in stack.errors_since(marks) if not any(p.search(line) for p in allowed)]
+    if unexpected:
+        pytest.fail("the stack logged errors during this test:\n" + "\n".join(unexpected[:10]), pytrace=False)
 
 
 @pytest.fixture

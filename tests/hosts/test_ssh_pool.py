@@ -12,7 +12,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def server(db, settings, tmp_path):
     settings.SSH_KEY_PATH = tmp_path / "id_ed25519"
-    ssh.ensure_keypair(settings.SSH_KEY_PATH)
+    ssh.create_keypair(settings.SSH_KEY_PATH)
     srv = SSHServer(ssh.public_key_line()).start()
     pub = (srv.dir / "host_key.pub").read_text().split()
     host = Host.objects.create(

@@ -18,7 +18,7 @@ def test_no_secret_reaches_logs_or_answers(stack, sshd):
 
     private_key = (stack.var / "ssh" / "id_ed25519").read_text()
     key_body = "".join(private_key.strip().splitlines()[1:-1])
-    secret_key = (stack.var / "secret_key").read_text().strip()
+    secret_key = stack.env["SECRET_KEY"]
     secrets = {
         "SECRET_KEY": secret_key,
         "private key": key_body[:40],

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from containers.models import Container, Snapshot
 from core.models import ApiToken
 from hosts.models import Host
-from operations.bundles import bundle_dir
+from operations.bundles import save_bundle
 from operations.models import Operation
 
 # route -> {method: (role needed, body, status a permitted user gets)}; the route's
@@ -110,6 +112,13 @@ API = {
 @pytest.fixture
 def world(users, tokens, settings, tmp_path):
     settings.VAR_DIR = tmp_path
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "bundles": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": tmp_path / "bundles"},
+        },
+    }
     caps = {
         "templates": ["busybox"],
         "arch": "x86_64",
@@ -132,9 +141,7 @@ def world(users, tokens, settings, tmp_path):
         kind="snapshot", status="failure", container=box, container_name="secretbox", host=host,
         created_by=users["bob"], error="secretbox: CRIU said no", result={"bundle": ["secrethost.tar.gz"]},
     )  # fmt: skip
-    d = bundle_dir(failed.pk)
-    d.mkdir(parents=True)
-    (d / "secrethost.tar.gz").write_bytes(b"\x1f\x8b not really a tarball")
+    save_bundle(failed.pk, "secrethost.tar.gz", io.BytesIO(b"\x1f\x8b not really a tarball"))
     ApiToken.issue(users["carol"], "carol-script")
     return {
         "users": users,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -21,6 +23,16 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+
+
+# A log line at ERROR or worse in the stack's format ("<date> <time> ERROR <logger>: ..."),
+# Celery's own ("[... ERROR/MainProcess] ...") or a bare traceback's first line.
+ERROR_LINE = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |\[[^]]* (ERROR|CRITICAL)/|^Traceback \(most recent call last\)")
+
+
+BELOW_ERROR = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING) |\[[^]]* (DEBUG|INFO|WARNING)/")
+# A line that starts a new entry (a log line, daphne's access log), not a traceback's.
+NEW_LINE = re.compile(r"^(\d{4}-\d\d-\d\d |\[\d{4}-|\d+\.\d+\.\d+\.\d+:\d+ - )")
 
 
 def free_port() -> int:
@@ -103,7 +115,11 @@ class Stack:
             PYTHONUNBUFFERED="1",
             CTWEB_SSH_TIMEOUT="5",
             CTWEB_SSH_DEAD_AFTER="10",
+            # What every node of a fleet shares; the stack's nodes share these.
+            SECRET_KEY=secrets.token_urlsafe(50),
+            CTWEB_SSH_KEY=str(self.var / "ssh" / "id_ed25519"),
         )
+        self.env.pop("SECRET_KEY_FILE", None)
         self.env.pop("DJANGO_SETTINGS_MODULE", None)
         self._pg_db = None
         if os.environ.get("DATABASE_URL", "").startswith("postgres"):
@@ -161,17 +177,25 @@ class Stack:
         ).start()
         wait_for(lambda: (self.dir / "redis.sock").exists(), 10, "redis")
         self.manage("migrate", "--noinput", "-v", "0")
+        self.manage("sshkey")  # the fleet's key, made once before any host exists (as scripts/setup.sh)
         # Static files as in production: collected, hashed, compressed, served by whitenoise.
         self.manage("collectstatic", "--noinput", "-v", "0")
         self.start_worker()
-        self.procs["web"] = Process(
-            "web",
-            [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(self.port), "ctweb.asgi:application"],
-            self.env,
-            self.dir / "web.log",
-        ).start()
-        wait_for(lambda: requests.get(self.url + "/accounts/login/", timeout=2).status_code == 200, 30, "daphne")
+        self.start_beat()
+        self.start_web("web", self.port)
         return self
+
+    def start_web(self, name: str, port: int) -> str:
+        """A web node (daphne) on 127.0.0.1:port, logging to <name>.log; its URL."""
+        url = f"http://127.0.0.1:{port}"
+        self.procs[name] = Process(
+            name,
+            [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "ctweb.asgi:application"],
+            self.env,
+            self.dir / f"{name}.log",
+        ).start()
+        wait_for(lambda: requests.get(url + "/accounts/login/", timeout=2).status_code == 200, 30, name)
+        return url
 
     def start_worker(self, name: str = "e2e") -> Process:
         self.workers += 1
@@ -201,6 +225,27 @@ class Stack:
         wait_for(lambda: log_start.read_text(errors="replace").count("ready.") >= self.workers, 30, "celery worker")
         return proc
 
+    def start_beat(self) -> Process:
+        """The one Celery beat of the stack, its own process as in production (Procfile)."""
+        proc = Process(
+            "beat",
+            [
+                str(VENV_BIN / "celery"),
+                "-A",
+                "ctweb",
+                "beat",
+                "--schedule",
+                str(self.var / "celerybeat-schedule"),
+                "--loglevel",
+                "INFO",
+            ],
+            self.env,
+            self.dir / "beat.log",
+        ).start()
+        self.procs["beat"] = proc
+        wait_for(lambda: "beat: Starting" in proc.log.read_text(errors="replace"), 30, "celery beat")
+        return proc
+
     def stop(self) -> None:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
@@ -211,6 +256,46 @@ class Stack:
             except Exception as e:
                 print(f"could not drop {self._pg_db}: {e}", file=sys.stderr)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- its logs -------------------------------------------------------------------
+
+    def log_marks(self) -> dict[Path, int]:
+        """Where each of the stack's Python logs (web, workers, beat) ends now."""
+        return {path: path.stat().st_size for path in self._python_logs()}
+
+    def _python_logs(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("*.log") if p.name.startswith(("web", "worker", "beat")))
+
+    def errors_since(self, marks: dict[Path, int]) -> list[str]:
+        """What the stack's processes logged at ERROR (or CRITICAL) after `marks` (and in logs
+        begun since, such as another web node's), and any traceback printed outside a log line:
+        one entry each, with its log's name and the traceback that follows it."""
+        found = []
+        later = {p: 0 for p in (self._python_logs() if hasattr(self, "dir") else []) if p not in marks}
+        for path, start in {**marks, **later}.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    text = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            block: list[str] | None = None
+            quiet = False  # in the traceback of a line below ERROR (Django logs a 403 or 404 with one)
+            for line in text.splitlines():
+                if NEW_LINE.match(line):
+                    block = None
+                    quiet = bool(BELOW_ERROR.match(line))
+                    if not ERROR_LINE.search(line):
+                        continue
+                elif block is not None:
+                    if len(block) < 40:
+                        block.append(line)  # its traceback
+                    continue
+                elif quiet or not ERROR_LINE.search(line):
+                    continue
+                block = [f"{path.stem}: {line}"]
+                found.append(block)
+        return ["\n".join(b) for b in found]
 
     def logs(self) -> str:
         return "\n".join(f"--- {name} ---\n{p.tail()}" for name, p in self.procs.items())

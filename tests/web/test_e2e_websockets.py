@@ -81,3 +81,29 @@ def test_a_socket_closes_when_its_token_is_revoked_elsewhere(stack, change):
     first, code = asyncio.run(run())
     assert first["type"] == "state"
     assert code == 4403
+
+
+def test_an_idle_socket_stays_open_and_still_gets_updates(stack):
+    """A socket that hears nothing for longer than the channel layer's 5 s wait still gets
+    the next update, and nothing is logged (redis-py 8's 5 s read timeout used to end the
+    consumer with "Timeout reading from .../redis.sock" and drop the socket). The stack's
+    log check (tests/conftest.py) fails this test on any ERROR line."""
+
+    async def run():
+        url = Api(stack, None).ws_url("/ws/events/")
+        async with websockets.connect(
+            url, additional_headers={"Authorization": f"Token {stack.tokens['carol']}"}
+        ) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            await asyncio.sleep(12)
+            await asyncio.to_thread(
+                stack.python, "from operations.events import publish_fleet; publish_fleet('ping', {'n': 1})"
+            )
+            while True:  # other updates of the stack's fleet may come first
+                later = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if later["type"] == "ping":
+                    return first, later
+
+    first, later = asyncio.run(run())
+    assert first["type"] == "state"
+    assert later == {"type": "ping", "data": {"n": 1}}
