@@ -154,10 +154,51 @@ class _Clock:
 
 
 def _agent(conn: ssh.HostConnection, ctx: OperationContext, sub: str, params: dict, base: int, span: int) -> dict:
+    return _agent_timed(conn, ctx, sub, params, base, span)[0]
+
+
+def _agent_timed(conn, ctx: OperationContext, sub: str, params: dict, base: int, span: int) -> tuple[dict, float]:
+    """The agent's result and when its line arrived (this worker's monotonic clock)."""
     try:
-        return conn.run_agent(sub, params, on_event=ctx.relay(base, span)).data
+        r = conn.run_agent(sub, params, on_event=ctx.relay(base, span))
     except ssh.SSHError as e:
         raise failure(e, prefix=f"{conn.host.name}: ") from e
+    return r.data, r.received_at
+
+
+def _ago_ms(part) -> float | None:
+    """An agent's "so many ms before this result" (bytes from a host may lie: a plausible number or None)."""
+    ago = part.get("ago_ms") if isinstance(part, dict) else None
+    if isinstance(ago, bool) or not isinstance(ago, int | float) or not 0 <= ago < 86_400_000:
+        return None
+    return float(ago)
+
+
+def client_downtime(dumped: dict, dumped_at: float, restored: dict, restored_at: float, source, target) -> dict:
+    """How long a client of the container saw it gone: from its freeze on the source until its
+    address first answered on the target, both measured outside its processes by the hosts'
+    agents (hosts/agent/ctweb_agent/downtime.py) as "N ms before my result line", and placed on
+    this worker's clock by when each line arrived: no two hosts' clocks are compared. The error
+    is the difference of the two lines' one-way delays over SSH (milliseconds)."""
+    frozen, answered = dumped.get("frozen"), restored.get("answered")
+    froze_ago, answer_ago = _ago_ms(frozen), _ago_ms(answered)
+    how = frozen.get("how") if isinstance(frozen, dict) else None
+    since = {
+        "freezer": f"its freezer cgroup on {source} left THAWED (the dump froze it)",
+        "dump-start": f"the dump started on {source} (no freezer cgroup seen; an upper bound)",
+    }.get(how)
+    out = {"ms": None, "from": since, "until": None}
+    if froze_ago is None or since is None:
+        out["why"] = f"{source}'s agent did not say when the container froze"
+        return out
+    if answer_ago is None:
+        why = answered.get("why") if isinstance(answered, dict) else None
+        out["why"] = f"no answer from its address on {target}" + (f": {why}"[:300] if isinstance(why, str) else "")
+        return out
+    address = answered.get("address")
+    out["until"] = f"its address{f' {address}' if isinstance(address, str) else ''} answered ICMP echo on {target}"
+    out["ms"] = round(((restored_at - answer_ago / 1000) - (dumped_at - froze_ago / 1000)) * 1000, 1)
+    return out
 
 
 class _Transfer:
@@ -327,7 +368,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         ctx.remember(stopping=True, frozen_at=_now_iso())
         if live:
             ctx.event("dump", f"dumping {container.name} on {source.name}" + (" (lazy pages)" if lazy else ""), 55)
-            dumped = _agent(src, ctx, "migrate-dump", {**base, "lazy": lazy}, 55, 10)
+            dumped, dumped_at = _agent_timed(src, ctx, "migrate-dump", {**base, "lazy": lazy}, 55, 10)
             stats = dumped.get("stats") or {}
             xfer.memory_in_images = dumped.get("pages_bytes")
             ctx.remember(transfer=xfer.describe())
@@ -359,7 +400,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         if live:
             ctx.event("restore", f"restoring {container.name} on {target.name}", 84)
             params = {**base, "lazy": True} if lazy else base
-            restored = _agent(dst, ctx, "migrate-restore", params, 84, 8)
+            restored, restored_at = _agent_timed(dst, ctx, "migrate-restore", params, 84, 8)
         elif was_running:
             ctx.event("restore", f"starting {container.name} on {target.name}", 84)
             _agent(dst, ctx, "start", {"name": container.name}, 84, 8)
@@ -404,12 +445,19 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
     except OperationFailed as e:
         ctx.event("cleanup", f"the migration's working files on {target.name} could not be removed: {e.message}")
     clock.lap("cleanup")
+    if live:
+        seen = client_downtime(dumped, dumped_at, restored, restored_at, source.name, target.name)
+    else:
+        why = "measured for live migrations (stop-and-copy, post-copy) only"
+        seen = {"ms": None, "from": None, "until": None, "why": why if was_running else "it was not running"}
     result = {
         "strategy": strategy,
         "why": ctx.op.params.get("why"),
         "source": source.name,
         "target": target.name,
         "downtime_ms": round(downtime_ms, 1),
+        "client_downtime_ms": seen["ms"],
+        "client_downtime": seen,
         "total_ms": round((time.monotonic() - clock.t0) * 1000, 1),
         "bytes_transferred": xfer.bytes,
         "phases": clock.marks,
