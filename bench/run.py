@@ -316,8 +316,9 @@ def bench_client_downtime(stack: Stack, repeat: int = 10) -> dict:
     """Each migration's reported client-visible downtime (result.client_downtime_ms: the
     freeze on the source until the address answers on the target, measured by the agents)
     beside the longest gap an independent TCP client saw (tests/support/tcpgap.py, in this
-    process, outside the product: 150 established connections, a request every 5 ms on the
-    next idle one). Target: each within 10 % or 30 ms of the client's gap."""
+    process, outside the product: 200 established connections, a request every 5 ms on the
+    next idle one, spread to 3 % of the silence so far while none is answered). Target: each
+    within 10 % or 30 ms of the client's gap."""
     from tests.support.tcpgap import ECHO_SERVICE, GapClient
 
     api = Api(stack, stack.tokens["bob"])
@@ -339,39 +340,56 @@ def bench_client_downtime(stack: Stack, repeat: int = 10) -> dict:
     rows: dict[str, list[float]] = {}
     within: dict[str, list[bool]] = {}
     host = "lab-a"
+    failed = ""
     try:
-        for _ in range(repeat):
-            for strategy in ("stop-and-copy", "post-copy"):
-                target = "lab-b" if host == "lab-a" else "lab-a"
-                t0 = time.monotonic()
+        for i in range(repeat * 2):
+            strategy = ("stop-and-copy", "post-copy")[i % 2]
+            target = "lab-b" if host == "lab-a" else "lab-a"
+            t0 = time.monotonic()
+            try:
                 _, _, op = op_ms(
                     api, "POST", f"/api/v1/containers/{name}/migrate", {"target_host": target, "strategy": strategy}
                 )
-                t1 = time.monotonic()
-                host = target
-                time.sleep(0.3)  # the client's answers after the end are not in the window anyway
-                res = op["result"]
-                gap = client.longest_gap_ms(t0, t1)
-                seen = res.get("client_downtime_ms")
-                if seen is None:
-                    raise RuntimeError(f"no client-visible downtime: {res.get('client_downtime')}")
-                rows.setdefault(f"{strategy}: reported client-visible downtime, ms", []).append(seen)
-                rows.setdefault(f"{strategy}: TCP client's longest gap, ms", []).append(gap)
-                rows.setdefault(f"{strategy}: reported - client's gap, ms", []).append(seen - gap)
-                rows.setdefault(f"{strategy}: one connection alone, its longest gap, ms", []).append(
-                    lone.longest_gap_ms(t0, t1)
-                )
-                rows.setdefault(f"{strategy}: worker's downtime (dump call to restore's end), ms", []).append(
-                    res["downtime_ms"]
-                )
-                within.setdefault(strategy, []).append(abs(seen - gap) <= max(30, 0.1 * gap))
-        if client.lost:
-            raise RuntimeError(f"the TCP client lost {client.lost} connections")
+            except RuntimeError as e:  # what was measured stays; the note says where it stopped
+                failed = f"stopped after {i}: {e}"[:200]
+                break
+            t1 = time.monotonic()
+            host = target
+            time.sleep(0.3)  # the client's answers after the end are not in the window anyway
+            res = op["result"]
+            gap = client.longest_gap_ms(t0, t1)
+            seen = res.get("client_downtime_ms")
+            if seen is None:
+                failed = f"stopped after {i}: no client-visible downtime: {res.get('client_downtime')}"[:200]
+                break
+            rows.setdefault(f"{strategy}: reported client-visible downtime, ms", []).append(seen)
+            rows.setdefault(f"{strategy}: TCP client's longest gap, ms", []).append(gap)
+            rows.setdefault(f"{strategy}: reported - client's gap, ms", []).append(seen - gap)
+            rows.setdefault(f"{strategy}: one connection alone, its longest gap, ms", []).append(
+                lone.longest_gap_ms(t0, t1)
+            )
+            rows.setdefault(f"{strategy}: worker's downtime (dump call to restore's end), ms", []).append(
+                res["downtime_ms"]
+            )
+            within.setdefault(strategy, []).append(abs(seen - gap) <= max(30, 0.1 * gap))
     finally:
         client.stop()
         lone.stop()
         op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
     out = {k: summary(v) for k, v in rows.items()}
+    done = len(within.get("stop-and-copy", [])) + len(within.get("post-copy", []))
+    out[f"migrations measured (of {repeat * 2}){'; ' + failed if failed else ''}"] = {
+        "n": 1,
+        "median": done,
+        "min": 0,
+        "max": 0,
+    }
+    out["TCP client's connections lost (closed or reset by the far end)"] = {
+        "n": 1,
+        "median": client.lost,
+        "min": 0,
+        "max": 0,
+    }
     for strategy, oks in within.items():
         verdict = "met" if all(oks) else "MISSED"
         out[
@@ -525,7 +543,7 @@ def main() -> int:
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
         "--only",
-        help="run only this part: fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct or pages (with the lab)",
+        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct or pages (with the lab)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -549,7 +567,7 @@ def main() -> int:
             results["progress latency (target: p95 under 100 ms)"] = bench_progress_latency(stack)
         if args.only:
             stack.manage("lab", "up")
-            part = {
+            parts = {
                 "lifecycle": (LIFECYCLE, lambda st: bench_lifecycle(st, args.repeat)),
                 "client": (CLIENT, bench_client_downtime),
                 "concurrency": ("concurrency on the lab", bench_concurrency),
@@ -557,8 +575,13 @@ def main() -> int:
                 "byhand": (BY_HAND, lambda st: by_hand_section(st, args.repeat)),
                 "direct": (DIRECT, bench_direct),
                 "pages": (PAGES, bench_pages),
-            }[args.only]
-            results[part[0]] = part[1](stack)
+            }
+            for only in args.only.split(","):  # several parts in one run: --only lifecycle,client
+                section, run = parts[only]
+                try:
+                    results[section] = run(stack)
+                except Exception as e:  # the parts measured so far are kept; this one is reported
+                    print(f"bench part {only} failed: {e!r}", file=sys.stderr)
         elif not args.no_lab:
             stack.manage("lab", "up")
             results[LIFECYCLE] = bench_lifecycle(stack, args.repeat)

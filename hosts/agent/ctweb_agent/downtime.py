@@ -16,6 +16,7 @@ ever compared (the error is the difference of two lines' one-way delays over SSH
 
 import ipaddress
 import os
+import re
 import select
 import socket
 import struct
@@ -136,7 +137,8 @@ def container_address(name):
         inside = False
     if not inside:
         return None, None, f"{ip} is not in this host's container network (/etc/ctweb/network.json)"
-    return ip, _config_value(lines, "lxc.net.0.hwaddr"), None
+    mac = (_config_value(lines, "lxc.net.0.hwaddr") or "").lower()
+    return ip, mac if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) else None, None
 
 
 class AnswerWatch:
@@ -155,8 +157,7 @@ class AnswerWatch:
         except OSError as e:
             self.why = f"no raw ICMP socket on this host ({e.strerror})"
             return
-        if mac:
-            self._teach_neighbour(mac)
+        self._mac = mac
         self._thread = threading.Thread(target=self._ping, daemon=True)
         self._thread.start()
 
@@ -174,6 +175,8 @@ class AnswerWatch:
     def _ping(self):
         ident, seq = os.getpid() & 0xFFFF, 0
         try:
+            if self._mac:  # here, beside the restore, not before it
+                self._teach_neighbour(self._mac)
             while not self._stop.is_set() and self.at is None:
                 seq = (seq + 1) & 0xFFFF
                 try:
