@@ -447,6 +447,11 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
     clock.lap("cleanup")
     if live:
         seen = client_downtime(dumped, dumped_at, restored, restored_at, source.name, target.name)
+        if lazy and seen["ms"] is not None:
+            seen["note"] = (
+                "post-copy: its processes fetch their memory from the source as they touch it, so a service's "
+                "first answers may come later than its address's"
+            )
     else:
         why = "measured for live migrations (stop-and-copy, post-copy) only"
         seen = {"ms": None, "from": None, "until": None, "why": why if was_running else "it was not running"}

@@ -84,5 +84,6 @@ def downtime_breakdown(result: dict) -> dict | None:
             "from": seen.get("from"),
             "until": seen.get("until"),
             "why": seen.get("why"),
+            "note": seen.get("note"),
         },
     }

@@ -52,4 +52,4 @@ def test_the_operation_page_shows_it_beside_the_criu_breakdown():
         "client_downtime": {"ms": 950.5, "from": "x", "until": "y"},
         "phases": {"dump_ms": 300, "transfer_ms": 300, "restore_ms": 300},
     }
-    assert downtime_breakdown(result)["client"] == {"ms": 950.5, "from": "x", "until": "y", "why": None}
+    assert downtime_breakdown(result)["client"] == {"ms": 950.5, "from": "x", "until": "y", "why": None, "note": None}

@@ -69,6 +69,7 @@ def test_a_migrations_page_shows_the_client_visible_downtime_beside_criu_s_parts
             "ms": 731.4,
             "from": "its freezer cgroup on h0 left THAWED (the dump froze it)",
             "until": "its address 10.0.0.5 answered ICMP echo on h1",
+            "note": "post-copy: its processes fetch their memory from the source as they touch it",
         },
         "phases": {"dump_ms": 300, "transfer_ms": 200, "restore_ms": 200},
         "dump_stats": {"freezing_time": 5000},
@@ -79,6 +80,7 @@ def test_a_migrations_page_shows_the_client_visible_downtime_beside_criu_s_parts
     page = viewer.get(f"/operations/{op.pk}/").content.decode()
     assert 'id="client-downtime"' in page and "Its clients saw it gone for <b>731.4 ms</b>" in page
     assert "until its address 10.0.0.5 answered ICMP echo on h1" in page
+    assert "Post-copy: its processes fetch their memory from the source as they touch it." in page
     assert "client-visible downtime (freeze until its address answered" in page
     del result["client_downtime_ms"]
     result["client_downtime"] = {"ms": None, "why": "no answer from its address on h1"}
