@@ -46,6 +46,8 @@ def sentence(op: dict) -> str:
         parts = [f"strategy {result.get('strategy')}"]
         if result.get("downtime_ms") is not None:
             parts.append(f"downtime {float(result['downtime_ms']):.0f} ms")
+        if isinstance(result.get("client_downtime_ms"), int | float):
+            parts.append(f"{float(result['client_downtime_ms']):.0f} ms as its clients saw it")
         if result.get("total_ms") is not None:
             parts.append(f"{float(result['total_ms']) / 1000:.1f} s in all")
         if result.get("bytes_transferred") is not None:

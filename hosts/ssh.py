@@ -190,6 +190,9 @@ class AgentResult:
     data: dict
     stderr: str
     exit_status: int
+    # This worker's monotonic clock when the result line arrived: an agent's "N ms before
+    # this result" (a migration's freeze, its first answer) lands on one clock with it.
+    received_at: float = 0.0
 
 
 class AgentFailed(SSHError):
@@ -265,6 +268,7 @@ class HostConnection:
         channel.settimeout(1.0)
         deadline = time.monotonic() + (timeout or settings.OPERATION_TIMEOUT_S)
         result = None
+        received_at = 0.0
         error = None
         stderr = bytearray()
         for line in _lines(channel, stderr, deadline):
@@ -276,6 +280,7 @@ class HostConnection:
             kind = msg.get("type")
             if kind == "result":
                 result = msg.get("data") or {}
+                received_at = time.monotonic()
             elif kind == "error":
                 error = msg
             elif on_event is not None:
@@ -292,7 +297,7 @@ class HostConnection:
             if not transport.is_active():
                 raise AgentLost(f"The connection to {self.host} was lost before the agent finished.", tail)
             raise AgentLost(f"The agent on {self.host} ended without a result (exit status {exit_status}).", tail)
-        return AgentResult(result, err_text, exit_status)
+        return AgentResult(result, err_text, exit_status, received_at)
 
     def open_stream(self, subcommand: str, params: dict) -> paramiko.Channel:
         """Start an agent subcommand that streams raw bytes (a tar) on stdout or stdin.

@@ -73,4 +73,17 @@ def downtime_breakdown(result: dict) -> dict | None:
         s["width"] = round(1000 * s["ms"] / total, 2)
         s["colour"] = SEGMENT_COLOURS[s["key"]]
         x += s["width"]
-    return {"downtime_ms": downtime, "segments": segments, "sum_ms": round(total, 1)}
+    seen = result.get("client_downtime") if isinstance(result.get("client_downtime"), dict) else {}
+    return {
+        "downtime_ms": downtime,
+        "segments": segments,
+        "sum_ms": round(total, 1),
+        # Beside CRIU's parts: what a client saw, measured outside the container's processes.
+        "client": {
+            "ms": result.get("client_downtime_ms"),
+            "from": seen.get("from"),
+            "until": seen.get("until"),
+            "why": seen.get("why"),
+            "note": seen.get("note"),
+        },
+    }

@@ -22,10 +22,16 @@ def call(conn: ssh.HostConnection, progress: Progress, step: str, sub: str, para
     """Run an agent subcommand on an open connection, its progress as `step`'s own fraction;
     an SSH or agent error becomes the operation's sentence through the one door
     (hosts.handlers.failure), named after the host."""
+    return call_timed(conn, progress, step, sub, params)[0]
+
+
+def call_timed(conn: ssh.HostConnection, progress: Progress, step: str, sub: str, params: dict) -> tuple[dict, float]:
+    """`call`, and when the agent's result line arrived (this worker's monotonic clock)."""
     try:
-        return conn.run_agent(sub, params, on_event=progress.relay(step)).data
+        r = conn.run_agent(sub, params, on_event=progress.relay(step))
     except ssh.SSHError as e:
         raise failure(e, prefix=f"{conn.host.name}: ", on=conn.host.name) from e
+    return r.data, r.received_at
 
 
 def move_record(ctx: OperationContext, container: Container, target, was_running: bool) -> None:

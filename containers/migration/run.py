@@ -19,7 +19,8 @@ from hosts import ssh
 from operations.runner import Cancelled, OperationContext, OperationFailed, handler
 
 from ..models import Container
-from .common import call, move_record, now_iso
+from .common import call, call_timed, move_record, now_iso
+from .downtime import client_downtime
 from .phases import STRATEGY_STEPS, Clock, Progress
 from .postcopy import pull_pages
 from .rollback import roll_back
@@ -73,6 +74,9 @@ class Run:
         self.pulled: dict = {}
         self.down_from = 0.0
         self.downtime_ms = 0.0
+        self.dumped: dict = {}
+        self.dumped_at = 0.0
+        self.restored_at = 0.0
 
     def go(self) -> dict:
         ctx, container = self.ctx, self.container
@@ -148,7 +152,8 @@ class Run:
         dumped: dict = {}
         if self.live:
             p.event("dump", f"dumping {name} on {self.source.name}" + (" (lazy pages)" if self.lazy else ""), "dump")
-            dumped = call(src, p, "dump", "migrate-dump", {**base, "lazy": self.lazy})
+            dumped, self.dumped_at = call_timed(src, p, "dump", "migrate-dump", {**base, "lazy": self.lazy})
+            self.dumped = dumped
             self.stats = dumped.get("stats") or {}
             self.xfer.memory_in_images = dumped.get("pages_bytes")
             ctx.remember(transfer=self.xfer.describe())
@@ -182,7 +187,9 @@ class Run:
         p, dst, base, name = self.progress, self.dst, self.base, self.container.name
         if self.live:
             p.event("restore", f"restoring {name} on {self.target.name}", "restore")
-            self.restored = call(dst, p, "restore", "migrate-restore", {**base, "lazy": True} if self.lazy else base)
+            self.restored, self.restored_at = call_timed(
+                dst, p, "restore", "migrate-restore", {**base, "lazy": True} if self.lazy else base
+            )
         elif self.was_running:
             p.event("restore", f"starting {name} on {self.target.name}", "restore")
             call(dst, p, "restore", "start", {"name": name})
@@ -222,14 +229,31 @@ class Run:
             )
         self.clock.lap("cleanup")
 
+    def client_downtime(self) -> dict:
+        if self.live:
+            seen = client_downtime(
+                self.dumped, self.dumped_at, self.restored, self.restored_at, self.source.name, self.target.name
+            )
+            if self.lazy and seen["ms"] is not None:
+                seen["note"] = (
+                    "post-copy: its processes fetch their memory from the source as they touch it, so a service's "
+                    "first answers may come later than its address's"
+                )
+            return seen
+        why = "measured for live migrations (stop-and-copy, post-copy) only"
+        return {"ms": None, "from": None, "until": None, "why": why if self.was_running else "it was not running"}
+
     def result(self) -> dict:
         ctx, xfer = self.ctx, self.xfer
+        seen = self.client_downtime()
         result = {
             "strategy": self.strategy,
             "why": ctx.op.params.get("why"),
             "source": self.source.name,
             "target": self.target.name,
             "downtime_ms": round(self.downtime_ms, 1),
+            "client_downtime_ms": seen["ms"],
+            "client_downtime": seen,
             "total_ms": round((time.monotonic() - self.clock.t0) * 1000, 1),
             "bytes_transferred": xfer.bytes,
             "phases": self.clock.marks,

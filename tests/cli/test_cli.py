@@ -53,6 +53,10 @@ def test_a_moves_sentence_says_strategy_downtime_and_bytes():
         "result": {"strategy": "post-copy", "downtime_ms": 781.4, "total_ms": 4210, "bytes_transferred": 3 << 20},
     }
     assert sentence(op) == "Moved c1 to lab-b: strategy post-copy, downtime 781 ms, 4.2 s in all, 3.0 MiB transferred."
+    seen = {**op, "result": {**op["result"], "client_downtime_ms": 812.6}}
+    assert sentence(seen).startswith(
+        "Moved c1 to lab-b: strategy post-copy, downtime 781 ms, 813 ms as its clients saw it,"
+    )
     failed = {**op, "status": "failure", "error": "CRIU refused the dump: nested user namespace."}
     assert sentence(failed) == "migrate of c1 failed: CRIU refused the dump: nested user namespace."
     why = {"class": "namespaces", "sentence": "A process runs in a namespace of its own.", "fix": "Stop it.",

@@ -119,6 +119,8 @@ def test_an_operator_runs_a_container_through_the_dashboard(page_as, lab_stack, 
             expect(page.locator(f"#downtime-legend li[data-segment={segment}]")).to_contain_text(" ms (")
         expect(page.locator("#downtime-caption")).to_contain_text(f"{NAME} was down for")
         expect(page.locator("#downtime-table")).to_contain_text("downtime")
+        expect(page.locator("#client-downtime")).to_contain_text("Its clients saw it gone for")
+        expect(page.locator("#downtime-table")).to_contain_text("client-visible downtime")
         check_page(page, "the migration's operation page")
         shot(page, "operation-migrate")
         for p in (watcher, poller):

@@ -57,3 +57,33 @@ def test_empty_lists_say_what_to_do(viewer, users):
     admin.force_login(users["alice"])
     body = admin.get("/hosts/").content
     assert b"No hosts yet" in body and b'href="/hosts/add/"' in body
+
+
+def test_a_migrations_page_shows_the_client_visible_downtime_beside_criu_s_parts(viewer, users, trusted_host):
+    result = {
+        "strategy": "stop-and-copy",
+        "downtime_ms": 700.0,
+        "total_ms": 2000.0,
+        "client_downtime_ms": 731.4,
+        "client_downtime": {
+            "ms": 731.4,
+            "from": "its freezer cgroup on h0 left THAWED (the dump froze it)",
+            "until": "its address 10.0.0.5 answered ICMP echo on h1",
+            "note": "post-copy: its processes fetch their memory from the source as they touch it",
+        },
+        "phases": {"dump_ms": 300, "transfer_ms": 200, "restore_ms": 200},
+        "dump_stats": {"freezing_time": 5000},
+    }
+    op = Operation.objects.create(
+        kind="migrate", target_host=trusted_host, container_name="db1", status="success", result=result
+    )
+    page = viewer.get(f"/operations/{op.pk}/").content.decode()
+    assert 'id="client-downtime"' in page and "Its clients saw it gone for <b>731.4 ms</b>" in page
+    assert "until its address 10.0.0.5 answered ICMP echo on h1" in page
+    assert "Post-copy: its processes fetch their memory from the source as they touch it." in page
+    assert "client-visible downtime (freeze until its address answered" in page
+    del result["client_downtime_ms"]
+    result["client_downtime"] = {"ms": None, "why": "no answer from its address on h1"}
+    Operation.objects.filter(pk=op.pk).update(result=result)
+    page = viewer.get(f"/operations/{op.pk}/").content.decode()
+    assert "Client-visible downtime not measured: no answer from its address on h1." in page

@@ -29,6 +29,7 @@ from .common import (
 )
 from .contents import _criu_stats, _image_files
 from .criu import _criu_dump, _criu_log, _criu_restore, _has_saved_state, _state_dir, _state_images, _thaw
+from .downtime import AnswerWatch, FreezeWatch
 from .images import _remove_stages
 from .lxc import _cdir, _exists, _require, _state
 from .migrate import _mig_dir, _mig_marker
@@ -567,20 +568,31 @@ def cmd_migrate_dump(params):
     os.makedirs(images)
     t0 = time.monotonic()
     event("dump", f"dumping {name}" + (" without its memory pages (lazy)" if lazy else ""), 10)
+    freeze = FreezeWatch(name)  # when it stopped serving: the client-visible downtime's start
     if lazy:
-        ms = _lazy_dump(name, mdir, images)
+        try:
+            ms = _lazy_dump(name, mdir, images)
+        finally:
+            freeze.stop()
         event("dump", f"images written after {ms} ms; the page server serves this host's page relay", 90)
-        return {
+        out = {
             "state": _state(name),
             "relay": RELAY_VERSION,
             "stats": {"total_ms": _ms(t0)},
             "images_bytes": _du(images),
             "pages_bytes": _pages_bytes(images),  # what CRIU could not leave to the page server
         }
-    _criu_dump(name, images, stop=True)
-    stats = _criu_stats(images, "dump")
-    stats["total_ms"] = _ms(t0)
-    return {"state": _state(name), "stats": stats, "images_bytes": _du(images), "pages_bytes": _pages_bytes(images)}
+    else:
+        try:
+            _criu_dump(name, images, stop=True)
+        finally:
+            freeze.stop()
+        stats = _criu_stats(images, "dump")
+        stats["total_ms"] = _ms(t0)
+        out = {"state": _state(name), "stats": stats, "images_bytes": _du(images), "pages_bytes": _pages_bytes(images)}
+    # Last: "so many ms ago" is read against the moment this result is printed.
+    out["frozen"] = freeze.report()
+    return out
 
 
 def _pages_bytes(images):
@@ -627,9 +639,11 @@ def cmd_migrate_restore(params):
         _start_lazy_pages(name, mdir, images)
         env = _criu_config(mdir, "restore", ["lazy-pages"])
     event("restore", f"restoring {name}" + (" (memory follows lazily)" if lazy else ""), 10)
+    answer = AnswerWatch(name)  # when its address answers here: the client-visible downtime's end
     try:
         _criu_restore(name, images, f"CRIU could not restore {name} on this host", False, env)
     except AgentError as e:
+        answer.cancel()
         if lazy:
             _kill_watched(mdir, LAZY_PAGES)
             _kill_watched(mdir, PAGE_RELAY)
@@ -637,7 +651,9 @@ def cmd_migrate_restore(params):
         raise
     stats = _criu_stats(images, "restore")
     stats["total_ms"] = _ms(t0)
-    return {"state": _state(name), "stats": stats}
+    out = {"state": _state(name), "stats": stats}
+    out["answered"] = answer.report()  # last: "so many ms ago" is read against this result's line
+    return out
 
 
 def cmd_migrate_lazy_wait(params):

@@ -5,6 +5,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import shutil
 import stat
 import subprocess
@@ -459,18 +460,91 @@ def _lxc_start(name):
     if p.returncode != 0:
         raise AgentError(f"lxc-start failed for {name}.", _console_tail(name), {"state": _state(name)})
     run(["lxc-wait", "-n", name, "-s", "RUNNING|STOPPED", "-t", "15"], timeout=30)
-    # A command that exits at once stops the container: wait a moment to catch it.
-    deadline = time.time() + 1.5
-    while time.time() < deadline:
-        if _state(name) != "RUNNING":
-            break
-        time.sleep(0.25)
-    state = _state(name)
-    if state != "RUNNING":
+    if not _init_comes_up(name):
+        # Its init exited: LXC stops the container; the console log says why.
+        run(["lxc-wait", "-n", name, "-s", "STOPPED", "-t", "10"], timeout=30)
         raise AgentError(
-            f"{name} stopped right after it started (its init exited).", _console_tail(name), {"state": state}
+            f"{name} stopped right after it started (its init exited).", _console_tail(name), {"state": _state(name)}
         )
-    return state
+    return "RUNNING"
+
+
+# A start watches the container's init until it settles or exits, never for a fixed time.
+# Settled: it runs its own program (no longer LXC's code, which it leaves by exec) and
+# waits for something (a child, a socket, a timer: state S). An init that exits at once
+# (a missing program, a command that fails) never gets there; its exit is an event (a
+# pidfd). One that computes without ever waiting is taken as running after this bound.
+INIT_WATCH_S = 1.5
+PF_EXITING = 0x4  # include/linux/sched.h: the task is on its way out
+
+
+def _proc_stat(pid):
+    """(state, ppid, flags) from /proc/PID/stat, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            tail = f.read().rpartition(")")[2].split()
+        return tail[0], int(tail[1]), int(tail[6])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _exe_id(pid):
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _init_settled(pid):
+    """True once the init waits in its own program, False while it works (or is still LXC's
+    child before its exec), None once it is gone or exiting."""
+    st = _proc_stat(pid)
+    if st is None or st[0] in ("Z", "X") or st[2] & PF_EXITING:
+        return None
+    state, ppid, _ = st
+    if state != "S":
+        return False
+    own = _exe_id(pid)
+    return own is not None and own != _exe_id(ppid)  # the parent is the LXC monitor (lxc-start)
+
+
+def _init_pid(name):
+    rc, out, err = run(["lxc-info", "-n", name, "-pH"], timeout=20)
+    return int(out.strip()) if rc == 0 and out.strip().isdigit() else None
+
+
+def _init_comes_up(name, limit=INIT_WATCH_S):
+    """Watch the container's init until it settles (True) or exits (False)."""
+    pid = _init_pid(name)
+    if pid is None:
+        return False
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3: /proc alone tells
+        pidfd = None
+    poller = select.poll()
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
+    deadline = time.monotonic() + limit
+    tick_ms = 1
+    try:
+        while True:
+            settled = _init_settled(pid)
+            if settled is None:
+                return False
+            if settled or time.monotonic() >= deadline:
+                return True
+            if pidfd is None:
+                time.sleep(tick_ms / 1000)
+            elif poller.poll(tick_ms):  # wakes at once when the init exits
+                return False
+            tick_ms = min(tick_ms * 2, 16)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _lxc_stop(name):

@@ -1,0 +1,212 @@
+"""When a migrating container stops serving and when it answers again, seen from outside
+its processes (the client-visible downtime in a migration's result).
+
+- The freeze, on the source: the instant the container's freezer cgroup leaves THAWED
+  during the dump (CRIU freezes the whole cgroup before it touches a task), read every
+  millisecond from the cgroup file; where no freezer file is found, the instant the dump
+  was started (later than the freeze never, earlier by CRIU's start-up: an upper bound).
+- The answer, on the target: the first ICMP echo reply from the container's address,
+  asked every 2 ms by this host from before the restore starts. The host is told the
+  container's MAC first (it is in the container's config), so no ARP round stands between
+  the container's return and the first reply.
+
+Each instant goes to the dashboard as "so many ms before this result line": the dashboard
+places both on its own clock by the moment each line arrived, so no two hosts' clocks are
+ever compared (the error is the difference of two lines' one-way delays over SSH)."""
+
+import ipaddress
+import os
+import re
+import select
+import socket
+import struct
+import threading
+import time
+
+from .common import run
+from .lxc import _config_value, _init_pid, _network, _read_config
+
+FREEZE_POLL_S = 0.001
+PING_EVERY_S = 0.002
+
+
+def _freezer_file(pid):
+    """The file that tells whether the cgroup of process `pid` is frozen (v1 freezer.state or
+    v2 cgroup.freeze) on this host's cgroup mounts, or None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+        with open("/proc/self/mountinfo") as f:
+            mounts = f.read().splitlines()
+    except OSError:
+        return None
+    v1 = v2 = None
+    for line in lines:
+        hid, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "freezer" in controllers.split(","):
+            v1 = path
+        elif hid == "0" and controllers == "":
+            v2 = path
+    for m in mounts:
+        fields = m.split()
+        if " - " not in m or len(fields) < 5:
+            continue
+        root, point = fields[3], fields[4]
+        fstype, _, options = m.split(" - ", 1)[1].split()[:3]
+        if fstype == "cgroup" and v1 is not None and "freezer" in options.split(","):
+            path, name = v1, "freezer.state"
+        elif fstype == "cgroup2" and v2 is not None and v1 is None:
+            path, name = v2, "cgroup.freeze"
+        else:
+            continue
+        if root != "/" and path.startswith(root):
+            path = path[len(root) :]
+        candidate = os.path.join(point, path.lstrip("/"), name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+class FreezeWatch:
+    """Started just before a dump: notes the monotonic instant the container froze."""
+
+    def __init__(self, name):
+        pid = _init_pid(name)
+        self.path = _freezer_file(pid) if pid else None
+        self.started = time.monotonic()
+        self.at = None
+        self._stop = threading.Event()
+        self._thread = None
+        if self.path:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+
+    def _watch(self):
+        while not self._stop.is_set():
+            try:
+                with open(self.path, "rb") as f:
+                    value = f.read().strip()
+            except OSError:  # the cgroup went with the stopped container
+                return
+            if value and value not in (b"THAWED", b"0"):
+                self.at = time.monotonic()
+                return
+            time.sleep(FREEZE_POLL_S)
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
+
+    def report(self):
+        """{"ago_ms", "how"} for the result: call it last, just before returning the result."""
+        self.stop()
+        at, how = (self.at, "freezer") if self.at is not None else (self.started, "dump-start")
+        return {"ago_ms": round((time.monotonic() - at) * 1000, 1), "how": how}
+
+
+def _checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+def _echo_request(ident, seq):
+    header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+    payload = b"ctweb-downtime"
+    return struct.pack("!BBHHH", 8, 0, _checksum(header + payload), ident, seq) + payload
+
+
+def container_address(name):
+    """(IPv4, MAC, why not) from the container's config. Only an address inside this host's
+    own container network is ever pinged (a config may have come from another host)."""
+    try:
+        lines = _read_config(name)
+    except OSError:
+        return None, None, "it has no config here"
+    ip = (_config_value(lines, "lxc.net.0.ipv4.address") or "").split("/")[0]
+    if not ip:
+        return None, None, "it has no IPv4 address in its config"
+    net = _network() or {}
+    try:
+        inside = ipaddress.ip_address(ip) in ipaddress.ip_network(net.get("subnet", ""), strict=False)
+    except ValueError:
+        inside = False
+    if not inside:
+        return None, None, f"{ip} is not in this host's container network (/etc/ctweb/network.json)"
+    mac = (_config_value(lines, "lxc.net.0.hwaddr") or "").lower()
+    return ip, mac if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) else None, None
+
+
+class AnswerWatch:
+    """Started just before a restore: pings the container's address from this host until
+    the first reply, and notes its monotonic instant."""
+
+    def __init__(self, name):
+        self.ip, mac, self.why = container_address(name)
+        self.at = None
+        self._stop = threading.Event()
+        self._thread = None
+        if not self.ip:
+            return
+        try:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except OSError as e:
+            self.why = f"no raw ICMP socket on this host ({e.strerror})"
+            return
+        self._mac = mac
+        self._thread = threading.Thread(target=self._ping, daemon=True)
+        self._thread.start()
+
+    def _teach_neighbour(self, mac):
+        # A host that never talked to this address would ARP for it, and while the restore
+        # runs nobody answers: Linux then asks again only every second. The container's MAC
+        # is known (its config), so the host's first ping after the restore goes straight out.
+        rc, out, err = run(["ip", "-o", "route", "get", self.ip], timeout=10)
+        words = out.split()
+        if rc != 0 or "dev" not in words or "via" in words:
+            return
+        dev = words[words.index("dev") + 1]
+        run(["ip", "neigh", "replace", self.ip, "lladdr", mac, "dev", dev, "nud", "stale"], timeout=10)
+
+    def _ping(self):
+        ident, seq = os.getpid() & 0xFFFF, 0
+        try:
+            if self._mac:  # here, beside the restore, not before it
+                self._teach_neighbour(self._mac)
+            while not self._stop.is_set() and self.at is None:
+                seq = (seq + 1) & 0xFFFF
+                try:
+                    self._sock.sendto(_echo_request(ident, seq), (self.ip, 0))
+                except OSError:
+                    pass  # no route yet, a full queue: the next one
+                until = time.monotonic() + PING_EVERY_S
+                while self.at is None and (left := until - time.monotonic()) > 0:
+                    if not select.select([self._sock], [], [], left)[0]:
+                        break
+                    packet, (src, _) = self._sock.recvfrom(2048)
+                    ihl = (packet[0] & 0x0F) * 4 if packet else 0
+                    icmp = packet[ihl : ihl + 8]
+                    if src == self.ip and len(icmp) == 8:
+                        kind, _, _, rid, _ = struct.unpack("!BBHHH", icmp)
+                        if kind == 0 and rid == ident:
+                            self.at = time.monotonic()
+        finally:
+            self._sock.close()
+
+    def report(self, wait_s=3.0):
+        """{"ago_ms"} once it answered (waiting up to wait_s more for it), else {"why"}."""
+        if self._thread is None:
+            return {"ago_ms": None, "why": self.why}
+        self._thread.join(wait_s)
+        self._stop.set()
+        self._thread.join(1)
+        if self.at is None:
+            return {"ago_ms": None, "why": f"{self.ip} did not answer ICMP echo within {wait_s:g} s of the restore"}
+        return {"ago_ms": round((time.monotonic() - self.at) * 1000, 1), "address": self.ip}
+
+    def cancel(self):
+        self._stop.set()

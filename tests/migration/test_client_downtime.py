@@ -1,0 +1,55 @@
+"""A migration's client-visible downtime: the source's freeze and the target's first answer,
+each reported by its agent as "N ms before my result line", placed on the worker's clock by
+when each line arrived (containers/migration/downtime.py client_downtime). No host clock is compared."""
+
+from containers.migration.downtime import client_downtime
+from operations.display import downtime_breakdown
+
+
+def test_it_runs_from_the_freeze_to_the_first_answer_on_the_workers_clock():
+    # The dump's line arrived at 100.0 s (worker), 250 ms after the freeze; the restore's at
+    # 101.0 s, 40 ms after the first answer: the container was gone 1210 ms.
+    dumped = {"frozen": {"ago_ms": 250.0, "how": "freezer"}}
+    restored = {"answered": {"ago_ms": 40.0, "address": "10.77.64.100"}}
+    seen = client_downtime(dumped, 100.0, restored, 101.0, "lab-a", "lab-b")
+    assert seen["ms"] == 1210.0
+    assert "freezer cgroup on lab-a" in seen["from"]
+    assert seen["until"] == "its address 10.77.64.100 answered ICMP echo on lab-b"
+
+
+def test_a_freeze_not_seen_in_the_cgroup_counts_from_the_dumps_start_and_says_so():
+    seen = client_downtime(
+        {"frozen": {"ago_ms": 300, "how": "dump-start"}}, 50.0, {"answered": {"ago_ms": 0}}, 50.5, "a", "b"
+    )
+    assert seen["ms"] == 800.0 and "upper bound" in seen["from"]
+
+
+def test_no_answer_or_a_lying_agent_gives_no_number_and_a_reason():
+    frozen = {"frozen": {"ago_ms": 10, "how": "freezer"}}
+    why = {"answered": {"ago_ms": None, "why": "it has no IPv4 address in its config"}}
+    seen = client_downtime(frozen, 1.0, why, 2.0, "a", "b")
+    assert seen["ms"] is None and "no IPv4 address" in seen["why"]
+    for lie in ("12", True, -5, 1e12, None, [1]):
+        assert (
+            client_downtime({"frozen": {"ago_ms": lie, "how": "freezer"}}, 1, {"answered": {"ago_ms": 1}}, 2, "a", "b")[
+                "ms"
+            ]
+            is None
+        )
+        assert client_downtime(frozen, 1, {"answered": {"ago_ms": lie}}, 2, "a", "b")["ms"] is None
+    assert (
+        client_downtime({"frozen": {"ago_ms": 1, "how": "guess"}}, 1, {"answered": {"ago_ms": 1}}, 2, "a", "b")["ms"]
+        is None
+    )
+    assert client_downtime({}, 1, {}, 2, "a", "b")["why"]
+
+
+def test_the_operation_page_shows_it_beside_the_criu_breakdown():
+    result = {
+        "strategy": "stop-and-copy",
+        "downtime_ms": 900.0,
+        "client_downtime_ms": 950.5,
+        "client_downtime": {"ms": 950.5, "from": "x", "until": "y"},
+        "phases": {"dump_ms": 300, "transfer_ms": 300, "restore_ms": 300},
+    }
+    assert downtime_breakdown(result)["client"] == {"ms": 950.5, "from": "x", "until": "y", "why": None, "note": None}
