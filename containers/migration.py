@@ -167,6 +167,7 @@ class _Transfer:
         self.source, self.target, self.strategy = source, target, strategy
         self.route, self.why = direct_route(source, target)
         self.bytes = 0
+        self.relayed = 0  # of those, the bytes that crossed the dashboard (all of them unless direct)
         self.memory_in_images: int | None = None  # bytes of memory pages in the dump's images
 
     def describe(self) -> dict:
@@ -246,14 +247,20 @@ def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, xfer: _
         if xfer.route:
             n, result = ssh.direct(src, dst, {**params, **stall}, xfer.route, on_bytes, on_tick)
         else:
-            n, result = ssh.relay(
-                src.open_stream("send", params), dst.open_stream("receive", {**params, **stall}), on_bytes
-            )
+            sender = src.stream("send", params, "sending host")
+            try:
+                receiver = dst.stream("receive", {**params, **stall}, "receiving host")
+            except BaseException:
+                sender.close()
+                raise
+            n, result = ssh.relay(sender, receiver, on_bytes)
     except ssh.AgentFailed as e:
         raise OperationFailed(f"Transfer of the {label}{how} failed: {e}", e.details) from e
     except ssh.SSHError as e:
         raise OperationFailed(f"Transfer of the {label}{how} failed: {e}") from e
     xfer.bytes += n
+    if not xfer.route:
+        xfer.relayed += n
     ctx.event("transfer", f"{label}: {n / 1048576:.1f} MiB sent", base + span, bytes=xfer.bytes, what=label)
     dropped = (result or {}).get("config_dropped")
     if dropped:  # the target rewrote the config from its allowlist (docs/SECURITY.md)
@@ -311,12 +318,14 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         ctx.check_cancel()
 
         # 2. Copy the rootfs and the snapshots while the container still runs.
+        before = xfer.bytes
         _send(src, dst, ctx, {**base, "what": "rootfs"}, "root filesystem", 10, 30, xfer)
         if prep.get("snapshots"):
             _send(src, dst, ctx, {**base, "what": "snapshots"}, "snapshots", 40, 10, xfer)
         if prep.get("has_saved_state"):
             _send(src, dst, ctx, {**base, "what": "state"}, "saved state", 50, 2, xfer)
         clock.lap("presync")
+        presync_bytes = xfer.bytes - before
         ctx.check_cancel()
 
         # 3. Freeze: from here the container is down until the target runs it.
@@ -412,6 +421,10 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         "downtime_ms": round(downtime_ms, 1),
         "total_ms": round((time.monotonic() - clock.t0) * 1000, 1),
         "bytes_transferred": xfer.bytes,
+        # The migration's data that crossed the dashboard (relayed tars, post-copy pages and
+        # page requests); the agents' JSON lines (control) are not counted.
+        "dashboard_bytes": xfer.relayed,
+        "presync_bytes": presync_bytes,
         "phases": clock.marks,
         "dump_stats": stats,
         "restore_stats": restored.get("stats") or {},
@@ -425,6 +438,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         result["page_bytes"] = tunnel.bytes_down
         result["page_relay"] = {"rounds": tunnel.rounds, "bytes_up": tunnel.bytes_up, "relay": pulled.get("relay")}
         result["bytes_transferred"] += tunnel.bytes_down + tunnel.bytes_up
+        result["dashboard_bytes"] += tunnel.bytes_down + tunnel.bytes_up
     return result
 
 
