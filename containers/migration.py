@@ -222,9 +222,22 @@ class _Transfer:
         return f"transfer: relayed through the dashboard over SSH, encrypted ({self.why})"
 
 
-def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, xfer: _Transfer) -> dict:
+def _warm(src, dst, hosts: ExitStack) -> tuple:
+    """A relay's two streams started ahead (see ssh.AgentProcess): started before the freeze,
+    their SSH handshakes and the agents' start-up cost no downtime."""
+    sender = src.stream("send", None, "sending host")
+    hosts.callback(sender.close)
+    receiver = dst.stream("receive", None, "receiving host")
+    hosts.callback(receiver.close)
+    return sender, receiver
+
+
+def _send(
+    src, dst, ctx, params: dict, label: str, base: int, span: int, xfer: _Transfer, warm: tuple | None = None
+) -> dict:
     """Move one tar from the source agent to the target agent, reporting bytes as they go:
-    relayed by this worker over SSH, or directly between the hosts where an admin allowed it."""
+    relayed by this worker over SSH, or directly between the hosts where an admin allowed it.
+    `warm`: the relay's two streams, started ahead by _warm."""
     last = [0.0, 0.0]
 
     def on_bytes(n: int) -> None:
@@ -247,11 +260,15 @@ def _send(src, dst, ctx, params: dict, label: str, base: int, span: int, xfer: _
         if xfer.route:
             n, result = ssh.direct(src, dst, {**params, **stall}, xfer.route, on_bytes, on_tick)
         else:
-            sender = src.stream("send", params, "sending host")
+            sender, receiver = warm or (src.stream("send", None, "sending host"), None)
             try:
-                receiver = dst.stream("receive", {**params, **stall}, "receiving host")
+                receiver = receiver or dst.stream("receive", None, "receiving host")
+                sender.begin(params)
+                receiver.begin({**params, **stall})
             except BaseException:
                 sender.close()
+                if receiver is not None:
+                    receiver.close()
                 raise
             n, result = ssh.relay(sender, receiver, on_bytes)
     except ssh.AgentFailed as e:
@@ -328,6 +345,16 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         presync_bytes = xfer.bytes - before
         ctx.check_cancel()
 
+        # The streams the downtime needs, ready before it starts.
+        warm = {}
+        if not xfer.route:
+            try:
+                warm["delta"] = _warm(src, dst, hosts)
+                if live:
+                    warm["images"] = _warm(src, dst, hosts)
+            except ssh.SSHError as e:
+                raise OperationFailed(f"Could not open the transfer streams: {e}") from e
+
         # 3. Freeze: from here the container is down until the target runs it.
         down_from = time.monotonic()
         stats = {}
@@ -357,9 +384,9 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         ctx.check_cancel()
 
         # 4. What changed since the copy, and the memory images.
-        _send(src, dst, ctx, {**base, "what": "delta"}, "rootfs changes", 66, 6, xfer)
+        _send(src, dst, ctx, {**base, "what": "delta"}, "rootfs changes", 66, 6, xfer, warm.get("delta"))
         if live:
-            _send(src, dst, ctx, {**base, "what": "images"}, "memory images", 72, 10, xfer)
+            _send(src, dst, ctx, {**base, "what": "images"}, "memory images", 72, 10, xfer, warm.get("images"))
         clock.lap("transfer")
         ctx.check_cancel()
 

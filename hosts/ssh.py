@@ -247,7 +247,7 @@ class HostConnection:
             raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
         return channel
 
-    def stream(self, subcommand: str, params: dict, who: str) -> AgentProcess:
+    def stream(self, subcommand: str, params: dict | None, who: str) -> AgentProcess:
         """Start an agent subcommand that streams raw bytes, through an OpenSSH client
         process (see AgentProcess): for relays, where paramiko would be the bottleneck."""
         try:
@@ -506,11 +506,13 @@ def ssh_argv(host, command: str) -> list[str]:
 class AgentProcess:
     """An agent subcommand that streams raw bytes, run through an OpenSSH client process.
 
-    Its parameters go first on stdin, as one JSON line. stdout and stdin are kernel pipes
+    Its parameters go first on stdin, as one JSON line; given later (`begin`), the process is
+    started ahead: the SSH handshake and the agent's start-up are done by the time they are
+    needed (the agent waits for its parameters before doing anything). stdout and stdin are kernel pipes
     for splice(2); stderr (the agent's and ssh's own) and, for a receiver, its JSON lines
     are drained as they come so neither side ever blocks on a full pipe."""
 
-    def __init__(self, host, agent_path: str, subcommand: str, params: dict, who: str):
+    def __init__(self, host, agent_path: str, subcommand: str, params: dict | None, who: str):
         if subcommand not in AGENT_SUBCOMMANDS:
             raise ValueError(f"unknown agent subcommand {subcommand!r}")
         self.host, self.who = host, who
@@ -533,7 +535,15 @@ class AgentProcess:
         self.stderr = bytearray()
         self.out = b""  # JSON lines read from stdout (receivers only)
         self.out_ended = False
-        os.write(self.stdin, json.dumps(params).encode() + b"\n")  # far below a pipe's size
+        if params is not None:
+            self.begin(params)
+
+    def begin(self, params: dict) -> None:
+        try:
+            os.write(self.stdin, json.dumps(params).encode() + b"\n")  # far below a pipe's size
+        except OSError as e:  # the process ended already (its link, say)
+            self.proc.poll()
+            raise SSHError(f"Lost the connection to {self.host}: {_last_line(self.tail())}") from e
 
     def close_stdin(self) -> None:
         if not self.proc.stdin.closed:

@@ -18,7 +18,10 @@ pytestmark = pytest.mark.e2e
 AGENT = r"""
 import hashlib, json, os, sys
 cmd = sys.argv[1]
-p = json.loads(sys.stdin.buffer.readline())
+line = b""
+while not line.endswith(b"\n"):  # unbuffered, as the agent does: the stream follows at once
+    line += os.read(0, 1)
+p = json.loads(line)
 with open(p["pids"], "a") as f:
     f.write(f"{os.getpid()}\n")
 if cmd == "send":
@@ -95,6 +98,18 @@ def test_every_byte_arrives_in_order_with_progress_and_the_receivers_result(host
     assert result == {"bytes": size, "sha256": digest}
     assert seen == sorted(seen) and seen[-1] == size and len(seen) > 1
     assert _all_gone(host.pids)
+
+
+def test_streams_started_ahead_wait_for_their_parameters(host):
+    common = {"pids": str(host.pids)}
+    sender = ssh.AgentProcess(host, host.agent, "send", None, "sending host")
+    receiver = ssh.AgentProcess(host, host.agent, "receive", None, "receiving host")
+    time.sleep(1)  # connected and started: neither has done anything yet
+    assert not host.pids.exists()
+    sender.begin({**common, "mib": 4})
+    receiver.begin(common)
+    n, result = ssh.relay(sender, receiver)
+    assert (n, result) == (4 << 20, {"bytes": 4 << 20, "sha256": _expected(4)[1]})
 
 
 def test_a_receiver_that_fails_says_why_and_both_ends_stop(host):
