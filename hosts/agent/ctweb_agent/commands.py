@@ -191,9 +191,9 @@ def main(argv):
     except OSError:
         pass  # never the reason a job fails
     raw = _read_line(0)
-    if raw is None:  # a stream started ahead that was never used: nothing was asked
-        return 0
-    raw = raw.decode()
+    if raw is None and argv[1] in ("send", "receive"):
+        return 0  # a stream the dashboard started ahead and never used: nothing was asked
+    raw = (raw or b"").decode()  # (pages-relay takes its parameters from its environment)
     try:
         params = json.loads(raw) if raw.strip() else {}
         if not isinstance(params, dict):
