@@ -351,7 +351,20 @@ class SnapshotSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Snapshot
-        fields = ["name", "container", "host", "stateful", "created_at", "size_bytes", "created_by", "stats"]
+        fields = [
+            "name",
+            "container",
+            "host",
+            "stateful",
+            "created_at",
+            "size_bytes",
+            "added_bytes",
+            "images_bytes",
+            "images_raw_bytes",
+            "images_compression",
+            "created_by",
+            "stats",
+        ]
 
 
 class SnapshotDetailSerializer(SnapshotSerializer):

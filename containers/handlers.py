@@ -8,6 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.audit import audit
+from core.fleet import snapshot_budget_bytes
 from hosts import ssh
 from hosts.handlers import failure
 from hosts.models import Host
@@ -351,6 +352,9 @@ def snapshot(ctx: OperationContext) -> dict:
     op, container = ctx.op, container_of(ctx)
     name, stateful = op.params["snapshot"], bool(op.params.get("stateful", True))
     params = {"name": container.name, "snapshot": name, "stateful": stateful}
+    budget = snapshot_budget_bytes()
+    if budget:
+        params["budget_bytes"] = budget  # checked by the agent before it freezes anything
     then = f"Whether {op.host.name} kept snapshot {name} is asked again until it answers."
     data = agent_or_wait(ctx, op.host, "snapshot", params, 5, 90, then)
     ctx.event("save", f"recording snapshot {name}", 97)
@@ -360,6 +364,10 @@ def snapshot(ctx: OperationContext) -> dict:
         stateful=stateful,
         created_by=op.created_by,
         size_bytes=data.get("size_bytes") or 0,
+        added_bytes=data.get("added_bytes"),
+        images_bytes=data.get("images_bytes"),
+        images_raw_bytes=data.get("images_raw_bytes"),
+        images_compression=data.get("images_compression") or "",
         stats=data.get("stats") or {},
         contents=data.get("contents") or {},
     )

@@ -47,7 +47,13 @@ class Snapshot(models.Model):
     stateful = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    size_bytes = models.BigIntegerField(default=0)
+    size_bytes = models.BigIntegerField(default=0, help_text="The whole snapshot on its host's disk, each file once")
+    added_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="The disk it added when taken (what it does not share with earlier snapshots)"
+    )
+    images_bytes = models.BigIntegerField(null=True, blank=True, help_text="Its memory images as stored")
+    images_raw_bytes = models.BigIntegerField(null=True, blank=True, help_text="Its memory images uncompressed")
+    images_compression = models.CharField(max_length=16, blank=True, help_text="zstd, or empty: stored as dumped")
     stats = models.JSONField(default=dict, blank=True)
     contents = models.JSONField(default=dict, blank=True)
 

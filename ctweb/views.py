@@ -16,7 +16,7 @@ from containers.api import containers_queryset
 from containers.models import Container
 from core.audit import audit
 from core.decorators import role_required
-from core.fleet import save_direct_networks, save_stall_limit
+from core.fleet import save_direct_networks, save_stall_limit, snapshot_budget_bytes
 from core.middleware import error_response
 from core.models import ApiToken, AuditEntry, FleetSettings
 from core.roles import ROLES, has_role, role_of, set_role
@@ -269,5 +269,11 @@ def host_detail(request, name):
     return render(
         request,
         "hosts/detail.html",
-        {"host": host, "operations": ops, "containers": containers, "disagreements": disagreements(host=host)},
+        {
+            "host": host,
+            "operations": ops,
+            "containers": containers,
+            "disagreements": disagreements(host=host),
+            "snapshot_budget_bytes": snapshot_budget_bytes(),
+        },
     )
