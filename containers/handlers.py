@@ -17,7 +17,7 @@ from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import OperationContext, OperationFailed, WaitFor, collects_bundle, handler, undoes
 
-from .models import Container, Snapshot
+from .models import Container, Snapshot, SnapshotSchedule
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,7 @@ def snapshot(ctx: OperationContext) -> dict:
         images_bytes=data.get("images_bytes"),
         images_raw_bytes=data.get("images_raw_bytes"),
         images_compression=data.get("images_compression") or "",
+        schedule=SnapshotSchedule.objects.filter(pk=op.params.get("schedule") or 0).first(),
         stats=data.get("stats") or {},
         contents=data.get("contents") or {},
     )

@@ -3,6 +3,7 @@ from celery import shared_task
 from hosts.models import Host
 
 from .handlers import refresh_host
+from .schedules import run_schedules
 
 
 @shared_task(ignore_result=True)
@@ -10,3 +11,9 @@ def refresh_container_states() -> None:
     """Keep the container list fresh between operations (scheduled by the worker's beat)."""
     for host in Host.objects.filter(status=Host.Status.ONLINE):
         refresh_host(host)
+
+
+@shared_task(ignore_result=True)
+def run_snapshot_schedules() -> None:
+    """Take the scheduled snapshots that are due and apply retention (scheduled by beat)."""
+    run_schedules()
