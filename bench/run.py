@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.snapstore import bench_snapshot_store  # noqa: E402
 from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -414,6 +415,7 @@ def write(results: dict, notes: dict | None = None) -> None:
 
 
 BY_HAND = "overhead against doing it by hand (busybox, 64 MiB held in memory)"
+SNAPSTORE = "snapshot storage: disk per snapshot and frozen time against rootfs size, beside by hand (debian)"
 
 
 def by_hand_section(stack: Stack, repeat: int) -> dict:
@@ -444,7 +446,7 @@ def main() -> int:
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
         "--only",
-        help="run only this part: fleet (no lab), concurrency, memory, byhand, direct or pages (with the lab)",
+        help="run only this part: fleet (no lab), concurrency, memory, byhand, direct, pages or snapstore (with the lab)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -474,6 +476,7 @@ def main() -> int:
                 "byhand": (BY_HAND, lambda st: by_hand_section(st, args.repeat)),
                 "direct": (DIRECT, bench_direct),
                 "pages": (PAGES, bench_pages),
+                "snapstore": (SNAPSTORE, lambda st: bench_snapshot_store(st, op_ms)),
             }[args.only]
             results[part[0]] = part[1](stack)
         elif not args.no_lab:
@@ -484,6 +487,7 @@ def main() -> int:
             )
             results[BY_HAND] = by_hand_section(stack, args.repeat)
             results[DIRECT] = bench_direct(stack)
+            results[SNAPSTORE] = bench_snapshot_store(stack, op_ms)
     finally:
         stack.stop()
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "lab", "down"], cwd=ROOT, capture_output=True)

@@ -43,6 +43,19 @@ def make_rootfs(path):
     with open(os.path.join(path, "var/log/app.log"), "w") as f:
         f.write("line\n")
     os.symlink("etc/f0", os.path.join(path, "link"))
+    for i in range(20):
+        os.utime(os.path.join(path, "etc", f"f{i}"), ns=(T0, T0))
+
+
+T0 = 1_700_000_000 * 10**9 + 100  # a whole second and 100 ns
+
+
+def rewrite_in_place(path, data: bytes):
+    """Same size, and a modification time in the same second as before (only the ns differ)."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 100))
 
 
 def snapshot_rootfs(agent, rootfs, snap_dir, previous, between=None):
@@ -87,8 +100,7 @@ def test_changes_while_frozen_never_reach_the_previous_snapshot(agent, tmp_path)
         os.chmod(rootfs / "etc/f1", 0o600)  # attributes only
         if os.geteuid() == 0:
             os.chown(rootfs / "etc/f2", 1234, 1234)
-        with open(rootfs / "etc/f3", "r+b") as f:  # in place, same size
-            f.write(b"changed!")
+        rewrite_in_place(rootfs / "etc/f3", b"changed!")  # in place, same size, same second
         with open(rootfs / "var/log/app.log", "a") as f:
             f.write("more\n")
         os.unlink(rootfs / "etc/f4")
@@ -109,10 +121,11 @@ def test_a_restore_then_writes_leave_every_snapshot_as_it_was(agent, tmp_path):
     agent.criu._sync(s1, str(rootfs))  # the restore's rollback
     assert tree_sums(rootfs) == sums[s1]
     for rel in ("etc/f0", "etc/f5", "var/log/app.log"):  # the container writes in place
-        with open(rootfs / rel, "r+b") as f:
-            f.write(b"XXXX")
+        rewrite_in_place(rootfs / rel, b"XXXX")
         os.chmod(rootfs / rel, 0o640)
     assert {s: tree_sums(s) for s in (s1, s2)} == sums
+    agent.criu._sync(s1, str(rootfs))  # restored again: every rewrite rolled back
+    assert tree_sums(rootfs) == sums[s1]
     shutil.rmtree(s1)  # deleting one snapshot leaves the other whole
     assert tree_sums(s2) == sums[s2]
 
@@ -163,3 +176,21 @@ def test_the_estimate_counts_only_what_the_previous_snapshot_lacks(agent, tmp_pa
     (rootfs / "new.bin").write_bytes(b"x" * 100_000)
     assert agent.store.new_bytes_estimate(str(rootfs), s1) == 100_000
     assert [n for n in os.listdir(tmp_path / "snaps/c") if n.startswith(".estimate")] == []
+
+
+def test_a_migration_counts_shared_snapshot_files_once(agent, tmp_path):
+    """The target's disk check gets the snapshots' real disk, not one full rootfs per snapshot."""
+    cdir = os.path.join(agent.S.LXC_PATH, "c1")
+    make_rootfs(os.path.join(cdir, "rootfs"))
+    with open(os.path.join(cdir, "config"), "w") as f:
+        f.write("lxc.uts.name = c1\n")
+    base = os.path.join(agent.S.SNAPSHOTS_PATH, "c1")
+    previous = None
+    for i in range(5):
+        previous = snapshot_rootfs(agent, os.path.join(cdir, "rootfs"), os.path.join(base, f"s{i}"), previous)
+        with open(os.path.join(base, f"s{i}", "meta.json"), "w") as f:
+            f.write("{}")
+    one = agent.store.du_once([os.path.join(base, "s0")])
+    need = agent.cmd_migrate_prepare({"name": "c1", "migration": 1})["need_bytes"]
+    rootfs = agent.common._du(cdir)
+    assert need - rootfs < 2 * one  # five snapshots, one rootfs's worth of files (before: 5 x)

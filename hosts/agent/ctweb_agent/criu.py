@@ -107,9 +107,7 @@ def _sync(src, dst):
     capabilities matter). rsync copies only what changed, so a second pass is cheap."""
     os.makedirs(dst, exist_ok=True)
     if shutil.which("rsync"):
-        rc, out, err = run(
-            ["rsync", "-aHAX", "--numeric-ids", "--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600
-        )
+        rc, out, err = run(store.RSYNC + ["--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600)
         if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
             raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
         return

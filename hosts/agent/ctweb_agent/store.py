@@ -20,7 +20,10 @@ from . import state as S
 from .common import AgentError, run
 
 ZSTD_SUFFIX = ".zst"
-RSYNC = ["rsync", "-aHAX", "--numeric-ids"]
+# --modify-window=-1: modification times compared to the nanosecond. With whole seconds (rsync's
+# default), a file rewritten in place at its size within the second of its last write looks
+# unchanged, and would be linked to the previous snapshot's copy (or, restoring, left as is).
+RSYNC = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1"]
 
 
 def du_once(paths):
