@@ -129,3 +129,17 @@ def test_the_host_page_shows_how_snapshots_are_kept_and_the_budget(users, truste
     assert "share unchanged files with the previous snapshot (hard links)" in page
     assert "compressed with zstd" in page and "native copy-on-write: none" in page
     assert "300.0\xa0MB used of a budget of 1.0\xa0GB" in page
+
+
+def test_an_admin_sets_the_budget_on_the_settings_page(users):
+    web = Client()
+    web.force_login(users["alice"])
+    assert web.post("/settings/", {"snapshot_budget_mib": "512"}).status_code == 302
+    assert FleetSettings.load().snapshot_budget_mib == 512
+    assert "Now: 512 MiB per host" in web.get("/settings/").content.decode()
+    assert web.post("/settings/", {"snapshot_budget_mib": "-5"}).status_code == 400
+    assert FleetSettings.load().snapshot_budget_mib == 512
+    bob = Client()
+    bob.force_login(users["bob"])
+    assert bob.post("/settings/", {"snapshot_budget_mib": "1"}).status_code == 403
+    assert FleetSettings.load().snapshot_budget_mib == 512
