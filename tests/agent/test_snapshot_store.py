@@ -194,3 +194,26 @@ def test_a_migration_counts_shared_snapshot_files_once(agent, tmp_path):
     need = agent.cmd_migrate_prepare({"name": "c1", "migration": 1})["need_bytes"]
     rootfs = agent.common._du(cdir)
     assert need - rootfs < 2 * one  # five snapshots, one rootfs's worth of files (before: 5 x)
+
+
+def test_a_restore_needing_zstd_on_a_host_without_it_changes_nothing(agent, tmp_path, monkeypatch):
+    cdir = os.path.join(agent.S.LXC_PATH, "c1")
+    make_rootfs(os.path.join(cdir, "rootfs"))
+    with open(os.path.join(cdir, "config"), "w") as f:
+        f.write("lxc.uts.name = c1\n")
+    sdir = os.path.join(agent.S.SNAPSHOTS_PATH, "c1", "s1")
+    snapshot_rootfs(agent, os.path.join(cdir, "rootfs"), sdir, None)
+    os.makedirs(os.path.join(sdir, "images"))
+    for n in ("inventory.img", "pages-1.img.zst"):
+        with open(os.path.join(sdir, "images", n), "wb") as f:
+            f.write(b"x")
+    with open(os.path.join(sdir, "meta.json"), "w") as f:
+        f.write('{"stateful": true}')
+    with open(os.path.join(cdir, "rootfs", "etc", "f0"), "wb") as f:
+        f.write(b"after the snapshot")
+    before = tree_sums(cdir)
+    real_which = shutil.which
+    monkeypatch.setattr(agent.criu.shutil, "which", lambda n: None if n == "zstd" else real_which(n))
+    with pytest.raises(agent.AgentError, match="compressed with zstd, which this host lacks"):
+        agent.cmd_restore({"name": "c1", "snapshot": "s1"})
+    assert tree_sums(cdir) == before

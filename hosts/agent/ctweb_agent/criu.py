@@ -410,6 +410,14 @@ def cmd_restore(params):
     if not os.path.isdir(os.path.join(sdir, "rootfs")):
         raise AgentError(f"Snapshot {snap} of {name} has no rootfs copy.", data={"state": _state(name)})
     rootfs = _rootfs(name)
+    if stateful:  # what the images need, checked while the container still runs untouched
+        if store.is_compressed(images) and not shutil.which("zstd"):
+            raise AgentError(
+                f"Snapshot {snap}'s memory images are compressed with zstd, which this host lacks "
+                "(install the zstd package); nothing was changed.",
+                data={"state": _state(name)},
+            )
+        _check_disk(meta.get("images_raw_bytes") or store.du_once([images]), f"restoring {snap}'s memory images")
     t0 = time.monotonic()
     event("stop", f"stopping {name}", 5)
     if _state(name) != "STOPPED":
