@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 
 import pytest
 
@@ -29,7 +30,13 @@ def tree_sums(top) -> dict:
                     body = hashlib.sha256(f.read()).hexdigest()
             else:
                 body = "dir"
-            out[rel] = (body, st.st_mode, st.st_uid, st.st_gid, int(st.st_mtime))
+            try:
+                xattrs = sorted(
+                    (k, os.getxattr(p, k, follow_symlinks=False)) for k in os.listxattr(p, follow_symlinks=False)
+                )
+            except OSError:
+                xattrs = []
+            out[rel] = (body, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, xattrs)
     return out
 
 
@@ -45,6 +52,7 @@ def make_rootfs(path):
     os.symlink("etc/f0", os.path.join(path, "link"))
     for i in range(20):
         os.utime(os.path.join(path, "etc", f"f{i}"), ns=(T0, T0))
+    time.sleep(0.2)  # made before the snapshots begin (their files' change times are older)
 
 
 T0 = 1_700_000_000 * 10**9 + 100  # a whole second and 100 ns
@@ -59,18 +67,17 @@ def rewrite_in_place(path, data: bytes):
 
 
 def snapshot_rootfs(agent, rootfs, snap_dir, previous, between=None):
-    """The rootfs copy exactly as cmd_snapshot makes it: a running pass into a new directory,
-    then (container frozen) a pass into another new directory linking to the first and to the
-    previous snapshot."""
+    """The rootfs copy as cmd_snapshot makes it: a running pass into a new directory sharing
+    with the previous snapshot, then (the container frozen) that copy updated in place."""
     rootfs, snap_dir = str(rootfs), str(snap_dir)
     os.makedirs(snap_dir)
-    running = os.path.join(snap_dir, "rootfs.running")
-    agent.store.sync_new(rootfs, running, [previous])
+    copy = os.path.join(snap_dir, "rootfs")
+    since = agent.store.pass_start()
+    agent.store.sync_new(rootfs, copy, [previous])
     if between:
         between()
-    agent.store.sync_new(rootfs, os.path.join(snap_dir, "rootfs"), [running, previous])
-    shutil.rmtree(running)
-    return os.path.join(snap_dir, "rootfs")
+    agent.store.update_in_place(rootfs, copy, since)
+    return copy
 
 
 def test_an_unchanged_rootfs_costs_only_its_directories_the_second_time(agent, tmp_path):
@@ -104,6 +111,12 @@ def test_changes_while_frozen_never_reach_the_previous_snapshot(agent, tmp_path)
         with open(rootfs / "var/log/app.log", "a") as f:
             f.write("more\n")
         os.unlink(rootfs / "etc/f4")
+        try:  # an extended attribute only (where the filesystem keeps user ones)
+            os.setxattr(rootfs / "etc/f5", "user.ctweb", b"1")
+        except OSError:
+            pass
+        if os.geteuid() == 0:
+            os.chown(rootfs / "link", 4321, 4321, follow_symlinks=False)  # a symlink's owner
 
     s2 = snapshot_rootfs(agent, rootfs, tmp_path / "s2", s1, between=container_writes)
     assert tree_sums(s1) == before

@@ -323,8 +323,8 @@ def cmd_snapshot(params):
                 f", sharing what did not change with {os.path.basename(os.path.dirname(previous))}" if previous else ""
             )
             event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs{shared}", 10)
-            running = os.path.join(tmp, "rootfs.running")
-            store.sync_new(rootfs, running, [previous])
+            since_ns = store.pass_start()
+            store.sync_new(rootfs, tmp_rootfs, [previous])
             event("freeze", f"freezing {name}", 40)
             t_freeze = time.monotonic()
             run(["lxc-freeze", "-n", name], timeout=60, check=True)
@@ -334,12 +334,11 @@ def cmd_snapshot(params):
                     event("dump", f"dumping {name} with CRIU (it keeps running)", 50)
                     _criu_dump(name, images, stop=False)
                 event("copy", "copying what changed in the rootfs while frozen", 75)
-                # Into a new directory: never an attribute change written over a shared file.
-                store.sync_new(rootfs, tmp_rootfs, [running, previous])
+                # Never an attribute change written over a file shared with the previous snapshot.
+                store.update_in_place(rootfs, tmp_rootfs, since_ns)
             finally:
                 _thaw(name)
                 frozen_ms = _ms(t_freeze)
-            _remove_tree(running)
             state = _state(name)
             if state != "RUNNING":
                 raise AgentError(f"{name} is {state} after the snapshot, not RUNNING.", data={"state": state})

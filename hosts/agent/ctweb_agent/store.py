@@ -8,13 +8,16 @@ entries: a file equal to the previous snapshot's is linked to it, anything else 
 file. rsync never links to its source, so the live rootfs never shares an inode with a
 snapshot, and a restore (rsync from a snapshot into the rootfs) copies, never links. An rsync
 over a directory that already holds shared files would change a linked file's mode or owner
-in place (rsync applies attribute-only changes to the existing inode): that is why the frozen
-pass of a snapshot writes into a fresh directory too, linking to the running pass's copy."""
+in place (rsync applies attribute-only changes to the existing inode): so before the frozen
+pass of a snapshot updates the running pass's copy, every shared entry whose attributes (or
+anything else) changed since the running pass began is unlinked from the copy
+(`unshare_changed`), and rsync writes it anew."""
 
 import os
 import shutil
 import stat
 import tempfile
+import time
 
 from . import state as S
 from .common import AgentError, run
@@ -82,6 +85,67 @@ def sync_new(src, dst, link_dests=()):
     rc, out, err = run(argv + [src.rstrip("/") + "/", dst + "/"], timeout=3600)
     if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
         raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+
+
+# Inode change times come from the kernel's coarse clock, a tick or so behind the wall clock.
+CTIME_MARGIN_NS = 100_000_000
+
+
+def pass_start():
+    """The time to give update_in_place() for a copy that begins now."""
+    return time.time_ns() - CTIME_MARGIN_NS
+
+
+def unshare_changed(src, dst, since_ns):
+    """Before an rsync updates `dst` in place from `src`: unlink from `dst` every shared entry
+    (a hard link: nlink > 1) whose attributes rsync would change on the inode itself, so that it
+    writes a new file instead. Those are the entries whose mode or owner differ, or whose inode
+    changed since `since_ns` (ctime: chmod, chown, xattrs, ACLs, writes). Anything else rsync
+    changes goes through a new file and a rename, or an unlink. Returns how many were unlinked.
+    Meant for a frozen container: nothing in `src` changes meanwhile."""
+    n = 0
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            it = os.scandir(os.path.join(src, rel))
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                r = os.path.join(rel, e.name)
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(r)
+                    continue
+                target = os.path.join(dst, r)
+                try:
+                    dt = os.lstat(target)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(dt.st_mode) or dt.st_nlink < 2:
+                    continue
+                if st.st_ctime_ns >= since_ns or (st.st_mode, st.st_uid, st.st_gid) != (
+                    dt.st_mode,
+                    dt.st_uid,
+                    dt.st_gid,
+                ):
+                    os.unlink(target)
+                    n += 1
+    return n
+
+
+def update_in_place(src, dst, since_ns):
+    """The frozen pass of a snapshot: `dst` (a sharing copy of `src` made since `since_ns`, a
+    wall-clock time in ns) made equal to `src` again, without writing any shared inode."""
+    unshared = unshare_changed(src, dst, since_ns)
+    rc, out, err = run(RSYNC + ["--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600)
+    if rc not in (0, 24):
+        raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+    return unshared
 
 
 def new_bytes_estimate(src, link_dest):
