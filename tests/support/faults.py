@@ -92,7 +92,7 @@ def leftovers(lab, host: str, name: str) -> list[str]:
     name, "[lxc monitor]": not a leftover)."""
     script = (
         f"ls -d /var/lib/ctweb/migrations/* /var/lib/ctweb/snapshots/{name}/.tmp-* "
-        f"/var/lib/ctweb/restore/{name} /var/lib/ctweb/restore/{name}.contents 2>/dev/null; true"
+        f"/var/lib/ctweb/restore/{name} /var/lib/ctweb/restore/{name}.contents-* 2>/dev/null; true"
     )
     found = shell(lab, host, script).stdout.split()
     if name not in on_host(lab, host, "lxc-ls", "-1").stdout.split():

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 
 from . import state as S
@@ -318,7 +319,8 @@ def cmd_snapshot(params):
     try:
         _write_config_in(tmp, _read_config(name))
         if state == "RUNNING":
-            # Bulk copy while it runs; the second pass, frozen, links what did not change since.
+            # Bulk copy while it runs, sharing with the previous snapshot; the second pass, frozen,
+            # brings that copy up to date in place (only what changed since is written).
             shared = (
                 f", sharing what did not change with {os.path.basename(os.path.dirname(previous))}" if previous else ""
             )
@@ -501,7 +503,9 @@ def cmd_snapshot_contents(params):
     event("decode", f"decoding the CRIU images of {snap}", 50)
     if not store.is_compressed(images):
         return {"name": name, "snapshot": snap, "stateful": True, "contents": _contents(images)}
-    work = os.path.join(store.restore_work_dir(name) + ".contents")
+    # Not under the container's lock: a directory of its own (it may run beside another).
+    os.makedirs(os.path.join(S.CTWEB_PATH, "restore"), mode=0o700, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f"{name}.contents-", dir=os.path.join(S.CTWEB_PATH, "restore"))
     try:
         store.plain_images(images, work)
         return {"name": name, "snapshot": snap, "stateful": True, "contents": _contents(work)}
