@@ -347,6 +347,24 @@ def delete(ctx: OperationContext) -> dict:
 # --- snapshots -----------------------------------------------------------------------
 
 
+def record_snapshot(op: Operation, container: Container, name: str, stateful: bool, meta: dict, contents: dict):
+    """The Snapshot row for what the agent kept (its meta.json, or the snapshot's answer)."""
+    return Snapshot.objects.create(
+        container=container,
+        name=name,
+        stateful=stateful,
+        created_by=op.created_by,
+        size_bytes=meta.get("size_bytes") or 0,
+        added_bytes=meta.get("added_bytes"),
+        images_bytes=meta.get("images_bytes"),
+        images_raw_bytes=meta.get("images_raw_bytes"),
+        images_compression=meta.get("images_compression") or "",
+        schedule=SnapshotSchedule.objects.filter(pk=op.params.get("schedule") or 0).first(),
+        stats=meta.get("stats") or {},
+        contents=contents,
+    )
+
+
 @handler("snapshot")
 def snapshot(ctx: OperationContext) -> dict:
     op, container = ctx.op, container_of(ctx)
@@ -358,20 +376,7 @@ def snapshot(ctx: OperationContext) -> dict:
     then = f"Whether {op.host.name} kept snapshot {name} is asked again until it answers."
     data = agent_or_wait(ctx, op.host, "snapshot", params, 5, 90, then)
     ctx.event("save", f"recording snapshot {name}", 97)
-    Snapshot.objects.create(
-        container=container,
-        name=name,
-        stateful=stateful,
-        created_by=op.created_by,
-        size_bytes=data.get("size_bytes") or 0,
-        added_bytes=data.get("added_bytes"),
-        images_bytes=data.get("images_bytes"),
-        images_raw_bytes=data.get("images_raw_bytes"),
-        images_compression=data.get("images_compression") or "",
-        schedule=SnapshotSchedule.objects.filter(pk=op.params.get("schedule") or 0).first(),
-        stats=data.get("stats") or {},
-        contents=data.get("contents") or {},
-    )
+    record_snapshot(op, container, name, stateful, data, data.get("contents") or {})
     publish_fleet("container", container_state(container))
     return {k: v for k, v in data.items() if k != "contents"}
 

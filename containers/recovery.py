@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from hosts import ssh
 from operations.runner import OperationContext, OperationFailed, WaitFor, recovers
 
-from .handlers import agent, agent_or_wait, set_state
+from .handlers import agent, agent_or_wait, record_snapshot, set_state
 from .handlers import restore as run_restore
 from .migration import (
     _agent,
@@ -25,7 +25,7 @@ from .migration import (
     lazy_resume_on_source,
     postcopy_actions,
 )
-from .models import Container, Snapshot
+from .models import Container
 
 
 def _where(container: Container) -> str:
@@ -146,15 +146,7 @@ def recover_snapshot(ctx: OperationContext) -> str:
                 contents = agent(ctx, op.host, "snapshot-contents", {"name": container.name, "snapshot": snap}, 60, 30)
             except OperationFailed as e:
                 ctx.event("recovery", f"could not read the snapshot's contents: {e.message}")
-        Snapshot.objects.create(
-            container=container,
-            name=snap,
-            stateful=bool(meta.get("stateful")),
-            created_by=op.created_by,
-            size_bytes=meta.get("size_bytes") or 0,
-            stats=meta.get("stats") or {},
-            contents=contents.get("contents") or {},
-        )
+        record_snapshot(op, container, snap, bool(meta.get("stateful")), meta, contents.get("contents") or {})
         op.result["recovered_snapshot"] = snap
         return f"Snapshot {snap} had been completed on {op.host.name}: it is recorded. {_where(container)}"
     thawed = " It was left frozen and has been thawed." if seen.get("thawed") else ""

@@ -5,9 +5,10 @@ tests/containers/test_e2e_lab_snapshot_store.py). What a snapshot stores is reco
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
-from containers import handlers
-from containers.models import Container, Snapshot
+from containers import handlers, recovery
+from containers.models import Container, Snapshot, SnapshotSchedule
 from core.models import AuditEntry, FleetSettings
 from operations.models import Operation
 from operations.runner import OperationContext
@@ -143,3 +144,22 @@ def test_an_admin_sets_the_budget_on_the_settings_page(users):
     bob.force_login(users["bob"])
     assert bob.post("/settings/", {"snapshot_budget_mib": "1"}).status_code == 403
     assert FleetSettings.load().snapshot_budget_mib == 512
+
+
+def test_a_recovered_snapshot_keeps_its_stored_sizes_and_schedule(trusted_host, monkeypatch):
+    c = Container.objects.create(name="c1", host=trusted_host, state="RUNNING")
+    sched = SnapshotSchedule.objects.create(container=c, every=1, unit="hours", next_run_at=timezone.now())
+    op = Operation.objects.create(
+        kind="snapshot", status="running", container=c, container_name="c1", host=trusted_host,
+        params={"snapshot": "s1", "stateful": False, "schedule": sched.pk},
+    )  # fmt: skip
+    meta = {"stateful": False, "size_bytes": 9 << 20, "added_bytes": 1 << 20, "stats": {}}
+
+    def agent_or_wait(ctx, host, sub, params, *a, **kw):
+        assert sub == "inspect"
+        return {"exists": True, "state": "RUNNING", "snapshot": meta}
+
+    monkeypatch.setattr(recovery, "agent_or_wait", agent_or_wait)
+    recovery.recover_snapshot(OperationContext(op))
+    s = Snapshot.objects.get(container=c, name="s1")
+    assert (s.size_bytes, s.added_bytes, s.schedule) == (9 << 20, 1 << 20, sched)
