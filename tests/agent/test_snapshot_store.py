@@ -230,3 +230,11 @@ def test_a_restore_needing_zstd_on_a_host_without_it_changes_nothing(agent, tmp_
     with pytest.raises(agent.AgentError, match="compressed with zstd, which this host lacks"):
         agent.cmd_restore({"name": "c1", "snapshot": "s1"})
     assert tree_sums(cdir) == before
+
+
+def test_the_probe_says_how_snapshots_are_kept(agent):
+    st = agent.store.storage_probe()
+    assert st["sharing"] == "hardlink"  # rsync is here (the module is skipped without it)
+    assert st["filesystem"] and isinstance(st["reflink"], bool)
+    assert (st["zstd"] is not None) == (shutil.which("zstd") is not None)
+    assert os.listdir(agent.S.CTWEB_PATH) == []  # the reflink probe left nothing

@@ -240,11 +240,9 @@ def _fs_type(path):
 
 def _reflink(path):
     """Whether this filesystem clones files (cp --reflink=always works here)."""
-    probe = path
-    while not os.path.isdir(probe):
-        probe = os.path.dirname(probe) or "/"
     try:
-        d = tempfile.mkdtemp(prefix=".reflink-probe-", dir=probe)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        d = tempfile.mkdtemp(prefix=".reflink-probe-", dir=path)
     except OSError:
         return None
     try:
