@@ -150,18 +150,21 @@ def test_images_are_compressed_at_rest_and_given_back_exactly(agent, tmp_path):
     images.mkdir()
     pages = (b"A" * 4096 + os.urandom(4096)) * 256  # half compressible
     (images / "pages-1.img").write_bytes(pages)
+    (images / "pages-2.img").write_bytes(pages[::-1])
     (images / "inventory.img").write_bytes(b"inv")
     compression, stored, raw = agent.store.compress_images(str(images))
     assert compression == "zstd"
-    assert raw == len(pages) + 3
+    assert raw == 2 * len(pages) + 3
     assert stored < raw * 0.7
-    assert sorted(os.listdir(images)) == ["inventory.img", "pages-1.img.zst"]
+    stored_names = ["inventory.img", "pages-1.img.zst", "pages-2.img.zst"]
+    assert sorted(os.listdir(images)) == stored_names
     assert agent.store.is_compressed(str(images))
     work = tmp_path / "work"
-    agent.store.plain_images(str(images), str(work))
+    assert agent.store.plain_images(str(images), str(work)) == raw
     assert (work / "pages-1.img").read_bytes() == pages
+    assert (work / "pages-2.img").read_bytes() == pages[::-1]
     assert (work / "inventory.img").read_bytes() == b"inv"
-    assert sorted(os.listdir(images)) == ["inventory.img", "pages-1.img.zst"]  # untouched
+    assert sorted(os.listdir(images)) == stored_names  # untouched
 
 
 def test_without_zstd_images_stay_as_they_are(agent, tmp_path, monkeypatch):

@@ -137,14 +137,22 @@ def test_restoring_compressed_images_takes_about_as_long(lab, deb):
     ok(lab, a, "snapshot", {"name": NAME, "snapshot": "rp", "stateful": True})
     ssh(lab, a, "sh", "-c", f'cd {SNAPS}/rp/images && for f in *.zst; do zstd -q -d --rm "$f"; done')
     times = {"rz": [], "rp": []}
+    images = {"rz": [], "rp": []}
     for _ in range(3):
         for snap in ("rz", "rp"):
             data = ok(lab, a, "restore", {"name": NAME, "snapshot": snap})
             assert data["state"] == "RUNNING"
             times[snap].append(data["stats"]["total_ms"])
+            images[snap].append(data["stats"]["images_ms"])
     z, p = statistics.median(times["rz"]), statistics.median(times["rp"])
-    print(f"\nrestore of idle debian: zstd images median {z} ms {times['rz']}, plain {p} ms {times['rp']}")
-    assert z <= p * 1.10 + 50  # within 10 % (plus 50 ms for the shared machine's noise)
+    iz, ip = statistics.median(images["rz"]), statistics.median(images["rp"])
+    print(
+        f"\nrestore of idle debian: zstd images median {z} ms {times['rz']} (of which images {images['rz']}), "
+        f"plain {p} ms {times['rp']} (of which images {images['rp']})"
+    )
+    # What compression adds is the images' preparation (decompressing instead of copying); the
+    # rest of a restore is the same work, whose noise on a shared machine exceeds 10 %.
+    assert iz - ip <= 0.10 * p
 
 
 def test_a_snapshot_past_the_budget_is_refused_before_anything_is_frozen(lab, deb):

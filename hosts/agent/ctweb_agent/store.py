@@ -187,9 +187,12 @@ def compress_images(images):
     pages = sorted(n for n in os.listdir(images) if n.startswith("pages-") and n.endswith(".img"))
     if not pages or not shutil.which("zstd"):
         return None, raw, raw
-    for n in pages:
-        src = os.path.join(images, n)
-        run(["zstd", "-q", "-3", "-T0", "--rm", "-f", src, "-o", src + ZSTD_SUFFIX], timeout=1800, check=True)
+    # One zstd for all of them (each input becomes <input>.zst, the input removed).
+    run(
+        ["zstd", "-q", "-3", "-T0", "--rm", "-f", "--"] + [os.path.join(images, n) for n in pages],
+        timeout=1800,
+        check=True,
+    )
     stored = sum(os.lstat(os.path.join(images, n)).st_size for n in os.listdir(images))
     return "zstd", stored, raw
 
@@ -211,20 +214,18 @@ def plain_images(images, work):
     snapshot must stay exactly as it was taken. Returns the bytes written."""
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, mode=0o700)
-    written = 0
+    packed = []
     for n in sorted(os.listdir(images)):
         src = os.path.join(images, n)
-        st = os.lstat(src)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(os.lstat(src).st_mode):
             continue  # a dump holds plain files only
         if n.endswith(ZSTD_SUFFIX):
-            dst = os.path.join(work, n[: -len(ZSTD_SUFFIX)])
-            run(["zstd", "-q", "-d", "-f", src, "-o", dst], timeout=1800, check=True)
+            packed.append(src)
         else:
-            dst = os.path.join(work, n)
-            shutil.copyfile(src, dst)
-        written += os.lstat(dst).st_size
-    return written
+            shutil.copyfile(src, os.path.join(work, n))
+    if packed:  # one zstd for all: <name>.zst -> work/<name>
+        run(["zstd", "-q", "-d", "-f", "--output-dir-flat", work, "--"] + packed, timeout=1800, check=True)
+    return sum(os.lstat(os.path.join(work, n)).st_size for n in os.listdir(work))
 
 
 # --- what the host offers for snapshots (the probe) -----------------------------------------
