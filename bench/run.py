@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.snapstore import bench_snapshot_store  # noqa: E402
 from lab import core  # noqa: E402
 from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
 
@@ -629,6 +630,7 @@ def write(results: dict, notes: dict | None = None) -> None:
 
 
 BY_HAND = "overhead against doing it by hand (busybox, 64 MiB held in memory)"
+SNAPSTORE = "snapshot storage: disk per snapshot and frozen time against rootfs size, beside by hand (debian)"
 
 
 def by_hand_section(stack: Stack, repeat: int) -> dict:
@@ -659,7 +661,7 @@ def main() -> int:
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
         "--only",
-        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages or paths (with the lab)",
+        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths or snapstore (with the lab)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -692,6 +694,7 @@ def main() -> int:
                 "direct": (DIRECT, bench_direct),
                 "pages": (PAGES, bench_pages),
                 "paths": (PATHS, bench_paths),
+                "snapstore": (SNAPSTORE, lambda st: bench_snapshot_store(st, op_ms)),
             }
             for only in args.only.split(","):  # several parts in one run: --only lifecycle,client
                 section, run = parts[only]
@@ -709,6 +712,7 @@ def main() -> int:
             results[DIRECT] = bench_direct(stack)
             results[CLIENT] = bench_client_downtime(stack)
             results[PATHS] = bench_paths(stack)
+            results[SNAPSTORE] = bench_snapshot_store(stack, op_ms)
     finally:
         stack.stop()
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "lab", "down"], cwd=ROOT, capture_output=True)

@@ -20,6 +20,7 @@ from operations.bundles import bundle_bytes
 from operations.disagreements import disagreements
 from operations.models import Operation
 
+from . import schedules
 from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
 from .models import Container, Snapshot
@@ -368,7 +369,20 @@ class SnapshotSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Snapshot
-        fields = ["name", "container", "host", "stateful", "created_at", "size_bytes", "created_by", "stats"]
+        fields = [
+            "name",
+            "container",
+            "host",
+            "stateful",
+            "created_at",
+            "size_bytes",
+            "added_bytes",
+            "images_bytes",
+            "images_raw_bytes",
+            "images_compression",
+            "created_by",
+            "stats",
+        ]
 
 
 class SnapshotDetailSerializer(SnapshotSerializer):
@@ -508,6 +522,56 @@ class SnapshotCompare(APIView):
         if not a or not b:
             raise ApiError("Give two snapshot names as a and b.", 400, "a" if not a else "b")
         return Response(compare_snapshots(_snapshot(container, a), _snapshot(container, b)))
+
+
+class ScheduleSerializer(serializers.Serializer):
+    id = serializers.IntegerField(read_only=True)
+    every = serializers.IntegerField(min_value=1, help_text="How many units between two snapshots")
+    unit = serializers.ChoiceField(choices=["minutes", "hours", "days"])
+    stateful = serializers.BooleanField(default=True)
+    keep_last = serializers.IntegerField(min_value=1, required=False, allow_null=True, help_text="Keep its newest K")
+    keep_days = serializers.IntegerField(
+        min_value=1, required=False, allow_null=True, help_text="Keep those younger than D days"
+    )
+    description = serializers.CharField(read_only=True)
+    next_run_at = serializers.DateTimeField(read_only=True)
+    last_run_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    last_note = serializers.CharField(read_only=True)
+    snapshots = serializers.IntegerField(read_only=True, help_text="Its snapshots that exist now")
+
+
+class ScheduleList(APIView):
+    """A container's snapshot schedules. POST (operator) adds one; its snapshots and their
+    deletions are ordinary operations run by Celery beat (containers/schedules.py)."""
+
+    @extend_schema(responses=ScheduleSerializer(many=True))
+    def get(self, request, name):
+        container = _container(name)
+        return Response([schedules.as_dict(s) for s in container.schedules.select_related("created_by")])
+
+    @extend_schema(request=ScheduleSerializer, responses={201: ScheduleSerializer})
+    def post(self, request, name):
+        container = _container(name)
+        s = schedules.create_schedule(Actor.of(request), container, request.data)
+        return Response(schedules.as_dict(s), status=201)
+
+
+class ScheduleDetail(APIView):
+    @extend_schema(responses=ScheduleSerializer)
+    def get(self, request, name, schedule_id):
+        return Response(schedules.as_dict(_schedule(_container(name), schedule_id)))
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, name, schedule_id):
+        schedules.delete_schedule(Actor.of(request), _schedule(_container(name), schedule_id))
+        return Response(status=204)
+
+
+def _schedule(container, schedule_id):
+    s = container.schedules.filter(pk=schedule_id).first()
+    if s is None:
+        raise ApiError(f"{container.name} has no schedule {schedule_id}.", 404)
+    return s
 
 
 class FleetSnapshots(APIView):

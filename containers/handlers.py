@@ -11,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.audit import audit
+from core.fleet import snapshot_budget_bytes
 from hosts import criu_errors, ssh
 from hosts.handlers import failure
 from hosts.models import Host
@@ -19,7 +20,7 @@ from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import OperationContext, OperationFailed, WaitFor, collects_bundle, enqueue, handler, undoes
 
-from .models import Container, Snapshot
+from .models import Container, Snapshot, SnapshotSchedule
 
 log = logging.getLogger(__name__)
 
@@ -356,23 +357,36 @@ def delete(ctx: OperationContext) -> dict:
 # --- snapshots -----------------------------------------------------------------------
 
 
+def record_snapshot(op: Operation, container: Container, name: str, stateful: bool, meta: dict, contents: dict):
+    """The Snapshot row for what the agent kept (its meta.json, or the snapshot's answer)."""
+    return Snapshot.objects.create(
+        container=container,
+        name=name,
+        stateful=stateful,
+        created_by=op.created_by,
+        size_bytes=meta.get("size_bytes") or 0,
+        added_bytes=meta.get("added_bytes"),
+        images_bytes=meta.get("images_bytes"),
+        images_raw_bytes=meta.get("images_raw_bytes"),
+        images_compression=meta.get("images_compression") or "",
+        schedule=SnapshotSchedule.objects.filter(pk=op.params.get("schedule") or 0).first(),
+        stats=meta.get("stats") or {},
+        contents=contents,
+    )
+
+
 @handler("snapshot")
 def snapshot(ctx: OperationContext) -> dict:
     op, container = ctx.op, container_of(ctx)
     name, stateful = op.params["snapshot"], bool(op.params.get("stateful", True))
     params = {"name": container.name, "snapshot": name, "stateful": stateful}
+    budget = snapshot_budget_bytes()
+    if budget:
+        params["budget_bytes"] = budget  # checked by the agent before it freezes anything
     then = f"Whether {op.host.name} kept snapshot {name} is asked again until it answers."
     data = agent_or_wait(ctx, op.host, "snapshot", params, 5, 90, then)
     ctx.event("save", f"recording snapshot {name}", 97)
-    Snapshot.objects.create(
-        container=container,
-        name=name,
-        stateful=stateful,
-        created_by=op.created_by,
-        size_bytes=data.get("size_bytes") or 0,
-        stats=data.get("stats") or {},
-        contents=data.get("contents") or {},
-    )
+    record_snapshot(op, container, name, stateful, data, data.get("contents") or {})
     publish_fleet("container", container_state(container))
     return {k: v for k, v in data.items() if k != "contents"}
 

@@ -44,15 +44,52 @@ class Container(models.Model):
         return f"/containers/{self.name}/"
 
 
+class SnapshotSchedule(models.Model):
+    """Snapshots taken every N minutes/hours/days, stateful or not, with their retention: keep
+    the last K and/or those younger than D days (containers/schedules.py; run by Celery beat)."""
+
+    class Unit(models.TextChoices):
+        MINUTES = "minutes"
+        HOURS = "hours"
+        DAYS = "days"
+
+    container = models.ForeignKey(Container, on_delete=models.CASCADE, related_name="schedules")
+    every = models.PositiveIntegerField()
+    unit = models.CharField(max_length=8, choices=Unit.choices)
+    stateful = models.BooleanField(default=True)
+    keep_last = models.PositiveIntegerField(null=True, blank=True, help_text="Keep its newest K snapshots")
+    keep_days = models.PositiveIntegerField(null=True, blank=True, help_text="Keep its snapshots younger than D days")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(default=timezone.now)
+    next_run_at = models.DateTimeField(db_index=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_note = models.CharField(max_length=300, blank=True, help_text="Why its last run took no snapshot")
+
+    class Meta:
+        ordering = ["container", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.container}: every {self.every} {self.unit}"
+
+
 class Snapshot(models.Model):
     container = models.ForeignKey(Container, on_delete=models.CASCADE, related_name="snapshots")
     name = models.CharField(max_length=63, validators=[validate_name])
     stateful = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    size_bytes = models.BigIntegerField(default=0)
+    size_bytes = models.BigIntegerField(default=0, help_text="The whole snapshot on its host's disk, each file once")
+    added_bytes = models.BigIntegerField(
+        null=True, blank=True, help_text="The disk it added when taken (what it does not share with earlier snapshots)"
+    )
+    images_bytes = models.BigIntegerField(null=True, blank=True, help_text="Its memory images as stored")
+    images_raw_bytes = models.BigIntegerField(null=True, blank=True, help_text="Its memory images uncompressed")
+    images_compression = models.CharField(max_length=16, blank=True, help_text="zstd, or empty: stored as dumped")
     stats = models.JSONField(default=dict, blank=True)
     contents = models.JSONField(default=dict, blank=True)
+    schedule = models.ForeignKey(
+        SnapshotSchedule, null=True, blank=True, on_delete=models.SET_NULL, related_name="snapshots"
+    )
 
     class Meta:
         ordering = ["-created_at"]

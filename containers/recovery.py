@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from operations.runner import OperationContext, OperationFailed, recovers
 
-from .handlers import agent, agent_or_wait, set_state, where
+from .handlers import agent, agent_or_wait, record_snapshot, set_state, where
 from .handlers import restore as run_restore
-from .models import Container, Snapshot
+from .models import Container
 
 
 @recovers("snapshot")
@@ -37,15 +37,7 @@ def recover_snapshot(ctx: OperationContext) -> str:
                 contents = agent(ctx, op.host, "snapshot-contents", {"name": container.name, "snapshot": snap}, 60, 30)
             except OperationFailed as e:
                 ctx.event("recovery", f"could not read the snapshot's contents: {e.message}")
-        Snapshot.objects.create(
-            container=container,
-            name=snap,
-            stateful=bool(meta.get("stateful")),
-            created_by=op.created_by,
-            size_bytes=meta.get("size_bytes") or 0,
-            stats=meta.get("stats") or {},
-            contents=contents.get("contents") or {},
-        )
+        record_snapshot(op, container, snap, bool(meta.get("stateful")), meta, contents.get("contents") or {})
         op.result["recovered_snapshot"] = snap
         return f"Snapshot {snap} had been completed on {op.host.name}: it is recorded. {where(container)}"
     thawed = " It was left frozen and has been thawed." if seen.get("thawed") else ""

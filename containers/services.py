@@ -184,7 +184,9 @@ def next_snapshot_name(container: Container) -> str:
     return f"snap{i}"
 
 
-def snapshot_container(actor: Actor, container: Container, name: str | None = None, stateful: bool = True) -> Operation:
+def snapshot_container(
+    actor: Actor, container: Container, name: str | None = None, stateful: bool = True, schedule: int | None = None
+) -> Operation:
     if name is not None:
         try:
             validate_name(name)
@@ -199,9 +201,10 @@ def snapshot_container(actor: Actor, container: Container, name: str | None = No
             409,
             "stateful",
         )
-    return container_operation(
-        actor, container, Operation.Kind.SNAPSHOT, snapshot=name or next_snapshot_name(container), stateful=stateful
-    )
+    params = {"snapshot": name or next_snapshot_name(container), "stateful": stateful}
+    if schedule is not None:
+        params["schedule"] = schedule  # the snapshot belongs to it (its retention may delete it)
+    return container_operation(actor, container, Operation.Kind.SNAPSHOT, **params)
 
 
 def restore_snapshot(actor: Actor, container: Container, snapshot) -> Operation:

@@ -4,6 +4,7 @@ from django.conf import settings
 from hosts.models import Host
 
 from .handlers import canary_checks, refresh_host
+from .schedules import run_schedules
 
 
 @shared_task(ignore_result=True)
@@ -18,3 +19,9 @@ def checkpoint_canary() -> None:
     """Scheduled: re-verify every running container's checkpointability every
     CTWEB_CANARY_HOURS hours (0: never) with an ordinary check operation."""
     canary_checks(settings.CTWEB_CANARY_HOURS)
+
+
+@shared_task(ignore_result=True)
+def run_snapshot_schedules() -> None:
+    """Take the scheduled snapshots that are due and apply retention (scheduled by beat)."""
+    run_schedules()

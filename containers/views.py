@@ -9,6 +9,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 from rest_framework.exceptions import APIException
 
+from core.api import ApiError
 from core.audit import Actor
 from core.decorators import role_required
 from hosts.models import Host
@@ -17,6 +18,7 @@ from operations.display import downtime_breakdown, phase_spans
 from operations.models import Operation
 from operations.views import start_or_back
 
+from . import schedules
 from .api import _midnight, cancel_operation, containers_queryset, decide_operation, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
 from .migration import start_evacuation, start_migration, strategy_support
@@ -225,6 +227,31 @@ def snapshot_create(request, name):
         lambda: snapshot_container(Actor.of(request), container, snap, stateful=stateful),
         container.get_absolute_url(),
     )
+
+
+@role_required("operator")
+@require_POST
+def schedule_create(request, name):
+    container = _get_container(name)
+    data = {k: request.POST.get(k) for k in ("every", "unit", "keep_last", "keep_days")}
+    data["stateful"] = request.POST.get("stateful") == "1"
+    try:
+        s = schedules.create_schedule(Actor.of(request), container, data)
+    except ApiError as e:
+        messages.error(request, str(e.detail))
+    else:
+        messages.success(request, f"Snapshots of {container.name} will be taken {schedules.describe(s)}.")
+    return redirect(container.get_absolute_url())
+
+
+@role_required("operator")
+@require_POST
+def schedule_delete(request, name, schedule_id):
+    container = _get_container(name)
+    s = get_object_or_404(container.schedules, pk=schedule_id)
+    schedules.delete_schedule(Actor.of(request), s)
+    messages.success(request, "The schedule is removed; its snapshots stay.")
+    return redirect(container.get_absolute_url())
 
 
 @role_required("operator")

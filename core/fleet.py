@@ -30,6 +30,8 @@ from .models import FleetSettings
 FIELD = "direct_transfer_networks"
 STALL_FIELD = "postcopy_stall_limit_s"
 STALL_RANGE = (30, 86400)  # half a minute to a day without progress
+BUDGET_FIELD = "snapshot_budget_mib"
+BUDGET_MAX = 1 << 30  # MiB: a pebibyte per host is "no practical limit"
 MAX_NETWORKS = 32
 PRIVATE_NETWORKS = tuple(
     ipaddress.ip_network(n)
@@ -132,6 +134,35 @@ def save_stall_limit(request, value) -> FleetSettings:
     )
 
 
+def clean_budget(value) -> int:
+    """MiB the snapshots on each host may take: a whole number from 0 (no budget) up."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= BUDGET_MAX:
+        raise ValidationError(
+            f"{BUDGET_FIELD} must be a whole number of MiB from 0 (no budget) to {BUDGET_MAX}: "
+            "the most disk the snapshots on each host may take."
+        )
+    return value
+
+
+def save_budget(request, value) -> FleetSettings:
+    """Validate and store the snapshot budget per host (the caller checked the admin role); audited either way."""
+    return _save(
+        request,
+        BUDGET_FIELD,
+        lambda: clean_budget(value),
+        "snapshot_budget_mib",
+        lambda before, after: f"{before or 'none'} MiB -> {after or 'none'} MiB",
+    )
+
+
+def snapshot_budget_bytes() -> int | None:
+    """The snapshot budget each host has, in bytes, or None for no budget."""
+    mib = FleetSettings.load().snapshot_budget_mib
+    return mib << 20 if mib else None
+
+
 def direct_route(source, target) -> tuple[dict | None, str]:
     """Whether a migration from `source` to `target` may send its tars directly.
 
@@ -159,6 +190,7 @@ def as_dict(fs: FleetSettings) -> dict:
     return {
         FIELD: list(fs.direct_transfer_networks or []),
         STALL_FIELD: fs.postcopy_stall_limit_s,
+        BUDGET_FIELD: fs.snapshot_budget_mib,
         "updated_at": fs.updated_at,
         "updated_by": fs.updated_by,
     }
@@ -177,6 +209,13 @@ class FleetSettingsSerializer(serializers.Serializer):
         required=False,
         help_text="Seconds a post-copy's page pull may go without any progress before it is given up, both copies "
         "kept for an admin's decision (default 600). There is no limit on the pull's total time.",
+    )
+    snapshot_budget_mib = serializers.IntegerField(
+        min_value=0,
+        max_value=BUDGET_MAX,
+        required=False,
+        help_text="The most disk (MiB) the snapshots on each host may take; 0: no budget. A snapshot that would go "
+        "past it is refused, with the numbers, before the container is frozen.",
     )
     updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
     updated_by = serializers.CharField(read_only=True)
@@ -199,19 +238,20 @@ class FleetSettingsView(APIView):
         return self._update(request, data)
 
     def _update(self, request, data: dict):
-        if STALL_FIELD in data:  # checked before anything is saved
-            try:
-                clean_stall_limit(data[STALL_FIELD])
-            except ValidationError as e:
-                audit(
-                    request,
-                    "settings.update",
-                    object_type="settings",
-                    object_name=STALL_FIELD,
-                    outcome="refused",
-                    detail=e.messages[0],
-                )
-                raise ApiError(e.messages[0], 400, STALL_FIELD) from e
+        for field, clean in ((STALL_FIELD, clean_stall_limit), (BUDGET_FIELD, clean_budget)):
+            if field in data:  # checked before anything is saved
+                try:
+                    clean(data[field])
+                except ValidationError as e:
+                    audit(
+                        request,
+                        "settings.update",
+                        object_type="settings",
+                        object_name=field,
+                        outcome="refused",
+                        detail=e.messages[0],
+                    )
+                    raise ApiError(e.messages[0], 400, field) from e
         fs = None
         if FIELD in data:
             try:
@@ -220,11 +260,13 @@ class FleetSettingsView(APIView):
                 raise ApiError(e.messages[0], 400, FIELD) from e
         if STALL_FIELD in data:
             fs = save_stall_limit(request, data[STALL_FIELD])
+        if BUDGET_FIELD in data:
+            fs = save_budget(request, data[BUDGET_FIELD])
         return Response(as_dict(fs))
 
     @extend_schema(request=FleetSettingsSerializer, responses=FleetSettingsSerializer)
     def patch(self, request):
-        if isinstance(request.data, dict) and FIELD not in request.data and STALL_FIELD not in request.data:
+        if isinstance(request.data, dict) and not {FIELD, STALL_FIELD, BUDGET_FIELD} & set(request.data):
             return Response(as_dict(FleetSettings.load()))
         if not isinstance(request.data, dict):
             raise ApiError("The body must be a JSON object.", 400)

@@ -87,6 +87,9 @@ class FleetSettings(models.Model):
     # A post-copy's page pull is given up (both copies kept, for an admin) after this many
     # seconds without any progress; there is no limit on its total time.
     postcopy_stall_limit_s = models.PositiveIntegerField(default=600)
+    # The most disk the snapshots on each host may take (MiB; 0: no budget). A snapshot that
+    # would go past it is refused with the numbers before the container is frozen.
+    snapshot_budget_mib = models.PositiveIntegerField(default=0)
     updated_at = models.DateTimeField(null=True, blank=True)
     updated_by = models.CharField(max_length=150, blank=True)
 

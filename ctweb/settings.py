@@ -254,6 +254,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(os.environ.get("CTWEB_REPROBE_TICK", 10)),
         "options": {"expires": 9},
     },
+    "run-snapshot-schedules": {
+        "task": "containers.tasks.run_snapshot_schedules",
+        "schedule": 30.0,
+        "options": {"expires": 25},
+    },
     "find-lost-operations": {
         "task": "operations.tasks.find_lost_operations",
         "schedule": 60.0,

@@ -32,6 +32,8 @@ api = [
     path("containers/<str:name>/snapshots/compare", container_api.SnapshotCompare.as_view()),
     path("containers/<str:name>/snapshots/<str:snap>/", container_api.SnapshotDetail.as_view()),
     path("containers/<str:name>/snapshots/<str:snap>/restore", container_api.SnapshotRestore.as_view()),
+    path("containers/<str:name>/schedules/", container_api.ScheduleList.as_view()),
+    path("containers/<str:name>/schedules/<id:schedule_id>/", container_api.ScheduleDetail.as_view()),
     path("snapshots/", container_api.FleetSnapshots.as_view()),
     path("operations/", container_api.OperationList.as_view()),
     path("operations/<id:op_id>/", container_api.OperationDetail.as_view()),
@@ -59,6 +61,12 @@ urlpatterns = [
     path("containers/<str:name>/migrate", container_views.container_migrate, name="container-migrate"),
     path("containers/<str:name>/history/", container_views.container_timeline, name="container-timeline"),
     path("containers/<str:name>/snapshot", container_views.snapshot_create, name="snapshot-create"),
+    path("containers/<str:name>/schedules/", container_views.schedule_create, name="schedule-create"),
+    path(
+        "containers/<str:name>/schedules/<id:schedule_id>/delete",
+        container_views.schedule_delete,
+        name="schedule-delete",
+    ),
     path("containers/<str:name>/compare/", container_views.snapshot_compare, name="snapshot-compare"),
     path("containers/<str:name>/snapshots/<str:snap>/", container_views.snapshot_detail, name="snapshot-detail"),
     path(

@@ -16,7 +16,7 @@ from containers.api import containers_queryset
 from containers.models import Container
 from core.audit import audit
 from core.decorators import role_required
-from core.fleet import save_direct_networks, save_stall_limit
+from core.fleet import save_budget, save_direct_networks, save_stall_limit, snapshot_budget_bytes
 from core.middleware import error_response
 from core.models import ApiToken, AuditEntry, FleetSettings
 from core.roles import ROLES, has_role, role_of, set_role
@@ -207,6 +207,21 @@ def fleet_settings(request):
     if request.method == "POST":
         if not has_role(request.user, "admin"):
             raise PermissionDenied("Changing the fleet settings needs the admin role.")
+        if "snapshot_budget_mib" in request.POST:  # its own form on the page
+            try:
+                fs = save_budget(request, request.POST.get("snapshot_budget_mib", ""))
+            except ValidationError as e:
+                messages.error(request, e.messages[0])
+                fs = FleetSettings.load()
+                return render(
+                    request,
+                    "settings.html",
+                    {"fs": fs, "typed": "\n".join(fs.direct_transfer_networks or [])},
+                    status=400,
+                )
+            budget = f"{fs.snapshot_budget_mib} MiB per host" if fs.snapshot_budget_mib else "none"
+            messages.success(request, f"Snapshot disk budget: {budget}.")
+            return redirect("fleet-settings")
         if "postcopy_stall_limit_s" in request.POST:  # its own form on the page
             try:
                 fs = save_stall_limit(request, request.POST.get("postcopy_stall_limit_s", ""))
@@ -269,5 +284,11 @@ def host_detail(request, name):
     return render(
         request,
         "hosts/detail.html",
-        {"host": host, "operations": ops, "containers": containers, "disagreements": disagreements(host=host)},
+        {
+            "host": host,
+            "operations": ops,
+            "containers": containers,
+            "disagreements": disagreements(host=host),
+            "snapshot_budget_bytes": snapshot_budget_bytes(),
+        },
     )

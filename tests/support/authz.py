@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from containers.models import Container, Snapshot
+from containers.models import Container, Snapshot, SnapshotSchedule
 from core.models import ApiToken
 from hosts.models import Host
 from operations.bundles import save_bundle
@@ -42,6 +42,8 @@ PAGES = {
     "containers/<str:name>/compare/": {"get": ("viewer", None, 200)},
     "containers/<str:name>/snapshots/<str:snap>/": {"get": ("viewer", None, 200)},
     "containers/<str:name>/snapshots/<str:snap>/<str:action>": {"post": ("operator", {}, 302)},
+    "containers/<str:name>/schedules/": {"post": ("operator", {"every": "1", "unit": "hours"}, 302)},
+    "containers/<str:name>/schedules/<id:schedule_id>/delete": {"post": ("operator", {}, 302)},
     "containers/<str:name>/<str:action>": {"post": ("operator", {"confirm": "secretbox"}, 302)},
     "snapshots/": {"get": ("viewer", None, 200)},
     "operations/": {"get": ("viewer", None, 200)},
@@ -100,6 +102,14 @@ API = {
         "delete": ("operator", None, 202),
     },
     "api/v1/containers/<str:name>/snapshots/<str:snap>/restore": {"post": ("operator", None, 202)},
+    "api/v1/containers/<str:name>/schedules/": {
+        "get": ("viewer", None, 200),
+        "post": ("operator", {"every": 1, "unit": "hours"}, 201),
+    },
+    "api/v1/containers/<str:name>/schedules/<id:schedule_id>/": {
+        "get": ("viewer", None, 200),
+        "delete": ("operator", None, 204),
+    },
     "api/v1/snapshots/": {"get": ("viewer", None, 200)},
     "api/v1/operations/": {"get": ("viewer", None, 200)},
     "api/v1/operations/<id:op_id>/": {"get": ("viewer", None, 200)},
@@ -143,7 +153,11 @@ def world(users, tokens, settings, tmp_path):
     )  # fmt: skip
     save_bundle(failed.pk, "secrethost.tar.gz", io.BytesIO(b"\x1f\x8b not really a tarball"))
     ApiToken.issue(users["carol"], "carol-script")
+    sched = SnapshotSchedule.objects.create(
+        container=box, every=1, unit="hours", stateful=False, next_run_at=box.created_at, created_by=users["bob"]
+    )
     return {
+        "sched": sched.pk,
         "users": users,
         "tokens": tokens,
         "pending_op": pending.pk,
@@ -186,7 +200,14 @@ QUERY = {
 
 
 # Which object each route parameter names (per route where it differs), and a name that does not exist.
-ARGS = {"name": "secrethost", "snap": "secretsnap", "op_id": "pending_op", "user_id": "carol", "token_id": "own"}
+ARGS = {
+    "name": "secrethost",
+    "snap": "secretsnap",
+    "op_id": "pending_op",
+    "user_id": "carol",
+    "token_id": "own",
+    "schedule_id": "sched",
+}
 
 
 ARGS_BY_ROUTE = {
@@ -198,4 +219,11 @@ ARGS_BY_ROUTE = {
 }
 
 
-MISSING = {"name": "nosuchthing", "snap": "nosuchsnap", "op_id": 999999, "user_id": 999999, "token_id": 999999}
+MISSING = {
+    "name": "nosuchthing",
+    "snap": "nosuchsnap",
+    "op_id": 999999,
+    "user_id": 999999,
+    "token_id": 999999,
+    "schedule_id": 999999,
+}

@@ -93,10 +93,13 @@ LEFT_PROCS = "ps -eo comm,args | grep -E '^(criu|lxc-checkpoint) |pages-relay' |
 
 def leftovers(lab, host: str, name: str) -> list[str]:
     """What a job may leave behind on a host: migration working directories, half-made
-    snapshots, a copy of the container that is not a container, CRIU / lxc-checkpoint /
+    snapshots, a restore's copy of a snapshot's images, a copy of the container that is not a container, CRIU / lxc-checkpoint /
     page-relay processes (lxc-checkpoint -r leaves the container's own monitor under that
     name, "[lxc monitor]": not a leftover)."""
-    script = f"ls -d /var/lib/ctweb/migrations/* /var/lib/ctweb/snapshots/{name}/.tmp-* 2>/dev/null; true"
+    script = (
+        f"ls -d /var/lib/ctweb/migrations/* /var/lib/ctweb/snapshots/{name}/.tmp-* "
+        f"/var/lib/ctweb/restore/{name} /var/lib/ctweb/restore/{name}.contents-* 2>/dev/null; true"
+    )
     found = shell(lab, host, script).stdout.split()
     if name not in on_host(lab, host, "lxc-ls", "-1").stdout.split():
         found += shell(lab, host, f"ls -d /var/lib/lxc/{name} 2>/dev/null; true").stdout.split()

@@ -128,7 +128,7 @@ def cmd_bundle(params):
         add_file(tar, "/etc/os-release", "host/os-release.txt")
         if name:
             cdir = _cdir(name)
-            for fname in ("config", "lxc.log", "console.log", "lxc-checkpoint.log"):
+            for fname in ("config", "lxc.log", "console.log", "lxc-checkpoint.log", "criu-restore.log"):
                 add_file(tar, os.path.join(cdir, fname), f"container/{fname}")
             if _exists(name):
                 add_cmd(tar, "container/lxc-info.txt", ["lxc-info", "-n", name])

@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import state as S
+from . import store
 from .bundle import cmd_bundle
 from .check import cmd_check
 from .common import AGENT_UMASK, NAME_RE, AgentError, _flag, _private_modes, _read_json, _remove_tree, check_name, emit
@@ -74,6 +75,9 @@ def cmd_inspect(params):
         out["state"] = _state(name)
         out["thawed"] = True
     out["has_saved_state"] = _has_saved_state(name)
+    work = store.restore_work_dir(name)
+    if os.path.lexists(work):
+        _remove_tree(work)  # a cut-off restore's copy of a snapshot's images (we hold the lock)
     if params.get("snapshot") is not None:
         snap = check_name(params.get("snapshot"), "snapshot")
         tmp = os.path.join(S.SNAPSHOTS_PATH, name, f".tmp-{snap}")

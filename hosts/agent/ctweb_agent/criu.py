@@ -5,9 +5,11 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 
 from . import state as S
+from . import store
 from .common import (
     CHILD_UMASK,
     NAME_RE,
@@ -106,9 +108,7 @@ def _sync(src, dst):
     capabilities matter). rsync copies only what changed, so a second pass is cheap."""
     os.makedirs(dst, exist_ok=True)
     if shutil.which("rsync"):
-        rc, out, err = run(
-            ["rsync", "-aHAX", "--numeric-ids", "--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600
-        )
+        rc, out, err = run(store.RSYNC + ["--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600)
         if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
             raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
         return
@@ -245,12 +245,54 @@ def _criu_restore(name, images, failure, has_saved_state, env=None):
     )
 
 
+def _previous_rootfs(name):
+    """The rootfs copy of the container's newest snapshot here (the one to share with), or None."""
+    for snap in reversed(_snapshot_names(name)):
+        path = os.path.join(_snap_dir(name, snap), "rootfs")
+        if os.path.isdir(path) and not os.path.islink(path):
+            return path
+    return None
+
+
+def _budget(params):
+    budget = params.get("budget_bytes")
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise AgentError("Bad budget_bytes.")
+    return budget or None
+
+
+def _check_budget(name, snap, budget, rootfs_new, memory):
+    """Refuse (with the numbers) a snapshot that would take this host's snapshots past their budget."""
+    used = store.du_once([S.SNAPSHOTS_PATH])
+    estimate = rootfs_new + memory
+    if used + estimate > budget:
+        raise AgentError(
+            f"Snapshot {snap} of {name} refused: this host's snapshots take {used >> 20} MiB and this one "
+            f"would add about {estimate >> 20} MiB (rootfs changes {rootfs_new >> 20} MiB, memory up to "
+            f"{memory >> 20} MiB), over the host's snapshot budget of {budget >> 20} MiB. Nothing was frozen.",
+            data={
+                "state": _state(name),
+                "budget_bytes": budget,
+                "used_bytes": used,
+                "estimate_bytes": estimate,
+                "rootfs_new_bytes": rootfs_new,
+                "memory_bytes": memory,
+            },
+        )
+    return used
+
+
 def cmd_snapshot(params):
-    """{name, snapshot, stateful=true}. Stateful: CRIU dump of the running container
-    (it keeps running), plus its rootfs copied while frozen, so files and memory agree."""
+    """{name, snapshot, stateful=true, budget_bytes=None}. Stateful: CRIU dump of the running
+    container (it keeps running), plus its rootfs copied while frozen, so files and memory agree.
+    The rootfs copy shares every unchanged file with the previous snapshot (store.py); the
+    memory pages are compressed with zstd once the container runs again."""
     name = _require(params.get("name"))
     snap = check_name(params.get("snapshot"), "snapshot")
     stateful = _flag(params, "stateful", True)
+    budget = _budget(params)
     t0 = time.monotonic()
     final = _snap_dir(name, snap)
     if os.path.lexists(final):
@@ -262,20 +304,33 @@ def cmd_snapshot(params):
         raise AgentError(f"{name} is {state}: a stateful snapshot needs a running container.", data={"state": state})
     rootfs = _rootfs(name)
     event("preflight", "checking disk space", 2)
+    previous = _previous_rootfs(name)
     rootfs_bytes = _du(rootfs)
-    _check_disk(rootfs_bytes + (_memory_bytes(name) if stateful else 0), f"snapshot {snap} of {name}")
+    rootfs_new = store.new_bytes_estimate(rootfs, previous) if previous else None
+    if rootfs_new is None:
+        rootfs_new = rootfs_bytes
+    memory = _memory_bytes(name) if stateful else 0
+    if budget is not None:
+        _check_budget(name, snap, budget, rootfs_new, memory)
+    _check_disk(rootfs_new + memory, f"snapshot {snap} of {name}")
     tmp = os.path.join(S.SNAPSHOTS_PATH, name, f".tmp-{snap}")
     _remove_tree(tmp)
     os.makedirs(tmp)
     images = os.path.join(tmp, "images")
+    tmp_rootfs = os.path.join(tmp, "rootfs")
     stats = {}
     frozen_ms = None
     try:
         _write_config_in(tmp, _read_config(name))
         if state == "RUNNING":
-            # Bulk copy while it runs; the second pass, frozen, copies only what changed.
-            event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs", 10)
-            _sync(rootfs, os.path.join(tmp, "rootfs"))
+            # Bulk copy while it runs, sharing with the previous snapshot; the second pass, frozen,
+            # brings that copy up to date in place (only what changed since is written).
+            shared = (
+                f", sharing what did not change with {os.path.basename(os.path.dirname(previous))}" if previous else ""
+            )
+            event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs{shared}", 10)
+            since_ns = store.pass_start()
+            store.sync_new(rootfs, tmp_rootfs, [previous])
             event("freeze", f"freezing {name}", 40)
             t_freeze = time.monotonic()
             run(["lxc-freeze", "-n", name], timeout=60, check=True)
@@ -285,7 +340,8 @@ def cmd_snapshot(params):
                     event("dump", f"dumping {name} with CRIU (it keeps running)", 50)
                     _criu_dump(name, images, stop=False)
                 event("copy", "copying what changed in the rootfs while frozen", 75)
-                _sync(rootfs, os.path.join(tmp, "rootfs"))
+                # Never an attribute change written over a file shared with the previous snapshot.
+                store.update_in_place(rootfs, tmp_rootfs, since_ns)
             finally:
                 _thaw(name)
                 frozen_ms = _ms(t_freeze)
@@ -294,9 +350,13 @@ def cmd_snapshot(params):
                 raise AgentError(f"{name} is {state} after the snapshot, not RUNNING.", data={"state": state})
         else:
             event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB)", 20)
-            _sync(rootfs, os.path.join(tmp, "rootfs"))
+            store.sync_new(rootfs, tmp_rootfs, [previous])
+        contents = None
         if stateful:
             stats = _criu_stats(images, "dump")
+            contents = _contents(images)  # decoded before the pages are compressed
+            event("compress", "compressing the memory images", 85)
+            compression, images_bytes, images_raw = store.compress_images(images)
         stats["total_ms"] = _ms(t0)
         if frozen_ms is not None:
             stats["frozen_ms"] = frozen_ms  # the container's downtime, dump + frozen copy
@@ -308,7 +368,10 @@ def cmd_snapshot(params):
             "created_at": _now(),
             "stats": stats,
             "container_state": state,
+            "shared_with": os.path.basename(os.path.dirname(previous)) if previous else None,
         }
+        if stateful:
+            meta.update(images_compression=compression, images_bytes=images_bytes, images_raw_bytes=images_raw)
         _write_json(os.path.join(tmp, "meta.json"), meta)
         os.rename(tmp, final)
     except AgentError as e:
@@ -319,14 +382,15 @@ def cmd_snapshot(params):
     except BaseException:
         _remove_tree(tmp)
         raise
-    size = _du(final)
-    meta["size_bytes"] = size
+    # size: the whole snapshot, each inode once; added: what only it holds (the disk it took).
+    meta["size_bytes"] = store.du_once([final])
+    meta["added_bytes"] = store.unique_bytes(final)
     _write_json(os.path.join(final, "meta.json"), meta)
     images = os.path.join(final, "images")
     result = {
         **meta,
         "images": _image_files(images) if stateful else [],
-        "contents": _contents(images) if stateful else None,
+        "contents": contents,
     }
     event("copy", f"snapshot {snap} of {name} done in {stats['total_ms']} ms", 100)
     return result
@@ -351,6 +415,14 @@ def cmd_restore(params):
     if not os.path.isdir(os.path.join(sdir, "rootfs")):
         raise AgentError(f"Snapshot {snap} of {name} has no rootfs copy.", data={"state": _state(name)})
     rootfs = _rootfs(name)
+    if stateful:  # what the images need, checked while the container still runs untouched
+        if store.is_compressed(images) and not shutil.which("zstd"):
+            raise AgentError(
+                f"Snapshot {snap}'s memory images are compressed with zstd, which this host lacks "
+                "(install the zstd package); nothing was changed.",
+                data={"state": _state(name)},
+            )
+        _check_disk(meta.get("images_raw_bytes") or store.du_once([images]), f"restoring {snap}'s memory images")
     t0 = time.monotonic()
     event("stop", f"stopping {name}", 5)
     if _state(name) != "STOPPED":
@@ -370,9 +442,29 @@ def cmd_restore(params):
     dropped = _apply_allowlist(_cdir(name), name, snap_lines, f"the config of snapshot {snap}")
     t_restore = time.monotonic()
     if stateful:
+        # CRIU restores from a private copy (decompressed): the snapshot itself is never written.
+        work = store.restore_work_dir(name)
+        compressed = store.is_compressed(images)
+        event("restore", f"{'decompressing' if compressed else 'copying'} the memory images of {snap}", 50)
+        t_images = time.monotonic()
+        try:
+            store.plain_images(images, work)
+        except OSError as e:
+            _remove_tree(work)
+            raise AgentError(
+                f"Cannot prepare the memory images of {snap} for the restore ({e.strerror or e}); {name} is STOPPED.",
+                data={"state": _state(name), "has_saved_state": False},
+            ) from None
+        images_ms = _ms(t_images)
         event("restore", f"restoring the processes of {name} from {snap}", 60)
-        _criu_restore(name, images, failure=f"Restoring {name} from snapshot {snap} failed", has_saved_state=False)
-        stats = _criu_stats(images, "restore")
+        try:
+            _criu_restore(name, work, failure=f"Restoring {name} from snapshot {snap} failed", has_saved_state=False)
+            stats = _criu_stats(work, "restore")
+        finally:
+            _keep_restore_log(name, work)
+            _remove_tree(work)
+        stats["images_ms"] = images_ms
+        stats["images_compression"] = "zstd" if compressed else None
     else:
         event("restore", f"starting {name} (stateless snapshot: cold start)", 60)
         _lxc_start(name)
@@ -384,6 +476,14 @@ def cmd_restore(params):
     if dropped:
         out["config_dropped"] = dropped
     return out
+
+
+def _keep_restore_log(name, work):
+    """CRIU's restore log, kept beside the container's config for its debug bundle."""
+    try:
+        shutil.copyfile(os.path.join(work, "restore.log"), os.path.join(_cdir(name), "criu-restore.log"))
+    except OSError:
+        pass
 
 
 def cmd_delete_snapshot(params):
@@ -405,4 +505,13 @@ def cmd_snapshot_contents(params):
     if not os.path.isdir(images):
         return {"name": name, "snapshot": snap, "stateful": False, "contents": None}
     event("decode", f"decoding the CRIU images of {snap}", 50)
-    return {"name": name, "snapshot": snap, "stateful": True, "contents": _contents(images)}
+    if not store.is_compressed(images):
+        return {"name": name, "snapshot": snap, "stateful": True, "contents": _contents(images)}
+    # Not under the container's lock: a directory of its own (it may run beside another).
+    os.makedirs(os.path.join(S.CTWEB_PATH, "restore"), mode=0o700, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f"{name}.contents-", dir=os.path.join(S.CTWEB_PATH, "restore"))
+    try:
+        store.plain_images(images, work)
+        return {"name": name, "snapshot": snap, "stateful": True, "contents": _contents(work)}
+    finally:
+        _remove_tree(work)

@@ -7,6 +7,7 @@ import shutil
 import stat
 
 from . import state as S
+from . import store
 from .common import AgentError, _du, _write_json, check_name, event, run
 from .criu import DISK_MARGIN, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
 from .lxc import _cdir, _require, _state
@@ -55,7 +56,8 @@ def cmd_migrate_prepare(params):
     os.makedirs(mdir, exist_ok=True)
     rootfs_bytes = _du(_cdir(name))
     snaps = _snapshot_names(name)
-    snap_bytes = _du(os.path.join(S.SNAPSHOTS_PATH, name)) if snaps else 0
+    # Each inode once: snapshots share their unchanged files (hard links), and so do their copies.
+    snap_bytes = store.du_once([os.path.join(S.SNAPSHOTS_PATH, name)]) if snaps else 0
     state_bytes = _du(_state_dir(name)) if _has_saved_state(name) else 0
     memory = _memory_bytes(name) if _state(name) == "RUNNING" else 0
     event("preflight", f"{name}: rootfs {rootfs_bytes >> 20} MiB, memory {memory >> 20} MiB, {len(snaps)} snapshot(s)")

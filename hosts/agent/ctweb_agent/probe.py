@@ -7,6 +7,7 @@ import shutil
 import socket
 
 from . import state as S
+from . import store
 from .common import event, run
 from .lazy import RELAY_VERSION
 from .lxc import _network, _templates
@@ -100,6 +101,8 @@ def cmd_probe(params):
     caps["templates"] = _templates()
     caps["network"] = _network()
     caps["disk"] = [_disk(S.LXC_PATH), _disk(S.CTWEB_PATH)]
+    # How snapshots are kept here: sharing, native copy-on-write, zstd (shown on the host page).
+    caps["snapshot_storage"] = store.storage_probe()
     # Post-copy pages go through the resumable page relay (CRIU over --ps-socket): its version.
     caps["page_relay"] = RELAY_VERSION
     event("probe", "done", 100)

@@ -1,0 +1,283 @@
+"""How snapshots are kept on disk: rootfs copies that share unchanged files with the previous
+snapshot (hard links, made by rsync --link-dest), memory images compressed with zstd, the disk
+they take counted once per inode, and the host's disk budget for them.
+
+The one rule that makes sharing safe: a shared inode is never written. Every rsync that may
+link (--link-dest) writes into a directory it has just made empty, so it only ever creates
+entries: a file equal to the previous snapshot's is linked to it, anything else is a new
+file. rsync never links to its source, so the live rootfs never shares an inode with a
+snapshot, and a restore (rsync from a snapshot into the rootfs) copies, never links. An rsync
+over a directory that already holds shared files would change a linked file's mode or owner
+in place (rsync applies attribute-only changes to the existing inode): so before the frozen
+pass of a snapshot updates the running pass's copy, every shared entry whose attributes (or
+anything else) changed since the running pass began is unlinked from the copy
+(`unshare_changed`), and rsync writes it anew."""
+
+import os
+import shutil
+import stat
+import tempfile
+import time
+
+from . import state as S
+from .common import AgentError, run
+
+ZSTD_SUFFIX = ".zst"
+# --modify-window=-1: modification times compared to the nanosecond. With whole seconds (rsync's
+# default), a file rewritten in place at its size within the second of its last write looks
+# unchanged, and would be linked to the previous snapshot's copy (or, restoring, left as is).
+RSYNC = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1"]
+
+
+def du_once(paths):
+    """Disk blocks (bytes) under `paths`, each inode counted once across all of them."""
+    seen, total = set(), 0
+    for top in paths:
+        try:
+            st = os.lstat(top)
+        except OSError:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        total += st.st_blocks * 512
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        for root, dirs, files in os.walk(top):
+            for n in dirs + files:
+                try:
+                    st = os.lstat(os.path.join(root, n))
+                except OSError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+                total += st.st_blocks * 512
+    return total
+
+
+def unique_bytes(top):
+    """Disk blocks (bytes) of the inodes under `top` that nothing outside it links to: what
+    removing `top` would free, and when it was just made, what it added to the disk."""
+    counts, sizes = {}, {}
+    for root, dirs, files in os.walk(top):
+        for n in dirs + files:
+            try:
+                st = os.lstat(os.path.join(root, n))
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            counts[key] = counts.get(key, 0) + 1
+            sizes[key] = (st.st_blocks * 512, 1 if stat.S_ISDIR(st.st_mode) else st.st_nlink)
+    return sum(size for key, (size, nlink) in sizes.items() if counts[key] >= nlink)
+
+
+def sync_new(src, dst, link_dests=()):
+    """Copy the tree `src` into `dst`, which must not exist yet, sharing every file that is
+    identical (contents by size and mtime, mode, owner, ACLs, xattrs) with one in `link_dests`."""
+    if os.path.lexists(dst):
+        raise AgentError(f"Internal error: {dst} exists; a sharing copy only writes into a new directory.")
+    os.makedirs(dst)
+    if not shutil.which("rsync"):
+        os.rmdir(dst)
+        run(["cp", "-a", "--reflink=auto", src, dst], timeout=3600, check=True)
+        return
+    argv = RSYNC + [f"--link-dest={os.path.abspath(d)}" for d in link_dests if d and os.path.isdir(d)]
+    rc, out, err = run(argv + [src.rstrip("/") + "/", dst + "/"], timeout=3600)
+    if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
+        raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+
+
+# Inode change times come from the kernel's coarse clock, a tick or so behind the wall clock.
+CTIME_MARGIN_NS = 100_000_000
+
+
+def pass_start():
+    """The time to give update_in_place() for a copy that begins now."""
+    return time.time_ns() - CTIME_MARGIN_NS
+
+
+def unshare_changed(src, dst, since_ns):
+    """Before an rsync updates `dst` in place from `src`: unlink from `dst` every shared entry
+    (a hard link: nlink > 1) whose attributes rsync would change on the inode itself, so that it
+    writes a new file instead. Those are the entries whose mode or owner differ, or whose inode
+    changed since `since_ns` (ctime: chmod, chown, xattrs, ACLs, writes). Anything else rsync
+    changes goes through a new file and a rename, or an unlink. Returns how many were unlinked.
+    Meant for a frozen container: nothing in `src` changes meanwhile."""
+    n = 0
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            it = os.scandir(os.path.join(src, rel))
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                r = os.path.join(rel, e.name)
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(r)
+                    continue
+                target = os.path.join(dst, r)
+                try:
+                    dt = os.lstat(target)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(dt.st_mode) or dt.st_nlink < 2:
+                    continue
+                if st.st_ctime_ns >= since_ns or (st.st_mode, st.st_uid, st.st_gid) != (
+                    dt.st_mode,
+                    dt.st_uid,
+                    dt.st_gid,
+                ):
+                    os.unlink(target)
+                    n += 1
+    return n
+
+
+def update_in_place(src, dst, since_ns):
+    """The frozen pass of a snapshot: `dst` (a sharing copy of `src` made since `since_ns`, a
+    wall-clock time in ns) made equal to `src` again, without writing any shared inode."""
+    unshared = unshare_changed(src, dst, since_ns)
+    rc, out, err = run(RSYNC + ["--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600)
+    if rc not in (0, 24):
+        raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+    return unshared
+
+
+def new_bytes_estimate(src, link_dest):
+    """About how many bytes a sharing copy of `src` would write (what is not in `link_dest`):
+    rsync's dry run, which reads only metadata. The whole tree's size when nothing is shared."""
+    if not link_dest or not shutil.which("rsync"):
+        return None
+    scratch = tempfile.mkdtemp(prefix=".estimate-", dir=os.path.dirname(os.path.dirname(link_dest)))
+    try:
+        rc, out, err = run(
+            ["rsync", "-aH", "-n", "--stats", f"--link-dest={os.path.abspath(link_dest)}"]
+            + [src.rstrip("/") + "/", os.path.join(scratch, "x") + "/"],
+            timeout=600,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for line in out.splitlines():
+        if line.startswith("Total transferred file size:"):
+            digits = "".join(c for c in line.split(":", 1)[1] if c.isdigit())
+            if digits:
+                return int(digits)
+    return None
+
+
+# --- memory images at rest -------------------------------------------------------------
+
+
+def zstd_version():
+    if not shutil.which("zstd"):
+        return None
+    rc, out, err = run(["zstd", "-V"], timeout=20)
+    return (out or err).strip().splitlines()[0][:100] if rc == 0 and (out or err).strip() else None
+
+
+def compress_images(images):
+    """Compress the memory pages (pages-*.img, nearly all of a dump) with zstd, in place.
+    Returns (compression or None, stored bytes, raw bytes). Without zstd they stay as they are."""
+    raw = sum(os.lstat(os.path.join(images, n)).st_size for n in os.listdir(images))
+    pages = sorted(n for n in os.listdir(images) if n.startswith("pages-") and n.endswith(".img"))
+    if not pages or not shutil.which("zstd"):
+        return None, raw, raw
+    # One zstd for all of them (each input becomes <input>.zst, the input removed).
+    run(
+        ["zstd", "-q", "-3", "-T0", "--rm", "-f", "--"] + [os.path.join(images, n) for n in pages],
+        timeout=1800,
+        check=True,
+    )
+    stored = sum(os.lstat(os.path.join(images, n)).st_size for n in os.listdir(images))
+    return "zstd", stored, raw
+
+
+def is_compressed(images):
+    try:
+        return any(n.endswith(ZSTD_SUFFIX) for n in os.listdir(images))
+    except OSError:
+        return False
+
+
+def restore_work_dir(name):
+    return os.path.join(S.CTWEB_PATH, "restore", name)
+
+
+def plain_images(images, work):
+    """A private copy of a snapshot's images in `work` (made afresh), decompressed, for CRIU
+    to restore from: CRIU writes its log and statistics into its images directory, and the
+    snapshot must stay exactly as it was taken. Returns the bytes written."""
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work, mode=0o700)
+    packed = []
+    for n in sorted(os.listdir(images)):
+        src = os.path.join(images, n)
+        if not stat.S_ISREG(os.lstat(src).st_mode):
+            continue  # a dump holds plain files only
+        if n.endswith(ZSTD_SUFFIX):
+            packed.append(src)
+        else:
+            shutil.copyfile(src, os.path.join(work, n))
+    if packed:  # one zstd for all: <name>.zst -> work/<name>
+        run(["zstd", "-q", "-d", "-f", "--output-dir-flat", work, "--"] + packed, timeout=1800, check=True)
+    return sum(os.lstat(os.path.join(work, n)).st_size for n in os.listdir(work))
+
+
+# --- what the host offers for snapshots (the probe) -----------------------------------------
+
+
+def _fs_type(path):
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "/"
+    rc, out, err = run(["stat", "-f", "-c", "%T", probe], timeout=20)
+    return out.strip() if rc == 0 else None
+
+
+def _reflink(path):
+    """Whether this filesystem clones files (cp --reflink=always works here)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        d = tempfile.mkdtemp(prefix=".reflink-probe-", dir=path)
+    except OSError:
+        return None
+    try:
+        with open(os.path.join(d, "a"), "wb") as f:
+            f.write(b"ctweb")
+        rc, out, err = run(["cp", "--reflink=always", os.path.join(d, "a"), os.path.join(d, "b")], timeout=20)
+        return rc == 0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+NATIVE_COW = {"btrfs": "btrfs subvolumes", "zfs": "ZFS datasets"}
+
+
+def storage_probe():
+    """How this host keeps snapshots: the filesystem under them, what it can share, zstd."""
+    fs = _fs_type(S.SNAPSHOTS_PATH)
+    lvm = shutil.which("lvs") is not None
+    return {
+        "filesystem": fs,
+        "sharing": "hardlink" if shutil.which("rsync") else "none",
+        "reflink": _reflink(S.CTWEB_PATH),
+        "native_cow": NATIVE_COW.get(fs or ""),
+        "native_cow_used": False,  # rootfs copies share by hard links on every filesystem for now
+        "lvm_tools": lvm,
+        "overlayfs": _overlay_available(),
+        "zstd": zstd_version(),
+        "used_bytes": du_once([S.SNAPSHOTS_PATH]) if os.path.isdir(S.SNAPSHOTS_PATH) else 0,
+    }
+
+
+def _overlay_available():
+    try:
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1] == "overlay" for line in f if line.strip())
+    except OSError:
+        return False
