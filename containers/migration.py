@@ -52,6 +52,7 @@ from operations.runner import (
     handler,
 )
 
+from . import prediction
 from .models import Container
 from .services import container_operation, usable_host
 
@@ -128,12 +129,13 @@ def choose_strategy(container: Container, source: Host, target: Host, wanted: st
     raise ApiError(f"{container.name} cannot move to {target.name}: {support['restart']}", 409, "target_host")
 
 
-def start_migration(actor: Actor, container: Container, target_name: str, strategy: str = "auto") -> Operation:
+def start_migration(actor: Actor, container: Container, target_name: str, strategy: str = "auto", **extra) -> Operation:
+    """`extra` goes into the operation's params (containers/planning.py: requested, why, the
+    budget and the prediction it was chosen by)."""
     target = usable_host(target_name, field="target_host")
     chosen, why = choose_strategy(container, container.host, target, strategy)
-    return container_operation(
-        actor, container, Operation.Kind.MIGRATE, target_host=target, strategy=chosen, requested=strategy, why=why
-    )
+    params = {"strategy": chosen, "requested": strategy, "why": why, **extra}
+    return container_operation(actor, container, Operation.Kind.MIGRATE, target_host=target, **params)
 
 
 # --- the job -------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def _migrate(ctx, src, dst, container, strategy, live, base, clock, xfer: _Trans
         prep = _agent(src, ctx, "migrate-prepare", {**base, "live": live}, 2, 3)
         # The host's word, not our last refresh: what runs is what must be stopped.
         was_running = prep["state"] == "RUNNING"
-        ctx.remember(was_running=was_running)
+        ctx.remember(was_running=was_running, prediction=prediction.for_migration(ctx.op, strategy, prep))
         if live and not was_running:
             raise OperationFailed(f"{container.name} is {prep['state']} on {source.name}: there is no memory to move.")
         bridge = (target.capabilities.get("network") or {}).get("bridge")
