@@ -539,10 +539,6 @@ class OperationBundle(APIView):
         return response
 
 
-MAX_DOWNTIME_MS = 86_400_000  # a day: a budget beyond it is a typo, not a budget
-BUDGET_ERROR = f"max_downtime_ms must be a whole number of milliseconds from 1 to {MAX_DOWNTIME_MS}."
-
-
 class MigrateSerializer(serializers.Serializer):
     target_host = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
     strategy = serializers.ChoiceField(choices=list(STRATEGIES), default="auto")
@@ -550,8 +546,10 @@ class MigrateSerializer(serializers.Serializer):
     max_downtime_ms = StrictIntegerField(
         required=False,
         min_value=1,
-        max_value=MAX_DOWNTIME_MS,
-        error_messages={k: BUDGET_ERROR for k in ("invalid", "min_value", "max_value", "max_string_length", "null")},
+        max_value=planning.MAX_DOWNTIME_MS,
+        error_messages={
+            k: planning.BUDGET_ERROR for k in ("invalid", "min_value", "max_value", "max_string_length", "null")
+        },
         help_text="Pick the strategy whose predicted downtime fits (auto's order), or refuse with 409.",
     )
 

@@ -13,6 +13,9 @@ from .migration import choose_strategy, start_migration, strategy_support
 from .models import Container
 from .services import usable_host
 
+MAX_DOWNTIME_MS = 86_400_000  # a day: a budget beyond it is a typo, not a budget
+BUDGET_ERROR = f"max_downtime_ms must be a whole number of milliseconds from 1 to {MAX_DOWNTIME_MS}."
+
 
 def plan(container: Container, target_name: str, wanted: str) -> dict:
     """Every strategy's possibility and prediction for moving `container` to `target_name`."""

@@ -38,6 +38,7 @@ MIB = 1 << 20
 LIVE = ("stop-and-copy", "post-copy")
 PREDICTED = ("stop-and-copy", "post-copy", "restart")  # pre-copy is never possible yet
 HISTORY = 20  # past migrations looked at, per strategy
+PATH_SAMPLE_MIN = 64 * MIB  # a migration that moved less says little about the path's rate
 
 # Measured on the lab (2 cores, debian container, python holding memory, relayed over SSH):
 # bench/results/latest.md "downtime against memory size" (stop-and-copy 925 ms at 16 MiB, 2250 at
@@ -155,7 +156,7 @@ def path_rate_of(result: dict) -> float | None:
     moved = result.get("bytes_transferred") or 0
     if result.get("strategy") == "post-copy":  # the page bytes moved during the pull, not here
         moved -= (result.get("page_bytes") or 0) + ((result.get("page_relay") or {}).get("bytes_up") or 0)
-    if secs < 0.05 or moved < MIB:
+    if secs < 0.05 or moved < PATH_SAMPLE_MIN:  # small copies measure round trips, not bandwidth
         return None
     return moved / MIB / secs
 
@@ -303,7 +304,7 @@ def for_migration(op: Operation, strategy: str, prep: dict) -> dict:
     if isinstance(made, dict) and made.get("strategy") == strategy:
         return made
     inputs = Inputs(
-        memory_bytes=_count(prep.get("memory_bytes")),
+        memory_bytes=_count(prep.get("dumpable_bytes", prep.get("memory_bytes"))),
         rootfs_bytes=_count(prep.get("rootfs_bytes")),
         path_mib_s=PRIOR_PATH_MIB_S,
         page_mib_s=PRIOR_PAGE_MIB_S,

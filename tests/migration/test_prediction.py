@@ -7,6 +7,7 @@ from django.test import Client
 from containers import prediction as P
 from containers.models import Container
 from hosts.models import Host
+from operations.display import predicted_vs_actual
 from operations.models import Operation
 from tests.support.helpers import db_state
 
@@ -89,6 +90,9 @@ def test_a_past_result_without_prediction_is_read_from_what_travelled():
     assert P.path_rate_of(
         {"strategy": "stop-and-copy", "bytes_transferred": 100 * MIB, "phases": {"presync_ms": 300, "transfer_ms": 100}}
     ) == pytest.approx(250)
+    # 2 MiB of busybox rootfs in 300 ms is round trips, not bandwidth: not taken as the path's rate
+    small = {"strategy": "post-copy", "bytes_transferred": 2 * MIB, "phases": {"presync_ms": 250, "transfer_ms": 50}}
+    assert P.path_rate_of(small) is None
 
 
 def _plan(**rows):
@@ -214,3 +218,48 @@ def test_a_viewer_may_not_dry_run(tokens, box):
         HTTP_AUTHORIZATION=f"Token {tokens['carol']}",
     )
     assert r.status_code == 403
+
+
+def test_the_operation_page_shows_the_prediction_beside_what_was_measured(users, box):
+    result = {
+        "strategy": "stop-and-copy",
+        "downtime_ms": 1000.0,
+        "total_ms": 4000.0,
+        "phases": {"dump_ms": 500},
+        "prediction": {
+            "predicted_downtime_ms": 1200.0,
+            "predicted_total_ms": 3000.0,
+            "inputs": {
+                "memory_bytes": 64 * MIB,
+                "rootfs_bytes": 10 * MIB,
+                "path_mib_s": 250.0,
+                "path_rate_from": "prior",
+            },
+            "calibration": {"source": "prior"},
+        },
+    }
+    assert predicted_vs_actual(result) == [
+        {"what": "downtime", "predicted_ms": 1200, "actual_ms": 1000, "error_pct": 20},
+        {"what": "whole operation", "predicted_ms": 3000, "actual_ms": 4000, "error_pct": -25},
+    ]
+    assert predicted_vs_actual({"downtime_ms": 5}) == []
+    op = Operation.objects.create(
+        kind="migrate", container=box, container_name="box", host=box.host, status="success", result=result
+    )
+    c = Client()
+    c.force_login(users["carol"])
+    html = c.get(f"/operations/{op.pk}/").content.decode()
+    assert 'id="prediction-table"' in html
+    assert "1200 ms</td><td>1000 ms</td><td>+20 %" in html and "3000 ms</td><td>4000 ms</td><td>-25 %" in html
+
+
+def test_the_picker_takes_a_budget_and_refuses_a_bad_one_on_the_page(users, box):
+    c = Client()
+    c.force_login(users["bob"])
+    page = c.get("/containers/box/").content.decode()
+    assert 'name="max_downtime_ms"' in page and 'id="predict-button"' in page
+    r = c.post(
+        "/containers/box/migrate", {"target_host": "h2", "strategy": "auto", "max_downtime_ms": "-5"}, follow=True
+    )
+    assert "whole number of milliseconds" in r.content.decode()
+    assert not Operation.objects.filter(kind="migrate").exists()

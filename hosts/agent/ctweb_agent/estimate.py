@@ -1,6 +1,6 @@
 """`estimate`: what a migration's prediction needs from the source host, read-only.
 
-The container's memory (what its cgroup charges), its rootfs size, and a short sample of how
+The container's memory (what a dump writes: its cgroup's anonymous and shared pages), its rootfs size, and a short sample of how
 busy its memory is: the cgroup's page-fault counter and charged bytes read twice, `sample_s`
 apart. This kernel has no soft-dirty tracking (docs/LAB-NOTES.md), so the fault rate is the
 cheap stand-in for a write rate. Nothing is written and no lock is taken."""
@@ -24,6 +24,17 @@ def _memory_stat(name):
     return stats
 
 
+def _dumpable_bytes(name, stats=None):
+    """The memory a dump writes: anonymous and shared-memory pages (memory.stat: v1 total_rss +
+    total_shmem, v2 anon + shmem), not the page cache the cgroup also charges; the charged
+    total when the counters are missing."""
+    stats = _memory_stat(name) if stats is None else stats
+    for anon, shmem in (("total_rss", "total_shmem"), ("anon", "shmem"), ("rss", "shmem")):
+        if anon in stats:
+            return stats[anon] + stats.get(shmem, 0)
+    return _memory_bytes(name)
+
+
 def cmd_estimate(params):
     name = check_name(params.get("name"))
     sample_s = params.get("sample_s", 1.0)
@@ -32,14 +43,14 @@ def cmd_estimate(params):
     if not _exists(name):
         raise AgentError(f"There is no container {name} on this host.")
     state = _state(name)
-    out = {"state": state, "rootfs_bytes": _du(_cdir(name)), "memory_bytes": 0, "sample": None}
+    out = {"state": state, "rootfs_bytes": _du(_cdir(name)), "memory_bytes": 0, "charged_bytes": 0, "sample": None}
     if state != "RUNNING":
         return out
     before, m0, t0 = _memory_stat(name), _memory_bytes(name), time.monotonic()
     if sample_s:
         time.sleep(sample_s)
     after, m1, t1 = _memory_stat(name), _memory_bytes(name), time.monotonic()
-    out["memory_bytes"] = m1
+    out["memory_bytes"], out["charged_bytes"] = _dumpable_bytes(name, after), m1
     dt = max(t1 - t0, 1e-3)
     key = "total_pgfault" if "total_pgfault" in after else "pgfault"
     faults = after.get(key, 0) - before.get(key, 0) if key in after and key in before else None
