@@ -37,6 +37,16 @@ def summary(values: list[float]) -> dict:
     }
 
 
+def add_prediction(row: dict, actual: list[float], predicted: list[float]) -> None:
+    """The predicted column: the median prediction, and each run's error against its own
+    measurement (median and worst, in %), all predictions made before their migration ran."""
+    errors = [(p - a) / a * 100 for p, a in zip(predicted, actual, strict=False) if a]
+    row["predicted"] = round(statistics.median(predicted), 1)
+    if errors:
+        row["error_pct"] = round(statistics.median(errors), 1)
+        row["worst_error_pct"] = round(max(errors, key=abs), 1)
+
+
 def op_ms(api: Api, method: str, path: str, body=None) -> tuple[float, float, dict]:
     t0 = time.monotonic()
     r = api(method, path, json=body) if body is not None else api(method, path)
@@ -177,6 +187,7 @@ def bench_memory(stack: Stack, sizes=(16, 128, 512), repeat: int = 3) -> dict:
 
     api = Api(stack, stack.tokens["bob"])
     rows: dict[str, list[float]] = {}
+    predicted: dict[str, list[float]] = {}  # result.prediction, made as each migration started
     # The copy bandwidth between the two hosts in this run: 256 MiB through this machine
     # with OpenSSH (the path an operator's own copy takes), bytes per ms.
     rates = [copy_rate(Hosts(stack), "lab-a", "lab-b", 256) for _ in range(3)]
@@ -198,6 +209,11 @@ def bench_memory(stack: Stack, sizes=(16, 128, 512), repeat: int = 3) -> dict:
                     host = target
                     res = op["result"]
                     rows.setdefault(f"{strategy} downtime at {mib} MiB, ms", []).append(res["downtime_ms"])
+                    rows.setdefault(f"{strategy} total at {mib} MiB, ms", []).append(res["total_ms"])
+                    made = res.get("prediction") or {}
+                    for what, key in (("downtime", "predicted_downtime_ms"), ("total", "predicted_total_ms")):
+                        if made.get(key) is not None:
+                            predicted.setdefault(f"{strategy} {what} at {mib} MiB, ms", []).append(made[key])
                     if strategy == "stop-and-copy":
                         images = (res["dump_stats"].get("pages_written") or 0) * 4096
                         floor = (
@@ -211,6 +227,8 @@ def bench_memory(stack: Stack, sizes=(16, 128, 512), repeat: int = 3) -> dict:
         finally:
             op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
     out = {k: summary(v) for k, v in rows.items()}
+    for k, v in predicted.items():
+        add_prediction(out[k], rows[k], v)
     small, big = (
         out.get(f"post-copy downtime at {sizes[0]} MiB, ms"),
         out.get(f"post-copy downtime at {sizes[-1]} MiB, ms"),
@@ -612,17 +630,25 @@ def write(results: dict, notes: dict | None = None) -> None:
     for section, entry in sections.items():
         rows = entry["rows"]
         queries = any("queries" in s for s in rows.values())  # fleet scale: SQL per request, all rows / few
+        predicted = any("predicted" in s for s in rows.values())  # the migrations' own predictions
         lines += [f"## {section}", "", f"{entry['when']}, {entry['machine']}", ""]
         if entry.get("note"):
             lines += [entry["note"], ""]
         lines += [
-            "| measure | n | median | p95 | min | max |" + (" SQL queries (all rows / 1/20) |" if queries else ""),
-            "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if queries else ""),
+            "| measure | n | median | p95 | min | max |"
+            + (" SQL queries (all rows / 1/20) |" if queries else "")
+            + (" predicted (median) | error, median / worst (%) |" if predicted else ""),
+            "| --- | ---: | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if queries else "")
+            + (" ---: | ---: |" if predicted else ""),
         ]
         for label, s in rows.items():
             line = f"| {label} | {s['n']} | {s['median']} | {s.get('p95', '')} | {s['min']} | {s['max']} |"
             if queries:
                 line += f" {s.get('queries', '')} / {s.get('queries_small', '')} |"
+            if predicted:
+                off = f"{s['error_pct']:+} / {s['worst_error_pct']:+}" if "error_pct" in s else ""
+                line += f" {s.get('predicted', '')} | {off} |"
             lines.append(line)
         lines.append("")
     (RESULTS / "latest.md").write_text("\n".join(lines))

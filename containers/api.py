@@ -10,7 +10,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ApiError, StrictBooleanField, StrictCharField
+from core.api import ApiError, StrictBooleanField, StrictCharField, StrictIntegerField
 from core.audit import Actor, audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
@@ -20,7 +20,7 @@ from operations.bundles import bundle_bytes
 from operations.disagreements import disagreements
 from operations.models import Operation
 
-from . import schedules
+from . import planning, schedules
 from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
 from .models import Container, Snapshot
@@ -605,15 +605,53 @@ class OperationBundle(APIView):
 class MigrateSerializer(serializers.Serializer):
     target_host = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
     strategy = serializers.ChoiceField(choices=list(STRATEGIES), default="auto")
+    dry_run = StrictBooleanField(default=False, help_text="Predict every strategy; start nothing (200).")
+    max_downtime_ms = StrictIntegerField(
+        required=False,
+        min_value=1,
+        max_value=planning.MAX_DOWNTIME_MS,
+        error_messages={
+            k: planning.BUDGET_ERROR for k in ("invalid", "min_value", "max_value", "max_string_length", "null")
+        },
+        help_text="Pick the strategy whose predicted downtime fits (auto's order), or refuse with 409.",
+    )
+
+
+class StrategyPredictionSerializer(serializers.Serializer):
+    possible = serializers.BooleanField()
+    why_not = serializers.CharField(allow_null=True)
+    predicted_downtime_ms = serializers.FloatField(allow_null=True)
+    predicted_total_ms = serializers.FloatField(allow_null=True)
+    calibration = serializers.DictField(allow_null=True)
+    why_no_prediction = serializers.CharField(required=False)
+
+
+class MigrationPlanSerializer(serializers.Serializer):
+    container = serializers.CharField()
+    source = serializers.CharField()
+    target = serializers.CharField()
+    strategies = serializers.DictField(child=StrategyPredictionSerializer())
+    inputs = serializers.DictField()
+    chosen = serializers.CharField(allow_null=True)
+    why = serializers.CharField()
+    max_downtime_ms = serializers.IntegerField(required=False)
 
 
 class ContainerMigrate(APIView):
-    @extend_schema(request=MigrateSerializer, responses={202: OperationAcceptedSerializer})
+    @extend_schema(
+        request=MigrateSerializer, responses={202: OperationAcceptedSerializer, 200: MigrationPlanSerializer}
+    )
     def post(self, request, name):
         container = _container(name)
         s = MigrateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
+        budget = d.get("max_downtime_ms")
+        if d["dry_run"]:
+            return Response(planning.dry_run(container, d["target_host"], d["strategy"], budget))
+        if budget is not None:
+            op = planning.start_within_budget(Actor.of(request), container, d["target_host"], d["strategy"], budget)
+            return operation_accepted(op)
         return operation_accepted(start_migration(Actor.of(request), container, d["target_host"], d["strategy"]))
 
 

@@ -14,11 +14,11 @@ from core.audit import Actor
 from core.decorators import role_required
 from hosts.models import Host
 from operations.disagreements import disagreements
-from operations.display import downtime_breakdown, phase_spans
+from operations.display import downtime_breakdown, phase_spans, predicted_vs_actual
 from operations.models import Operation
 from operations.views import start_or_back
 
-from . import schedules
+from . import planning, schedules
 from .api import _midnight, cancel_operation, containers_queryset, decide_operation, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
 from .migration import start_evacuation, start_migration, strategy_support
@@ -79,6 +79,7 @@ def operation_detail(request, op_id):
         "op": op,
         "phases": phase_spans(op.events, op.finished_at),
         "downtime": downtime_breakdown(op.result) if op.kind == Operation.Kind.MIGRATE else None,
+        "predicted": predicted_vs_actual(op.result) if op.kind == Operation.Kind.MIGRATE else [],
         "children": op.children.select_related("host", "target_host"),
     }
     return render(request, "operations/detail.html", ctx)
@@ -324,9 +325,16 @@ def snapshot_search(request):
 def container_migrate(request, name):
     container = _get_container(name)
     target, strategy = request.POST.get("target_host", ""), request.POST.get("strategy", "auto")
-    return start_or_back(
-        request, lambda: start_migration(Actor.of(request), container, target, strategy), container.get_absolute_url()
-    )
+    budget = request.POST.get("max_downtime_ms", "").strip()
+
+    def start():
+        if not budget:
+            return start_migration(Actor.of(request), container, target, strategy)
+        if not budget.isdigit() or not 1 <= int(budget) <= planning.MAX_DOWNTIME_MS:
+            raise ApiError(planning.BUDGET_ERROR, 400, "max_downtime_ms")
+        return planning.start_within_budget(Actor.of(request), container, target, strategy, int(budget))
+
+    return start_or_back(request, start, container.get_absolute_url())
 
 
 @role_required("operator")

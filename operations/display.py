@@ -87,3 +87,25 @@ def downtime_breakdown(result: dict) -> dict | None:
             "note": seen.get("note"),
         },
     }
+
+
+def predicted_vs_actual(result: dict) -> list[dict]:
+    """A migration's prediction beside what it measured: [{what, predicted_ms, actual_ms,
+    error_pct}] for the downtime and the whole operation; [] without a prediction."""
+    result = result or {}
+    made = result.get("prediction")
+    if not isinstance(made, dict):
+        return []
+    rows = []
+    for what, predicted, actual in (
+        ("downtime", made.get("predicted_downtime_ms"), result.get("downtime_ms")),
+        ("whole operation", made.get("predicted_total_ms"), result.get("total_ms")),
+    ):
+        if not isinstance(predicted, int | float):
+            continue
+        row = {"what": what, "predicted_ms": round(predicted), "actual_ms": None, "error_pct": None}
+        if isinstance(actual, int | float) and actual > 0:
+            row["actual_ms"] = round(actual)
+            row["error_pct"] = round((predicted - actual) / actual * 100)
+        rows.append(row)
+    return rows

@@ -84,9 +84,10 @@ def choose_strategy(container: Container, source: Host, target: Host, wanted: st
     raise ApiError(f"{container.name} cannot move to {target.name}: {support['restart']}", 409, "target_host")
 
 
-def start_migration(actor: Actor, container: Container, target_name: str, strategy: str = "auto") -> Operation:
+def start_migration(actor: Actor, container: Container, target_name: str, strategy: str = "auto", **extra) -> Operation:
+    """`extra` goes into the operation's params (containers/planning.py: requested, why, the
+    budget and the prediction it was chosen by)."""
     target = usable_host(target_name, field="target_host")
     chosen, why = choose_strategy(container, container.host, target, strategy)
-    return container_operation(
-        actor, container, Operation.Kind.MIGRATE, target_host=target, strategy=chosen, requested=strategy, why=why
-    )
+    params = {"strategy": chosen, "requested": strategy, "why": why, **extra}
+    return container_operation(actor, container, Operation.Kind.MIGRATE, target_host=target, **params)

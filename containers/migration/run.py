@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from hosts import ssh
 from operations.runner import Cancelled, OperationContext, OperationFailed, handler
 
+from .. import prediction
 from ..models import Container
 from .common import call, call_timed, move_record, now_iso
 from .downtime import client_downtime
@@ -120,7 +121,9 @@ class Run:
         self.prep = call(src, p, "prepare", "migrate-prepare", {**base, "live": self.live})
         # The host's word, not our last refresh: what runs is what must be stopped.
         self.was_running = self.prep["state"] == "RUNNING"
-        ctx.remember(was_running=self.was_running)
+        ctx.remember(
+            was_running=self.was_running, prediction=prediction.for_migration(ctx.op, self.strategy, self.prep)
+        )
         if self.live and not self.was_running:
             raise OperationFailed(
                 f"{self.container.name} is {self.prep['state']} on {self.source.name}: there is no memory to move."

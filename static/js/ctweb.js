@@ -137,8 +137,68 @@ const ctweb = (function () {
     if (strategy.options[strategy.selectedIndex].disabled) strategy.value = "auto";
     if (why) why.textContent = reasons.length ? "To " + opt.value + ", not possible: " + reasons.join(" ") : "";
   }
+  // Predictions come from the API's dry run (it asks the source for the container's memory:
+  // about a second), on request and again when the target changes after a first one.
+  let predicted = false;
+  function cell(row, text) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    row.appendChild(td);
+  }
+  function ms(v) { return v === null || v === undefined ? "—" : (v >= 10000 ? (v / 1000).toFixed(1) + " s" : Math.round(v) + " ms"); }
+  function predict() {
+    const button = document.getElementById("predict-button");
+    const target = document.getElementById("mig-target");
+    const form = document.getElementById("migrate-form");
+    const status = document.getElementById("mig-predict-status");
+    const table = document.getElementById("mig-predictions");
+    if (!button || !target || !form || !table) return;
+    const token = form.querySelector("input[name=csrfmiddlewaretoken]");
+    status.textContent = "Predicting…";
+    predicted = true;
+    fetch("/api/v1/containers/" + encodeURIComponent(button.dataset.container) + "/migrate", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json", "X-CSRFToken": token ? token.value : "" },
+      body: JSON.stringify({ target_host: target.value, dry_run: true }),
+    }).then(function (r) {
+      return r.json().then(function (body) { return { ok: r.ok, body: body }; });
+    }).then(function (res) {
+      if (!res.ok) { status.textContent = "No prediction: " + (res.body.error || "refused"); return; }
+      const body = res.body;
+      const tbody = table.querySelector("tbody");
+      tbody.textContent = "";
+      Object.keys(body.strategies).forEach(function (name) {
+        const s = body.strategies[name];
+        const row = document.createElement("tr");
+        row.dataset.strategy = name;
+        const th = document.createElement("th");
+        th.scope = "row";
+        th.textContent = name;
+        row.appendChild(th);
+        cell(row, s.possible ? "yes" : "no: " + s.why_not);
+        cell(row, ms(s.predicted_downtime_ms));
+        cell(row, ms(s.predicted_total_ms));
+        cell(row, s.calibration ? s.calibration.source : (s.why_no_prediction || ""));
+        tbody.appendChild(row);
+      });
+      const i = body.inputs;
+      document.getElementById("mig-predicted-target").textContent = body.target;
+      document.getElementById("mig-predicted-inputs").textContent =
+        (i.memory_bytes === null ? "memory unknown" : (i.memory_bytes / 1048576).toFixed(0) + " MiB of memory") +
+        ", path " + i.path_mib_s + " MiB/s (" + i.path_rate_from + ")";
+      table.hidden = false;
+      status.textContent = body.chosen ? "auto would choose " + body.chosen + "." : "";
+    }).catch(function () { status.textContent = "No prediction: the request failed."; });
+  }
+  document.addEventListener("click", function (ev) {
+    if (ev.target && ev.target.id === "predict-button") predict();
+  });
   document.addEventListener("change", function (ev) {
-    if (ev.target && ev.target.id === "mig-target") updatePicker();
+    if (ev.target && ev.target.id === "mig-target") {
+      updatePicker();
+      if (predicted) predict();
+    }
   });
 
   // --- the fleet stream ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .criu import (
     cmd_snapshot,
     cmd_snapshot_contents,
 )
+from .estimate import cmd_estimate
 from .images import cmd_receive, cmd_send
 from .lazy import (
     LAZY_DUMP,
@@ -149,6 +150,7 @@ COMMANDS = {
     "snapshot-contents": cmd_snapshot_contents,
     "bundle": cmd_bundle,
     "check": cmd_check,
+    "estimate": cmd_estimate,
     "migrate-prepare": cmd_migrate_prepare,
     "migrate-check": cmd_migrate_check,
     "send": cmd_send,

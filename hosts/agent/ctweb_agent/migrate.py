@@ -10,6 +10,7 @@ from . import state as S
 from . import store
 from .common import AgentError, _du, _write_json, check_name, event, run
 from .criu import DISK_MARGIN, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
+from .estimate import _dumpable_bytes
 from .lxc import _cdir, _require, _state
 
 # --- migration -------------------------------------------------------------------------
@@ -60,11 +61,13 @@ def cmd_migrate_prepare(params):
     snap_bytes = store.du_once([os.path.join(S.SNAPSHOTS_PATH, name)]) if snaps else 0
     state_bytes = _du(_state_dir(name)) if _has_saved_state(name) else 0
     memory = _memory_bytes(name) if _state(name) == "RUNNING" else 0
+    dumpable = _dumpable_bytes(name) if memory else 0  # for the prediction (containers/prediction.py)
     event("preflight", f"{name}: rootfs {rootfs_bytes >> 20} MiB, memory {memory >> 20} MiB, {len(snaps)} snapshot(s)")
     return {
         "state": _state(name),
         "rootfs_bytes": rootfs_bytes,
         "memory_bytes": memory,
+        "dumpable_bytes": dumpable,
         "snapshots": snaps,
         "has_saved_state": _has_saved_state(name),
         "need_bytes": rootfs_bytes + snap_bytes + state_bytes + memory,
