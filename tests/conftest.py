@@ -9,6 +9,9 @@ import time
 # namespaces, bridge and /24), so lab tests run side by side. Set before anything imports
 # lab.core, which reads it once. Two sessions on one instance wait for each other (its lock).
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+# One id for this test run, set by the first process, inherited by xdist workers: the fault
+# matrix's sessions write their rows under it and the controller merges them (faults.py).
+os.environ.setdefault("CTWEB_TEST_RUN", time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}")
 if _worker.startswith("gw") and not os.environ.get("CTWEB_LAB_ID"):
     os.environ["CTWEB_LAB_ID"] = str((int(_worker[2:]) + int(os.environ.get("CTWEB_LAB_BASE") or 0)) % 9 + 1)
 

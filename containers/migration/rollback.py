@@ -103,6 +103,15 @@ def roll_back(
         except OperationFailed as e:
             ctx.event("cleanup", f"the migration's working files on {src.host.name} could not be removed: {e.message}")
     except OperationFailed as e:
+        if e.unanswered:
+            # No answer is no answer (the link to the source is still down): the source keeps
+            # its dump, and the operation waits and resumes it there once it answers.
+            db_write(lambda: Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED))
+            raise WaitFor(
+                f"{error.message.strip()} {container.name} is stopped on {src.host.name}"
+                f"{' with its memory dumped' if live else ''} and nothing is left on {target_name}; resuming it "
+                f"there got no answer ({e.message}). ctweb asks {src.host.name} again and resumes it there."
+            ) from e
         saved = bool((e.result or {}).get("has_saved_state"))
         Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED, has_saved_state=saved)
         error.message += f" Resuming it on {src.host.name} failed too ({e.message}); it is stopped there" + (
