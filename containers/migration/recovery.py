@@ -109,7 +109,8 @@ def recover_migration(ctx: OperationContext) -> str:
         # Roll back: the target gives up what it received; the source keeps the container.
         committed = bool(was_running and s["exists"] and s["state"] != "RUNNING")
         failure = OperationFailed("")
-        roll_back(ctx, src, dst, container, base, committed, live, was_running, failure)
+        actions = postcopy_actions(op, source.name, target.name) if lazy and op.result.get("stopping") else None
+        roll_back(ctx, src, dst, container, base, committed, live, was_running, failure, waiting_actions=actions)
         return f"Rolled back. {failure.message.strip()} {where(container)}".replace("  ", " ")
 
 

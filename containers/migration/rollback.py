@@ -14,10 +14,21 @@ from .phases import ROLL_BACK, Progress
 
 
 def roll_back(
-    ctx: OperationContext, src, dst, container, base, committed, live, was_running, error: OperationFailed
+    ctx: OperationContext,
+    src,
+    dst,
+    container,
+    base,
+    committed,
+    live,
+    was_running,
+    error: OperationFailed,
+    waiting_actions: list[dict] | None = None,
 ) -> None:
     """After a failure: nothing half-made stays on the target, and the source keeps the container.
-    `dst` is None when the target cannot be reached at all."""
+    `dst` is None when the target cannot be reached at all. `waiting_actions` (a post-copy's
+    decisions): where the source was stopped and the target cannot be confirmed clean, the
+    operation waits with them instead of settling anything."""
     progress = Progress.rest_of(ctx, ROLL_BACK)
     target_name = ctx.op.target_host.name if ctx.op.target_host else "the target"
     ctx.event("cleanup", f"migration failed: {error.message}; cleaning up the target")
@@ -56,6 +67,15 @@ def roll_back(
             f"{' with its memory dumped' if live else ''}; {target_name} could not be confirmed clean, so it may "
             f"run there. ctweb asks {target_name} again until it answers.",
             unreachable_target_actions(src.host.name, target_name, live),
+        )
+    if committed and not target_clean and waiting_actions is not None:
+        # A post-copy: the source's frozen tasks hold every page not yet pulled, the target may
+        # run it with some of them. Nothing is guessed or removed; the recovery asks both
+        # hosts again (it goes on with the pull, or resumes the source), an admin may decide.
+        raise WaitFor(
+            f"{error.message.strip()} {target_name} could not be confirmed clean during {container.name}'s "
+            f"post-copy: nothing was removed on either host. ctweb asks both again; an admin may decide.",
+            waiting_actions,
         )
     if committed and not target_clean:
         # The target may be running it: resuming the source could make two. Keep the

@@ -23,7 +23,7 @@ from ..models import Container
 from .common import call, call_timed, move_record, now_iso
 from .downtime import client_downtime
 from .phases import STRATEGY_STEPS, Clock, Progress
-from .postcopy import pull_pages
+from .postcopy import postcopy_actions, pull_pages
 from .rollback import roll_back
 from .transfer import Transfer, send, warm
 
@@ -97,8 +97,18 @@ class Run:
                 failure = e if isinstance(e, OperationFailed) else OperationFailed(f"The migration stopped: {e!r}.")
             # A post-copy's relays hold both CRIU ends whatever the pump does: migrate-abort
             # removes the target's, migrate-resume interrupts the dump (CRIU rolls it back).
+            actions = postcopy_actions(ctx.op, self.source.name, self.target.name) if self.lazy else None
             roll_back(
-                ctx, self.src, self.dst, container, self.base, self.committed, self.live, self.was_running, failure
+                ctx,
+                self.src,
+                self.dst,
+                container,
+                self.base,
+                self.committed,
+                self.live,
+                self.was_running,
+                failure,
+                waiting_actions=actions,
             )
             if cancelled:
                 raise Cancelled(failure.message.strip() or f"{container.name} stayed on {self.source.name}.") from e
