@@ -408,12 +408,23 @@ def test_delete_removes_snapshots_and_saved_state(lab, counting):
         assert ssh(lab, a, "test", "-e", path, check=False).returncode == 1, path
 
 
-def test_inspect_thaws_a_container_its_freezer_holds_while_lxc_says_running(lab, counting):
+@pytest.fixture
+def frozen_counter(lab, hosts):
+    """A counting busybox container of its own (the module's `counting` one is deleted by
+    an earlier test)."""
+    a = hosts[0]
+    create(lab, a, "cr-frozen", 96, command=["sh", "-c", COUNTER])
+    assert wait_for(lambda: counter(lab, a, "cr-frozen") > 3)
+    yield a, "cr-frozen"
+    agent(lab, a, "delete", {"name": "cr-frozen"})
+
+
+def test_inspect_thaws_a_container_its_freezer_holds_while_lxc_says_running(lab, frozen_counter):
     """A restore's agent killed between CRIU's restore (which puts back the freezer state it
     dumped: FROZEN) and its thaw leaves LXC saying RUNNING over frozen tasks. The recovery's
     inspect with thaw=true must see the freezer, not LXC's word, and thaw it (found by the
     fault matrix's restore-agent case: the container was reported RUNNING and answered nothing)."""
-    a, name = counting
+    a, name = frozen_counter
     ssh(lab, a, "lxc-cgroup", "-n", name, "freezer.state", "FROZEN")
     try:
         assert wait_for(

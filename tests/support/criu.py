@@ -15,7 +15,11 @@ from lab import core
 REMOTE_AGENT = "/root/ctweb_agent_test.pyz"  # the zipapp the dashboard ships
 
 
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done"
+# Written whole (a new file renamed over the old): a snapshot, which catches the container at
+# any instant, never holds a half-written (empty) counter.
+COUNTER = (
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done"
+)
 
 
 def _ip(octet: int) -> str:
