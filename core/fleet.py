@@ -111,16 +111,24 @@ def save_direct_networks(request, value, text: bool = False) -> FleetSettings:
     )
 
 
-def clean_stall_limit(value) -> int:
-    """Seconds a post-copy's page pull may go without progress: an integer in STALL_RANGE."""
+def _whole_number(value, lo: int, hi: int, sentence: str) -> int:
+    """A whole number from lo to hi (digits in a string too, as a form sends them), else `sentence`."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
-    lo, hi = STALL_RANGE
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValidationError(
-            f"{STALL_FIELD} must be a whole number of seconds from {lo} to {hi} (the default is 600, 10 minutes)."
-        )
+        raise ValidationError(sentence)
     return value
+
+
+def clean_stall_limit(value) -> int:
+    """Seconds a post-copy's page pull may go without progress: an integer in STALL_RANGE."""
+    lo, hi = STALL_RANGE
+    return _whole_number(
+        value,
+        lo,
+        hi,
+        f"{STALL_FIELD} must be a whole number of seconds from {lo} to {hi} (the default is 600, 10 minutes).",
+    )
 
 
 def save_stall_limit(request, value) -> FleetSettings:
@@ -136,14 +144,13 @@ def save_stall_limit(request, value) -> FleetSettings:
 
 def clean_budget(value) -> int:
     """MiB the snapshots on each host may take: a whole number from 0 (no budget) up."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= BUDGET_MAX:
-        raise ValidationError(
-            f"{BUDGET_FIELD} must be a whole number of MiB from 0 (no budget) to {BUDGET_MAX}: "
-            "the most disk the snapshots on each host may take."
-        )
-    return value
+    return _whole_number(
+        value,
+        0,
+        BUDGET_MAX,
+        f"{BUDGET_FIELD} must be a whole number of MiB from 0 (no budget) to {BUDGET_MAX}: "
+        "the most disk the snapshots on each host may take.",
+    )
 
 
 def save_budget(request, value) -> FleetSettings:

@@ -207,9 +207,28 @@ def fleet_settings(request):
     if request.method == "POST":
         if not has_role(request.user, "admin"):
             raise PermissionDenied("Changing the fleet settings needs the admin role.")
-        if "snapshot_budget_mib" in request.POST:  # its own form on the page
+        for field, save, said in (
+            (
+                "snapshot_budget_mib",
+                save_budget,
+                lambda fs: (
+                    "Snapshot disk budget: "
+                    + (f"{fs.snapshot_budget_mib} MiB per host" if fs.snapshot_budget_mib else "none")
+                    + "."
+                ),
+            ),
+            (
+                "postcopy_stall_limit_s",
+                save_stall_limit,
+                lambda fs: (
+                    f"A post-copy's page pull is now given up after {fs.postcopy_stall_limit_s} s without progress."
+                ),
+            ),
+        ):
+            if field not in request.POST:  # each has its own form on the page
+                continue
             try:
-                fs = save_budget(request, request.POST.get("snapshot_budget_mib", ""))
+                fs = save(request, request.POST.get(field, ""))
             except ValidationError as e:
                 messages.error(request, e.messages[0])
                 fs = FleetSettings.load()
@@ -219,25 +238,7 @@ def fleet_settings(request):
                     {"fs": fs, "typed": "\n".join(fs.direct_transfer_networks or [])},
                     status=400,
                 )
-            budget = f"{fs.snapshot_budget_mib} MiB per host" if fs.snapshot_budget_mib else "none"
-            messages.success(request, f"Snapshot disk budget: {budget}.")
-            return redirect("fleet-settings")
-        if "postcopy_stall_limit_s" in request.POST:  # its own form on the page
-            try:
-                fs = save_stall_limit(request, request.POST.get("postcopy_stall_limit_s", ""))
-            except ValidationError as e:
-                messages.error(request, e.messages[0])
-                fs = FleetSettings.load()
-                return render(
-                    request,
-                    "settings.html",
-                    {"fs": fs, "typed": "\n".join(fs.direct_transfer_networks or [])},
-                    status=400,
-                )
-            messages.success(
-                request,
-                f"A post-copy's page pull is now given up after {fs.postcopy_stall_limit_s} s without progress.",
-            )
+            messages.success(request, said(fs))
             return redirect("fleet-settings")
         typed = request.POST.get("direct_transfer_networks", "")
         try:

@@ -10,8 +10,7 @@ import time
 import pytest
 
 from hosts import ssh
-from hosts.models import Host
-from tests.support.stack import SSHServer
+from tests.support.helpers import sshd_host
 
 pytestmark = pytest.mark.e2e
 
@@ -46,24 +45,10 @@ print(json.dumps({"type": "result", "data": {"bytes": n, "sha256": h.hexdigest()
 
 @pytest.fixture
 def host(db, settings, tmp_path):
-    settings.SSH_KEY_PATH = tmp_path / "key" / "id_ed25519"
-    ssh.create_keypair(settings.SSH_KEY_PATH)
-    srv = SSHServer(ssh.public_key_line()).start()
-    pub = (srv.dir / "host_key.pub").read_text().split()
-    row = Host.objects.create(
-        name="relayed",
-        address="127.0.0.1",
-        port=srv.port,
-        username="root",
-        status=Host.Status.ONLINE,
-        key_type=pub[0],
-        key_data=pub[1],
-        fingerprint=srv.fingerprint(),
-    )
-    (tmp_path / "agent.py").write_text(AGENT)
-    row.agent, row.pids = str(tmp_path / "agent.py"), tmp_path / "pids"
-    yield row
-    srv.cleanup()
+    with sshd_host(settings, tmp_path, "relayed") as (_srv, row):
+        (tmp_path / "agent.py").write_text(AGENT)
+        row.agent, row.pids = str(tmp_path / "agent.py"), tmp_path / "pids"
+        yield row
 
 
 def _pair(host, send: dict, receive: dict):

@@ -4,30 +4,15 @@ import pytest
 
 from hosts import ssh
 from hosts.models import Host
-from tests.support.stack import SSHServer
+from tests.support.helpers import sshd_host
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def server(db, settings, tmp_path):
-    settings.SSH_KEY_PATH = tmp_path / "id_ed25519"
-    ssh.create_keypair(settings.SSH_KEY_PATH)
-    srv = SSHServer(ssh.public_key_line()).start()
-    pub = (srv.dir / "host_key.pub").read_text().split()
-    host = Host.objects.create(
-        name="pooled",
-        address="127.0.0.1",
-        port=srv.port,
-        username="root",
-        status=Host.Status.ONLINE,
-        key_type=pub[0],
-        key_data=pub[1],
-        fingerprint=srv.fingerprint(),
-    )
-    yield srv, host
-    ssh._pool.pop(host.pk, None)
-    srv.cleanup()
+    with sshd_host(settings, tmp_path, "pooled") as (srv, host):
+        yield srv, host
 
 
 def logins(srv) -> int:

@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 from django.apps import apps
 from django.contrib.auth import get_user_model
@@ -5,6 +7,7 @@ from django.contrib.sessions.models import Session
 
 from core.models import ApiToken
 from core.roles import set_role
+from hosts import ssh
 from hosts.models import Host
 
 ROLE_OF = {"alice": "admin", "bob": "operator", "carol": "viewer", "dave": None}
@@ -53,3 +56,30 @@ def db_state() -> dict:
         ]
         out[model._meta.label] = rows
     return out
+
+
+@contextmanager
+def sshd_host(settings, tmp_path, name: str):
+    """A real sshd on loopback (tests.support.stack.SSHServer) with the fleet's key made for
+    this test, and a trusted, online Host row pinned to its host key: (server, host)."""
+    from tests.support.stack import SSHServer
+
+    settings.SSH_KEY_PATH = tmp_path / "key" / "id_ed25519"
+    ssh.create_keypair(settings.SSH_KEY_PATH)
+    srv = SSHServer(ssh.public_key_line()).start()
+    pub = (srv.dir / "host_key.pub").read_text().split()
+    host = Host.objects.create(
+        name=name,
+        address="127.0.0.1",
+        port=srv.port,
+        username="root",
+        status=Host.Status.ONLINE,
+        key_type=pub[0],
+        key_data=pub[1],
+        fingerprint=srv.fingerprint(),
+    )
+    try:
+        yield srv, host
+    finally:
+        ssh._pool.pop(host.pk, None)
+        srv.cleanup()
