@@ -78,6 +78,7 @@ cache is shared.  Each instance addresses only its own /24 on its own bridge.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import ipaddress
 import json
 import os
@@ -388,12 +389,17 @@ def build_rootfs() -> Path:
         (rootfs, HOST_PACKAGES, HOST_STAMP, lambda tmp: _install_from(tmp, CRIU_SUITE, CRIU_PACKAGES)),
         (debian, DEBIAN_TEMPLATE_PACKAGES, STAMP, None),
     )
-    for target, pkgs, stamp, then in builds:
-        if (target / stamp).exists():
-            continue
-        if target.exists():  # renamed but stamp missing (or an older build): not ours complete
-            _rmtree(target)
-        _debootstrap(target, pkgs, stamp, then)
+    base.mkdir(parents=True, exist_ok=True)
+    # One build at a time per cache (several lab instances, e.g. xdist workers, share it): the
+    # others wait here and find it built.
+    with open(base / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for target, pkgs, stamp, then in builds:
+            if (target / stamp).exists():
+                continue
+            if target.exists():  # renamed but stamp missing (or an older build): not ours complete
+                _rmtree(target)
+            _debootstrap(target, pkgs, stamp, then)
     return rootfs
 
 
