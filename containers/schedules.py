@@ -39,9 +39,7 @@ def _whole(value, field: str, lo: int, hi: int, allow_none: bool = False) -> int
         if allow_none:
             return None
         raise ApiError(f"{field} is required: a whole number from {lo} to {hi}.", 400, field)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:  # JSON's own types only
         raise ApiError(f"{field} must be a whole number from {lo} to {hi}.", 400, field)
     return value
 
@@ -53,11 +51,7 @@ def clean(data: dict) -> dict:
         raise ApiError("unit must be minutes, hours or days.", 400, "unit")
     every = _whole(data.get("every"), "every", 1, MOST[unit])
     stateful = data.get("stateful", True)
-    if stateful in ("1", "true", "on"):
-        stateful = True
-    elif stateful in ("0", "false", "", None):
-        stateful = False
-    if not isinstance(stateful, bool):
+    if not isinstance(stateful, bool):  # JSON's true or false (the page's form sends a bool too)
         raise ApiError("stateful must be true or false.", 400, "stateful")
     keep_last = _whole(data.get("keep_last"), "keep_last", 1, KEEP_MOST, allow_none=True)
     keep_days = _whole(data.get("keep_days"), "keep_days", 1, 3660, allow_none=True)

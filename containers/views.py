@@ -234,7 +234,10 @@ def snapshot_create(request, name):
 @require_POST
 def schedule_create(request, name):
     container = _get_container(name)
-    data = {k: request.POST.get(k) for k in ("every", "unit", "keep_last", "keep_days")}
+    data: dict = {"unit": request.POST.get("unit")}
+    for k in ("every", "keep_last", "keep_days"):  # a form's digits as numbers, anything else as typed
+        v = (request.POST.get(k) or "").strip()
+        data[k] = int(v) if v.isdigit() else (v or None)
     data["stateful"] = request.POST.get("stateful") == "1"
     try:
         s = schedules.create_schedule(Actor.of(request), container, data)

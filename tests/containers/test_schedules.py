@@ -59,6 +59,9 @@ def test_an_operator_adds_lists_and_removes_a_schedule(tokens, c1):
         ({"every": 1, "unit": "hours", "keep_last": 0}, "keep_last"),
         ({"every": 1, "unit": "hours", "keep_days": -3}, "keep_days"),
         ({"every": 1, "unit": "hours", "stateful": "maybe"}, "stateful"),
+        ({"every": 1, "unit": "hours", "stateful": None}, "stateful"),  # JSON's null is no boolean (found by the fuzz)
+        ({"every": 1, "unit": "hours", "stateful": "false"}, "stateful"),
+        ({"every": "5", "unit": "hours"}, "every"),  # a string is not a JSON number
         ({"every": True, "unit": "hours"}, "every"),
     ],
 )
