@@ -97,7 +97,11 @@ def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack, tmp
         again = ctweb(cfg, "snapshot", "refuser", "--stateful", env=env)
         assert again.returncode == 1, again
         said = again.stderr[again.stderr.find("Error: ") :]  # after its progress lines (stderr is not a terminal)
-        assert said.startswith("Error: snapshot of refuser failed: CRIU could not dump refuser"), again.stderr
+        # The explanation first (the catalogue's sentence and fix, and the host), then the error.
+        assert said.startswith(
+            "Error: snapshot of refuser failed on lab-b: A process in the container runs in a namespace"
+        ), again.stderr
+        assert "Fix: " in said and "CRIU could not dump refuser" in said, again.stderr
         assert "nested user namespace" in said and "Traceback" not in again.stderr
         got = ctweb(cfg, "bundle", str(op["id"]), "-o", str(tmp_path / "b.tar.gz"), env=env)
         assert got.returncode == 0, got.stderr
@@ -115,7 +119,7 @@ def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack, tmp
         # SECRET_KEY or any API token (tars and gzips inside the bundle are opened too).
         fragments = secret_fragments(
             (lab_stack.var / "ssh" / "id_ed25519").read_text(),
-            (lab_stack.var / "secret_key").read_text().strip(),
+            lab_stack.env["SECRET_KEY"],
             lab_stack.tokens,
         )
         assert len(fragments) >= 6
