@@ -47,7 +47,7 @@ def _whole(value, field: str, lo: int, hi: int, allow_none: bool = False) -> int
 def clean(data: dict) -> dict:
     """The schedule as a request gave it -> its fields, or ApiError naming the bad one."""
     unit = data.get("unit")
-    if unit not in UNIT_SECONDS:
+    if not isinstance(unit, str) or unit not in UNIT_SECONDS:  # {} or [] must not reach a dict lookup
         raise ApiError("unit must be minutes, hours or days.", 400, "unit")
     every = _whole(data.get("every"), "every", 1, MOST[unit])
     stateful = data.get("stateful", True)

@@ -52,6 +52,8 @@ def test_an_operator_adds_lists_and_removes_a_schedule(tokens, c1):
     "body,field",
     [
         ({"every": 1, "unit": "weeks"}, "unit"),
+        ({"every": 1, "unit": {}}, "unit"),  # a 500 before (unhashable): found by the fresh-clone fuzz
+        ({"every": 1, "unit": ["hours"]}, "unit"),
         ({"every": 0, "unit": "hours"}, "every"),
         ({"every": "often", "unit": "hours"}, "every"),
         ({"unit": "hours"}, "every"),
