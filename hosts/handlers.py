@@ -34,16 +34,13 @@ def failure(e: ssh.SSHError, host: Host | None = None, prefix: str = "", on: str
     unless it is blocked (a changed key, marked already) or the fault is this node's own (its
     copy of the fleet's key missing: the host is fine)."""
     if isinstance(e, ssh.AgentFailed):
-        failed = OperationFailed(f"{prefix}{e}", e.details, e.data, host=host.name if host else on)
-        failed.unanswered = isinstance(e, ssh.AgentLost)
-        return failed
+        lost = isinstance(e, ssh.AgentLost)
+        return OperationFailed(f"{prefix}{e}", e.details, e.data, host=host.name if host else on, unanswered=lost)
     if host is not None and not isinstance(e, ssh.KeyMissing):
         host.refresh_from_db()
         if not host.is_blocked:
             set_host_status(host, Host.Status.OFFLINE, str(e))
-    failed = OperationFailed(f"{prefix}{e}")
-    failed.unanswered = True  # the host was not reached: what it did is unknown, not refused
-    return failed
+    return OperationFailed(f"{prefix}{e}", unanswered=True)  # not reached: what it did is unknown, not refused
 
 
 @explains

@@ -103,13 +103,14 @@ class OperationFailed(Exception):
     """An expected failure. `message` is for the operator; `details` are log lines that explain it;
     `host` names the host whose lines they are, when one host's agent reported it."""
 
-    # True where no host answered (a broken link, an agent that died): what was asked may or
-    # may not have happened there; the caller asks again rather than taking it for a refusal.
-    unanswered = False
-
-    def __init__(self, message: str, details: str = "", result: dict | None = None, host: str = ""):
+    def __init__(
+        self, message: str, details: str = "", result: dict | None = None, host: str = "", unanswered: bool = False
+    ):
         super().__init__(message)
         self.message = message
+        # True where no host answered (a broken link, an agent that died): what was asked may or
+        # may not have happened there; the caller asks again rather than taking it for a refusal.
+        self.unanswered = unanswered
         self.details = details
         self.result = result or {}
         self.host = host

@@ -14,7 +14,7 @@ from containers.models import Container
 from hosts import ssh
 from hosts.models import Host
 from operations.models import Operation
-from operations.runner import OperationContext, OperationFailed
+from operations.runner import OperationContext, OperationFailed, WaitFor
 
 FOLLOW_UPS = {
     "roll-back": phases.ROLL_BACK,
@@ -51,8 +51,8 @@ def test_only_the_strategies_that_can_run_have_a_table():
 class Conn:
     """A host's connection whose agent does each step at once (0, 50, 100 per cent)."""
 
-    def __init__(self, host, calls, fail):
-        self.host, self.calls, self.fail = host, calls, fail
+    def __init__(self, host, calls, fail, lost=None):
+        self.host, self.calls, self.fail, self.lost = host, calls, fail, lost
 
     def run_agent(self, sub, params, on_event=None, timeout=None):
         self.calls.append((self.host.name, sub))
@@ -61,6 +61,8 @@ class Conn:
                 on_event({"type": "event", "progress": p, "message": f"{sub} {p}%"})
         if sub == self.fail:
             raise ssh.AgentFailed(f"{sub} failed on purpose")
+        if sub == self.lost:  # its answer never came (the link broke)
+            raise ssh.AgentLost(f"{sub}: the connection was lost before the agent finished")
         return ssh.AgentResult(ANSWERS.get(sub, {}), "", 0)
 
     def open_stream(self, sub, params):
@@ -107,10 +109,10 @@ def run(db, trusted_host, monkeypatch):
     c = Container.objects.create(name="c1", host=trusted_host, state="RUNNING")
     calls: list = []
 
-    def go(strategy: str, fail: str | None = None):
+    def go(strategy: str, fail: str | None = None, lost: str | None = None):
         @contextmanager
         def connect(host, timeout=None):
-            yield Conn(host, calls, fail)
+            yield Conn(host, calls, fail, lost)
 
         def relay(sender, receiver, on_bytes=None, timeout=3600):
             on_bytes(1)
@@ -131,7 +133,7 @@ def run(db, trusted_host, monkeypatch):
         ctx = OperationContext(op)
         try:
             outcome = migrate(ctx)
-        except OperationFailed as e:
+        except (OperationFailed, WaitFor) as e:
             outcome = e
         progress = [e["progress"] for e in op.events if "progress" in e]
         spans = [p for i, p in enumerate(e["phase"] for e in op.events) if i == 0 or op.events[i - 1]["phase"] != p]
@@ -168,3 +170,28 @@ def test_a_failed_run_rolls_back_with_its_progress_still_going_forward(run, fail
     assert isinstance(error, OperationFailed) and f"{fail} failed on purpose" in error.message
     assert progress == sorted(progress), progress
     assert spans[-1] == "cleanup" and ("h2", "migrate-abort") in run.calls
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
+def test_a_roll_back_whose_resume_gets_no_answer_waits_and_keeps_the_dump(run, strategy):
+    """The source was stopped, the restore failed, the target is clean, and the resume on the
+    source gets no answer (its link still down): that is no refusal, so the operation waits to
+    resume it later; it neither ends nor marks the container stopped without its memory (the
+    full fault matrix's link-source 10 s cuts in the dump, on the lab)."""
+    outcome, _, _ = run(strategy, fail="migrate-restore", lost="migrate-resume")
+    assert isinstance(outcome, WaitFor), outcome
+    assert "resuming it there got no answer" in str(outcome), str(outcome)
+    assert ("h2", "migrate-abort") in run.calls and ("h1", "migrate-resume") in run.calls
+    c = Container.objects.get(name="c1")
+    assert c.state == "STOPPED" and c.has_saved_state is False  # waiting: nothing claimed ended or saved
+
+
+def test_a_post_copy_whose_target_cannot_be_confirmed_clean_waits_with_the_decisions(run):
+    """After the source was stopped, the target's clean-up got no answer: the lazy dump, which
+    holds every page not yet pulled, must not be ended by a keep-state clean-up on the source;
+    the operation waits with the post-copy decisions (the full matrix's link-target cuts in
+    the restore, on the lab)."""
+    outcome, _, _ = run("post-copy", fail="migrate-restore", lost="migrate-abort")
+    assert isinstance(outcome, WaitFor), outcome
+    assert [a["id"] for a in outcome.actions][:1] == ["postcopy-resume-source"], outcome.actions
+    assert not [c for c in run.calls if c[1] in ("migrate-cleanup", "migrate-resume")], run.calls
