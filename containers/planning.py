@@ -27,7 +27,7 @@ def plan(container: Container, target_name: str, wanted: str) -> dict:
         chosen, why = choose_strategy(container, container.host, target, wanted)
         out["chosen"], out["why"] = chosen, why
     except ApiError as e:
-        out["chosen"], out["why"] = None, e.message
+        out["chosen"], out["why"] = None, str(e.detail)
     return {"container": container.name, "source": container.host.name, "target": target.name, **out}
 
 

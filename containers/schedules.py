@@ -4,8 +4,7 @@ that deletes a schedule's older snapshots (keep the last K and/or those younger 
 Celery beat calls `run_schedules` every 30 s. Everything a schedule does is an ordinary
 operation started through the services (a snapshot, a delete-snapshot), on the container's
 one-operation-at-a-time rule: a container busy with another operation is skipped until the
-next tick, so retention never deletes a snapshot an operation is using (and it also skips
-any snapshot an active operation names). Retention deletes only the schedule's own snapshots,
+next tick, so retention never deletes a snapshot an operation is using. Retention deletes only the schedule's own snapshots,
 never one a person took, and one per container per tick."""
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from django.utils import timezone
 
 from core.api import ApiError
 from core.audit import Actor, audit
-from operations.models import Operation
 
 from .models import Container, Snapshot, SnapshotSchedule
 from .services import active_operation, delete_snapshot, snapshot_container
@@ -124,12 +122,6 @@ def to_delete(schedule: SnapshotSchedule, now: dt.datetime) -> list[Snapshot]:
     return out[::-1]
 
 
-def _in_use(container: Container) -> set[str]:
-    """Snapshots that an active operation on the container names."""
-    ops = Operation.objects.filter(container=container, status__in=Operation.ACTIVE)
-    return {op.params.get("snapshot") for op in ops if isinstance(op.params, dict)}
-
-
 def _actor(schedule: SnapshotSchedule) -> Actor:
     return Actor(schedule.created_by, None)
 
@@ -175,10 +167,7 @@ def run_schedule(schedule: SnapshotSchedule, now: dt.datetime) -> str:
         return f"snapshot {op.params['snapshot']} (operation {op.pk})"
     if busy:
         return "busy"
-    in_use = _in_use(container)
-    for snap in to_delete(schedule, now):
-        if snap.name in in_use:
-            continue
+    for snap in to_delete(schedule, now):  # not busy: no operation is using any of them
         try:
             op = delete_snapshot(_actor(schedule), container, snap)
         except ApiError as e:

@@ -588,9 +588,8 @@ def _no_ipv6(link: str) -> None:
 
 def _ensure_host_network(name: str, index: int) -> None:
     ns = _netns(name)
-    marker = NETNS_DIR_MARKER
-    if not Path("/run/netns").exists() and not marker.exists():
-        _write(marker, "ip netns add made /run/netns (a bind mount); down removes it when empty\n")
+    if not Path("/run/netns").exists() and not NETNS_DIR_MARKER.exists():
+        _write(NETNS_DIR_MARKER, "ip netns add made /run/netns (a bind mount); down removes it when empty\n")
     if not Path(f"/run/netns/{ns}").exists():
         _run(["ip", "netns", "add", ns])
     eth, ct = _root_links(name)
@@ -782,10 +781,9 @@ def _host_key(root: Path) -> str:
 def _raise_pipe_max_size() -> None:
     p = Path("/proc/sys/fs/pipe-max-size")
     cur = int(p.read_text())
-    orig = PIPE_ORIG
     if cur < PIPE_MAX_SIZE:
-        if not orig.exists():
-            _write(orig, f"{cur}\n")
+        if not PIPE_ORIG.exists():
+            _write(PIPE_ORIG, f"{cur}\n")
         p.write_text(str(PIPE_MAX_SIZE))
         _say(f"fs.pipe-max-size {cur} -> {PIPE_MAX_SIZE} (restored by down)")
 
@@ -912,18 +910,18 @@ def down() -> None:
     for link in _lab_links():
         _say(f"deleting link {link}")
         _run(["ip", "link", "del", link], check=False)
-    marker = NETNS_DIR_MARKER
-    if marker.exists():
-        d = Path("/run/netns")
-        if d.is_dir() and not any(d.iterdir()):
-            while _mounts_under(d):  # iproute2 bind-mounts it onto itself (maybe twice)
-                if _run(["umount", str(d)], check=False).returncode != 0:
-                    break
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-        marker.unlink()
+    d = Path("/run/netns")
+    # The lab made /run/netns: the last instance's down removes it (the marker stays while
+    # another instance's namespaces are there, so that instance's down still does).
+    if NETNS_DIR_MARKER.exists() and not (d.is_dir() and any(d.iterdir())):
+        while d.is_dir() and _mounts_under(d):  # iproute2 bind-mounts it onto itself (maybe twice)
+            if _run(["umount", str(d)], check=False).returncode != 0:
+                break
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+        NETNS_DIR_MARKER.unlink()
     for hdir in hdirs:
         cgfile = hdir / "cgroups.json"
         if cgfile.exists():
@@ -935,10 +933,9 @@ def down() -> None:
     if hosts.exists():
         _say(f"removing {hosts}")
         _rmtree(hosts)
-    orig = PIPE_ORIG
-    if orig.exists() and not _any_lab_netns():  # the last instance on the machine restores it
-        Path("/proc/sys/fs/pipe-max-size").write_text(orig.read_text().strip())
-        orig.unlink()
+    if PIPE_ORIG.exists() and not _any_lab_netns():  # the last instance on the machine restores it
+        Path("/proc/sys/fs/pipe-max-size").write_text(PIPE_ORIG.read_text().strip())
+        PIPE_ORIG.unlink()
         _say("fs.pipe-max-size restored")
     _say(f"down in {time.monotonic() - t0:.1f}s")
 

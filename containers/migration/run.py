@@ -228,7 +228,8 @@ class Run:
     def cleanup(self) -> None:
         """The target runs it: the source copy can go, and the records follow the container."""
         ctx, p, base = self.ctx, self.progress, self.base
-        move_record(ctx, self.container, self.target, self.was_running)
+        if not self.lazy:  # a post-copy's record followed it when it began running there (pages)
+            move_record(ctx, self.container, self.target, self.was_running)
         p.event("cleanup", f"removing the source copy on {self.source.name}", "cleanup-source")
         try:
             call(self.src, p, "cleanup-source", "migrate-cleanup", {**base, "remove": True})

@@ -131,13 +131,13 @@ def test_a_restore_then_writes_leave_every_snapshot_as_it_was(agent, tmp_path):
         f.write(b"second")
     s2 = snapshot_rootfs(agent, rootfs, tmp_path / "s2", s1)
     sums = {s: tree_sums(s) for s in (s1, s2)}
-    agent.criu._sync(s1, str(rootfs))  # the restore's rollback
+    agent.store.sync(s1, str(rootfs))  # the restore's rollback
     assert tree_sums(rootfs) == sums[s1]
     for rel in ("etc/f0", "etc/f5", "var/log/app.log"):  # the container writes in place
         rewrite_in_place(rootfs / rel, b"XXXX")
         os.chmod(rootfs / rel, 0o640)
     assert {s: tree_sums(s) for s in (s1, s2)} == sums
-    agent.criu._sync(s1, str(rootfs))  # restored again: every rewrite rolled back
+    agent.store.sync(s1, str(rootfs))  # restored again: every rewrite rolled back
     assert tree_sums(rootfs) == sums[s1]
     shutil.rmtree(s1)  # deleting one snapshot leaves the other whole
     assert tree_sums(s2) == sums[s2]
@@ -241,3 +241,20 @@ def test_the_probe_says_how_snapshots_are_kept(agent):
     assert st["filesystem"] and isinstance(st["reflink"], bool)
     assert (st["zstd"] is not None) == (shutil.which("zstd") is not None)
     assert os.listdir(agent.S.CTWEB_PATH) == []  # the reflink probe left nothing
+
+
+def test_a_host_without_rsync_still_snapshots_and_restores_by_whole_copies(agent, tmp_path, monkeypatch):
+    """No rsync on the host (its probe says sharing: none): both passes of a snapshot and a
+    restore's roll-back fall back to `cp -a` and still give exact copies (the frozen pass
+    used to call rsync regardless and fail with exit status 127)."""
+    rootfs = tmp_path / "rootfs"
+    make_rootfs(rootfs)
+    bin_dir = tmp_path / "bin"  # a PATH with cp and no rsync
+    bin_dir.mkdir()
+    os.symlink(shutil.which("cp"), bin_dir / "cp")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    copy = snapshot_rootfs(agent, rootfs, tmp_path / "s1", None)
+    assert tree_sums(copy) == tree_sums(rootfs)
+    rewrite_in_place(os.path.join(str(rootfs), "etc", "f1"), os.urandom(64 << 10))
+    agent.store.sync(copy, str(rootfs))
+    assert tree_sums(rootfs) == tree_sums(copy)

@@ -1,7 +1,8 @@
 """The snapshot budget per host (fleet setting snapshot_budget_mib): admins set it, it reaches
 the host's agent with every snapshot, and the agent refuses a snapshot that would go past it,
 with the numbers, before it freezes anything (the refusal itself for real on the lab:
-tests/containers/test_e2e_lab_snapshot_store.py). What a snapshot stores is recorded."""
+tests/lab/test_snapshot_store.py::test_a_snapshot_past_the_budget_is_refused_before_anything_is_frozen).
+What a snapshot stores is recorded."""
 
 import pytest
 from django.test import Client

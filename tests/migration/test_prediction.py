@@ -263,3 +263,19 @@ def test_the_picker_takes_a_budget_and_refuses_a_bad_one_on_the_page(users, box)
     )
     assert "whole number of milliseconds" in r.content.decode()
     assert not Operation.objects.filter(kind="migrate").exists()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"target_host": "h1", "dry_run": True},  # its own host: nothing can move it there
+        {"target_host": "h2", "strategy": "pre-copy", "max_downtime_ms": 5000},
+    ],
+)
+def test_a_plan_with_no_possible_choice_answers_instead_of_failing(tokens, box, body):
+    """The choice's refusal is carried as the plan's 'why' (a 500 before: the refusal's
+    sentence was read from an attribute errors do not have)."""
+    r = _post(tokens, body)
+    assert r.status_code in (200, 409), r.content
+    assert r.status_code == 409 or r.json()["chosen"] is None
+    assert not Operation.objects.exists()

@@ -103,19 +103,6 @@ def _check_disk(estimate, what):
     return need
 
 
-def _sync(src, dst):
-    """Make dst an exact copy of src (ownership, modes, hard links, ACLs, xattrs: file
-    capabilities matter). rsync copies only what changed, so a second pass is cheap."""
-    os.makedirs(dst, exist_ok=True)
-    if shutil.which("rsync"):
-        rc, out, err = run(store.RSYNC + ["--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600)
-        if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
-            raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
-        return
-    shutil.rmtree(dst)
-    run(["cp", "-a", "--reflink=auto", src, dst], timeout=3600, check=True)
-
-
 def _criu_log(images, which, tail=25):
     """The lines of CRIU's log that explain a failure: errors and warnings, then the tail.
     The first errors are the cause (the dashboard classifies them, hosts/criu_errors.py) and
@@ -433,7 +420,7 @@ def cmd_restore(params):
     # A saved state belongs to the filesystem we are about to replace.
     _remove_tree(_state_dir(name))
     event("copy", f"rolling the rootfs of {name} back to {snap}", 20)
-    _sync(os.path.join(sdir, "rootfs"), rootfs)
+    store.sync(os.path.join(sdir, "rootfs"), rootfs)
     # The snapshot's config (it may have come from another host) only through the allowlist.
     try:
         snap_lines = _read_lines(os.path.join(sdir, "config"))

@@ -82,9 +82,25 @@ def sync_new(src, dst, link_dests=()):
         run(["cp", "-a", "--reflink=auto", src, dst], timeout=3600, check=True)
         return
     argv = RSYNC + [f"--link-dest={os.path.abspath(d)}" for d in link_dests if d and os.path.isdir(d)]
-    rc, out, err = run(argv + [src.rstrip("/") + "/", dst + "/"], timeout=3600)
+    _rsync(argv, src, dst)
+
+
+def _rsync(argv, src, dst):
+    rc, out, err = run(argv + [src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600)
     if rc not in (0, 24):  # 24: files vanished while we copied (a running container)
         raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+
+
+def sync(src, dst):
+    """Make dst an exact copy of src (ownership, modes, hard links, ACLs, xattrs: file
+    capabilities matter). rsync copies only what changed, so a second pass is cheap; without
+    rsync, a whole copy."""
+    os.makedirs(dst, exist_ok=True)
+    if shutil.which("rsync"):
+        _rsync(RSYNC + ["--delete"], src, dst)
+        return
+    shutil.rmtree(dst)
+    run(["cp", "-a", "--reflink=auto", src, dst], timeout=3600, check=True)
 
 
 # Inode change times come from the kernel's coarse clock, a tick or so behind the wall clock.
@@ -142,9 +158,7 @@ def update_in_place(src, dst, since_ns):
     """The frozen pass of a snapshot: `dst` (a sharing copy of `src` made since `since_ns`, a
     wall-clock time in ns) made equal to `src` again, without writing any shared inode."""
     unshared = unshare_changed(src, dst, since_ns)
-    rc, out, err = run(RSYNC + ["--delete", src.rstrip("/") + "/", dst.rstrip("/") + "/"], timeout=3600)
-    if rc not in (0, 24):
-        raise AgentError(f"rsync of {src} failed (exit status {rc}).", (err or out)[-3000:])
+    sync(src, dst)  # (without rsync nothing was shared: a whole copy again)
     return unshared
 
 
