@@ -1,6 +1,5 @@
 from datetime import date, datetime, time, timedelta
 
-from django.db import transaction
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
@@ -14,7 +13,7 @@ from core.api import ApiError, StrictBooleanField, StrictCharField, StrictIntege
 from core.audit import Actor, audit
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
-from operations import events, runner
+from operations import runner
 from operations.api import DisagreementSerializer, OperationAcceptedSerializer, operation_accepted
 from operations.bundles import bundle_bytes
 from operations.disagreements import disagreements
@@ -25,6 +24,7 @@ from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
 from .models import Container, Snapshot
 from .services import (
+    cancel,
     change_state,
     check_container,
     container_operation,
@@ -121,19 +121,7 @@ class OperationDetail(APIView):
 def cancel_operation(request, op: Operation) -> Operation:
     if not op.is_active:
         raise ApiError(f"Operation {op.pk} has already ended ({op.status}).", 409)
-    with transaction.atomic():
-        Operation.objects.filter(pk=op.pk).update(cancel_requested=True)
-        # A job no worker has claimed yet can end here; a running one stops at its next safe point.
-        ended = Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
-            status=Operation.Status.CANCELLED, error="Cancelled before it started.", finished_at=timezone.now()
-        )
-    if ended:
-        runner.undo(op)
-    if op.status == Operation.Status.WAITING:  # held by no thread: it hears the cancel when asked again
-        runner.ask_again(op.pk)
-    audit(request, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
-    op.refresh_from_db()
-    events.publish_operation(op)
+    cancel(request, op)
     return op
 
 

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from core.audit import audit
@@ -107,6 +108,13 @@ def agent_or_wait(ctx: OperationContext, host: Host, subcommand: str, params: di
         raise
 
 
+def _busy(container: Container) -> bool:
+    """An operation of the container runs or waits: its state is the operation's to write. A
+    listing taken meanwhile sees the operation's own steps (a trial dump's or a snapshot's
+    FROZEN, a stop's half-way), which must not become the container's recorded state."""
+    return container.operations.filter(status__in=Operation.ACTIVE).exists()
+
+
 def _apply_listing(host: Host, listing: list[dict]) -> dict:
     """Bring the database in line with what a host says it has."""
     seen, added, changed, gone = set(), [], [], []
@@ -134,14 +142,14 @@ def _apply_listing(host: Host, listing: list[dict]) -> dict:
             publish_fleet("container", container_state(c))
         elif c.host_id != host.pk:
             log.warning("%s is listed on %s but belongs to %s in ctweb; left alone", name, host, c.host)
-        elif c.state != state or (ipv6 and c.ipv6 != ipv6):
+        elif (c.state != state or (ipv6 and c.ipv6 != ipv6)) and not _busy(c):
             set_state(c, state, ipv6=ipv6 or c.ipv6)
             changed.append(name)
         if c.host_id == host.pk and c.config_warnings != warnings:
             Container.objects.filter(pk=c.pk).update(config_warnings=warnings)
     # Containers ctweb knows on this host that the host no longer has (and no job is creating).
     for c in Container.objects.filter(host=host).exclude(name__in=seen).exclude(state=Container.State.CREATING):
-        if not c.operations.filter(status__in=Operation.ACTIVE).exists():
+        if not _busy(c):
             gone.append(c.name)
             if c.state != Container.State.UNKNOWN:
                 set_state(c, Container.State.UNKNOWN)
@@ -483,12 +491,15 @@ def check(ctx: OperationContext) -> dict:
     return {"checkpointable": value, "processes": data.get("processes"), "trial_log": log_lines}
 
 
-def canary_checks(hours: float, now=None, limit: int = 5) -> list[str]:
+def canary_checks(hours: float, now=None, limit: int = 5, quiet_minutes: float = 10) -> list[str]:
     """Scheduled: a check with a trial dump, as an ordinary operation (params.auto), of each
     running container whose last check is older than `hours` (or that was never checked), at
-    most `limit` per tick, never beside another operation of the container. A container that
+    most `limit` per tick, never beside another operation of the container and not within
+    `quiet_minutes` of one (a container someone is working on is left alone; a person's request
+    that meets a canary's check makes it step aside: services.step_aside). A container that
     was checkpointable and is blocked now is reported by the check itself (check above)."""
     now = now or timezone.now()
+    recent = now - timedelta(minutes=quiet_minutes)
     started = []
     if hours <= 0:
         return started
@@ -503,9 +514,14 @@ def canary_checks(hours: float, now=None, limit: int = 5) -> list[str]:
             fresh = checked and now - datetime.fromisoformat(checked) < timedelta(hours=hours)
         except (TypeError, ValueError):
             fresh = False
-        if fresh or c.operations.filter(status__in=Operation.ACTIVE).exists():
+        if fresh or c.operations.filter(Q(finished_at__gte=recent) | Q(created_at__gte=recent)).exists():
             continue
         with transaction.atomic():
+            # The row lock every operation's start takes (services.container_operation): a
+            # request between the test above and this create cannot run beside the check.
+            Container.objects.select_for_update().filter(pk=c.pk).first()
+            if _busy(c):
+                continue
             op = Operation.objects.create(
                 kind=Operation.Kind.CHECK,
                 container=c,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+import time
 
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from core.api import ApiError
 from core.audit import Actor, audit
 from hosts.models import Host
 from hosts.validators import validate_name
+from operations import events, runner
 from operations.models import Operation
 from operations.runner import enqueue
 
@@ -129,10 +132,51 @@ def create_container(actor: Actor, name, host_name, template="busybox", command=
     raise ApiError("Could not reserve an address for the container; try again.", 409, "host")
 
 
+# How long a person's request waits for an automatic check (the canary's trial dump, a few
+# seconds) to step aside before it is refused like any other busy container.
+AUTO_YIELD_SECONDS = 30.0
+
+
+def cancel(actor, op: Operation, reason: str = "Cancelled before it started.") -> bool:
+    """Ask an operation to cancel: one no worker has claimed yet ends here (True); a running
+    one stops at its next safe point; a waiting one hears it when asked again."""
+    with transaction.atomic():
+        Operation.objects.filter(pk=op.pk).update(cancel_requested=True)
+        ended = Operation.objects.filter(pk=op.pk, status=Operation.Status.PENDING).update(
+            status=Operation.Status.CANCELLED, error=reason, finished_at=timezone.now()
+        )
+    if ended:
+        runner.undo(op)
+    if op.status == Operation.Status.WAITING:
+        runner.ask_again(op.pk)
+    audit(actor, "operation.cancel", op, detail=f"{op.kind} {'before start' if ended else 'requested'}")
+    op.refresh_from_db()
+    events.publish_operation(op)
+    return bool(ended)
+
+
+def step_aside(container: Container, seconds: float | None = None) -> None:
+    """A person's operation goes before an automatic one: the canary's check is asked to cancel
+    (a queued one never starts; a running trial dump, which leaves the container running, ends
+    on its own) and is waited for, so an operator never meets a 409 for work nobody asked."""
+    running = active_operation(container)
+    if running is None or running.kind != Operation.Kind.CHECK or not (running.params or {}).get("auto"):
+        return
+    if cancel(None, running, "Stepped aside for an operator's request; checked again later."):
+        return
+    deadline = time.monotonic() + (AUTO_YIELD_SECONDS if seconds is None else seconds)
+    while time.monotonic() < deadline:
+        if not Operation.objects.filter(pk=running.pk, status__in=Operation.ACTIVE).exists():
+            return
+        time.sleep(0.1)
+
+
 def container_operation(
     actor: Actor, container: Container, kind: str, target_host: Host | None = None, **params
 ) -> Operation:
-    """Queue an operation on one container, refusing a second one while one runs."""
+    """Queue an operation on one container, refusing a second one while one runs (an automatic
+    check steps aside first)."""
+    step_aside(container)
     with transaction.atomic():
         # Lock the row so two requests cannot both see "nothing running".
         container = Container.objects.select_for_update().get(pk=container.pk)

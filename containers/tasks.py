@@ -17,8 +17,9 @@ def refresh_container_states() -> None:
 @shared_task(ignore_result=True)
 def checkpoint_canary() -> None:
     """Scheduled: re-verify every running container's checkpointability every
-    CTWEB_CANARY_HOURS hours (0: never) with an ordinary check operation."""
-    canary_checks(settings.CTWEB_CANARY_HOURS)
+    CTWEB_CANARY_HOURS hours (0: never) with an ordinary check operation, never within
+    CTWEB_CANARY_QUIET_MINUTES of another operation of the container."""
+    canary_checks(settings.CTWEB_CANARY_HOURS, quiet_minutes=settings.CTWEB_CANARY_QUIET_MINUTES)
 
 
 @shared_task(ignore_result=True)

@@ -273,6 +273,8 @@ CELERY_BEAT_SCHEDULE = {
 # Each running container's checkpointability is checked again (a trial dump) after this many
 # hours (containers/handlers.py canary_checks); 0 turns the canary off.
 CTWEB_CANARY_HOURS = float(os.environ.get("CTWEB_CANARY_HOURS", 24))
+# ...and never within this many minutes of another operation of the container.
+CTWEB_CANARY_QUIET_MINUTES = float(os.environ.get("CTWEB_CANARY_QUIET_MINUTES", 10))
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 REST_FRAMEWORK = {
