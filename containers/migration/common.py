@@ -12,7 +12,7 @@ from hosts import ssh
 from hosts.handlers import failure
 from operations.events import publish_fleet
 from operations.models import Operation
-from operations.runner import OperationContext, WaitFor
+from operations.runner import OperationContext, OperationFailed, WaitFor
 
 from ..models import Container
 from .phases import Progress
@@ -75,3 +75,21 @@ def hms(iso: str | None) -> str:
 
 def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def supersede_target(ctx: OperationContext, dst, progress: Progress, base: dict, target: str) -> bool:
+    """Before an admin's "resume on the source": the target's copy is removed now if the target
+    answers (migrate-abort: only what this migration brought, a running copy stopped first, as
+    the action's consequence says), and the migration records it superseded either way, before
+    the source runs: a copy left on an unreachable target is never resumed nor followed by the
+    record, and the tidy removes it once the source's copy is confirmed running
+    (handlers.tidy_migrations). True when the target is confirmed clean."""
+    clean = False
+    if dst is not None:
+        try:
+            call(dst, progress, "abort-target", "migrate-abort", base)
+            clean = True
+        except OperationFailed as e:
+            ctx.event("cleanup", f"the copy on {target} could not be removed now: {e.message}")
+    ctx.remember(superseded={"host": target, "clean": clean, "at": now_iso()})
+    return clean

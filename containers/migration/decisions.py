@@ -9,7 +9,7 @@ from operations.events import publish_fleet
 from operations.runner import OperationContext, OperationFailed, WaitFor, decision_handler
 
 from ..models import Container
-from .common import call, db_write
+from .common import call, db_write, supersede_target
 from .phases import RESUME_DECISION, Progress
 from .postcopy import POSTCOPY_RESUME, lazy_resume_on_source, postcopy_actions
 from .rollback import RESUME_SOURCE, unreachable_target_actions
@@ -45,8 +45,18 @@ def resume_on_source(ctx: OperationContext) -> dict:
     live = op.params.get("strategy") in ("stop-and-copy", "post-copy")
     base = {"name": container.name, "migration": op.pk}
     progress = Progress.rest_of(ctx, RESUME_DECISION)
+    target = op.target_host.name if op.target_host else "the target"
     try:
-        with ssh.connect(source) as src:
+        with ExitStack() as hosts:
+            src = hosts.enter_context(ssh.connect(source))
+            dst = None
+            if op.target_host is not None:
+                try:
+                    dst = hosts.enter_context(ssh.connect(op.target_host))
+                except ssh.SSHError as e:
+                    ctx.event("decision", f"{target} cannot be reached ({e}): its copy is dealt with later")
+            # The target's copy first: never two copies running, not even for a moment.
+            target_clean = supersede_target(ctx, dst, progress, base, target)
             if live:
                 data = call(src, progress, "resume-source", "migrate-resume", base)
             else:
@@ -64,11 +74,12 @@ def resume_on_source(ctx: OperationContext) -> dict:
         ) from e
     db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source, state=data.get("state", "RUNNING")))
     publish_fleet("container", {"name": container.name, "host": source.name, "state": data.get("state", "RUNNING")})
-    target = op.target_host.name if op.target_host else "the target"
-    raise OperationFailed(
-        f"Rolled back by an admin's decision: {container.name} was resumed on {source.name}. What this migration "
-        f"left on {target} is removed when ctweb next reaches it."
+    left = (
+        f"nothing is left on {target}"
+        if target_clean
+        else f"what this migration left on {target} is removed when ctweb next reaches it"
     )
+    raise OperationFailed(f"Rolled back by an admin's decision: {container.name} was resumed on {source.name}; {left}.")
 
 
 @migration_action(POSTCOPY_RESUME)

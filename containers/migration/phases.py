@@ -103,7 +103,8 @@ FINISH_PULL = (  # a post-copy's page pull, going on after a lost worker or a wa
     Step(CLEANUP, "cleanup-target", 10),
 )
 RESUME_DECISION = (  # an admin's decision: resume on the source (decisions.py)
-    Step("decision", "resume-source", 90),
+    Step("decision", "abort-target", 20),
+    Step("decision", "resume-source", 70),
     Step("decision", "cleanup-source", 10),
 )
 LAZY_RESUME = (  # a post-copy given back to its source's frozen tasks, by force (postcopy.py)

@@ -13,7 +13,7 @@ from operations.events import publish_fleet
 from operations.runner import KEEP_WAITING, OperationFailed, WaitFor
 
 from ..models import Container
-from .common import call, db_write, duration, hms, move_record, now_iso
+from .common import call, db_write, duration, hms, move_record, supersede_target
 from .phases import FINISH_PULL, LAZY_RESUME, Progress
 from .rollback import roll_back
 
@@ -233,16 +233,9 @@ def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFail
     progress = Progress.rest_of(ctx, LAZY_RESUME)
     target = op.target_host.name if op.target_host else "the target"
     at = hms(op.result.get("frozen_at"))
-    target_clean = False
-    if dst is not None:
-        try:
-            call(dst, progress, "abort-target", "migrate-abort", base)
-            target_clean = True
-        except OperationFailed as e:
-            ctx.event("cleanup", f"the copy on {target} could not be removed now: {e.message}")
-    # Written before the source runs, so that whatever happens next the target's copy is
-    # known to be stale (never resumed, never followed by the record).
-    ctx.remember(superseded={"host": target, "clean": target_clean, "at": now_iso()})
+    # Before the source runs, so that whatever happens next the target's copy is known to be
+    # stale (never resumed, never followed by the record).
+    target_clean = supersede_target(ctx, dst, progress, base, target)
     progress.event("decision", f"resuming {container.name} on {source.name} from the state of {at}", "resume-source")
     try:
         data = src.run_agent("migrate-resume", base, on_event=progress.relay("resume-source")).data

@@ -195,3 +195,41 @@ def test_a_post_copy_whose_target_cannot_be_confirmed_clean_waits_with_the_decis
     assert isinstance(outcome, WaitFor), outcome
     assert [a["id"] for a in outcome.actions][:1] == ["postcopy-resume-source"], outcome.actions
     assert not [c for c in run.calls if c[1] in ("migrate-cleanup", "migrate-resume")], run.calls
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "restart"])
+@pytest.mark.parametrize("target_answers", [True, False])
+def test_an_admins_resume_on_the_source_removes_the_targets_copy_first(run, monkeypatch, strategy, target_answers):
+    """The waiting roll-back's "Resume on the source": a target that answers again has what the
+    migration left there removed before the source runs (never two copies, not even for a
+    moment; the full matrix's link-target 10 s cuts in the dump found the copy still on lab-b
+    after the decision); one that does not is recorded superseded, so the tidy removes its
+    copy later and nothing ever resumes or follows it."""
+    from containers.migration.decisions import resume_on_source
+
+    fail = "migrate-restore" if strategy == "stop-and-copy" else "start"  # the target's last step fails
+    outcome, _, _ = run(strategy, fail=fail, lost="migrate-abort")
+    assert isinstance(outcome, WaitFor), outcome
+    run.calls.clear()
+
+    @contextmanager
+    def connect(host, timeout=None):
+        if host.name == "h2" and not target_answers:
+            raise ssh.SSHError("h2 is unreachable")
+        yield Conn(host, run.calls, None)
+
+    monkeypatch.setattr(ssh, "connect", connect)
+    op = Operation.objects.get(kind="migrate")
+    with pytest.raises(OperationFailed) as e:
+        resume_on_source(OperationContext(op))
+    resumed = ("h1", "migrate-resume" if strategy == "stop-and-copy" else "start")
+    assert resumed in run.calls, run.calls
+    op.refresh_from_db()
+    assert op.result["superseded"]["clean"] is target_answers
+    if target_answers:
+        assert run.calls.index(("h2", "migrate-abort")) < run.calls.index(resumed), run.calls
+        assert "nothing is left on h2" in e.value.message
+    else:
+        assert ("h2", "migrate-abort") not in run.calls
+        assert "is removed when ctweb next reaches it" in e.value.message
+    assert Container.objects.get(name="c1").host.name == "h1"
