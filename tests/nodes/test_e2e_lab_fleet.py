@@ -200,22 +200,26 @@ def test_a_migration_whose_worker_is_killed_is_taken_over_by_the_other_worker(fl
     op_id = F.start(bob, f"/api/v1/containers/{name}/migrate", {"target_host": "lab-b", "strategy": strategy})
     if strategy == "post-copy":
         F.throttle(lab, "lab-a", op_id)  # a pull of a few seconds, so the kill falls inside it
+    # The worker that claimed it (known before the phase, so the kill follows the phase at once).
+    mine = wait_for(lambda: fleet.worker_of(op_id), 60, "a worker to claim the migration", interval=0.2)
+    killed, other = ("worker1", "worker2") if mine == fleet.node_names["worker1"] else ("worker2", "worker1")
+    assert mine == fleet.node_names[killed], mine
     F.wait_until(bob, op_id, seen, f"the {when} of the {strategy}", timeout=120)
     if strategy == "post-copy":
         time.sleep(1)  # well inside the pull
-    mine = fleet.worker_of(op_id)
-    killed, other = ("worker1", "worker2") if mine == fleet.node_names["worker1"] else ("worker2", "worker1")
-    assert mine == fleet.node_names[killed], mine
-    t_kill = time.monotonic()
     fleet.procs[killed].kill()
+    t_kill = time.monotonic()
     try:
         if strategy == "post-copy":
             F.unthrottle(lab, "lab-a", op_id)  # the rest of the pull at full speed, once taken over
+        # What the row said last before its worker died: the phase the kill fell in.
+        last = [e for e in bob.get(f"/api/v1/operations/{op_id}/").json()["events"] if e["phase"] != "recovery"][-1]
         F.wait_until(bob, op_id, lambda op: any(e["phase"] == "recovery" for e in op["events"]), "the takeover", 120)
         taken_after = time.monotonic() - t_kill
         op = bob.wait_operation(op_id, timeout=180)
     finally:
         fleet.start_worker(killed)
+    assert last["phase"] == when, last  # killed mid-transfer (or mid-pull), not after it
     assert fleet.worker_of(op_id) == fleet.node_names[other]  # the other worker ended it
     err = op["error"] or ""
     assert op["status"] == "failure" and err.startswith("Worker lost"), err
@@ -236,5 +240,6 @@ def test_a_migration_whose_worker_is_killed_is_taken_over_by_the_other_worker(fl
     else:
         assert ("Rolled back" in err and host == "lab-a") or ("runs there now" in err and host == "lab-b"), err
     print(
-        f"\n{strategy}: killed {killed} in the {when}; {other} took it over {taken_after:.1f}s later; on {host}: {err}"
+        f"\n{strategy}: killed {killed} at {last['message']!r}; {other} took it over {taken_after:.1f}s later; "
+        f"on {host}: {err}"
     )
