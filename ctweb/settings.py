@@ -238,6 +238,12 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_ALWAYS_EAGER = _env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+# A running operation's row is taken for lost (its worker dead) after this many seconds without
+# a heartbeat (a job beats every 5 s) when its worker does not answer a ping; the scheduled
+# detector looks that often. Another worker then takes it over (operations/runner.py).
+OPERATION_LOST_AFTER_S = float(os.environ.get("CTWEB_LOST_AFTER", 60))
+if OPERATION_LOST_AFTER_S < 15:
+    raise ImproperlyConfigured("CTWEB_LOST_AFTER must be at least 15 (seconds: three missed heartbeats).")
 CELERY_BEAT_SCHEDULE = {
     "refresh-container-states": {
         "task": "containers.tasks.refresh_container_states",
@@ -261,8 +267,8 @@ CELERY_BEAT_SCHEDULE = {
     },
     "find-lost-operations": {
         "task": "operations.tasks.find_lost_operations",
-        "schedule": 60.0,
-        "options": {"expires": 55},
+        "schedule": OPERATION_LOST_AFTER_S,
+        "options": {"expires": OPERATION_LOST_AFTER_S - 5},
     },
     "checkpoint-canary": {
         "task": "containers.tasks.checkpoint_canary",

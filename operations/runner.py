@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from celery import shared_task
+from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 SAVE_INTERVAL_S = 0.5  # progress is written to the row at most this often
 HEARTBEAT_S = 5  # a running job touches its row this often, whatever it is doing
-LOST_AFTER_S = 60  # a row untouched this long, whose worker does not answer, is lost
 
 HANDLERS: dict[str, Callable[[OperationContext], dict | None]] = {}
 # kind -> fn(ctx) -> a sentence (the row fails with it) or a dict (it succeeds with it),
@@ -511,11 +511,11 @@ def mark_lost_operations(me: str, alive: Callable[[str], bool], *, starting: boo
     just started (then whatever its name held before is gone: a node name runs once).
 
     A row is never taken while a thread of this process runs it (running_here()). Else it
-    is lost when it was ours at start, or when it has shown no heartbeat for LOST_AFTER_S
+    is lost when it was ours at start, or when it has shown no heartbeat for OPERATION_LOST_AFTER_S
     and its worker is nobody, is us (and no thread of ours runs it), or does not answer.
     Kinds with a recovery (see recovery.py) stay running under this worker until the
     recovery has found where their container ended up; the others fail at once."""
-    stale = timezone.now() - timedelta(seconds=LOST_AFTER_S)
+    stale = timezone.now() - timedelta(seconds=settings.OPERATION_LOST_AFTER_S)
     lost = 0
     for op in Operation.objects.filter(status=Operation.Status.RUNNING).select_related("host", "target_host"):
         if op.pk in running_here():

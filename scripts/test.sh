@@ -19,9 +19,14 @@ contracts=$(.venv/bin/lint-imports --no-logo --cache-dir var/import-linter 2>&1)
 if [ $# -eq 0 ]; then
   # Everything that needs neither root nor the lab, two at a time (`make test-fast`); then the
   # real stack and the lab, two test files at a time, each xdist worker with a stack and a lab
-  # instance of its own (tests/conftest.py).
+  # instance of its own (tests/conftest.py); then the tests whose dashboard needs the lab to
+  # itself (several nodes on PostgreSQL: tests/nodes/test_e2e_lab_fleet.py), in a session of their own.
+  # One test run for the fault matrix's report (tests/support/faults.py): the rows of both lab
+  # sessions go into one test-artifacts/fault-matrix.md.
+  export CTWEB_TEST_RUN=${CTWEB_TEST_RUN:-$(date -u +%Y%m%d-%H%M%S)-$$}
   .venv/bin/python -m pytest -m "not e2e and not lab" -n 2
-  .venv/bin/python -m pytest -m "e2e or lab" -n 2 --dist loadfile
+  .venv/bin/python -m pytest -m "(e2e or lab) and not lab_alone" -n 2 --dist loadfile
+  .venv/bin/python -m pytest -m lab_alone
 else
   .venv/bin/python -m pytest "$@"
 fi

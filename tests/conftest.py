@@ -17,6 +17,7 @@ if _worker.startswith("gw") and not os.environ.get("CTWEB_LAB_ID"):
 
 import pytest  # noqa: E402
 
+from tests.support import lab as lab_support  # noqa: E402
 from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
 
 LAB_HOSTS = 2
@@ -123,6 +124,9 @@ def lab(tmp_path_factory):
 @pytest.fixture(scope="session")
 def lab_stack(stack, lab):
     """The e2e stack with the lab's hosts registered (keys pinned) and probed."""
+    other = lab_support.claim("the e2e stack")
+    if other:
+        pytest.fail(f"the lab serves {other} in this session; run these tests in a session of their own")
     out = stack.manage("lab", "up", "--hosts", str(LAB_HOSTS))
     assert out.count("probe success") == LAB_HOSTS, out
     return stack

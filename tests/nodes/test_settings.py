@@ -51,6 +51,23 @@ def test_a_bad_redis_url_stops_the_node_with_a_sentence(tmp_path):
     assert "REDIS_URL 'sentinel://h:1' is not one of" in p.stderr
 
 
+def test_the_time_after_which_a_silent_worker_is_lost_is_configured_and_bounded(tmp_path):
+    def lost_after(value: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY_FILE", "DEBUG")}
+        env.update(CTWEB_VAR_DIR=str(tmp_path), SECRET_KEY="s" * 40, CTWEB_LOST_AFTER=value)
+        env["DJANGO_SETTINGS_MODULE"] = "ctweb.settings"
+        code = (
+            "import django; django.setup(); from django.conf import settings as s; "
+            "print(s.OPERATION_LOST_AFTER_S, s.CELERY_BEAT_SCHEDULE['find-lost-operations']['schedule'])"
+        )
+        return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+
+    assert settings.OPERATION_LOST_AFTER_S == 60  # the default
+    assert lost_after("20").stdout.split() == ["20.0", "20.0"]  # the detector looks that often too
+    short = lost_after("5")
+    assert short.returncode != 0 and "CTWEB_LOST_AFTER must be at least 15" in short.stderr
+
+
 def test_every_task_beat_sends_is_one_a_worker_runs():
     # The refresh was scheduled under a name no worker knew (the task had moved apps): every
     # 30 s the worker logged "Received unregistered task" and no container state was refreshed.

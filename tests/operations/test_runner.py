@@ -1,6 +1,7 @@
 """The job runner: one claim, exactly one terminal state, honest messages."""
 
 import pytest
+from django.conf import settings
 
 from operations import runner
 from operations.models import Operation
@@ -144,7 +145,10 @@ def test_a_beating_row_is_never_taken_for_lost_even_if_its_worker_is_slow_to_ans
     now = timezone.now()
     beating = Operation.objects.create(kind="probe", status="running", worker="w@busy", heartbeat_at=now)
     silent = Operation.objects.create(
-        kind="probe", status="running", worker="w@gone", heartbeat_at=now - timedelta(seconds=runner.LOST_AFTER_S + 5)
+        kind="probe",
+        status="running",
+        worker="w@gone",
+        heartbeat_at=now - timedelta(seconds=settings.OPERATION_LOST_AFTER_S + 5),
     )
     assert runner.mark_lost_operations("w@new", alive=lambda node: False) == 1
     statuses = dict(Operation.objects.values_list("pk", "status"))
@@ -266,7 +270,7 @@ def test_the_detector_never_takes_a_row_its_own_live_thread_runs(transactional_d
     t.start()
     try:
         assert started.wait(10)
-        old = timezone.now() - timedelta(seconds=runner.LOST_AFTER_S * 3)
+        old = timezone.now() - timedelta(seconds=settings.OPERATION_LOST_AFTER_S * 3)
         Operation.objects.filter(pk=op.pk).update(heartbeat_at=old)
         assert runner.mark_lost_operations("w@me", alive=lambda node: False) == 0
         assert runner.mark_lost_operations("w@other", alive=lambda node: node == "w@me") == 0
@@ -289,7 +293,7 @@ def test_the_scheduled_detector_writes_its_own_name_and_takes_a_row_once(transac
     queued = []
     monkeypatch.setattr(tasks.recover_operation_task, "delay", queued.append)
     monkeypatch.setattr(tasks.app.control, "ping", lambda **kw: [])  # no other node answers
-    old = timezone.now() - timedelta(seconds=runner.LOST_AFTER_S * 3)
+    old = timezone.now() - timedelta(seconds=settings.OPERATION_LOST_AFTER_S * 3)
     lost = Operation.objects.create(kind="migrate", status="running", worker="w@old", heartbeat_at=old)
     tasks.find_lost_operations.apply()
     lost.refresh_from_db()

@@ -26,6 +26,24 @@ SERVICE = (
 )
 
 
+# The dashboard of this session that registered the lab's hosts: a lab serves one dashboard
+# (one database) at a time, or each would adopt, check and tidy the other's containers.
+_DASHBOARD: list[str] = []
+
+
+def claim(who: str) -> str | None:
+    """Register `who` as the lab's dashboard for this session; the other one's name if taken."""
+    if _DASHBOARD and _DASHBOARD[0] != who:
+        return _DASHBOARD[0]
+    _DASHBOARD[:] = [who]
+    return None
+
+
+def release(who: str) -> None:
+    if _DASHBOARD == [who]:
+        _DASHBOARD.clear()
+
+
 def on_host(lab, name: str, *argv: str) -> subprocess.CompletedProcess:
     """Run a command on a lab host as an operator would: over SSH with its pinned key."""
     host = next(h for h in lab["hosts"] if h["name"] == name)

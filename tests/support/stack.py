@@ -101,7 +101,7 @@ class Process:
 
 
 class Stack:
-    def __init__(self, concurrency: int = 4):
+    def __init__(self, concurrency: int = 4, database_url: str | None = None):
         self.concurrency = concurrency
         self.dir = Path(tempfile.mkdtemp(prefix="ctweb-e2e-"))
         self.var = self.dir / "var"
@@ -122,7 +122,9 @@ class Stack:
         self.env.pop("SECRET_KEY_FILE", None)
         self.env.pop("DJANGO_SETTINGS_MODULE", None)
         self._pg_db = None
-        if os.environ.get("DATABASE_URL", "").startswith("postgres"):
+        if database_url:  # a database the caller made (and removes)
+            self.env["DATABASE_URL"] = database_url
+        elif os.environ.get("DATABASE_URL", "").startswith("postgres"):
             self._pg_db = f"ctweb_e2e_{os.getpid()}"
             self.env["DATABASE_URL"] = self._postgres("CREATE DATABASE", self._pg_db)
         self.procs: dict[str, Process] = {}
