@@ -1,0 +1,284 @@
+"""Preparing a host (hosts/prepare.py): which system and kernel get which packages, or which
+one-sentence refusal; the operation's steps with a fake connection; the network description's
+checks on both sides. The real thing runs on the lab: tests/hosts/test_e2e_lab_prepare.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.api import ApiError
+from core.audit import Actor
+from hosts import prepare, ssh
+from hosts.models import Host
+from operations import runner
+from operations.models import Operation
+from tests.support.agent_loader import load_agent
+
+
+def facts(os_id="debian", version="13", kernel="6.12.48+deb13-amd64", **over):
+    base = {
+        "os_id": os_id,
+        "version_id": version,
+        "pretty_name": f"{os_id} {version}",
+        "kernel": kernel,
+        "root": True,
+        "user": "root",
+        "apt": True,
+    }
+    return {**base, **over}
+
+
+def test_it_installs_debian_13s_own_criu_and_pycriu_on_its_own_kernel():
+    p = prepare.plan(facts(kernel="6.12.48+deb13-amd64"))
+    assert p.system == "Debian 13"
+    assert {"lxc", "criu", "python3-pycriu", "rsync", "iptables", "busybox-static"} <= set(p.packages)
+    assert p.extra_suite is None and p.extra_packages == () and p.notes == ()
+
+
+def test_debian_13_on_a_kernel_from_6_16_takes_criu_and_pycriu_alone_from_sid():
+    p = prepare.plan(facts(kernel="6.18.44-fc-v769"))
+    assert "criu" not in p.packages and "python3-pycriu" not in p.packages
+    assert (p.extra_suite, p.extra_packages) == ("sid", ("criu", "python3-pycriu"))
+    assert len(p.notes) == 1 and "TCP or UDP sockets on kernel 6.18" in p.notes[0]
+
+
+def test_debian_12_gets_criu_with_its_pycriu_on_its_own_kernel():
+    p = prepare.plan(facts(version="12", kernel="6.1.0-41-amd64"))
+    assert p.system == "Debian 12" and "criu" in p.packages and "python3-pycriu" not in p.packages
+
+
+@pytest.mark.parametrize("kernel", ["6.13.0", "6.18.44-fc-v769", "7.0.1"])
+def test_debian_12_on_a_kernel_from_6_13_is_refused_in_one_sentence_naming_the_vdso_error(kernel):
+    with pytest.raises(prepare.Refused) as e:
+        prepare.plan(facts(version="12", kernel=kernel), "h1")
+    sentence = str(e.value)
+    assert "Debian 12's CRIU 3.17 cannot run on h1's kernel" in sentence
+    assert "vdso: Unexpected rt vDSO area bounds" in sentence
+    assert sentence.count(". ") == 0 and sentence.endswith(".")
+
+
+def test_ubuntu_24_04_gets_criu_on_its_6_8_kernel_and_is_refused_on_a_hwe_kernel_from_6_13():
+    p = prepare.plan(facts("ubuntu", "24.04", "6.8.0-87-generic"))
+    assert p.system == "Ubuntu 24.04" and "criu" in p.packages
+    with pytest.raises(prepare.Refused, match="Ubuntu 24.04's CRIU 3.17 cannot run on h1's kernel 6.14"):
+        prepare.plan(facts("ubuntu", "24.04", "6.14.0-35-generic"), "h1")
+
+
+@pytest.mark.parametrize(
+    "over, words",
+    [
+        ({"os_id": "ubuntu", "version_id": "22.04", "pretty_name": "Ubuntu 22.04.5 LTS"}, "runs Ubuntu 22.04.5 LTS"),
+        ({"os_id": "fedora", "version_id": "41", "apt": False, "pretty_name": "Fedora 41"}, "without apt-get"),
+        ({"root": False, "user": "ctweb"}, "its SSH user ctweb is not root"),
+        ({"kernel": "weird"}, "cannot be read"),
+    ],
+)
+def test_other_systems_users_and_kernels_are_refused_in_one_sentence(over, words):
+    with pytest.raises(prepare.Refused) as e:
+        prepare.plan(facts(**over), "h1")
+    assert words in str(e.value) and str(e.value).endswith(".")
+
+
+def test_the_steps_shares_add_up_to_the_whole_bar():
+    assert sum(share for _, share in prepare.STEPS) == 100
+    assert prepare.at("connect") == 0 and prepare.at("probe", 1) == 100
+    assert prepare.at("packages", 0.5) == 10 + 30
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        "10.0.3.0/24",
+        {"subnet": "10.0.3.0/33"},
+        {"subnet": "fd00::/64"},
+        {"subnet": "10.0.3.0/24", "bridge": "br0; reboot"},
+        {"subnet": "10.0.3.0/24", "range": [250, 100]},
+        {"subnet": "10.0.3.0/24", "range": [1, True]},
+        {"subnet": "10.0.3.0/24", "gateway": "10.0.4.1"},
+        {"subnet": "10.0.3.0/24", "dns": "1.1.1.1"},
+    ],
+)
+def test_a_bad_network_description_is_refused_before_anything_is_queued(db, trusted_host, network):
+    with pytest.raises(ApiError) as e:
+        prepare.start_prepare(Actor(None), trusted_host, network)
+    assert e.value.status_code == 400 and e.value.field == "network"
+    assert not Operation.objects.exists()
+
+
+def test_a_good_network_description_is_kept_with_its_defaults(db, trusted_host, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks():
+        op = prepare.start_prepare(Actor(None), trusted_host, {"subnet": "10.77.71.0/24"})
+    assert op.kind == "prepare" and op.params["network"] == {
+        "bridge": "lxcbr0",
+        "subnet": "10.77.71.0/24",
+        "range": [100, 250],
+        "gateway": None,
+    }
+    with pytest.raises(ApiError) as e:  # one at a time per host
+        prepare.start_prepare(Actor(None), trusted_host)
+    assert e.value.status_code == 409
+
+
+class FakeConnection:
+    """A host's connection whose agent answers each prepare step from a table."""
+
+    def __init__(self, host, answers):
+        self.host, self.answers, self.calls = host, answers, []
+
+    def ensure_agent(self):
+        return "/var/lib/ctweb/agent/x.pyz"
+
+    def run_agent(self, sub, params, on_event=None, timeout=None):
+        key = params.get("step", sub)
+        self.calls.append((sub, params))
+        if on_event:
+            on_event({"type": "event", "phase": key, "message": f"{key} half way", "progress": 50})
+        answer = self.answers[key]
+        if isinstance(answer, Exception):
+            raise answer
+        return ssh.AgentResult(answer, "", 0)
+
+
+@pytest.fixture
+def fake_host(monkeypatch, trusted_host):
+    made = {}
+
+    def use(answers):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def connect(host, timeout=None):
+            made["conn"] = FakeConnection(host, answers)
+            yield made["conn"]
+
+        monkeypatch.setattr(ssh, "connect", connect)
+        return made
+
+    return use
+
+
+def _run(host, network=None):
+    op = Operation.objects.create(
+        kind="prepare", host=host, phase="queued", params={"network": network} if network else {}
+    )
+    status = runner.run_operation(op.pk, "w@a")
+    op.refresh_from_db()
+    return status, op
+
+
+def test_a_prepare_runs_its_steps_in_order_with_progress_and_ends_with_the_host_online(db, trusted_host, fake_host):
+    Host.objects.filter(pk=trusted_host.pk).update(status=Host.Status.TRUSTED)
+    made = fake_host(
+        {
+            "facts": facts(kernel="6.18.1"),
+            "packages": {"packages": {"lxc": "1:6.0.4-4", "criu": "4.2.1-1"}},
+            "network": {"subnet": "10.77.71.0/24", "bridge": "lxcbr0", "range": [100, 250], "gateway": None},
+            "check": {"criu_version": "4.2.1", "criu_check": "ok"},
+            "probe": {"criu_version": "4.2.1", "criu_check": "ok", "lxc_version": "6.0.4", "uffd": True},
+        }
+    )
+    status, op = _run(trusted_host, {"subnet": "10.77.71.0/24", "bridge": "lxcbr0", "range": [100, 250]})
+    assert status == "success", op.error
+    steps = [p.get("step", sub) for sub, p in made["conn"].calls]
+    assert steps == ["facts", "packages", "network", "check", "probe"]
+    packages = made["conn"].calls[1][1]
+    assert packages["extra_suite"] == "sid" and packages["extra_packages"] == ["criu", "python3-pycriu"]
+    assert made["conn"].calls[2][1]["network"]["subnet"] == "10.77.71.0/24"
+    progress = [e["progress"] for e in op.events if "progress" in e]
+    assert progress == sorted(progress) and progress[-1] == 100
+    assert {e["phase"] for e in op.events} >= {"connect", "facts", "packages", "network", "check", "probe"}
+    assert any("TCP or UDP sockets" in e["message"] for e in op.events)
+    trusted_host.refresh_from_db()
+    assert trusted_host.status == "online" and trusted_host.capabilities["criu_version"] == "4.2.1"
+    assert op.result["system"] == "Debian 13" and op.result["packages"]["criu"] == "4.2.1-1"
+
+
+def test_a_refused_host_gets_the_sentence_and_nothing_is_installed(db, trusted_host, fake_host):
+    made = fake_host({"facts": facts(version="12", kernel="6.18.44-fc-v769")})
+    status, op = _run(trusted_host)
+    assert status == "failure"
+    assert op.error.startswith("Debian 12's CRIU 3.17 cannot run on h1's kernel 6.18")
+    assert [p.get("step") for _, p in made["conn"].calls] == ["facts"]
+    trusted_host.refresh_from_db()
+    assert trusted_host.status == "online"  # a refusal is not the host being unreachable
+
+
+def test_a_failing_criu_check_fails_the_prepare_with_the_agents_sentence_and_lines(db, trusted_host, fake_host):
+    fake_host(
+        {
+            "facts": facts(),
+            "packages": {"packages": {}},
+            "network": {},
+            "check": ssh.AgentFailed(
+                "CRIU 4.1.1 does not work on this host's kernel 6.12: Error (criu/cr-check.c:1): something",
+                "Error (criu/cr-check.c:1): something",
+            ),
+        }
+    )
+    status, op = _run(trusted_host)
+    assert status == "failure" and op.error.startswith("CRIU 4.1.1 does not work")
+
+
+# --- the agent's side ------------------------------------------------------------------
+
+
+def test_the_agent_finds_the_mirror_of_its_own_release_in_either_source_format(tmp_path, monkeypatch):
+    agent = load_agent()
+    m = agent.prepare
+    lists = tmp_path / "sources.list.d"
+    lists.mkdir()
+    (tmp_path / "sources.list").write_text("# nothing\ndeb [arch=amd64] http://mirror.example/debian trixie main\n")
+    real_open, real_isdir, real_listdir = open, m.os.path.isdir, m.os.listdir
+
+    def fake_open(path, *a, **kw):
+        if path == "/etc/apt/sources.list":
+            path = tmp_path / "sources.list"
+        elif str(path).startswith("/etc/apt/sources.list.d/"):
+            path = lists / str(path).rsplit("/", 1)[1]
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(m, "open", fake_open, raising=False)
+    monkeypatch.setattr(m.os.path, "isdir", lambda p: True if p == "/etc/apt/sources.list.d" else real_isdir(p))
+    monkeypatch.setattr(
+        m.os, "listdir", lambda p: real_listdir(lists) if p == "/etc/apt/sources.list.d" else real_listdir(p)
+    )
+    assert m._mirror("trixie") == "http://mirror.example/debian"
+    (tmp_path / "sources.list").write_text("")
+    (lists / "debian.sources").write_text(
+        "Types: deb\nURIs: http://deb.debian.org/debian/\nSuites: trixie trixie-updates\nComponents: main\n"
+    )
+    assert m._mirror("trixie") == "http://deb.debian.org/debian"
+    with pytest.raises(agent.AgentError, match="No apt source for bookworm"):
+        m._mirror("bookworm")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"step": "packages", "packages": ["lxc; rm -rf /"]},
+        {"step": "packages", "packages": ["-o=APT::Foo"]},
+        {"step": "packages", "packages": []},
+        {"step": "packages", "packages": ["lxc"], "extra_packages": ["criu"], "extra_suite": "sid main"},
+        {"step": "network", "network": {"bridge": "lxcbr0", "subnet": "10.0.0.0/24", "range": [1, 300]}},
+        {"step": "network", "network": {"bridge": "../x", "subnet": "10.0.0.0/24", "range": [1, 2]}},
+        {"step": "reboot"},
+    ],
+)
+def test_the_agent_refuses_bad_steps_before_running_anything(params, monkeypatch):
+    agent = load_agent()
+    ran = []
+    monkeypatch.setattr(agent.prepare.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(agent.prepare, "_apt", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(agent.prepare, "run", lambda *a, **k: ran.append(a) or (0, "", ""))
+    monkeypatch.setattr(agent.prepare, "_write", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(agent.prepare.os.path, "isdir", lambda p: True)
+    with pytest.raises(agent.AgentError, match="Bad parameters"):
+        agent.prepare.cmd_prepare(params)
+    assert ran == []
+
+
+def test_the_agents_facts_say_who_and_where_it_runs():
+    agent = load_agent()
+    f = agent.prepare.cmd_prepare({"step": "facts"})
+    assert set(f) >= {"os_id", "version_id", "kernel", "root", "user", "apt"}
+    assert prepare.kernel_version(f["kernel"]) is not None
