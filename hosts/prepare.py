@@ -174,8 +174,9 @@ def check_network(value) -> dict | None:
     return {"bridge": bridge, "subnet": str(net), "range": rng, "gateway": gateway}
 
 
-def start_prepare(actor: Actor, host: Host, network: dict | None = None) -> Operation:
-    """Queue the prepare of a trusted host (one at a time per host); `network` is checked here."""
+def start_prepare(actor: Actor, host: Host, network: dict | None = None, queue: bool = True) -> Operation:
+    """Write (and unless `queue` is False, queue) the prepare of a trusted host, one at a time
+    per host; `network` is checked here. `manage.py host prepare` runs it in its own process."""
     network = check_network(network)
     if not host.is_trusted:
         raise ApiError(
@@ -186,9 +187,8 @@ def start_prepare(actor: Actor, host: Host, network: dict | None = None) -> Oper
         )
     with transaction.atomic():
         Host.objects.select_for_update().filter(pk=host.pk).first()
-        busy = Operation.objects.filter(
-            host=host, kind__in=(Operation.Kind.PREPARE, Operation.Kind.PROBE), status__in=Operation.ACTIVE
-        ).first()
+        # Two at once would fight over apt's lock; a probe beside it is harmless.
+        busy = Operation.objects.filter(host=host, kind=Operation.Kind.PREPARE, status__in=Operation.ACTIVE).first()
         if busy:
             raise ApiError(f"{host.name} has a {busy.kind} running (operation {busy.pk}).", 409)
         op = Operation.objects.create(
@@ -198,7 +198,8 @@ def start_prepare(actor: Actor, host: Host, network: dict | None = None) -> Oper
             phase="queued",
             params={"network": network} if network else {},
         )
-        enqueue(op)
+        if queue:
+            enqueue(op)
     audit(actor, "host.prepare", host, detail=f"operation {op.pk}")
     return op
 

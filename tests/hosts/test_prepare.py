@@ -282,3 +282,59 @@ def test_the_agents_facts_say_who_and_where_it_runs():
     f = agent.prepare.cmd_prepare({"step": "facts"})
     assert set(f) >= {"os_id", "version_id", "kernel", "root", "user", "apt"}
     assert prepare.kernel_version(f["kernel"]) is not None
+
+
+# --- the API, the page and the command ---------------------------------------------------
+
+
+def _api(tokens, who):
+    from django.test import Client
+
+    return Client(HTTP_AUTHORIZATION=f"Token {tokens[who]}")
+
+
+def test_only_an_admin_may_prepare_through_the_api_and_a_bad_network_changes_nothing(
+    tokens, trusted_host, django_capture_on_commit_callbacks, monkeypatch
+):
+    from operations import tasks
+    from tests.support.helpers import db_state
+
+    monkeypatch.setattr(tasks.run_operation_task, "delay", lambda pk: None)
+    url = f"/api/v1/hosts/{trusted_host.name}/prepare"
+    for who in ("carol", "bob"):
+        assert _api(tokens, who).post(url, {}, content_type="application/json").status_code == 403
+    before = db_state()
+    r = _api(tokens, "alice").post(
+        url, {"network": {"subnet": "10.0.3.0/24", "gateway": "10.9.9.1"}}, content_type="application/json"
+    )
+    assert (r.status_code, r.json()["field"]) == (400, "network") and "gateway" in r.json()["error"]
+    r = _api(tokens, "alice").post(url, {"network": {"subnet": "10.0.3.0/24; reboot"}}, content_type="application/json")
+    assert r.status_code == 400
+    assert db_state() == before
+    with django_capture_on_commit_callbacks(execute=True):
+        r = _api(tokens, "alice").post(url, "", content_type="application/json")  # no body: keep or find the network
+    assert r.status_code == 202, r.content
+    op = Operation.objects.get(pk=r.json()["id"])
+    assert (op.kind, op.params, op.created_by.username) == ("prepare", {}, "alice")
+
+
+def test_the_host_page_offers_admins_a_prepare_button_behind_a_confirmation(users, trusted_host, client):
+    client.force_login(users["alice"])
+    page = client.get(f"/hosts/{trusted_host.name}/").content.decode()
+    assert 'id="prepare-button"' in page and 'data-confirm="Prepare h1? ctweb installs LXC, CRIU' in page
+    client.force_login(users["bob"])
+    assert 'id="prepare-button"' not in client.get(f"/hosts/{trusted_host.name}/").content.decode()
+
+
+def test_manage_py_host_prepare_runs_it_and_prints_its_steps(transactional_db, trusted_host, fake_host, capsys):
+    from django.core.management import CommandError, call_command
+
+    fake_host({"facts": facts(version="12", kernel="6.18.44-fc-v769")})
+    with pytest.raises(CommandError, match="Debian 12's CRIU 3.17 cannot run on h1's kernel 6.18"):
+        call_command("host", "prepare", "h1")
+    out = capsys.readouterr().out
+    assert "preparing h1" in out and "facts: reading the system" in out
+    with pytest.raises(CommandError, match="--range must be FIRST-LAST"):
+        call_command("host", "prepare", "h1", "--subnet", "10.0.3.0/24", "--range", "100")
+    with pytest.raises(CommandError, match="No host named nope"):
+        call_command("host", "prepare", "nope")
