@@ -338,3 +338,79 @@ def test_manage_py_host_prepare_runs_it_and_prints_its_steps(transactional_db, t
         call_command("host", "prepare", "h1", "--subnet", "10.0.3.0/24", "--range", "100")
     with pytest.raises(CommandError, match="No host named nope"):
         call_command("host", "prepare", "nope")
+
+
+class FakeNetHost:
+    """The agent's view of a host's bridges and its network description, in a temporary folder."""
+
+    def __init__(self, agent, tmp_path, monkeypatch, bridges):
+        import ipaddress
+
+        self.m, self.bridges, self.lxc_net_started = agent.prepare, dict(bridges), 0
+        self.file = tmp_path / "etc-ctweb" / "network.json"
+        monkeypatch.setattr(self.m, "NETWORK_FILE", str(self.file))
+        monkeypatch.setattr(self.m, "_has_bridge", lambda b: b in self.bridges)
+        monkeypatch.setattr(
+            self.m, "_bridge_ipv4", lambda b: ipaddress.ip_interface(self.bridges[b]) if self.bridges.get(b) else None
+        )
+
+        def start():
+            self.lxc_net_started += 1
+            self.bridges["lxcbr0"] = "10.0.3.1/24"  # lxc-net's default
+            return 0, "", ""
+
+        monkeypatch.setattr(self.m, "_start_lxc_net", start)
+
+    def prepare(self, **params):
+        return self.m._network({"step": "network", **params})
+
+    def written(self):
+        import json
+
+        return json.loads(self.file.read_text()) if self.file.exists() else None
+
+
+LAB_NET = {"bridge": "lxcbr0", "subnet": "10.77.71.0/24", "range": [100, 250], "gateway": None}
+
+
+def test_the_agent_writes_the_given_network_on_a_bridge_without_an_address(tmp_path, monkeypatch):
+    host = FakeNetHost(load_agent(), tmp_path, monkeypatch, {"lxcbr0": None})
+    assert host.prepare(network=LAB_NET) == LAB_NET == host.written()
+    assert host.lxc_net_started == 0
+
+
+def test_without_a_network_the_agent_keeps_the_description_there_or_takes_the_bridges_own(tmp_path, monkeypatch):
+    host = FakeNetHost(load_agent(), tmp_path, monkeypatch, {"br0": "192.168.5.1/24", "lxcbr0": None})
+    host.file.parent.mkdir()
+    host.file.write_text('{"subnet": "10.77.71.0/24", "bridge": "lxcbr0", "range": [120, 130]}')
+    assert host.prepare(bridge="lxcbr0")["range"] == [120, 130]  # kept
+    host.file.unlink()
+    assert host.prepare(bridge="br0") == {
+        "bridge": "br0",
+        "subnet": "192.168.5.0/24",
+        "range": [100, 250],
+        "gateway": "192.168.5.1",
+    }
+
+
+def test_a_missing_lxcbr0_is_made_by_lxc_net_only_when_no_network_was_given(tmp_path, monkeypatch):
+    agent = load_agent()
+    host = FakeNetHost(agent, tmp_path, monkeypatch, {})
+    with pytest.raises(agent.AgentError, match="This host has no bridge lxcbr0: create it"):
+        host.prepare(network=LAB_NET)
+    assert host.written() is None and host.lxc_net_started == 0
+    with pytest.raises(agent.AgentError, match="no bridge br9"):
+        host.prepare(bridge="br9")
+    assert host.prepare(bridge="lxcbr0")["subnet"] == "10.0.3.0/24" and host.lxc_net_started == 1
+
+
+def test_a_given_network_outside_the_bridges_own_address_or_a_broken_description_is_refused(tmp_path, monkeypatch):
+    agent = load_agent()
+    host = FakeNetHost(agent, tmp_path, monkeypatch, {"lxcbr0": "10.0.3.1/24"})
+    with pytest.raises(agent.AgentError, match="has the address 10.0.3.1, outside the container network 10.77.71.0/24"):
+        host.prepare(network=LAB_NET)
+    assert host.written() is None
+    host.file.parent.mkdir()
+    host.file.write_text('{"subnet": "10.0.3.0/24", "bridge": "lxcbr0; reboot"}')
+    with pytest.raises(agent.AgentError, match="is not a valid description"):
+        host.prepare(bridge="lxcbr0")

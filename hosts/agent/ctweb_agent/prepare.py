@@ -244,48 +244,72 @@ def _start_lxc_net():
     return 127, "", "lxc-net is not installed"
 
 
+def _has_bridge(bridge):
+    return os.path.isdir(f"/sys/class/net/{bridge}/bridge")
+
+
 def _network(params):
+    """Write /etc/ctweb/network.json: the network given, else the one described already, else
+    one made from the bridge's own address (lxc-net makes lxcbr0 when it is missing)."""
     given = params.get("network")
-    bridge = (given or {}).get("bridge") or params.get("bridge") or "lxcbr0"
-    if not BRIDGE_RE.fullmatch(str(bridge)):
-        raise AgentError("Bad parameters: bridge is not an interface name.")
-    current = None
-    try:
-        with open(NETWORK_FILE) as f:
-            current = json.load(f)
-    except (OSError, ValueError):
-        pass
-    if given is None and isinstance(current, dict) and current.get("bridge"):
-        given = current  # described already: kept, checked below
-        bridge = current["bridge"]
-    present = os.path.isdir(f"/sys/class/net/{bridge}/bridge")
-    if not present and bridge == "lxcbr0":
+    if given is not None:
+        given = check_network(given)
+        bridge = given["bridge"]
+    else:
+        bridge = params.get("bridge") or "lxcbr0"
+        if not isinstance(bridge, str) or not BRIDGE_RE.fullmatch(bridge):
+            raise AgentError("Bad parameters: bridge is not an interface name.")
+        try:
+            with open(NETWORK_FILE) as f:
+                current = json.load(f)
+        except (OSError, ValueError):
+            current = None
+        if isinstance(current, dict) and current.get("bridge"):
+            try:
+                given = check_network({"range": [100, 250], "gateway": None, **current})
+            except AgentError as e:
+                raise AgentError(
+                    f"{NETWORK_FILE} on this host is not a valid description ({e.message}): give a network to "
+                    "prepare to replace it."
+                ) from None
+            bridge = given["bridge"]
+    if not _has_bridge(bridge):
+        if bridge != "lxcbr0" or given is not None:
+            raise AgentError(
+                f"This host has no bridge {bridge}: create it, or prepare without a network and lxc-net makes "
+                "lxcbr0 (10.0.3.0/24), then prepare again."
+            )
         event("network", "starting lxc-net, which makes lxcbr0 (USE_LXC_BRIDGE in /etc/default/lxc-net)", 30)
         rc, out, err = _start_lxc_net()
-        present = os.path.isdir(f"/sys/class/net/{bridge}/bridge")
-        if not present:
+        if not _has_bridge(bridge):
             raise AgentError(
                 f"This host has no bridge {bridge} and lxc-net did not make one: create the bridge, or "
                 "describe the one to use (network.bridge), then prepare again.",
                 (out + err)[-2000:],
             )
-    elif not present:
-        raise AgentError(f"This host has no bridge {bridge}: create it, or describe another one, then prepare again.")
+    iface = _bridge_ipv4(bridge)
     if given is None:
-        iface = _bridge_ipv4(bridge)
         if iface is None:
             raise AgentError(
                 f"The bridge {bridge} has no IPv4 address, so its container network cannot be guessed: "
                 "give network.subnet (and range, gateway) to prepare."
             )
-        given = {"bridge": bridge, "subnet": str(iface.network), "range": [100, 250], "gateway": str(iface.ip)}
-    net = check_network({**given, "bridge": bridge})
+        given = check_network(
+            {"bridge": bridge, "subnet": str(iface.network), "range": [100, 250], "gateway": str(iface.ip)}
+        )
+    elif iface is not None and iface.ip not in ipaddress.ip_network(given["subnet"]):
+        raise AgentError(
+            f"The bridge {bridge} has the address {iface.ip}, outside the container network {given['subnet']}: "
+            "give the bridge's own network, or another bridge."
+        )
     os.makedirs(os.path.dirname(NETWORK_FILE), mode=0o755, exist_ok=True)
-    _write(NETWORK_FILE, json.dumps(net) + "\n")
+    _write(NETWORK_FILE, json.dumps(given) + "\n")
     event(
-        "network", f"{NETWORK_FILE}: {net['subnet']} on {bridge}, addresses .{net['range'][0]}-.{net['range'][1]}", 100
+        "network",
+        f"{NETWORK_FILE}: {given['subnet']} on {bridge}, addresses .{given['range'][0]}-.{given['range'][1]}",
+        100,
     )
-    return net
+    return given
 
 
 def _check(params):
