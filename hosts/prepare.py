@@ -134,6 +134,16 @@ def plan(facts: dict, host_name: str = "this host") -> Plan:
     raise Refused(f"{host_name} runs {pretty}: ctweb prepares only {SUPPORTED} hosts.")
 
 
+def unavailable(chosen: Plan, package: str, host_name: str) -> str:
+    """The sentence for a package the host's apt sources do not have."""
+    if chosen.system == "Ubuntu 24.04":
+        return (
+            f"{package} is not in {host_name}'s apt sources: on Ubuntu 24.04 it is in the universe component; "
+            "enable universe (add-apt-repository universe), then prepare again."
+        )
+    return f"{package} is not in {host_name}'s apt sources: add {chosen.system}'s main archive, then prepare again."
+
+
 def check_network(value) -> dict | None:
     """The container network an admin gave (or None): {bridge, subnet, range, gateway},
     validated; ApiError (400) otherwise. The agent checks it again on the host."""
@@ -262,7 +272,15 @@ def prepare(ctx: OperationContext) -> dict:
                 ctx.event("facts", note)
             ctx.remember(plan={"system": chosen.system, **chosen.as_params()})
             ctx.check_cancel()
-            installed = step("packages", {**chosen.as_params(), "bridge": bridge}, timeout=1800)
+            try:
+                installed = step("packages", {**chosen.as_params(), "bridge": bridge}, timeout=1800)
+            except ssh.AgentFailed as e:
+                missing = re.search(r"Unable to locate package (\S+)", f"{e}\n{e.details}")
+                if missing is None or isinstance(e, ssh.AgentLost):
+                    raise
+                raise OperationFailed(
+                    unavailable(chosen, missing.group(1), host.name), e.details, host=host.name
+                ) from None
             ctx.event("network", "checking the container bridge and network description", at("network"))
             described = step("network", {"network": network, "bridge": bridge})
             ctx.event("check", "checking CRIU, pycriu and LXC", at("check"))

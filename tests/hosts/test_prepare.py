@@ -414,3 +414,18 @@ def test_a_given_network_outside_the_bridges_own_address_or_a_broken_description
     host.file.write_text('{"subnet": "10.0.3.0/24", "bridge": "lxcbr0; reboot"}')
     with pytest.raises(agent.AgentError, match="is not a valid description"):
         host.prepare(bridge="lxcbr0")
+
+
+def test_a_package_the_hosts_apt_sources_lack_is_named_with_what_to_enable(db, trusted_host, fake_host):
+    fake_host(
+        {
+            "facts": facts("ubuntu", "24.04", "6.8.0-87-generic"),
+            "packages": ssh.AgentFailed(
+                "apt-get install failed on this host (exit status 100): E: Unable to locate package criu",
+                "Reading package lists...\nE: Unable to locate package criu",
+            ),
+        }
+    )
+    status, op = _run(trusted_host)
+    assert status == "failure"
+    assert op.error.startswith("criu is not in h1's apt sources: on Ubuntu 24.04 it is in the universe component")
