@@ -18,6 +18,7 @@ from operations.runner import enqueue
 from . import ssh
 from .handlers import host_state
 from .models import Host
+from .prepare import start_prepare
 from .validators import NAME_PATTERN, USER_PATTERN, validate_address, validate_name, validate_username
 
 
@@ -209,6 +210,38 @@ class HostProbe(APIView):
     @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
     def post(self, request, name):
         return operation_accepted(start_probe(Actor.of(request), _host_for_name(name)))
+
+
+class PrepareNetworkSerializer(serializers.Serializer):
+    bridge = StrictCharField(required=False, max_length=15, trim_whitespace=False)
+    subnet = StrictCharField(max_length=18, trim_whitespace=False)
+    range = serializers.ListField(
+        child=StrictIntegerField(min_value=1, max_value=254), min_length=2, max_length=2, required=False
+    )
+    gateway = StrictCharField(required=False, allow_null=True, max_length=15, trim_whitespace=False)
+
+
+class PrepareSerializer(serializers.Serializer):
+    network = PrepareNetworkSerializer(
+        required=False,
+        allow_null=True,
+        help_text="The container network ctweb may give addresses in (written to /etc/ctweb/network.json). "
+        "Without it an existing description is kept, or one is made from the bridge's own address.",
+    )
+
+
+class HostPrepare(APIView):
+    """Install and check what ctweb needs on the host (Debian 12, Debian 13, Ubuntu 24.04), then probe it."""
+
+    write_role = "admin"
+
+    @extend_schema(request=PrepareSerializer, responses={202: OperationAcceptedSerializer})
+    def post(self, request, name):
+        host = _host_for_name(name)
+        s = PrepareSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        network = s.validated_data.get("network")
+        return operation_accepted(start_prepare(Actor.of(request), host, dict(network) if network else None))
 
 
 @extend_schema(

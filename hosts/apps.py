@@ -5,4 +5,4 @@ class HostsConfig(AppConfig):
     name = "hosts"
 
     def ready(self):
-        from . import handlers  # noqa: F401  (registers the probe handler with the runner)
+        from . import handlers, prepare  # noqa: F401  (register the probe and prepare handlers with the runner)

@@ -10,6 +10,7 @@ from operations.views import start_or_back
 from . import ssh
 from .api import HostCreateSerializer, add_host, remove_host, start_probe, trust_host
 from .models import Host
+from .prepare import start_prepare
 
 
 def _get_host(name: str) -> Host:
@@ -61,6 +62,15 @@ def host_trust(request, name):
 def host_probe(request, name):
     host = _get_host(name)
     return start_or_back(request, lambda: start_probe(Actor.of(request), host), f"/hosts/{host.name}/")
+
+
+@role_required("admin")
+@require_POST
+def host_prepare(request, name):
+    host = _get_host(name)
+    subnet = request.POST.get("subnet", "").strip()
+    network = {"subnet": subnet} if subnet else None
+    return start_or_back(request, lambda: start_prepare(Actor.of(request), host, network), f"/hosts/{host.name}/")
 
 
 @role_required("admin")

@@ -1,4 +1,4 @@
-"""python -m lab up|down|status|build [--hosts N] [--key PUBKEY_FILE] [--json]"""
+"""python -m lab up|up-bare|down|status|build [--hosts N] [--key PUBKEY_FILE] [--json]"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lab import core
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab", description="ctweb lab hosts (LXC + CRIU in namespaces)")
-    ap.add_argument("command", choices=["up", "down", "status", "build"])
+    ap.add_argument("command", choices=["up", "up-bare", "down", "status", "build"])
     ap.add_argument("--hosts", type=int, default=2, help="number of hosts for up (default 2)")
     ap.add_argument(
         "--key", help="public key file authorised for root on the hosts (default ~/.ssh/id_ed25519.pub if present)"
@@ -25,12 +25,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             print(core.build_rootfs())
             return 0
-        if args.command == "up":
+        if args.command in ("up", "up-bare"):
             key = None
             path = Path(args.key) if args.key else Path.home() / ".ssh" / "id_ed25519.pub"
             if args.key or path.exists():
                 key = path.read_text().strip()
-            hosts = core.up(args.hosts, key)
+            if args.command == "up-bare" and key is None:
+                print("lab: up-bare needs --key (the bare host's root gets only that key)", file=sys.stderr)
+                return 2
+            # up-bare: lab-z with sshd, python3 and apt sources only (see lab/core.py up_bare)
+            hosts = core.up(args.hosts, key) if args.command == "up" else [core.up_bare(key)]
             if args.json:
                 print(json.dumps(hosts, indent=1))
             else:

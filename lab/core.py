@@ -62,6 +62,15 @@ with stdio redirected to files (or an SSH session never sees EOF).
 
 Hosts beyond ``n_hosts`` that already run are left alone by up(); down() stops all.
 
+The bare host (``up_bare``, ``python -m lab up-bare --key FILE``): ``lab-z`` (.36), made like the
+others (namespaces, cgroups, its own ``lxcbr0`` on the shared segment, sshd) but from a second
+cached rootfs (``LAB_DIR/rootfs-bare``: debootstrap minbase with openssh-server, python3 and
+ca-certificates only), with no LXC, CRIU, templates or network description: what a freshly
+installed server has, for ctweb's prepare to make ready (tests/hosts/test_e2e_lab_prepare.py).
+It reaches the registry through the lab's package proxy (lab/apt_proxy.py, started by up_bare
+on the bridge address, port 3142, stopped by down() by its recorded pid), named in its apt
+configuration: the proxy forwards GET and HEAD of http://deb.debian.org/ only.
+
 fs.pipe-max-size (machine-wide; CRIU lazy pages need ~3.2 MiB pipes) is raised to 4 MiB
 by up(); the old value is saved in /run/ctweb-lab-pipe-max-size.orig and restored by the
 down() of the last lab instance on the machine.
@@ -153,6 +162,12 @@ STAMP = ".ctweb-lab-complete"
 CRIU_SUITE = "sid"
 CRIU_PACKAGES = ["criu", "python3-pycriu"]
 HOST_STAMP = ".ctweb-lab-complete-criu-sid"
+# A bare host (up_bare): what a freshly installed server offers before ctweb's prepare, sshd,
+# python3 and its apt sources; the rest comes through the lab's package proxy (lab/apt_proxy.py).
+BARE_PACKAGES = ["openssh-server", "python3", "ca-certificates"]
+BARE_STAMP = ".ctweb-lab-complete-bare"
+BARE_HOST_INDEX = MAX_HOSTS - 1  # lab-z, .36: past the hosts up() starts in practice
+APT_PROXY_PORT = 3142
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -403,6 +418,22 @@ def build_rootfs() -> Path:
     return rootfs
 
 
+def build_bare_rootfs() -> Path:
+    """Build (once; cached beside the full one) the bare host rootfs: debootstrap minbase of
+    trixie with only openssh-server, python3 and ca-certificates. Returns LAB_DIR/rootfs-bare."""
+    require_root()
+    base = lab_dir()
+    target = base / "rootfs-bare"
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / BARE_STAMP).exists():
+            if target.exists():
+                _rmtree(target)
+            _debootstrap(target, BARE_PACKAGES, BARE_STAMP)
+    return target
+
+
 # ---------------------------------------------------------------- host configuration
 
 
@@ -502,6 +533,58 @@ def _prepare_host_root(hdir: Path, name: str) -> Path:
     (tmp / ".ctweb-lab-host").write_text(name + "\n")
     os.rename(tmp, root)
     _say(f"{name}: copied in {time.monotonic() - t0:.1f}s")
+    return root
+
+
+def _configure_bare_root(root: Path, name: str, index: int, authorized_key: str) -> None:
+    """A bare host gets only what the lab needs to reach it (hostname, its init, sshd, root's
+    key) and its apt sources pointed at the lab's package proxy: no LXC, no CRIU, no network
+    description; ctweb's prepare has to do the rest."""
+    addr = host_address(index)
+    _write(root / "etc/hostname", name + "\n")
+    _write(root / "etc/hosts", f"127.0.0.1 localhost\n{bridge_address()} lab-gw\n{addr} {name}\n")
+    _write(root / "usr/local/sbin/ctweb-lab-init", _file("ctweb-lab-init"), 0o755)
+    _write(
+        root / "etc/ssh/sshd_config.d/ctweb-lab.conf",
+        _file("sshd_config").format(name=name, address=addr, port=SSH_PORT),
+    )
+    key = root / "etc/ssh/ssh_host_ed25519_key"
+    if not key.exists():
+        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(key)])
+    line = authorized_key.strip()
+    if "\n" in line or not line.startswith(("ssh-", "ecdsa-", "sk-")):
+        raise LabError("authorized_key must be one OpenSSH public key line")
+    sshdir = root / "root/.ssh"
+    sshdir.mkdir(mode=0o700, exist_ok=True)
+    ak = sshdir / "authorized_keys"
+    keys = ak.read_text().splitlines() if ak.exists() else []
+    if line not in keys:
+        _write(ak, "".join(k + "\n" for k in keys + [line]), 0o600)
+    # The registry's snapshot of sid (where a Debian 13 host on this kernel gets its CRIU) is
+    # older than its Release file's Valid-Until: a property of the lab's registry, not the host.
+    _write(
+        root / "etc/apt/apt.conf.d/90ctweb-lab-proxy",
+        f'Acquire::http::Proxy "http://{bridge_address()}:{APT_PROXY_PORT}/";\n'
+        'Acquire::http::Pipeline-Depth "0";\n'
+        'Acquire::Check-Valid-Until "false";\n',
+    )
+    for d in ("var/log", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
+
+
+def _prepare_bare_root(hdir: Path, name: str) -> Path:
+    root = hdir / "root"
+    if (root / BARE_STAMP).exists() and (root / ".ctweb-lab-host").exists():
+        return root
+    _rmtree(root)
+    tmp = hdir / "root.tmp"
+    _rmtree(tmp)
+    t0 = time.monotonic()
+    _run(["cp", "-a", "--reflink=auto", str(lab_dir() / "rootfs-bare"), str(tmp)])
+    (tmp / ".ctweb-lab-host").write_text(name + "\n")
+    os.rename(tmp, root)
+    _say(f"{name}: bare root copied in {time.monotonic() - t0:.1f}s")
     return root
 
 
@@ -849,6 +932,109 @@ def up(n_hosts: int = 2, authorized_key: str | None = None) -> list[dict]:
     return result
 
 
+def _proxy_pidfile() -> Path:
+    return instance_dir() / "apt-proxy.pid"
+
+
+def _start_apt_proxy() -> int:
+    """The lab's package proxy (lab/apt_proxy.py) on the bridge address, once per instance."""
+    pidfile = _proxy_pidfile()
+    try:
+        pid_s, start = pidfile.read_text().split()
+        rec = (int(pid_s), start)
+    except (OSError, ValueError):
+        rec = None
+    if rec and _proc_starttime(rec[0]) == rec[1]:
+        return rec[0]
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    log = open(instance_dir() / "apt-proxy.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-I", str(Path(__file__).with_name("apt_proxy.py")), bridge_address(), str(APT_PROXY_PORT)],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        close_fds=True,
+        start_new_session=True,
+    )
+    log.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((bridge_address(), APT_PROXY_PORT), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"the lab's apt proxy did not start; see {instance_dir() / 'apt-proxy.log'}") from None
+            time.sleep(0.1)
+    _write(pidfile, f"{proc.pid} {_proc_starttime(proc.pid)}\n")
+    _say(f"apt proxy pid {proc.pid} on {bridge_address()}:{APT_PROXY_PORT}")
+    return proc.pid
+
+
+def _stop_apt_proxy() -> None:
+    pidfile = _proxy_pidfile()
+    try:
+        pid_s, start = pidfile.read_text().split()
+    except (OSError, ValueError):
+        return
+    if _proc_starttime(int(pid_s)) == start:
+        _say(f"stopping apt proxy pid {pid_s}")
+        os.kill(int(pid_s), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while _proc_starttime(int(pid_s)) == start and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            os.waitpid(int(pid_s), os.WNOHANG)  # our child when this process started it
+        except ChildProcessError:
+            pass
+    pidfile.unlink(missing_ok=True)
+
+
+def up_bare(authorized_key: str) -> dict:
+    """Start the bare host lab-z (idempotent): its own namespaces and container bridge like any
+    lab host, but a root with only sshd, python3 and apt sources that reach the Debian registry
+    through the lab's package proxy. Returns the same dict as up() does for a host."""
+    require_root()
+    subnet()
+    t0 = time.monotonic()
+    build_bare_rootfs()
+    _raise_pipe_max_size()
+    _ensure_root_bridge()
+    _start_apt_proxy()
+    index = BARE_HOST_INDEX
+    name = host_name(index)
+    hdir = hosts_dir() / name
+    hdir.mkdir(parents=True, exist_ok=True)
+    pid = _alive_pid(hdir)
+    root = hdir / "root" if pid else _prepare_bare_root(hdir, name)
+    if (root / HOST_STAMP).exists():
+        raise LabError(f"{name} runs as a full lab host already; down() first")
+    _configure_bare_root(root, name, index, authorized_key)
+    _ensure_host_network(name, index)
+    if pid is None:
+        old = hdir / "cgroups.json"
+        if old.exists():
+            for cg in json.loads(old.read_text()):
+                _remove_cgroup_tree(Path(cg["path"]))
+        pid = _start_host(hdir, name, root, _make_host_cgroups(hdir, name))
+    addr = host_address(index)
+    deadline = time.monotonic() + 30
+    while _ssh_banner(addr, 1.0) is None:
+        if time.monotonic() > deadline:
+            raise LabError(f"{name}: sshd does not answer on {addr}:{SSH_PORT}; see {root}/var/log/sshd.log")
+        time.sleep(0.2)
+    _say(f"up_bare: {name} in {time.monotonic() - t0:.1f}s")
+    return {
+        "name": name,
+        "address": addr,
+        "port": SSH_PORT,
+        "username": "root",
+        "host_key": _host_key(root),
+        "pid": pid,
+        "bare": True,
+    }
+
+
 # ---------------------------------------------------------------- down / status
 
 
@@ -894,6 +1080,7 @@ def down() -> None:
     cache.  Safe on a half-built or already removed lab."""
     require_root()
     t0 = time.monotonic()
+    _stop_apt_proxy()
     hosts = hosts_dir()
     hdirs = sorted(p for p in hosts.iterdir() if p.is_dir()) if hosts.is_dir() else []
     stuck = []

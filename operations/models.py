@@ -22,6 +22,7 @@ class Operation(models.Model):
         MIGRATE = "migrate"
         EVACUATE = "evacuate"
         CHECK = "check"
+        PREPARE = "prepare"
 
     class Status(models.TextChoices):
         PENDING = "pending"

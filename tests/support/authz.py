@@ -26,6 +26,7 @@ PAGES = {
     "hosts/<str:name>/": {"get": ("viewer", None, 200)},
     "hosts/<str:name>/trust": {"post": ("admin", {"fingerprint": "SHA256:nope"}, 302)},
     "hosts/<str:name>/probe": {"post": ("operator", {}, 302)},
+    "hosts/<str:name>/prepare": {"post": ("admin", {}, 302)},
     "hosts/<str:name>/delete": {"post": ("admin", {"confirm": "no"}, 302)},
     "hosts/<str:name>/sync": {"post": ("operator", {}, 302)},
     "hosts/<str:name>/evacuate": {"post": ("operator", {}, 302)},
@@ -72,6 +73,7 @@ API = {
     "api/v1/hosts/<str:name>/": {"get": ("viewer", None, 200), "delete": ("admin", None, 409)},  # it has containers
     "api/v1/hosts/<str:name>/trust": {"post": ("admin", {"fingerprint": "SHA256:nope"}, 400)},  # port 1: unreachable
     "api/v1/hosts/<str:name>/probe": {"post": ("operator", None, 202)},
+    "api/v1/hosts/<str:name>/prepare": {"post": ("admin", {}, 202)},
     "api/v1/hosts/<str:name>/sync": {"post": ("operator", None, 202)},
     "api/v1/hosts/<str:name>/evacuate": {"post": ("operator", None, 202)},
     "api/v1/ssh-key/": {"get": ("viewer", None, 200)},

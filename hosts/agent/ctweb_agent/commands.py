@@ -40,6 +40,7 @@ from .lazy import (
 )
 from .lxc import _exists, _state
 from .migrate import _mig_dir, _mig_marker, cmd_cpuinfo_check, cmd_migrate_check, cmd_migrate_prepare
+from .prepare import cmd_prepare
 from .probe import cmd_probe
 
 
@@ -165,6 +166,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "pages-attach": cmd_pages_attach,
     "pages-relay": cmd_pages_relay,  # started by migrate-dump/-restore only
+    "prepare": cmd_prepare,
 }
 # These write a raw tar on stdout instead of JSON lines; their errors go to stderr
 # (unless the tar goes directly to another host: then they print JSON lines too).
