@@ -5,13 +5,16 @@ from django.db.models import Count, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.api import ApiError, StrictBooleanField, StrictCharField, StrictIntegerField
 from core.audit import Actor, audit
+from core.parsers import JSONParser
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
 from operations import events, runner
@@ -20,7 +23,7 @@ from operations.bundles import bundle_bytes
 from operations.disagreements import disagreements
 from operations.models import Operation
 
-from . import planning, schedules
+from . import exports, planning, schedules
 from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
 from .models import Container, Snapshot
@@ -509,6 +512,64 @@ class SnapshotRestore(APIView):
     def post(self, request, name, snap):
         container = _container(name)
         return operation_accepted(restore_snapshot(Actor.of(request), container, _snapshot(container, snap)))
+
+
+class SnapshotExport(APIView):
+    """Pack the snapshot into one archive kept on the dashboard (an operation); its result's
+    `download` is where to fetch it."""
+
+    @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
+    def post(self, request, name, snap):
+        container = _container(name)
+        return operation_accepted(exports.export_snapshot(Actor.of(request), container, _snapshot(container, snap)))
+
+
+class ExportDownload(APIView):
+    """A kept export's archive. Operators and admins only: it holds the container's files and,
+    for a stateful snapshot, its memory."""
+
+    read_role = "operator"
+
+    @extend_schema(responses={(200, "application/x-tar"): OpenApiTypes.BINARY})
+    def get(self, request, op_id):
+        return exports.download(op_id)
+
+
+class ImportSerializer(serializers.Serializer):
+    name = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN, validate_name])
+    host = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
+    export = StrictIntegerField(min_value=1, max_value=999999999999999999, help_text="The id of an export operation")
+
+
+class ImportUploadSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN, validate_name])
+    host = serializers.CharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
+    archive = serializers.FileField(help_text="An export archive (.tar)")
+
+
+class ImportList(APIView):
+    """A new container on `host` from a snapshot's archive: a kept export (JSON, `export`) or an
+    uploaded archive (multipart, `archive`). Checked on the dashboard, then again on the host,
+    before anything is put in place there."""
+
+    parser_classes = [JSONParser, MultiPartParser]
+
+    @extend_schema(
+        request={"application/json": ImportSerializer, "multipart/form-data": ImportUploadSerializer},
+        responses={202: OperationAcceptedSerializer},
+    )
+    def post(self, request):
+        if request.content_type.startswith("multipart/"):
+            s = ImportUploadSerializer(data=request.data)
+            s.is_valid(raise_exception=True)
+            d = s.validated_data
+            op = exports.import_archive(Actor.of(request), d["name"], d["host"], upload=d["archive"])
+        else:
+            s = ImportSerializer(data=request.data)
+            s.is_valid(raise_exception=True)
+            d = s.validated_data
+            op = exports.import_archive(Actor.of(request), d["name"], d["host"], export_id=d["export"])
+        return operation_accepted(op)
 
 
 class SnapshotCompare(APIView):

@@ -22,6 +22,8 @@ class Operation(models.Model):
         MIGRATE = "migrate"
         EVACUATE = "evacuate"
         CHECK = "check"
+        EXPORT = "export"
+        IMPORT = "import"
 
     class Status(models.TextChoices):
         PENDING = "pending"

@@ -1,0 +1,276 @@
+"""A snapshot as one archive: exported from its host to the dashboard's storage (downloaded
+from there), and imported on any host as a new container with that snapshot.
+
+The archive's format and its one check live in the agent package
+(hosts/agent/ctweb_agent/exports.py): the dashboard runs that check on every archive it keeps
+(an export, from a host that may lie) and on every archive before it sends one to a host (an
+import, from anyone), and the importing host's agent runs it again, member by member as the
+archive arrives, with the staging of a migration's receive: nothing is put in place on the host
+before all of it matched. Archives are kept through Django's storage API
+(settings.STORAGES["exports"]), like debug bundles, so the node that serves a download finds
+what another node's worker kept."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+import uuid
+from datetime import datetime
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import Storage, storages
+from django.http import FileResponse
+
+from core.api import ApiError
+from core.audit import Actor, audit
+from hosts import ssh
+from hosts.agent.ctweb_agent import exports as archive
+from hosts.agent.ctweb_agent.common import AgentError
+from hosts.handlers import failure
+from hosts.validators import validate_name
+from operations.models import Operation
+from operations.runner import OperationContext, OperationFailed, handler, undoes
+
+from .handlers import _network_params, container_of, record_snapshot, release_reservation, set_state
+from .models import Container, Snapshot
+from .services import container_operation, reserve_container, usable_host
+
+log = logging.getLogger(__name__)
+
+STORAGE = "exports"
+
+
+def _storage() -> Storage:
+    return storages[STORAGE]
+
+
+def export_file(op_id: int) -> str:
+    """Where the archive of an export operation is kept."""
+    return f"exports/op-{int(op_id)}.tar"
+
+
+def download_url(op_id: int) -> str:
+    return f"/api/v1/exports/{int(op_id)}"
+
+
+def check(f) -> dict:
+    """The one check of an archive (the agent package's), for the dashboard: its manifest, or
+    OperationFailed with the sentence that says what is wrong."""
+    try:
+        return archive.verify(f, settings.EXPORT_MAX_BYTES)
+    except AgentError as e:
+        raise OperationFailed(f"The archive was refused: {e.message}") from None
+
+
+class _Hashing:
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, data):
+        self.h.update(data)
+        return self.f.write(data)
+
+
+def _throttled(ctx: OperationContext, phase: str, base: int, span: int, total: int | None, what: str):
+    last = [0.0]
+
+    def on_bytes(n: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 0.5:
+            last[0] = now
+            share = min(1.0, n / total) if total else 0.0
+            ctx.event(phase, f"{what}: {n / 1048576:.1f} MiB", int(base + span * share), bytes=n)
+            ctx.check_cancel()  # a cancel stops the stream (its channel is closed)
+
+    return on_bytes
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def export_snapshot(actor: Actor, container: Container, snapshot: Snapshot) -> Operation:
+    return container_operation(actor, container, Operation.Kind.EXPORT, snapshot=snapshot.name)
+
+
+@handler("export")
+def export(ctx: OperationContext) -> dict:
+    op, container = ctx.op, container_of(ctx)
+    snap = op.params["snapshot"]
+    snapshot = container.snapshots.filter(name=snap).first()
+    if snapshot is None:
+        raise OperationFailed(f"{container.name} has no snapshot {snap} any more.")
+    host = op.host
+    ctx.event("export", f"packing snapshot {snap} of {container.name} on {host.name}", 5)
+    size = snapshot.size_bytes or None
+    with tempfile.TemporaryFile(prefix="ctweb-export-") as tmp:
+        out = _Hashing(tmp)
+        try:
+            with ssh.pooled(host) as conn:
+                channel = conn.open_stream("export", {"name": container.name, "snapshot": snap})
+                n = ssh.download(
+                    channel,
+                    out,
+                    _throttled(ctx, "transfer", 5, 70, size, "archive"),
+                    settings.EXPORT_MAX_BYTES,
+                    settings.OPERATION_TIMEOUT_S,
+                )
+        except ssh.SSHError as e:
+            raise failure(e, host, prefix=f"The export of {snap} from {host.name} failed: ") from e
+        ctx.event("verify", f"checking the archive ({n / 1048576:.1f} MiB) against its manifest", 80)
+        tmp.seek(0)
+        man = check(tmp)
+        if (man["container"], man["snapshot"]) != (container.name, snap):
+            raise OperationFailed(
+                f"{host.name} sent the archive of {man['container']}/{man['snapshot']}, not of {snap}."
+            )
+        ctx.event("save", "keeping the archive for download", 90)
+        tmp.seek(0)
+        name = export_file(op.pk)
+        storage = _storage()
+        if storage.exists(name):
+            storage.delete(name)
+        storage.save(name, File(tmp, name=f"op-{op.pk}.tar"))
+    return {
+        "download": download_url(op.pk),
+        "file_name": f"ctweb-{container.name}-{snap}.tar",
+        "bytes": n,
+        "sha256": out.h.hexdigest(),
+        "container": container.name,
+        "snapshot": snap,
+        "stateful": man["stateful"],
+        "files": len(man["files"]),
+    }
+
+
+def stored_export(op_id) -> Operation:
+    """A successful export whose archive is kept, or 404."""
+    op = Operation.objects.filter(pk=op_id, kind=Operation.Kind.EXPORT, status=Operation.Status.SUCCESS).first()
+    if op is None or not _storage().exists(export_file(op.pk)):
+        raise ApiError(f"There is no kept export {op_id} (only a successful export operation keeps one).", 404)
+    return op
+
+
+def download(op_id) -> FileResponse:
+    op = stored_export(op_id)
+    name = (op.result or {}).get("file_name") or f"ctweb-export-{op.pk}.tar"
+    return FileResponse(
+        _storage().open(export_file(op.pk), "rb"), as_attachment=True, filename=name, content_type="application/x-tar"
+    )
+
+
+# --- import --------------------------------------------------------------------------------------
+
+
+def import_archive(actor: Actor, name, host_name, export_id=None, upload=None) -> Operation:
+    """Reserve `name` (and an address) on the host and queue the import of a kept export
+    (`export_id`) or of an uploaded archive (`upload`, kept until its import ends)."""
+    try:
+        validate_name(name)
+    except Exception as e:
+        raise ApiError(" ".join(getattr(e, "messages", [str(e)])), 400, "name") from None
+    host = usable_host(host_name)
+    if (export_id is None) == (upload is None):
+        raise ApiError("Give either an export (the id of an export operation) or an archive to upload.", 400, "export")
+    if Container.objects.filter(name=name).exists():
+        raise ApiError(f"A container named {name} exists already.", 409, "name")
+    if export_id is not None:
+        try:
+            source = stored_export(export_id)
+        except ApiError as e:
+            raise ApiError(str(e.detail), 400, "export") from None
+        params = {"archive": export_file(source.pk), "export": source.pk}
+    else:
+        if upload.size > settings.EXPORT_MAX_BYTES:
+            raise ApiError(f"The archive is larger than {settings.EXPORT_MAX_BYTES >> 20} MiB.", 413, "archive")
+        stored = _storage().save(f"uploads/{uuid.uuid4().hex}.tar", File(upload, name="upload.tar"))
+        params = {"archive": stored, "upload": True}
+    try:
+        op = reserve_container(actor, name, host, Operation.Kind.IMPORT, params)
+    except BaseException:
+        if params.get("upload"):
+            _storage().delete(params["archive"])
+        raise
+    source = f"export {params['export']}" if "export" in params else "an uploaded archive"
+    audit(actor, "container.import", op.container, detail=f"on {host.name} from {source}, op {op.pk}")
+    return op
+
+
+@undoes(Operation.Kind.IMPORT)
+def undo_import(op: Operation) -> None:
+    release_reservation(op)
+    _drop_upload(op)
+
+
+def _drop_upload(op: Operation) -> None:
+    if op.params.get("upload") and op.params.get("archive", "").startswith("uploads/"):
+        try:
+            _storage().delete(op.params["archive"])
+        except OSError as e:
+            log.warning("could not remove the upload of import %s: %s", op.pk, e)
+
+
+@handler("import")
+def import_(ctx: OperationContext) -> dict:
+    op, container = ctx.op, container_of(ctx)
+    host = op.host
+    try:
+        ctx.event("verify", "checking the archive (every member, the manifest, the checksums) on the dashboard", 2)
+        with _storage().open(op.params["archive"], "rb") as f:
+            man = check(f)
+        size = sum(v["size"] for v in man["files"].values())
+        ctx.event(
+            "transfer",
+            f"sending snapshot {man['snapshot']} of {man['container']} to {host.name}, which checks it again "
+            "before it puts anything in place",
+            20,
+        )
+        params = {
+            "name": container.name,
+            "network": _network_params(container, op.params.get("network")),
+            "max_bytes": settings.EXPORT_MAX_BYTES,
+            "need_bytes": size,
+            "stall_s": int(max(settings.SSH_DEAD_AFTER_S * 2, 10)),
+        }
+        with _storage().open(op.params["archive"], "rb") as f:
+            try:
+                with ssh.pooled(host) as conn:
+                    n, data = ssh.upload(
+                        conn.open_stream("import", params),
+                        f,
+                        _throttled(ctx, "transfer", 20, 50, size, "archive"),
+                        ctx.relay(70, 25),
+                        settings.OPERATION_TIMEOUT_S,
+                    )
+            except ssh.SSHError as e:
+                raise failure(e, host, prefix=f"{host.name} refused the archive: ") from e
+    except BaseException:
+        release_reservation(op)  # nothing of it was placed: the host says so before it places anything
+        raise
+    finally:
+        _drop_upload(op)
+    set_state(container, Container.State.STOPPED)
+    snap = data.get("snapshot") or man["snapshot"]
+    meta = data.get("meta") or {}
+    snapshot = record_snapshot(op, container, snap, bool(man["stateful"]), meta, {})
+    taken = _when(man.get("created_at"))
+    if taken is not None:
+        Snapshot.objects.filter(pk=snapshot.pk).update(created_at=taken)
+    return {
+        "container": container.name,
+        "snapshot": snap,
+        "stateful": man["stateful"],
+        "from": {"container": man["container"], "snapshot": man["snapshot"], "export": op.params.get("export")},
+        "bytes": n,
+        "config_dropped": data.get("config_dropped") or [],
+    }
+
+
+def _when(text) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo is not None else None
