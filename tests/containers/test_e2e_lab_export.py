@@ -12,6 +12,7 @@ import tarfile
 import pytest
 
 from hosts.agent import agent_file_name
+from tests.support.cli import ctweb
 from tests.support.lab import COUNTER, PATTERN, counter, create, on_host, pattern
 from tests.support.stack import Api, ok, run_op
 
@@ -115,16 +116,23 @@ def _forged(members) -> bytes:
     return buf.getvalue()
 
 
-def test_a_tampered_or_hostile_archive_is_refused_and_leaves_nothing_on_the_host(bob, lab):
+def test_a_tampered_or_hostile_archive_is_refused_and_leaves_nothing_on_the_host(bob, lab, lab_stack, tmp_path):
     ok(create(bob, name="tamper", host="lab-a", command=["sh", "-c", COUNTER]))
     try:
         ok(run_op(bob, "POST", "/api/v1/containers/tamper/snapshots/", {"name": "plain", "stateful": False}))
-        op = ok(run_op(bob, "POST", "/api/v1/containers/tamper/snapshots/plain/export"))
-        data = bytearray(bob.get(op["result"]["download"]).content)
+        # The terminal client's verbs: export downloads the archive; import of a tampered copy exits 1 with why.
+        env = {"CTWEB_URL": lab_stack.url, "CTWEB_TOKEN": lab_stack.tokens["bob"]}
+        cfg, path = tmp_path / "ctweb.json", tmp_path / "plain.tar"
+        got = ctweb(cfg, "export", "tamper", "plain", "-o", str(path), env=env)
+        assert got.returncode == 0 and "exported to" in got.stdout, got.stderr
+        data = bytearray(path.read_bytes())
         with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
             busybox = next(m for m in tar if m.isreg() and m.size > 100000)
         data[busybox.offset_data + 4096] ^= 0x01  # one bit of the biggest file of the rootfs
         tampered = bytes(data)
+        (tmp_path / "tampered.tar").write_bytes(tampered)
+        refused = ctweb(cfg, "import", str(tmp_path / "tampered.tar"), "lab-b", "tampered", env=env)
+        assert refused.returncode == 1 and "does not match its checksum" in refused.stderr, refused
 
         # Through the dashboard: refused by its check, before the host is asked; no record kept.
         op = _import(bob, "tampered", "lab-b", tampered)
@@ -155,5 +163,13 @@ def test_a_tampered_or_hostile_archive_is_refused_and_leaves_nothing_on_the_host
         assert said[-1]["type"] == "error", said
         assert _leftovers(lab, "lab-b", "hostile") == []
         assert on_host(lab, "lab-b", "test", "-e", "/etc/cron.d/ctweb-pwned").returncode == 1
+
+        # The untampered export, kept on the dashboard, imported by its id: a container that starts.
+        kept = bob.get("/api/v1/operations/?kind=export&container=tamper").json()[0]["id"]
+        op = ok(run_op(bob, "POST", "/api/v1/imports", {"name": "fromkept", "host": "lab-b", "export": kept}))
+        assert op["result"]["stateful"] is False
+        ok(run_op(bob, "POST", "/api/v1/containers/fromkept/state", {"action": "start"}))
+        assert counter(lab, "lab-b", "fromkept") >= 1
     finally:
+        _delete(bob, "fromkept")
         _delete(bob, "tamper")
