@@ -21,6 +21,7 @@ from operations.views import start_or_back
 from . import planning, schedules
 from .api import _midnight, cancel_operation, containers_queryset, decide_operation, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
+from .exports import export_snapshot
 from .migration import start_evacuation, start_migration, strategy_support
 from .models import Container
 from .services import (
@@ -263,7 +264,7 @@ def schedule_delete(request, name, schedule_id):
 def snapshot_action(request, name, snap, action):
     container = _get_container(name)
     snapshot = get_object_or_404(container.snapshots, name=snap)
-    starts = {"restore": restore_snapshot, "delete": delete_snapshot}
+    starts = {"restore": restore_snapshot, "delete": delete_snapshot, "export": export_snapshot}
     if action not in starts:
         raise Http404()
     back = f"/containers/{container.name}/snapshots/{snapshot.name}/"

@@ -110,3 +110,29 @@ def test_a_viewer_may_neither_import_nor_download(tokens, world):
     assert _upload(tokens, b"x", who="carol").status_code == 403
     assert Client().get("/api/v1/exports/1", **_auth(tokens, "carol")).status_code == 403
     assert not Container.objects.filter(name="c2").exists()
+
+
+def _page_client(users, who):
+    c = Client()
+    c.force_login(users[who])
+    return c
+
+
+def test_the_pages_offer_export_to_operators_and_the_download_once_it_is_kept(users, world):
+    bob, carol = _page_client(users, "bob"), _page_client(users, "carol")
+    assert b"Export s1" in bob.get("/containers/c1/").content
+    assert b"Export" not in carol.get("/containers/c1/").content
+    r = bob.post("/containers/c1/snapshots/s1/export")
+    op = Operation.objects.get(kind="export")
+    assert r.status_code == 302 and r["Location"] == f"/operations/{op.pk}/"
+    Operation.objects.filter(pk=op.pk).update(
+        status="success",
+        result={"download": f"/api/v1/exports/{op.pk}", "bytes": 10, "sha256": "ab", "file_name": "x.tar"},
+    )
+    assert f'id="export-link" href="/api/v1/exports/{op.pk}"'.encode() in bob.get(f"/operations/{op.pk}/").content
+    assert b'id="export-link"' not in carol.get(f"/operations/{op.pk}/").content  # a viewer may not download it
+    storages["exports"].save(f"exports/op-{op.pk}.tar", io.BytesIO(b"the archive"))
+    r = bob.get(f"/api/v1/exports/{op.pk}")  # with the page's session
+    assert r.status_code == 200 and b"".join(r.streaming_content) == b"the archive"
+    assert r["Content-Disposition"] == 'attachment; filename="x.tar"'
+    assert carol.get(f"/api/v1/exports/{op.pk}").status_code == 403
