@@ -534,23 +534,40 @@ class ExportDownload(APIView):
     def get(self, request, op_id):
         return exports.download(op_id)
 
+    @extend_schema(responses={204: None})
+    def delete(self, request, op_id):
+        """Remove the kept archive (the export operation stays in the history)."""
+        exports.delete_export(Actor.of(request), op_id)
+        return Response(status=204)
+
 
 class ImportSerializer(serializers.Serializer):
-    name = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN, validate_name])
-    host = StrictCharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
+    name = StrictCharField(
+        max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN, validate_name],
+        help_text="The new container (with host)",
+    )  # fmt: skip
+    host = StrictCharField(max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN])
+    container = StrictCharField(
+        max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN],
+        help_text="Instead of name and host: an existing container, which gets the snapshot",
+    )  # fmt: skip
     export = StrictIntegerField(min_value=1, max_value=999999999999999999, help_text="The id of an export operation")
 
 
 class ImportUploadSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN, validate_name])
-    host = serializers.CharField(max_length=63, trim_whitespace=False, validators=[NAME_PATTERN])
+    name = serializers.CharField(
+        max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN, validate_name]
+    )
+    host = serializers.CharField(max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN])
+    container = serializers.CharField(max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN])
     archive = serializers.FileField(help_text="An export archive (.tar)")
 
 
 class ImportList(APIView):
-    """A new container on `host` from a snapshot's archive: a kept export (JSON, `export`) or an
-    uploaded archive (multipart, `archive`). Checked on the dashboard, then again on the host,
-    before anything is put in place there."""
+    """A new container on `host` from a snapshot's archive, or (`container`) the snapshot added to
+    an existing container: a kept export (JSON, `export`) or an uploaded archive (multipart,
+    `archive`). Checked on the dashboard, then again on the host, before anything is put in place
+    there."""
 
     parser_classes = [JSONParser, MultiPartParser]
 
@@ -559,17 +576,22 @@ class ImportList(APIView):
         responses={202: OperationAcceptedSerializer},
     )
     def post(self, request):
-        if request.content_type.startswith("multipart/"):
-            s = ImportUploadSerializer(data=request.data)
-            s.is_valid(raise_exception=True)
-            d = s.validated_data
-            op = exports.import_archive(Actor.of(request), d["name"], d["host"], upload=d["archive"])
-        else:
-            s = ImportSerializer(data=request.data)
-            s.is_valid(raise_exception=True)
-            d = s.validated_data
-            op = exports.import_archive(Actor.of(request), d["name"], d["host"], export_id=d["export"])
-        return operation_accepted(op)
+        upload = request.content_type.startswith("multipart/")
+        s = (ImportUploadSerializer if upload else ImportSerializer)(data=request.data)
+        s.is_valid(raise_exception=True)
+        d = s.validated_data
+        source = {"upload": d["archive"]} if upload else {"export_id": d["export"]}
+        actor = Actor.of(request)
+        if d.get("container") is not None:
+            if d.get("name") is not None or d.get("host") is not None:
+                raise ApiError(
+                    "Give either container (an existing one) or name and host (a new one).", 400, "container"
+                )
+            return operation_accepted(exports.import_into(actor, d["container"], **source))
+        for field in ("name", "host"):
+            if d.get(field) is None:
+                raise ApiError(f"{field}: This field is required.", 400, field)
+        return operation_accepted(exports.import_archive(actor, d["name"], d["host"], **source))
 
 
 class SnapshotCompare(APIView):

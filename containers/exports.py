@@ -22,7 +22,9 @@ from datetime import datetime
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import Storage, storages
+from django.db import transaction
 from django.http import FileResponse
+from django.utils import timezone
 
 from core.api import ApiError
 from core.audit import Actor, audit
@@ -31,10 +33,11 @@ from hosts.agent.ctweb_agent import exports as archive
 from hosts.agent.ctweb_agent.common import AgentError
 from hosts.handlers import failure
 from hosts.validators import validate_name
+from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import OperationContext, OperationFailed, handler, undoes
 
-from .handlers import _network_params, container_of, record_snapshot, release_reservation, set_state
+from .handlers import _network_params, container_of, container_state, record_snapshot, release_reservation, set_state
 from .models import Container, Snapshot
 from .services import container_operation, reserve_container, usable_host
 
@@ -161,7 +164,33 @@ def download(op_id) -> FileResponse:
     )
 
 
+def delete_export(actor: Actor, op_id) -> None:
+    """Remove a kept export's archive (the operation stays, saying when it was removed)."""
+    op = stored_export(op_id)
+    result = {**(op.result or {}), "download": None, "archive_deleted_at": timezone.now().isoformat()}
+    Operation.objects.filter(pk=op.pk).update(result=result)
+    name = export_file(op.pk)
+    transaction.on_commit(lambda: _storage().delete(name))  # the file goes with the row's change, not before
+    audit(actor, "export.delete", op, detail=f"the archive of export {op.pk} ({op.container_name})")
+
+
 # --- import --------------------------------------------------------------------------------------
+
+
+def _source(export_id, upload) -> dict:
+    """The import's archive: a kept export's, or an upload kept until the import ends."""
+    if (export_id is None) == (upload is None):
+        raise ApiError("Give either an export (the id of an export operation) or an archive to upload.", 400, "export")
+    if export_id is not None:
+        try:
+            source = stored_export(export_id)
+        except ApiError as e:
+            raise ApiError(str(e.detail), 400, "export") from None
+        return {"archive": export_file(source.pk), "export": source.pk}
+    if upload.size > settings.EXPORT_MAX_BYTES:
+        raise ApiError(f"The archive is larger than {settings.EXPORT_MAX_BYTES >> 20} MiB.", 413, "archive")
+    stored = _storage().save(f"uploads/{uuid.uuid4().hex}.tar", File(upload, name="upload.tar"))
+    return {"archive": stored, "upload": True}
 
 
 def import_archive(actor: Actor, name, host_name, export_id=None, upload=None) -> Operation:
@@ -172,30 +201,39 @@ def import_archive(actor: Actor, name, host_name, export_id=None, upload=None) -
     except Exception as e:
         raise ApiError(" ".join(getattr(e, "messages", [str(e)])), 400, "name") from None
     host = usable_host(host_name)
-    if (export_id is None) == (upload is None):
-        raise ApiError("Give either an export (the id of an export operation) or an archive to upload.", 400, "export")
     if Container.objects.filter(name=name).exists():
         raise ApiError(f"A container named {name} exists already.", 409, "name")
-    if export_id is not None:
-        try:
-            source = stored_export(export_id)
-        except ApiError as e:
-            raise ApiError(str(e.detail), 400, "export") from None
-        params = {"archive": export_file(source.pk), "export": source.pk}
-    else:
-        if upload.size > settings.EXPORT_MAX_BYTES:
-            raise ApiError(f"The archive is larger than {settings.EXPORT_MAX_BYTES >> 20} MiB.", 413, "archive")
-        stored = _storage().save(f"uploads/{uuid.uuid4().hex}.tar", File(upload, name="upload.tar"))
-        params = {"archive": stored, "upload": True}
+    params = _source(export_id, upload)
     try:
         op = reserve_container(actor, name, host, Operation.Kind.IMPORT, params)
     except BaseException:
-        if params.get("upload"):
-            _storage().delete(params["archive"])
+        _drop_upload_of(params)
         raise
     source = f"export {params['export']}" if "export" in params else "an uploaded archive"
     audit(actor, "container.import", op.container, detail=f"on {host.name} from {source}, op {op.pk}")
     return op
+
+
+def import_into(actor: Actor, container_name, export_id=None, upload=None) -> Operation:
+    """Queue the import of an archive's snapshot into an existing container (a snapshot of it,
+    which a restore rolls it back to); an operation on the container like any other."""
+    container = Container.objects.filter(name=container_name).first() if isinstance(container_name, str) else None
+    if container is None:
+        raise ApiError(f"There is no container named {container_name!r}.", 400, "container")
+    params = _source(export_id, upload)
+    try:
+        return container_operation(actor, container, Operation.Kind.IMPORT, into=True, **params)
+    except BaseException:
+        _drop_upload_of(params)
+        raise
+
+
+def _drop_upload_of(params: dict) -> None:
+    if params.get("upload") and str(params.get("archive", "")).startswith("uploads/"):
+        try:
+            _storage().delete(params["archive"])
+        except OSError as e:
+            log.warning("could not remove an uploaded archive: %s", e)
 
 
 @undoes(Operation.Kind.IMPORT)
@@ -205,21 +243,21 @@ def undo_import(op: Operation) -> None:
 
 
 def _drop_upload(op: Operation) -> None:
-    if op.params.get("upload") and op.params.get("archive", "").startswith("uploads/"):
-        try:
-            _storage().delete(op.params["archive"])
-        except OSError as e:
-            log.warning("could not remove the upload of import %s: %s", op.pk, e)
+    _drop_upload_of(op.params)
 
 
 @handler("import")
 def import_(ctx: OperationContext) -> dict:
     op, container = ctx.op, container_of(ctx)
-    host = op.host
+    host, into = op.host, bool(op.params.get("into"))
     try:
         ctx.event("verify", "checking the archive (every member, the manifest, the checksums) on the dashboard", 2)
         with _storage().open(op.params["archive"], "rb") as f:
             man = check(f)
+        if into and container.snapshots.filter(name=man["snapshot"]).exists():
+            raise OperationFailed(
+                f"{container.name} has a snapshot named {man['snapshot']} already: nothing was changed."
+            )
         size = sum(v["size"] for v in man["files"].values())
         ctx.event(
             "transfer",
@@ -227,9 +265,11 @@ def import_(ctx: OperationContext) -> dict:
             "before it puts anything in place",
             20,
         )
+        net = op.params.get("network") if not into else (host.capabilities or {}).get("network")
         params = {
             "name": container.name,
-            "network": _network_params(container, op.params.get("network")),
+            "into": into,
+            "network": _network_params(container, net) if net and net.get("subnet") else None,
             "max_bytes": settings.EXPORT_MAX_BYTES,
             "need_bytes": size,
             "stall_s": int(max(settings.SSH_DEAD_AFTER_S * 2, 10)),
@@ -247,19 +287,24 @@ def import_(ctx: OperationContext) -> dict:
             except ssh.SSHError as e:
                 raise failure(e, host, prefix=f"{host.name} refused the archive: ") from e
     except BaseException:
-        release_reservation(op)  # nothing of it was placed: the host says so before it places anything
+        if not into:
+            release_reservation(op)  # nothing of it was placed: the host says so before it places anything
         raise
     finally:
         _drop_upload(op)
-    set_state(container, Container.State.STOPPED)
+    if not into:
+        set_state(container, Container.State.STOPPED)
     snap = data.get("snapshot") or man["snapshot"]
     meta = data.get("meta") or {}
     snapshot = record_snapshot(op, container, snap, bool(man["stateful"]), meta, {})
     taken = _when(man.get("created_at"))
     if taken is not None:
         Snapshot.objects.filter(pk=snapshot.pk).update(created_at=taken)
+    if into:
+        publish_fleet("container", container_state(container))
     return {
         "container": container.name,
+        "into": into,
         "snapshot": snap,
         "stateful": man["stateful"],
         "from": {"container": man["container"], "snapshot": man["snapshot"], "export": op.params.get("export")},

@@ -48,7 +48,7 @@ def _verify(agent, data, max_bytes=1 << 30):
     return agent.exports.verify(io.BytesIO(data), max_bytes)
 
 
-def _import(agent, monkeypatch, data, name="c2"):
+def _import(agent, monkeypatch, data, name="c2", into=False):
     r, w = os.pipe()
 
     def feed():
@@ -65,7 +65,7 @@ def _import(agent, monkeypatch, data, name="c2"):
 
     monkeypatch.setattr(sys, "stdin", Stdin)
     try:
-        return agent.cmd_import({"name": name, "stall_s": 5})
+        return agent.cmd_import({"name": name, "stall_s": 5, "into": into})
     finally:
         Stdin.buffer.close()
 
@@ -114,6 +114,27 @@ def test_importing_over_an_existing_name_is_refused(agent, monkeypatch):
     data = _export(agent)
     with pytest.raises(agent.AgentError, match="exists on this host already"):
         _import(agent, monkeypatch, data, name="c1")
+
+
+def test_an_export_imports_into_an_existing_container_as_a_snapshot_of_it(agent, monkeypatch):
+    _snapshot(agent)
+    data = _export(agent)
+    cdir = Path(agent.S.LXC_PATH) / "c3"
+    (cdir / "rootfs").mkdir(parents=True)
+    (cdir / "rootfs" / "mine").write_text("kept")
+    (cdir / "config").write_text(f"lxc.rootfs.path = dir:{cdir}/rootfs\n")
+    out = _import(agent, monkeypatch, data, name="c3", into=True)
+    assert (out["snapshot"], out["into"]) == ("s1", True)
+    snap = Path(agent.S.SNAPSHOTS_PATH) / "c3" / "s1"
+    assert (snap / "rootfs" / "etc" / "hostname").read_text() == "c1\n"
+    assert f"lxc.rootfs.path = dir:{cdir}/rootfs" in (snap / "config").read_text()
+    assert (cdir / "rootfs" / "mine").read_text() == "kept"  # the container itself is untouched
+    assert [p for p in _leftovers(agent, "c3") if ".ctweb-" in p] == []
+    with pytest.raises(agent.AgentError, match="has a snapshot named s1 already"):
+        _import(agent, monkeypatch, data, name="c3", into=True)
+    assert [p for p in _leftovers(agent, "c3") if ".ctweb-" in p] == []
+    with pytest.raises(agent.AgentError, match="no container c4"):
+        _import(agent, monkeypatch, data, name="c4", into=True)
 
 
 # --- hostile archives ---------------------------------------------------------------------------
@@ -232,6 +253,13 @@ def test_a_hostile_archive_is_refused_by_the_dashboards_check_and_by_the_import(
     with pytest.raises(agent.AgentError):
         _import(agent, monkeypatch, data)
     assert _leftovers(agent) == []
+    # Into an existing container: refused the same way, and nothing of it added.
+    cdir = Path(agent.S.LXC_PATH) / "c3"
+    (cdir / "rootfs").mkdir(parents=True)
+    (cdir / "config").write_text(f"lxc.rootfs.path = dir:{cdir}/rootfs\n")
+    with pytest.raises(agent.AgentError):
+        _import(agent, monkeypatch, data, name="c3", into=True)
+    assert _leftovers(agent, "c3") == [str(cdir)]
     assert not (Path("/etc/cron.d") / "x").exists()
 
 

@@ -56,6 +56,10 @@ def test_an_export_is_an_operation_on_the_snapshots_container(tokens, world):
         ({"name": "../x", "host": "h1", "export": 1}, 400, "name"),
         ({"name": "c2", "host": "nohost", "export": 1}, 400, "host"),
         ({"name": "c2", "host": "h1", "export": "1"}, 400, "export"),
+        ({"name": "c2", "export": 1}, 400, "host"),
+        ({"container": "nope", "export": 1}, 400, "container"),
+        ({"container": "c1", "name": "c2", "host": "h1", "export": 1}, 400, "container"),
+        ({"container": "c1", "export": 999}, 400, "export"),
     ],
 )
 def test_a_bad_import_request_gets_a_sentence_and_reserves_nothing(tokens, world, body, status, field):
@@ -136,3 +140,35 @@ def test_the_pages_offer_export_to_operators_and_the_download_once_it_is_kept(us
     assert r.status_code == 200 and b"".join(r.streaming_content) == b"the archive"
     assert r["Content-Disposition"] == 'attachment; filename="x.tar"'
     assert carol.get(f"/api/v1/exports/{op.pk}").status_code == 403
+
+
+def test_an_import_into_an_existing_container_is_an_operation_on_it(tokens, world):
+    kept = Operation.objects.create(kind="export", status="success", container_name="c1")
+    storages["exports"].save(f"exports/op-{kept.pk}.tar", io.BytesIO(b"an archive"))
+    body = json.dumps({"container": "c1", "export": kept.pk})
+    r = Client().post("/api/v1/imports", body, content_type="application/json", **_auth(tokens))
+    assert r.status_code == 202, r.json()
+    op = Operation.objects.get(pk=r.json()["id"])
+    assert (op.kind, op.container_name, op.params) == (
+        "import",
+        "c1",
+        {"into": True, "archive": f"exports/op-{kept.pk}.tar", "export": kept.pk},
+    )
+    r = Client().post("/api/v1/imports", body, content_type="application/json", **_auth(tokens))
+    assert r.status_code == 409  # one operation per container
+    assert list(Container.objects.values_list("name", flat=True)) == ["c1"]  # nothing reserved
+
+
+def test_a_kept_export_can_be_removed_and_is_then_gone(tokens, world, django_capture_on_commit_callbacks):
+    kept = Operation.objects.create(kind="export", status="success", container_name="c1",
+                                    result={"download": "/api/v1/exports/1"})  # fmt: skip
+    storages["exports"].save(f"exports/op-{kept.pk}.tar", io.BytesIO(b"an archive"))
+    assert Client().delete(f"/api/v1/exports/{kept.pk}", **_auth(tokens, "carol")).status_code == 403
+    assert storages["exports"].exists(f"exports/op-{kept.pk}.tar")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert Client().delete(f"/api/v1/exports/{kept.pk}", **_auth(tokens)).status_code == 204
+    assert not storages["exports"].exists(f"exports/op-{kept.pk}.tar")
+    kept.refresh_from_db()
+    assert kept.result["download"] is None and kept.result["archive_deleted_at"]
+    assert Client().get(f"/api/v1/exports/{kept.pk}", **_auth(tokens)).status_code == 404
+    assert Client().delete(f"/api/v1/exports/{kept.pk}", **_auth(tokens)).status_code == 404

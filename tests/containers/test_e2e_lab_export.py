@@ -1,7 +1,8 @@
 """Export and import on the lab: a stateful snapshot of a running container downloaded as one
 archive and imported on the other host as a new container, which resumes with its memory; a
 tampered or hostile archive refused, by the dashboard and by the host's own agent, leaving
-nothing on the host."""
+nothing on the host; a kept export imported by its id, as a new container and as a snapshot of
+an existing one."""
 
 import hashlib
 import io
@@ -170,6 +171,17 @@ def test_a_tampered_or_hostile_archive_is_refused_and_leaves_nothing_on_the_host
         assert op["result"]["stateful"] is False
         ok(run_op(bob, "POST", "/api/v1/containers/fromkept/state", {"action": "start"}))
         assert counter(lab, "lab-b", "fromkept") >= 1
+
+        # The same export as a snapshot of an existing container (its own 'plain' deleted first).
+        ok(run_op(bob, "DELETE", "/api/v1/containers/tamper/snapshots/plain/"))
+        op = ok(run_op(bob, "POST", "/api/v1/imports", {"container": "tamper", "export": kept}))
+        assert op["result"]["into"] is True
+        assert [s["name"] for s in bob.get("/api/v1/containers/tamper/snapshots/").json()] == ["plain"]
+        again = run_op(bob, "POST", "/api/v1/imports", {"container": "tamper", "export": kept})
+        assert again["status"] == "failure" and "has a snapshot named plain already" in again["error"]
+        ok(run_op(bob, "POST", "/api/v1/containers/tamper/snapshots/plain/restore"))
+        assert bob.get("/api/v1/containers/tamper/").json()["state"] == "RUNNING"
+        assert counter(lab, "lab-a", "tamper") >= 1
     finally:
         _delete(bob, "fromkept")
         _delete(bob, "tamper")

@@ -107,7 +107,7 @@ API = {
     "api/v1/containers/<str:name>/snapshots/<str:snap>/restore": {"post": ("operator", None, 202)},
     "api/v1/containers/<str:name>/snapshots/<str:snap>/export": {"post": ("operator", None, 202)},
     # An export holds the container's files and memory: a viewer may not download it.
-    "api/v1/exports/<id:op_id>": {"get": ("operator", None, 200)},
+    "api/v1/exports/<id:op_id>": {"get": ("operator", None, 200), "delete": ("operator", None, 204)},
     "api/v1/imports": {"post": ("operator", {"export": EXPORT_OP, "host": "otherhost", "name": "importedbox"}, 202)},
     "api/v1/containers/<str:name>/schedules/": {
         "get": ("viewer", None, 200),

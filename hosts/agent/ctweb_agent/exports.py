@@ -28,10 +28,10 @@ import tarfile
 
 from . import state as S
 from . import store
-from .common import _NOFOLLOW_DIR, NAME_RE, AgentError, _now, _write_json, agent_file, check_name, event
+from .common import _NOFOLLOW_DIR, NAME_RE, AgentError, _flag, _now, _write_json, agent_file, check_name, event
 from .criu import _check_disk
 from .images import _ROOT_DIR, _check_member, _remove_at, _Stager, _Stalling, _tar_tree
-from .lxc import _allowlisted, _cdir, _check_network, _read_lines, _write_config_in
+from .lxc import _allowlisted, _cdir, _check_network, _read_lines, _require, _write_config_in
 
 FORMAT = "ctweb-export"
 VERSION = 1
@@ -341,16 +341,21 @@ def _remove_stages(name):
 
 
 def cmd_import(params):
-    """{name, network, max_bytes, need_bytes, stall_s} and the archive on stdin: a new stopped
-    container `name` whose rootfs is the snapshot's, with the snapshot (stateful: restorable
-    with its memory). Staged in private directories, checked member by member as it arrives
-    and against the manifest once all came; only then put in place. A refused archive leaves
-    nothing."""
+    """{name, network, into, max_bytes, need_bytes, stall_s} and the archive on stdin: a new
+    stopped container `name` whose rootfs is the snapshot's, with the snapshot (stateful:
+    restorable with its memory); with into=true, only the snapshot, added to the existing
+    container `name` (its restore rolls the container back to it). Staged in private
+    directories, checked member by member as it arrives and against the manifest once all came;
+    only then put in place. A refused archive leaves nothing."""
     name = check_name(params.get("name"))
     network = _check_network(params.get("network"))
+    into = _flag(params, "into", False)
     stall = _int_param(params, "stall_s", 120, 1, 3600)
     max_bytes = _int_param(params, "max_bytes", 64 << 30, 1)
     need = _int_param(params, "need_bytes", 0)
+    if into:
+        _require(name)
+        return _import_into(name, network, stall, max_bytes, need)
     if os.path.lexists(_cdir(name)) or os.path.lexists(os.path.join(S.SNAPSHOTS_PATH, name)):
         raise AgentError(f"{name} exists on this host already.")
     _check_disk(need * 2, f"importing {name}")  # the snapshot and the container's own copy of its rootfs
@@ -402,9 +407,10 @@ def cmd_import(params):
     return {"name": name, "state": "STOPPED", "snapshot": snap, **out}
 
 
-def _complete(name, man, stage, network):
+def _complete(name, man, stage, network, container=True):
     """The staged snapshot made this host's (its config from the allowlist, its metadata ours)
-    and the container's directory staged beside it: a copy of its rootfs and its config."""
+    and, with `container`, the container's directory staged beside it: a copy of its rootfs
+    and its config."""
     snap = man["snapshot"]
     sdir = os.path.join(S.SNAPSHOTS_PATH, stage, TOP, snap)
     cstage = os.path.join(S.LXC_PATH, stage)
@@ -442,7 +448,59 @@ def _complete(name, man, stage, network):
         if not compressed:
             meta["images_raw_bytes"] = raw
     _write_json(os.path.join(sdir, "meta.json"), meta)
+    if not container:
+        return {"meta": meta, "config_dropped": dropped, "stateful": man["stateful"]}
     event("import", f"copying the rootfs of snapshot {snap} for {name}", 70)
     store.sync_new(os.path.join(sdir, "rootfs"), os.path.join(cstage, "rootfs"))  # a copy, never a link
     _write_config_in(cstage, config)
     return {"meta": meta, "config_dropped": dropped, "stateful": man["stateful"]}
+
+
+def _import_into(name, network, stall, max_bytes, need):
+    """The archive's snapshot added to the existing container `name` (we hold its lock)."""
+    _check_disk(need, f"importing a snapshot into {name}")
+    os.makedirs(S.SNAPSHOTS_PATH, exist_ok=True)
+    _remove_stages(name)
+    stage = f"{IMPORT_STAGE_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}"
+    snaps_fd = os.open(S.SNAPSHOTS_PATH, _ROOT_DIR)
+    try:
+        os.mkdir(stage, 0o700, dir_fd=snaps_fd)
+        stage_fd = os.open(stage, _NOFOLLOW_DIR, dir_fd=snaps_fd)
+        try:
+            event("import", "receiving and checking the archive", 5)
+            stager = _Stager(stage_fd, "snapshots", TOP)
+            stream = _Stalling(sys.stdin.buffer, stall)
+            try:
+                man = scan(_Counting(stream, max_bytes), Check(), stager.add)
+            finally:
+                stager.close()
+            stream.drain()
+            stager.finish_dirs()
+            snap = man["snapshot"]
+            if os.path.lexists(os.path.join(S.SNAPSHOTS_PATH, name, snap)):
+                raise AgentError(f"{name} has a snapshot named {snap} already: nothing was changed.")
+            out = _complete(name, man, stage, network, container=False)
+            try:
+                os.mkdir(name, 0o700, dir_fd=snaps_fd)
+            except FileExistsError:
+                pass
+            own_fd = os.open(name, _NOFOLLOW_DIR, dir_fd=snaps_fd)  # its snapshots' directory, never a symlink
+            top_fd = os.open(TOP, _NOFOLLOW_DIR, dir_fd=stage_fd)
+            try:
+                os.rename(snap, snap, src_dir_fd=top_fd, dst_dir_fd=own_fd)
+            finally:
+                os.close(top_fd)
+                os.close(own_fd)
+        finally:
+            os.close(stage_fd)
+    finally:
+        try:
+            _remove_at(snaps_fd, stage)
+        finally:
+            os.close(snaps_fd)
+    sdir = os.path.join(S.SNAPSHOTS_PATH, name, snap)
+    out["meta"]["size_bytes"] = store.du_once([sdir])
+    out["meta"]["added_bytes"] = store.unique_bytes(sdir)
+    _write_json(os.path.join(sdir, "meta.json"), out["meta"])
+    event("import", f"snapshot {snap} imported into {name}", 100)
+    return {"name": name, "snapshot": snap, "into": True, **out}
