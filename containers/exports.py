@@ -35,9 +35,18 @@ from hosts.handlers import failure
 from hosts.validators import validate_name
 from operations.events import publish_fleet
 from operations.models import Operation
-from operations.runner import OperationContext, OperationFailed, handler, undoes
+from operations.runner import OperationContext, OperationFailed, WaitFor, handler, recovers, undoes
 
-from .handlers import _network_params, container_of, container_state, record_snapshot, release_reservation, set_state
+from .handlers import (
+    _network_params,
+    agent_or_wait,
+    container_of,
+    container_state,
+    lost_answer,
+    record_snapshot,
+    release_reservation,
+    set_state,
+)
 from .models import Container, Snapshot
 from .services import container_operation, reserve_container, usable_host
 
@@ -258,6 +267,9 @@ def import_(ctx: OperationContext) -> dict:
             raise OperationFailed(
                 f"{container.name} has a snapshot named {man['snapshot']} already: nothing was changed."
             )
+        # What the recovery asks the host about, should this run's answer be lost.
+        op.params = {**op.params, "snapshot": man["snapshot"]}
+        Operation.objects.filter(pk=op.pk).update(params=op.params)
         size = sum(v["size"] for v in man["files"].values())
         ctx.event(
             "transfer",
@@ -286,9 +298,15 @@ def import_(ctx: OperationContext) -> dict:
                     )
             except ssh.SSHError as e:
                 raise failure(e, host, prefix=f"{host.name} refused the archive: ") from e
+    except OperationFailed as e:
+        if lost_answer(e):  # what the host did is unknown: its recovery asks it (recover_import)
+            raise WaitFor(f"{e.message} Whether {host.name} placed the import is asked again until it answers.") from e
+        if not into:
+            release_reservation(op)  # the host refused: it places nothing before everything matched
+        raise
     except BaseException:
         if not into:
-            release_reservation(op)  # nothing of it was placed: the host says so before it places anything
+            release_reservation(op)
         raise
     finally:
         _drop_upload(op)
@@ -319,3 +337,36 @@ def _when(text) -> datetime | None:
     except (TypeError, ValueError):
         return None
     return when if when.tzinfo is not None else None
+
+
+@recovers("import")
+def recover_import(ctx: OperationContext) -> str | dict:
+    """An import whose worker was lost or whose answer never came: the host is asked (under the
+    container's lock, so after its import ended) whether the snapshot, and for a new container
+    the container, are there. Found: they are recorded. Not found: nothing was placed (the
+    agent places the whole import or nothing), and a new container's reservation goes."""
+    op, container = ctx.op, ctx.op.container
+    if container is None or op.host is None:
+        return "Its container no longer exists: there was nothing to recover."
+    into, snap = bool(op.params.get("into")), op.params.get("snapshot")
+    params = {"name": container.name, **({"snapshot": snap} if snap else {})}
+    seen = agent_or_wait(ctx, op.host, "inspect", params, 10, 60, f"{op.host.name} is asked again until it answers.")
+    meta = seen.get("snapshot") if snap else None
+    _drop_upload(op)
+    if not meta or not (into or seen.get("exists")):
+        if not into:
+            release_reservation(op)
+            return f"Nothing of the import was placed on {op.host.name}; the name {container.name} is free again."
+        return f"Nothing of the import was placed on {op.host.name}; {container.name} is as it was."
+    if not into:
+        set_state(container, seen.get("state") or Container.State.STOPPED)
+    if not container.snapshots.filter(name=snap).exists():
+        record_snapshot(op, container, snap, bool(meta.get("stateful")), meta, {})
+    publish_fleet("container", container_state(container))
+    return {
+        "container": container.name,
+        "into": into,
+        "snapshot": snap,
+        "stateful": bool(meta.get("stateful")),
+        "recovered": f"The import had finished on {op.host.name}: {container.name} and its snapshot {snap} are recorded.",
+    }

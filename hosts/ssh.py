@@ -648,7 +648,8 @@ def upload(
                 why = _said(channel)
                 if why:
                     raise AgentFailed(why) from e
-                raise SSHError(f"The host stopped taking the archive: {e or type(e).__name__}.") from e
+                # Its agent died, or the link did: what it did with what came is unknown.
+                raise AgentLost(f"The host stopped taking the archive: {e or type(e).__name__}.") from e
             total += len(data)
             if on_bytes:
                 on_bytes(total)
