@@ -297,7 +297,7 @@ def import_(ctx: OperationContext) -> dict:
                         settings.OPERATION_TIMEOUT_S,
                     )
             except ssh.SSHError as e:
-                raise failure(e, host, prefix=f"{host.name} refused the archive: ") from e
+                raise failure(e, host, prefix=f"The import on {host.name} failed: ") from e
     except OperationFailed as e:
         if lost_answer(e):  # what the host did is unknown: its recovery asks it (recover_import)
             raise WaitFor(f"{e.message} Whether {host.name} placed the import is asked again until it answers.") from e

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
 def _leftovers(lab, host: str, name: str) -> list[str]:
     """What an import of `name` could leave on the host: the container, its snapshots, staging."""
-    out = on_host(lab, host, "sh", "-c", "ls -a /var/lib/lxc; ls -a /var/lib/ctweb/snapshots 2>/dev/null || true")
+    # One string: ssh hands it to the host's shell as it is.
+    out = on_host(lab, host, "ls -a /var/lib/lxc; ls -a /var/lib/ctweb/snapshots 2>/dev/null || true")
     assert out.returncode == 0, out.stderr
     return [n for n in out.stdout.split() if n == name or n.startswith(".ctweb-import-")]
 
