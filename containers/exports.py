@@ -37,6 +37,7 @@ from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import OperationContext, OperationFailed, WaitFor, handler, recovers, undoes
 
+from . import handlers
 from .handlers import (
     _network_params,
     agent_or_wait,
@@ -318,6 +319,12 @@ def import_(ctx: OperationContext) -> dict:
     taken = _when(man.get("created_at"))
     if taken is not None:
         Snapshot.objects.filter(pk=snapshot.pk).update(created_at=taken)
+    if man["stateful"]:  # what the snapshot page shows of its processes, decoded on the host (best effort)
+        try:
+            got = handlers.agent(ctx, host, "snapshot-contents", {"name": container.name, "snapshot": snap}, 95, 4)
+            Snapshot.objects.filter(pk=snapshot.pk).update(contents=got.get("contents") or {})
+        except OperationFailed as e:
+            ctx.event("import", f"the snapshot's contents could not be read: {e.message}")
     if into:
         publish_fleet("container", container_state(container))
     return {

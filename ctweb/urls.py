@@ -83,6 +83,7 @@ urlpatterns = [
     path("operations/<id:op_id>/", container_views.operation_detail, name="operation-detail"),
     path("operations/<id:op_id>/cancel", container_views.operation_cancel, name="operation-cancel"),
     path("operations/<id:op_id>/decide", container_views.operation_decide, name="operation-decide"),
+    path("operations/<id:op_id>/import", container_views.export_import, name="export-import"),
     path("users/", views.user_list, name="user-list"),
     path("audit/", views.audit_log, name="audit-log"),
     path("settings/", views.fleet_settings, name="fleet-settings"),

@@ -172,3 +172,18 @@ def test_a_kept_export_can_be_removed_and_is_then_gone(tokens, world, django_cap
     assert kept.result["download"] is None and kept.result["archive_deleted_at"]
     assert Client().get(f"/api/v1/exports/{kept.pk}", **_auth(tokens)).status_code == 404
     assert Client().delete(f"/api/v1/exports/{kept.pk}", **_auth(tokens)).status_code == 404
+
+
+def test_the_export_page_imports_its_archive_as_a_new_container(users, world):
+    kept = Operation.objects.create(kind="export", status="success", container_name="c1",
+                                    result={"download": "/api/v1/exports/1", "bytes": 1, "sha256": "ab"})  # fmt: skip
+    storages["exports"].save(f"exports/op-{kept.pk}.tar", io.BytesIO(b"an archive"))
+    bob = _page_client(users, "bob")
+    assert b'id="import-form"' in bob.get(f"/operations/{kept.pk}/").content
+    r = bob.post(f"/operations/{kept.pk}/import", {"name": "bad name", "host": "h1"})
+    assert r.status_code == 302 and r["Location"] == f"/operations/{kept.pk}/"  # back, saying why
+    assert not Operation.objects.filter(kind="import").exists() and Container.objects.count() == 1
+    r = bob.post(f"/operations/{kept.pk}/import", {"name": "c2", "host": "h1"})
+    op = Operation.objects.get(kind="import")
+    assert r["Location"] == f"/operations/{op.pk}/" and op.params["export"] == kept.pk
+    assert Container.objects.get(name="c2").state == "CREATING"

@@ -65,6 +65,8 @@ def test_a_stateful_snapshot_exported_and_imported_on_another_host_resumes_with_
         assert (row["host"], row["state"]) == ("lab-b", "STOPPED")
         snaps = bob.get("/api/v1/containers/imported/snapshots/").json()
         assert [(s["name"], s["stateful"]) for s in snaps] == [("frozen", True)]
+        contents = bob.get("/api/v1/containers/imported/snapshots/frozen/").json()["contents"]
+        assert any("md5sum" in p["command"] or "sh" in p["command"] for p in contents["processes"]), contents
         assert _leftovers(lab, "lab-b", "imported") == ["imported", "imported"]  # its container and snapshots
 
         ok(run_op(bob, "POST", "/api/v1/containers/imported/snapshots/frozen/restore"))

@@ -53,6 +53,7 @@ PAGES = {
     "operations/<id:op_id>/": {"get": ("viewer", None, 200)},
     "operations/<id:op_id>/cancel": {"post": ("operator", {}, 302)},
     "operations/<id:op_id>/decide": {"post": ("admin", {"action": "keep-waiting"}, 302)},
+    "operations/<id:op_id>/import": {"post": ("operator", {"name": "importedbox", "host": "otherhost"}, 302)},
     "users/": {"get": ("admin", None, 200)},
     "audit/": {"get": ("admin", None, 200)},
     "settings/": {
@@ -231,6 +232,7 @@ ARGS_BY_ROUTE = {
     "api/v1/operations/<id:op_id>/bundle": {"op_id": "failed_op"},
     "api/v1/exports/<id:op_id>": {"op_id": "export_op"},
     "operations/<id:op_id>/": {"op_id": "failed_op"},
+    "operations/<id:op_id>/import": {"op_id": "export_op"},
     "api/v1/operations/<id:op_id>/": {"op_id": "failed_op"},
     "containers/<str:name>/snapshots/<str:snap>/<str:action>": {"action": "restore"},
     "containers/<str:name>/<str:action>": {"action": "delete"},
