@@ -4,13 +4,16 @@ from django.db.models import Count, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from core.api import ApiError, StrictBooleanField, StrictCharField, StrictIntegerField
 from core.audit import Actor, audit
+from core.parsers import JSONParser
 from hosts.models import Host
 from hosts.validators import NAME_PATTERN, validate_name
 from operations import runner
@@ -19,7 +22,7 @@ from operations.bundles import bundle_bytes
 from operations.disagreements import disagreements
 from operations.models import Operation
 
-from . import planning, schedules
+from . import exports, planning, schedules
 from .compare import compare_snapshots
 from .migration import STRATEGIES, start_evacuation, start_migration, strategy_support
 from .models import Container, Snapshot
@@ -497,6 +500,86 @@ class SnapshotRestore(APIView):
     def post(self, request, name, snap):
         container = _container(name)
         return operation_accepted(restore_snapshot(Actor.of(request), container, _snapshot(container, snap)))
+
+
+class SnapshotExport(APIView):
+    """Pack the snapshot into one archive kept on the dashboard (an operation); its result's
+    `download` is where to fetch it."""
+
+    @extend_schema(request=None, responses={202: OperationAcceptedSerializer})
+    def post(self, request, name, snap):
+        container = _container(name)
+        return operation_accepted(exports.export_snapshot(Actor.of(request), container, _snapshot(container, snap)))
+
+
+class ExportDownload(APIView):
+    """A kept export's archive. Operators and admins only: it holds the container's files and,
+    for a stateful snapshot, its memory."""
+
+    read_role = "operator"
+
+    @extend_schema(responses={(200, "application/x-tar"): OpenApiTypes.BINARY})
+    def get(self, request, op_id):
+        return exports.download(op_id)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request, op_id):
+        """Remove the kept archive (the export operation stays in the history)."""
+        exports.delete_export(Actor.of(request), op_id)
+        return Response(status=204)
+
+
+class ImportSerializer(serializers.Serializer):
+    name = StrictCharField(
+        max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN, validate_name],
+        help_text="The new container (with host)",
+    )  # fmt: skip
+    host = StrictCharField(max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN])
+    container = StrictCharField(
+        max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN],
+        help_text="Instead of name and host: an existing container, which gets the snapshot",
+    )  # fmt: skip
+    export = StrictIntegerField(min_value=1, max_value=999999999999999999, help_text="The id of an export operation")
+
+
+class ImportUploadSerializer(serializers.Serializer):
+    name = serializers.CharField(
+        max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN, validate_name]
+    )
+    host = serializers.CharField(max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN])
+    container = serializers.CharField(max_length=63, required=False, trim_whitespace=False, validators=[NAME_PATTERN])
+    archive = serializers.FileField(help_text="An export archive (.tar)")
+
+
+class ImportList(APIView):
+    """A new container on `host` from a snapshot's archive, or (`container`) the snapshot added to
+    an existing container: a kept export (JSON, `export`) or an uploaded archive (multipart,
+    `archive`). Checked on the dashboard, then again on the host, before anything is put in place
+    there."""
+
+    parser_classes = [JSONParser, MultiPartParser]
+
+    @extend_schema(
+        request={"application/json": ImportSerializer, "multipart/form-data": ImportUploadSerializer},
+        responses={202: OperationAcceptedSerializer},
+    )
+    def post(self, request):
+        upload = request.content_type.startswith("multipart/")
+        s = (ImportUploadSerializer if upload else ImportSerializer)(data=request.data)
+        s.is_valid(raise_exception=True)
+        d = s.validated_data
+        source = {"upload": d["archive"]} if upload else {"export_id": d["export"]}
+        actor = Actor.of(request)
+        if d.get("container") is not None:
+            if d.get("name") is not None or d.get("host") is not None:
+                raise ApiError(
+                    "Give either container (an existing one) or name and host (a new one).", 400, "container"
+                )
+            return operation_accepted(exports.import_into(actor, d["container"], **source))
+        for field in ("name", "host"):
+            if d.get(field) is None:
+                raise ApiError(f"{field}: This field is required.", 400, field)
+        return operation_accepted(exports.import_archive(actor, d["name"], d["host"], **source))
 
 
 class SnapshotCompare(APIView):

@@ -5,4 +5,4 @@ class ContainersConfig(AppConfig):
     name = "containers"
 
     def ready(self):
-        from . import handlers, migration, recovery  # noqa: F401  (register the container operations with the runner)
+        from . import exports, handlers, migration, recovery  # noqa: F401  (register the container operations with the runner)

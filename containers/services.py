@@ -104,6 +104,18 @@ def create_container(actor: Actor, name, host_name, template="busybox", command=
             f"{host.name} has no template {template!r}; it offers: {', '.join(templates) or 'none'}.", 400, "template"
         )
     argv = parse_command(command)
+    op = reserve_container(
+        actor, name, host, Operation.Kind.CREATE, {"template": template, "command": argv}, queue,
+        template=template, command=argv,
+    )  # fmt: skip
+    audit(actor, "container.create", op.container, detail=f"on {host.name} from {template}, op {op.pk}")
+    return op
+
+
+def reserve_container(actor: Actor, name: str, host: Host, kind: str, params: dict, queue: bool = True, **fields):
+    """Reserve a new container's name and an address on `host` (a record CREATING) and write the
+    operation that makes it (`kind`: create, import), queued unless `queue` is False; the
+    operation's params get the network as `network`."""
     for _ in range(3):  # two requests may pick the same address: the unique index decides
         ipv4, net = allocate_ipv4(host)
         try:
@@ -111,15 +123,15 @@ def create_container(actor: Actor, name, host_name, template="busybox", command=
                 if Container.objects.filter(name=name).exists():
                     raise ApiError(f"A container named {name} exists already.", 409, "name")
                 container = Container.objects.create(
-                    name=name, host=host, state=Container.State.CREATING, template=template, command=argv, ipv4=ipv4
+                    name=name, host=host, state=Container.State.CREATING, ipv4=ipv4, **fields
                 )
                 op = Operation.objects.create(
-                    kind=Operation.Kind.CREATE,
+                    kind=kind,
                     container=container,
                     container_name=name,
                     host=host,
                     created_by=actor.user,
-                    params={"template": template, "command": argv, "network": net},
+                    params={**params, "network": net},
                 )
                 if queue:
                     enqueue(op)
@@ -127,7 +139,6 @@ def create_container(actor: Actor, name, host_name, template="busybox", command=
             if Container.objects.filter(name=name).exists():
                 raise ApiError(f"A container named {name} exists already.", 409, "name") from None
             continue
-        audit(actor, "container.create", container, detail=f"on {host.name} from {template}, op {op.pk}")
         return op
     raise ApiError("Could not reserve an address for the container; try again.", 409, "host")
 

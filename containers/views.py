@@ -21,6 +21,7 @@ from operations.views import start_or_back
 from . import planning, schedules
 from .api import _midnight, cancel_operation, containers_queryset, decide_operation, filter_snapshots, snapshot_queryset
 from .compare import compare_snapshots
+from .exports import export_snapshot, import_archive
 from .migration import start_evacuation, start_migration, strategy_support
 from .models import Container
 from .services import (
@@ -77,6 +78,7 @@ def operation_detail(request, op_id):
     op = get_object_or_404(Operation.objects.select_related("host", "target_host", "created_by", "container"), pk=op_id)
     ctx = {
         "op": op,
+        "hosts": Host.objects.order_by("name") if op.kind == Operation.Kind.EXPORT else [],
         "phases": phase_spans(op.events, op.finished_at),
         "downtime": downtime_breakdown(op.result) if op.kind == Operation.Kind.MIGRATE else None,
         "predicted": predicted_vs_actual(op.result) if op.kind == Operation.Kind.MIGRATE else [],
@@ -94,6 +96,17 @@ def operation_cancel(request, op_id):
     except APIException as e:
         messages.error(request, str(e.detail))
     return redirect("operation-detail", op_id=op.pk)
+
+
+@role_required("operator")
+@require_POST
+def export_import(request, op_id):
+    """Import a kept export (this export operation's archive) as a new container."""
+    op = get_object_or_404(Operation, pk=op_id, kind=Operation.Kind.EXPORT)
+    name, host = request.POST.get("name", ""), request.POST.get("host", "")
+    return start_or_back(
+        request, lambda: import_archive(Actor.of(request), name, host, export_id=op.pk), f"/operations/{op.pk}/"
+    )
 
 
 @role_required("admin")
@@ -263,7 +276,7 @@ def schedule_delete(request, name, schedule_id):
 def snapshot_action(request, name, snap, action):
     container = _get_container(name)
     snapshot = get_object_or_404(container.snapshots, name=snap)
-    starts = {"restore": restore_snapshot, "delete": delete_snapshot}
+    starts = {"restore": restore_snapshot, "delete": delete_snapshot, "export": export_snapshot}
     if action not in starts:
         raise Http404()
     back = f"/containers/{container.name}/snapshots/{snapshot.name}/"

@@ -29,10 +29,25 @@ def error_response(request, message: str, status: int, field: str | None = None)
     return HttpResponse(message, status=status, content_type="text/plain; charset=utf-8")
 
 
+# The one route that takes a large body: an export archive uploaded for an import (multipart,
+# spooled to disk by Django past FILE_UPLOAD_MAX_MEMORY_SIZE), up to EXPORT_MAX_BYTES.
+UPLOAD_PATHS = ("/api/v1/imports",)
+UPLOAD_OVERHEAD = 64 * 1024  # the form's other fields and its boundaries
+
+
+def _is_upload(request) -> bool:
+    return (
+        request.method == "POST"
+        and request.path in UPLOAD_PATHS
+        and request.META.get("CONTENT_TYPE", "").startswith("multipart/form-data")
+    )
+
+
 class RequestLimitsMiddleware:
     """Refuses, before any view runs, what no view could take:
-    - a body larger than DATA_UPLOAD_MAX_MEMORY_SIZE (413; nothing of ctweb's needs more),
-      judged by its Content-Length so it is never read; a chunked body without one (411);
+    - a body larger than DATA_UPLOAD_MAX_MEMORY_SIZE (413; nothing of ctweb's needs more but an
+      archive uploaded for an import, UPLOAD_PATHS: EXPORT_MAX_BYTES), judged by its
+      Content-Length so it is never read; a chunked body without one (411);
     - a NUL character in the URL, the query string or a form field (400): no name can hold
       one, and PostgreSQL refuses them in text, which would otherwise be a 500."""
 
@@ -43,6 +58,8 @@ class RequestLimitsMiddleware:
         from django.conf import settings
 
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if _is_upload(request):
+            limit = settings.EXPORT_MAX_BYTES + UPLOAD_OVERHEAD
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:

@@ -164,10 +164,28 @@ except ValueError as e:
     raise ImproperlyConfigured(f"CTWEB_BUNDLE_STORAGE is not JSON: {e}.") from e
 if not isinstance(_BUNDLE_STORAGE, dict) or not isinstance(_BUNDLE_STORAGE.get("BACKEND"), str):
     raise ImproperlyConfigured('CTWEB_BUNDLE_STORAGE must be a JSON object with a "BACKEND".')
+# Snapshot exports (and archives uploaded for an import, until their import ends) are kept the
+# same way, in storage of their own: CTWEB_EXPORT_STORAGE (JSON, as above), by default var/exports.
+try:
+    _EXPORT_STORAGE = json.loads(os.environ.get("CTWEB_EXPORT_STORAGE") or "null") or {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": str(VAR_DIR / "exports"),
+            "directory_permissions_mode": 0o700,
+            "file_permissions_mode": 0o600,
+        },
+    }
+except ValueError as e:
+    raise ImproperlyConfigured(f"CTWEB_EXPORT_STORAGE is not JSON: {e}.") from e
+if not isinstance(_EXPORT_STORAGE, dict) or not isinstance(_EXPORT_STORAGE.get("BACKEND"), str):
+    raise ImproperlyConfigured('CTWEB_EXPORT_STORAGE must be a JSON object with a "BACKEND".')
+# The largest export archive ctweb keeps or imports (bytes); an upload larger than this gets 413.
+EXPORT_MAX_BYTES = int(os.environ.get("CTWEB_EXPORT_MAX_BYTES") or 16 * 1024**3)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
     "bundles": _BUNDLE_STORAGE,
+    "exports": _EXPORT_STORAGE,
 }
 # Production serves what `collectstatic` wrote (setup.sh runs it): hashed names, compressed
 # copies, cached for a year by browsers. DEBUG (or CTWEB_PLAIN_STATIC) serves the source files.

@@ -33,11 +33,14 @@ class Client:
             {"Authorization": f"Token {token}", "User-Agent": f"ctweb-cli/{__version__}", "Accept": "application/json"}
         )
 
-    def request(self, method: str, path: str, *, json=None, params=None, stream: bool = False) -> requests.Response:
+    def request(
+        self, method: str, path: str, *, json=None, params=None, stream: bool = False, data=None, files=None
+    ) -> requests.Response:
         try:
             r = self.session.request(
-                method, self.url + path, json=json, params=params, timeout=TIMEOUT, stream=stream, allow_redirects=False
-            )
+                method, self.url + path, json=json, params=params, timeout=TIMEOUT, stream=stream,
+                allow_redirects=False, data=data, files=files,
+            )  # fmt: skip
         except requests.exceptions.SSLError as e:
             raise ApiError(f"The TLS connection to {self.url} failed: {e}.") from None
         except requests.exceptions.Timeout:

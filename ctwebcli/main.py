@@ -231,9 +231,14 @@ def _run(c: Ctx, accepted: dict, no_wait: bool) -> None:
 
 
 def _follow(c: Ctx, op_id: int) -> None:
+    _finish(c, _wait(c, op_id))
+
+
+def _wait(c: Ctx, op_id: int) -> dict:
+    """Follow an operation live to its end and return it."""
     show = display(c.json, c.out)
     try:
-        op = follow(c.client, op_id, show)
+        return follow(c.client, op_id, show)
     except KeyboardInterrupt:
         show.close()
         click.echo(
@@ -242,7 +247,6 @@ def _follow(c: Ctx, op_id: int) -> None:
             err=True,
         )
         sys.exit(INTERRUPTED)
-    _finish(c, op)
 
 
 def _finish(c: Ctx, op: dict) -> None:
@@ -355,6 +359,50 @@ def move(c: Ctx, name, host, strategy, no_wait):
     )
 
 
+@cli.command("export")
+@click.argument("name")
+@click.argument("snap")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Where to write the archive.")
+@click.pass_obj
+def export_(c: Ctx, name, snap, output):
+    """Export snapshot SNAP of NAME as one archive (`podman container checkpoint --export`)."""
+    op = _wait(c, int(c.client.post(f"/api/v1/containers/{q(name)}/snapshots/{q(snap)}/export")["id"]))
+    if op["status"] != "success":
+        _finish(c, op)
+    result = op.get("result") or {}
+    output = output or result.get("file_name") or f"ctweb-{name}-{snap}.tar"
+    n = _download(c, result["download"], output)
+    if c.json:
+        return c.emit({"operation": op["id"], "path": output, "bytes": n, "sha256": result.get("sha256")})
+    click.echo(f"Snapshot {snap} of {name} exported to {output} ({n} bytes, sha256 {result.get('sha256')}).")
+
+
+@cli.command("import")
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.argument("host")
+@click.argument("name")
+@wait_option
+@click.pass_obj
+def import_(c: Ctx, archive, host, name, no_wait):
+    """Import ARCHIVE (an export) on HOST as a new container NAME with its snapshot
+    (`podman container restore --import`; restore the snapshot to run it)."""
+    with open(archive, "rb") as f:
+        r = c.client.request("POST", "/api/v1/imports", data={"name": name, "host": host}, files={"archive": f})
+    _run(c, r.json(), no_wait)
+
+
+def _download(c: Ctx, path: str, output: str) -> int:
+    r = c.client.request("GET", path, stream=True)
+    tmp = f"{output}.part"
+    n = 0
+    with open(tmp, "wb") as f:
+        for chunk in r.iter_content(1 << 16):
+            f.write(chunk)
+            n += len(chunk)
+    os.replace(tmp, output)
+    return n
+
+
 # --- operations -----------------------------------------------------------------------
 
 
@@ -404,14 +452,7 @@ def decide(c: Ctx, op_id, action):
 def bundle(c: Ctx, op_id, output):
     """Download operation OP_ID's debug bundle (tar.gz)."""
     output = output or f"ctweb-operation-{op_id}-bundle.tar.gz"
-    r = c.client.request("GET", f"/api/v1/operations/{op_id}/bundle", stream=True)
-    tmp = f"{output}.part"
-    n = 0
-    with open(tmp, "wb") as f:
-        for chunk in r.iter_content(1 << 16):
-            f.write(chunk)
-            n += len(chunk)
-    os.replace(tmp, output)
+    n = _download(c, f"/api/v1/operations/{op_id}/bundle", output)
     if c.json:
         return c.emit({"operation": op_id, "path": output, "bytes": n})
     click.echo(f"Debug bundle of operation {op_id} written to {output} ({n} bytes).")

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
@@ -576,6 +577,106 @@ def _relay(sender, receiver, on_bytes, timeout) -> tuple[int, dict]:
     if result is None:
         raise AgentFailed("The receiving host ended without a result.", stderr.decode(errors="replace")[-4000:])
     return total, result
+
+
+def download(
+    channel: paramiko.Channel,
+    out: BinaryIO,
+    on_bytes: Callable[[int], None] | None = None,
+    max_bytes: int | None = None,
+    timeout: float = 3600,
+) -> int:
+    """Copy what an agent subcommand of raw output (`export`) writes on its stdout into `out`;
+    returns the bytes moved. Its failure (exit status, its sentence on stderr) is AgentFailed;
+    a host that sends more than `max_bytes` is cut off. The channel is closed in any case (a
+    cancel raised by on_bytes stops the agent)."""
+    try:
+        channel.shutdown_write()
+        channel.settimeout(max(60.0, settings.SSH_DEAD_AFTER_S * 2))
+        total = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise SSHError("The transfer did not finish in time.")
+            try:
+                data = channel.recv(CHUNK)
+            except TimeoutError:
+                raise SSHError("The host stopped sending.") from None
+            if not data:
+                break
+            total += len(data)
+            if max_bytes is not None and total > max_bytes:
+                raise SSHError(f"The host sent more than {max_bytes >> 20} MiB, the most ctweb keeps.")
+            out.write(data)
+            if on_bytes:
+                on_bytes(total)
+        status = channel.recv_exit_status()
+        err = b""
+        while channel.recv_stderr_ready():
+            err += channel.recv_stderr(65536)
+        if status != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise AgentFailed(
+                lines[0] if lines else f"The agent failed (exit status {status}).", "\n".join(lines[1:])[-4000:]
+            )
+        return total
+    finally:
+        channel.close()
+
+
+def upload(
+    channel: paramiko.Channel,
+    source: BinaryIO,
+    on_bytes: Callable[[int], None] | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    timeout: float = 3600,
+) -> tuple[int, dict]:
+    """Feed `source` to an agent subcommand that reads it after its parameters line (`import`);
+    returns (bytes sent, its result). An agent that refuses stops reading: its sentence is the
+    error. The channel is closed in any case."""
+    try:
+        channel.settimeout(max(60.0, settings.SSH_DEAD_AFTER_S * 2))
+        total = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            data = source.read(CHUNK)
+            if not data:
+                break
+            try:
+                channel.sendall(data)
+            except (OSError, paramiko.SSHException, EOFError) as e:  # socket.timeout too
+                why = _said(channel)
+                if why:
+                    raise AgentFailed(why) from e
+                # Its agent died, or the link did: what it did with what came is unknown.
+                raise AgentLost(f"The host stopped taking the archive: {e or type(e).__name__}.") from e
+            total += len(data)
+            if on_bytes:
+                on_bytes(total)
+            if time.monotonic() > deadline:
+                raise SSHError("The transfer did not finish in time.")
+        channel.shutdown_write()
+        result, error, stderr = None, None, bytearray()
+        for line in _lines(channel, stderr, deadline + 600):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(msg, dict):
+                continue
+            if msg.get("type") == "result":
+                result = msg.get("data") or {}
+            elif msg.get("type") == "error":
+                error = msg
+            elif on_event is not None:
+                on_event(msg)
+        if error is not None:
+            raise AgentFailed(error.get("message") or "The host refused the archive.", error.get("details") or "")
+        if result is None:
+            raise AgentLost("The host ended without a result.", stderr.decode(errors="replace")[-4000:])
+        return total, result
+    finally:
+        channel.close()
 
 
 def _said(channel: paramiko.Channel) -> str:

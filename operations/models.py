@@ -23,6 +23,8 @@ class Operation(models.Model):
         EVACUATE = "evacuate"
         CHECK = "check"
         PREPARE = "prepare"
+        EXPORT = "export"
+        IMPORT = "import"
 
     class Status(models.TextChoices):
         PENDING = "pending"

@@ -121,6 +121,14 @@ def test_behind_nginx_with_tls(proxied):
     assert "HttpOnly" in r.headers["Set-Cookie"]
     assert s.get(url + "/hosts/", timeout=10).status_code == 200  # logged in through the proxy
 
+    # Bodies: 256 KiB everywhere but an import's upload, which nginx passes on to ctweb.
+    archive = {"archive": ("a.tar", b"\0" * 600_000)}
+    headers = {"Authorization": f"Token {stack.tokens['bob']}"}
+    big = s.post(url + "/api/v1/containers/", files=archive, headers=headers, timeout=30)
+    assert big.status_code == 413 and "nginx" in big.text, big.text[:200]  # refused by nginx itself
+    upload = s.post(url + "/api/v1/imports", data={"name": "up1"}, files=archive, headers=headers, timeout=30)
+    assert upload.status_code == 400 and upload.json()["field"] == "host", upload.text[:300]  # ctweb's answer
+
     plain = requests.get(proxied["http"] + "/hosts/?x=1", allow_redirects=False, timeout=10)
     assert plain.status_code == 301
     assert plain.headers["Location"] == "https://127.0.0.1/hosts/?x=1"  # the standard port

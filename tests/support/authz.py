@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 
 import pytest
+from django.core.files.storage import storages
 
 from containers.models import Container, Snapshot, SnapshotSchedule
 from core.models import ApiToken
 from hosts.models import Host
 from operations.bundles import save_bundle
 from operations.models import Operation
+
+EXPORT_OP = 4242  # the world's kept export (its id is in a body below)
 
 # route -> {method: (role needed, body, status a permitted user gets)}; the route's
 # parameters are filled from ARGS. Pages answer anonymous users with a redirect to the
@@ -51,6 +54,7 @@ PAGES = {
     "operations/<id:op_id>/": {"get": ("viewer", None, 200)},
     "operations/<id:op_id>/cancel": {"post": ("operator", {}, 302)},
     "operations/<id:op_id>/decide": {"post": ("admin", {"action": "keep-waiting"}, 302)},
+    "operations/<id:op_id>/import": {"post": ("operator", {"name": "importedbox", "host": "otherhost"}, 302)},
     "users/": {"get": ("admin", None, 200)},
     "audit/": {"get": ("admin", None, 200)},
     "settings/": {
@@ -104,6 +108,10 @@ API = {
         "delete": ("operator", None, 202),
     },
     "api/v1/containers/<str:name>/snapshots/<str:snap>/restore": {"post": ("operator", None, 202)},
+    "api/v1/containers/<str:name>/snapshots/<str:snap>/export": {"post": ("operator", None, 202)},
+    # An export holds the container's files and memory: a viewer may not download it.
+    "api/v1/exports/<id:op_id>": {"get": ("operator", None, 200), "delete": ("operator", None, 204)},
+    "api/v1/imports": {"post": ("operator", {"export": EXPORT_OP, "host": "otherhost", "name": "importedbox"}, 202)},
     "api/v1/containers/<str:name>/schedules/": {
         "get": ("viewer", None, 200),
         "post": ("operator", {"every": 1, "unit": "hours"}, 201),
@@ -130,6 +138,10 @@ def world(users, tokens, settings, tmp_path):
             "BACKEND": "django.core.files.storage.FileSystemStorage",
             "OPTIONS": {"location": tmp_path / "bundles"},
         },
+        "exports": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": tmp_path / "exports"},
+        },
     }
     caps = {
         "templates": ["busybox"],
@@ -154,6 +166,11 @@ def world(users, tokens, settings, tmp_path):
         created_by=users["bob"], error="secretbox: CRIU said no", result={"bundle": ["secrethost.tar.gz"]},
     )  # fmt: skip
     save_bundle(failed.pk, "secrethost.tar.gz", io.BytesIO(b"\x1f\x8b not really a tarball"))
+    Operation.objects.create(
+        pk=EXPORT_OP, kind="export", status="success", container=box, container_name="secretbox", host=host,
+        created_by=users["bob"], result={"file_name": "ctweb-secretbox-secretsnap.tar"},
+    )  # fmt: skip
+    storages["exports"].save(f"exports/op-{EXPORT_OP}.tar", io.BytesIO(b"secret files and memory"))
     ApiToken.issue(users["carol"], "carol-script")
     sched = SnapshotSchedule.objects.create(
         container=box, every=1, unit="hours", stateful=False, next_run_at=box.created_at, created_by=users["bob"]
@@ -164,6 +181,7 @@ def world(users, tokens, settings, tmp_path):
         "tokens": tokens,
         "pending_op": pending.pk,
         "failed_op": failed.pk,
+        "export_op": EXPORT_OP,
         "carol": users["carol"].pk,
         "bundles": tmp_path / "bundles",
     }
@@ -214,7 +232,9 @@ ARGS = {
 
 ARGS_BY_ROUTE = {
     "api/v1/operations/<id:op_id>/bundle": {"op_id": "failed_op"},
+    "api/v1/exports/<id:op_id>": {"op_id": "export_op"},
     "operations/<id:op_id>/": {"op_id": "failed_op"},
+    "operations/<id:op_id>/import": {"op_id": "export_op"},
     "api/v1/operations/<id:op_id>/": {"op_id": "failed_op"},
     "containers/<str:name>/snapshots/<str:snap>/<str:action>": {"action": "restore"},
     "containers/<str:name>/<str:action>": {"action": "delete"},

@@ -24,6 +24,7 @@ from .criu import (
     cmd_snapshot_contents,
 )
 from .estimate import cmd_estimate
+from .exports import cmd_export, cmd_import
 from .images import cmd_receive, cmd_send
 from .lazy import (
     LAZY_DUMP,
@@ -131,6 +132,7 @@ LOCKED = {
     "migrate-abort",
     "migrate-cleanup",
     "receive",
+    "import",
     "inspect",
     "check",
 }
@@ -156,6 +158,8 @@ COMMANDS = {
     "migrate-check": cmd_migrate_check,
     "send": cmd_send,
     "receive": cmd_receive,
+    "export": cmd_export,
+    "import": cmd_import,
     "cpuinfo-check": cmd_cpuinfo_check,
     "migrate-dump": cmd_migrate_dump,
     "migrate-restore": cmd_migrate_restore,
@@ -170,7 +174,7 @@ COMMANDS = {
 }
 # These write a raw tar on stdout instead of JSON lines; their errors go to stderr
 # (unless the tar goes directly to another host: then they print JSON lines too).
-RAW_OUTPUT = {"send", "pages-attach"}
+RAW_OUTPUT = {"send", "pages-attach", "export"}
 # Started by the agent itself (migrate-dump/-restore start their page relay), never asked for.
 INTERNAL = {"pages-relay"}
 # The subcommands the dashboard may ask for: hosts/agent takes them from here, and its SSH
