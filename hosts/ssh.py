@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -541,8 +542,9 @@ def _known_hosts(host) -> str:
     return str(path)
 
 
-def ssh_argv(host, command: str) -> list[str]:
-    """The OpenSSH client's command line for one command on a trusted host."""
+def ssh_argv(host, command: str | None, extra: dict[str, str] | None = None) -> list[str]:
+    """The OpenSSH client's command line for one command on a trusted host (None: no command,
+    a connection only, as a multiplexing master). `extra`: options of ours added (ControlPath)."""
     if host.is_blocked or not host.key_data:
         raise HostNotTrusted(f"{host.name} is not trusted: an admin must check and trust its host key first.")
     alive = max(1, int(settings.SSH_DEAD_AFTER_S // 3))
@@ -566,12 +568,104 @@ def ssh_argv(host, command: str) -> list[str]:
         "ServerAliveCountMax": "3",
         "Ciphers": "^aes128-gcm@openssh.com",  # AES-NI where the CPU has it, first
         "LogLevel": "ERROR",
+        **(extra or {}),
     }
     _private_key()  # this node's copy of the fleet's key, or KeyMissing (one sentence)
     argv = [SSH_BINARY, "-F", "/dev/null", "-T", "-i", str(_key_path())]
     for k, v in options.items():
         argv += ["-o", f"{k}={v}"]
-    return argv + ["-p", str(int(host.port)), "-l", host.username, "--", host.address, command]
+    argv += ["-p", str(int(host.port)), "-l", host.username]
+    return argv + (["-N", "--", host.address] if command is None else ["--", host.address, command])
+
+
+class SSHLink:
+    """One OpenSSH connection to a host held open for many sessions (connection
+    multiplexing): its master process owns the connection, sessions started with `link=`
+    run over it without a handshake of their own. The control socket lives in a directory
+    made for this link (0700, this process's user), removed with it.
+
+    Why: a post-copy's page pump starts a pair of sessions per round, many rounds a second
+    while a link is down. Each through a fresh connection, the host that still answers (the
+    source, holding the frozen container) took hundreds of SSH connections in 30 s and its
+    sshd refused everyone (MaxStartups), the admin and the dashboard's own calls included.
+    A link is made again only when it ended: its master exits when the connection dies
+    (ServerAlive), when told to (`close`), or IDLE_S after its last session, so a worker
+    that dies leaves no connection open for long."""
+
+    IDLE_S = 30  # far above the pump's longest pause between two rounds (3 s)
+
+    def __init__(self, host, who: str):
+        self.host, self.who = host, who
+        self.dir = tempfile.mkdtemp(prefix="ctweb-ssh-")
+        self.path = os.path.join(self.dir, "control")
+        self._log = os.path.join(self.dir, "log")
+        # ControlPersist: once logged in, the master goes on in the background and this
+        # process exits (0), or it fails (255) with the reason on stderr.
+        argv = ssh_argv(host, None, {**self.options(), "ControlMaster": "yes", "ControlPersist": f"{self.IDLE_S}s"})
+        try:
+            with open(self._log, "wb") as err:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        except OSError as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise SSHError(f"Cannot run the OpenSSH client ({SSH_BINARY}) on the dashboard: {e.strerror or e}.") from e
+
+    def wait_ready(self, stop: threading.Event | None = None) -> None:
+        """Until the connection is up (the master runs and answers on its control socket)."""
+        limit = settings.SSH_CONNECT_TIMEOUT_S + 10
+        deadline = time.monotonic() + limit
+        while self.proc.poll() is None:
+            if stop is not None and stop.is_set():
+                raise SSHError(f"Stopped while connecting to {self.host}.")
+            if time.monotonic() > deadline:
+                raise SSHError(f"Cannot connect to {self.host}: no login within {limit:.0f} s.")
+            time.sleep(0.02)
+        if self.proc.returncode != 0 or not self.alive():
+            raise SSHError(f"Cannot connect to {self.host}: {_last_line(self.tail())}")
+
+    def alive(self) -> bool:
+        """Its master still answers (it removes the socket when it ends; one killed leaves
+        a socket nobody listens on)."""
+        sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sk.settimeout(2)
+            sk.connect(self.path)
+            return True
+        except OSError:
+            return False
+        finally:
+            sk.close()
+
+    def options(self) -> dict[str, str]:
+        """A session's options to run over this link."""
+        return {"ControlMaster": "no", "ControlPath": self.path.replace("%", "%%")}
+
+    def tail(self) -> str:
+        try:
+            with open(self._log, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """End the connection (and the sessions on it) now; from any thread."""
+        if self.proc.poll() is None:
+            self.proc.kill()  # still connecting
+        if os.path.exists(self.path):
+            argv = [SSH_BINARY, "-F", "/dev/null", "-o", f"ControlPath={self.path.replace('%', '%%')}"]
+            try:  # asks the master through its socket: nothing goes to the host
+                subprocess.run(
+                    [*argv, "-O", "exit", "--", self.host.address], capture_output=True, timeout=10, check=False
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                pass  # it ends by itself IDLE_S after its last session
+
+    def close(self) -> None:
+        self.kill()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class AgentProcess:
@@ -583,11 +677,15 @@ class AgentProcess:
     for splice(2); stderr (the agent's and ssh's own) and, for a receiver, its JSON lines
     are drained as they come so neither side ever blocks on a full pipe."""
 
-    def __init__(self, host, agent_path: str, subcommand: str, params: dict | None, who: str):
+    def __init__(
+        self, host, agent_path: str, subcommand: str, params: dict | None, who: str, link: SSHLink | None = None
+    ):
         if subcommand not in AGENT_SUBCOMMANDS:
             raise ValueError(f"unknown agent subcommand {subcommand!r}")
         self.host, self.who = host, who
-        argv = ssh_argv(host, f"python3 {agent_path} {subcommand}")  # both parts are ours
+        # Both parts are ours. Over `link`, a session on its connection (should the link end
+        # just now, ssh connects by itself, with the same pinned options).
+        argv = ssh_argv(host, f"python3 {agent_path} {subcommand}", link.options() if link else None)
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
@@ -1033,9 +1131,11 @@ def _shutdown(channel: paramiko.Channel) -> None:
 class PagePump:
     """Carry a post-copy's pages between the two hosts' page relays, for as long as it takes.
 
-    Each round starts `pages-attach` on both hosts (each through an OpenSSH client process
-    of its own, started again when one ends) and splices bytes both ways; when either link
-    or either end breaks, the round ends and a new one starts after a short backoff. The
+    Each round starts `pages-attach` on both hosts (each a session on that host's SSHLink,
+    one OpenSSH connection held for as long as it works, made again only once it ended) and
+    splices bytes both ways; when either link or either end breaks, the round ends and a new
+    one starts after a short backoff. A round starts no session on either host until both
+    links are up: a host that does not answer costs the other one nothing. The
     relays' protocol (offsets, acks, a hello on each attach) makes the rounds one stream: no
     CRIU process sees its connection close. Bytes and rounds are counted so the caller can
     judge progress."""
@@ -1049,6 +1149,7 @@ class PagePump:
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._procs: list[AgentProcess] = []
+        self._links: list[SSHLink | None] = [None, None]
         self._thread = threading.Thread(target=self._run, daemon=True, name="ctweb-page-pump")
 
     def start(self) -> PagePump:
@@ -1059,6 +1160,9 @@ class PagePump:
         self._stop.set()
         for p in list(self._procs):
             p.kill()
+        for link in list(self._links):
+            if link is not None:
+                link.kill()
         self._thread.join(15)
 
     def _note(self, msg: str) -> None:
@@ -1082,7 +1186,21 @@ class PagePump:
                             with connect(host) as c:
                                 paths[i] = c.ensure_agent()
                     for i, who in enumerate(("source", "target")):
-                        procs.append(AgentProcess(hosts[i], paths[i], "pages-attach", self.params, who))
+                        link = self._links[i]
+                        if link is None or not link.alive():
+                            if link is not None:
+                                self._links[i] = None
+                                link.close()
+                                self._note(f"{who}: the link ended; connecting again")
+                            self._links[i] = link = SSHLink(hosts[i], who)
+                            try:
+                                link.wait_ready(self._stop)
+                            except SSHError:
+                                self._links[i] = None
+                                link.close()
+                                raise
+                    for i, who in enumerate(("source", "target")):
+                        procs.append(AgentProcess(hosts[i], paths[i], "pages-attach", self.params, who, self._links[i]))
                         self._procs = procs
                     if self._stop.is_set():
                         break
@@ -1109,6 +1227,10 @@ class PagePump:
                     delay = min(delay * 1.5, 3.0)
                 self._stop.wait(delay)
         finally:
+            for i, link in enumerate(self._links):
+                self._links[i] = None
+                if link is not None:
+                    link.close()
             connection.close()
 
     def _copy(self, src: AgentProcess, dst: AgentProcess, counter: str) -> None:
