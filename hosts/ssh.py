@@ -601,7 +601,11 @@ class SSHLink:
         self._log = os.path.join(self.dir, "log")
         # ControlPersist: once logged in, the master goes on in the background and this
         # process exits (0), or it fails (255) with the reason on stderr.
-        argv = ssh_argv(host, None, {**self.options(), "ControlMaster": "yes", "ControlPersist": f"{self.IDLE_S}s"})
+        try:
+            argv = ssh_argv(host, None, {**self.options(), "ControlMaster": "yes", "ControlPersist": f"{self.IDLE_S}s"})
+        except BaseException:  # not trusted (now), no key: nothing was started
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         try:
             with open(self._log, "wb") as err:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
