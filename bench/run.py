@@ -423,6 +423,121 @@ def bench_client_downtime(stack: Stack, repeat: int = 10) -> dict:
     return out
 
 
+PATHS = "the paths of a migration's bytes (debian, python holding 256 MiB): rates and ratios in one run"
+
+TCP_RECEIVE = (
+    "import socket\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('{addr}', 5099)); s.listen(1); print('up', flush=True)\n"
+    "c, _ = s.accept(); n = 0\n"
+    "while d := c.recv(1 << 20):\n"
+    "    n += len(d)\n"
+    "print(n, flush=True)\n"
+)
+TCP_SEND = (
+    "import socket\n"
+    "s = socket.create_connection(('{addr}', 5099)); b = bytes(1 << 20)\n"
+    "for _ in range({mib}):\n"
+    "    s.sendall(b)\n"
+    "s.close()\n"
+)
+
+
+def tcp_rate(h, src: str, dst: str, mib: int = 1024) -> float:
+    """Bytes per ms of a plain TCP stream from one lab host to the other (no encryption)."""
+    import shlex
+
+    addr = h.addr[dst]
+    recv = subprocess.Popen(
+        h.argv(dst, "python3 -c " + shlex.quote(TCP_RECEIVE.format(addr=addr))), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        recv.stdout.readline()
+        t0 = time.monotonic()
+        h.run(src, "python3 -c " + shlex.quote(TCP_SEND.format(addr=addr, mib=mib)))
+        n = int(recv.stdout.readline())
+        return n / ((time.monotonic() - t0) * 1000)
+    finally:
+        recv.wait(30)
+
+
+def bench_paths(stack: Stack, mib: int = 256, repeat: int = 3) -> dict:
+    """Issue 15: each path's rate against the plain copy rate of that path, measured in the
+    same run, interleaved. Relayed: the dashboard's relay against a plain OpenSSH copy through
+    this machine (`ssh a 'head -c' | ssh b 'cat'`); direct: against a plain TCP stream
+    between the hosts. For each strategy and each setting, the migration's data that crossed
+    the dashboard (result.dashboard_bytes)."""
+    from bench.byhand import Hosts, copy_rate
+
+    api, admin = Api(stack, stack.tokens["bob"]), Api(stack, stack.tokens["alice"])
+    h = Hosts(stack)
+    rows: dict[str, list[float]] = {}
+    ssh_rates, tcp_rates = [], []
+    name = f"paths{mib}"
+    cmd = ["python3", "-c", MEMORY_WORKLOAD.format(mib=mib)]
+    op_ms(api, "POST", "/api/v1/containers/", {"name": name, "host": "lab-a", "template": "debian", "command": cmd})
+    time.sleep(2 + mib / 128)
+    host = "lab-a"
+    try:
+        for _ in range(repeat):
+            for mode, networks in (("relayed", []), ("direct", ["10.77.64.0/24"])):
+                admin("PUT", "/api/v1/settings/", json={"direct_transfer_networks": networks}).raise_for_status()
+                for strategy in ("stop-and-copy", "post-copy"):
+                    target = "lab-b" if host == "lab-a" else "lab-a"
+                    # The plain copy rates of both paths, just before, in the same direction.
+                    ssh_rates.append(copy_rate(h, host, target, 256))
+                    tcp_rates.append(tcp_rate(h, host, target))
+                    _, _, op = op_ms(
+                        api, "POST", f"/api/v1/containers/{name}/migrate", {"target_host": target, "strategy": strategy}
+                    )
+                    host = target
+                    res = op["result"]
+                    plain = ssh_rates[-1] if mode == "relayed" else tcp_rates[-1]  # bytes per ms
+                    rows.setdefault(f"data through the dashboard, {strategy}, {mode}, MiB", []).append(
+                        res["dashboard_bytes"] / 2**20
+                    )
+                    presync = res["presync_bytes"] / max(res["phases"].get("presync_ms", 0), 0.001)
+                    rows.setdefault(f"rootfs presync rate, {mode}, MiB/s", []).append(presync * 1000 / 2**20)
+                    rows.setdefault(f"rootfs presync rate / plain copy rate, {mode} (target: >= 0.7)", []).append(
+                        presync / plain
+                    )
+                    if strategy == "stop-and-copy":
+                        images = (res["dump_stats"].get("pages_written") or 0) * 4096
+                        floor = (
+                            images / plain
+                            + res["dump_stats"].get("frozen_time", 0) / 1000
+                            + res["restore_stats"].get("restore_time", 0) / 1000
+                        )
+                        target_x = 1.3 if mode == "relayed" else 1.2
+                        rows.setdefault(f"stop-and-copy downtime, {mode}, ms", []).append(res["downtime_ms"])
+                        rows.setdefault(
+                            f"  its floor (images / plain copy rate + freeze + restore), {mode}, ms", []
+                        ).append(floor)
+                        rows.setdefault(f"  downtime / floor, {mode} (target: <= {target_x})", []).append(
+                            res["downtime_ms"] / floor
+                        )
+                    elif mode == "relayed":  # pages are relayed either way; one figure is enough
+                        rate = res["page_bytes"] / max(res["pages_ms"] or 0, 0.001)
+                        rows.setdefault("post-copy page pull rate, relayed, MiB/s", []).append(rate * 1000 / 2**20)
+                        rows.setdefault(
+                            "post-copy page pull rate / plain OpenSSH copy rate (target: >= 0.7)", []
+                        ).append(rate / ssh_rates[-1])
+                        rows.setdefault("post-copy downtime, relayed, ms", []).append(res["downtime_ms"])
+    finally:
+        admin("PUT", "/api/v1/settings/", json={"direct_transfer_networks": []})
+        op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
+    out = {
+        "plain OpenSSH copy through this machine (256 MiB), MiB/s": summary([r * 1000 / 2**20 for r in ssh_rates]),
+        "plain TCP stream host to host (1 GiB), MiB/s": summary([r * 1000 / 2**20 for r in tcp_rates]),
+    }
+    for k, v in rows.items():
+        s = summary(v)
+        if "target" in k:  # a ratio: two decimals
+            s = {**s, "median": round(statistics.median(v), 2), "min": round(min(v), 2), "max": round(max(v), 2)}
+        out[k] = s
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -572,7 +687,7 @@ def main() -> int:
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
         "--only",
-        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages or snapstore (with the lab)",
+        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths or snapstore (with the lab)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -604,6 +719,7 @@ def main() -> int:
                 "byhand": (BY_HAND, lambda st: by_hand_section(st, args.repeat)),
                 "direct": (DIRECT, bench_direct),
                 "pages": (PAGES, bench_pages),
+                "paths": (PATHS, bench_paths),
                 "snapstore": (SNAPSTORE, lambda st: bench_snapshot_store(st, op_ms)),
             }
             for only in args.only.split(","):  # several parts in one run: --only lifecycle,client
@@ -621,6 +737,7 @@ def main() -> int:
             results[BY_HAND] = by_hand_section(stack, args.repeat)
             results[DIRECT] = bench_direct(stack)
             results[CLIENT] = bench_client_downtime(stack)
+            results[PATHS] = bench_paths(stack)
             results[SNAPSTORE] = bench_snapshot_store(stack, op_ms)
     finally:
         stack.stop()

@@ -9,6 +9,7 @@ user typed travels as JSON on the agent's standard input, never through a shell.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import io
 import json
@@ -16,7 +17,9 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -315,6 +318,15 @@ class HostConnection:
             raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
         return channel
 
+    def stream(self, subcommand: str, params: dict | None, who: str) -> AgentProcess:
+        """Start an agent subcommand that streams raw bytes, through an OpenSSH client
+        process (see AgentProcess): for relays, where paramiko would be the bottleneck."""
+        try:
+            path = self.ensure_agent()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
+        return AgentProcess(self.host, path, subcommand, params, who)
+
     def fetch(self, remote: str, local: Path, remove: bool = True) -> int:
         """Copy a file the agent made under /var/lib/ctweb/ back here (and remove it there)."""
         if not remote.startswith("/var/lib/ctweb/") or ".." in remote.split("/"):
@@ -500,12 +512,362 @@ def pooled(host) -> Iterator[HostConnection]:
             conn.close()
 
 
-CHUNK = 1 << 20
+# --- streams through OpenSSH client processes ----------------------------------------
+#
+# The bytes of a migration (tars, pages) cross the dashboard between two SSH connections.
+# paramiko packs and unpacks every SSH packet in Python (about 45 MiB/s on the lab's
+# machine against OpenSSH's 250), so the streams run through the OpenSSH client instead:
+# one `ssh` process per host, pinned to the same host key (a known_hosts file written from
+# the database, StrictHostKeyChecking=yes), with the dashboard's key and nothing else (no
+# user config, no agent, no forwarding). The worker moves bytes from one process's stdout to
+# the other's stdin with splice(2): kernel pipe to kernel pipe, counted, never copied
+# through Python. Control (the agent's JSON results and events) stays on paramiko.
+
+SSH_BINARY = "ssh"
+PIPE_SIZE = 1 << 20  # fs.pipe-max-size's default: fewer, larger splices
+CHUNK = 1 << 20  # what an export download or an import upload moves per read
+
+
+def _known_hosts(host) -> str:
+    """A known_hosts file holding only the key an admin trusted for this host."""
+    key = key_from_parts(host.key_type, host.key_data)  # parsed: the line cannot carry anything else
+    name = host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+    line = f"{name} {key.get_name()} {key.get_base64()}\n"
+    folder = Path(settings.VAR_DIR) / "ssh" / "known_hosts.d"  # this node's own, made from the database
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = folder / hashlib.sha256(line.encode()).hexdigest()[:32]
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(line)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def ssh_argv(host, command: str | None, extra: dict[str, str] | None = None) -> list[str]:
+    """The OpenSSH client's command line for one command on a trusted host (None: no command,
+    a connection only, as a multiplexing master). `extra`: options of ours added (ControlPath)."""
+    if host.is_blocked or not host.key_data:
+        raise HostNotTrusted(f"{host.name} is not trusted: an admin must check and trust its host key first.")
+    alive = max(1, int(settings.SSH_DEAD_AFTER_S // 3))
+    options = {
+        "BatchMode": "yes",
+        "StrictHostKeyChecking": "yes",
+        "UserKnownHostsFile": _known_hosts(host),
+        "GlobalKnownHostsFile": "/dev/null",
+        "UpdateHostKeys": "no",
+        "CheckHostIP": "no",
+        "IdentitiesOnly": "yes",
+        "IdentityAgent": "none",
+        "ForwardAgent": "no",
+        "ForwardX11": "no",
+        "ClearAllForwardings": "yes",
+        "PermitLocalCommand": "no",
+        "Compression": "no",
+        "ConnectTimeout": str(int(settings.SSH_CONNECT_TIMEOUT_S)),
+        # A dead link is noticed in about SSH_DEAD_AFTER_S, as with the paramiko connections.
+        "ServerAliveInterval": str(alive),
+        "ServerAliveCountMax": "3",
+        "Ciphers": "^aes128-gcm@openssh.com",  # AES-NI where the CPU has it, first
+        "LogLevel": "ERROR",
+        **(extra or {}),
+    }
+    _private_key()  # this node's copy of the fleet's key, or KeyMissing (one sentence)
+    argv = [SSH_BINARY, "-F", "/dev/null", "-T", "-i", str(_key_path())]
+    for k, v in options.items():
+        argv += ["-o", f"{k}={v}"]
+    argv += ["-p", str(int(host.port)), "-l", host.username]
+    return argv + (["-N", "--", host.address] if command is None else ["--", host.address, command])
+
+
+class SSHLink:
+    """One OpenSSH connection to a host held open for many sessions (connection
+    multiplexing): its master process owns the connection, sessions started with `link=`
+    run over it without a handshake of their own. The control socket lives in a directory
+    made for this link (0700, this process's user), removed with it.
+
+    Why: a post-copy's page pump starts a pair of sessions per round, many rounds a second
+    while a link is down. Each through a fresh connection, the host that still answers (the
+    source, holding the frozen container) took hundreds of SSH connections in 30 s and its
+    sshd refused everyone (MaxStartups), the admin and the dashboard's own calls included.
+    A link is made again only when it ended: its master exits when the connection dies
+    (ServerAlive), when told to (`close`), or IDLE_S after its last session, so a worker
+    that dies leaves no connection open for long."""
+
+    IDLE_S = 30  # far above the pump's longest pause between two rounds (3 s)
+
+    def __init__(self, host, who: str):
+        self.host, self.who = host, who
+        self.dir = tempfile.mkdtemp(prefix="ctweb-ssh-")
+        self.path = os.path.join(self.dir, "control")
+        self._log = os.path.join(self.dir, "log")
+        # ControlPersist: once logged in, the master goes on in the background and this
+        # process exits (0), or it fails (255) with the reason on stderr.
+        try:
+            argv = ssh_argv(host, None, {**self.options(), "ControlMaster": "yes", "ControlPersist": f"{self.IDLE_S}s"})
+        except BaseException:  # not trusted (now), no key: nothing was started
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        try:
+            with open(self._log, "wb") as err:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        except OSError as e:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise SSHError(f"Cannot run the OpenSSH client ({SSH_BINARY}) on the dashboard: {e.strerror or e}.") from e
+
+    def wait_ready(self, stop: threading.Event | None = None) -> None:
+        """Until the connection is up (the master runs and answers on its control socket)."""
+        limit = settings.SSH_CONNECT_TIMEOUT_S + 10
+        deadline = time.monotonic() + limit
+        while self.proc.poll() is None:
+            if stop is not None and stop.is_set():
+                raise SSHError(f"Stopped while connecting to {self.host}.")
+            if time.monotonic() > deadline:
+                raise SSHError(f"Cannot connect to {self.host}: no login within {limit:.0f} s.")
+            time.sleep(0.02)
+        if self.proc.returncode != 0 or not self.alive():
+            raise SSHError(f"Cannot connect to {self.host}: {_last_line(self.tail())}")
+
+    def alive(self) -> bool:
+        """Its master still answers (it removes the socket when it ends; one killed leaves
+        a socket nobody listens on)."""
+        sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sk.settimeout(2)
+            sk.connect(self.path)
+            return True
+        except OSError:
+            return False
+        finally:
+            sk.close()
+
+    def options(self) -> dict[str, str]:
+        """A session's options to run over this link."""
+        return {"ControlMaster": "no", "ControlPath": self.path.replace("%", "%%")}
+
+    def tail(self) -> str:
+        try:
+            with open(self._log, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """End the connection (and the sessions on it) now; from any thread."""
+        if self.proc.poll() is None:
+            self.proc.kill()  # still connecting
+        if os.path.exists(self.path):
+            argv = [SSH_BINARY, "-F", "/dev/null", "-o", f"ControlPath={self.path.replace('%', '%%')}"]
+            try:  # asks the master through its socket: nothing goes to the host
+                subprocess.run(
+                    [*argv, "-O", "exit", "--", self.host.address], capture_output=True, timeout=10, check=False
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                pass  # it ends by itself IDLE_S after its last session
+
+    def close(self) -> None:
+        self.kill()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class AgentProcess:
+    """An agent subcommand that streams raw bytes, run through an OpenSSH client process.
+
+    Its parameters go first on stdin, as one JSON line; given later (`begin`), the process is
+    started ahead: the SSH handshake and the agent's start-up are done by the time they are
+    needed (the agent waits for its parameters before doing anything). stdout and stdin are kernel pipes
+    for splice(2); stderr (the agent's and ssh's own) and, for a receiver, its JSON lines
+    are drained as they come so neither side ever blocks on a full pipe."""
+
+    def __init__(
+        self, host, agent_path: str, subcommand: str, params: dict | None, who: str, link: SSHLink | None = None
+    ):
+        if subcommand not in AGENT_SUBCOMMANDS:
+            raise ValueError(f"unknown agent subcommand {subcommand!r}")
+        self.host, self.who = host, who
+        # Both parts are ours. Over `link`, a session on its connection (should the link end
+        # just now, ssh connects by itself, with the same pinned options).
+        argv = ssh_argv(host, f"python3 {agent_path} {subcommand}", link.options() if link else None)
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            )
+        except OSError as e:
+            raise SSHError(f"Cannot run the OpenSSH client ({SSH_BINARY}) on the dashboard: {e.strerror or e}.") from e
+        self.stdin, self.stdout = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        self.stderr_fd = self.proc.stderr.fileno()
+        for fd in (self.stdin, self.stdout):
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # the default size works, with more splices
+        for fd in (self.stdin, self.stdout, self.stderr_fd):
+            os.set_blocking(fd, False)
+        self.stderr = bytearray()
+        self.out = b""  # JSON lines read from stdout (receivers only)
+        self.out_ended = False
+        if params is not None:
+            self.begin(params)
+
+    def begin(self, params: dict) -> None:
+        try:
+            os.write(self.stdin, json.dumps(params).encode() + b"\n")  # far below a pipe's size
+        except OSError as e:  # the process ended already (its link, say)
+            self.proc.poll()
+            raise SSHError(f"Lost the connection to {self.host}: {_last_line(self.tail())}") from e
+
+    def close_stdin(self) -> None:
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+    def read_stderr(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.stderr_fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.stderr.extend(chunk)
+            del self.stderr[:-65536]
+
+    def read_out(self) -> None:
+        """Take what the agent printed on stdout (a receiver's JSON lines)."""
+        while not self.out_ended:
+            try:
+                chunk = os.read(self.stdout, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.out_ended = True
+                return
+            self.out += chunk
+            if len(self.out) > 1 << 20 and b"\n" not in self.out[-65536:]:
+                self.out = self.out[-65536:]  # a host that prints no lines gets no memory
+
+    def lines(self) -> list[dict]:
+        out = []
+        for line in self.out.split(b"\n"):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                out.append(msg)
+        return out
+
+    def tail(self) -> str:
+        self.read_stderr()
+        return self.stderr.decode(errors="replace")[-4000:]
+
+    def link_lost(self) -> bool:
+        """ssh itself failed (exit status 255): the link, not the agent."""
+        return self.proc.poll() == 255
+
+    def kill(self) -> None:
+        """End the process; its pipes stay open for whoever still polls them."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def close(self) -> None:
+        """End the process (its SSH connection closes, so the agent sees its stream end)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class _Stalled(Exception):
+    def __init__(self, side: str):
+        self.side = side
+
+
+def _splice(
+    src: AgentProcess,
+    dst: AgentProcess,
+    moved: Callable[[int], None],
+    stall_in: float,
+    stall_out: float,
+    side: tuple[AgentProcess, ...] = (),
+    stop: threading.Event | None = None,
+    deadline: float | None = None,
+) -> None:
+    """Move src's stdout into dst's stdin until src's end of stream, with splice(2).
+
+    Meanwhile it drains every process's stderr and the stdout of `side` (receivers' lines).
+    Raises _Stalled("in") when src sends nothing for stall_in s, _Stalled("out") when dst
+    takes nothing for stall_out s, BrokenPipeError when dst is gone; returns on src's EOF,
+    or when `stop` is set."""
+    poller = select.poll()
+    extra: dict[int, Callable[[], None]] = {}
+    for p in {src, *side}:
+        extra[p.stderr_fd] = p.read_stderr
+    for p in side:
+        if p is not src:
+            extra[p.stdout] = p.read_out
+    for fd in extra:
+        poller.register(fd, select.POLLIN)
+    want_in = True  # waiting for src to have data (else for dst to have room)
+    poller.register(src.stdout, select.POLLIN)
+    since = time.monotonic()
+    while True:
+        if stop is not None and stop.is_set():
+            return
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            raise SSHError("The transfer did not finish in time.")
+        if now - since > (stall_in if want_in else stall_out):
+            raise _Stalled("in" if want_in else "out")
+        ready = poller.poll(1000)
+        go = False
+        for fd, ev in ready:
+            if fd in extra:
+                extra[fd]()
+                if ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) and not ev & select.POLLIN:
+                    poller.unregister(fd)
+                    del extra[fd]
+            else:
+                go = True
+        if not go:
+            continue
+        while True:
+            try:
+                n = os.splice(src.stdout, dst.stdin, PIPE_SIZE, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
+            except BlockingIOError:
+                # Nothing to take, or no room to put it: wait for the other side.
+                poller.unregister(src.stdout if want_in else dst.stdin)
+                want_in = not want_in
+                if want_in:
+                    poller.register(src.stdout, select.POLLIN)
+                else:
+                    poller.register(dst.stdin, select.POLLOUT)
+                break
+            if n == 0:
+                return
+            moved(n)
+            since = time.monotonic()
+            if stop is not None and stop.is_set():
+                return
 
 
 def relay(
-    sender: paramiko.Channel,
-    receiver: paramiko.Channel,
+    sender: AgentProcess,
+    receiver: AgentProcess,
     on_bytes: Callable[[int], None] | None = None,
     timeout: float = 3600,
 ) -> tuple[int, dict]:
@@ -513,69 +875,73 @@ def relay(
 
     Neither host needs to trust the other: the bytes cross the dashboard's two SSH
     connections, encrypted both ways. Returns (bytes moved, the receiver's result).
-    On any failure (or a cancel raised by on_bytes) both channels are closed, so both
-    agents see their stream end and stop."""
+    On any failure (or a cancel raised by on_bytes) both processes end, so both agents
+    see their stream end and stop."""
     try:
         return _relay(sender, receiver, on_bytes, timeout)
-    except BaseException:
-        for channel in (sender, receiver):
-            try:
-                channel.close()
-            except Exception:
-                pass
-        raise
+    finally:
+        sender.close()
+        receiver.close()
 
 
-def _relay(sender, receiver, on_bytes, timeout) -> tuple[int, dict]:
-    sender.shutdown_write()
-    sender.settimeout(60)
-    receiver.settimeout(settings.SSH_DEAD_AFTER_S * 2)
+def _relay(sender: AgentProcess, receiver: AgentProcess, on_bytes, timeout) -> tuple[int, dict]:
+    sender.close_stdin()
     total = 0
-    deadline = time.monotonic() + timeout
-    while True:
-        if time.monotonic() > deadline:
-            raise SSHError("The transfer did not finish in time.")
-        try:
-            data = sender.recv(CHUNK)
-        except TimeoutError:
-            raise SSHError("The sending host stopped sending for 60 s.") from None
-        if not data:
-            break
-        try:
-            receiver.sendall(data)
-        except (OSError, paramiko.SSHException, EOFError) as e:  # socket.timeout too
-            why = _said(receiver)
-            if why:
-                raise AgentFailed(f"The receiving host stopped taking data: {why}") from e
-            raise SSHError(f"The receiving host stopped taking data: {e or type(e).__name__}.") from e
-        total += len(data)
+
+    def moved(n: int) -> None:
+        nonlocal total
+        total += n
         if on_bytes:
             on_bytes(total)
-    status = sender.recv_exit_status()
-    err = b""
-    while sender.recv_stderr_ready():
-        err += sender.recv_stderr(65536)
-    receiver.shutdown_write()
+
+    try:
+        _splice(
+            sender,
+            receiver,
+            moved,
+            stall_in=60,
+            stall_out=settings.SSH_DEAD_AFTER_S * 2,
+            side=(receiver,),
+            deadline=time.monotonic() + timeout,
+        )
+    except _Stalled as e:
+        if e.side == "in":
+            raise SSHError("The sending host stopped sending for 60 s.") from None
+        why = _said(receiver)
+        raise SSHError(f"The receiving host stopped taking data{': ' + why if why else ' for a while'}.") from None
+    except OSError as e:  # the receiver's ssh is gone (EPIPE)
+        why = _said(receiver)
+        if why:
+            raise AgentFailed(f"The receiving host stopped taking data: {why}") from e
+        if receiver.link_lost():
+            raise SSHError(f"Lost the connection to {receiver.host}: {_last_line(receiver.tail())}") from e
+        raise SSHError(f"The receiving host stopped taking data: {e.strerror or e}.") from e
+    try:
+        status = sender.proc.wait(settings.SSH_DEAD_AFTER_S * 2)
+    except subprocess.TimeoutExpired:
+        raise SSHError("The sending host did not finish after sending everything.") from None
+    if status == 255:
+        raise SSHError(f"Lost the connection to {sender.host} while it was sending: {_last_line(sender.tail())}")
     if status != 0:
-        receiver.close()
-        raise AgentFailed(f"The sending host failed (exit status {status}).", err.decode(errors="replace")[-4000:])
-    result = None
-    error = None
-    stderr = bytearray()
-    for line in _lines(receiver, stderr, time.monotonic() + 600):
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
+        raise AgentFailed(f"The sending host failed (exit status {status}).", sender.tail())
+    receiver.close_stdin()
+    deadline = time.monotonic() + 600
+    while not receiver.out_ended:
+        if time.monotonic() > deadline:
+            raise SSHError("The receiving host did not finish in time.")
+        select.select([receiver.stdout, receiver.stderr_fd], [], [], 1.0)
+        receiver.read_out()
+        receiver.read_stderr()
+    result = error = None
+    for msg in receiver.lines():
         if msg.get("type") == "result":
             result = msg.get("data") or {}
         elif msg.get("type") == "error":
             error = msg
-    receiver.close()
     if error is not None:
         raise AgentFailed(error.get("message") or "The receiving host failed.", error.get("details") or "")
     if result is None:
-        raise AgentFailed("The receiving host ended without a result.", stderr.decode(errors="replace")[-4000:])
+        raise AgentFailed("The receiving host ended without a result.", receiver.tail())
     return total, result
 
 
@@ -645,7 +1011,7 @@ def upload(
             try:
                 channel.sendall(data)
             except (OSError, paramiko.SSHException, EOFError) as e:  # socket.timeout too
-                why = _said(channel)
+                why = _said_channel(channel)
                 if why:
                     raise AgentFailed(why) from e
                 # Its agent died, or the link did: what it did with what came is unknown.
@@ -679,8 +1045,8 @@ def upload(
         channel.close()
 
 
-def _said(channel: paramiko.Channel) -> str:
-    """The error an agent printed before it stopped reading (its disk filled up, say), if any."""
+def _said_channel(channel: paramiko.Channel) -> str:
+    """The error an agent printed on a paramiko channel before it stopped reading, if any."""
     try:
         channel.settimeout(1.0)
         for line in _lines(channel, bytearray(), time.monotonic() + 3):
@@ -692,6 +1058,25 @@ def _said(channel: paramiko.Channel) -> str:
                 return str(msg.get("message") or "")
     except Exception:  # nothing more to learn from a dead channel
         pass
+    return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "ssh ended"
+
+
+def _said(receiver: AgentProcess) -> str:
+    """The error an agent printed before it stopped reading (its disk filled up, say), if any."""
+    until = time.monotonic() + 3
+    while not receiver.out_ended and time.monotonic() < until:
+        receiver.read_out()
+        if any(m.get("type") == "error" for m in receiver.lines()):
+            break
+        select.select([receiver.stdout], [], [], 0.2)
+    for msg in receiver.lines():
+        if msg.get("type") == "error":
+            return str(msg.get("message") or "")
     return ""
 
 
@@ -868,11 +1253,14 @@ def _shutdown(channel: paramiko.Channel) -> None:
 class PagePump:
     """Carry a post-copy's pages between the two hosts' page relays, for as long as it takes.
 
-    Each round starts `pages-attach` on both hosts (over SSH connections of its own, made
-    again when one breaks) and pumps bytes both ways; when either link or either end
-    breaks, the round ends and a new one starts after a short backoff. The relays' protocol (offsets, acks, a hello on each
-    attach) makes the rounds one stream: no CRIU process sees its connection close. Bytes
-    and rounds are counted so the caller can judge progress."""
+    Each round starts `pages-attach` on both hosts (each a session on that host's SSHLink,
+    one OpenSSH connection held for as long as it works, made again only once it ended) and
+    splices bytes both ways; when either link or either end breaks, the round ends and a new
+    one starts after a short backoff. A round starts no session on either host until both
+    links are up: a host that does not answer costs the other one nothing. The
+    relays' protocol (offsets, acks, a hello on each attach) makes the rounds one stream: no
+    CRIU process sees its connection close. Bytes and rounds are counted so the caller can
+    judge progress."""
 
     def __init__(self, source, target, params: dict):
         self.source, self.target, self.params = source, target, params
@@ -882,7 +1270,8 @@ class PagePump:
         self.errors: list[str] = []
         self.last_progress = time.monotonic()
         self._stop = threading.Event()
-        self._channels: list[paramiko.Channel] = []
+        self._procs: list[AgentProcess] = []
+        self._links: list[SSHLink | None] = [None, None]
         self._thread = threading.Thread(target=self._run, daemon=True, name="ctweb-page-pump")
 
     def start(self) -> PagePump:
@@ -891,11 +1280,11 @@ class PagePump:
 
     def stop(self) -> None:
         self._stop.set()
-        for ch in list(self._channels):
-            try:
-                ch.close()
-            except Exception:  # noqa: BLE001 (gone already)
-                pass
+        for p in list(self._procs):
+            p.kill()
+        for link in list(self._links):
+            if link is not None:
+                link.kill()
         self._thread.join(15)
 
     def _note(self, msg: str) -> None:
@@ -907,41 +1296,52 @@ class PagePump:
 
         delay = 0.1
         started = time.monotonic()
-        conns: list[HostConnection | None] = [None, None]
+        paths: list[str | None] = [None, None]
         try:
             while not self._stop.is_set():
                 before = self.bytes_down + self.bytes_up
+                procs: list[AgentProcess] = []
                 try:
-                    for i, host in enumerate((self.source, self.target)):
-                        c = conns[i]
-                        t = c.client.get_transport() if c is not None else None
-                        if t is None or not t.is_active():  # a broken link: connect again
-                            if c is not None:
-                                c.close()
-                            conns[i] = None
-                            conns[i] = _open(host)
-                    a = conns[0].open_stream("pages-attach", self.params)
-                    b = conns[1].open_stream("pages-attach", self.params)
-                    self._channels = [a, b]
+                    hosts = (self.source, self.target)
+                    for i, host in enumerate(hosts):
+                        if paths[i] is None:
+                            with connect(host) as c:
+                                paths[i] = c.ensure_agent()
+                    for i, who in enumerate(("source", "target")):
+                        link = self._links[i]
+                        if link is None or not link.alive():
+                            if link is not None:
+                                self._links[i] = None
+                                link.close()
+                                self._note(f"{who}: the link ended; connecting again")
+                            self._links[i] = link = SSHLink(hosts[i], who)
+                            try:
+                                link.wait_ready(self._stop)
+                            except SSHError:
+                                self._links[i] = None
+                                link.close()
+                                raise
+                    for i, who in enumerate(("source", "target")):
+                        procs.append(AgentProcess(hosts[i], paths[i], "pages-attach", self.params, who, self._links[i]))
+                        self._procs = procs
+                    if self._stop.is_set():
+                        break
+                    a, b = procs
                     self.rounds += 1
                     up = threading.Thread(target=self._copy, args=(b, a, "bytes_up"), daemon=True)
                     up.start()
                     self._copy(a, b, "bytes_down")
                     up.join(10)
-                    for ch in (a, b):
-                        if ch.recv_stderr_ready():
-                            err = ch.recv_stderr(4096).decode(errors="replace").strip()
-                            if err:
-                                self._note(f"{err.splitlines()[0]}")
+                    for p in (a, b):
+                        err = p.tail().strip()
+                        if err:
+                            self._note(f"{p.who}: {err.splitlines()[-1]}")
                 except (SSHError, paramiko.SSHException, OSError, EOFError) as e:
                     self._note(f"{e or type(e).__name__}")
                 finally:
-                    for ch in self._channels:
-                        try:
-                            ch.close()
-                        except Exception:  # noqa: BLE001
-                            pass
-                    self._channels = []
+                    for p in procs:
+                        p.close()
+                    self._procs = []
                 moved = self.bytes_down + self.bytes_up > before
                 if moved or time.monotonic() - started < 60:
                     delay = 0.1  # e.g. the target's relay starts with the restore, just after us
@@ -949,42 +1349,26 @@ class PagePump:
                     delay = min(delay * 1.5, 3.0)
                 self._stop.wait(delay)
         finally:
-            for c in conns:
-                if c is not None:
-                    c.close()
+            for i, link in enumerate(self._links):
+                self._links[i] = None
+                if link is not None:
+                    link.close()
             connection.close()
 
-    def _copy(self, src: paramiko.Channel, dst: paramiko.Channel, counter: str) -> None:
-        src.settimeout(1.0)
-        dst.settimeout(1.0)
+    def _copy(self, src: AgentProcess, dst: AgentProcess, counter: str) -> None:
+
+        def moved(n: int) -> None:
+            setattr(self, counter, getattr(self, counter) + n)
+            self.last_progress = time.monotonic()
+
         try:
-            while not self._stop.is_set():
-                try:
-                    data = src.recv(CHUNK)
-                except TimeoutError:
-                    if not (src.get_transport().is_active() and dst.get_transport().is_active()):
-                        break
-                    continue
-                if not data:
-                    break
-                view = memoryview(data)
-                while view and not self._stop.is_set():
-                    try:
-                        n = dst.send(view)
-                    except TimeoutError:
-                        if not dst.get_transport().is_active():
-                            raise EOFError("link lost") from None
-                        continue
-                    if n <= 0:
-                        raise EOFError("channel closed")
-                    view = view[n:]
-                setattr(self, counter, getattr(self, counter) + len(data))
-                self.last_progress = time.monotonic()
-        except (paramiko.SSHException, OSError, EOFError) as e:
-            self._note(f"{counter}: {e or type(e).__name__}")
+            # The page path may rest for long (no fault): a dead link ends the ssh process
+            # (ServerAlive), which ends the stream here.
+            _splice(src, dst, moved, stall_in=float("inf"), stall_out=settings.SSH_DEAD_AFTER_S * 2, stop=self._stop)
+        except _Stalled:
+            self._note(f"{counter}: the {dst.who} took nothing for {settings.SSH_DEAD_AFTER_S * 2:.0f} s")
+        except OSError as e:
+            self._note(f"{counter}: {e.strerror or e}")
         finally:
-            for ch in (src, dst):  # the other direction ends too: the round is over
-                try:
-                    ch.close()
-                except Exception:  # noqa: BLE001
-                    pass
+            for p in (src, dst):  # the other direction ends too: the round is over
+                p.kill()

@@ -25,7 +25,7 @@ from .downtime import client_downtime
 from .phases import STRATEGY_STEPS, Clock, Progress
 from .postcopy import postcopy_actions, pull_pages
 from .rollback import roll_back
-from .transfer import Transfer, send
+from .transfer import Transfer, send, warm
 
 
 @handler("migrate")
@@ -75,6 +75,8 @@ class Run:
         self.pulled: dict = {}
         self.down_from = 0.0
         self.downtime_ms = 0.0
+        self.presync_bytes = 0
+        self.warmed: dict = {}
         self.dumped: dict = {}
         self.dumped_at = 0.0
         self.restored_at = 0.0
@@ -147,13 +149,23 @@ class Run:
     def presync(self) -> None:
         """The rootfs and the snapshots, copied while the container still runs."""
         p, src, dst, base, xfer = self.progress, self.src, self.dst, self.base, self.xfer
+        before = xfer.bytes
         send(src, dst, p, "rootfs", {**base, "what": "rootfs"}, "root filesystem", xfer)
         if self.prep.get("snapshots"):
             send(src, dst, p, "snapshots", {**base, "what": "snapshots"}, "snapshots", xfer)
         if self.prep.get("has_saved_state"):
             send(src, dst, p, "state", {**base, "what": "state"}, "saved state", xfer)
         self.clock.lap("presync")
+        self.presync_bytes = xfer.bytes - before
         self.ctx.check_cancel()
+        # The streams the downtime needs, ready before it starts.
+        if not xfer.route:
+            try:
+                self.warmed["delta"] = warm(src, dst, self.hosts)
+                if self.live:
+                    self.warmed["images"] = warm(src, dst, self.hosts)
+            except ssh.SSHError as e:
+                raise OperationFailed(f"Could not open the transfer streams: {e}") from e
 
     def dump(self) -> None:
         """Freeze: from here the container is down until the target runs it."""
@@ -189,9 +201,9 @@ class Run:
     def transfer(self) -> None:
         """What changed since the copy, and the memory images."""
         p, src, dst, base, xfer = self.progress, self.src, self.dst, self.base, self.xfer
-        send(src, dst, p, "delta", {**base, "what": "delta"}, "rootfs changes", xfer)
+        send(src, dst, p, "delta", {**base, "what": "delta"}, "rootfs changes", xfer, self.warmed.get("delta"))
         if self.live:
-            send(src, dst, p, "images", {**base, "what": "images"}, "memory images", xfer)
+            send(src, dst, p, "images", {**base, "what": "images"}, "memory images", xfer, self.warmed.get("images"))
         self.clock.lap("transfer")
         self.ctx.check_cancel()
 
@@ -270,6 +282,10 @@ class Run:
             "client_downtime": seen,
             "total_ms": round((time.monotonic() - self.clock.t0) * 1000, 1),
             "bytes_transferred": xfer.bytes,
+            # The migration's data that crossed the dashboard (relayed tars, post-copy pages and
+            # page requests); the agents' JSON lines (control) are not counted.
+            "dashboard_bytes": xfer.relayed,
+            "presync_bytes": self.presync_bytes,
             "phases": self.clock.marks,
             "dump_stats": self.stats,
             "restore_stats": self.restored.get("stats") or {},
@@ -290,4 +306,5 @@ class Run:
                 "relay": self.pulled.get("relay"),
             }
             result["bytes_transferred"] += tunnel.bytes_down + tunnel.bytes_up
+            result["dashboard_bytes"] += tunnel.bytes_down + tunnel.bytes_up
         return result

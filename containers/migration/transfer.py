@@ -23,6 +23,7 @@ class Transfer:
         self.source, self.target, self.strategy = source, target, strategy
         self.route, self.why = direct_route(source, target)
         self.bytes = 0
+        self.relayed = 0  # of those, the bytes that crossed the dashboard (all of them unless direct)
         self.memory_in_images: int | None = None  # bytes of memory pages in the dump's images
 
     def describe(self) -> dict:
@@ -77,10 +78,22 @@ class Transfer:
         return f"transfer: relayed through the dashboard over SSH, encrypted ({self.why})"
 
 
-def send(src, dst, progress: Progress, step: str, params: dict, label: str, xfer: Transfer) -> dict:
+def warm(src, dst, hosts) -> tuple:
+    """A relay's two streams started ahead (see ssh.AgentProcess): started before the freeze,
+    their SSH handshakes and the agents' start-up cost no downtime."""
+    sender = src.stream("send", None, "sending host")
+    hosts.callback(sender.close)
+    receiver = dst.stream("receive", None, "receiving host")
+    hosts.callback(receiver.close)
+    return sender, receiver
+
+
+def send(
+    src, dst, progress: Progress, step: str, params: dict, label: str, xfer: Transfer, warmed: tuple | None = None
+) -> dict:
     """Move one tar from the source agent to the target agent as `step`, reporting bytes as
     they go: relayed by this worker over SSH, or directly between the hosts where an admin
-    allowed it."""
+    allowed it. `warmed`: the relay's two streams, started ahead by `warm`."""
     ctx: OperationContext = progress.ctx
     last = [0.0, 0.0]
 
@@ -104,14 +117,24 @@ def send(src, dst, progress: Progress, step: str, params: dict, label: str, xfer
         if xfer.route:
             n, result = ssh.direct(src, dst, {**params, **stall}, xfer.route, on_bytes, on_tick)
         else:
-            n, result = ssh.relay(
-                src.open_stream("send", params), dst.open_stream("receive", {**params, **stall}), on_bytes
-            )
+            sender, receiver = warmed or (src.stream("send", None, "sending host"), None)
+            try:
+                receiver = receiver or dst.stream("receive", None, "receiving host")
+                sender.begin(params)
+                receiver.begin({**params, **stall})
+            except BaseException:
+                sender.close()
+                if receiver is not None:
+                    receiver.close()
+                raise
+            n, result = ssh.relay(sender, receiver, on_bytes)
     except ssh.AgentFailed as e:
         raise OperationFailed(f"Transfer of the {label}{how} failed: {e}", e.details) from e
     except ssh.SSHError as e:
         raise OperationFailed(f"Transfer of the {label}{how} failed: {e}") from e
     xfer.bytes += n
+    if not xfer.route:
+        xfer.relayed += n
     progress.event("transfer", f"{label}: {n / 1048576:.1f} MiB sent", step, 1.0, bytes=xfer.bytes, what=label)
     dropped = (result or {}).get("config_dropped")
     if dropped:  # the target rewrote the config from its allowlist (docs/SECURITY.md)

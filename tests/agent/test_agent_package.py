@@ -68,6 +68,16 @@ def test_the_zipapp_runs_with_a_bare_python3_and_lists_its_subcommands(tmp_path)
     assert listed == set(commands.COMMANDS)
 
 
+@pytest.mark.parametrize("word", ["send", "receive"])
+def test_a_stream_started_ahead_and_never_used_does_nothing(tmp_path, word):
+    """The relay starts its streams before a migration's freeze and closes the unused ones
+    (containers/migration.py _warm): the end of input before any parameters asks nothing."""
+    pyz = tmp_path / shipping.agent_file_name()
+    pyz.write_bytes(shipping.agent_source()[0])
+    proc = subprocess.run(["python3", "-I", "-S", str(pyz), word], input=b"", capture_output=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, b"", b"")
+
+
 def test_the_dashboard_asks_only_for_the_agents_own_subcommands():
     assert shipping.AGENT_SUBCOMMANDS == frozenset(commands.COMMANDS) - {"pages-relay"}
     assert commands.INTERNAL == {"pages-relay"}

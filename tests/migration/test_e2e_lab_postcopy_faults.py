@@ -219,8 +219,14 @@ def target_crash_mid_pull(bob, alice, lab, name: str) -> dict:  # noqa: F811
 
 
 def hosts_with_up(lab, name: str, up: list[str]) -> list[str]:
-    """hosts_with, asking only the hosts that are up."""
-    return [h for h in up if name in shell(lab, h, "lxc-ls -1").stdout.split()]
+    """hosts_with, asking only the hosts that are up (a host that does not answer fails the
+    test with its reason: no answer is not "not there")."""
+    found = []
+    for h in up:
+        r = shell(lab, h, "lxc-ls -1")
+        assert r.returncode == 0, f"{h} did not answer: {r.stderr.strip()}"
+        found += [h] if name in r.stdout.split() else []
+    return found
 
 
 def test_post_copy_whose_target_host_crashes_waits_for_an_admin_and_resumes_on_the_source(bob, lab, patterned):  # noqa: F811

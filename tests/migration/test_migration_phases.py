@@ -65,9 +65,21 @@ class Conn:
             raise ssh.AgentLost(f"{sub}: the connection was lost before the agent finished")
         return ssh.AgentResult(ANSWERS.get(sub, {}), "", 0)
 
-    def open_stream(self, sub, params):
-        self.calls.append((self.host.name, f"{sub} {params['what']}"))
-        return (self.host.name, params["what"])
+    def stream(self, sub, params, who):
+        return Stream(self, sub)
+
+    def close(self):
+        pass
+
+
+class Stream:
+    """A relay's end, started ahead (ssh.AgentProcess): told what to move when it begins."""
+
+    def __init__(self, conn, sub):
+        self.conn, self.sub = conn, sub
+
+    def begin(self, params):
+        self.conn.calls.append((self.conn.host.name, f"{self.sub} {params['what']}"))
 
     def close(self):
         pass

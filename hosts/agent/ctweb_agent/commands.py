@@ -188,6 +188,8 @@ def _read_line(fd, limit=1 << 20):
     out = bytearray()
     while len(out) < limit:
         b = os.read(fd, 1)
+        if not b and not out:
+            return None  # the end, before any parameters
         if not b or b == b"\n":
             break
         out += b
@@ -207,7 +209,10 @@ def main(argv):
         _private_modes()
     except OSError:
         pass  # never the reason a job fails
-    raw = _read_line(0).decode()
+    raw = _read_line(0)
+    if raw is None and argv[1] in ("send", "receive"):
+        return 0  # a stream the dashboard started ahead and never used: nothing was asked
+    raw = (raw or b"").decode()  # (pages-relay takes its parameters from its environment)
     try:
         params = json.loads(raw) if raw.strip() else {}
         if not isinstance(params, dict):
