@@ -227,7 +227,8 @@ def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFail
     db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source))
     container.refresh_from_db()
     if not force:
-        roll_back(ctx, src, dst, container, base, True, True, True, failure)
+        actions = postcopy_actions(ctx.op, source.name, ctx.op.target_host.name if ctx.op.target_host else "the target")
+        roll_back(ctx, src, dst, container, base, True, True, True, failure, waiting_actions=actions)
         return
     op = ctx.op
     progress = Progress.rest_of(ctx, LAZY_RESUME)

@@ -53,11 +53,20 @@ def recover_migration(ctx: OperationContext) -> str:
             ) from e
         t = None
         if dst:
+            # A post-copy's restore cut off with its worker waits on the target for pages, holding
+            # the container's lock there, and the target's `inspect` waits for that lock: the
+            # pages are served meanwhile (the source's frozen tasks hold them all), so the restore
+            # can end and the target answer, instead of both waiting out the restore's limit.
+            serving = lazy and op.result.get("stopping") and s["migration"]["lazy_dump_running"]
+            pump = ssh.PagePump(source, target, base).start() if serving else None
             try:
                 t = call(dst, progress, "inspect-target", "inspect", base)
             except OperationFailed as e:
                 ctx.event("recovery", f"{target.name} could not say how {container.name} is there: {e.message}")
                 dst = None
+            finally:
+                if pump is not None:
+                    pump.stop()
         progress.event(
             "recovery", f"{source.name}: {s}; {target.name}: {t if t else 'unreachable'}", "inspect-target", 1
         )

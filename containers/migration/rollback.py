@@ -28,7 +28,9 @@ def roll_back(
     """After a failure: nothing half-made stays on the target, and the source keeps the container.
     `dst` is None when the target cannot be reached at all. `waiting_actions` (a post-copy's
     decisions): where the source was stopped and the target cannot be confirmed clean, the
-    operation waits with them instead of settling anything."""
+    operation waits with them instead of settling anything. A post-copy always waits there
+    (with no actions if none are given): its lazy dump holds every page not yet pulled, and the
+    keep-state clean-up below would end it."""
     progress = Progress.rest_of(ctx, ROLL_BACK)
     target_name = ctx.op.target_host.name if ctx.op.target_host else "the target"
     ctx.event("cleanup", f"migration failed: {error.message}; cleaning up the target")
@@ -68,7 +70,7 @@ def roll_back(
             f"run there. ctweb asks {target_name} again until it answers.",
             unreachable_target_actions(src.host.name, target_name, live),
         )
-    if committed and not target_clean and waiting_actions is not None:
+    if committed and not target_clean and (waiting_actions is not None or ctx.op.params.get("strategy") == "post-copy"):
         # A post-copy: the source's frozen tasks hold every page not yet pulled, the target may
         # run it with some of them. Nothing is guessed or removed; the recovery asks both
         # hosts again (it goes on with the pull, or resumes the source), an admin may decide.

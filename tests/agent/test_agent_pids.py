@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 from tests.support.agent_loader import load_agent
 
@@ -41,3 +42,37 @@ def test_a_recorded_pid_that_now_names_another_process_is_neither_waited_for_nor
         if other.poll() is None:
             os.kill(other.pid, 9)
             other.wait()
+
+
+def _as(argv0: str, *args: str) -> subprocess.Popen:
+    """A process whose command line reads `argv0 args…` (a stand-in for CRIU or LXC)."""
+    script = 'exec -a "$0" "$1" -c "import time; time.sleep(60)" "${@:2}"'
+    return subprocess.Popen(["bash", "-c", script, argv0, sys.executable, *args])
+
+
+def test_an_abort_ends_only_its_own_migrations_restore(tmp_path):
+    """A post-copy's restore cut off with its worker waits for pages forever, and LXC cannot
+    even say how the container is (lxc-ls hung on the lab's lab-b after the full matrix's
+    [post-copy-worker-restore]): migrate-abort ends that restore (its criu and lxc-checkpoint,
+    named by the migration's images directory) and nothing else."""
+    agent = _agent()
+    mine, other = str(tmp_path / "58" / "images"), str(tmp_path / "59" / "images")
+    procs = {
+        "criu": _as("/usr/sbin/criu", "restore", "-D", mine),
+        "lxc": _as("lxc-checkpoint", "-n", "c1", "-D", mine, "-r"),
+        "other": _as("/usr/sbin/criu", "restore", "-D", other),
+        "dump": _as("/usr/sbin/criu", "dump", "-D", mine),  # not a restore
+    }
+    try:
+        deadline = time.monotonic() + 10
+        while len(agent._restoring(mine)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # bash has exec'd
+        assert sorted(agent._restoring(mine)) == sorted([procs["criu"].pid, procs["lxc"].pid])
+        assert agent._end_restore(mine) is True
+        assert procs["criu"].wait(10) == -9 and procs["lxc"].wait(10) == -9
+        assert procs["other"].poll() is None and procs["dump"].poll() is None
+        assert agent._end_restore(mine) is False  # nothing left of it
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()

@@ -245,3 +245,22 @@ def test_an_admins_resume_on_the_source_removes_the_targets_copy_first(run, monk
         assert ("h2", "migrate-abort") not in run.calls
         assert "is removed when ctweb next reaches it" in e.value.message
     assert Container.objects.get(name="c1").host.name == "h1"
+
+
+def test_a_post_copy_roll_back_never_ends_the_lazy_dump_while_the_target_may_run_it(run):
+    """Whoever calls the roll-back (the recovery after a lost worker did, without decisions to
+    offer): a post-copy whose target cannot be confirmed clean waits, and the source's lazy
+    dump, which holds every page not yet pulled, is left alone (the keep-state clean-up ended
+    it after the full matrix's [post-copy-worker-restore]: the container was lost)."""
+    from containers.migration.rollback import roll_back
+
+    run("post-copy")  # a migration row and its hosts
+    op = Operation.objects.get(kind="migrate")
+    calls: list = []
+    src, dst = Conn(op.host, calls, None), Conn(op.target_host, calls, "migrate-abort")
+    c = Container.objects.get(name="c1")
+    with pytest.raises(WaitFor) as e:
+        roll_back(OperationContext(op), src, dst, c, {"name": "c1", "migration": op.pk}, True, True, True,
+                  OperationFailed("h2 no longer runs c1's restored copy."))  # fmt: skip
+    assert "nothing was removed on either host" in str(e.value)
+    assert calls == [("h2", "migrate-abort")], calls  # nothing asked of the source

@@ -799,10 +799,48 @@ def _lazy_resume(name, mdir, images):
     )
 
 
+def _restoring(images):
+    """The pids of this migration's restore still running here: `lxc-checkpoint -r` and its
+    `criu restore`, named by their images directory (a finished restore's LXC monitor is
+    named "[lxc monitor]" and holds no such argument)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        prog = os.path.basename(argv[0]).decode(errors="replace") if argv else ""
+        if prog in ("criu", "lxc-checkpoint") and images.encode() in argv and (b"-r" in argv or b"restore" in argv):
+            found.append(int(entry))
+    return found
+
+
+def _end_restore(images, wait_s=10):
+    """Kill what is left of this migration's restore (cut off mid-way, e.g. waiting for pages
+    no dashboard serves any more: LXC then cannot even say how the container is). True if
+    there was one."""
+    pids = _restoring(images)
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait_s
+    while pids and _restoring(images) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return bool(pids)
+
+
 def cmd_migrate_abort(params):
-    """On the target: remove only what this migration brought."""
+    """On the target: remove only what this migration brought (a restore of it still running
+    is ended first)."""
     name = check_name(params.get("name"))
     removed = []
+    if os.path.isdir(_mig_dir(params)) and _end_restore(os.path.join(_mig_dir(params), "images")):
+        removed.append("restore")
     if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), LAZY_PAGES, 9):
         removed.append("lazy-pages daemon")
     if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), PAGE_RELAY, 9):
