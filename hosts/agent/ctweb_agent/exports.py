@@ -74,6 +74,21 @@ class _SummingTar(tarfile.TarFile):
         super().addfile(tarinfo, fileobj)
 
 
+def _stage_archive(stage_fd, stall, max_bytes):
+    """Read the archive on stdin into the staging directory, every member checked as it comes
+    and every file against the manifest at the end (scan); returns the manifest."""
+    event("import", "receiving and checking the archive", 5)
+    stager = _Stager(stage_fd, "snapshots", TOP)
+    stream = _Stalling(sys.stdin.buffer, stall)
+    try:
+        man = scan(_Counting(stream, max_bytes), Check(), stager.add)
+    finally:
+        stager.close()
+    stream.drain()
+    stager.finish_dirs()
+    return man
+
+
 def write_export(out, name, snap):
     """The archive of snapshot `snap` of `name`, written to `out`; returns its manifest."""
     check_name(name)
@@ -371,15 +386,7 @@ def cmd_import(params):
         os.mkdir(stage, 0o700, dir_fd=lxc_fd)
         stage_fd = os.open(stage, _NOFOLLOW_DIR, dir_fd=snaps_fd)
         try:
-            event("import", "receiving and checking the archive", 5)
-            stager = _Stager(stage_fd, "snapshots", TOP)
-            stream = _Stalling(sys.stdin.buffer, stall)
-            try:
-                man = scan(_Counting(stream, max_bytes), Check(), stager.add)
-            finally:
-                stager.close()
-            stream.drain()
-            stager.finish_dirs()
+            man = _stage_archive(stage_fd, stall, max_bytes)
             out = _complete(name, man, stage, network)
             os.rename(TOP, name, src_dir_fd=stage_fd, dst_dir_fd=snaps_fd)
             placed.append((snaps_fd, name))
@@ -467,15 +474,7 @@ def _import_into(name, network, stall, max_bytes, need):
         os.mkdir(stage, 0o700, dir_fd=snaps_fd)
         stage_fd = os.open(stage, _NOFOLLOW_DIR, dir_fd=snaps_fd)
         try:
-            event("import", "receiving and checking the archive", 5)
-            stager = _Stager(stage_fd, "snapshots", TOP)
-            stream = _Stalling(sys.stdin.buffer, stall)
-            try:
-                man = scan(_Counting(stream, max_bytes), Check(), stager.add)
-            finally:
-                stager.close()
-            stream.drain()
-            stager.finish_dirs()
+            man = _stage_archive(stage_fd, stall, max_bytes)
             snap = man["snapshot"]
             if os.path.lexists(os.path.join(S.SNAPSHOTS_PATH, name, snap)):
                 raise AgentError(f"{name} has a snapshot named {snap} already: nothing was changed.")
