@@ -175,7 +175,8 @@ def tidy_migrations(host: Host, leftovers: list[dict], listing: list[dict] | Non
     host runs now (its `list`), and
     - a target's copy is removed only when this host does not run it and the host the
       database names, asked now, runs it;
-    - a source's working files (its dump) are removed only when it runs here again.
+    - a source's working files (its dump) are removed only when it runs here again, and its
+      stopped copy with them only when it moved to the target and the target, asked now, runs it.
     The record follows the host: where this host (the target) runs a container that the
     database places on the source, and the source, asked now, does not run it, the hosts
     win: the record moves here (audited) and nothing is removed. Every disagreement is
@@ -229,6 +230,27 @@ def tidy_migrations(host: Host, leftovers: list[dict], listing: list[dict] | Non
             sub, params = "migrate-abort", params  # it runs elsewhere: drop the partial (or superseded) copy
         elif owner is not None and owner.host_id == host.pk and here.get(name) == Container.State.RUNNING:
             sub, params = "migrate-cleanup", {**params, "remove": False}  # it runs here: working files only
+        elif (
+            owner is not None
+            and op.host_id == host.pk
+            and owner.host_id == op.target_host_id
+            and here.get(name) in (None, Container.State.STOPPED)
+        ):
+            # It moved to the target, and this source's clean-up got no answer (its link was down
+            # at the end): the stopped copy and the dump stay until the target, asked now, runs it.
+            try:
+                there = agent(None, owner.host, "inspect", {"name": name}, timeout=60)
+            except OperationFailed as e:
+                log.info("tidy of migration %s waits: %s cannot be asked: %s", mid, owner.host, e.message)
+                continue
+            if not (there.get("exists") and there.get("state") == Container.State.RUNNING):
+                _disagree(
+                    op,
+                    f"{name} does not run on {owner.host.name} ({there.get('state')}), where ctweb places it: the copy "
+                    f"migration {mid} left on {host.name} is kept.",
+                )
+                continue
+            sub, params = "migrate-cleanup", {**params, "remove": True}
         else:
             continue  # no host is confirmed to run it: its dump and copies stay
         try:

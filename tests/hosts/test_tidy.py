@@ -83,10 +83,28 @@ def test_the_record_follows_the_host_that_runs_it_audited_and_nothing_is_removed
     assert "the record now follows h2" in op.result["disagreement"]
     entry = AuditEntry.objects.get(action="container.follow_host")
     assert entry.object_name == "c1" and f"migration {op.pk}: h1 -> h2" in entry.detail
-    # The source's stopped copy and dump stay: no host is confirmed to run it there.
-    calls.clear()
+    # The source's stopped copy and dump go only once the target, asked again, runs it.
+    calls = _agent(monkeypatch, {"h2": {"exists": True, "state": "FROZEN"}})
     assert handlers.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == []
-    assert calls == []
+    assert calls == [("h2", "inspect")]
+    calls = _agent(monkeypatch, {"h2": {"exists": True, "state": "RUNNING"}})
+    assert handlers.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == [op.pk]
+    assert calls == [("h2", "inspect"), ("h1", "migrate-cleanup")]
+
+
+def test_a_moved_containers_source_copy_whose_clean_up_got_no_answer_is_removed_later(world, monkeypatch):
+    """A migration that succeeded while the link to its source was down at the end (the full
+    matrix's link-source cuts in the restore: `the source copy could not be removed`) left the
+    stopped copy and its dump there: two hosts listed the container. The tidy removes them once
+    the target, asked now, runs it; never while the source runs it."""
+    source, target, c, op = world
+    Operation.objects.filter(pk=op.pk).update(status="success")
+    Container.objects.filter(pk=c.pk).update(host=target, state="RUNNING")
+    calls = _agent(monkeypatch, {"h2": {"exists": True, "state": "RUNNING"}})
+    assert handlers.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "RUNNING"}]) == []
+    assert calls == []  # it runs here too: nothing is removed on a guess
+    assert handlers.tidy_migrations(source, [{"migration": op.pk}], [{"name": "c1", "state": "STOPPED"}]) == [op.pk]
+    assert calls == [("h2", "inspect"), ("h1", "migrate-cleanup")]
 
 
 def test_when_both_hosts_run_it_nothing_moves_and_nothing_is_removed(world, monkeypatch):
