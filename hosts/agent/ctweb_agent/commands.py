@@ -38,6 +38,7 @@ from .lazy import (
     cmd_migrate_resume,
     cmd_pages_attach,
     cmd_pages_relay,
+    end_restore_before_abort,
 )
 from .lxc import _exists, _state
 from .migrate import _mig_dir, _mig_marker, cmd_cpuinfo_check, cmd_migrate_check, cmd_migrate_prepare
@@ -222,6 +223,8 @@ def main(argv):
         return 2
     try:
         if argv[1] in LOCKED and NAME_RE.fullmatch(str(params.get("name", ""))):
+            if argv[1] == "migrate-abort":
+                end_restore_before_abort(params)
             _lock(params["name"], LOCK_WAIT_S.get(argv[1], 30))
     except AgentError as e:
         emit({"type": "error", "message": e.message})

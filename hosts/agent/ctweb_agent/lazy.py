@@ -834,6 +834,18 @@ def _end_restore(images, wait_s=10):
     return bool(pids)
 
 
+def end_restore_before_abort(params):
+    """Before migrate-abort waits for the container's lock: a restore of this migration cut off
+    while waiting for pages that will never come (its source resumed, or its dashboard link
+    gone) holds that lock through the agent that started it, for as long as the restore's
+    limit (15 min), and LXC cannot say how the container is meanwhile. The abort ends it first
+    (only it: named by the migration's images directory), so that agent ends and the lock
+    comes free."""
+    mdir = _mig_dir(params)
+    if os.path.isdir(mdir):
+        _end_restore(os.path.join(mdir, "images"))
+
+
 def cmd_migrate_abort(params):
     """On the target: remove only what this migration brought (a restore of it still running
     is ended first)."""
