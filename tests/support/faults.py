@@ -285,11 +285,18 @@ def _stale_source_copy(api, lab, name: str, op: dict, where: list[str]) -> str |
     if len(where) != 2 or op["status"] != "success":
         return None
     if not any("source copy could not be removed" in (e.get("message") or "") for e in op.get("events") or []):
+        print("no stale source copy: the operation did not say so")
         return None
     owner = api.get(f"/api/v1/containers/{name}/").json()["host"]
     other = next(h for h in where if h != owner)
-    state = on_host(lab, other, "lxc-info", "-s", "-H", "-n", name).stdout.strip()
-    return other if state == "STOPPED" else None
+    deadline = time.monotonic() + 30  # its link may be coming back just now: ask until it says
+    while True:
+        state = on_host(lab, other, "lxc-info", "-s", "-H", "-n", name)
+        if state.stdout.strip() or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    print(f"the copy on {other} (the record names {owner}): {state.stdout.strip()!r} {state.stderr.strip()!r}")
+    return other if state.stdout.strip() == "STOPPED" else None
 
 
 def _tidy_until(api, done, what: str, timeout: float = 420) -> None:
