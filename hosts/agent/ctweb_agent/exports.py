@@ -30,7 +30,7 @@ from . import state as S
 from . import store
 from .common import _NOFOLLOW_DIR, NAME_RE, AgentError, _flag, _now, _write_json, agent_file, check_name, event
 from .criu import _check_disk
-from .images import _ROOT_DIR, _check_member, _remove_at, _Stager, _Stalling, _tar_tree
+from .images import _ROOT_DIR, _check_member, _remove_at, _Stager, _Stalling, _tar_tree, remove_prefixed
 from .lxc import _allowlisted, _cdir, _check_network, _read_lines, _require, _write_config_in
 
 FORMAT = "ctweb-export"
@@ -341,18 +341,7 @@ def _int_param(params, key, default=None, lo=0, hi=1 << 50):
 
 def _remove_stages(name):
     """What a killed import of `name` left (we hold its lock)."""
-    prefix = f"{IMPORT_STAGE_PREFIX}{name}-"
-    for base in (S.LXC_PATH, S.SNAPSHOTS_PATH):
-        try:
-            fd = os.open(base, _ROOT_DIR)
-        except OSError:
-            continue
-        try:
-            for n in os.listdir(fd):
-                if n.startswith(prefix):
-                    _remove_at(fd, n)
-        finally:
-            os.close(fd)
+    remove_prefixed(f"{IMPORT_STAGE_PREFIX}{name}-", (S.LXC_PATH, S.SNAPSHOTS_PATH))
 
 
 def cmd_import(params):

@@ -577,9 +577,16 @@ def _place(stager, stage_fd, dest_fd, what, name, top_name, delta):
 
 def _remove_stages(params):
     """Staging directories a killed receive of this migration left behind; True if any."""
-    prefix = f"{RECV_STAGE_PREFIX}{int(params['migration'])}-"
+    return remove_prefixed(
+        f"{RECV_STAGE_PREFIX}{int(params['migration'])}-", (S.LXC_PATH, S.SNAPSHOTS_PATH, S.STATE_PATH)
+    )
+
+
+def remove_prefixed(prefix, bases):
+    """Remove every entry named `prefix…` directly under each of `bases` (what a killed receive
+    or import staged; the caller holds the container's lock); True if any."""
     found = False
-    for base in (S.LXC_PATH, S.SNAPSHOTS_PATH, S.STATE_PATH):
+    for base in bases:
         try:
             fd = os.open(base, _ROOT_DIR)
         except OSError:
