@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,24 +271,8 @@ class HostConnection:
             raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
         channel.settimeout(1.0)
         deadline = time.monotonic() + (timeout or settings.OPERATION_TIMEOUT_S)
-        result = None
-        received_at = 0.0
-        error = None
         stderr = bytearray()
-        for line in _lines(channel, stderr, deadline):
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                log.warning("agent on %s printed a non-JSON line: %r", self.host, line[:200])
-                continue
-            kind = msg.get("type")
-            if kind == "result":
-                result = msg.get("data") or {}
-                received_at = time.monotonic()
-            elif kind == "error":
-                error = msg
-            elif on_event is not None:
-                on_event(msg)
+        result, error, received_at = _outcome(_messages(_lines(channel, stderr, deadline), self.host), on_event)
         exit_status = channel.recv_exit_status() if channel.exit_status_ready() else -1
         channel.close()
         err_text = stderr.decode(errors="replace")
@@ -343,6 +327,36 @@ class HostConnection:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _messages(lines: Iterable[bytes], host=None) -> Iterator[dict]:
+    """An agent's JSON lines as messages: a line that is not a JSON object is skipped (logged
+    when `host` is named): a host that lies gets no further than that."""
+    for line in lines:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            msg = None
+        if isinstance(msg, dict):
+            yield msg
+        elif host is not None:
+            log.warning("agent on %s printed a line that is not a JSON object: %r", host, line[:200])
+
+
+def _outcome(messages: Iterable[dict], on_event) -> tuple[dict | None, dict | None, float]:
+    """(its result, its error, when the result arrived) from an agent's messages; the others
+    are progress, passed to `on_event`."""
+    result, error, received_at = None, None, 0.0
+    for msg in messages:
+        kind = msg.get("type")
+        if kind == "result":
+            result = msg.get("data") or {}
+            received_at = time.monotonic()
+        elif kind == "error":
+            error = msg
+        elif on_event is not None:
+            on_event(msg)
+    return result, error, received_at
 
 
 def _lines(channel: paramiko.Channel, stderr: bytearray, deadline: float) -> Iterator[bytes]:
@@ -754,15 +768,7 @@ class AgentProcess:
                 self.out = self.out[-65536:]  # a host that prints no lines gets no memory
 
     def lines(self) -> list[dict]:
-        out = []
-        for line in self.out.split(b"\n"):
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict):
-                out.append(msg)
-        return out
+        return list(_messages(self.out.split(b"\n")))
 
     def tail(self) -> str:
         self.read_stderr()
@@ -1022,20 +1028,8 @@ def upload(
             if time.monotonic() > deadline:
                 raise SSHError("The transfer did not finish in time.")
         channel.shutdown_write()
-        result, error, stderr = None, None, bytearray()
-        for line in _lines(channel, stderr, deadline + 600):
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(msg, dict):
-                continue
-            if msg.get("type") == "result":
-                result = msg.get("data") or {}
-            elif msg.get("type") == "error":
-                error = msg
-            elif on_event is not None:
-                on_event(msg)
+        stderr = bytearray()
+        result, error, _ = _outcome(_messages(_lines(channel, stderr, deadline + 600)), on_event)
         if error is not None:
             raise AgentFailed(error.get("message") or "The host refused the archive.", error.get("details") or "")
         if result is None:
@@ -1049,12 +1043,8 @@ def _said_channel(channel: paramiko.Channel) -> str:
     """The error an agent printed on a paramiko channel before it stopped reading, if any."""
     try:
         channel.settimeout(1.0)
-        for line in _lines(channel, bytearray(), time.monotonic() + 3):
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(msg, dict) and msg.get("type") == "error":
+        for msg in _messages(_lines(channel, bytearray(), time.monotonic() + 3)):
+            if msg.get("type") == "error":
                 return str(msg.get("message") or "")
     except Exception:  # nothing more to learn from a dead channel
         pass

@@ -55,3 +55,18 @@ def test_a_new_pinned_key_is_never_served_an_old_connection(server):
     with pytest.raises(ssh.HostKeyMismatch), ssh.pooled(host):
         pass
     assert ssh._pool.get(host.pk) == []
+
+
+def test_an_agents_lines_that_are_not_json_objects_are_skipped_not_obeyed():
+    """A host that lies prints a JSON list, a string or garbage where the agent prints objects:
+    every reader of agent lines (run_agent, an import's upload, the relays) skips such a line.
+    run_agent read `.get` on whatever JSON came and crashed on a list before the readers shared
+    ssh._messages."""
+    from hosts import ssh
+
+    lines = [b"[1, 2]", b'"result"', b"not json", b'{"type": "event", "progress": 5}',
+             b'{"type": "result", "data": {"ok": true}}', b"null"]  # fmt: skip
+    seen = []
+    result, error, at = ssh._outcome(ssh._messages(lines, host="h1"), seen.append)
+    assert result == {"ok": True} and error is None and at > 0
+    assert seen == [{"type": "event", "progress": 5}]
