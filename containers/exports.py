@@ -17,7 +17,7 @@ import logging
 import tempfile
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.files import File
@@ -32,7 +32,6 @@ from hosts import ssh
 from hosts.agent.ctweb_agent import exports as archive
 from hosts.agent.ctweb_agent.common import AgentError
 from hosts.handlers import failure
-from hosts.validators import validate_name
 from operations.events import publish_fleet
 from operations.models import Operation
 from operations.runner import OperationContext, OperationFailed, WaitFor, handler, recovers, undoes
@@ -49,7 +48,7 @@ from .handlers import (
     set_state,
 )
 from .models import Container, Snapshot
-from .services import container_operation, reserve_container, usable_host
+from .services import check_new_name, container_operation, reserve_container, usable_host
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,67 @@ def export(ctx: OperationContext) -> dict:
         "snapshot": snap,
         "stateful": man["stateful"],
         "files": len(man["files"]),
+        "kept_until": kept_until(timezone.now()),
     }
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+# An upload no import names any more (its import ended without removing it: a worker killed at
+# that instant) is removed after this long; younger ones may belong to a request still reserving.
+UPLOAD_GRACE_S = 3600
+
+
+def kept_until(finished) -> str | None:
+    """When the archive of an export that ended at `finished` goes (CTWEB_EXPORT_KEEP_DAYS),
+    or None when kept archives never expire."""
+    days = settings.EXPORT_KEEP_DAYS
+    return (finished + timedelta(days=days)).isoformat() if days > 0 else None
+
+
+def expire_exports(now: datetime | None = None) -> dict:
+    """The retention of kept archives (Celery beat): the archive of every export that ended more
+    than CTWEB_EXPORT_KEEP_DAYS ago, unless an import that has not ended reads it, and every
+    upload no such import names, older than UPLOAD_GRACE_S. Returns what was removed."""
+    now = now or timezone.now()
+    storage = _storage()
+    reading = Operation.objects.filter(kind=Operation.Kind.IMPORT, status__in=Operation.ACTIVE)
+    in_use = {str(p.get("archive")) for p in reading.values_list("params", flat=True) if isinstance(p, dict)}
+    removed = {"exports": [], "uploads": []}
+    if settings.EXPORT_KEEP_DAYS > 0:
+        old = Operation.objects.filter(
+            kind=Operation.Kind.EXPORT,
+            status=Operation.Status.SUCCESS,
+            finished_at__lt=now - timedelta(days=settings.EXPORT_KEEP_DAYS),
+        ).exclude(result__download=None)
+        for op in old.order_by("pk"):
+            name = export_file(op.pk)
+            if name in in_use:
+                continue
+            _drop_archive(op, now)
+            audit(
+                Actor(None), "export.expire", op,
+                detail=f"the archive of export {op.pk} ({op.container_name}), kept {settings.EXPORT_KEEP_DAYS:g} days",
+            )  # fmt: skip
+            removed["exports"].append(op.pk)
+    try:
+        uploads = storage.listdir("uploads")[1]
+    except (FileNotFoundError, NotImplementedError):
+        uploads = []
+    for f in sorted(uploads):
+        name = f"uploads/{f}"
+        if name in in_use:
+            continue
+        try:
+            age = (now - storage.get_modified_time(name)).total_seconds()
+        except (OSError, NotImplementedError):
+            continue  # its age unknown: never removed on a guess
+        if age > UPLOAD_GRACE_S:
+            storage.delete(name)
+            removed["uploads"].append(name)
+    if removed["exports"] or removed["uploads"]:
+        log.info("export retention removed %s", removed)
+    return removed
 
 
 def stored_export(op_id) -> Operation:
@@ -177,11 +236,19 @@ def download(op_id) -> FileResponse:
 def delete_export(actor: Actor, op_id) -> None:
     """Remove a kept export's archive (the operation stays, saying when it was removed)."""
     op = stored_export(op_id)
-    result = {**(op.result or {}), "download": None, "archive_deleted_at": timezone.now().isoformat()}
-    Operation.objects.filter(pk=op.pk).update(result=result)
-    name = export_file(op.pk)
-    transaction.on_commit(lambda: _storage().delete(name))  # the file goes with the row's change, not before
+    _drop_archive(op, timezone.now())
     audit(actor, "export.delete", op, detail=f"the archive of export {op.pk} ({op.container_name})")
+
+
+def _drop_archive(op: Operation, when: datetime) -> None:
+    """The export's record says its archive is gone, and the file goes with that change (on
+    commit), never before."""
+    with transaction.atomic():
+        locked = Operation.objects.select_for_update().get(pk=op.pk)
+        result = {**(locked.result or {}), "download": None, "archive_deleted_at": when.isoformat()}
+        Operation.objects.filter(pk=op.pk).update(result=result)
+        name = export_file(op.pk)
+        transaction.on_commit(lambda: _storage().delete(name))
 
 
 # --- import --------------------------------------------------------------------------------------
@@ -206,10 +273,7 @@ def _source(export_id, upload) -> dict:
 def import_archive(actor: Actor, name, host_name, export_id=None, upload=None) -> Operation:
     """Reserve `name` (and an address) on the host and queue the import of a kept export
     (`export_id`) or of an uploaded archive (`upload`, kept until its import ends)."""
-    try:
-        validate_name(name)
-    except Exception as e:
-        raise ApiError(" ".join(getattr(e, "messages", [str(e)])), 400, "name") from None
+    check_new_name(name)
     host = usable_host(host_name)
     if Container.objects.filter(name=name).exists():
         raise ApiError(f"A container named {name} exists already.", 409, "name")

@@ -91,10 +91,7 @@ def allocate_ipv4(host: Host) -> tuple[str | None, dict | None]:
 
 def create_container(actor: Actor, name, host_name, template="busybox", command=None, queue: bool = True) -> Operation:
     """Reserve the name and an address, and queue the create (`queue=False`: the caller runs it)."""
-    try:
-        validate_name(name)
-    except Exception as e:
-        raise ApiError(" ".join(getattr(e, "messages", [str(e)])), 400, "name") from None
+    check_new_name(name)
     if not isinstance(template, str):
         raise ApiError("The template must be a string.", 400, "template")
     host = usable_host(host_name)
@@ -112,10 +109,27 @@ def create_container(actor: Actor, name, host_name, template="busybox", command=
     return op
 
 
+# Names under /containers/ that are the dashboard's own pages, so no container may take them.
+PAGE_NAMES = frozenset({"new", "import"})
+
+
+def check_new_name(name) -> None:
+    """A new container's name, or ApiError (400, field name) saying why not."""
+    try:
+        validate_name(name)
+    except Exception as e:
+        raise ApiError(" ".join(getattr(e, "messages", [str(e)])), 400, "name") from None
+    if name in PAGE_NAMES:
+        raise ApiError(
+            f"The name {name} is taken by the dashboard's own page /containers/{name}/: pick another.", 400, "name"
+        )
+
+
 def reserve_container(actor: Actor, name: str, host: Host, kind: str, params: dict, queue: bool = True, **fields):
     """Reserve a new container's name and an address on `host` (a record CREATING) and write the
     operation that makes it (`kind`: create, import), queued unless `queue` is False; the
     operation's params get the network as `network`."""
+    check_new_name(name)
     for _ in range(3):  # two requests may pick the same address: the unique index decides
         ipv4, net = allocate_ipv4(host)
         try:

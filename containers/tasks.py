@@ -3,6 +3,7 @@ from django.conf import settings
 
 from hosts.models import Host
 
+from .exports import expire_exports as expire_archives
 from .handlers import canary_checks, refresh_host
 from .schedules import run_schedules
 
@@ -26,3 +27,9 @@ def checkpoint_canary() -> None:
 def run_snapshot_schedules() -> None:
     """Take the scheduled snapshots that are due and apply retention (scheduled by beat)."""
     run_schedules()
+
+
+@shared_task(ignore_result=True)
+def expire_exports() -> None:
+    """Kept export archives past CTWEB_EXPORT_KEEP_DAYS, and forgotten uploads, removed."""
+    expire_archives()

@@ -1,6 +1,7 @@
 import json
 from datetime import date, timedelta
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import Q
@@ -185,6 +186,28 @@ def container_create(request):
             return redirect("operation-detail", op_id=op.pk)
     hosts = Host.objects.filter(status=Host.Status.ONLINE)
     return render(request, "containers/create.html", {"form": form, "error": error, "hosts": hosts})
+
+
+@role_required("operator")
+@require_http_methods(["GET", "HEAD", "POST"])
+def container_import(request):
+    """Import an export archive uploaded from the browser as a new container (the API's
+    POST /api/v1/imports with an upload; the archive is checked before any host sees it)."""
+    error = None
+    form = {"host": request.GET.get("host", "")}
+    if request.method == "POST":
+        form = request.POST
+        try:
+            op = import_archive(
+                Actor.of(request), form.get("name", ""), form.get("host", ""), upload=request.FILES.get("archive")
+            )
+        except APIException as e:
+            error = str(e.detail)
+        else:
+            return redirect("operation-detail", op_id=op.pk)
+    hosts = Host.objects.filter(status=Host.Status.ONLINE)
+    ctx = {"form": form, "error": error, "hosts": hosts, "max_mib": settings.EXPORT_MAX_BYTES >> 20}
+    return render(request, "containers/import.html", ctx, status=400 if error else 200)
 
 
 @role_required("operator")

@@ -29,9 +29,10 @@ def error_response(request, message: str, status: int, field: str | None = None)
     return HttpResponse(message, status=status, content_type="text/plain; charset=utf-8")
 
 
-# The one route that takes a large body: an export archive uploaded for an import (multipart,
-# spooled to disk by Django past FILE_UPLOAD_MAX_MEMORY_SIZE), up to EXPORT_MAX_BYTES.
-UPLOAD_PATHS = ("/api/v1/imports",)
+# The routes that take a large body: an export archive uploaded for an import, by the API or by
+# the import page (multipart, spooled to disk by Django past FILE_UPLOAD_MAX_MEMORY_SIZE), up to
+# EXPORT_MAX_BYTES.
+UPLOAD_PATHS = ("/api/v1/imports", "/containers/import/")
 UPLOAD_OVERHEAD = 64 * 1024  # the form's other fields and its boundaries
 
 

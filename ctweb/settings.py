@@ -181,6 +181,11 @@ if not isinstance(_EXPORT_STORAGE, dict) or not isinstance(_EXPORT_STORAGE.get("
     raise ImproperlyConfigured('CTWEB_EXPORT_STORAGE must be a JSON object with a "BACKEND".')
 # The largest export archive ctweb keeps or imports (bytes); an upload larger than this gets 413.
 EXPORT_MAX_BYTES = int(os.environ.get("CTWEB_EXPORT_MAX_BYTES") or 16 * 1024**3)
+# A kept export's archive is removed this many days after its export ended (hourly, by beat),
+# unless an import is reading it; 0 keeps them until someone removes them.
+EXPORT_KEEP_DAYS = float(os.environ.get("CTWEB_EXPORT_KEEP_DAYS") or 7)
+if EXPORT_KEEP_DAYS < 0:
+    raise ImproperlyConfigured("CTWEB_EXPORT_KEEP_DAYS must be 0 (keep) or a number of days.")
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
@@ -287,6 +292,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "operations.tasks.find_lost_operations",
         "schedule": OPERATION_LOST_AFTER_S,
         "options": {"expires": OPERATION_LOST_AFTER_S - 5},
+    },
+    "expire-exports": {
+        "task": "containers.tasks.expire_exports",
+        "schedule": 3600.0,
+        "options": {"expires": 3500},
     },
     "checkpoint-canary": {
         "task": "containers.tasks.checkpoint_canary",

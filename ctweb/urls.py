@@ -61,6 +61,7 @@ urlpatterns = [
     path("hosts/<str:name>/evacuate", container_views.host_evacuate, name="host-evacuate"),
     path("containers/", container_views.container_list, name="container-list"),
     path("containers/new/", container_views.container_create, name="container-create"),
+    path("containers/import/", container_views.container_import, name="container-import"),
     path("containers/<str:name>/", container_views.container_detail, name="container-detail"),
     path("containers/<str:name>/state", container_views.container_state, name="container-state"),
     path("containers/<str:name>/migrate", container_views.container_migrate, name="container-migrate"),

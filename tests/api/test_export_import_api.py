@@ -3,12 +3,18 @@ tests/agent/test_export_archive.py; the real thing: tests/containers/test_e2e_la
 
 import io
 import json
+import os
+import time
+from datetime import timedelta
 
 import pytest
 from django.core.files.storage import storages
 from django.test import Client
+from django.utils import timezone
 
+from containers.exports import expire_exports, export_file
 from containers.models import Container, Snapshot
+from core.models import AuditEntry
 from hosts.models import Host
 from operations import runner
 from operations.models import Operation
@@ -187,3 +193,87 @@ def test_the_export_page_imports_its_archive_as_a_new_container(users, world):
     op = Operation.objects.get(kind="import")
     assert r["Location"] == f"/operations/{op.pk}/" and op.params["export"] == kept.pk
     assert Container.objects.get(name="c2").state == "CREATING"
+
+
+def test_the_import_page_takes_an_uploaded_archive_as_a_new_container(users, world):
+    bob, carol = _page_client(users, "bob"), _page_client(users, "carol")
+    assert b"Import an archive" in bob.get("/containers/").content
+    assert b"Import an archive" not in carol.get("/containers/").content
+    assert carol.get("/containers/import/").status_code == 403
+    page = bob.get("/containers/import/")
+    assert page.status_code == 200 and b'enctype="multipart/form-data"' in page.content
+
+    def post(name, data=b"x" * 300_000, who=bob):  # larger than the 256 KiB every other page takes
+        f = io.BytesIO(data)
+        f.name = "a.tar"
+        return who.post("/containers/import/", {"name": name, "host": "h1", "archive": f})
+
+    for bad in ("import", "new", "bad name"):  # /containers/import/ and /containers/new/ are pages
+        r = post(bad)
+        assert r.status_code == 400 and b'id="form-error"' in r.content, bad
+    r = bob.post("/containers/import/", {"name": "c2", "host": "h1"})  # no archive
+    assert r.status_code == 400 and b"archive to upload" in r.content
+    assert not Operation.objects.filter(kind="import").exists() and Container.objects.count() == 1
+    assert not (world / "uploads").exists() or not os.listdir(world / "uploads")  # a refused request keeps none
+    assert post("c3", who=carol).status_code == 403
+    r = post("c2")
+    op = Operation.objects.get(kind="import")
+    assert r.status_code == 302 and r["Location"] == f"/operations/{op.pk}/"
+    assert op.params["upload"] is True and storages["exports"].size(op.params["archive"]) == 300_000
+    assert Container.objects.get(name="c2").state == "CREATING"
+
+
+def test_no_container_may_take_the_name_of_a_page(tokens, world):
+    body = json.dumps({"name": "import", "host": "h1", "template": "busybox"})
+    r = Client().post("/api/v1/containers/", body, content_type="application/json", **_auth(tokens))
+    assert r.status_code == 400 and r.json()["field"] == "name" and "page" in r.json()["error"]
+    assert not Container.objects.filter(name="import").exists()
+
+
+def _aged(world, name: str, hours: float) -> None:
+    path = world / name
+    t = time.time() - hours * 3600
+    os.utime(path, (t, t))
+
+
+def test_retention_removes_old_export_archives_but_never_one_an_import_reads(
+    world, settings, django_capture_on_commit_callbacks
+):
+    settings.EXPORT_KEEP_DAYS = 7
+    now = timezone.now()
+    kept = {}
+    for label, days in (("old", 8), ("read", 9), ("young", 6)):
+        op = Operation.objects.create(kind="export", status="success", container_name="c1",
+                                      finished_at=now - timedelta(days=days), result={"download": "x"})  # fmt: skip
+        storages["exports"].save(export_file(op.pk), io.BytesIO(b"an archive"))
+        kept[label] = op
+    Operation.objects.create(kind="import", status="running", container_name="c9",
+                             params={"archive": export_file(kept["read"].pk), "export": kept["read"].pk})  # fmt: skip
+    failed = Operation.objects.create(kind="export", status="failure", container_name="c1",
+                                      finished_at=now - timedelta(days=30))  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        removed = expire_exports(now)
+    assert removed["exports"] == [kept["old"].pk]
+    assert not storages["exports"].exists(export_file(kept["old"].pk))
+    assert storages["exports"].exists(export_file(kept["read"].pk))
+    assert storages["exports"].exists(export_file(kept["young"].pk))
+    kept["old"].refresh_from_db()
+    assert kept["old"].result["download"] is None and kept["old"].result["archive_deleted_at"]
+    assert AuditEntry.objects.filter(action="export.expire").count() == 1
+    failed.refresh_from_db()
+    assert failed.status == "failure"
+    assert expire_exports(now) == {"exports": [], "uploads": []}  # nothing twice
+    settings.EXPORT_KEEP_DAYS = 0  # keep them all
+    assert expire_exports(now + timedelta(days=365)) == {"exports": [], "uploads": []}
+    assert storages["exports"].exists(export_file(kept["young"].pk))
+
+
+def test_retention_removes_forgotten_uploads_after_an_hour_and_never_an_imports_own(world, settings):
+    s = storages["exports"]
+    names = {k: s.save(f"uploads/{k}.tar", io.BytesIO(b"x")) for k in ("forgotten", "fresh", "reading")}
+    _aged(world, names["forgotten"], 2)
+    _aged(world, names["reading"], 5)
+    Operation.objects.create(kind="import", status="waiting", container_name="c9",
+                             params={"archive": names["reading"], "upload": True})  # fmt: skip
+    assert expire_exports()["uploads"] == [names["forgotten"]]
+    assert not s.exists(names["forgotten"]) and s.exists(names["fresh"]) and s.exists(names["reading"])
