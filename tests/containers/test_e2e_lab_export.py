@@ -1,16 +1,18 @@
 """Export and import on the lab: a stateful snapshot of a running container downloaded as one
-archive and imported on the other host as a new container, which resumes with its memory; a
-tampered or hostile archive refused, by the dashboard and by the host's own agent, leaving
-nothing on the host; a kept export imported by its id, as a new container and as a snapshot of
+archive and imported on the other host as a new container through the browser's import page,
+which resumes with its memory; a tampered or hostile archive refused, by the dashboard and by
+the host's own agent, leaving nothing on the host; a kept export imported by its id, as a new container and as a snapshot of
 an existing one."""
 
 import hashlib
 import io
 import json
+import re
 import subprocess
 import tarfile
 
 import pytest
+from playwright.sync_api import expect
 
 from hosts.agent import agent_file_name
 from tests.support.cli import ctweb
@@ -39,7 +41,22 @@ def _delete(bob: Api, name: str) -> None:
         run_op(bob, "DELETE", f"/api/v1/containers/{name}/")
 
 
-def test_a_stateful_snapshot_exported_and_imported_on_another_host_resumes_with_its_memory(bob, lab, lab_stack):
+def _import_in_browser(page, url: str, bob: Api, name: str, host: str, archive) -> dict:
+    """The import page's form, as an operator fills it: the file, the name, the host."""
+    page.goto(url + "/containers/")
+    page.get_by_role("link", name="Import an archive").click()
+    page.get_by_label("Archive (.tar)").set_input_files(str(archive))
+    page.get_by_label("New container's name").fill(name)
+    page.get_by_label("Host").select_option(host)
+    page.get_by_role("button", name="Import").click()
+    expect(page).to_have_url(re.compile(r"/operations/\d+/$"))
+    op_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    return bob.wait_operation(op_id, timeout=240)
+
+
+def test_a_stateful_snapshot_exported_and_imported_on_another_host_resumes_with_its_memory(
+    bob, lab, lab_stack, page_as, tmp_path
+):
     ok(create(bob, name="exporter", host="lab-a", command=["sh", "-c", PATTERN]))
     try:
         start, now = pattern(lab, "lab-a", "exporter")
@@ -59,7 +76,9 @@ def test_a_stateful_snapshot_exported_and_imported_on_another_host_resumes_with_
         assert (man["container"], man["snapshot"], man["stateful"]) == ("exporter", "frozen", True)
         assert "export/frozen/images/inventory.img" in man["files"]
 
-        op = ok(_import(bob, "imported", "lab-b", data))
+        archive = tmp_path / "exported.tar"
+        archive.write_bytes(data)
+        op = ok(_import_in_browser(page_as("bob"), lab_stack.url, bob, "imported", "lab-b", archive))  # the upload page
         assert op["result"]["from"]["container"] == "exporter"
         row = bob.get("/api/v1/containers/imported/").json()
         assert (row["host"], row["state"]) == ("lab-b", "STOPPED")

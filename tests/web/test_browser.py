@@ -160,6 +160,7 @@ def test_main_pages_name_every_control_and_fit_a_narrow_window(page_as, stack):
             ("/hosts/", "hosts"),
             ("/hosts/add/", "host-add"),
             ("/containers/new/", "container-create"),
+            ("/containers/import/", "container-import"),
             ("/containers/", "containers"),
             ("/snapshots/", "snapshots"),
             ("/operations/", "operations"),
