@@ -158,6 +158,14 @@ def export(ctx: OperationContext) -> dict:
     }
 
 
+@recovers("export")
+def recover_export(ctx: OperationContext) -> dict:
+    """An export whose worker was lost is made again from the start: it only reads on its host,
+    so doing it twice changes nothing there, and what it keeps is checked like any archive."""
+    ctx.event("export", "the worker was lost; exporting again from the start", 5)
+    return export(ctx)
+
+
 # --- retention ----------------------------------------------------------------------------------
 
 # An upload no import names any more (its import ended without removing it: a worker killed at
