@@ -16,7 +16,7 @@ from playwright.sync_api import expect
 
 from hosts.agent import agent_file_name
 from tests.support.cli import ctweb
-from tests.support.lab import COUNTER, PATTERN, counter, create, on_host, pattern
+from tests.support.lab import COUNTER, PATTERN, counter, create, on_host, pattern, ping
 from tests.support.stack import Api, ok, run_op
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
@@ -34,6 +34,18 @@ def _import(bob: Api, name: str, host: str, data: bytes) -> dict:
     r = bob.post("/api/v1/imports", data={"name": name, "host": host}, files={"archive": ("a.tar", data)})
     assert r.status_code == 202, r.text
     return bob.wait_operation(r.json()["id"], timeout=240)
+
+
+def _addresses(lab, host: str, name: str) -> list[str]:
+    """The IPv4 addresses the container's eth0 has, as its processes see them."""
+    out = on_host(lab, host, "lxc-attach", "-n", name, "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0")
+    assert out.returncode == 0, out.stderr
+    return [
+        w.split("/")[0]
+        for line in out.stdout.splitlines()
+        for i, w in enumerate(line.split())
+        if i and line.split()[i - 1] == "inet"
+    ]
 
 
 def _delete(bob: Api, name: str) -> None:
@@ -88,8 +100,14 @@ def test_a_stateful_snapshot_exported_and_imported_on_another_host_resumes_with_
         assert any("md5sum" in p["command"] or "sh" in p["command"] for p in contents["processes"]), contents
         assert _leftovers(lab, "lab-b", "imported") == ["imported", "imported"]  # its container and snapshots
 
-        ok(run_op(bob, "POST", "/api/v1/containers/imported/snapshots/frozen/restore"))
-        assert bob.get("/api/v1/containers/imported/").json()["state"] == "RUNNING"
+        restored = ok(run_op(bob, "POST", "/api/v1/containers/imported/snapshots/frozen/restore"))
+        row = bob.get("/api/v1/containers/imported/").json()
+        assert row["state"] == "RUNNING"
+        # Its own address, the one reserved for it, not the exporter's (which still runs on lab-a).
+        assert row["ipv4"] != bob.get("/api/v1/containers/exporter/").json()["ipv4"]
+        assert _addresses(lab, "lab-b", "imported") == [row["ipv4"]]
+        assert restored["result"]["address_changed"]["to"] == row["ipv4"]
+        assert ping(row["ipv4"])
         # The very memory of the exported container: the pattern drawn before the snapshot, held
         # in the shell's memory, checksummed again every second (a cold start would draw another).
         assert pattern(lab, "lab-b", "imported") == (start, start)

@@ -36,6 +36,7 @@ from .lxc import (
     _require,
     _state,
     _write_config_in,
+    align_address,
 )
 
 # --- CRIU: snapshots, stateful stop/start ----------------------------------------------
@@ -452,17 +453,35 @@ def cmd_restore(params):
             _remove_tree(work)
         stats["images_ms"] = images_ms
         stats["images_compression"] = "zstd" if compressed else None
+        moved = _align(name)
     else:
         event("restore", f"starting {name} (stateless snapshot: cold start)", 60)
         _lxc_start(name)
         stats = {}
+        moved = None
     stats["restore_ms"] = _ms(t_restore)
     stats["total_ms"] = _ms(t0)
     event("restore", f"{name} restored from {snap} in {stats['total_ms']} ms", 100)
     out = {"name": name, "snapshot": snap, "state": _state(name), "stateful": stateful, "stats": stats}
     if dropped:
         out["config_dropped"] = dropped
+    if moved:
+        out["address_changed"] = moved
     return out
+
+
+def _align(name):
+    """The restored container on its own address (lxc.align_address), said as an event; a
+    failure there leaves it running and says so, the restore itself having succeeded."""
+    try:
+        moved = align_address(name)
+    except AgentError as e:
+        event("restore", f"{e} It runs, with the address its snapshot had.", 95)
+        return {"error": str(e)}
+    if moved:
+        was = ", ".join(moved["from"]) or "none"
+        event("restore", f"{name} now has its own address {moved['to']} (its snapshot had {was})", 95)
+    return moved
 
 
 def _keep_restore_log(name, work):

@@ -514,6 +514,67 @@ def _init_pid(name):
     return int(out.strip()) if rc == 0 and out.strip().isdigit() else None
 
 
+def align_address(name):
+    """After a stateful restore: give the container's interface the address, MAC and default
+    route its config names. CRIU brings back the network namespace as it was dumped, so a
+    snapshot imported as a new container, or taken before the container's address changed,
+    would otherwise come back with the old address (which another container may hold).
+    Returns {"from": [...], "to": "a.b.c.d"} when it changed anything, else None."""
+    lines = _read_config(name)
+    if _config_value(lines, "lxc.net.0.type") != "veth":
+        return None
+    want = _config_value(lines, "lxc.net.0.ipv4.address") or ""
+    if not re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", want):
+        return None
+    dev = _config_value(lines, "lxc.net.0.name") or "eth0"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", dev):
+        return None
+    pid = _init_pid(name)
+    if pid is None:
+        raise AgentError(f"{name} has no init process after its restore.")
+    ns = ["nsenter", f"--net=/proc/{pid}/ns/net", "ip"]
+    rc, out, err = run(ns + ["-4", "-o", "addr", "show", "dev", dev], timeout=20)
+    if rc != 0:
+        raise AgentError(f"Cannot read the address of {name}'s {dev} after its restore.", (err or out)[-500:])
+    have = [w for ln in out.splitlines() for a, w in zip(ln.split(), ln.split()[1:], strict=False) if a == "inet"]
+    hwaddr = _config_value(lines, "lxc.net.0.hwaddr")
+    if want in have:
+        return None
+    try:
+        net = ipaddress.IPv4Interface(want).network
+    except ValueError:
+        return None
+    # Only what stands for the config's address: those in its subnet, or else the first (the
+    # address LXC gave it where it was dumped, in another network); an address the container's
+    # own processes added in another network stays.
+    stale = [a for a in have if _in_network(a, net)] or have[:1]
+    steps = []
+    if hwaddr and re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", hwaddr):
+        steps.append(["link", "set", "dev", dev, "address", hwaddr])
+    # The old ones go first: deleting a subnet's primary address takes its secondaries with it
+    # (unless promote_secondaries is set), so the new one added before would go too.
+    steps += [["addr", "del", old, "dev", dev] for old in stale]
+    steps.append(["addr", "replace", want, "dev", dev])
+    gateway = _config_value(lines, "lxc.net.0.ipv4.gateway")
+    if gateway and re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", gateway):
+        steps.append(["route", "replace", "default", "via", gateway, "dev", dev])
+    for step in steps:
+        rc, out, err = run(ns + step, timeout=20)
+        if rc != 0:
+            raise AgentError(
+                f"Cannot give {name} its address {want} after its restore ({' '.join(step[:2])} failed).",
+                (err or out)[-500:],
+            )
+    return {"from": [a.split("/")[0] for a in stale], "to": want.split("/")[0]}
+
+
+def _in_network(address, net):
+    try:
+        return ipaddress.IPv4Interface(address).ip in net
+    except ValueError:
+        return False
+
+
 def _init_comes_up(name, limit=INIT_WATCH_S):
     """Watch the container's init until it settles (True) or exits (False)."""
     pid = _init_pid(name)
