@@ -4,7 +4,6 @@ with a sentence. The host is a real agent's archive behind a fake connection her
 themselves: tests/containers/test_e2e_lab_export.py."""
 
 import hashlib
-import io
 from contextlib import contextmanager
 
 import pytest
@@ -15,7 +14,7 @@ from containers.models import Container, Snapshot
 from hosts import ssh
 from operations import runner
 from operations.models import Operation
-from tests.support.agent_loader import load_agent
+from tests.support.agent_loader import small_export
 
 
 @pytest.fixture
@@ -24,14 +23,7 @@ def lost_export(trusted_host, settings, tmp_path, monkeypatch):
         **settings.STORAGES,
         "exports": {"BACKEND": "django.core.files.storage.FileSystemStorage", "OPTIONS": {"location": tmp_path}},
     }
-    agent = load_agent(root=tmp_path / "host")
-    sdir = tmp_path / "host" / "ctweb" / "snapshots" / "c1" / "s1"
-    (sdir / "rootfs").mkdir(parents=True)
-    (sdir / "rootfs" / "hello").write_text("hello")
-    (sdir / "config").write_text("lxc.tty.max = 4\n")
-    (sdir / "meta.json").write_text('{"stateful": false, "created_at": "2026-12-01T10:00:00+00:00"}')
-    buf = io.BytesIO()
-    agent.write_export(buf, "c1", "s1")
+    archive = small_export(tmp_path / "host")
     c1 = Container.objects.create(name="c1", host=trusted_host, state="RUNNING")
     Snapshot.objects.create(container=c1, name="s1", stateful=False)
     # The row as a worker SIGKILLed mid-transfer left it: running, its worker gone.
@@ -49,12 +41,12 @@ def lost_export(trusted_host, settings, tmp_path, monkeypatch):
         yield Conn()
 
     def download(channel, out, on_bytes=None, max_bytes=None, timeout=0):
-        out.write(buf.getvalue())
-        return len(buf.getvalue())
+        out.write(archive)
+        return len(archive)
 
     monkeypatch.setattr(ssh, "pooled", pooled)
     monkeypatch.setattr(ssh, "download", download)
-    return op, buf.getvalue(), asked
+    return op, archive, asked
 
 
 def test_a_lost_export_is_made_again_by_the_next_worker_and_kept(lost_export):

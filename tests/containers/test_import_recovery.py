@@ -16,7 +16,7 @@ from core.audit import Actor
 from hosts import ssh
 from hosts.models import Host
 from operations import runner, tasks
-from tests.support.agent_loader import load_agent
+from tests.support.agent_loader import small_export
 
 
 @pytest.fixture
@@ -29,15 +29,7 @@ def importing(trusted_host, settings, tmp_path, monkeypatch, users):
         capabilities={"network": {"subnet": "10.9.9.0/24", "bridge": "lxcbr0", "range": [100, 120]}}
     )
     # A real export of a real (small) snapshot, made by the agent in a temporary root.
-    agent = load_agent(root=tmp_path / "host")
-    sdir = tmp_path / "host" / "ctweb" / "snapshots" / "c1" / "s1"
-    (sdir / "rootfs").mkdir(parents=True)
-    (sdir / "rootfs" / "hello").write_text("hello")
-    (sdir / "config").write_text("lxc.tty.max = 4\n")
-    (sdir / "meta.json").write_text('{"stateful": false, "created_at": "2026-12-01T10:00:00+00:00"}')
-    buf = io.BytesIO()
-    agent.write_export(buf, "c1", "s1")
-    storages["exports"].save("uploads/a.tar", io.BytesIO(buf.getvalue()))
+    storages["exports"].save("uploads/a.tar", io.BytesIO(small_export(tmp_path / "host")))
     queued = []
     monkeypatch.setattr(tasks.recover_operation_task, "delay", queued.append)
     monkeypatch.setattr(tasks.run_operation_task, "delay", lambda *a: None)

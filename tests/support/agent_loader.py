@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import itertools
 import sys
 import tempfile
@@ -58,3 +59,17 @@ def load_agent(where: str | Path = PACKAGE_DIR, root: Path | None = None) -> typ
         agent.S.SNAPSHOTS_PATH = str(ctweb / "snapshots")
         agent.S.STATE_PATH = str(ctweb / "state")
     return agent
+
+
+def small_export(root: Path, name: str = "c1", snap: str = "s1") -> bytes:
+    """A real export archive (the agent's own writer) of a small stateless snapshot made for it
+    under `root`, for tests of what the dashboard does with one."""
+    agent = load_agent(root=root)
+    sdir = root / "ctweb" / "snapshots" / name / snap
+    (sdir / "rootfs").mkdir(parents=True)
+    (sdir / "rootfs" / "hello").write_text("hello")
+    (sdir / "config").write_text("lxc.tty.max = 4\n")
+    (sdir / "meta.json").write_text('{"stateful": false, "created_at": "2026-12-01T10:00:00+00:00"}')
+    buf = io.BytesIO()
+    agent.write_export(buf, name, snap)
+    return buf.getvalue()
