@@ -297,3 +297,20 @@ def test_an_archive_past_the_size_limit_is_refused(agent):
     data = _export(agent)
     with pytest.raises(agent.AgentError, match="larger than"):
         _verify(agent, data, max_bytes=len(data) // 2)
+
+
+def test_a_killed_imports_staging_is_removed_when_its_recovery_asks_the_host(agent, monkeypatch):
+    # What an import SIGKILLed while staging leaves: its .ctweb-import-<name>-... directories.
+    stages = [
+        Path(agent.S.LXC_PATH) / ".ctweb-import-c2-4242-0a0b0c0d",
+        Path(agent.S.SNAPSHOTS_PATH) / ".ctweb-import-c2-4242-0a0b0c0d",
+    ]
+    for d in stages:
+        (d / "rootfs").mkdir(parents=True)
+    other = Path(agent.S.LXC_PATH) / ".ctweb-import-c22-1-00000000"  # another name's: not this one's
+    other.mkdir()
+    monkeypatch.setattr(agent.commands, "_exists", lambda name: False)
+    out = agent.cmd_inspect({"name": "c2", "snapshot": "s1"})  # the import's recovery asks this
+    assert out["removed_import_staging"] is True and out["exists"] is False
+    assert not any(d.exists() for d in stages) and other.exists()
+    assert "removed_import_staging" not in agent.cmd_inspect({"name": "c2"})

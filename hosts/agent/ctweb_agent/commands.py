@@ -24,7 +24,7 @@ from .criu import (
     cmd_snapshot_contents,
 )
 from .estimate import cmd_estimate
-from .exports import cmd_export, cmd_import
+from .exports import cmd_export, cmd_import, remove_import_stages
 from .images import cmd_receive, cmd_send
 from .lazy import (
     LAZY_DUMP,
@@ -82,6 +82,8 @@ def cmd_inspect(params):
     work = store.restore_work_dir(name)
     if os.path.lexists(work):
         _remove_tree(work)  # a cut-off restore's copy of a snapshot's images (we hold the lock)
+    if remove_import_stages(name):  # a killed import's staging (we hold the lock imports take)
+        out["removed_import_staging"] = True
     if params.get("snapshot") is not None:
         snap = check_name(params.get("snapshot"), "snapshot")
         tmp = os.path.join(S.SNAPSHOTS_PATH, name, f".tmp-{snap}")

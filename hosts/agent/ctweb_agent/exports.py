@@ -339,9 +339,10 @@ def _int_param(params, key, default=None, lo=0, hi=1 << 50):
     return value
 
 
-def _remove_stages(name):
-    """What a killed import of `name` left (we hold its lock)."""
-    remove_prefixed(f"{IMPORT_STAGE_PREFIX}{name}-", (S.LXC_PATH, S.SNAPSHOTS_PATH))
+def remove_import_stages(name):
+    """What a killed import of `name` left (the caller holds its lock, which any import of that
+    name holds while it runs); True if anything."""
+    return remove_prefixed(f"{IMPORT_STAGE_PREFIX}{name}-", (S.LXC_PATH, S.SNAPSHOTS_PATH))
 
 
 def cmd_import(params):
@@ -365,7 +366,7 @@ def cmd_import(params):
     _check_disk(need * 2, f"importing {name}")  # the snapshot and the container's own copy of its rootfs
     os.makedirs(S.SNAPSHOTS_PATH, exist_ok=True)
     os.makedirs(S.LXC_PATH, exist_ok=True)
-    _remove_stages(name)
+    remove_import_stages(name)
     stage = f"{IMPORT_STAGE_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}"
     snaps_fd = os.open(S.SNAPSHOTS_PATH, _ROOT_DIR)
     lxc_fd = os.open(S.LXC_PATH, _ROOT_DIR)
@@ -456,7 +457,7 @@ def _import_into(name, network, stall, max_bytes, need):
     """The archive's snapshot added to the existing container `name` (we hold its lock)."""
     _check_disk(need, f"importing a snapshot into {name}")
     os.makedirs(S.SNAPSHOTS_PATH, exist_ok=True)
-    _remove_stages(name)
+    remove_import_stages(name)
     stage = f"{IMPORT_STAGE_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}"
     snaps_fd = os.open(S.SNAPSHOTS_PATH, _ROOT_DIR)
     try:
