@@ -241,9 +241,11 @@ def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFail
     try:
         data = src.run_agent("migrate-resume", base, on_event=progress.relay("resume-source")).data
     except ssh.AgentFailed as e:  # the source's word: its frozen state is gone
-        db_write(lambda: Container.objects.filter(pk=container.pk).update(state=Container.State.STOPPED))
+        said = e.data.get("state") if isinstance(e.data, dict) else None
+        now = said if said in Container.State.values else Container.State.STOPPED  # the host's word, if it gave one
+        db_write(lambda: Container.objects.filter(pk=container.pk).update(state=now))
         failure.message = (
-            f"{container.name} could not be resumed on {source.name} ({e}); it is stopped there. The copy on "
+            f"{container.name} could not be resumed on {source.name} ({e}); it is {now} there. The copy on "
             f"{target} is kept as it is (it is removed only once a copy is confirmed running)."
         )
         failure.details = e.details
@@ -256,13 +258,15 @@ def lazy_resume_on_source(ctx, src, dst, container, base, failure: OperationFail
     db_write(lambda: Container.objects.filter(pk=container.pk).update(host=source, state=state))
     container.refresh_from_db()
     publish_fleet("container", {"name": container.name, "host": source.name, "state": state})
+    never_stopped = "never stopped" in str(data.get("resumed", ""))
     failure.message = (
-        f"Rolled back by an admin's decision: {container.name} was resumed on {source.name} from the state of {at}; "
-        f"what ran on {target} since is lost. "
-        + (
-            f"The copy on {target} was removed."
-            if target_clean
-            else f"The partial copy on {target} is never resumed: it is stopped and removed when {target} answers "
-            "again."
-        )
+        f"Rolled back by an admin's decision: {container.name} was never stopped on {source.name} (the link "
+        f"broke before its dump began) and runs on there; nothing of it ran on {target}. "
+        if never_stopped
+        else f"Rolled back by an admin's decision: {container.name} was resumed on {source.name} from the state "
+        f"of {at}; what ran on {target} since is lost. "
+    ) + (
+        f"The copy on {target} was removed."
+        if target_clean
+        else f"The partial copy on {target} is never resumed: it is stopped and removed when {target} answers again."
     )

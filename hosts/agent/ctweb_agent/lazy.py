@@ -28,7 +28,16 @@ from .common import (
     run,
 )
 from .contents import _criu_stats, _image_files
-from .criu import _criu_dump, _criu_log, _criu_restore, _has_saved_state, _state_dir, _state_images, _thaw
+from .criu import (
+    _criu_dump,
+    _criu_log,
+    _criu_restore,
+    _freezer_state,
+    _has_saved_state,
+    _state_dir,
+    _state_images,
+    _thaw,
+)
 from .downtime import AnswerWatch, FreezeWatch
 from .images import _remove_stages
 from .lxc import _cdir, _exists, _require, _state
@@ -703,6 +712,15 @@ def cmd_migrate_resume(params):
     images = os.path.join(mdir, "images")
     if os.path.exists(os.path.join(mdir, f"{LAZY_DUMP}.json")):
         return _lazy_resume(name, mdir, images)
+    # No dump ever took the tasks (the link broke before the dump began, or CRIU rolled a failed
+    # dump back): they are here, running or still frozen. A restore would be refused ("is
+    # running") and the container, never stopped, taken for lost.
+    state = _state(name)
+    if state == "FROZEN" or (state == "RUNNING" and _freezer_state(name) == "FROZEN"):
+        _thaw(name)
+        state = _state(name)
+    if state == "RUNNING":
+        return {"state": state, "resumed": f"{name} was never stopped here: its tasks run on, nothing to restore"}
     try:
         _criu_restore(name, images, f"CRIU could not resume {name} here", True)
     except AgentError as e:
