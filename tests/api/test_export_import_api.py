@@ -221,6 +221,8 @@ def test_the_import_page_takes_an_uploaded_archive_as_a_new_container(users, wor
     assert r.status_code == 302 and r["Location"] == f"/operations/{op.pk}/"
     assert op.params["upload"] is True and storages["exports"].size(op.params["archive"]) == 300_000
     assert Container.objects.get(name="c2").state == "CREATING"
+    entry = AuditEntry.objects.get(action="container.import")
+    assert entry.username == "bob" and entry.object_name == "c2"
 
 
 def test_no_container_may_take_the_name_of_a_page(tokens, world):

@@ -38,6 +38,10 @@ PAGES = {
         "get": ("operator", None, 200),
         "post": ("operator", {"name": "newbox", "host": "secrethost"}, 302),
     },
+    "containers/import/": {  # without an archive: the form again, saying so
+        "get": ("operator", None, 200),
+        "post": ("operator", {"name": "importbox", "host": "secrethost"}, 400),
+    },
     "containers/<str:name>/": {"get": ("viewer", None, 200)},
     "containers/<str:name>/state": {"post": ("operator", {"action": "start"}, 302)},
     "containers/<str:name>/migrate": {"post": ("operator", {"target_host": "otherhost", "strategy": "restart"}, 302)},
