@@ -11,7 +11,10 @@ over a directory that already holds shared files would change a linked file's mo
 in place (rsync applies attribute-only changes to the existing inode): so before the frozen
 pass of a snapshot updates the running pass's copy, every shared entry whose attributes (or
 anything else) changed since the running pass began is unlinked from the copy
-(`unshare_changed`), and rsync writes it anew."""
+(`unshare_changed`), and rsync writes it anew.
+
+On btrfs (rootfs a subvolume on the filesystem of the snapshots), a snapshot's rootfs is instead one
+read-only btrfs snapshot, taken while frozen, and the disk is counted by extents: see cow.py."""
 
 import os
 import shutil
