@@ -214,3 +214,16 @@ def test_a_snapshot_of_a_plain_rootfs_never_hard_links_into_a_subvolume(agent, f
     plain = os.path.join(agent.S.LXC_PATH, "c1", "plain")
     os.makedirs(plain)
     assert agent.criu._native_cow(plain) is False
+
+
+def test_a_migration_counts_btrfs_snapshots_whole(agent, fs, monkeypatch):
+    """They share extents here, but a migration sends (and the target stores) each one whole."""
+    rootfs = make_rootfs(agent, big=16 * MiB)
+    for i in range(3):
+        snap(agent, rootfs, f"s{i}")
+    os.sync()
+    with open(os.path.join(agent.S.LXC_PATH, "c1", "config"), "w") as f:
+        f.write(f"lxc.rootfs.path = dir:{rootfs}\n")
+    monkeypatch.setattr(agent.migrate, "_state", lambda name: "STOPPED")
+    need = agent.cmd_migrate_prepare({"name": "c1", "migration": 1})["need_bytes"]
+    assert need >= 4 * 16 * MiB  # the rootfs and three snapshots, each whole

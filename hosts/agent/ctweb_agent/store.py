@@ -33,10 +33,12 @@ ZSTD_SUFFIX = ".zst"
 RSYNC = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1"]
 
 
-def du_once(paths):
+def du_once(paths, extents=True):
     """Disk blocks (bytes) under `paths`, each inode counted once across all of them. On btrfs,
-    each data extent once instead (snapshots are subvolumes sharing extents: cow.extent_bytes)."""
-    if paths and cow.is_btrfs(paths[0]):
+    each data extent once instead (snapshots are subvolumes sharing extents: cow.extent_bytes),
+    unless `extents` is false: what copies of the trees take elsewhere (a btrfs snapshot's inodes
+    are its own, st_dev apart, so each is counted whole)."""
+    if extents and paths and cow.is_btrfs(paths[0]):
         return cow.extent_bytes(paths)
     seen, total = set(), 0
     for top in paths:
