@@ -181,7 +181,8 @@ def test_disk_is_counted_by_extents_each_once(agent, fs):
     # ...and once only the last one holds it, removing that one frees it.
     for s in sdirs[:9]:
         agent.common._remove_tree(s)
-    # Deleted subvolumes drop their references in the background: wait for the cleaner.
+    # Deleted subvolumes drop their references in the background: wake the cleaner, wait for it.
+    subprocess.run(["btrfs", "filesystem", "sync", str(fs)], check=True, capture_output=True, timeout=120)
     subprocess.run(["btrfs", "subvolume", "sync", str(fs)], check=True, capture_output=True, timeout=120)
     os.sync()
     assert agent.store.unique_bytes(sdirs[9]) >= 16 * MiB
@@ -227,3 +228,25 @@ def test_a_migration_counts_btrfs_snapshots_whole(agent, fs, monkeypatch):
     monkeypatch.setattr(agent.migrate, "_state", lambda name: "STOPPED")
     need = agent.cmd_migrate_prepare({"name": "c1", "migration": 1})["need_bytes"]
     assert need >= 4 * 16 * MiB  # the rootfs and three snapshots, each whole
+
+
+def test_a_snapshot_of_a_stopped_container_is_one_read_only_btrfs_snapshot(agent, fs, monkeypatch):
+    rootfs = make_rootfs(agent)
+    with open(os.path.join(agent.S.LXC_PATH, "c1", "config"), "w") as f:
+        f.write(f"lxc.rootfs.path = dir:{rootfs}\n")
+    monkeypatch.setattr(agent.criu, "_state", lambda name: "STOPPED")
+    monkeypatch.setattr(agent.common, "emit", lambda obj: None)
+    out = agent.cmd_snapshot({"name": "c1", "snapshot": "s1", "stateful": False})
+    copy = os.path.join(agent.S.SNAPSHOTS_PATH, "c1", "s1", "rootfs")
+    assert out["rootfs_storage"] == "btrfs snapshot" and out["shared_with"] is None
+    assert agent.cow.is_subvolume(copy) and agent.cow.is_read_only(copy)
+    assert tree_sum(copy) == tree_sum(rootfs)
+    assert out["size_bytes"] >= 8 * MiB and out["added_bytes"] < 64 << 10
+    assert not [n for n in os.listdir(os.path.join(agent.S.SNAPSHOTS_PATH, "c1")) if n.startswith(".tmp-")]
+    # A rootfs that is a plain directory (received by a migration) is copied with rsync as before.
+    agent.cow.rmtree(rootfs)
+    shutil.copytree(copy, rootfs, symlinks=True)
+    out = agent.cmd_snapshot({"name": "c1", "snapshot": "s2", "stateful": False})
+    plain = os.path.join(agent.S.SNAPSHOTS_PATH, "c1", "s2", "rootfs")
+    assert "rootfs_storage" not in out and not agent.cow.is_subvolume(plain)
+    assert tree_sum(plain) == tree_sum(rootfs)
