@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
+import json
 import os
 import shutil
 import subprocess
+import sys
+import threading
 
 import pytest
 
+from tests.support.agent import make_tar, receive
 from tests.support.agent_loader import load_agent
 
 pytestmark = [
@@ -46,14 +51,15 @@ def agent(fs):
     return load_agent(root=fs)
 
 
-def tree_sum(top) -> str:
+def tree_sum(top, times=True) -> str:
     h = hashlib.sha256()
     for root, dirs, files in os.walk(top):
         dirs.sort()
         for n in sorted(dirs + files):
             p = os.path.join(root, n)
             st = os.lstat(p)
-            h.update(f"{os.path.relpath(p, top)} {st.st_mode} {st.st_uid} {st.st_size} {st.st_mtime_ns}\n".encode())
+            when = st.st_mtime_ns if times else 0
+            h.update(f"{os.path.relpath(p, top)} {st.st_mode} {st.st_uid} {st.st_size} {when}\n".encode())
             if os.path.isfile(p) and not os.path.islink(p):
                 with open(p, "rb") as f:
                     h.update(hashlib.sha256(f.read()).digest())
@@ -250,3 +256,59 @@ def test_a_snapshot_of_a_stopped_container_is_one_read_only_btrfs_snapshot(agent
     plain = os.path.join(agent.S.SNAPSHOTS_PATH, "c1", "s2", "rootfs")
     assert "rootfs_storage" not in out and not agent.cow.is_subvolume(plain)
     assert tree_sum(plain) == tree_sum(rootfs)
+
+
+def _feed(monkeypatch, data: bytes):
+    r, w = os.pipe()
+
+    def feed():
+        try:
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+        except BrokenPipeError:
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+
+    class Stdin:
+        buffer = os.fdopen(r, "rb")
+
+    monkeypatch.setattr(sys, "stdin", Stdin)
+    return Stdin.buffer
+
+
+def test_an_imported_container_gets_a_rootfs_subvolume_of_its_own(agent, fs, monkeypatch):
+    rootfs = make_rootfs(agent)
+    sdir = snap(agent, rootfs, "s1")  # a btrfs snapshot, exported as a plain tree
+    with open(os.path.join(sdir, "config"), "w") as f:
+        f.write(f"lxc.rootfs.path = dir:{rootfs}\nlxc.uts.name = c1\n")
+    with open(os.path.join(sdir, "meta.json"), "w") as f:
+        json.dump(
+            {"snapshot": "s1", "container": "c1", "stateful": False, "created_at": "2026-12-01T10:00:00+00:00"}, f
+        )
+    os.rmdir(os.path.join(sdir, "images"))
+    buf = io.BytesIO()
+    agent.write_export(buf, "c1", "s1")
+    stdin = _feed(monkeypatch, buf.getvalue())
+    try:
+        out = agent.cmd_import({"name": "c2", "stall_s": 5})
+    finally:
+        stdin.close()
+    assert out["snapshot"] == "s1"
+    new = os.path.join(agent.S.LXC_PATH, "c2", "rootfs")
+    assert agent.cow.is_subvolume(new) and not agent.cow.is_read_only(new)
+    assert tree_sum(new, times=False) == tree_sum(rootfs, times=False)  # (an archive keeps times to the µs)
+    assert not [n for n in os.listdir(agent.S.LXC_PATH) if n.startswith(".")]
+
+
+def test_a_received_rootfs_stays_a_plain_directory(agent, fs, monkeypatch):
+    """A migration's delta is merged into the received rootfs by renames from a staging directory
+    beside it: a rename cannot cross into a subvolume (EXDEV), so the rootfs stays plain there."""
+    tar = make_tar([("c1", "dir", None), ("c1/config", "file", b"lxc.uts.name = c1\n"), ("c1/rootfs", "dir", None)])
+    receive(agent, monkeypatch, tar)
+    rootfs = os.path.join(agent.S.LXC_PATH, "c1", "rootfs")
+    assert os.path.isdir(rootfs) and not agent.cow.is_subvolume(rootfs)
+    delta = make_tar([("c1/rootfs/new", "file", b"from the delta")])
+    receive(agent, monkeypatch, delta, what="delta")
+    with open(os.path.join(rootfs, "new"), "rb") as f:
+        assert f.read() == b"from the delta"
