@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.snapstore import bench_snapshot_store  # noqa: E402
+from bench.snapstore import bench_snapshot_store, bench_snapshot_store_btrfs  # noqa: E402
 from lab import core  # noqa: E402
 from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
 
@@ -657,6 +657,7 @@ def write(results: dict, notes: dict | None = None) -> None:
 
 BY_HAND = "overhead against doing it by hand (busybox, 64 MiB held in memory)"
 SNAPSTORE = "snapshot storage: disk per snapshot and frozen time against rootfs size, beside by hand (debian)"
+SNAPSTORE_BTRFS = "snapshot storage on btrfs: disk per snapshot by the filesystem's count, frozen time (debian, lab-b)"
 
 
 def by_hand_section(stack: Stack, repeat: int) -> dict:
@@ -687,7 +688,7 @@ def main() -> int:
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
         "--only",
-        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths or snapstore (with the lab)",
+        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths, snapstore or snapstore-btrfs (with the lab; the last needs CTWEB_LAB_BTRFS=lab-b)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -721,11 +722,15 @@ def main() -> int:
                 "pages": (PAGES, bench_pages),
                 "paths": (PATHS, bench_paths),
                 "snapstore": (SNAPSTORE, lambda st: bench_snapshot_store(st, op_ms)),
+                "snapstore-btrfs": (SNAPSTORE_BTRFS, lambda st: bench_snapshot_store_btrfs(st, op_ms)),
             }
             for only in args.only.split(","):  # several parts in one run: --only lifecycle,client
                 section, run = parts[only]
                 try:
                     results[section] = run(stack)
+                    if not results[section]:  # a part with nothing to measure here (no btrfs host)
+                        print(f"bench part {only}: skipped (lab-b is not on btrfs: CTWEB_LAB_BTRFS=lab-b)")
+                        del results[section]
                 except Exception as e:  # the parts measured so far are kept; this one is reported
                     print(f"bench part {only} failed: {e!r}", file=sys.stderr)
         elif not args.no_lab:
@@ -739,6 +744,9 @@ def main() -> int:
             results[CLIENT] = bench_client_downtime(stack)
             results[PATHS] = bench_paths(stack)
             results[SNAPSTORE] = bench_snapshot_store(stack, op_ms)
+            btrfs = bench_snapshot_store_btrfs(stack, op_ms)  # {} unless the lab came up with CTWEB_LAB_BTRFS=lab-b
+            if btrfs:
+                results[SNAPSTORE_BTRFS] = btrfs
     finally:
         stack.stop()
         subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "lab", "down"], cwd=ROOT, capture_output=True)

@@ -17,6 +17,16 @@ Layout (``LAB_DIR`` = ``$CTWEB_LAB_DIR`` or ``<project>/var/lab``)::
     LAB_DIR/hosts/lab-a/pid         pid of the host's init, as seen from the root namespace,
                                     followed by its start time (guards against pid reuse)
     LAB_DIR/hosts/lab-a/cgroups.json  the per-host cgroup directories the lab created
+    LAB_DIR/hosts/lab-b/btrfs.img   only with CTWEB_LAB_BTRFS=lab-b (below): a sparse image,
+    LAB_DIR/hosts/lab-b/btrfs/      loop-mounted here; its lxc/ and ctweb/ are bind-mounted
+                                    on the host's /var/lib/lxc and /var/lib/ctweb
+
+Btrfs hosts (opt-in, default off): ``CTWEB_LAB_BTRFS`` names hosts (comma-separated, e.g.
+``lab-b``) whose /var/lib/lxc and /var/lib/ctweb are one btrfs filesystem of their own, so
+the agent keeps rootfs as subvolumes and snapshots as btrfs snapshots (hosts/agent/ctweb_agent/
+cow.py). Made when up() starts the host (needs mkfs.btrfs on the machine: btrfs-progs); a
+host already running keeps what it has. down() unmounts it with everything else under the
+host's directory (the loop device is freed with its last mount) and removes the image.
 
 Each host ``lab-X`` is: its own network namespace ``ctweb-lab-X`` (``ip netns``), plus
 mount, pid, uts, ipc and cgroup namespaces; pivot_root into its own copy of the rootfs;
@@ -514,6 +524,41 @@ def _configure_host_root(root: Path, name: str, index: int, n_hosts: int, author
     os.chmod(root / "tmp", 0o1777)
 
 
+def btrfs_hosts() -> set[str]:
+    """The hosts CTWEB_LAB_BTRFS asks to put on btrfs (see the module's docstring)."""
+    names = {n.strip() for n in os.environ.get("CTWEB_LAB_BTRFS", "").split(",") if n.strip()}
+    bad = [n for n in names if not re.fullmatch(r"lab-[a-z]", n)]
+    if bad:
+        raise LabError(f"CTWEB_LAB_BTRFS names hosts like lab-b, not {bad}")
+    return names
+
+
+BTRFS_IMAGE_BYTES = 4 << 30  # sparse: only what the host writes takes disk
+
+
+def _ensure_btrfs(hdir: Path, root: Path, name: str) -> None:
+    """The host's /var/lib/lxc and /var/lib/ctweb on one btrfs of its own (idempotent)."""
+    if not shutil.which("mkfs.btrfs"):
+        raise LabError(f"{name}: CTWEB_LAB_BTRFS needs mkfs.btrfs on this machine (apt-get install btrfs-progs)")
+    img, mnt = hdir / "btrfs.img", hdir / "btrfs"
+    if str(mnt) not in _mounts_under(mnt):
+        if not img.exists():
+            with open(img, "wb") as fh:
+                fh.truncate(BTRFS_IMAGE_BYTES)
+            _run(["mkfs.btrfs", "-q", str(img)])
+        mnt.mkdir(exist_ok=True)
+        _run(["mount", "-o", "loop", str(img), str(mnt)])  # autoclear: the loop goes with the mount
+        _say(f"{name}: btrfs {img} mounted on {mnt}")
+    for sub in ("lxc", "ctweb"):
+        target = root / "var/lib" / sub
+        if str(target) in _mounts_under(target):
+            continue
+        src = mnt / sub
+        if not src.exists():  # first time: what the host root has there (the debian template)
+            _run(["cp", "-a", "--reflink=auto", str(target), str(src)])
+        _run(["mount", "--bind", str(src), str(target)])
+
+
 def _prepare_host_root(hdir: Path, name: str) -> Path:
     """The host's own copy of the rootfs (+ the debian template staged inside it)."""
     root = hdir / "root"
@@ -883,6 +928,7 @@ def up(n_hosts: int = 2, authorized_key: str | None = None) -> list[dict]:
     if not 1 <= n_hosts <= MAX_HOSTS:
         raise LabError(f"n_hosts must be 1..{MAX_HOSTS}")
     subnet()  # validate CTWEB_LAB_SUBNET before touching anything
+    btrfs = btrfs_hosts()
     t0 = time.monotonic()
     build_rootfs()
     _raise_pipe_max_size()
@@ -895,6 +941,8 @@ def up(n_hosts: int = 2, authorized_key: str | None = None) -> list[dict]:
         pid = _alive_pid(hdir)
         if pid is None:
             root = _prepare_host_root(hdir, name)
+            if name in btrfs:
+                _ensure_btrfs(hdir, root, name)
         else:
             root = hdir / "root"
         _configure_host_root(root, name, i, n_hosts, authorized_key)

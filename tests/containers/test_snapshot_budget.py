@@ -133,6 +133,26 @@ def test_the_host_page_shows_how_snapshots_are_kept_and_the_budget(users, truste
     assert "300.0\xa0MB used of a budget of 1.0\xa0GB" in page
 
 
+def test_the_host_page_says_whether_btrfs_snapshots_are_used_and_why_not(users, trusted_host):
+    storage = {
+        "filesystem": "btrfs", "sharing": "hardlink", "reflink": True, "native_cow": "btrfs subvolumes",
+        "native_cow_used": True, "native_cow_not_used_because": None, "zstd": "zstd 1.5.7", "used_bytes": 8 << 20,
+    }  # fmt: skip
+    trusted_host.capabilities = {"kernel": "6.18", "snapshot_storage": storage}
+    trusted_host.save()
+    web = Client()
+    web.force_login(users["carol"])
+    page = web.get(f"/hosts/{trusted_host.name}/").content.decode()
+    assert "native copy-on-write: btrfs subvolumes available, used" in page
+    assert "read-only btrfs snapshot of the container" in page
+    storage.update(native_cow_used=False, native_cow_not_used_because="the container rootfs directory is not on btrfs")
+    trusted_host.capabilities = {"kernel": "6.18", "snapshot_storage": storage}
+    trusted_host.save()
+    page = web.get(f"/hosts/{trusted_host.name}/").content.decode()
+    assert "btrfs subvolumes available, not used (the container rootfs directory is not on btrfs)" in page
+    assert "share unchanged files with the previous snapshot (hard links)" in page
+
+
 def test_an_admin_sets_the_budget_on_the_settings_page(users):
     web = Client()
     web.force_login(users["alice"])

@@ -5,12 +5,12 @@ import datetime
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
 import time
 
+from . import cow
 from . import state as S
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -156,7 +156,7 @@ def _remove_tree(path):
     if not real.startswith(S.CTWEB_PATH + "/") or real.count("/") < 5:
         raise AgentError(f"refusing to remove {path}")
     if os.path.lexists(path):
-        shutil.rmtree(path, ignore_errors=True)
+        cow.rmtree(path, ignore=True)  # shutil.rmtree, but btrfs subvolumes (read-only snapshots) too
 
 
 def _du(path):

@@ -1,9 +1,9 @@
 """The container subcommands: list, create, start, stop (stateful or not), restart, delete."""
 
 import os
-import shutil
 import time
 
+from . import cow
 from . import state as S
 from .common import NAME_RE, AgentError, _du, _flag, _ms, _now, _remove_tree, _write_json, check_name, event, run
 from .contents import _criu_stats
@@ -97,6 +97,7 @@ def cmd_create(params):
         raise AgentError(f"A container named {name} exists on this host already.")
     event("create", f"creating {name} from {template}", 10)
     try:
+        _rootfs_subvolume(name)
         if template == "busybox":
             run(["lxc-create", "-n", name, "-t", "busybox"], timeout=120, check=True)
         else:
@@ -114,6 +115,18 @@ def cmd_create(params):
     return _describe(name)
 
 
+def _rootfs_subvolume(name):
+    """On btrfs, the rootfs lxc-create is about to fill is made a subvolume first (its dir backend
+    fills an existing directory), so that snapshots of it are btrfs snapshots (cow.py)."""
+    if not cow.is_btrfs(S.LXC_PATH):
+        return
+    os.makedirs(_cdir(name), mode=0o755)
+    try:
+        cow.create_subvolume(os.path.join(_cdir(name), "rootfs"))
+    except cow.CowError as e:
+        raise AgentError(f"Cannot make {name}'s rootfs a btrfs subvolume: {e}") from None
+
+
 def _destroy(name):
     if not os.path.exists(_cdir(name)):
         return
@@ -121,7 +134,7 @@ def _destroy(name):
         run(["lxc-stop", "-n", name, "-k"], timeout=60)
     rc, out, err = run(["lxc-destroy", "-n", name], timeout=120)
     if os.path.exists(_cdir(name)):
-        shutil.rmtree(_cdir(name), ignore_errors=True)
+        cow.rmtree(_cdir(name), ignore=True)
 
 
 def cmd_start(params):
@@ -214,6 +227,8 @@ def cmd_delete(params):
     rc, out, err = run(["lxc-destroy", "-n", name], timeout=120)
     if rc != 0 or _exists(name):
         raise AgentError(f"lxc-destroy failed for {name}.", (err or out)[-2000:], {"state": _state(name)})
+    if os.path.lexists(_cdir(name)):  # what lxc-destroy left (a btrfs rootfs subvolume)
+        cow.rmtree(_cdir(name), ignore=True)
     event("delete", f"removing the snapshots and saved state of {name}", 80)
     _remove_tree(_state_dir(name))
     _remove_tree(os.path.join(S.SNAPSHOTS_PATH, name))

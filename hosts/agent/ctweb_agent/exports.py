@@ -26,8 +26,8 @@ import re
 import sys
 import tarfile
 
+from . import cow, store
 from . import state as S
-from . import store
 from .common import _NOFOLLOW_DIR, NAME_RE, AgentError, _flag, _now, _write_json, agent_file, check_name, event
 from .criu import _check_disk
 from .images import _ROOT_DIR, _check_member, _remove_at, _Stager, _Stalling, _tar_tree, remove_prefixed
@@ -448,9 +448,23 @@ def _complete(name, man, stage, network, container=True):
     if not container:
         return {"meta": meta, "config_dropped": dropped, "stateful": man["stateful"]}
     event("import", f"copying the rootfs of snapshot {snap} for {name}", 70)
-    store.sync_new(os.path.join(sdir, "rootfs"), os.path.join(cstage, "rootfs"))  # a copy, never a link
+    _rootfs_copy(os.path.join(sdir, "rootfs"), os.path.join(cstage, "rootfs"))
     _write_config_in(cstage, config)
     return {"meta": meta, "config_dropped": dropped, "stateful": man["stateful"]}
+
+
+def _rootfs_copy(src, dst):
+    """The imported container's own rootfs: a copy, never a link; on btrfs, into a subvolume, so that
+    its snapshots are btrfs snapshots (cow.py)."""
+    if cow.is_btrfs(os.path.dirname(dst)):
+        try:
+            cow.create_subvolume(dst)
+        except cow.CowError:
+            pass
+        else:
+            store.sync(src, dst)
+            return
+    store.sync_new(src, dst)
 
 
 def _import_into(name, network, stall, max_bytes, need):

@@ -7,12 +7,12 @@ import io
 import json
 import os
 import select
-import shutil
 import stat
 import sys
 import tarfile
 import time
 
+from . import cow
 from . import state as S
 from .common import _NOFOLLOW_DIR, NAME_RE, AgentError, _ms, _read_json, check_name
 from .criu import _rootfs
@@ -241,7 +241,8 @@ def _remove_at(dir_fd, name):
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)  # descriptor-based: symlinks inside are removed, not followed
+        # Descriptor-based: symlinks inside are removed, not followed; btrfs subvolumes deleted as one.
+        cow.remove_at(dir_fd, name)
     else:
         os.unlink(name, dir_fd=dir_fd)
 

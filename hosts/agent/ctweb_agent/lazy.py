@@ -5,13 +5,13 @@ import json
 import os
 import re
 import select
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import time
 
+from . import cow
 from . import state as S
 from .common import (
     CHILD_UMASK,
@@ -883,7 +883,7 @@ def cmd_migrate_abort(params):
         if _exists(name):
             run(["lxc-destroy", "-n", name], timeout=120)
         if os.path.exists(_cdir(name)):
-            shutil.rmtree(_cdir(name), ignore_errors=True)
+            cow.rmtree(_cdir(name), ignore=True)
         if os.path.exists(_cdir(name)):
             raise AgentError(f"{_cdir(name)} could not be removed.")
         removed.append("container")

@@ -57,8 +57,9 @@ def cmd_migrate_prepare(params):
     os.makedirs(mdir, exist_ok=True)
     rootfs_bytes = _du(_cdir(name))
     snaps = _snapshot_names(name)
-    # Each inode once: snapshots share their unchanged files (hard links), and so do their copies.
-    snap_bytes = store.du_once([os.path.join(S.SNAPSHOTS_PATH, name)]) if snaps else 0
+    # Each inode once: snapshots share their unchanged files (hard links), and so do their copies;
+    # btrfs snapshots share extents here but arrive as whole trees each (extents=False).
+    snap_bytes = store.du_once([os.path.join(S.SNAPSHOTS_PATH, name)], extents=False) if snaps else 0
     state_bytes = _du(_state_dir(name)) if _has_saved_state(name) else 0
     memory = _memory_bytes(name) if _state(name) == "RUNNING" else 0
     dumpable = _dumpable_bytes(name) if memory else 0  # for the prediction (containers/prediction.py)

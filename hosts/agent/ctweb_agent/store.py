@@ -11,7 +11,10 @@ over a directory that already holds shared files would change a linked file's mo
 in place (rsync applies attribute-only changes to the existing inode): so before the frozen
 pass of a snapshot updates the running pass's copy, every shared entry whose attributes (or
 anything else) changed since the running pass began is unlinked from the copy
-(`unshare_changed`), and rsync writes it anew."""
+(`unshare_changed`), and rsync writes it anew.
+
+On btrfs (rootfs a subvolume on the filesystem of the snapshots), a snapshot's rootfs is instead one
+read-only btrfs snapshot, taken while frozen, and the disk is counted by extents: see cow.py."""
 
 import os
 import shutil
@@ -19,6 +22,7 @@ import stat
 import tempfile
 import time
 
+from . import cow
 from . import state as S
 from .common import AgentError, run
 
@@ -29,8 +33,13 @@ ZSTD_SUFFIX = ".zst"
 RSYNC = ["rsync", "-aHAX", "--numeric-ids", "--modify-window=-1"]
 
 
-def du_once(paths):
-    """Disk blocks (bytes) under `paths`, each inode counted once across all of them."""
+def du_once(paths, extents=True):
+    """Disk blocks (bytes) under `paths`, each inode counted once across all of them. On btrfs,
+    each data extent once instead (snapshots are subvolumes sharing extents: cow.extent_bytes),
+    unless `extents` is false: what copies of the trees take elsewhere (a btrfs snapshot's inodes
+    are its own, st_dev apart, so each is counted whole)."""
+    if extents and paths and cow.is_btrfs(paths[0]):
+        return cow.extent_bytes(paths)
     seen, total = set(), 0
     for top in paths:
         try:
@@ -57,7 +66,10 @@ def du_once(paths):
 
 def unique_bytes(top):
     """Disk blocks (bytes) of the inodes under `top` that nothing outside it links to: what
-    removing `top` would free, and when it was just made, what it added to the disk."""
+    removing `top` would free, and when it was just made, what it added to the disk. On btrfs, the
+    data extents that nothing else references (cow.unshared_bytes)."""
+    if cow.is_btrfs(top):
+        return cow.unshared_bytes(top)
     counts, sizes = {}, {}
     for root, dirs, files in os.walk(top):
         for n in dirs + files:
@@ -276,12 +288,15 @@ def storage_probe():
     """How this host keeps snapshots: the filesystem under them, what it can share, zstd."""
     fs = _fs_type(S.SNAPSHOTS_PATH)
     lvm = shutil.which("lvs") is not None
+    # A real subvolume, read-only snapshot and deletion in a scratch directory (cow.probe).
+    cow_used, cow_why = cow.probe(S.LXC_PATH, S.SNAPSHOTS_PATH, S.CTWEB_PATH)
     return {
         "filesystem": fs,
         "sharing": "hardlink" if shutil.which("rsync") else "none",
         "reflink": _reflink(S.CTWEB_PATH),
         "native_cow": NATIVE_COW.get(fs or ""),
-        "native_cow_used": False,  # rootfs copies share by hard links on every filesystem for now
+        "native_cow_used": cow_used,  # btrfs: new containers' rootfs are subvolumes, snapshots of them O(1)
+        "native_cow_not_used_because": cow_why if NATIVE_COW.get(fs or "") else None,
         "lvm_tools": lvm,
         "overlayfs": _overlay_available(),
         "zstd": zstd_version(),
