@@ -9,7 +9,7 @@ import time
 
 from . import state as S
 from . import store
-from .bundle import cmd_bundle
+from .bundle import cmd_bundle, cmd_bundle_fetch
 from .check import cmd_check
 from .common import AGENT_UMASK, NAME_RE, AgentError, _flag, _private_modes, _read_json, _remove_tree, check_name, emit
 from .containers import cmd_create, cmd_delete, cmd_list, cmd_restart, cmd_start, cmd_stop
@@ -153,6 +153,7 @@ COMMANDS = {
     "delete-snapshot": cmd_delete_snapshot,
     "snapshot-contents": cmd_snapshot_contents,
     "bundle": cmd_bundle,
+    "bundle-fetch": cmd_bundle_fetch,
     "check": cmd_check,
     "estimate": cmd_estimate,
     "migrate-prepare": cmd_migrate_prepare,
@@ -175,7 +176,7 @@ COMMANDS = {
 }
 # These write a raw tar on stdout instead of JSON lines; their errors go to stderr
 # (unless the tar goes directly to another host: then they print JSON lines too).
-RAW_OUTPUT = {"send", "pages-attach", "export"}
+RAW_OUTPUT = {"send", "pages-attach", "export", "bundle-fetch"}
 # Started by the agent itself (migrate-dump/-restore start their page relay), never asked for.
 INTERNAL = {"pages-relay"}
 # The subcommands the dashboard may ask for: hosts/agent takes them from here, and its SSH
