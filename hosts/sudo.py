@@ -153,6 +153,6 @@ def refusal(host, stderr: str, exit_status: int, what: str = "ctweb's agent") ->
         ):
             return (
                 f"sudo refused {what} on {host.name} for the SSH user {host.username} ({ln.rstrip('.')}): "
-                f"add the rules of docs/HOSTS.md ({setup})."
+                f"add the rules of docs/HOSTS.md with its root setup (manage.py host sudo-setup {host.name} prints it)."
             )
     return None

@@ -146,6 +146,16 @@ def test_a_non_root_ssh_user_with_the_sudo_rules_runs_everything_and_without_the
             "440",
         ]
 
+        # The rules without the installer: its own sentence.
+        aside = "/usr/local/sbin/ctweb-install-agent"
+        assert on_host(lab, name, f"mv {aside} {aside}.aside").returncode == 0
+        probed = run_op(alice, "POST", f"/api/v1/hosts/{name}/probe")
+        assert on_host(lab, name, f"mv {aside}.aside {aside}").returncode == 0
+        assert probed["status"] == "failure"
+        assert probed["error"].startswith(f"The agent installer {aside} is missing on {name}: run the root setup"), (
+            probed
+        )
+
         t0 = time.monotonic()
         prepared = ok(run_op(alice, "POST", f"/api/v1/hosts/{name}/prepare", {"network": network}, timeout=900))
         print(f"\nprepare through sudo took {time.monotonic() - t0:.1f}s")
@@ -159,7 +169,9 @@ def test_a_non_root_ssh_user_with_the_sudo_rules_runs_everything_and_without_the
         # The agent is root's, and the SSH user can neither change it nor install one of its own.
         listing = on_host(lab, name, "stat -c '%U %a %n' /var/lib/ctweb /var/lib/ctweb/agent /var/lib/ctweb/agent/*")
         rows = [ln.split() for ln in listing.stdout.splitlines()]
-        assert [(u, m) for u, m, _ in rows] == [("root", "700"), ("root", "700"), ("root", "600")], listing.stdout
+        # (0600 from the installer; 0700 where a root prepare earlier in the session uploaded it)
+        modes = [(user, mode) for user, mode, _ in rows]
+        assert modes[:2] == [("root", "700")] * 2 and modes[2] in (("root", "600"), ("root", "700")), listing.stdout
         agent = rows[2][2]
         before = on_host(lab, name, f"sha256sum {agent}").stdout
         for attempt in (f"cp /bin/true {agent}", f"rm -f {agent}", "ls /var/lib/ctweb/agent", f"cat {agent}"):
