@@ -207,6 +207,10 @@ def main(argv):
     # (The page relay keeps its descriptor 3: CRIU's socket, handed over by its starter.)
     os.closerange(4 if argv[1] == "pages-relay" else 3, 1 << 16)
     os.umask(AGENT_UMASK)
+    if os.environ.get("SUDO_USER"):
+        # Run as root by a non-root SSH user (docs/HOSTS.md): nothing this run starts may find a
+        # relative name in that user's home, where sudo leaves the working directory.
+        os.chdir("/")
     try:
         _private_modes()
     except OSError:
