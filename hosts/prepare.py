@@ -91,8 +91,8 @@ def plan(facts: dict, host_name: str = "this host") -> Plan:
     if not facts.get("root"):
         user = facts.get("user") or "the SSH user"
         raise Refused(
-            f"Preparing {host_name} needs root, and its SSH user {user} is not root: connect as root "
-            "(docs/HOSTS.md says why the non-root way with sudo is not there yet)."
+            f"Preparing {host_name} needs root, and ctweb's agent runs there as {user}, who is not root: connect "
+            "as root, or give the SSH user the sudo rules of docs/HOSTS.md."
         )
     if not facts.get("apt"):
         raise Refused(f"{host_name} runs {pretty} without apt-get: ctweb prepares only {SUPPORTED} hosts.")

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import select
 import shutil
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.conf import settings
 
+from . import sudo
 from .agent import AGENT_SUBCOMMANDS, agent_file_name, agent_source
 from .models import Host
 
@@ -213,6 +216,21 @@ class AgentLost(AgentFailed):
     host is unknown until someone asks the host again."""
 
 
+class SudoRefused(AgentFailed):
+    """sudo did not run the agent (no sudo, no rule, a password asked for): nothing ran, and
+    the sentence says what to put in place on the host."""
+
+
+@lru_cache(maxsize=4)
+def _signature(digest: str, key_path: str) -> str:
+    return sudo.sign(agent_source()[0], _private_key(Path(key_path)))
+
+
+def _agent_signature() -> str:
+    """The fleet key's signature on this agent, for the installer of a non-root host."""
+    return _signature(agent_source()[1], str(_key_path()))
+
+
 class HostConnection:
     def __init__(self, host, client: paramiko.SSHClient):
         self.host = host
@@ -220,11 +238,19 @@ class HostConnection:
         self._agent_path: str | None = None
 
     def ensure_agent(self) -> str:
-        """Copy the agent over SFTP unless this exact version is already there."""
+        """Copy the agent over unless this exact version is already there: over SFTP for root,
+        through the installer with sudo for any other SSH user (install_agent)."""
         if self._agent_path:
             return self._agent_path
-        source, _ = agent_source()
         remote = f"{REMOTE_AGENT_DIR}/{agent_file_name()}"
+        if sudo.uses_sudo(self.host):
+            try:
+                self._install_with_sudo()
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
+            self._agent_path = remote
+            return remote
+        source, _ = agent_source()
         sftp = self.client.open_sftp()
         try:
             try:
@@ -246,6 +272,59 @@ class HostConnection:
         self._agent_path = remote
         return remote
 
+    def _install_with_sudo(self) -> None:
+        """The SSH user is not root: it cannot write where the agent lives (root's). The
+        installer, run with sudo, says `have`, or `send` and takes the agent's bytes with the
+        dashboard's signature on its standard input, checks them and puts them in place."""
+        source, _ = agent_source()
+        transport = self.client.get_transport()
+        if transport is None:
+            raise EOFError("connection closed")
+        channel = transport.open_session()
+        try:
+            channel.exec_command(sudo.installer_command(agent_file_name()))
+            channel.settimeout(60)
+            first = b""
+            while not first.endswith(b"\n") and len(first) < 200:
+                try:
+                    chunk = channel.recv(1)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                first += chunk
+            if first == b"send\n":
+                header = {"size": len(source), "signature": _agent_signature()}
+                channel.sendall(json.dumps(header).encode() + b"\n" + source)
+            channel.shutdown_write()
+            rest = bytearray()
+            while True:
+                try:
+                    chunk = channel.recv(65536)
+                except TimeoutError:
+                    break
+                if not chunk:
+                    break
+                rest += chunk
+            status = channel.recv_exit_status()
+            err = bytearray()
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
+        finally:
+            channel.close()
+        if status == 0 and first in (b"have\n", b"send\n"):
+            return
+        said = err.decode(errors="replace")
+        problem = sudo.refusal(self.host, said, status, "ctweb's agent installer")
+        if problem:
+            raise SudoRefused(problem)
+        lines = [ln for ln in said.strip().splitlines() if ln.strip()]
+        raise AgentFailed(
+            f"The agent installer on {self.host} refused the agent: "
+            + (lines[-1] if lines else f"exit status {status}"),
+            said[-4000:],
+        )
+
     def run_agent(
         self,
         subcommand: str,
@@ -259,7 +338,7 @@ class HostConnection:
         try:
             path = self.ensure_agent()
             # Both parts are ours: a fixed directory with a hex digest, and a whitelisted word.
-            command = f"python3 {path} {subcommand}"
+            command = sudo.agent_command(self.host, path, subcommand)
             transport = self.client.get_transport()
             if transport is None:  # closed already (a broken link the caller gave up on)
                 raise EOFError("connection closed")
@@ -281,6 +360,9 @@ class HostConnection:
                 error.get("message") or "The agent reported an error.", error.get("details") or "", error.get("data")
             )
         if result is None:
+            problem = sudo.refusal(self.host, err_text, exit_status)
+            if problem:
+                raise SudoRefused(problem)
             tail = "\n".join(err_text.strip().splitlines()[-20:])
             if not transport.is_active():
                 raise AgentLost(f"The connection to {self.host} was lost before the agent finished.", tail)
@@ -296,7 +378,7 @@ class HostConnection:
         try:
             path = self.ensure_agent()
             channel = self.client.get_transport().open_session()
-            channel.exec_command(f"python3 {path} {subcommand}")
+            channel.exec_command(sudo.agent_command(self.host, path, subcommand))
             channel.sendall(json.dumps(params).encode() + b"\n")
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
@@ -316,6 +398,13 @@ class HostConnection:
         if not remote.startswith("/var/lib/ctweb/") or ".." in remote.split("/"):
             raise SSHError(f"Refusing to fetch {remote!r} from {self.host}: not an agent file.")
         local.parent.mkdir(parents=True, exist_ok=True)
+        if sudo.uses_sudo(self.host):
+            # Not the SSH user's to read (root's, 0700): the agent hands a bundle over itself.
+            m = re.fullmatch(r"/var/lib/ctweb/bundles/op-(\d+)\.tar\.gz", remote)
+            if m is None:
+                raise SSHError(f"Refusing to fetch {remote!r} from {self.host}: not a debug bundle.")
+            with open(local, "wb") as out:
+                return download(self.open_stream("bundle-fetch", {"op": int(m.group(1))}), out, timeout=600)
         sftp = self.client.open_sftp()
         try:
             sftp.get(remote, str(local))
@@ -705,7 +794,7 @@ class AgentProcess:
         self.host, self.who = host, who
         # Both parts are ours. Over `link`, a session on its connection (should the link end
         # just now, ssh connects by itself, with the same pinned options).
-        argv = ssh_argv(host, f"python3 {agent_path} {subcommand}", link.options() if link else None)
+        argv = ssh_argv(host, sudo.agent_command(host, agent_path, subcommand), link.options() if link else None)
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
@@ -929,6 +1018,9 @@ def _relay(sender: AgentProcess, receiver: AgentProcess, on_bytes, timeout) -> t
     if status == 255:
         raise SSHError(f"Lost the connection to {sender.host} while it was sending: {_last_line(sender.tail())}")
     if status != 0:
+        problem = sudo.refusal(sender.host, sender.tail(), status)
+        if problem:
+            raise SudoRefused(problem)
         raise AgentFailed(f"The sending host failed (exit status {status}).", sender.tail())
     receiver.close_stdin()
     deadline = time.monotonic() + 600
@@ -947,6 +1039,9 @@ def _relay(sender: AgentProcess, receiver: AgentProcess, on_bytes, timeout) -> t
     if error is not None:
         raise AgentFailed(error.get("message") or "The receiving host failed.", error.get("details") or "")
     if result is None:
+        problem = sudo.refusal(receiver.host, receiver.tail(), receiver.proc.poll() or 0)
+        if problem:
+            raise SudoRefused(problem)
         raise AgentFailed("The receiving host ended without a result.", receiver.tail())
     return total, result
 

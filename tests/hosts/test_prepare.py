@@ -69,7 +69,7 @@ def test_ubuntu_24_04_gets_criu_on_its_6_8_kernel_and_is_refused_on_a_hwe_kernel
     [
         ({"os_id": "ubuntu", "version_id": "22.04", "pretty_name": "Ubuntu 22.04.5 LTS"}, "runs Ubuntu 22.04.5 LTS"),
         ({"os_id": "fedora", "version_id": "41", "apt": False, "pretty_name": "Fedora 41"}, "without apt-get"),
-        ({"root": False, "user": "ctweb"}, "its SSH user ctweb is not root"),
+        ({"root": False, "user": "ctweb"}, "ctweb's agent runs there as ctweb, who is not root"),
         ({"kernel": "weird"}, "cannot be read"),
     ],
 )

@@ -3,6 +3,7 @@
 import glob
 import io
 import os
+import sys
 import tarfile
 import time
 
@@ -144,3 +145,27 @@ def cmd_bundle(params):
     size = os.path.getsize(path)
     event("bundle", f"bundle written ({size} bytes)", 100)
     return {"path": path, "size_bytes": size, "files": members}
+
+
+def cmd_bundle_fetch(params):
+    """{op}: the bundle `bundle` wrote for that operation, on stdout (a raw output), then removed:
+    how a dashboard whose SSH user is not root (it cannot read /var/lib/ctweb) fetches it."""
+    op = params.get("op")
+    if not isinstance(op, int) or isinstance(op, bool) or op < 0:
+        raise AgentError("op must be a non-negative integer.")
+    path = os.path.join(S.BUNDLES_PATH, f"op-{op}.tar.gz")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise AgentError(f"No bundle for operation {op} on this host ({e.strerror}).") from None
+    try:
+        out = sys.stdout.buffer
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            out.write(chunk)
+        out.flush()
+    finally:
+        os.close(fd)
+    os.unlink(path)

@@ -9,7 +9,7 @@ import time
 
 from . import state as S
 from . import store
-from .bundle import cmd_bundle
+from .bundle import cmd_bundle, cmd_bundle_fetch
 from .check import cmd_check
 from .common import AGENT_UMASK, NAME_RE, AgentError, _flag, _private_modes, _read_json, _remove_tree, check_name, emit
 from .containers import cmd_create, cmd_delete, cmd_list, cmd_restart, cmd_start, cmd_stop
@@ -155,6 +155,7 @@ COMMANDS = {
     "delete-snapshot": cmd_delete_snapshot,
     "snapshot-contents": cmd_snapshot_contents,
     "bundle": cmd_bundle,
+    "bundle-fetch": cmd_bundle_fetch,
     "check": cmd_check,
     "estimate": cmd_estimate,
     "migrate-prepare": cmd_migrate_prepare,
@@ -177,7 +178,7 @@ COMMANDS = {
 }
 # These write a raw tar on stdout instead of JSON lines; their errors go to stderr
 # (unless the tar goes directly to another host: then they print JSON lines too).
-RAW_OUTPUT = {"send", "pages-attach", "export"}
+RAW_OUTPUT = {"send", "pages-attach", "export", "bundle-fetch"}
 # Started by the agent itself (migrate-dump/-restore start their page relay), never asked for.
 INTERNAL = {"pages-relay"}
 # The subcommands the dashboard may ask for: hosts/agent takes them from here, and its SSH
@@ -208,6 +209,10 @@ def main(argv):
     # (The page relay keeps its descriptor 3: CRIU's socket, handed over by its starter.)
     os.closerange(4 if argv[1] == "pages-relay" else 3, 1 << 16)
     os.umask(AGENT_UMASK)
+    if os.environ.get("SUDO_USER"):
+        # Run as root by a non-root SSH user (docs/HOSTS.md): nothing this run starts may find a
+        # relative name in that user's home, where sudo leaves the working directory.
+        os.chdir("/")
     try:
         _private_modes()
     except OSError:

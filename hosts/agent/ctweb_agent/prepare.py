@@ -62,6 +62,7 @@ def _facts():
         "arch": os.uname().machine,
         "root": os.geteuid() == 0,
         "user": user,
+        "sudo_user": os.environ.get("SUDO_USER") or None,  # the SSH user, when sudo runs the agent
         "apt": shutil.which("apt-get") is not None,
         "systemd": os.path.isdir("/run/systemd/system"),
     }

@@ -1,6 +1,11 @@
 """`manage.py host prepare NAME`: prepare a trusted host in this process (the operation is the
 same one the admin page and `POST /api/v1/hosts/NAME/prepare` start; its events are printed as
-they come). Exit status 0 when the host is prepared and online, 1 otherwise."""
+they come). Exit status 0 when the host is prepared and online, 1 otherwise.
+
+`manage.py host sudoers NAME` prints the sudoers rules for the host's (non-root) SSH user;
+`manage.py host sudo-setup NAME` prints the shell script an admin runs once as root on that
+host to put sudo, the agent installer, the dashboard's signing key and those rules in place
+(docs/HOSTS.md)."""
 
 import threading
 import time
@@ -11,6 +16,7 @@ from django.db import close_old_connections
 
 from core.api import ApiError
 from core.audit import Actor
+from hosts import ssh, sudo
 from hosts.models import Host
 from hosts.prepare import start_prepare
 from operations import runner
@@ -18,10 +24,13 @@ from operations.models import Operation
 
 
 class Command(BaseCommand):
-    help = "Host actions run from the command line: prepare NAME installs and checks what ctweb needs there."
+    help = (
+        "Host actions run from the command line: prepare NAME installs and checks what ctweb needs there; "
+        "sudoers NAME and sudo-setup NAME print the sudo rules and the root setup for a non-root SSH user."
+    )
 
     def add_arguments(self, parser):
-        parser.add_argument("action", choices=["prepare"])
+        parser.add_argument("action", choices=["prepare", "sudoers", "sudo-setup"])
         parser.add_argument("name")
         parser.add_argument("--subnet", help="the container network ctweb may give addresses in, e.g. 10.0.3.0/24")
         parser.add_argument("--bridge", default=None, help="the container bridge (default lxcbr0)")
@@ -32,6 +41,14 @@ class Command(BaseCommand):
         host = Host.objects.filter(name=name).first()
         if host is None:
             raise CommandError(f"No host named {name}.")
+        if action in ("sudoers", "sudo-setup"):
+            if not sudo.uses_sudo(host):
+                raise CommandError(f"{name}'s SSH user is root: it needs no sudo rules.")
+            if action == "sudoers":
+                self.stdout.write(sudo.sudoers(host.username), ending="")
+            else:
+                self.stdout.write(sudo.setup_script(host.username, ssh.public_key_line()), ending="")
+            return
         network = None
         if subnet or bridge or range or gateway:
             network = {"subnet": subnet}
