@@ -140,9 +140,12 @@ def container_writes(rootfs):
     os.close(fd)
 
 
-def journal_snapshot(agent, rootfs, copy, previous, between, scan=True, child=None):
-    """The rootfs copy as cmd_snapshot makes it with the journal; returns what the journal saw."""
+def journal_snapshot(agent, rootfs, copy, previous, between, scan=True, child=None, early=None):
+    """The rootfs copy as cmd_snapshot makes it with the journal; returns what the journal saw.
+    `early`: what the container does after the journal started, before the running pass."""
     changes = agent.journal.Journal(str(rootfs)).start()
+    if early:
+        early()
     since = agent.store.pass_start()
     agent.store.sync_new(str(rootfs), str(copy), [previous])
     index = agent.store.file_index(str(rootfs))
@@ -246,6 +249,46 @@ def test_the_walk_copies_whole_what_was_held_open_or_mapped(agent, tmp_path, chi
     agent.store.sync(str(rootfs), str(reference))
     assert tree_sums(copy) == tree_sums(reference)
     assert tree_sums(s1) == before
+
+
+def test_a_directory_swapped_for_a_symlink_never_leads_the_copy_outside(agent, tmp_path):
+    """A container may replace a directory with a symlink to anywhere (and back): the journal
+    lists paths under it, and neither the rootfs's nor the copy's symlink is ever followed.
+    Seen failing with plain lstat of the listed paths: d/x (closed after a write while d was a
+    directory) was looked up through the symlink, on the host's file, and listed for rsync,
+    which failed (exit status 23)."""
+    rootfs = tmp_path / "rootfs"
+    make_rootfs(rootfs)
+    outside = tmp_path / "outside"  # stands for the host's /etc
+    (outside / "sub").mkdir(parents=True)
+    (outside / "x").write_bytes(b"host file")
+    (outside / "sub" / "y").write_bytes(b"host file")
+    (rootfs / "d").mkdir()
+    (rootfs / "d" / "x").write_bytes(b"container file")
+    os.symlink(str(outside), rootfs / "e")  # a symlink the copy has, becoming a directory
+    s1 = tmp_path / "s1"
+    full_snapshot(agent, rootfs, s1)
+    host = tree_sums(outside)
+
+    def early():  # before the running pass: the copy gets the symlink
+        with open(rootfs / "d" / "x", "ab") as f:  # closed after a write: copied whole
+            f.write(b"+")
+        time.sleep(0.5)  # the journal reads it while d is still a directory
+        shutil.rmtree(rootfs / "d")
+        os.symlink(str(outside), rootfs / "d")
+
+    def between():
+        os.unlink(rootfs / "e")
+        (rootfs / "e" / "sub").mkdir(parents=True)
+        (rootfs / "e" / "x").write_bytes(b"container again")
+        (rootfs / "e" / "sub" / "y").write_bytes(b"container again")
+
+    copy = tmp_path / "s2"
+    journal_snapshot(agent, rootfs, copy, str(s1), between, early=early)
+    assert tree_sums(outside) == host
+    reference = tmp_path / "reference"
+    agent.store.sync(str(rootfs), str(reference))
+    assert tree_sums(copy) == tree_sums(reference)
 
 
 def test_a_changed_file_whose_other_name_the_journal_cannot_find_is_not_trusted(agent, tmp_path):

@@ -305,7 +305,7 @@ def _frozen_pass(name, rootfs, copy, since_ns, changes, why_not, index):
             return {"frozen_pass": "journal", "frozen_pass_paths": listed, "frozen_pass_unshared": unshared}
         except journal.Untrusted as e:
             why_not = str(e)
-        except OSError as e:  # anything unexpected: the walk, which is always exact
+        except (OSError, AgentError) as e:  # anything unexpected: the walk, which is always exact
             why_not = f"the journal's frozen pass failed: {e}"
     event("copy", f"frozen pass walks the whole rootfs ({why_not})", 80)
     try:  # what is held open for writing or mapped shared is copied whole by the walk too
@@ -318,13 +318,16 @@ def _frozen_pass(name, rootfs, copy, since_ns, changes, why_not, index):
 
 
 def cmd_snapshot(params):
-    """{name, snapshot, stateful=true, budget_bytes=None}. Stateful: CRIU dump of the running
-    container (it keeps running), plus its rootfs copied while frozen, so files and memory agree.
+    """{name, snapshot, stateful=true, budget_bytes=None, journal=true}. Stateful: CRIU dump of
+    the running container (it keeps running), plus its rootfs copied while frozen, so files and
+    memory agree; the frozen pass copies what the change journal saw (journal=false: it walks
+    the whole rootfs, as the fallback does).
     The rootfs copy shares every unchanged file with the previous snapshot (store.py); the
     memory pages are compressed with zstd once the container runs again."""
     name = _require(params.get("name"))
     snap = check_name(params.get("snapshot"), "snapshot")
     stateful = _flag(params, "stateful", True)
+    use_journal = _flag(params, "journal", True)
     budget = _budget(params)
     t0 = time.monotonic()
     final = _snap_dir(name, snap)
@@ -364,7 +367,12 @@ def cmd_snapshot(params):
             event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs{shared}", 10)
             # The change journal starts before the running pass (journal.py): the frozen pass
             # then copies what changed since, instead of walking the whole tree.
-            changes, why_not = journal.start(rootfs) if shutil.which("rsync") else (None, "no rsync on this host")
+            if not use_journal:
+                changes, why_not = None, "the journal was turned off for this snapshot"
+            elif not shutil.which("rsync"):
+                changes, why_not = None, "no rsync on this host"
+            else:
+                changes, why_not = journal.start(rootfs)
             try:
                 since_ns = store.pass_start()
                 store.sync_new(rootfs, tmp_rootfs, [previous])

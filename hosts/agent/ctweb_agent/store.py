@@ -161,10 +161,10 @@ def update_in_place(src, dst, since_ns, whole=()):
     in `whole` (relative; open for writing or mapped shared at the freeze) are copied whole:
     written through a mapping, their modification time need not have moved."""
     for rel in whole:
-        target = os.path.join(dst, os.path.normpath(rel))
-        st = _lstat(target)
-        if st is not None and stat.S_ISREG(st.st_mode) and not os.path.normpath(rel).startswith(".."):
-            os.unlink(target)
+        rel = os.path.normpath(rel)
+        st = None if rel.startswith("..") or os.path.isabs(rel) else _lstat_in(dst, rel)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            os.unlink(os.path.join(dst, rel))
     unshared = unshare_changed(src, dst, since_ns)
     sync(src, dst)  # (without rsync nothing was shared: a whole copy again)
     return unshared
@@ -233,8 +233,8 @@ def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths
             tops.append(t)
     removed = 0
     for top in tops:
-        s = _lstat(os.path.join(src, top))
-        d = _lstat(os.path.join(dst, top))
+        s = _lstat_in(src, top)
+        d = _lstat_in(dst, top)
         if d is not None and stat.S_ISDIR(d.st_mode):
             shutil.rmtree(os.path.join(dst, top))
             removed += 1
@@ -253,9 +253,9 @@ def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths
     seen = set(todo)
     while todo:
         rel = todo.pop(0)
-        s = _lstat(os.path.join(src, rel))
+        s = _lstat_in(src, rel)
         target = os.path.join(dst, rel)
-        d = _lstat(target)
+        d = _lstat_in(dst, rel)
         if s is None:
             if d is not None:
                 _remove(target, d)
@@ -278,15 +278,24 @@ def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths
             groups[s.st_ino] = s
             for other in more.get(s.st_ino, [one.get(s.st_ino)]):
                 if other is not None and other not in seen:
-                    seen.add(other)
-                    todo.append(other)
-                    for parent in _parents(other):
-                        if parent not in seen:
-                            seen.add(parent)
-                            todo.append(parent)
+                    for path in reversed([other] + _parents(other)):  # parents first
+                        if path not in seen:
+                            seen.add(path)
+                            todo.append(path)
     names = {}
     for rel in listed:
-        st = _lstat(os.path.join(src, rel))
+        if (
+            rel != "."
+            and _lstat_in(dst, os.path.dirname(rel) or ".") is None
+            and any(
+                _lstat(os.path.join(dst, p)) is not None and not stat.S_ISDIR(_lstat(os.path.join(dst, p)).st_mode)
+                for p in _parents(rel)
+            )
+        ):
+            # A directory of the copy on the way is not a real one and was not listed: rsync
+            # must never write through it.
+            raise Untrusted(f"the copy has a non-directory on the way to {rel!r}")
+        st = _lstat_in(src, rel)
         if (
             st is not None
             and st.st_ino in groups
@@ -316,6 +325,21 @@ def _lstat(path):
         return os.lstat(path)
     except OSError:
         return None
+
+
+def _lstat_in(root, rel):
+    """lstat of root/rel, or None when it is missing or a directory on the way is not a real
+    one (a symlink is never followed: in a container's tree it may point anywhere on the host)."""
+    if rel == ".":
+        return _lstat(root)
+    parts = rel.split("/")
+    path = root
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        st = _lstat(path)
+        if st is None or (i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode)):
+            return None
+    return st
 
 
 def _parents(rel):
