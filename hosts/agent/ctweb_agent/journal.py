@@ -55,6 +55,7 @@ FAN_MARK_FILESYSTEM = 0x100
 FAN_EVENT_INFO_TYPE_FID = 1
 FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 FAN_EVENT_INFO_TYPE_DFID = 3
+FANOTIFY_METADATA_VERSION = 3
 AT_FDCWD = -100
 O_PATH = 0o10000000
 
@@ -105,7 +106,7 @@ def _err(what):
 
 
 class Journal:
-    """Start before the running pass; `paths()` after the freeze gives what changed."""
+    """Start before the running pass; `stop()` after the freeze gives what changed."""
 
     def __init__(self, root):
         self.root = os.path.realpath(root)
@@ -175,7 +176,7 @@ class Journal:
         off = 0
         while off + META.size <= len(buf):
             length, vers, _, meta_len, mask, fd, pid = META.unpack_from(buf, off)
-            if length < META.size or off + length > len(buf):
+            if length < META.size or off + length > len(buf) or vers != FANOTIFY_METADATA_VERSION:
                 self.broken = "a malformed fanotify event"
                 return
             if fd >= 0:
