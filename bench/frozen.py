@@ -26,7 +26,7 @@ NAME = "frozendeb"
 HOST = "lab-a"
 EXTRA_FILES = 100_000
 EXTRA_BYTES = (2 << 30) // EXTRA_FILES  # 2 GiB in all
-REPEAT = 3
+REPEAT = 5
 ROOTFS = f"/var/lib/lxc/{NAME}/rootfs"
 
 
