@@ -10,6 +10,7 @@ Standard library only, plus what the host's distribution ships (lxc tools, criu,
 pycriu). Every argument list is built here from validated values; no shell is used.
 
 Modules, each importing only those below it: state (the module-global state, in one place),
-common, lxc, contents, transfer, criu, check, containers, bundle, migrate, images, lazy, probe,
-commands (the dispatch table and main), __main__.
+journal (the change journal of a rootfs), common, lxc, contents, transfer, criu, check,
+containers, bundle, migrate, images, lazy, probe, commands (the dispatch table and main),
+__main__.
 """

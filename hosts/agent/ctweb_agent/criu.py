@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 import time
 
-from . import cow, store
+from . import cow, journal, store
 from . import state as S
 from .common import (
     CHILD_UMASK,
@@ -26,10 +26,12 @@ from .common import (
     run,
 )
 from .contents import _contents, _criu_stats, _image_files
+from .downtime import _freezer_file
 from .lxc import (
     _apply_allowlist,
     _cdir,
     _config_value,
+    _init_pid,
     _lxc_start,
     _read_config,
     _read_lines,
@@ -313,14 +315,61 @@ def _check_budget(name, snap, budget, rootfs_new, memory):
     return used
 
 
+def _frozen_pids(name):
+    """The processes of the container's freezer cgroup (all of them frozen now), or None."""
+    pid = _init_pid(name)
+    path = _freezer_file(pid) if pid else None
+    if path is None:
+        return None
+    pids = set()
+    for root, _dirs, _files in os.walk(os.path.dirname(path)):
+        try:
+            with open(os.path.join(root, "cgroup.procs")) as f:
+                pids.update(int(p) for p in f.read().split())
+        except (OSError, ValueError):
+            return None
+    return sorted(pids) or None
+
+
+def _frozen_pass(name, rootfs, copy, since_ns, changes, why_not, index):
+    """Bring the running pass's copy up to date while the container is frozen: from the change
+    journal when it can be trusted, else by walking the whole tree (and saying why). Returns
+    the snapshot's stats about it."""
+    if changes is not None:
+        try:
+            paths, trees, whole = changes.stop()
+            pids = _frozen_pids(name)
+            if pids is None:
+                raise journal.Untrusted(f"the processes of {name} could not be listed")
+            whole |= journal.open_for_writing(rootfs, pids)
+            listed, unshared = store.update_listed(rootfs, copy, since_ns, paths | whole, trees, index, whole)
+            event("copy", f"frozen pass from the change journal: {listed} paths", 80)
+            return {"frozen_pass": "journal", "frozen_pass_paths": listed, "frozen_pass_unshared": unshared}
+        except journal.Untrusted as e:
+            why_not = str(e)
+        except (OSError, AgentError) as e:  # anything unexpected: the walk, which is always exact
+            why_not = f"the journal's frozen pass failed: {e}"
+    event("copy", f"frozen pass walks the whole rootfs ({why_not})", 80)
+    try:  # what is held open for writing or mapped shared is copied whole by the walk too
+        pids = _frozen_pids(name)
+        whole = journal.open_for_writing(rootfs, pids) if pids else ()
+    except (journal.Untrusted, OSError):
+        whole = ()
+    unshared = store.update_in_place(rootfs, copy, since_ns, whole)
+    return {"frozen_pass": "walk", "frozen_pass_reason": why_not, "frozen_pass_unshared": unshared}
+
+
 def cmd_snapshot(params):
-    """{name, snapshot, stateful=true, budget_bytes=None}. Stateful: CRIU dump of the running
-    container (it keeps running), plus its rootfs copied while frozen, so files and memory agree.
+    """{name, snapshot, stateful=true, budget_bytes=None, journal=true}. Stateful: CRIU dump of
+    the running container (it keeps running), plus its rootfs copied while frozen, so files and
+    memory agree; the frozen pass copies what the change journal saw (journal=false: it walks
+    the whole rootfs, as the fallback does).
     The rootfs copy shares every unchanged file with the previous snapshot (store.py); the
     memory pages are compressed with zstd once the container runs again."""
     name = _require(params.get("name"))
     snap = check_name(params.get("snapshot"), "snapshot")
     stateful = _flag(params, "stateful", True)
+    use_journal = _flag(params, "journal", True)
     budget = _budget(params)
     t0 = time.monotonic()
     final = _snap_dir(name, snap)
@@ -361,20 +410,38 @@ def cmd_snapshot(params):
                 f", sharing what did not change with {os.path.basename(os.path.dirname(previous))}" if previous else ""
             )
             event("copy", f"copying the rootfs of {name} ({rootfs_bytes >> 20} MiB) while it runs{shared}", 10)
-            since_ns = store.pass_start()
-            store.sync_new(rootfs, tmp_rootfs, [previous])
+            # The change journal starts before the running pass (journal.py): the frozen pass
+            # then copies what changed since, instead of walking the whole tree.
+            if not use_journal:
+                changes, why_not = None, "the journal was turned off for this snapshot"
+            elif not shutil.which("rsync"):
+                changes, why_not = None, "no rsync on this host"
+            else:
+                changes, why_not = journal.start(rootfs)
+            try:
+                since_ns = store.pass_start()
+                store.sync_new(rootfs, tmp_rootfs, [previous])
+                index = store.file_index(rootfs) if changes else None
+            except BaseException:
+                if changes is not None:
+                    changes.close()
+                raise
             event("freeze", f"freezing {name}", 40)
             t_freeze = time.monotonic()
-            run(["lxc-freeze", "-n", name], timeout=60, check=True)
             try:
+                run(["lxc-freeze", "-n", name], timeout=60, check=True)
                 if stateful:
                     os.makedirs(images)
                     event("dump", f"dumping {name} with CRIU (it keeps running)", 50)
                     _criu_dump(name, images, stop=False)
                 event("copy", "copying what changed in the rootfs while frozen", 75)
                 # Never an attribute change written over a file shared with the previous snapshot.
-                store.update_in_place(rootfs, tmp_rootfs, since_ns)
+                t_copy = time.monotonic()
+                stats.update(_frozen_pass(name, rootfs, tmp_rootfs, since_ns, changes, why_not, index))
+                stats["frozen_copy_ms"] = _ms(t_copy)
             finally:
+                if changes is not None:
+                    changes.close()
                 _thaw(name)
                 frozen_ms = _ms(t_freeze)
             state = _state(name)
@@ -385,7 +452,7 @@ def cmd_snapshot(params):
             store.sync_new(rootfs, tmp_rootfs, [previous])
         contents = None
         if stateful:
-            stats = _criu_stats(images, "dump")
+            stats = {**_criu_stats(images, "dump"), **stats}
             contents = _contents(images)  # decoded before the pages are compressed
             event("compress", "compressing the memory images", 85)
             compression, images_bytes, images_raw = store.compress_images(images)

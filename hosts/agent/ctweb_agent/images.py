@@ -168,7 +168,10 @@ def _add_delta(tar, name, params):
     root = _rootfs(name)
     now = _manifest(root)
     rel_root = os.path.relpath(root, _cdir(name))
-    changed = sorted(p for p, v in now.items() if before.get(p) != v)
+    held = _read_json(os.path.join(_mig_dir(params), "held.json")) or []
+    # What was mapped shared when the rootfs was first sent is sent again whatever its time says.
+    again = {p for p in held if isinstance(p, str) and now.get(p) is not None and stat.S_ISREG(now[p][0])}
+    changed = sorted(p for p, v in now.items() if before.get(p) != v or p in again)
     deleted = sorted(p for p in before if p not in now)
     for rel in changed:
         _add_path(tar, root, rel, f"{name}/{rel_root}/{rel}")

@@ -6,10 +6,10 @@ import re
 import shutil
 import stat
 
+from . import journal, store
 from . import state as S
-from . import store
 from .common import AgentError, _du, _write_json, check_name, event, run
-from .criu import DISK_MARGIN, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
+from .criu import DISK_MARGIN, _frozen_pids, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
 from .estimate import _dumpable_bytes
 from .lxc import _cdir, _require, _state
 
@@ -49,6 +49,21 @@ def _manifest(root):
             target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
             out[rel] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, target]
     return out
+
+
+def _held(name, root):
+    """Files of the rootfs the container's processes map shared (or hold open for writing) now.
+    Written through a mapping whose page is already dirty, a file takes more writes without a
+    page fault, so without a new modification time: the delta sends these whatever the manifest
+    says (a file mapped later gets a new time at its first write). Read before and after the
+    manifest. Best effort: nothing when the processes cannot be read."""
+    pids = _frozen_pids(name) if _state(name) in ("RUNNING", "FROZEN") else None
+    if not pids:
+        return set()
+    try:
+        return journal.open_for_writing(root, pids)
+    except (journal.Untrusted, OSError):
+        return set()
 
 
 def cmd_migrate_prepare(params):
@@ -104,7 +119,10 @@ def _send_sources(name, params, what):
     """(directory to archive, name inside the tar) pairs for one kind of send."""
     mdir = _mig_dir(params)
     if what == "rootfs":
-        _write_json(os.path.join(mdir, "manifest.json"), _manifest(_rootfs(name)))
+        root = _rootfs(name)
+        held = _held(name, root)
+        _write_json(os.path.join(mdir, "manifest.json"), _manifest(root))
+        _write_json(os.path.join(mdir, "held.json"), sorted(held | _held(name, root)))
         return [(_cdir(name), name)]
     if what == "snapshots":
         return [(os.path.join(S.SNAPSHOTS_PATH, name), name)]

@@ -25,6 +25,7 @@ import time
 from . import cow
 from . import state as S
 from .common import AgentError, run
+from .journal import Untrusted
 
 ZSTD_SUFFIX = ".zst"
 # --modify-window=-1: modification times compared to the nanosecond. With whole seconds (rsync's
@@ -166,12 +167,200 @@ def unshare_changed(src, dst, since_ns):
     return n
 
 
-def update_in_place(src, dst, since_ns):
+def update_in_place(src, dst, since_ns, whole=()):
     """The frozen pass of a snapshot: `dst` (a sharing copy of `src` made since `since_ns`, a
-    wall-clock time in ns) made equal to `src` again, without writing any shared inode."""
+    wall-clock time in ns) made equal to `src` again, without writing any shared inode. Files
+    in `whole` (relative; open for writing or mapped shared at the freeze) are copied whole:
+    written through a mapping, their modification time need not have moved."""
+    for rel in whole:
+        rel = os.path.normpath(rel)
+        st = None if rel.startswith("..") or os.path.isabs(rel) else _lstat_in(dst, rel)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            os.unlink(os.path.join(dst, rel))
     unshared = unshare_changed(src, dst, since_ns)
     sync(src, dst)  # (without rsync nothing was shared: a whole copy again)
     return unshared
+
+
+def file_index(src):
+    """Every regular file under `src` by inode: {ino: rel} and, for inodes seen under more than
+    one name, {ino: [rel, ...]}. Made while the container runs, after the journal started:
+    the frozen pass finds in it the other names of a changed file (hard links)."""
+    one, more = {}, {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            it = os.scandir(os.path.join(src, rel) if rel else src)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                r = os.path.join(rel, e.name) if rel else e.name
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(r)
+                        continue
+                    if not e.is_file(follow_symlinks=False):
+                        continue
+                    ino = e.inode()
+                except OSError:
+                    continue
+                if ino in one:
+                    more.setdefault(ino, [one[ino]]).append(r)
+                else:
+                    one[ino] = r
+    return one, more
+
+
+def _remove(path, st):
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)  # unlinks: never writes a shared inode
+    else:
+        os.unlink(path)
+
+
+def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths=50_000):
+    """The frozen pass from a change journal (journal.py): `dst`, a sharing copy of `src` made
+    since `since_ns`, made equal to `src` again on the paths that may have changed (`changed`,
+    relative, "." the root; `trees`: directories created or moved in, copied whole), without
+    writing any shared inode. `index` is file_index(src) made after the journal began. Files in
+    `whole` are copied whole, whatever their size and time say: written through a shared
+    mapping, a file's modification time may not have moved since the running pass. Returns
+    (paths given to rsync, entries unlinked or removed from dst). Raises journal.Untrusted
+    when it cannot be exact (a changed file has a name it cannot find); the caller walks."""
+    wanted = set()
+    whole = {os.path.normpath(w) for w in whole}
+    for rel in changed:
+        rel = os.path.normpath(rel)
+        if rel.startswith("../") or rel == ".." or os.path.isabs(rel):
+            raise Untrusted(f"a journal path outside the rootfs: {rel!r}")
+        wanted.add(rel)
+        wanted.add(os.path.dirname(rel) or ".")
+    # Directories created or moved in are copied whole; the outermost ones only.
+    roots = sorted(os.path.normpath(t) for t in trees)
+    tops = []
+    for t in roots:
+        if not any(t.startswith(p + "/") for p in tops):
+            tops.append(t)
+    removed = 0
+    for top in tops:
+        s = _lstat_in(src, top)
+        d = _lstat_in(dst, top)
+        if d is not None and stat.S_ISDIR(d.st_mode):
+            shutil.rmtree(os.path.join(dst, top))
+            removed += 1
+        if s is None or not stat.S_ISDIR(s.st_mode):
+            continue
+        for root, dirs, files in os.walk(os.path.join(src, top)):
+            for n in dirs + files:
+                wanted.add(os.path.relpath(os.path.join(root, n), src))
+            if len(wanted) > max_paths:
+                raise Untrusted(f"more than {max_paths} paths changed")
+    if len(wanted) > max_paths:
+        raise Untrusted(f"more than {max_paths} paths changed")
+    one, more = index
+    listed, groups = [], {}
+    todo = sorted(wanted)
+    seen = set(todo)
+    while todo:
+        rel = todo.pop(0)
+        s = _lstat_in(src, rel)
+        target = os.path.join(dst, rel)
+        d = _lstat_in(dst, rel)
+        if s is None:
+            if d is not None:
+                _remove(target, d)
+                removed += 1
+            continue
+        if d is not None:
+            if stat.S_IFMT(s.st_mode) != stat.S_IFMT(d.st_mode) or (rel in whole and stat.S_ISREG(d.st_mode)):
+                _remove(target, d)
+                removed += 1
+            elif (
+                not stat.S_ISDIR(d.st_mode)
+                and d.st_nlink > 1
+                and (s.st_ctime_ns >= since_ns or (s.st_mode, s.st_uid, s.st_gid) != (d.st_mode, d.st_uid, d.st_gid))
+            ):
+                os.unlink(target)  # shared: rsync writes it anew (the rule in this module's docstring)
+                removed += 1
+        listed.append(rel)
+        if stat.S_ISREG(s.st_mode) and s.st_nlink > 1 and s.st_ino not in groups:
+            # Its other names, changed with it: from the index and the journal.
+            groups[s.st_ino] = s
+            for other in more.get(s.st_ino, [one.get(s.st_ino)]):
+                if other is not None and other not in seen:
+                    for path in reversed([other] + _parents(other)):  # parents first
+                        if path not in seen:
+                            seen.add(path)
+                            todo.append(path)
+    names = {}
+    for rel in listed:
+        if (
+            rel != "."
+            and _lstat_in(dst, os.path.dirname(rel) or ".") is None
+            and any(
+                _lstat(os.path.join(dst, p)) is not None and not stat.S_ISDIR(_lstat(os.path.join(dst, p)).st_mode)
+                for p in _parents(rel)
+            )
+        ):
+            # A directory of the copy on the way is not a real one and was not listed: rsync
+            # must never write through it.
+            raise Untrusted(f"the copy has a non-directory on the way to {rel!r}")
+        st = _lstat_in(src, rel)
+        if (
+            st is not None
+            and st.st_ino in groups
+            and (st.st_dev, st.st_ino)
+            == (
+                groups[st.st_ino].st_dev,
+                st.st_ino,
+            )
+        ):
+            names[st.st_ino] = names.get(st.st_ino, 0) + 1
+    for ino, st in groups.items():
+        if names.get(ino, 0) < st.st_nlink:
+            raise Untrusted(f"a changed file has {st.st_nlink} names and the journal found {names.get(ino, 0)}")
+    listed.sort()
+    if listed:
+        with tempfile.NamedTemporaryFile(prefix=".files-from-", dir=os.path.dirname(dst.rstrip("/"))) as f:
+            f.write(b"".join(os.fsencode(r) + b"\0" for r in listed))
+            f.flush()
+            # -a does not recurse with --files-from: exactly the listed entries (and their
+            # parents' attributes); new directories were listed entry by entry above.
+            _rsync(RSYNC + [f"--files-from={f.name}", "--from0"], src, dst)
+    return len(listed), removed
+
+
+def _lstat(path):
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def _lstat_in(root, rel):
+    """lstat of root/rel, or None when it is missing or a directory on the way is not a real
+    one (a symlink is never followed: in a container's tree it may point anywhere on the host)."""
+    if rel == ".":
+        return _lstat(root)
+    parts = rel.split("/")
+    path = root
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        st = _lstat(path)
+        if st is None or (i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode)):
+            return None
+    return st
+
+
+def _parents(rel):
+    out = []
+    while True:
+        rel = os.path.dirname(rel)
+        out.append(rel or ".")
+        if not rel:
+            return out
 
 
 def new_bytes_estimate(src, link_dest):
