@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from lab import core
-from tests.support.criu import agent, create, ok, read_file, ssh, wait_for
+from tests.support.criu import MEMCHECK_32, agent, create, ok, read_file, ssh, tree_sums, wait_for
 
 pytestmark = [
     pytest.mark.lab,
@@ -29,26 +29,6 @@ NAME = "cow-deb"
 SNAPS = f"/var/lib/ctweb/snapshots/{NAME}"
 ROOTFS = f"/var/lib/lxc/{NAME}/rootfs"
 MiB = 1 << 20
-# 32 MiB of a pattern checked every second (OK/BAD + a tick), like a small idle service.
-MEMCHECK = r"""
-import hashlib, os, time
-buf = bytearray(bytes(range(256)) * 4096 * 32)
-want = hashlib.sha256(buf).hexdigest()
-n = 0
-while True:
-    n += 1
-    v = "OK" if hashlib.sha256(buf).hexdigest() == want else "BAD"
-    with open("/tmp/memcheck.tmp", "w") as f:
-        f.write(f"{v} {n}\n")
-    os.replace("/tmp/memcheck.tmp", "/tmp/memcheck")
-    time.sleep(1)
-"""
-# Every entry of a snapshot tree (path, type, mode, owner, size, mtime, link target) and every
-# file's SHA-256: one digest per snapshot.
-TREE_SUM = (
-    "cd {d} && {{ find . -printf '%p %y %m %U %G %s %T@ %l\\n' | LC_ALL=C sort; "
-    "find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum; }} | sha256sum"
-)
 # The container rewrites files that every snapshot shares: in place (same inode), and their modes.
 REWRITE = (
     "printf 'XXXX' | dd of=/etc/debian_version conv=notrunc status=none; "
@@ -58,7 +38,7 @@ REWRITE = (
 
 
 def sums(lab, host, snaps) -> dict:
-    return {s: ssh(lab, host, "sh", "-c", TREE_SUM.format(d=f"{SNAPS}/{s}")).stdout.decode().split()[0] for s in snaps}
+    return tree_sums(lab, host, SNAPS, snaps)
 
 
 def machine_fs() -> str:
@@ -104,7 +84,7 @@ def test_ten_btrfs_snapshots_take_little_disk_and_no_write_reaches_any(lab, b):
     caps = ok(lab, b, "probe", {})["snapshot_storage"]
     assert caps["filesystem"] == "btrfs" and caps["native_cow_used"] is True, caps
     assert subvolumes() == []
-    create(lab, b, NAME, 95, template="debian", command=["python3", "-c", MEMCHECK])
+    create(lab, b, NAME, 95, template="debian", command=["python3", "-c", MEMCHECK_32])
     try:
         assert inode(lab, b, ROOTFS) == 256  # the rootfs is a subvolume
         assert wait_for(lambda: tick(lab, b) >= 2, timeout=30)

@@ -15,7 +15,7 @@ import statistics
 
 import pytest
 
-from tests.support.criu import agent, create, ok, read_file, ssh, wait_for
+from tests.support.criu import MEMCHECK_32, agent, create, ok, read_file, ssh, tree_sums, wait_for
 
 pytestmark = [
     pytest.mark.lab,
@@ -24,30 +24,10 @@ pytestmark = [
 
 NAME = "st-deb"
 SNAPS = f"/var/lib/ctweb/snapshots/{NAME}"
-# 32 MiB of a pattern checked every second (OK/BAD + a tick), like a small idle service.
-MEMCHECK = r"""
-import hashlib, os, time
-buf = bytearray(bytes(range(256)) * 4096 * 32)
-want = hashlib.sha256(buf).hexdigest()
-n = 0
-while True:
-    n += 1
-    v = "OK" if hashlib.sha256(buf).hexdigest() == want else "BAD"
-    with open("/tmp/memcheck.tmp", "w") as f:
-        f.write(f"{v} {n}\n")
-    os.replace("/tmp/memcheck.tmp", "/tmp/memcheck")
-    time.sleep(1)
-"""
-# Every entry of a snapshot tree (path, type, mode, owner, size, mtime, link target) and every
-# file's SHA-256: one digest per snapshot.
-TREE_SUM = (
-    "cd {d} && {{ find . -printf '%p %y %m %U %G %s %T@ %l\\n' | LC_ALL=C sort; "
-    "find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum; }} | sha256sum"
-)
 
 
 def sums(lab, host, snaps) -> dict:
-    return {s: ssh(lab, host, "sh", "-c", TREE_SUM.format(d=f"{SNAPS}/{s}")).stdout.decode().split()[0] for s in snaps}
+    return tree_sums(lab, host, SNAPS, snaps)
 
 
 def du(lab, host, *paths) -> int:
@@ -76,7 +56,7 @@ REWRITE = (
 @pytest.fixture(scope="module")
 def deb(lab, hosts):
     a = hosts[0]
-    create(lab, a, NAME, 97, template="debian", command=["python3", "-c", MEMCHECK])
+    create(lab, a, NAME, 97, template="debian", command=["python3", "-c", MEMCHECK_32])
     assert wait_for(lambda: tick(lab, a) >= 2, timeout=30)
     yield a
     agent(lab, a, "delete", {"name": NAME})

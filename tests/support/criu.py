@@ -148,3 +148,30 @@ def hosts(lab, tmp_path_factory):
         )
         assert scp.returncode == 0, scp.stderr
     return lab["hosts"]
+
+
+# 32 MiB of a pattern checked every second (OK/BAD + a tick in /tmp/memcheck), like a small idle service.
+MEMCHECK_32 = r"""
+import hashlib, os, time
+buf = bytearray(bytes(range(256)) * 4096 * 32)
+want = hashlib.sha256(buf).hexdigest()
+n = 0
+while True:
+    n += 1
+    v = "OK" if hashlib.sha256(buf).hexdigest() == want else "BAD"
+    with open("/tmp/memcheck.tmp", "w") as f:
+        f.write(f"{v} {n}\n")
+    os.replace("/tmp/memcheck.tmp", "/tmp/memcheck")
+    time.sleep(1)
+"""
+# Every entry of a snapshot tree (path, type, mode, owner, size, mtime, link target) and every
+# file's SHA-256: one digest per snapshot.
+TREE_SUM = (
+    "cd {d} && {{ find . -printf '%p %y %m %U %G %s %T@ %l\\n' | LC_ALL=C sort; "
+    "find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum; }} | sha256sum"
+)
+
+
+def tree_sums(lab, host, base: str, snaps) -> dict:
+    """{snapshot: one digest of its whole tree} for the snapshots `snaps` under `base` on `host`."""
+    return {s: ssh(lab, host, "sh", "-c", TREE_SUM.format(d=f"{base}/{s}")).stdout.decode().split()[0] for s in snaps}
