@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.exports import bench_exports  # noqa: E402
 from bench.frozen import bench_frozen  # noqa: E402
 from bench.snapstore import bench_snapshot_store, bench_snapshot_store_btrfs  # noqa: E402
 from lab import core  # noqa: E402
@@ -658,6 +659,7 @@ def write(results: dict, notes: dict | None = None) -> None:
 
 BY_HAND = "overhead against doing it by hand (busybox, 64 MiB held in memory)"
 SNAPSTORE = "snapshot storage: disk per snapshot and frozen time against rootfs size, beside by hand (debian)"
+EXPORTS = "export and import throughput (debian, 128 MiB in memory, stateful snapshot)"
 SNAPSTORE_BTRFS = "snapshot storage on btrfs: disk per snapshot by the filesystem's count, frozen time (debian, lab-b)"
 FROZEN = "frozen time of a stateful snapshot against rootfs size: 185 MiB against 2 GiB in 100,000 files (debian; change journal against the full walk)"
 
@@ -695,7 +697,7 @@ def main() -> int:
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
         "--only",
-        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths, snapstore, frozen or snapstore-btrfs (with the lab; the last needs CTWEB_LAB_BTRFS=lab-b)",
+        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths, snapstore, frozen, exports or snapstore-btrfs (with the lab; the last needs CTWEB_LAB_BTRFS=lab-b)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -731,6 +733,7 @@ def main() -> int:
                 "snapstore": (SNAPSTORE, lambda st: bench_snapshot_store(st, op_ms)),
                 "snapstore-btrfs": (SNAPSTORE_BTRFS, lambda st: bench_snapshot_store_btrfs(st, op_ms)),
                 "frozen": (FROZEN, lambda st: frozen_section(st, notes)),
+                "exports": (EXPORTS, lambda st: bench_exports(st, op_ms)),
             }
             for only in args.only.split(","):  # several parts in one run: --only lifecycle,client
                 section, run = parts[only]
@@ -753,6 +756,7 @@ def main() -> int:
             results[PATHS] = bench_paths(stack)
             results[SNAPSTORE] = bench_snapshot_store(stack, op_ms)
             results[FROZEN] = frozen_section(stack, notes)
+            results[EXPORTS] = bench_exports(stack, op_ms)
             btrfs = bench_snapshot_store_btrfs(stack, op_ms)  # {} unless the lab came up with CTWEB_LAB_BTRFS=lab-b
             if btrfs:
                 results[SNAPSTORE_BTRFS] = btrfs
