@@ -202,6 +202,12 @@ class AgentResult:
     received_at: float = 0.0
 
 
+# The largest debug bundle a host may hand over through its agent (a host that lies is cut off).
+BUNDLE_MAX_BYTES = 256 << 20
+# How long the agent installer (a host whose SSH user is not root) may take, all told.
+INSTALL_DEADLINE_S = 120
+
+
 class AgentFailed(SSHError):
     """The agent reported an error (or died). `details` carries the log lines that explain it."""
 
@@ -297,19 +303,23 @@ class HostConnection:
                 header = {"size": len(source), "signature": _agent_signature()}
                 channel.sendall(json.dumps(header).encode() + b"\n" + source)
             channel.shutdown_write()
-            rest = bytearray()
-            while True:
-                try:
-                    chunk = channel.recv(65536)
-                except TimeoutError:
-                    break
-                if not chunk:
-                    break
-                rest += chunk
-            status = channel.recv_exit_status()
+            # A host that lies may talk or wait for ever: what it prints after its first line is
+            # not kept, its stderr only to the last 64 KiB, and the whole exchange has a deadline.
+            deadline = time.monotonic() + INSTALL_DEADLINE_S
             err = bytearray()
+            while not channel.exit_status_ready() and time.monotonic() < deadline:
+                try:
+                    if not channel.recv(65536) and not channel.recv_stderr_ready():
+                        break
+                except TimeoutError:
+                    pass
+                while channel.recv_stderr_ready():
+                    err = (err + channel.recv_stderr(65536))[-65536:]
+            if not channel.status_event.wait(max(0.0, deadline - time.monotonic())):
+                raise SSHError(f"The agent installer on {self.host} did not finish in {INSTALL_DEADLINE_S} s.")
+            status = channel.recv_exit_status()
             while channel.recv_stderr_ready():
-                err += channel.recv_stderr(65536)
+                err = (err + channel.recv_stderr(65536))[-65536:]
         finally:
             channel.close()
         if status == 0 and first in (b"have\n", b"send\n"):
@@ -404,7 +414,9 @@ class HostConnection:
             if m is None:
                 raise SSHError(f"Refusing to fetch {remote!r} from {self.host}: not a debug bundle.")
             with open(local, "wb") as out:
-                return download(self.open_stream("bundle-fetch", {"op": int(m.group(1))}), out, timeout=600)
+                return download(
+                    self.open_stream("bundle-fetch", {"op": int(m.group(1))}), out, None, BUNDLE_MAX_BYTES, timeout=600
+                )
         sftp = self.client.open_sftp()
         try:
             sftp.get(remote, str(local))

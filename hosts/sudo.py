@@ -45,6 +45,11 @@ def installer_command(agent_name: str) -> str:
     return f"sudo -n {INSTALLER} {agent_name}"
 
 
+# The PATH the agent runs with as root: sudo keeps the caller's PATH unless secure_path is set,
+# and the agent starts criu, lxc-* and the rest by name (the agent pins it too: commands.main).
+SECURE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def sudoers(username: str) -> str:
     """/etc/sudoers.d/ctweb for the SSH user `username`: the agent and its installer, as root,
     without a password, and nothing else."""
@@ -54,7 +59,7 @@ def sudoers(username: str) -> str:
     return (
         f"# ctweb (docs/HOSTS.md): the SSH user {username} runs ctweb's agent as root, and nothing else.\n"
         f"# Install as {SUDOERS_FILE} (root, 0440); check with visudo -c -f {SUDOERS_FILE}.\n"
-        f"Defaults:{username} !requiretty, !use_pty, env_reset, !setenv\n"
+        f'Defaults:{username} !requiretty, !use_pty, env_reset, !setenv, secure_path="{SECURE_PATH}"\n'
         f"{username} ALL=(root) NOPASSWD: {PYTHON} {agent} *\n"
         f"{username} ALL=(root) NOPASSWD: {INSTALLER} ctweb-agent-{HASH_GLOB}.pyz\n"
     )

@@ -199,6 +199,16 @@ def test_a_non_root_ssh_user_with_the_sudo_rules_runs_everything_and_without_the
             tried = as_user(lab, name, cmd)
             assert tried.returncode == 1 and "sudo: a password is required" in tried.stderr, (cmd, tried)
         assert on_host(lab, name, "test -e /pwned").returncode == 1
+        # A PATH of the user's own: sudo keeps it unless secure_path is set (the shipped rules set
+        # it, and the agent pins its own), so an lxc-ls of the user's never runs as root.
+        planted = as_user(
+            lab,
+            name,
+            "mkdir -p bin && printf '#!/bin/sh\\ntouch /pwned-path\\n' > bin/lxc-ls && chmod +x bin/lxc-ls && "
+            f"PATH=$HOME/bin:$PATH sudo -n /usr/bin/python3 {agent} list",
+        )
+        assert planted.returncode == 0, planted
+        assert on_host(lab, name, "test -e /pwned-path").returncode == 1
         assert on_host(lab, name, "ls /var/lib/ctweb/agent").stdout.split() == [agent.rsplit("/", 1)[1]]
         assert on_host(lab, name, f"sha256sum {agent}").stdout == before
 

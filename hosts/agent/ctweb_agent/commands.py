@@ -211,8 +211,10 @@ def main(argv):
     os.umask(AGENT_UMASK)
     if os.environ.get("SUDO_USER"):
         # Run as root by a non-root SSH user (docs/HOSTS.md): nothing this run starts may find a
-        # relative name in that user's home, where sudo leaves the working directory.
+        # relative name in that user's home, where sudo leaves the working directory, nor a
+        # program of that user's PATH (which sudo keeps unless the host's sudoers sets secure_path).
         os.chdir("/")
+        os.environ["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     try:
         _private_modes()
     except OSError:
