@@ -312,3 +312,23 @@ def test_a_received_rootfs_stays_a_plain_directory(agent, fs, monkeypatch):
     receive(agent, monkeypatch, delta, what="delta")
     with open(os.path.join(rootfs, "new"), "rb") as f:
         assert f.read() == b"from the delta"
+
+
+def test_a_rootfs_holding_a_subvolume_of_its_own_is_copied_whole_not_snapshotted(agent, fs, monkeypatch):
+    """A container made a subvolume inside its rootfs (machinectl, docker's btrfs driver): a
+    btrfs snapshot would hold an empty directory there, and a restore from it would empty the
+    live one. Seen failing before the fix: the snapshot's var/lib/machines/data was empty."""
+    rootfs = make_rootfs(agent)
+    os.makedirs(os.path.join(rootfs, "var", "lib", "machines"))
+    agent.cow.create_subvolume(os.path.join(rootfs, "var", "lib", "machines", "data"))
+    with open(os.path.join(rootfs, "var", "lib", "machines", "data", "keep"), "w") as f:
+        f.write("precious\n")
+    with open(os.path.join(agent.S.LXC_PATH, "c1", "config"), "w") as f:
+        f.write(f"lxc.rootfs.path = dir:{rootfs}\n")
+    monkeypatch.setattr(agent.criu, "_state", lambda name: "STOPPED")
+    monkeypatch.setattr(agent.common, "emit", lambda obj: None)
+    out = agent.cmd_snapshot({"name": "c1", "snapshot": "s1", "stateful": False})
+    copy = os.path.join(agent.S.SNAPSHOTS_PATH, "c1", "s1", "rootfs")
+    assert "rootfs_storage" not in out and not agent.cow.is_subvolume(copy)
+    with open(os.path.join(copy, "var", "lib", "machines", "data", "keep")) as f:
+        assert f.read() == "precious\n"

@@ -377,3 +377,82 @@ def test_any_changes_give_the_same_copy_as_a_full_rsync(agent, tmp_path_factory,
     agent.store.sync(str(rootfs), str(reference))
     assert tree_sums(copy) == tree_sums(reference)
     assert tree_sums(s1) == sums
+
+
+def _journal_case(agent, tmp_path, setup, between, after_first=None):
+    """A rootfs (with `setup`), its first snapshot, `after_first`, then a journal snapshot
+    around `between`: (the previous snapshot's sums before, after; the copy's; the rootfs's)."""
+    rootfs = tmp_path / "rootfs"
+    make_rootfs(rootfs)
+    setup(str(rootfs))
+    time.sleep(0.05)
+    s1 = tmp_path / "s1"
+    full_snapshot(agent, rootfs, s1)
+    before = tree_sums(s1)
+    if after_first:
+        after_first(str(rootfs))
+    s2 = tmp_path / "s2"
+    journal_snapshot(agent, rootfs, s2, str(s1), lambda: between(str(rootfs)))
+    return before, tree_sums(s1), tree_sums(s2), tree_sums(rootfs)
+
+
+def _linked(r, one, other):
+    os.makedirs(os.path.dirname(os.path.join(r, one)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.join(r, other)), exist_ok=True)
+    with open(os.path.join(r, one), "wb") as f:
+        f.write(b"first" * 200)
+    os.link(os.path.join(r, one), os.path.join(r, other))
+
+
+def test_an_attribute_changed_through_a_removed_name_never_reaches_the_previous_snapshot(agent, tmp_path):
+    """The reviewer's case: `e` at the top is a hard link to `d/a`; the container opens d/a,
+    unlinks it, then fchmods the file through the descriptor. The journal names d/a (gone), the
+    root is listed (its entry d changed), and rsync then looked at every top-level entry,
+    changing e's mode in place: seen failing before the fix (the previous snapshot's e went
+    from 0644 to 0600)."""
+
+    def between(r):
+        fd = os.open(os.path.join(r, "d", "a"), os.O_RDWR)
+        os.unlink(os.path.join(r, "d", "a"))
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+
+    before, after, copy, rootfs = _journal_case(agent, tmp_path, lambda r: _linked(r, "d/a", "e"), between)
+    assert after == before
+    assert copy == rootfs
+
+
+def test_a_write_through_a_removed_name_reaches_the_files_other_name(agent, tmp_path):
+    """x/e and d/a are one file; the container writes it through d/a after unlinking that name.
+    The journal names only d/a: seen failing before the fix (the copy's x/e kept the old bytes)."""
+
+    def between(r):
+        fd = os.open(os.path.join(r, "d", "a"), os.O_RDWR)
+        os.unlink(os.path.join(r, "d", "a"))
+        os.pwrite(fd, b"secnd", 0)
+        os.close(fd)
+
+    before, after, copy, rootfs = _journal_case(agent, tmp_path, lambda r: _linked(r, "d/a", "x/e"), between)
+    assert after == before
+    assert copy == rootfs
+
+
+def test_a_rename_over_a_file_of_the_same_size_and_time_is_copied(agent, tmp_path):
+    """etc/conf is new since the previous snapshot (the copy's is its own, not shared), then
+    replaced by a rename with the same size and time: seen failing before the fix (rsync's
+    size-and-time check kept the old content)."""
+
+    def make(r, name, body):
+        with open(os.path.join(r, "etc", name), "wb") as f:
+            f.write(body)
+        os.utime(os.path.join(r, "etc", name), ns=(T0, T0))
+
+    def between(r):
+        make(r, "conf.new", b"BBBB")
+        os.rename(os.path.join(r, "etc", "conf.new"), os.path.join(r, "etc", "conf"))
+
+    before, after, copy, rootfs = _journal_case(
+        agent, tmp_path, lambda r: None, between, after_first=lambda r: make(r, "conf", b"AAAA")
+    )
+    assert after == before
+    assert copy == rootfs

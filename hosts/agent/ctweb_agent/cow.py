@@ -114,6 +114,38 @@ def is_subvolume(path):
     return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_FIRST_FREE_OBJECTID and is_btrfs(path)
 
 
+def nested_subvolumes(root, most=1):
+    """Up to `most` subvolumes inside the subvolume `root` (relative paths), never following a
+    symlink: a btrfs snapshot of `root` holds an empty directory where each of them is."""
+    found = []
+    try:
+        top = os.lstat(root).st_dev
+    except OSError:
+        return found
+    stack = [root]
+    while stack and len(found) < most:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                try:
+                    if not e.is_dir(follow_symlinks=False):
+                        continue
+                    st = e.stat(follow_symlinks=False)  # (readdir's inode number is the subvolume's id)
+                except OSError:
+                    continue
+                if st.st_ino == BTRFS_FIRST_FREE_OBJECTID and st.st_dev != top:
+                    found.append(os.path.relpath(e.path, root))
+                    if len(found) >= most:
+                        break
+                    continue  # what is inside it is not in root's snapshot either
+                stack.append(e.path)
+    return found
+
+
 def same_filesystem(a, b):
     fa = fsid(a)
     return fa is not None and fa == fsid(b)

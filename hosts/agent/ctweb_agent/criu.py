@@ -237,8 +237,16 @@ def _criu_restore(name, images, failure, has_saved_state, env=None):
 
 def _native_cow(rootfs):
     """Whether this snapshot's rootfs can be a btrfs snapshot: the rootfs is a subvolume on the
-    filesystem of the snapshots (store.storage_probe tells whether the host supports it at all)."""
-    return cow.is_subvolume(rootfs) and cow.same_filesystem(rootfs, S.SNAPSHOTS_PATH)
+    filesystem of the snapshots (store.storage_probe tells whether the host supports it at all),
+    holding no subvolume of its own (a btrfs snapshot would hold an empty directory there, and a
+    restore from it would then empty it): such a rootfs is copied as on any filesystem."""
+    if not (cow.is_subvolume(rootfs) and cow.same_filesystem(rootfs, S.SNAPSHOTS_PATH)):
+        return False
+    nested = cow.nested_subvolumes(rootfs)
+    if nested:
+        event("copy", f"the rootfs holds a btrfs subvolume of its own ({nested[0]}): copied, not snapshotted", 5)
+        return False
+    return True
 
 
 def _native_snapshot(name, rootfs, dst, images, state):
@@ -316,13 +324,26 @@ def _check_budget(name, snap, budget, rootfs_new, memory):
 
 
 def _frozen_pids(name):
-    """The processes of the container's freezer cgroup (all of them frozen now), or None."""
+    """The processes of the container's frozen cgroup (all of them frozen now), or None. On
+    cgroup v2 a systemd container's init sits in a child (init.scope) of the cgroup lxc-freeze
+    froze, its services in siblings: the walk starts at the highest ancestor that is frozen."""
     pid = _init_pid(name)
     path = _freezer_file(pid) if pid else None
     if path is None:
         return None
+    top = os.path.dirname(path)
+    while True:
+        parent = os.path.dirname(top)
+        try:
+            with open(os.path.join(parent, os.path.basename(path))) as f:
+                frozen = f.read().strip() in ("1", "FROZEN")
+        except OSError:
+            break
+        if not frozen or parent == top:
+            break
+        top = parent
     pids = set()
-    for root, _dirs, _files in os.walk(os.path.dirname(path)):
+    for root, _dirs, _files in os.walk(top):
         try:
             with open(os.path.join(root, "cgroup.procs")) as f:
                 pids.update(int(p) for p in f.read().split())

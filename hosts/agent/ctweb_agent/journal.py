@@ -308,13 +308,15 @@ def start(root):
 # --- what was open for writing, or mapped shared, at the freeze ------------------------------
 
 
-def _place(root_st, prefix, pid, link, dev, ino):
+def _place(root_st, prefix, pid, link, dev, ino, nlink=0):
     """The path under the rootfs of an open file (its link as /proc shows it), or None when
     it is not on the rootfs's filesystem. Raises Untrusted when it is but cannot be placed."""
     if dev != root_st.st_dev:
         return None
     if link.endswith(" (deleted)"):
-        return None  # unlinked: not in any tree (nlink 0 checked by the caller where it can)
+        if nlink > 0:  # the name it was opened by is gone, but it has others: which, unknown
+            raise Untrusted(f"process {pid} holds {link!r}, a file that still has other names")
+        return None  # unlinked: in no tree
     for candidate in (link, prefix + link.lstrip("/")):
         try:
             st = os.lstat(candidate)
@@ -357,7 +359,7 @@ def open_for_writing(root, pids):
                 raise Untrusted(f"cannot read process {pid}'s fd {n}: {e}") from None
             if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
                 continue
-            rel = _place(root_st, prefix, pid, link, st.st_dev, st.st_ino)
+            rel = _place(root_st, prefix, pid, link, st.st_dev, st.st_ino, st.st_nlink)
             if rel is not None:
                 out.add(rel)
         try:
@@ -371,8 +373,16 @@ def open_for_writing(root, pids):
             parts = line.split(None, 5)
             if len(parts) < 6 or parts[1][3] != "s":
                 continue
-            major, minor = (int(x, 16) for x in parts[3].split(":"))
-            rel = _place(root_st, prefix, pid, parts[5], os.makedev(major, minor), int(parts[4]))
+            # The mapped file itself (maps shows btrfs's anonymous device, not the file's).
+            try:
+                st = os.stat(f"{base}/map_files/{parts[0]}")
+            except FileNotFoundError:
+                continue  # unmapped meanwhile
+            except OSError as e:
+                raise Untrusted(f"cannot read process {pid}'s mapping {parts[0]}: {e}") from None
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
+                continue
+            rel = _place(root_st, prefix, pid, parts[5], st.st_dev, st.st_ino, st.st_nlink)
             if rel is not None:
                 out.add(rel)
     return out

@@ -16,6 +16,7 @@ anything else) changed since the running pass began is unlinked from the copy
 On btrfs (rootfs a subvolume on the filesystem of the snapshots), a snapshot's rootfs is instead one
 read-only btrfs snapshot, taken while frozen, and the disk is counted by extents: see cow.py."""
 
+import collections
 import os
 import shutil
 import stat
@@ -220,6 +221,34 @@ def _remove(path, st):
         os.unlink(path)
 
 
+def _unshare_entries(src, dst, since_ns):
+    """unshare_changed's rule for the entries directly in `dst` (not below them); the names
+    unlinked."""
+    n = []
+    with os.scandir(dst) as it:
+        for e in it:
+            try:
+                dt = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(dt.st_mode) or dt.st_nlink < 2:
+                continue
+            st = _lstat(os.path.join(src, e.name))
+            if (
+                st is None
+                or st.st_ctime_ns >= since_ns
+                or (st.st_mode, st.st_uid, st.st_gid)
+                != (
+                    dt.st_mode,
+                    dt.st_uid,
+                    dt.st_gid,
+                )
+            ):
+                os.unlink(e.path)
+                n.append(e.name)
+    return n
+
+
 def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths=50_000):
     """The frozen pass from a change journal (journal.py): `dst`, a sharing copy of `src` made
     since `since_ns`, made equal to `src` again on the paths that may have changed (`changed`,
@@ -260,11 +289,14 @@ def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths
     if len(wanted) > max_paths:
         raise Untrusted(f"more than {max_paths} paths changed")
     one, more = index
+    # A file with several names, changed through one the journal saw go (written or chmodded
+    # through a descriptor after unlinking that name): its other names are listed, whole.
+    names_of = {p: ino for ino, paths in more.items() for p in paths}
     listed, groups = [], {}
-    todo = sorted(wanted)
+    todo = collections.deque(sorted(wanted))
     seen = set(todo)
     while todo:
-        rel = todo.pop(0)
+        rel = todo.popleft()
         s = _lstat_in(src, rel)
         target = os.path.join(dst, rel)
         d = _lstat_in(dst, rel)
@@ -272,6 +304,12 @@ def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths
             if d is not None:
                 _remove(target, d)
                 removed += 1
+            for other in more.get(names_of.get(rel), ()):
+                whole.add(other)
+                for path in reversed([other] + _parents(other)):
+                    if path not in seen:
+                        seen.add(path)
+                        todo.append(path)
             continue
         if d is not None:
             if stat.S_IFMT(s.st_mode) != stat.S_IFMT(d.st_mode) or (rel in whole and stat.S_ISREG(d.st_mode)):
@@ -321,14 +359,22 @@ def update_listed(src, dst, since_ns, changed, trees, index, whole=(), max_paths
     for ino, st in groups.items():
         if names.get(ino, 0) < st.st_nlink:
             raise Untrusted(f"a changed file has {st.st_nlink} names and the journal found {names.get(ino, 0)}")
+    if "." in listed:
+        # rsync given "." looks at every entry of the root, listed or not: the shared ones must
+        # not get an attribute change in place (the rule of this module's docstring).
+        gone = _unshare_entries(src, dst, since_ns)
+        removed += len(gone)
+        listed += [n for n in gone if n not in seen and _lstat(os.path.join(src, n)) is not None]
     listed.sort()
     if listed:
         with tempfile.NamedTemporaryFile(prefix=".files-from-", dir=os.path.dirname(dst.rstrip("/"))) as f:
             f.write(b"".join(os.fsencode(r) + b"\0" for r in listed))
             f.flush()
             # -a does not recurse with --files-from: exactly the listed entries (and their
-            # parents' attributes); new directories were listed entry by entry above.
-            _rsync(RSYNC + [f"--files-from={f.name}", "--from0"], src, dst)
+            # parents' attributes); new directories were listed entry by entry above. -I: a
+            # listed file is copied whatever its size and time say (a rename over a file of the
+            # same size and time, or a write through a mapping, leaves both as they were).
+            _rsync(RSYNC + ["-I", f"--files-from={f.name}", "--from0"], src, dst)
     return len(listed), removed
 
 
