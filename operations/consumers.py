@@ -7,6 +7,11 @@ messages; a client that reconnects loses nothing because the row is the truth.
 import time
 
 from channels.db import database_sync_to_async
+
+try:  # what Daphne's websocket layer raises on a send after the client has gone
+    from autobahn.exception import Disconnected
+except ImportError:  # another ASGI server: it drops such a send itself
+    Disconnected = ConnectionError
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from core.access import RECHECK_S, access_stamp, still_allowed, user_group
@@ -65,6 +70,14 @@ class _Base(AsyncJsonWebsocketConsumer):
 
     async def auth_changed(self, message):
         await self._allowed(force=True)
+
+    async def send_json(self, content, close=False):
+        """Sent, or nothing when the browser went away between its close and our disconnect()
+        (the server then refuses the send: not an error of ctweb's, and not logged as one)."""
+        try:
+            await super().send_json(content, close=close)
+        except Disconnected:
+            self.closed = True
 
     async def op_update(self, message):
         if await self._allowed():

@@ -54,3 +54,21 @@ def test_a_nul_in_a_url_gets_400_on_the_real_server(stack):
     r = Api(stack, stack.tokens["carol"]).get("/api/v1/containers/?host=a%00b")
     assert r.status_code == 400
     assert r.json() == {"error": "The URL may not contain NUL characters.", "field": None}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"--B--\r\n", b"--B\r\nContent-Disposition: form-data\r\n\r\nx\r\n", b"no boundary at all"],
+    ids=["closing-boundary-only", "part-without-name-or-end", "not-multipart"],
+)
+def test_a_malformed_multipart_body_gets_the_apis_json_error_on_the_real_server(stack, body):
+    """Daphne's HTTP layer (Twisted) parsed multipart bodies itself and answered one it could
+    not parse with a bare 400, no JSON and no headers, before ctweb saw it (found by the API
+    fuzz test on the import route): seen failing before the fix."""
+    before = _operations(stack)
+    headers = {"Authorization": f"Token {stack.tokens['bob']}", "Content-Type": "multipart/form-data; boundary=B"}
+    r = requests.post(stack.url + "/api/v1/imports", data=body, headers=headers, timeout=30)
+    assert r.status_code == 400 and r.headers["Content-Type"] == "application/json", (r.headers, r.content)
+    assert r.json()["error"].endswith("."), r.json()
+    assert r.headers.get("X-Content-Type-Options") == "nosniff"
+    assert _operations(stack) == before
