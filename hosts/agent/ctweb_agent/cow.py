@@ -206,6 +206,8 @@ def snapshot(src, dst, readonly=True):
     parent, raw = _split(dst, SUBVOL_NAME_MAX)
     sfd = os.open(src, _NOFOLLOW_DIR)
     try:
+        if not _is_subvol_st(os.fstat(sfd)):  # else the kernel snapshots the whole subvolume holding it
+            raise OSError(errno.EINVAL, f"{src} is not the root of a subvolume")
         arg = _vol_args_v2(raw, sfd, BTRFS_SUBVOL_RDONLY if readonly else 0)
         _ioctl_in_parent(parent, IOC_SNAP_CREATE_V2, arg, f"Snapshotting {src} to {dst}")
     finally:

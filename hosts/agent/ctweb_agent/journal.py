@@ -145,10 +145,15 @@ class Journal:
             message = _err("fanotify_mark")
             self.close()
             raise Untrusted(message)
-        self.mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
-        self._thread.start()
+        try:
+            self.mount_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._stop_r, self._stop_w = os.pipe()
+            self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._thread = None
+            self.close()  # never a filesystem mark (and its unlimited queue) left behind
+            raise
         return self
 
     def _run(self):
