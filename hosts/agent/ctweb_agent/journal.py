@@ -376,7 +376,7 @@ def open_for_writing(root, pids):
             raise Untrusted(f"cannot read process {pid}'s maps: {e}") from None
         for line in maps:
             parts = line.split(None, 5)
-            if len(parts) < 6 or parts[1][3] != "s":
+            if len(parts) < 6 or parts[1][1] != "w" or parts[1][3] != "s":  # written through: shared and writable
                 continue
             # The mapped file itself (maps shows btrfs's anonymous device, not the file's).
             try:
