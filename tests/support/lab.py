@@ -91,6 +91,12 @@ def pattern(lab, host: str, name: str) -> tuple[str, str]:
 
 
 def counter(lab, host: str, name: str) -> int:
-    out = on_host(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/counter")
-    assert out.returncode == 0, out.stderr
-    return int(out.stdout)
+    """The COUNTER container's count. Its shell rewrites the file every second (`echo >`
+    truncates first): a read that catches it empty is taken again (seen in a fresh-clone run)."""
+
+    def read():
+        out = on_host(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/counter")
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout) if out.stdout.strip().isdigit() else None
+
+    return wait_for(read, 10, f"{name}'s counter", interval=0.2)
