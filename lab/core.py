@@ -326,7 +326,7 @@ def _file(name: str) -> str:
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".ctweb-tmp")
+    tmp = path.with_name(f"{path.name}.ctweb-tmp-{os.getpid()}")  # two lab ups may write one file
     tmp.write_text(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
@@ -910,8 +910,13 @@ def _raise_pipe_max_size() -> None:
     p = Path("/proc/sys/fs/pipe-max-size")
     cur = int(p.read_text())
     if cur < PIPE_MAX_SIZE:
-        if not PIPE_ORIG.exists():
-            _write(PIPE_ORIG, f"{cur}\n")
+        try:  # the first lab up keeps the machine's value; another one racing it leaves it be
+            fd = os.open(PIPE_ORIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{cur}\n")
         p.write_text(str(PIPE_MAX_SIZE))
         _say(f"fs.pipe-max-size {cur} -> {PIPE_MAX_SIZE} (restored by down)")
 
