@@ -13,7 +13,8 @@ def _ago_ms(part) -> float | None:
 
 def client_downtime(dumped: dict, dumped_at: float, restored: dict, restored_at: float, source, target) -> dict:
     """How long a client of the container saw it gone: from its freeze on the source until its
-    address first answered on the target, both measured outside its processes by the hosts'
+    processes sent their clients new TCP data on the target (or, when it held no TCP
+    connection that spoke, until its address first answered ICMP echo there), both measured outside its processes by the hosts'
     agents (hosts/agent/ctweb_agent/downtime.py) as "N ms before my result line", and placed on
     this worker's clock by when each line arrived: no two hosts' clocks are compared. The error
     is the difference of the two lines' one-way delays over SSH (milliseconds)."""
@@ -33,6 +34,31 @@ def client_downtime(dumped: dict, dumped_at: float, restored: dict, restored_at:
         out["why"] = f"no answer from its address on {target}" + (f": {why}"[:300] if isinstance(why, str) else "")
         return out
     address = answered.get("address")
-    out["until"] = f"its address{f' {address}' if isinstance(address, str) else ''} answered ICMP echo on {target}"
-    out["ms"] = round(((restored_at - answer_ago / 1000) - (dumped_at - froze_ago / 1000)) * 1000, 1)
+    where = f"its address{f' {address}' if isinstance(address, str) else ''}"
+    answered_ms = round(((restored_at - answer_ago / 1000) - (dumped_at - froze_ago / 1000)) * 1000, 1)
+    served_ago = _ago_ms({"ago_ms": answered.get("served_ago_ms")})
+    if served_ago is not None and served_ago <= answer_ago:  # served after it answered, never before
+        n = answered.get("connections")
+        n = n if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 1_000_000 else None
+        out["until"] = (
+            f"its processes sent new TCP data on {target}"
+            + (f" (it held {n} established connection{'s' if n != 1 else ''})" if n else "")
+            + f"; {where} had answered ICMP echo {round(answer_ago - served_ago, 1)} ms before"
+        )
+        out["ms"] = round(((restored_at - served_ago / 1000) - (dumped_at - froze_ago / 1000)) * 1000, 1)
+    else:
+        out["until"] = f"{where} answered ICMP echo on {target}"
+        out["ms"] = answered_ms
+        why = answered.get("served_why")
+        if isinstance(why, str):
+            out["served_why"] = why[:200]
+    out["answered_ms"] = answered_ms
     return out
+
+
+def served_wait_s(restored: dict) -> float:
+    """How long the target's restore call waited, after the restore, for the container's
+    processes to send new TCP data (not downtime: it already ran). At most 5 s, whatever a host says."""
+    answered = restored.get("answered") if isinstance(restored, dict) else None
+    waited = _ago_ms({"ago_ms": answered.get("served_wait_ms")}) if isinstance(answered, dict) else None
+    return min(waited or 0.0, 5000.0) / 1000

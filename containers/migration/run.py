@@ -21,7 +21,7 @@ from operations.runner import Cancelled, OperationContext, OperationFailed, hand
 from .. import prediction
 from ..models import Container
 from .common import call, call_timed, move_record, now_iso
-from .downtime import client_downtime
+from .downtime import client_downtime, served_wait_s
 from .phases import STRATEGY_STEPS, Clock, Progress
 from .postcopy import postcopy_actions, pull_pages
 from .rollback import roll_back
@@ -219,6 +219,8 @@ class Run:
             p.event("restore", f"starting {name} on {self.target.name}", "restore")
             call(dst, p, "restore", "start", {"name": name})
         self.downtime_ms = (time.monotonic() - self.down_from) * 1000 if self.was_running else 0
+        if self.live:  # the restore call then waited for the first new TCP data: it ran already
+            self.downtime_ms = max(self.downtime_ms - served_wait_s(self.restored) * 1000, 0.0)
         self.clock.lap("restore")
 
     def pages(self) -> None:
@@ -260,7 +262,7 @@ class Run:
             seen = client_downtime(
                 self.dumped, self.dumped_at, self.restored, self.restored_at, self.source.name, self.target.name
             )
-            if self.lazy and seen["ms"] is not None:
+            if self.lazy and seen["ms"] is not None and not seen["until"].startswith("its processes"):
                 seen["note"] = (
                     "post-copy: its processes fetch their memory from the source as they touch it, so a service's "
                     "first answers may come later than its address's"

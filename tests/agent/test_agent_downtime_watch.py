@@ -90,3 +90,83 @@ def test_an_address_outside_the_hosts_container_network_is_never_pinged(agent, m
     assert "not in this host's container network" in watch.report()["why"]
     monkeypatch.setattr(agent.downtime, "_network", lambda: None)
     assert agent.downtime.AnswerWatch("c1")._thread is None
+
+
+# A process in a network namespace of its own holding one established TCP connection over
+# its loopback; it sends new data when told (a line on its stdin) and says when it did.
+NETNS_PEER = """
+import socket, sys, time
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
+print("up", flush=True)
+for line in sys.stdin:
+    c.sendall(b"x" * 100); s.recv(100)
+    print(time.monotonic(), flush=True)
+"""
+
+
+def _netns_peer(connected=True):
+    code = NETNS_PEER if connected else "import sys\nprint('up', flush=True)\nsys.stdin.read()"
+    p = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec python3 -c "$0"', code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout.readline().strip() == "up"
+    return p
+
+
+def _serving_watch(agent, monkeypatch, pid):
+    _config(agent, "lxc.net.0.ipv4.address = 127.0.0.1/8\n")
+    monkeypatch.setattr(agent.downtime, "_network", lambda: {"subnet": "127.0.0.0/8"})
+    monkeypatch.setattr(agent.downtime, "_init_pid", lambda name: pid)
+    return agent.downtime.AnswerWatch("c1")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a raw ICMP socket and a network namespace need root")
+def test_served_is_the_first_new_tcp_data_its_processes_send_after_the_answer(agent, monkeypatch):
+    # Post-copy: the address answers at once, its service only when its memory has come.
+    peer = _netns_peer()
+    try:
+        watch = _serving_watch(agent, monkeypatch, peer.pid)
+        time.sleep(0.4)  # answered long ago; no data yet
+        peer.stdin.write("send\n")
+        peer.stdin.flush()
+        sent_at = float(peer.stdout.readline())
+        time.sleep(0.2)
+        report = watch.report()
+        now = time.monotonic()
+        assert report["ago_ms"] >= 500 and report["connections"] == 2  # both ends are in its namespace
+        # Served when it sent, not when it answered ICMP (within the 2 ms poll and this test's reads).
+        assert abs(report["served_ago_ms"] - (now - sent_at) * 1000) < 50, report
+        assert report["served_wait_ms"] < 100  # it had sent before the restore's end: no wait
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a raw ICMP socket and a network namespace need root")
+def test_idle_connections_end_the_wait_after_its_bound_and_say_so(agent, monkeypatch):
+    peer = _netns_peer()
+    try:
+        watch = _serving_watch(agent, monkeypatch, peer.pid)
+        report = watch.report()
+        assert "served_ago_ms" not in report and report["address"] == "127.0.0.1"
+        assert "sent no new data within 2 s" in report["served_why"]
+        assert 1900 <= report["served_wait_ms"] <= 3000
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a raw ICMP socket and a network namespace need root")
+def test_no_established_connection_means_no_wait_and_the_answer_stands(agent, monkeypatch):
+    peer = _netns_peer(connected=False)
+    try:
+        report = _serving_watch(agent, monkeypatch, peer.pid).report()
+        assert report["served_why"] == "it held no established TCP connection"
+        assert report["served_wait_ms"] < 500
+    finally:
+        peer.kill()
+        peer.wait()

@@ -2,7 +2,7 @@
 each reported by its agent as "N ms before my result line", placed on the worker's clock by
 when each line arrived (containers/migration/downtime.py client_downtime). No host clock is compared."""
 
-from containers.migration.downtime import client_downtime
+from containers.migration.downtime import client_downtime, served_wait_s
 from operations.display import downtime_breakdown
 
 
@@ -53,3 +53,37 @@ def test_the_operation_page_shows_it_beside_the_criu_breakdown():
         "phases": {"dump_ms": 300, "transfer_ms": 300, "restore_ms": 300},
     }
     assert downtime_breakdown(result)["client"] == {"ms": 950.5, "from": "x", "until": "y", "why": None, "note": None}
+
+
+def test_it_ends_when_its_processes_sent_new_tcp_data_not_when_the_kernel_answered_icmp():
+    # Post-copy: its address answered ICMP 700 ms before the restore's line arrived, its
+    # processes first sent new data 10 ms before it (they had to fetch their memory first).
+    dumped = {"frozen": {"ago_ms": 250.0, "how": "freezer"}}
+    restored = {"answered": {"ago_ms": 700.0, "address": "10.77.64.100", "served_ago_ms": 10.0, "connections": 200}}
+    seen = client_downtime(dumped, 100.0, restored, 101.0, "lab-a", "lab-b")
+    assert seen["ms"] == 1240.0 and seen["answered_ms"] == 550.0
+    assert seen["until"].startswith("its processes sent new TCP data on lab-b (it held 200 established connections)")
+    assert "answered ICMP echo 690.0 ms before" in seen["until"]
+
+
+def test_a_serving_instant_before_the_answer_or_a_lie_falls_back_to_the_answer():
+    dumped = {"frozen": {"ago_ms": 250.0, "how": "freezer"}}
+    for lie in (800.0, -1, "5", True, 1e12):  # before the answer, or not a number
+        restored = {"answered": {"ago_ms": 40.0, "served_ago_ms": lie, "connections": 1}}
+        seen = client_downtime(dumped, 100.0, restored, 101.0, "lab-a", "lab-b")
+        assert seen["ms"] == 1210.0 and "answered ICMP echo" in seen["until"], lie
+    restored = {"answered": {"ago_ms": 40.0, "served_why": "it held no established TCP connection"}}
+    seen = client_downtime(dumped, 100.0, restored, 101.0, "lab-a", "lab-b")
+    assert seen["ms"] == 1210.0 and seen["served_why"] == "it held no established TCP connection"
+
+
+def test_the_wait_for_new_data_is_not_counted_as_the_workers_downtime_and_is_bounded():
+    assert served_wait_s({"answered": {"served_wait_ms": 1500.0}}) == 1.5
+    assert served_wait_s({"answered": {"served_wait_ms": 9e6}}) == 5.0  # a host's lie costs at most 5 s
+    for nothing in (
+        {},
+        {"answered": None},
+        {"answered": {"served_wait_ms": "1"}},
+        {"answered": {"served_wait_ms": -3}},
+    ):
+        assert served_wait_s(nothing) == 0.0

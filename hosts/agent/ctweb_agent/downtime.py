@@ -9,6 +9,14 @@ its processes (the client-visible downtime in a migration's result).
   asked every 2 ms by this host from before the restore starts. The host is told the
   container's MAC first (it is in the container's config), so no ARP round stands between
   the container's return and the first reply.
+- Served, on the target: the kernel answers ICMP as soon as the network namespace is back,
+  but the container's processes may answer later (after a post-copy restore they fetch
+  their memory from the source as they touch it). When the restored container has
+  established TCP connections, the first rise of its network namespace's TcpExt
+  TCPOrigDataSent counter after the answer (segments of new data, never retransmissions;
+  read from /proc/<init>/net/netstat every 2 ms) is the moment its processes sent their
+  clients something again. The restore waits for it up to SERVE_WAIT_S and says how long
+  it waited, so the worker's own downtime does not count that wait.
 
 Each instant goes to the dashboard as "so many ms before this result line": the dashboard
 places both on its own clock by the moment each line arrived, so no two hosts' clocks are
@@ -28,6 +36,8 @@ from .lxc import _config_value, _init_pid, _network, _read_config
 
 FREEZE_POLL_S = 0.001
 PING_EVERY_S = 0.002
+SERVE_POLL_S = 0.002
+SERVE_WAIT_S = 2.0  # after the restore, for the container's first new TCP data
 
 
 def _freezer_file(pid):
@@ -141,13 +151,47 @@ def container_address(name):
     return ip, mac if re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac) else None, None
 
 
+def orig_data_sent(pid):
+    """TcpExt TCPOrigDataSent of the network namespace process `pid` is in (segments that
+    carried new data, not retransmissions), or None."""
+    try:
+        with open(f"/proc/{pid}/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            value = dict(zip(head.split()[1:], values.split()[1:], strict=False)).get("TCPOrigDataSent", "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def established(pid):
+    """How many established TCP connections the network namespace of `pid` holds."""
+    n = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                n += sum(1 for line in f.readlines()[1:] if line.split()[3:4] == ["01"])
+        except OSError:
+            pass
+    return n
+
+
 class AnswerWatch:
     """Started just before a restore: pings the container's address from this host until
-    the first reply, and notes its monotonic instant."""
+    the first reply, and notes its monotonic instant; then, if the container holds
+    established TCP connections, the instant its processes first send new data."""
 
     def __init__(self, name):
+        self.name = name
         self.ip, mac, self.why = container_address(name)
         self.at = None
+        self.served = None
+        self.serve_why = None
+        self.connections = None
+        self._serve_until = None
+        self._answered = threading.Event()
         self._stop = threading.Event()
         self._thread = None
         if not self.ip:
@@ -158,7 +202,7 @@ class AnswerWatch:
             self.why = f"no raw ICMP socket on this host ({e.strerror})"
             return
         self._mac = mac
-        self._thread = threading.Thread(target=self._ping, daemon=True)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _teach_neighbour(self, mac):
@@ -171,6 +215,14 @@ class AnswerWatch:
             return
         dev = words[words.index("dev") + 1]
         run(["ip", "neigh", "replace", self.ip, "lladdr", mac, "dev", dev, "nud", "stale"], timeout=10)
+
+    def _watch(self):
+        try:
+            self._ping()
+        finally:
+            self._answered.set()
+        if self.at is not None and not self._stop.is_set():
+            self._serve()
 
     def _ping(self):
         ident, seq = os.getpid() & 0xFFFF, 0
@@ -197,16 +249,53 @@ class AnswerWatch:
         finally:
             self._sock.close()
 
+    def _serve(self):
+        """After the answer: the first new TCP data the container's processes send."""
+        pid = _init_pid(self.name)
+        base = orig_data_sent(pid) if pid else None
+        if base is None:
+            self.serve_why = "its network namespace's TCP counters could not be read"
+            return
+        self.connections = established(pid)
+        if not self.connections:
+            self.serve_why = "it held no established TCP connection"
+            return
+        while not self._stop.is_set():
+            now = orig_data_sent(pid)
+            if now is None:
+                self.serve_why = "it stopped"
+                return
+            if now > base:
+                self.served = time.monotonic()
+                return
+            if self._serve_until is not None and time.monotonic() >= self._serve_until:
+                self.serve_why = f"its {self.connections} TCP connections sent no new data within {SERVE_WAIT_S:g} s"
+                return
+            time.sleep(SERVE_POLL_S)
+
     def report(self, wait_s=3.0):
-        """{"ago_ms"} once it answered (waiting up to wait_s more for it), else {"why"}."""
+        """{"ago_ms"} once it answered (waiting up to wait_s more for it), else {"why"}; with
+        "served_ago_ms" when its processes sent new TCP data (waiting up to SERVE_WAIT_S more
+        for it: "served_wait_ms" says how long), else "served_why"."""
         if self._thread is None:
             return {"ago_ms": None, "why": self.why}
-        self._thread.join(wait_s)
+        self._answered.wait(wait_s)
+        waited = time.monotonic()
+        self._serve_until = waited + SERVE_WAIT_S
+        self._thread.join(SERVE_WAIT_S + 1)
         self._stop.set()
         self._thread.join(1)
         if self.at is None:
             return {"ago_ms": None, "why": f"{self.ip} did not answer ICMP echo within {wait_s:g} s of the restore"}
-        return {"ago_ms": round((time.monotonic() - self.at) * 1000, 1), "address": self.ip}
+        now = time.monotonic()
+        out = {"ago_ms": round((now - self.at) * 1000, 1), "address": self.ip}
+        out["served_wait_ms"] = round((now - waited) * 1000, 1)
+        if self.served is not None:
+            out["served_ago_ms"] = round((now - self.served) * 1000, 1)
+            out["connections"] = self.connections
+        else:
+            out["served_why"] = self.serve_why or "it sent no new TCP data"
+        return out
 
     def cancel(self):
         self._stop.set()
