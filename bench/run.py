@@ -368,6 +368,7 @@ def bench_client_downtime(stack: Stack, repeat: int = 10) -> dict:
             strategy = ("stop-and-copy", "post-copy")[i % 2]
             target = "lab-b" if host == "lab-a" else "lab-a"
             t0 = time.monotonic()
+            lost_before = client.lost + lone.lost
             try:
                 _, _, op = op_ms(
                     api, "POST", f"/api/v1/containers/{name}/migrate", {"target_host": target, "strategy": strategy}
@@ -387,6 +388,9 @@ def bench_client_downtime(stack: Stack, repeat: int = 10) -> dict:
             rows.setdefault(f"{strategy}: reported client-visible downtime, ms", []).append(seen)
             rows.setdefault(f"{strategy}: TCP client's longest gap, ms", []).append(gap)
             rows.setdefault(f"{strategy}: reported - client's gap, ms", []).append(seen - gap)
+            rows.setdefault(f"{strategy}: TCP connections lost during it (of 201)", []).append(
+                client.lost + lone.lost - lost_before
+            )
             rows.setdefault(f"{strategy}: one connection alone, its longest gap, ms", []).append(
                 lone.longest_gap_ms(t0, t1)
             )
@@ -406,9 +410,10 @@ def bench_client_downtime(stack: Stack, repeat: int = 10) -> dict:
         "min": 0,
         "max": 0,
     }
-    out["TCP client's connections lost (closed or reset by the far end)"] = {
+    why = sorted(set(w.split(" at ")[0] for w in client.why_lost + lone.why_lost))
+    out[f"TCP client's connections lost (closed or reset by the far end){': ' + ', '.join(why) if why else ''}"] = {
         "n": 1,
-        "median": client.lost,
+        "median": client.lost + lone.lost,
         "min": 0,
         "max": 0,
     }

@@ -15,6 +15,7 @@ refuse the dump)."""
 from __future__ import annotations
 
 import collections
+import errno
 import selectors
 import socket
 import threading
@@ -55,6 +56,7 @@ class GapClient:
             self.socks.append(s)
         self.answers: list[float] = []  # time.monotonic() of each answer
         self.lost = 0  # connections that closed or failed (not expected)
+        self.why_lost: list[str] = []  # for each: the error, or "closed" (the far end's FIN)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,9 +78,10 @@ class GapClient:
                     s = idle.popleft()  # it waits for its answer before it is used again
                     try:
                         s.send(b"x")
-                    except OSError:
+                    except OSError as e:
                         sel.unregister(s)
                         self.lost += 1
+                        self.why_lost.append(f"send: {errno.errorcode.get(e.errno, e.errno)}")
                 next_send = now + max(self.every_s, self.spread * (now - last_answer))
                 continue
             for key, _ in sel.select(max(0.0, next_send - now)):
@@ -86,11 +89,14 @@ class GapClient:
                     data = key.fileobj.recv(64)
                 except BlockingIOError:
                     continue
-                except OSError:
-                    data = b""
+                except OSError as e:
+                    data, why = b"", f"recv: {errno.errorcode.get(e.errno, e.errno)}"
+                else:
+                    why = "closed"
                 if not data:
                     sel.unregister(key.fileobj)
                     self.lost += 1
+                    self.why_lost.append(f"{why} at {time.monotonic():.3f}")
                     continue
                 last_answer = time.monotonic()
                 self.answers.append(last_answer)
