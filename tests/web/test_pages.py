@@ -81,7 +81,7 @@ def test_a_migrations_page_shows_the_client_visible_downtime_beside_criu_s_parts
     assert 'id="client-downtime"' in page and "Its clients saw it gone for <b>731.4 ms</b>" in page
     assert "until its address 10.0.0.5 answered ICMP echo on h1" in page
     assert "Post-copy: its processes fetch their memory from the source as they touch it." in page
-    assert "client-visible downtime (freeze until its address answered" in page
+    assert "client-visible downtime (freeze until it answered again" in page
     del result["client_downtime_ms"]
     result["client_downtime"] = {"ms": None, "why": "no answer from its address on h1"}
     Operation.objects.filter(pk=op.pk).update(result=result)
