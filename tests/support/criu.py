@@ -20,6 +20,12 @@ REMOTE_AGENT = "/root/ctweb_agent_test.pyz"  # the zipapp the dashboard ships
 COUNTER = (
     "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.2; done"
 )
+COUNTER_TICK_S = 0.2
+
+
+def ticks_since(t0: float) -> int:
+    """The most COUNTER can have counted since time.monotonic() was t0 (and two for the edges)."""
+    return int((time.monotonic() - t0) / COUNTER_TICK_S) + 2
 
 
 def _ip(octet: int) -> str:
