@@ -1359,6 +1359,8 @@ class PagePump:
     CRIU process sees its connection close. Bytes and rounds are counted so the caller can
     judge progress."""
 
+    path = "ssh-relay"  # the pages cross this worker (postcopy.DirectPages: they do not)
+
     def __init__(self, source, target, params: dict):
         self.source, self.target, self.params = source, target, params
         self.bytes_down = 0  # source -> target (pages)

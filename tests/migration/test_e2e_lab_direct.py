@@ -90,6 +90,7 @@ def test_stop_and_copy_goes_direct_where_an_admin_allows_it_and_relays_again_whe
         "target_address": B,
         "pages": "in-images",
         "pages_encrypted": False,
+        "pages_why": None,
         "why": f"lab-a ({A}) and lab-b ({B}) are both in {LAB_NET}, allowed by an admin",
     }
     assert (
@@ -113,13 +114,14 @@ def test_stop_and_copy_goes_direct_where_an_admin_allows_it_and_relays_again_whe
     assert on_host(lab, "lab-b", "cmp", "-s", "/var/lib/lxc/straight/rootfs/big", "/dev/null").returncode == 1
     assert "lxc.hook" not in on_host(lab, "lab-b", "cat", "/var/lib/lxc/straight/config").stdout
 
-    # Post-copy on the same network: the (page-less) images go direct, the pages stay relayed over SSH.
+    # Post-copy on the same network: the (page-less) images go direct, the pages too, over TLS
+    # between the hosts' page relays (tests/migration/test_e2e_lab_postcopy_direct.py).
     before = counter(lab, "lab-b", "straight")
     op, _ = migrate(bob, "straight", "lab-a", "post-copy")
     transfer = op["result"]["transfer"]
     assert (transfer["images"], transfer["images_encrypted"]) == ("direct-tcp", False)
-    assert (transfer["pages"], transfer["pages_encrypted"]) == ("ssh-relay", True)
-    assert "relayed by the dashboard over SSH (encrypted)" in op["result"]["transport"]
+    assert (transfer["pages"], transfer["pages_encrypted"]) == ("direct-tls", True)
+    assert "host to host over TLS 1.3" in op["result"]["transport"]
     # The pattern's 8 MB came through the page relays, apart from what CRIU kept in the images
     # (which went direct, unencrypted, and the result says how much).
     held = transfer["memory_in_images_bytes"]

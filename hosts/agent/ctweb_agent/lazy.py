@@ -6,12 +6,13 @@ import os
 import re
 import select
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
 
-from . import cow
+from . import cow, pagelink
 from . import state as S
 from .common import (
     CHILD_UMASK,
@@ -59,6 +60,7 @@ LAZY_DUMP = "lazy-dump"  # <mig dir>/lazy-dump.{json,out,rc}: the source's dump 
 LAZY_PAGES = "lazy-pages"  # <mig dir>/lazy-pages.{json,out,rc}: the target's lazy-pages daemon
 PAGE_RELAY = "page-relay"  # <mig dir>/page-relay.{json,out,rc}: this host's page relay
 RELAY_VERSION = 1  # the resumable page relay's protocol (the probe reports it)
+RELAY_STATUS = "page-relay-status.json"
 
 
 def _spawn_watched(argv, mdir, tag, env=None, keep_fd=None):
@@ -210,23 +212,44 @@ def _private_dir(mdir):
     os.chmod(mdir, 0o700)
 
 
-def _start_relay(mdir, role):
+def _start_relay(mdir, role, direct=None):
     """Start this host's page relay for a post-copy; return the socket CRIU must use.
-    CRIU gets the other end of a socketpair as --ps-socket: no port is ever opened."""
+    CRIU gets the other end of a socketpair as --ps-socket: no port is ever opened for it.
+    `direct`: the checked direct page link parameters (pagelink.check_params), written
+    into the migration's root-only directory for the relay."""
     _private_dir(mdir)
+    status = os.path.join(mdir, RELAY_STATUS)
+    if os.path.exists(status):
+        os.unlink(status)
+    if direct is not None:
+        pagelink.install(mdir, role, direct)
     mine, criu_end = socket.socketpair()
     try:
-        env = dict(os.environ, CTWEB_RELAY=json.dumps({"dir": mdir, "role": role}))
+        env = dict(os.environ, CTWEB_RELAY=json.dumps({"dir": mdir, "role": role, "direct": direct is not None}))
         _spawn_watched([sys.executable, agent_file(), "pages-relay"], mdir, PAGE_RELAY, env, mine.fileno())
     finally:
         mine.close()
     return criu_end
 
 
-def _lazy_dump(name, mdir, images):
+def _relay_status(mdir):
+    return _read_json(os.path.join(mdir, RELAY_STATUS)) or {}
+
+
+def _wait_direct(mdir, done, limit):
+    """The relay's direct link status once `done(it)` holds (or at the limit)."""
+    deadline = time.monotonic() + limit
+    while True:
+        d = _relay_status(mdir).get("direct") or {}
+        if done(d) or time.monotonic() > deadline or _watched_rc(mdir, PAGE_RELAY) is not None:
+            return d
+        time.sleep(0.01)
+
+
+def _lazy_dump(name, mdir, images, direct=None):
     """Start the lazy dump; return once the images are written. CRIU's page server then
     serves the frozen tasks' memory over a socketpair to this host's page relay."""
-    criu_end = _start_relay(mdir, "source")
+    criu_end = _start_relay(mdir, "source", direct)
     env = _criu_config(mdir, "dump", ["lazy-pages", "ps-socket 3"])
     argv = ["lxc-checkpoint", "-n", name, "-D", images, "-s"]
     t0 = time.monotonic()
@@ -264,6 +287,8 @@ _F_HELLO, _F_DATA, _F_ACK, _F_FIN, _F_ABORT = 1, 2, 3, 4, 5
 _FRAME = struct.Struct(">BQI")
 _RELAY_CHUNK = 256 * 1024
 _RELAY_WINDOW = 64 * 1024 * 1024  # unacknowledged bytes held before CRIU is read no further
+_TLS_SEND = 1 << 20  # one TLS write (64 records): few Python calls per MiB
+_TLS_READ = 8 << 20  # read a TLS link until it has nothing more, or this much
 
 
 class _Relay:
@@ -293,20 +318,66 @@ class _Relay:
         self.last_ack_t = 0.0
         self.last_status = 0.0
         self._end_sent = None  # the link the FIN/ABORT went out on
+        self.direct = None  # pagelink.DirectLink where the pages may go host to host
+        self.tls = False  # the current link is the direct TLS one
+        self.tls_retry = 0  # a TLS write to retry with at least this many bytes
+        self._rbuf = memoryview(bytearray(1 << 20))
 
     # --- the link -------------------------------------------------------------
-    def attach(self, conn):
+    def attach(self, conn, tls=False):
         if self.link is not None:
             self.link.close()
         conn.setblocking(False)
         self.link, self.link_ready, self.inbuf, self.outq = conn, False, bytearray(), bytearray()
+        self.tls, self.tls_retry = tls, 0
         self.attaches += 1
         self._frame(_F_HELLO, self.received)
 
-    def drop_link(self):
+    def drop_link(self, why="the link ended"):
         if self.link is not None:
             self.link.close()
-        self.link, self.link_ready = None, False
+            if self.tls and self.direct is not None:
+                self.direct.link_lost(why)
+        self.link, self.link_ready, self.tls = None, False, False
+
+    def link_recv(self):
+        """What the link brings now (b"" when it ended, None when nothing yet). A TLS link
+        is read until it has nothing more: select() does not see what TLS holds decrypted."""
+        if not self.tls:
+            try:
+                return self.link.recv(_RELAY_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return b""
+        got = bytearray()
+        while len(got) < _TLS_READ:
+            try:
+                n = self.link.recv_into(self._rbuf)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                break
+            except (OSError, ValueError):
+                return bytes(got) if got else b""
+            if n == 0:
+                return bytes(got) if got else b""
+            got += self._rbuf[:n]
+        return got or None
+
+    def link_send(self, limit):
+        """Send from outq; the number of bytes taken, or None when the link broke."""
+        size = min(len(self.outq), max(limit, self.tls_retry))
+        try:
+            n = self.link.send(self.outq[:size])
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            self.tls_retry = size  # OpenSSL: the retry must bring at least these bytes
+            return 0
+        except (OSError, ValueError):
+            return None
+        self.tls_retry = 0
+        del self.outq[:n]
+        return n
 
     def _frame(self, kind, value, payload=b""):
         self.outq += _FRAME.pack(kind, value, len(payload)) + payload
@@ -324,6 +395,8 @@ class _Relay:
                 self._acked(value)
                 self.sent = max(value, self.out_base)
                 self.link_ready = True
+                if self.tls and self.direct is not None:
+                    self.direct.link_up()
             elif kind == _F_DATA:
                 if value > self.received:
                     raise ValueError("a gap in the peer's data")
@@ -345,7 +418,7 @@ class _Relay:
     def fill_link(self):
         if not self.link_ready:
             return
-        while len(self.outq) < 2 * _RELAY_CHUNK:
+        while len(self.outq) < (4 * _TLS_SEND if self.tls else 2 * _RELAY_CHUNK):
             end = self.out_base + len(self.out)
             if self.sent < end:
                 a = self.sent - self.out_base
@@ -387,7 +460,7 @@ class _Relay:
             return
         self.last_status = now
         _write_json(
-            os.path.join(self.mdir, "page-relay-status.json"),
+            os.path.join(self.mdir, RELAY_STATUS),
             {
                 "role": self.role,
                 "from_criu": self.out_base + len(self.out),
@@ -395,6 +468,9 @@ class _Relay:
                 "from_peer": self.received,
                 "attached": self.link is not None,
                 "attaches": self.attaches,
+                # The page path now: host to host over TLS, or through the dashboard (its pump).
+                "path": "direct-tls" if self.direct is not None and self.direct.active else "ssh-relay",
+                "direct": self.direct.status() if self.direct is not None else None,
                 "local_end": self.local_end,
                 "peer_end": self.peer_end[0] if self.peer_end else None,
                 "updated": time.time(),
@@ -420,7 +496,10 @@ class _Relay:
 
 def cmd_pages_relay(params):
     """The page relay (started detached by migrate-dump or migrate-restore, never by the
-    dashboard): runs until both CRIU processes are done with each other."""
+    dashboard): runs until both CRIU processes are done with each other. Its link to the
+    other host's relay: an attach through the dashboard (`pages-attach` on its unix
+    socket), or, where an admin allowed direct transfer, a TLS connection host to host
+    (pagelink.py); an attach through the dashboard ends the direct link for good."""
     cfg = json.loads(os.environ.get("CTWEB_RELAY", "{}"))
     mdir, role = cfg["dir"], cfg["role"]
     criu_sock = socket.socket(fileno=3)
@@ -435,27 +514,51 @@ def cmd_pages_relay(params):
     listener.listen(4)
     listener.setblocking(False)
     r = _Relay(mdir, role, criu_sock)
+    if cfg.get("direct"):
+        try:
+            r.direct = pagelink.DirectLink(mdir, role)
+        except (OSError, ValueError, KeyError) as e:  # unreadable parameters: the dashboard's path only
+            r.direct = None
+            _write_json(os.path.join(mdir, "page-relay-direct-error.json"), {"error": str(e)})
+    r.status(force=True)  # the source's port, at once: migrate-dump reports it
     throttle = _relay_throttle(mdir)
     checked = time.monotonic()
 
     while not r.finished():
+        d = r.direct if r.direct is not None and r.direct.active else None
+        if d is not None and r.link is None:
+            conn = d.connect_due()  # the target's side: one attempt when due (blocks at most seconds)
+            if conn is not None:
+                r.attach(conn, tls=True)
         rd, wr = [listener], []
+        if d is not None:
+            rd += d.read_fds()
+            wr += d.write_fds()
         if r.local_end is None and len(r.out) < _RELAY_WINDOW:
             rd.append(r.criu)
         if r.to_criu and not r.criu_shut:
             wr.append(r.criu)
+        tls_pending = False
         if r.link is not None:
             rd.append(r.link)
             r.fill_link()
             if r.outq:
                 wr.append(r.link)
+            tls_pending = r.tls and r.link.pending() > 0
         try:
-            readable, writable, _ = select.select(rd, wr, [], 0.2)
+            readable, writable, _ = select.select(rd, wr, [], 0 if tls_pending else 0.2)
         except ValueError:
             readable, writable = [], []
+        if d is not None:
+            conn = d.on_ready(readable + writable)  # the source's side: a verified connection
+            if conn is not None:
+                r.attach(conn, tls=True)  # the target connected again: this link replaces the old one
+                readable, writable = [x for x in readable if x is not r.link], []
         if listener in readable:
             try:
                 conn, _ = listener.accept()
+                if r.direct is not None and r.direct.active:
+                    r.direct.give_up("the dashboard attached: the pages go through it from now on")
                 r.attach(conn)
             except OSError:
                 pass
@@ -479,13 +582,8 @@ def cmd_pages_relay(params):
             except OSError:
                 r.criu_shut = True
                 r.to_criu.clear()
-        if r.link is not None and r.link in readable:
-            try:
-                data = r.link.recv(_RELAY_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                data = b""
+        if r.link is not None and (r.link in readable or tls_pending):
+            data = r.link_recv()
             if data == b"":
                 r.drop_link()
             elif data:
@@ -493,17 +591,12 @@ def cmd_pages_relay(params):
                 try:
                     r.on_frames()
                 except ValueError:
-                    r.drop_link()
+                    r.drop_link("a bad frame")
         if r.link is not None and r.link in writable and r.outq:
-            try:
-                n = r.link.send(r.outq[: throttle or _RELAY_CHUNK])
-                del r.outq[:n]
-                if throttle:
-                    time.sleep(0.1)  # test-only throttle: about 10 x throttle bytes a second
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
+            if r.link_send(throttle or (_TLS_SEND if r.tls else _RELAY_CHUNK)) is None:
                 r.drop_link()
+            elif throttle:
+                time.sleep(0.1)  # test-only throttle: about 10 x throttle bytes a second
         # The peer's CRIU finished normally and we delivered all it sent: end ours too
         # (the source's page server takes the end for "all served" and finishes the dump).
         if r.peer_end and r.peer_end[0] == "fin" and r.received >= r.peer_end[1] and not r.to_criu:
@@ -522,7 +615,7 @@ def cmd_pages_relay(params):
             r.link.setblocking(True)
             r.link.settimeout(5)
             r.link.sendall(r.outq)
-        except OSError:
+        except (OSError, ValueError):
             pass
     r.status(force=True)
     return {"role": role, "from_criu": r.out_base + len(r.out), "from_peer": r.received}
@@ -572,6 +665,9 @@ def cmd_migrate_dump(params):
     name = _require(params.get("name"))
     lazy = _flag(params, "lazy", False)
     mdir = _mig_dir(params)
+    direct = None
+    if lazy and params.get("direct_pages") is not None:  # checked before anything changes
+        direct = pagelink.check_params(params["direct_pages"], "source")
     images = os.path.join(mdir, "images")
     _remove_tree(images) if os.path.exists(images) else None
     os.makedirs(images)
@@ -580,13 +676,14 @@ def cmd_migrate_dump(params):
     freeze = FreezeWatch(name)  # when it stopped serving: the client-visible downtime's start
     if lazy:
         try:
-            ms = _lazy_dump(name, mdir, images)
+            ms = _lazy_dump(name, mdir, images, direct)
         finally:
             freeze.stop()
         event("dump", f"images written after {ms} ms; the page server serves this host's page relay", 90)
         out = {
             "state": _state(name),
             "relay": RELAY_VERSION,
+            "direct_pages": _direct_listening(mdir) if direct is not None else None,
             "stats": {"total_ms": _ms(t0)},
             "images_bytes": _du(images),
             "pages_bytes": _pages_bytes(images),  # what CRIU could not leave to the page server
@@ -604,13 +701,29 @@ def cmd_migrate_dump(params):
     return out
 
 
+def _direct_listening(mdir):
+    """The source relay's direct link: {"port": P} once it listens, or {"error": why}."""
+    d = _wait_direct(mdir, lambda d: d.get("port") or d.get("state") in ("failed", "off"), 5)
+    if d.get("port") and d.get("state") not in ("failed", "off"):
+        return {"port": d["port"]}
+    return {"error": d.get("error") or "the page relay did not start listening"}
+
+
+def _direct_connected(mdir):
+    """The target relay's first direct link: up (the peer's HELLO arrived), or given up."""
+    d = _wait_direct(mdir, lambda d: d.get("state") in ("up", "failed", "off"), pagelink.SETUP_S + 5)
+    if d.get("state") == "up":
+        return "direct-tls", f"the page relays are linked host to host over TLS 1.3 ({d.get('connects')} connection)"
+    return "ssh-relay", f"no direct link to the source's page relay ({d.get('error') or d.get('state') or 'no status'})"
+
+
 def _pages_bytes(images):
     """Bytes of memory pages inside the images (CRIU's pages-N.img files): they travel with the images."""
     return sum(f["size"] for f in _image_files(images) if re.fullmatch(r"pages-\d+\.img", f["name"]))
 
 
-def _start_lazy_pages(name, mdir, images):
-    criu_end = _start_relay(mdir, "target")
+def _start_lazy_pages(name, mdir, images, direct=None):
+    criu_end = _start_relay(mdir, "target", direct)
     argv = ["criu", "lazy-pages", "--page-server", "--ps-socket", "3"]
     argv += ["-D", images, "-o", "lazy-pages.log", "-v4"]
     try:
@@ -641,11 +754,19 @@ def cmd_migrate_restore(params):
     lazy = _flag(params, "lazy", False)
     mdir = _mig_dir(params)
     images = os.path.join(mdir, "images")
+    direct = None
+    if lazy and params.get("direct_pages") is not None:  # checked before anything changes
+        direct = pagelink.check_params(params["direct_pages"], "target")
     t0 = time.monotonic()
     env = None
+    page_path = None
     if lazy:
         event("restore", "starting criu lazy-pages and this host's page relay", 5)
-        _start_lazy_pages(name, mdir, images)
+        _start_lazy_pages(name, mdir, images, direct)
+        if direct is not None:
+            # Before the restore: its processes' first faults need the pages' path.
+            page_path = _direct_connected(mdir)
+            event("restore", f"page path: {page_path[0]}: {page_path[1]}", 8, page_path=page_path[0])
         env = _criu_config(mdir, "restore", ["lazy-pages"])
     event("restore", f"restoring {name}" + (" (memory follows lazily)" if lazy else ""), 10)
     answer = AnswerWatch(name)  # when its address answers here: the client-visible downtime's end
@@ -661,6 +782,8 @@ def cmd_migrate_restore(params):
     stats = _criu_stats(images, "restore")
     stats["total_ms"] = _ms(t0)
     out = {"state": _state(name), "stats": stats}
+    if page_path is not None:
+        out["page_path"], out["page_path_why"] = page_path
     out["answered"] = answer.report()  # last: "so many ms ago" is read against this result's line
     return out
 
@@ -687,7 +810,14 @@ def cmd_migrate_lazy_wait(params):
     while rc is None and time.monotonic() - t0 < wait_s:
         time.sleep(0.1)
         rc = _watched_rc(mdir, tag)
-    relay = _read_json(os.path.join(mdir, "page-relay-status.json")) or {}
+    relay = _relay_status(mdir)
+    if rc == 0 and relay.get("path") == "direct-tls":
+        # The relay's last counters (it writes them twice a second, and once more at its end,
+        # just after this CRIU process's): the dashboard counted no byte of a direct pull itself.
+        deadline = time.monotonic() + 2
+        while _watched_rc(mdir, PAGE_RELAY) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        relay = _relay_status(mdir)
     if rc is None:
         return {"done": False, "relay": relay, "state": _state(name)}
     if rc != 0:
