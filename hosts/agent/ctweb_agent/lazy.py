@@ -1,6 +1,7 @@
 """Post-copy (lazy pages): the source's lazy dump, the target's lazy-pages daemon, the
 resumable page relay between them, and the migrate-dump/-restore/-resume/-abort/-cleanup steps."""
 
+import collections
 import json
 import os
 import re
@@ -286,9 +287,68 @@ def _lazy_dump(name, mdir, images, direct=None):
 _F_HELLO, _F_DATA, _F_ACK, _F_FIN, _F_ABORT = 1, 2, 3, 4, 5
 _FRAME = struct.Struct(">BQI")
 _RELAY_CHUNK = 256 * 1024
+_FRAME_MAX = 4 * _RELAY_CHUNK  # a DATA frame's payload: 256 KiB through the dashboard, 1 MiB over TLS
 _RELAY_WINDOW = 64 * 1024 * 1024  # unacknowledged bytes held before CRIU is read no further
 _TLS_SEND = 1 << 20  # one TLS write (64 records): few Python calls per MiB
 _TLS_READ = 8 << 20  # read a TLS link until it has nothing more, or this much
+
+
+_TO_CRIU_MAX = 32 << 20  # bytes for our CRIU held before the link is read no further
+
+
+class _Chunks:
+    """Bytes in order, kept as the pieces they came in: appending, and dropping from the front,
+    copy nothing of what stays (a bytearray cut at its front copies all of itself on its next
+    growth: with tens of MiB held, that cost the relay most of its time)."""
+
+    def __init__(self):
+        self.q = collections.deque()
+        self.head = 0  # bytes of q[0] already dropped
+        self.n = 0
+
+    def __len__(self):
+        return self.n
+
+    def append(self, data):
+        if data:
+            self.q.append(data)
+            self.n += len(data)
+
+    def read_at(self, pos, size):
+        """Up to `size` bytes from `pos` (relative to the front), as one bytes (one copy)."""
+        out, pos, left = [], pos + self.head, size
+        for piece in self.q:
+            if pos >= len(piece):
+                pos -= len(piece)
+                continue
+            take = memoryview(piece)[pos : pos + left]
+            out.append(take)
+            left -= len(take)
+            pos = 0
+            if left <= 0:
+                break
+        if len(out) == 1 and len(out[0]) == len(out[0].obj):
+            return out[0].obj  # a whole piece: no copy at all
+        return b"".join(out)
+
+    def peek(self, size):
+        return self.read_at(0, size)
+
+    def head_view(self, size):
+        """Up to `size` bytes from the front of the first piece, without a copy."""
+        return memoryview(self.q[0])[self.head : self.head + size] if self.q else b""
+
+    def drop(self, size):
+        size = min(size, self.n)
+        self.n -= size
+        size += self.head
+        while self.q and size >= len(self.q[0]):
+            size -= len(self.q.popleft())
+        self.head = size if self.q else 0
+
+    def clear(self):
+        self.q.clear()
+        self.head = self.n = 0
 
 
 class _Relay:
@@ -300,10 +360,10 @@ class _Relay:
     def __init__(self, mdir, role, criu_sock):
         self.mdir, self.role, self.criu = mdir, role, criu_sock
         self.criu.setblocking(False)
-        self.out = bytearray()  # from CRIU, not yet acknowledged by the peer
+        self.out = _Chunks()  # from CRIU, not yet acknowledged by the peer
         self.out_base = 0  # offset of out[0]
         self.sent = 0  # offset sent on the current link
-        self.to_criu = bytearray()
+        self.to_criu = _Chunks()
         self.received = 0  # bytes from the peer, in order
         self.acked_sent = 0
         self.local_end = None  # "fin" or "abort" once CRIU's side ended
@@ -312,7 +372,7 @@ class _Relay:
         self.link = None
         self.link_ready = False  # the peer's HELLO arrived on this link
         self.inbuf = bytearray()
-        self.outq = bytearray()
+        self.outq = _Chunks()
         self.attaches = 0
         self.done_at = None
         self.last_ack_t = 0.0
@@ -321,14 +381,14 @@ class _Relay:
         self.direct = None  # pagelink.DirectLink where the pages may go host to host
         self.tls = False  # the current link is the direct TLS one
         self.tls_retry = 0  # a TLS write to retry with at least this many bytes
-        self._rbuf = memoryview(bytearray(1 << 20))
+        self._rbuf = None  # a TLS link's read buffer (made with the first one)
 
     # --- the link -------------------------------------------------------------
     def attach(self, conn, tls=False):
         if self.link is not None:
             self.link.close()
         conn.setblocking(False)
-        self.link, self.link_ready, self.inbuf, self.outq = conn, False, bytearray(), bytearray()
+        self.link, self.link_ready, self.inbuf, self.outq = conn, False, bytearray(), _Chunks()
         self.tls, self.tls_retry = tls, 0
         self.attaches += 1
         self._frame(_F_HELLO, self.received)
@@ -341,33 +401,42 @@ class _Relay:
         self.link, self.link_ready, self.tls = None, False, False
 
     def link_recv(self):
-        """What the link brings now (b"" when it ended, None when nothing yet). A TLS link
-        is read until it has nothing more: select() does not see what TLS holds decrypted."""
+        """Read what the link brings now into inbuf: True when the link ended. A TLS link is
+        read until it has nothing more (select() does not see what TLS holds decrypted),
+        record by record into one buffer, appended once."""
         if not self.tls:
             try:
-                return self.link.recv(_RELAY_CHUNK)
+                data = self.link.recv(_RELAY_CHUNK)
             except (BlockingIOError, InterruptedError):
-                return None
+                return False
             except OSError:
-                return b""
-        got = bytearray()
-        while len(got) < _TLS_READ:
+                return True
+            self.inbuf += data
+            return not data
+        if self._rbuf is None:
+            self._rbuf = memoryview(bytearray(_TLS_READ))
+        filled, ended = 0, False
+        while filled < _TLS_READ:
             try:
-                n = self.link.recv_into(self._rbuf)
+                n = self.link.recv_into(self._rbuf[filled:])
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
                 break
             except (OSError, ValueError):
-                return bytes(got) if got else b""
+                ended = True
+                break
             if n == 0:
-                return bytes(got) if got else b""
-            got += self._rbuf[:n]
-        return got or None
+                ended = True
+                break
+            filled += n
+        if filled:
+            self.inbuf += self._rbuf[:filled]
+        return ended and not filled
 
     def link_send(self, limit):
         """Send from outq; the number of bytes taken, or None when the link broke."""
         size = min(len(self.outq), max(limit, self.tls_retry))
         try:
-            n = self.link.send(self.outq[:size])
+            n = self.link.send(self.outq.peek(size))
         except (BlockingIOError, InterruptedError):
             return 0
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -376,43 +445,51 @@ class _Relay:
         except (OSError, ValueError):
             return None
         self.tls_retry = 0
-        del self.outq[:n]
+        self.outq.drop(n)
         return n
 
     def _frame(self, kind, value, payload=b""):
-        self.outq += _FRAME.pack(kind, value, len(payload)) + payload
+        self.outq.append(_FRAME.pack(kind, value, len(payload)))
+        self.outq.append(payload)
 
     def on_frames(self):
-        while len(self.inbuf) >= _FRAME.size:
-            kind, value, n = _FRAME.unpack_from(self.inbuf)
-            if n > 4 * _RELAY_CHUNK or kind not in (1, 2, 3, 4, 5):
-                raise ValueError("bad frame")
-            if len(self.inbuf) < _FRAME.size + n:
-                return
-            payload = bytes(self.inbuf[_FRAME.size : _FRAME.size + n])
-            del self.inbuf[: _FRAME.size + n]
-            if kind == _F_HELLO:
-                self._acked(value)
-                self.sent = max(value, self.out_base)
-                self.link_ready = True
-                if self.tls and self.direct is not None:
-                    self.direct.link_up()
-            elif kind == _F_DATA:
-                if value > self.received:
-                    raise ValueError("a gap in the peer's data")
-                fresh = payload[self.received - value :]
-                self.to_criu += fresh
-                self.received += len(fresh)
-            elif kind == _F_ACK:
-                self._acked(value)
-            elif kind == _F_FIN:
-                self.peer_end = ("fin", value)
-            elif kind == _F_ABORT:
-                self.peer_end = ("abort", None)
+        """Handle every whole frame in inbuf; the rest (a partial frame) stays for later."""
+        buf, pos = self.inbuf, 0
+        try:
+            while len(buf) - pos >= _FRAME.size:
+                kind, value, n = _FRAME.unpack_from(buf, pos)
+                if n > _FRAME_MAX or kind not in (1, 2, 3, 4, 5):
+                    raise ValueError("bad frame")
+                start = pos + _FRAME.size
+                if len(buf) - start < n:
+                    return
+                pos = start + n
+                if kind == _F_HELLO:
+                    self._acked(value)
+                    self.sent = max(value, self.out_base)
+                    self.link_ready = True
+                    if self.tls and self.direct is not None:
+                        self.direct.link_up()
+                elif kind == _F_DATA:
+                    if value > self.received:
+                        raise ValueError("a gap in the peer's data")
+                    skip = self.received - value
+                    if skip < n:
+                        with memoryview(buf) as view:
+                            self.to_criu.append(bytes(view[start + skip : pos]))  # one copy
+                        self.received += n - skip
+                elif kind == _F_ACK:
+                    self._acked(value)
+                elif kind == _F_FIN:
+                    self.peer_end = ("fin", value)
+                elif kind == _F_ABORT:
+                    self.peer_end = ("abort", None)
+        finally:
+            del buf[:pos]
 
     def _acked(self, upto):
         if upto > self.out_base:
-            del self.out[: upto - self.out_base]
+            self.out.drop(upto - self.out_base)
             self.out_base = upto
 
     def fill_link(self):
@@ -422,7 +499,7 @@ class _Relay:
             end = self.out_base + len(self.out)
             if self.sent < end:
                 a = self.sent - self.out_base
-                chunk = bytes(self.out[a : a + _RELAY_CHUNK])
+                chunk = self.out.read_at(a, _TLS_SEND if self.tls else _RELAY_CHUNK)
                 self._frame(_F_DATA, self.sent, chunk)
                 self.sent += len(chunk)
                 continue
@@ -540,11 +617,12 @@ def cmd_pages_relay(params):
             wr.append(r.criu)
         tls_pending = False
         if r.link is not None:
-            rd.append(r.link)
+            if len(r.to_criu) < _TO_CRIU_MAX:  # else our CRIU takes what it has first
+                rd.append(r.link)
             r.fill_link()
             if r.outq:
                 wr.append(r.link)
-            tls_pending = r.tls and r.link.pending() > 0
+            tls_pending = r.tls and r.link in rd and r.link.pending() > 0
         try:
             readable, writable, _ = select.select(rd, wr, [], 0 if tls_pending else 0.2)
         except ValueError:
@@ -563,35 +641,41 @@ def cmd_pages_relay(params):
             except OSError:
                 pass
         if r.criu in readable:
-            try:
-                data = r.criu.recv(_RELAY_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
-                r.criu_ended()
-            elif data:
-                r.out += data
-        if r.criu in writable and r.to_criu:
-            try:
-                n = r.criu.send(r.to_criu[:_RELAY_CHUNK])
-                del r.to_criu[:n]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                r.criu_shut = True
-                r.to_criu.clear()
-        if r.link is not None and (r.link in readable or tls_pending):
-            data = r.link_recv()
-            if data == b"":
-                r.drop_link()
-            elif data:
-                r.inbuf += data
+            got = 0
+            while got < _TLS_SEND * 4 and len(r.out) < _RELAY_WINDOW:  # what CRIU has, in few calls
                 try:
-                    r.on_frames()
-                except ValueError:
-                    r.drop_link("a bad frame")
+                    data = r.criu.recv(_RELAY_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if data == b"":
+                    r.criu_ended()
+                    break
+                r.out.append(data)
+                got += len(data)
+        if r.criu in writable and r.to_criu:
+            given = 0
+            while r.to_criu and given < _TLS_SEND * 8:
+                try:
+                    n = r.criu.send(r.to_criu.head_view(_TLS_SEND))
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    r.criu_shut = True
+                    r.to_criu.clear()
+                    break
+                r.to_criu.drop(n)
+                given += n
+        if r.link is not None and (r.link in readable or tls_pending):
+            ended = r.link_recv()
+            try:
+                r.on_frames()
+            except ValueError:
+                r.drop_link("a bad frame")
+            else:
+                if ended:
+                    r.drop_link()
         if r.link is not None and r.link in writable and r.outq:
             if r.link_send(throttle or (_TLS_SEND if r.tls else _RELAY_CHUNK)) is None:
                 r.drop_link()
@@ -614,7 +698,7 @@ def cmd_pages_relay(params):
         try:
             r.link.setblocking(True)
             r.link.settimeout(5)
-            r.link.sendall(r.outq)
+            r.link.sendall(r.outq.peek(len(r.outq)))
         except (OSError, ValueError):
             pass
     r.status(force=True)
