@@ -276,7 +276,7 @@ def bench_pages(stack: Stack, mib: int = 256, repeat: int = 3) -> dict:
     return {k: summary(v) for k, v in rows.items()}
 
 
-DIRECT = "stop-and-copy relayed over SSH vs direct TCP (debian, python holding 512 MiB)"
+DIRECT = "stop-and-copy relayed over SSH vs direct TLS (debian, python holding 512 MiB)"
 
 
 def bench_direct(stack: Stack, mib: int = 512, repeat: int = 3) -> dict:
@@ -292,7 +292,7 @@ def bench_direct(stack: Stack, mib: int = 512, repeat: int = 3) -> dict:
     host = "lab-a"
     try:
         for _ in range(repeat):
-            for mode, networks in (("relayed over SSH", []), ("direct TCP", [str(core.subnet())])):
+            for mode, networks in (("relayed over SSH", []), ("direct TLS", [str(core.subnet())])):
                 admin("PUT", "/api/v1/settings/", json={"direct_transfer_networks": networks}).raise_for_status()
                 target = "lab-b" if host == "lab-a" else "lab-a"
                 _, _, op = op_ms(
@@ -303,7 +303,7 @@ def bench_direct(stack: Stack, mib: int = 512, repeat: int = 3) -> dict:
                 )
                 host = target
                 res = op["result"]
-                want = "direct-tcp" if networks else "ssh-relay"
+                want = "direct-tls" if networks else "ssh-relay"
                 if res["transfer"]["images"] != want:
                     raise RuntimeError(f"expected {want}, the result says {res['transfer']}")
                 rows.setdefault(f"downtime, {mode}, ms", []).append(res["downtime_ms"])
@@ -320,7 +320,7 @@ def bench_direct(stack: Stack, mib: int = 512, repeat: int = 3) -> dict:
         admin("PUT", "/api/v1/settings/", json={"direct_transfer_networks": []})
         op_ms(api, "DELETE", f"/api/v1/containers/{name}/")
     out = {k: summary(v) for k, v in rows.items()}
-    relay, direct = out.get("downtime, relayed over SSH, ms"), out.get("downtime, direct TCP, ms")
+    relay, direct = out.get("downtime, relayed over SSH, ms"), out.get("downtime, direct TLS, ms")
     if relay and direct:
         out["downtime direct / relayed (medians)"] = {
             "n": 1,

@@ -1,5 +1,5 @@
-"""Per-migration certificates for a post-copy's direct page link (the agent's side:
-hosts/agent/ctweb_agent/pagelink.py). The worker makes two, one per host, each self-signed
+"""Per-migration certificates for the direct host-to-host links: a post-copy's page link and
+each direct stream of a tar (the agent's side: hosts/agent/ctweb_agent/pagelink.py). The worker makes two, one per host, each self-signed
 with a fresh P-256 key, and hands each agent its own certificate and key and the peer's
 certificate in its JSON parameters over SSH: each side trusts exactly the other's
 certificate. Nothing is stored: the keys live in the worker's memory for the run and in the
@@ -49,6 +49,12 @@ class PageLinkKeys:
 
     def __repr__(self) -> str:  # never the keys, in a log or a traceback
         return "PageLinkKeys(<per-migration keys>)"
+
+    def tls(self, role: str) -> dict:
+        """A direct stream's `tls` parameters for one end: "source" (it sends, connecting) or
+        "target" (it receives, listening)."""
+        mine, peer = (self.source, self.target) if role == "source" else (self.target, self.source)
+        return {**mine, "peer_cert": peer["cert"]}
 
     def for_source(self, listen: str, peer: str) -> dict:
         return {**self.source, "peer_cert": self.target["cert"], "listen": listen, "peer": peer}

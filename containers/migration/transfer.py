@@ -1,6 +1,7 @@
 """How a migration's tars travel from the source's agent to the target's: relayed by the
-worker over both hosts' SSH connections (encrypted), or directly host to host over TCP
-where an admin allowed it (core/fleet.py); and what the result says about it."""
+worker over both hosts' SSH connections (encrypted), or directly host to host over TLS 1.3
+with certificates made for each stream where an admin allowed it (core/fleet.py); and what
+the result says about it."""
 
 from __future__ import annotations
 
@@ -56,16 +57,16 @@ class Transfer:
         r = self.route
         pages = self.pages
         return {
-            "images": "direct-tcp" if r else "ssh-relay",
-            "images_encrypted": not r,
+            "images": "direct-tls" if r else "ssh-relay",
+            "images_encrypted": True,
             "network": r["network"] if r else None,
             "source_address": r["source_address"] if r else None,
             "target_address": r["target_address"] if r else None,
             "pages": pages,
-            "pages_encrypted": {"in-images": not r, "ssh-relay": True, "direct-tls": True}.get(pages),
+            "pages_encrypted": {"in-images": True, "ssh-relay": True, "direct-tls": True}.get(pages),
             "pages_why": self.pages_why,  # why a direct page path fell back to the dashboard
             # Memory that travelled inside the images (all of it for stop-and-copy; for
-            # post-copy the few pages CRIU cannot serve lazily): as encrypted as the images.
+            # post-copy the few pages CRIU cannot serve lazily).
             "memory_in_images_bytes": self.memory_in_images,
             "why": self.why,
         }
@@ -76,7 +77,8 @@ class Transfer:
         if r:
             images = (
                 f"sent directly from {self.source.name} ({r['source_address']}) to {self.target.name} "
-                f"({r['target_address']}) over TCP on {r['network']}, unencrypted (allowed by an admin)"
+                f"({r['target_address']}) over TLS 1.3 on {r['network']} (allowed by an admin; encrypted, both "
+                "hosts authenticated by certificates made for each stream)"
             )
         else:
             images = "relayed through the dashboard over both hosts' SSH connections"
@@ -84,8 +86,7 @@ class Transfer:
             held = ""
             if r and self.memory_in_images:
                 held = (
-                    f" ({self.memory_in_images / 1024:.0f} KiB of pages CRIU cannot serve lazily went with the "
-                    "images, unencrypted)"
+                    f" ({self.memory_in_images / 1024:.0f} KiB of pages CRIU cannot serve lazily went with the images)"
                 )
             if self.pages == "direct-tls":
                 how = (
@@ -101,13 +102,12 @@ class Transfer:
                 f"through both hosts' resumable page relays, {how}"
             )
         if r:
-            memory = "; the memory images crossed it unencrypted" if self.strategy == "stop-and-copy" else ""
-            return f"root filesystem, snapshots and images {images}{memory}"
+            return f"root filesystem, snapshots and images {images}"
         return f"{images} (encrypted)"
 
     def announce(self) -> str:
         if self.route:
-            return f"transfer: directly host to host over TCP, unencrypted ({self.why}); " + (
+            return f"transfer: directly host to host over TLS 1.3 ({self.why}); " + (
                 "memory pages host to host over TLS 1.3 (encrypted, authenticated)"
                 if self.strategy == "post-copy"
                 else "memory included"

@@ -88,7 +88,7 @@ def test_post_copy_pages_go_host_to_host_over_tls(bob, lab, direct):
     op = ok(run_op(bob, "POST", "/api/v1/containers/pcd/migrate", {"target_host": "lab-b", "strategy": "post-copy"}))
     result = op["result"]
     transfer = result["transfer"]
-    assert (transfer["images"], transfer["pages"], transfer["pages_encrypted"]) == ("direct-tcp", "direct-tls", True)
+    assert (transfer["images"], transfer["pages"], transfer["pages_encrypted"]) == ("direct-tls", "direct-tls", True)
     assert transfer["pages_why"] is None, transfer
     assert result["page_relay"]["path"] == "direct-tls" and result["page_relay"]["encrypted"] is True
     assert result["page_relay"]["rounds"] == 1, result["page_relay"]  # one TLS connection, no break
@@ -123,7 +123,7 @@ def test_a_target_that_cannot_reach_the_source_falls_back_to_the_dashboard(bob, 
         )
     result = op["result"]
     transfer = result["transfer"]
-    assert transfer["images"] == "direct-tcp"  # lab-a -> lab-b connections pass
+    assert transfer["images"] == "direct-tls"  # lab-a -> lab-b connections pass
     assert (transfer["pages"], transfer["pages_encrypted"]) == ("ssh-relay", True), transfer
     assert "no direct link" in transfer["pages_why"], transfer
     assert result["page_relay"]["path"] == "ssh-relay"

@@ -90,7 +90,7 @@ def test_a_migrations_page_shows_the_client_visible_downtime_beside_criu_s_parts
 
 
 def test_a_migrations_page_shows_its_paths_and_what_crossed_the_dashboard(viewer, trusted_host):
-    transfer = {"images": "direct-tcp", "images_encrypted": False, "pages": "direct-tls", "pages_encrypted": True}
+    transfer = {"images": "direct-tls", "images_encrypted": True, "pages": "direct-tls", "pages_encrypted": True}
     result = {
         "strategy": "post-copy",
         "downtime_ms": 700.0,
@@ -103,7 +103,7 @@ def test_a_migrations_page_shows_its_paths_and_what_crossed_the_dashboard(viewer
     }
     op = Operation.objects.create(kind="migrate", target_host=trusted_host, status="success", result=result)
     page = viewer.get(f"/operations/{op.pk}/").content.decode()
-    assert "images: direct-tcp (unencrypted); memory pages: direct-tls (encrypted)</td>" in page
+    assert "images: direct-tls (encrypted); memory pages: direct-tls (encrypted)</td>" in page
     assert '<tr id="dashboard-bytes"><th scope="row">through the dashboard</th><td>0\xa0bytes' in page
     result["transfer"] = {**transfer, "pages": "ssh-relay", "pages_why": "lab-b: no direct link (refused)"}
     result["dashboard_bytes"] = 256 << 20

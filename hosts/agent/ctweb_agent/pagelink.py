@@ -22,8 +22,10 @@ import hashlib
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import ssl
+import tempfile
 import time
 
 from .common import AgentError
@@ -60,6 +62,22 @@ def _ip(value, what):
         return str(ipaddress.ip_address(value))
     except ValueError:
         raise AgentError(f"Bad direct page link address ({what}).") from None
+
+
+def check_tls(d):
+    """A direct stream's `tls` parameters: this host's certificate and key, the peer's certificate."""
+    if not isinstance(d, dict):
+        raise AgentError("Bad direct-transfer TLS parameters.")
+    out = {
+        "cert": _pem(d.get("cert"), "CERTIFICATE", "cert"),
+        "key": _pem(d.get("key"), "PRIVATE KEY", "key"),
+        "peer_cert": _pem(d.get("peer_cert"), "CERTIFICATE", "peer_cert"),
+    }
+    try:
+        out["peer_fingerprint"] = fingerprint(out["peer_cert"])
+    except (ValueError, TypeError):
+        raise AgentError("Bad direct-transfer TLS parameters (peer_cert).") from None
+    return out
 
 
 def check_params(d, role):
@@ -117,7 +135,45 @@ def context(mdir, server):
     ctx.load_verify_locations(cafile=os.path.join(mdir, PEER_CERT))
     ctx.check_hostname = False  # no names: the peer's exact certificate is pinned
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if server:
+        ctx.num_tickets = 0  # no session resumption: one handshake, one certificate check each
     return ctx
+
+
+def stream_context(tls, server):
+    """The context of a direct stream: as context(), from checked parameters held in memory
+    (OpenSSL reads a key only from a file: it lives for a moment in a private directory)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    tmp = tempfile.mkdtemp(prefix="ctweb-tls-")  # 0700
+    try:
+        for name in ("cert", "key"):
+            fd = os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(tls[name])
+        ctx.load_cert_chain(os.path.join(tmp, "cert"), os.path.join(tmp, "key"))
+    except (OSError, ssl.SSLError, ValueError):
+        raise AgentError("Bad direct-transfer TLS parameters (cert, key).") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ctx.load_verify_locations(cadata=tls["peer_cert"])
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if server:
+        ctx.num_tickets = 0
+    return ctx
+
+
+def pinned(s, fingerprint_hex):
+    """After the handshake: the peer presented exactly the pinned certificate."""
+    peer = s.getpeercert(binary_form=True)
+    if not peer or hashlib.sha256(peer).hexdigest() != fingerprint_hex:
+        raise ssl.SSLError("the peer's certificate is not the pinned one")
+    return s
+
+
+def why(e):
+    return _why(e)
 
 
 def tune(sock):
@@ -198,9 +254,7 @@ class DirectLink:
             self._fail(why, "off" if self.ever_up else "failed")
 
     def _verified(self, s):
-        peer = s.getpeercert(binary_form=True)
-        if not peer or hashlib.sha256(peer).hexdigest() != self.cfg["peer_fingerprint"]:
-            raise ssl.SSLError("the peer's certificate is not the pinned one")
+        pinned(s, self.cfg["peer_fingerprint"])
         s.setblocking(False)
         self.connects += 1
         return s
