@@ -11,7 +11,17 @@ from contextlib import contextmanager
 import pytest
 
 from lab import core
-from tests.support.faults import leftovers, phase, shell, start, throttle, unthrottle, wait_until, worker_log
+from tests.support.faults import (
+    fresh_worker,
+    leftovers,
+    phase,
+    shell,
+    start,
+    throttle,
+    unthrottle,
+    wait_until,
+    worker_log,
+)
 from tests.support.lab import PATTERN, counter, create, on_host, pattern
 from tests.support.stack import Api, ok, run_op, wait_for
 
@@ -113,6 +123,25 @@ def test_a_45_s_cut_between_the_hosts_mid_pull_only_pauses_it(bob, lab, direct):
     assert relay["path"] == "direct-tls" and relay["rounds"] >= 2, relay  # connected again after the cut
     assert op["result"]["dashboard_bytes"] < op["result"]["page_bytes"] / 20, op["result"]
     _arrived(lab, "pcd-cut", drawn, before)
+
+
+def test_a_worker_lost_mid_pull_leaves_the_direct_link_to_finish_it(bob, lab, lab_stack, direct):
+    """The worker SIGKILLed during a direct pull: the relays carry on between themselves;
+    the recovery reads their counters (no pump) until every page arrived."""
+    drawn, before = patterned(bob, lab, direct, "pcd-lost")
+    op_id = start(bob, "/api/v1/containers/pcd-lost/migrate", {"target_host": "lab-b", "strategy": "post-copy"})
+    throttle(lab, "lab-a", op_id)
+    wait_until(bob, op_id, phase("pages"), "the page pull", timeout=180)
+    fresh_worker(lab_stack)
+    time.sleep(3)
+    unthrottle(lab, "lab-a", op_id)
+    op = bob.wait_operation(op_id, timeout=400)
+    assert op["status"] == "failure" and op["error"].startswith("Worker lost"), op["error"]
+    assert "every page arrived" in op["error"], (op["error"], worker_log(bob.stack, "postcopy-direct-worker.log"))
+    assert op["result"]["transfer"]["pages"] == "direct-tls"
+    row = bob.get("/api/v1/containers/pcd-lost/").json()
+    assert (row["host"], row["state"]) == ("lab-b", "RUNNING"), row
+    _arrived(lab, "pcd-lost", drawn, before)
 
 
 def test_a_target_that_cannot_reach_the_source_falls_back_to_the_dashboard(bob, lab, direct):
