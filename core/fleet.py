@@ -4,9 +4,10 @@ and how long a post-copy's page pull may go without progress.
 By default a migration's bytes go through the dashboard: the worker relays them between
 its two SSH connections, so no host has to reach or trust another and everything is
 encrypted. An admin may name private networks on which two hosts send a migration's tars
-straight to each other over plain TCP instead (faster, but unencrypted: memory pages
-cross that network in the clear). Only RFC 1918, loopback and IPv6 unique-local networks
-are accepted, and a migration goes direct only when both hosts' addresses (as the
+and post-copy pages straight to each other instead, over TLS 1.3 with certificates the
+worker makes for each migration (faster; the hosts must then reach each other, and a
+source listens for its target during a post-copy). Only RFC 1918, loopback and IPv6
+unique-local networks are accepted, and a migration goes direct only when both hosts' addresses (as the
 dashboard knows them) are IP addresses inside the same allowed network.
 """
 
@@ -66,7 +67,7 @@ def clean_networks(value, text: bool = False) -> list[str]:
             raise ValidationError(f"{item} has host bits set: write the network itself, {loose}.") from None
         if not any(net.version == p.version and net.subnet_of(p) for p in PRIVATE_NETWORKS):
             raise ValidationError(
-                f"{net} is not a private network. Direct transfer is unencrypted, so it is allowed only inside "
+                f"{net} is not a private network. Direct transfer opens ports between hosts, so it is allowed only inside "
                 "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, loopback or IPv6 unique-local (fc00::/7) networks."
             )
         if str(net) not in out:
@@ -207,7 +208,7 @@ class FleetSettingsSerializer(serializers.Serializer):
     direct_transfer_networks = serializers.ListField(
         child=serializers.CharField(max_length=64),
         max_length=MAX_NETWORKS,
-        help_text="Private networks (CIDR) on which hosts may send migrations directly, unencrypted. "
+        help_text="Private networks (CIDR) on which hosts may send migrations directly to each other (TLS 1.3). "
         "Empty: every byte is relayed by the dashboard over SSH.",
     )
     postcopy_stall_limit_s = serializers.IntegerField(

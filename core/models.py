@@ -81,8 +81,8 @@ class AuditEntry(models.Model):
 class FleetSettings(models.Model):
     """Settings of the whole fleet that an admin changes (one row, pk 1; see core/fleet.py)."""
 
-    # Networks (CIDR strings) on which two hosts may send a migration's tars straight to
-    # each other over plain TCP, unencrypted, instead of through the dashboard over SSH.
+    # Networks (CIDR strings) on which two hosts may send a migration's tars and post-copy
+    # pages straight to each other over TLS, instead of through the dashboard over SSH.
     direct_transfer_networks = models.JSONField(default=list, blank=True)
     # A post-copy's page pull is given up (both copies kept, for an admin) after this many
     # seconds without any progress; there is no limit on its total time.

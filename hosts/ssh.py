@@ -39,6 +39,7 @@ from django.conf import settings
 from . import sudo
 from .agent import AGENT_SUBCOMMANDS, agent_file_name, agent_source
 from .models import Host
+from .pagecerts import PageLinkKeys
 
 log = logging.getLogger(__name__)
 
@@ -1245,23 +1246,33 @@ def direct(
     on_tick: Callable[[], None] | None = None,
     timeout: float = 3600,
 ) -> tuple[int, dict]:
-    """Have the sender agent stream a tar straight to the receiver agent over TCP.
+    """Have the sender agent stream a tar straight to the receiver agent over TLS 1.3.
 
-    Only for hosts an admin allowed (`route` from core.fleet.direct_route): the bytes
-    are NOT encrypted. The receiver listens on its own address for one connection from
-    the sender's address bringing a one-time token; the token travels to both agents
-    inside their parameters over SSH (never in a command line, never logged). The worker
+    Only for hosts an admin allowed (`route` from core.fleet.direct_route). The receiver
+    listens on its own address for one connection from the sender's address; both ends
+    present certificates made for this one stream (hosts/pagecerts.py), each pinned by the
+    other, and inside, the connection brings a one-time token; keys and token travel to both
+    agents inside their parameters over SSH (never in a command line, never logged). The worker
     keeps both agents' standard input open: when it closes a channel (a failure, a cancel
     raised by on_bytes/on_tick, its own death) that agent stops at once. The receiver
     reports bytes as they arrive. Both agents hash the stream and the digests are compared
     here (they travel over SSH), so bytes altered on the way fail the transfer (the caller's
     recovery removes what arrived). Returns (bytes moved, the receiver's result)."""
     token = secrets.token_hex(32)
+    keys = PageLinkKeys(0)
     channels: list[paramiko.Channel] = []
     try:
         rch = receiver.open_stream(
             "receive",
-            {**params, "direct": {"listen": route["target_address"], "peer": route["source_address"], "token": token}},
+            {
+                **params,
+                "direct": {
+                    "listen": route["target_address"],
+                    "peer": route["source_address"],
+                    "token": token,
+                    "tls": keys.tls("target"),
+                },
+            },
         )
         channels.append(rch)
         recv = _Agent(rch, "receiving host")
@@ -1288,6 +1299,7 @@ def direct(
                     "address": route["target_address"],
                     "port": port,
                     "token": token,
+                    "tls": keys.tls("source"),
                 },
             },
         )
@@ -1322,8 +1334,8 @@ def direct(
         sent = send.result or {}
         if sent.get("bytes") != moved:
             raise AgentFailed(f"The receiving host got {moved} bytes of the {sent.get('bytes')} the sending host sent.")
-        # The stream itself is not protected: both ends hash what they saw, and the digests
-        # come here over SSH. A difference means the bytes were changed on the way.
+        # A second check beside TLS and the stream's MAC: both ends report the stream's
+        # HMAC, and the digests come here over SSH. A difference means a changed stream.
         if not sent.get("sha256") or sent.get("sha256") != result.get("sha256"):
             raise AgentFailed(
                 "What the receiving host got differs from what the sending host sent (the stream's HMAC-SHA256 differs): "
@@ -1358,6 +1370,8 @@ class PagePump:
     relays' protocol (offsets, acks, a hello on each attach) makes the rounds one stream: no
     CRIU process sees its connection close. Bytes and rounds are counted so the caller can
     judge progress."""
+
+    path = "ssh-relay"  # the pages cross this worker (postcopy.DirectPages: they do not)
 
     def __init__(self, source, target, params: dict):
         self.source, self.target, self.params = source, target, params

@@ -2,8 +2,9 @@
 
 The worker relays every byte between its two SSH connections (no host trusts another;
 everything is encrypted), unless an admin allowed direct transfer on a network holding
-both hosts' addresses (core/fleet.py): then the tars go from host to host over plain TCP
-with a one-time token, unencrypted, and post-copy pages still go through the dashboard over SSH.
+both hosts' addresses (core/fleet.py): then the tars and post-copy pages go from host to
+host over TLS 1.3 with certificates the worker makes for the migration (the pages fall back
+to the dashboard if the target cannot reach the source's page relay).
 The result's `transport` and `transfer` say which path was taken. Strategies:
 - stop-and-copy: sync the rootfs while the container runs, dump and stop it, send the
   images and the rootfs delta, restore on the target;

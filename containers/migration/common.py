@@ -25,10 +25,20 @@ def call(conn: ssh.HostConnection, progress: Progress, step: str, sub: str, para
     return call_timed(conn, progress, step, sub, params)[0]
 
 
-def call_timed(conn: ssh.HostConnection, progress: Progress, step: str, sub: str, params: dict) -> tuple[dict, float]:
-    """`call`, and when the agent's result line arrived (this worker's monotonic clock)."""
+def call_timed(
+    conn: ssh.HostConnection, progress: Progress, step: str, sub: str, params: dict, also=None
+) -> tuple[dict, float]:
+    """`call`, and when the agent's result line arrived (this worker's monotonic clock).
+    `also(event)` sees each of the agent's events too."""
+    relay = progress.relay(step)
+
+    def on_event(msg: dict) -> None:
+        relay(msg)
+        if also is not None:
+            also(msg)
+
     try:
-        r = conn.run_agent(sub, params, on_event=progress.relay(step))
+        r = conn.run_agent(sub, params, on_event=on_event)
     except ssh.SSHError as e:
         raise failure(e, prefix=f"{conn.host.name}: ", on=conn.host.name) from e
     return r.data, r.received_at

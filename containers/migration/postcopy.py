@@ -24,6 +24,49 @@ def stall_limit_s() -> float:
     return float(FleetSettings.load().postcopy_stall_limit_s)
 
 
+class DirectPages:
+    """The page path when the two hosts' page relays are linked directly over TLS (an admin
+    allowed direct transfer): nothing of the pages crosses this worker, which only reads the
+    relays' counters (migrate-lazy-wait) for progress. The same face as ssh.PagePump."""
+
+    path = "direct-tls"
+
+    def __init__(self):
+        self.bytes_down = 0  # pages, source -> target
+        self.bytes_up = 0  # the target's requests
+        self.rounds = 0  # TLS connections the relays made (1 without a break)
+        self.errors: list[str] = []
+        self.last_progress = time.monotonic()
+
+    def observe(self, role: str, relay: dict) -> None:
+        """A relay's counters (its status): bytes from the peer, and the direct link's state."""
+        moved, acked = relay.get("from_peer"), relay.get("acked_by_peer")
+        if not isinstance(moved, int) or not isinstance(acked, int):
+            return
+        # Pages: what the target received, or what it acknowledged to the source; requests
+        # the other way round.
+        down, up = (moved, acked) if role == "target" else (acked, moved)
+        if down > self.bytes_down or up > self.bytes_up:
+            self.last_progress = time.monotonic()
+        self.bytes_down, self.bytes_up = max(self.bytes_down, down), max(self.bytes_up, up)
+        direct = relay.get("direct") or {}
+        if isinstance(direct.get("connects"), int):
+            self.rounds = max(self.rounds, direct["connects"])
+        if direct.get("error") and (not self.errors or not self.errors[-1].endswith(str(direct["error"]))):
+            self.errors.append(f"{time.strftime('%H:%M:%S')} {role}: {direct['error']}")
+            del self.errors[:-50]
+
+    def stop(self) -> None:
+        pass
+
+
+def page_path(op, source, target, base) -> ssh.PagePump | DirectPages:
+    """After a lost worker or a wait: the pages go on the way the migration's relays took."""
+    if ((op.result or {}).get("transfer") or {}).get("pages") == "direct-tls":
+        return DirectPages()
+    return ssh.PagePump(source, target, base).start()
+
+
 class _Dead:
     """A host that could not be reached again after the pull: its calls fail with a sentence."""
 
@@ -73,7 +116,7 @@ class _Link:
 
 
 def pull_pages(
-    progress: Progress, src, dst, container, base, pump: ssh.PagePump, stats: dict
+    progress: Progress, src, dst, container, base, pump: ssh.PagePump | DirectPages, stats: dict
 ) -> tuple[dict, dict, object, object]:
     """Wait, with no limit of time, until the target holds every page (its lazy-pages daemon
     ended with success) and the source's page server has finished. Broken links are
@@ -97,6 +140,8 @@ def pull_pages(
                 r = links[role].call(ctx, "migrate-lazy-wait", {**base, "role": role, "wait_s": 5})
                 unreachable.pop(links[role].host.name, None)
                 relay = r.get("relay") or {}
+                if isinstance(pump, DirectPages):
+                    pump.observe(role, relay)
                 if r.get("done"):
                     if role == "target":
                         out = {**r, "ms": round((time.monotonic() - t0) * 1000, 1)}
@@ -138,7 +183,7 @@ def pull_pages(
                 progress.event(
                     "pages",
                     f"{'pulling' if role == 'target' else 'finishing'}: {pump.bytes_down / 1048576:.1f} MiB of pages "
-                    f"so far, {pump.rounds} link round(s)",
+                    f"so far, {pump.rounds} {'TLS connection(s) host to host' if isinstance(pump, DirectPages) else 'link round(s)'}",
                     "pull" if role == "target" else "finish",
                     bytes=pump.bytes_down,
                 )
@@ -185,7 +230,7 @@ def finish_lost_pull(ctx, src, dst, container, base) -> str | dict:
     source, target = src.host, dst.host
     progress = Progress.rest_of(ctx, FINISH_PULL)
     move_record(ctx, container, target, True)
-    pump = ssh.PagePump(source, target, base).start()
+    pump = page_path(ctx.op, source, target, base)
     try:
         _, _, src2, dst2 = pull_pages(progress, src, dst, container, base, pump, {})
     finally:

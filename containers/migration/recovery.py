@@ -16,7 +16,7 @@ from ..handlers import where
 from .common import call, move_record
 from .evacuation import check_evacuation
 from .phases import RECOVERY, Progress
-from .postcopy import finish_lost_pull, lazy_resume_on_source, postcopy_actions
+from .postcopy import finish_lost_pull, lazy_resume_on_source, page_path, postcopy_actions
 from .rollback import roll_back
 
 
@@ -58,7 +58,7 @@ def recover_migration(ctx: OperationContext) -> str:
             # pages are served meanwhile (the source's frozen tasks hold them all), so the restore
             # can end and the target answer, instead of both waiting out the restore's limit.
             serving = lazy and op.result.get("stopping") and s["migration"]["lazy_dump_running"]
-            pump = ssh.PagePump(source, target, base).start() if serving else None
+            pump = page_path(op, source, target, base) if serving else None
             try:
                 t = call(dst, progress, "inspect-target", "inspect", base)
             except OperationFailed as e:

@@ -23,7 +23,7 @@ from ..models import Container
 from .common import call, call_timed, move_record, now_iso
 from .downtime import client_downtime, served_wait_s
 from .phases import STRATEGY_STEPS, Clock, Progress
-from .postcopy import postcopy_actions, pull_pages
+from .postcopy import DirectPages, postcopy_actions, pull_pages
 from .rollback import roll_back
 from .transfer import Transfer, send, warm
 
@@ -39,7 +39,7 @@ def migrate(ctx: OperationContext) -> dict:
         raise OperationFailed(f"{strategy} is not a strategy this dashboard runs.")
     clock = Clock()
     progress = Progress(ctx, STRATEGY_STEPS[strategy])
-    xfer = Transfer(source, target, strategy)
+    xfer = Transfer(source, target, strategy, op.pk)
     ctx.remember(transfer=xfer.describe())
     progress.event(
         "preflight",
@@ -68,7 +68,8 @@ class Run:
         self.base = {"name": container.name, "migration": ctx.op.pk}
         self.was_running = container.state == Container.State.RUNNING
         self.committed = False  # the source is stopped: a failure now resumes it
-        self.tunnel: ssh.PagePump | None = None
+        self.tunnel: ssh.PagePump | DirectPages | None = None
+        self.direct_port = 0
         self.prep: dict = {}
         self.stats: dict = {}
         self.restored: dict = {}
@@ -177,7 +178,10 @@ class Run:
         dumped: dict = {}
         if self.live:
             p.event("dump", f"dumping {name} on {self.source.name}" + (" (lazy pages)" if self.lazy else ""), "dump")
-            dumped, self.dumped_at = call_timed(src, p, "dump", "migrate-dump", {**base, "lazy": self.lazy})
+            params = {**base, "lazy": self.lazy}
+            if self.lazy and self.xfer.keys is not None:
+                params["direct_pages"] = self.xfer.direct_pages_source()
+            dumped, self.dumped_at = call_timed(src, p, "dump", "migrate-dump", params)
             self.dumped = dumped
             self.stats = dumped.get("stats") or {}
             self.xfer.memory_in_images = dumped.get("pages_bytes")
@@ -192,11 +196,35 @@ class Run:
             # after any broken link, so neither CRIU process ever sees its connection close.
             if not dumped.get("relay"):
                 raise OperationFailed(f"{self.source.name}'s agent did not start a page relay.")
-            self.tunnel = ssh.PagePump(self.source, self.target, base).start()
-            self.hosts.callback(self.tunnel.stop)
-            p.event("dump", f"the page server on {self.source.name} serves through its page relay (no port)", "dump", 1)
+            listening = dumped.get("direct_pages") or {}
+            if self.xfer.keys is not None and not isinstance(listening.get("port"), int):
+                self.xfer.pages_fell_back(f"{self.source.name}: {listening.get('error') or 'no port'}")
+                ctx.remember(transfer=self.xfer.describe())
+            if self.xfer.keys is not None:
+                # The target's relay connects to the source's over TLS (migrate-restore's
+                # parameters); nothing of the pages crosses this worker.
+                self.direct_port = listening["port"]
+                self.tunnel = DirectPages()
+                p.event(
+                    "dump",
+                    f"the page relay on {self.source.name} waits for {self.target.name}'s over TLS on port "
+                    f"{self.direct_port}",
+                    "dump",
+                    1,
+                )
+            else:
+                self.start_pump()
+                p.event(
+                    "dump", f"the page server on {self.source.name} serves through its page relay (no port)", "dump", 1
+                )
         self.clock.lap("dump")
         ctx.check_cancel()
+
+    def start_pump(self) -> None:
+        """The pages through this worker: its pump between both hosts' page relays."""
+        if not isinstance(self.tunnel, ssh.PagePump):
+            self.tunnel = ssh.PagePump(self.source, self.target, self.base).start()
+            self.hosts.callback(self.tunnel.stop)
 
     def transfer(self) -> None:
         """What changed since the copy, and the memory images."""
@@ -212,9 +240,21 @@ class Run:
         p, dst, base, name = self.progress, self.dst, self.base, self.container.name
         if self.live:
             p.event("restore", f"restoring {name} on {self.target.name}", "restore")
-            self.restored, self.restored_at = call_timed(
-                dst, p, "restore", "migrate-restore", {**base, "lazy": True} if self.lazy else base
-            )
+            params, on_event = ({**base, "lazy": True} if self.lazy else base), None
+            if self.lazy and self.xfer.keys is not None:
+                params["direct_pages"] = self.xfer.direct_pages_target(self.direct_port)
+
+                def on_event(msg: dict) -> None:
+                    # The target's relay could not link to the source's: the pages go through
+                    # this worker instead, before the restored processes need them.
+                    if msg.get("page_path") == "ssh-relay":
+                        self.start_pump()
+
+            self.restored, self.restored_at = call_timed(dst, p, "restore", "migrate-restore", params, on_event)
+            if self.lazy and self.xfer.keys is not None and self.restored.get("page_path") != "direct-tls":
+                self.start_pump()
+                self.xfer.pages_fell_back(f"{self.target.name}: {self.restored.get('page_path_why')}")
+                self.ctx.remember(transfer=self.xfer.describe())
         elif self.was_running:
             p.event("restore", f"starting {name} on {self.target.name}", "restore")
             call(dst, p, "restore", "start", {"name": name})
@@ -303,10 +343,14 @@ class Run:
             result["pages_ms"] = self.pulled.get("ms")
             result["page_bytes"] = tunnel.bytes_down
             result["page_relay"] = {
+                # "direct-tls" (host to host) or "ssh-relay" (through this worker's pump)
+                "path": "direct-tls" if isinstance(tunnel, DirectPages) else "ssh-relay",
+                "encrypted": True,
                 "rounds": tunnel.rounds,
                 "bytes_up": tunnel.bytes_up,
                 "relay": self.pulled.get("relay"),
             }
             result["bytes_transferred"] += tunnel.bytes_down + tunnel.bytes_up
-            result["dashboard_bytes"] += tunnel.bytes_down + tunnel.bytes_up
+            if not isinstance(tunnel, DirectPages):
+                result["dashboard_bytes"] += tunnel.bytes_down + tunnel.bytes_up
         return result

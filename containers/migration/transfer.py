@@ -1,6 +1,7 @@
 """How a migration's tars travel from the source's agent to the target's: relayed by the
-worker over both hosts' SSH connections (encrypted), or directly host to host over TCP
-where an admin allowed it (core/fleet.py); and what the result says about it."""
+worker over both hosts' SSH connections (encrypted), or directly host to host over TLS 1.3
+with certificates made for each stream where an admin allowed it (core/fleet.py); and what
+the result says about it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from django.conf import settings
 from core.fleet import direct_route
 from hosts import ssh
 from hosts.models import Host
+from hosts.pagecerts import PageLinkKeys
 from operations.runner import OperationContext, OperationFailed
 
 from .phases import Progress
@@ -19,27 +21,52 @@ from .phases import Progress
 class Transfer:
     """How this migration's tars travel (decided once, when it starts) and the bytes moved."""
 
-    def __init__(self, source: Host, target: Host, strategy: str):
+    def __init__(self, source: Host, target: Host, strategy: str, migration: int = 0):
         self.source, self.target, self.strategy = source, target, strategy
         self.route, self.why = direct_route(source, target)
         self.bytes = 0
         self.relayed = 0  # of those, the bytes that crossed the dashboard (all of them unless direct)
         self.memory_in_images: int | None = None  # bytes of memory pages in the dump's images
+        # Post-copy's pages: host to host over TLS where the route is direct (the relays fall
+        # back to the dashboard's pump if that link cannot be made), else relayed over SSH.
+        self.pages = {"stop-and-copy": "in-images", "post-copy": "ssh-relay"}.get(strategy, "none")
+        self.pages_why: str | None = None
+        self.keys: PageLinkKeys | None = None
+        if self.route and strategy == "post-copy":
+            self.pages = "direct-tls"
+            self.keys = PageLinkKeys(migration)
+
+    def pages_fell_back(self, why: str) -> None:
+        """The direct page link could not be made: the pages go through the dashboard."""
+        self.pages, self.pages_why, self.keys = "ssh-relay", why, None
+
+    def direct_pages_source(self) -> dict | None:
+        """migrate-dump's `direct_pages`: the source's relay listens for the target's."""
+        if self.keys is None:
+            return None
+        return self.keys.for_source(self.route["source_address"], self.route["target_address"])
+
+    def direct_pages_target(self, port: int) -> dict | None:
+        """migrate-restore's `direct_pages`: the target's relay connects to the source's port."""
+        if self.keys is None:
+            return None
+        return self.keys.for_target(self.route["target_address"], self.route["source_address"], port)
 
     def describe(self) -> dict:
         """What `result.transfer` says: the path of the images and of the memory pages."""
         r = self.route
-        pages = {"stop-and-copy": "in-images", "post-copy": "ssh-relay"}.get(self.strategy, "none")
+        pages = self.pages
         return {
-            "images": "direct-tcp" if r else "ssh-relay",
-            "images_encrypted": not r,
+            "images": "direct-tls" if r else "ssh-relay",
+            "images_encrypted": True,
             "network": r["network"] if r else None,
             "source_address": r["source_address"] if r else None,
             "target_address": r["target_address"] if r else None,
             "pages": pages,
-            "pages_encrypted": {"in-images": not r, "ssh-relay": True}.get(pages),
+            "pages_encrypted": {"in-images": True, "ssh-relay": True, "direct-tls": True}.get(pages),
+            "pages_why": self.pages_why,  # why a direct page path fell back to the dashboard
             # Memory that travelled inside the images (all of it for stop-and-copy; for
-            # post-copy the few pages CRIU cannot serve lazily): as encrypted as the images.
+            # post-copy the few pages CRIU cannot serve lazily).
             "memory_in_images_bytes": self.memory_in_images,
             "why": self.why,
         }
@@ -50,7 +77,8 @@ class Transfer:
         if r:
             images = (
                 f"sent directly from {self.source.name} ({r['source_address']}) to {self.target.name} "
-                f"({r['target_address']}) over TCP on {r['network']}, unencrypted (allowed by an admin)"
+                f"({r['target_address']}) over TLS 1.3 on {r['network']} (allowed by an admin; encrypted, both "
+                "hosts authenticated by certificates made for each stream)"
             )
         else:
             images = "relayed through the dashboard over both hosts' SSH connections"
@@ -58,22 +86,31 @@ class Transfer:
             held = ""
             if r and self.memory_in_images:
                 held = (
-                    f" ({self.memory_in_images / 1024:.0f} KiB of pages CRIU cannot serve lazily went with the "
-                    "images, unencrypted)"
+                    f" ({self.memory_in_images / 1024:.0f} KiB of pages CRIU cannot serve lazily went with the images)"
                 )
+            if self.pages == "direct-tls":
+                how = (
+                    f"linked directly host to host over TLS 1.3 on {r['network']} (encrypted, both hosts "
+                    "authenticated by this migration's own certificates)"
+                )
+            else:
+                how = "relayed by the dashboard over SSH (encrypted)"
+                if self.pages_why:
+                    how += f": the direct page link could not be made ({self.pages_why})"
             return (
                 f"images {images}{held}; memory pulled by the target from the source's CRIU page server "
-                "through both hosts' resumable page relays, relayed by the dashboard over SSH (encrypted)"
+                f"through both hosts' resumable page relays, {how}"
             )
         if r:
-            memory = "; the memory images crossed it unencrypted" if self.strategy == "stop-and-copy" else ""
-            return f"root filesystem, snapshots and images {images}{memory}"
+            return f"root filesystem, snapshots and images {images}"
         return f"{images} (encrypted)"
 
     def announce(self) -> str:
         if self.route:
-            return f"transfer: directly host to host over TCP, unencrypted ({self.why}); " + (
-                "memory pages stay relayed over SSH" if self.strategy == "post-copy" else "memory included"
+            return f"transfer: directly host to host over TLS 1.3 ({self.why}); " + (
+                "memory pages host to host over TLS 1.3 (encrypted, authenticated)"
+                if self.strategy == "post-copy"
+                else "memory included"
             )
         return f"transfer: relayed through the dashboard over SSH, encrypted ({self.why})"
 

@@ -1,18 +1,22 @@
 """The agent's direct host-to-host transfer, with real sockets on loopback and real files:
-only the peer with the token feeds a receiver, every check of a relayed tar still holds,
-and both ends stop when the dashboard lets go or the other side stalls."""
+over TLS with the transfer's own certificates (as the dashboard always asks), only the peer
+presenting its certificate feeds a receiver; inside, only the peer with the token (the tests
+without TLS check that layer alone); every check of a relayed tar still holds, and both ends
+stop when the dashboard lets go or the other side stalls."""
 
 import hashlib
 import hmac
 import os
 import secrets
 import socket
+import ssl
 import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from hosts.pagecerts import PageLinkKeys
 from tests.support.agent import make_tar
 from tests.support.agent_loader import load_agent
 
@@ -94,27 +98,81 @@ class Receiver(threading.Thread):
         raise AssertionError("the receiver never listened")
 
 
-def receiver(dst, events, token, peer="127.0.0.1", stall=5):
+def receiver(dst, events, token, peer="127.0.0.1", stall=5, tls=None):
     params = {
         "name": "c1",
         "migration": 1,
         "what": "rootfs",
         "stall_s": stall,
-        "direct": {"listen": "127.0.0.1", "peer": peer, "token": token},
+        "direct": {"listen": "127.0.0.1", "peer": peer, "token": token, "tls": tls},
     }
     r = Receiver(dst, events, params)
     r.start()
     return r, r.port()
 
 
-def send_params(token, port, bind="127.0.0.1"):
+def send_params(token, port, bind="127.0.0.1", tls=None):
     return {
         "name": "c1",
         "migration": 1,
         "what": "rootfs",
         "stall_s": 5,
-        "direct": {"bind": bind, "address": "127.0.0.1", "port": port, "token": token},
+        "direct": {"bind": bind, "address": "127.0.0.1", "port": port, "token": token, "tls": tls},
     }
+
+
+def test_a_rootfs_goes_over_tls_with_this_transfers_certificates(pair):
+    """As the dashboard sends them: TLS 1.3, each end pinning the other's certificate, the
+    token's hello and MAC inside."""
+    src, dst, events = pair
+    token, keys = secrets.token_hex(32), PageLinkKeys(1)
+    r, port = receiver(dst, events, token, tls=keys.tls("target"))
+    sent = src.cmd_send(send_params(token, port, tls=keys.tls("source")))
+    r.join(10)
+    assert r.error is None, r.error
+    got = Path(dst.S.LXC_PATH) / "c1" / "rootfs" / "big"
+    assert got.read_bytes() == (Path(src.S.LXC_PATH) / "c1" / "rootfs" / "big").read_bytes()
+    assert sent["bytes"] == r.result["bytes"] > 3 << 20 and sent["sha256"] == r.result["sha256"]
+
+
+def test_without_this_transfers_certificate_nothing_is_unpacked(pair):
+    """A sender with the token but another certificate, or none (plain TCP), is refused by a
+    TLS receiver; a receiver with another certificate gets nothing from the sender."""
+    src, dst, events = pair
+    token, keys, other = secrets.token_hex(32), PageLinkKeys(1), PageLinkKeys(1)
+    r, port = receiver(dst, events, token, tls=keys.tls("target"))
+    with pytest.raises(src.AgentError):
+        src.cmd_send(send_params(token, port, tls=other.tls("source")))
+    r.join(10)
+    assert isinstance(r.error, dst.AgentError) and "certificate" in r.error.message, r.error
+    events.clear()
+    r, port = receiver(dst, events, token, tls=keys.tls("target"))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        try:
+            s.sendall(hello(token) + signed(token, make_tar([("c1", "dir", None), ("c1/rootfs", "dir", None)])))
+        except OSError:
+            pass
+    r.join(10)
+    assert isinstance(r.error, dst.AgentError) and "certificate" in r.error.message, r.error
+    assert not (Path(dst.S.LXC_PATH) / "c1").exists()
+    with socket.create_server(("127.0.0.1", 0)) as impostor:  # a receiver with another certificate
+        ctx = dst.pagelink.stream_context(dst.pagelink.check_tls(other.tls("target")), server=True)
+        seen = []
+
+        def serve():
+            conn, _ = impostor.accept()
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as s:
+                    seen.append(s.recv(100))
+            except (OSError, ssl.SSLError) as e:
+                seen.append(e)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        with pytest.raises(src.AgentError, match="certificate"):
+            src.cmd_send(send_params(token, impostor.getsockname()[1], tls=keys.tls("source")))
+        t.join(10)
+    assert seen and not isinstance(seen[0], bytes), seen  # not even the hello reached it
 
 
 def test_a_rootfs_goes_directly_with_every_check_of_a_relayed_one(pair):

@@ -1,5 +1,5 @@
 """Direct host-to-host transfer on the real lab: an admin allows the lab's network, a
-stop-and-copy migration's tars then go from lab-a to lab-b without crossing the dashboard
+stop-and-copy migration's tars then go from lab-a to lab-b over TLS without crossing the dashboard
 (the bridge's own interface, where the dashboard's SSH connections end, sees almost none
 of those bytes), the result says so, the memory pattern and the counter come along; with
 the setting removed it relays again. A direct stream that breaks ends like a relayed one:
@@ -83,25 +83,26 @@ def test_stop_and_copy_goes_direct_where_an_admin_allows_it_and_relays_again_whe
     result = op["result"]
     assert result["transfer"].pop("memory_in_images_bytes") > 4 << 20  # the pattern, in the images
     assert result["transfer"] == {
-        "images": "direct-tcp",
-        "images_encrypted": False,
+        "images": "direct-tls",
+        "images_encrypted": True,
         "network": LAB_NET,
         "source_address": A,
         "target_address": B,
         "pages": "in-images",
-        "pages_encrypted": False,
+        "pages_encrypted": True,
+        "pages_why": None,
         "why": f"lab-a ({A}) and lab-b ({B}) are both in {LAB_NET}, allowed by an admin",
     }
     assert (
-        f"sent directly from lab-a ({A}) to lab-b ({B}) over TCP on {LAB_NET}" in result["transport"]
-        and "unencrypted" in result["transport"]
+        f"sent directly from lab-a ({A}) to lab-b ({B}) over TLS 1.3 on {LAB_NET}" in result["transport"]
+        and "encrypted, both hosts authenticated" in result["transport"]
     )
     assert result["bytes_transferred"] > BIG_MIB << 20
     # The bytes did not pass through the dashboard: its side of the bridge saw a fraction of them.
     assert through_dashboard < result["bytes_transferred"] / 4, (through_dashboard, result["bytes_transferred"])
     rootfs = [e["bytes"] for e in op["events"] if e["phase"] == "transfer" and e.get("what") == "root filesystem"]
     assert len(rootfs) >= 2 and rootfs == sorted(rootfs), rootfs  # live progress, as it arrived
-    assert any("directly host to host over TCP, unencrypted" in e["message"] for e in op["events"])
+    assert any("directly host to host over TLS 1.3" in e["message"] for e in op["events"])
 
     row = bob.get("/api/v1/containers/straight/").json()
     assert (row["host"], row["state"], row["ipv4"], row["snapshots"]) == ("lab-b", "RUNNING", ip, 1)
@@ -113,15 +114,16 @@ def test_stop_and_copy_goes_direct_where_an_admin_allows_it_and_relays_again_whe
     assert on_host(lab, "lab-b", "cmp", "-s", "/var/lib/lxc/straight/rootfs/big", "/dev/null").returncode == 1
     assert "lxc.hook" not in on_host(lab, "lab-b", "cat", "/var/lib/lxc/straight/config").stdout
 
-    # Post-copy on the same network: the (page-less) images go direct, the pages stay relayed over SSH.
+    # Post-copy on the same network: the (page-less) images go direct, the pages too, over TLS
+    # between the hosts' page relays (tests/migration/test_e2e_lab_postcopy_direct.py).
     before = counter(lab, "lab-b", "straight")
     op, _ = migrate(bob, "straight", "lab-a", "post-copy")
     transfer = op["result"]["transfer"]
-    assert (transfer["images"], transfer["images_encrypted"]) == ("direct-tcp", False)
-    assert (transfer["pages"], transfer["pages_encrypted"]) == ("ssh-relay", True)
-    assert "relayed by the dashboard over SSH (encrypted)" in op["result"]["transport"]
+    assert (transfer["images"], transfer["images_encrypted"]) == ("direct-tls", True)
+    assert (transfer["pages"], transfer["pages_encrypted"]) == ("direct-tls", True)
+    assert "host to host over TLS 1.3" in op["result"]["transport"]
     # The pattern's 8 MB came through the page relays, apart from what CRIU kept in the images
-    # (which went direct, unencrypted, and the result says how much).
+    # (which went direct with them, and the result says how much).
     held = transfer["memory_in_images_bytes"]
     assert op["result"]["page_bytes"] > 0 and op["result"]["page_bytes"] + held > 4 << 20, (op["result"], held)
     assert (f"{held / 1024:.0f} KiB of pages" in op["result"]["transport"]) == (held > 0)
@@ -184,7 +186,7 @@ def test_a_direct_stream_that_breaks_leaves_it_running_on_the_source(bob, lab, l
             assert on_host(lab, "lab-b", "kill", "-9", out[0]).returncode == 0
         op = bob.wait_operation(op_id, timeout=300)
     assert op["status"] == ("cancelled" if fault == "cancel" else "failure"), op
-    assert op["result"]["transfer"]["images"] == "direct-tcp"
+    assert op["result"]["transfer"]["images"] == "direct-tls"
     if fault == "cancel":
         assert op["error"].startswith("Cancelled at the operator's request."), op["error"]
     elif fault == "worker killed":

@@ -87,3 +87,27 @@ def test_a_migrations_page_shows_the_client_visible_downtime_beside_criu_s_parts
     Operation.objects.filter(pk=op.pk).update(result=result)
     page = viewer.get(f"/operations/{op.pk}/").content.decode()
     assert "Client-visible downtime not measured: no answer from its address on h1." in page
+
+
+def test_a_migrations_page_shows_its_paths_and_what_crossed_the_dashboard(viewer, trusted_host):
+    transfer = {"images": "direct-tls", "images_encrypted": True, "pages": "direct-tls", "pages_encrypted": True}
+    result = {
+        "strategy": "post-copy",
+        "downtime_ms": 700.0,
+        "total_ms": 2000.0,
+        "phases": {"dump_ms": 300},
+        "bytes_transferred": 300 << 20,
+        "dashboard_bytes": 0,
+        "transport": "images sent directly",
+        "transfer": {**transfer, "pages_why": None},
+    }
+    op = Operation.objects.create(kind="migrate", target_host=trusted_host, status="success", result=result)
+    page = viewer.get(f"/operations/{op.pk}/").content.decode()
+    assert "images: direct-tls (encrypted); memory pages: direct-tls (encrypted)</td>" in page
+    assert '<tr id="dashboard-bytes"><th scope="row">through the dashboard</th><td>0\xa0bytes' in page
+    result["transfer"] = {**transfer, "pages": "ssh-relay", "pages_why": "lab-b: no direct link (refused)"}
+    result["dashboard_bytes"] = 256 << 20
+    Operation.objects.filter(pk=op.pk).update(result=result)
+    page = viewer.get(f"/operations/{op.pk}/").content.decode()
+    assert "memory pages: ssh-relay (encrypted), because lab-b: no direct link (refused)</td>" in page
+    assert "<td>256.0\xa0MB of the migration" in page

@@ -1,17 +1,19 @@
 """Post-copy (lazy pages): the source's lazy dump, the target's lazy-pages daemon, the
 resumable page relay between them, and the migrate-dump/-restore/-resume/-abort/-cleanup steps."""
 
+import collections
 import json
 import os
 import re
 import select
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
 
-from . import cow
+from . import cow, pagelink
 from . import state as S
 from .common import (
     CHILD_UMASK,
@@ -59,6 +61,7 @@ LAZY_DUMP = "lazy-dump"  # <mig dir>/lazy-dump.{json,out,rc}: the source's dump 
 LAZY_PAGES = "lazy-pages"  # <mig dir>/lazy-pages.{json,out,rc}: the target's lazy-pages daemon
 PAGE_RELAY = "page-relay"  # <mig dir>/page-relay.{json,out,rc}: this host's page relay
 RELAY_VERSION = 1  # the resumable page relay's protocol (the probe reports it)
+RELAY_STATUS = "page-relay-status.json"
 
 
 def _spawn_watched(argv, mdir, tag, env=None, keep_fd=None):
@@ -210,23 +213,44 @@ def _private_dir(mdir):
     os.chmod(mdir, 0o700)
 
 
-def _start_relay(mdir, role):
+def _start_relay(mdir, role, direct=None):
     """Start this host's page relay for a post-copy; return the socket CRIU must use.
-    CRIU gets the other end of a socketpair as --ps-socket: no port is ever opened."""
+    CRIU gets the other end of a socketpair as --ps-socket: no port is ever opened for it.
+    `direct`: the checked direct page link parameters (pagelink.check_params), written
+    into the migration's root-only directory for the relay."""
     _private_dir(mdir)
+    status = os.path.join(mdir, RELAY_STATUS)
+    if os.path.exists(status):
+        os.unlink(status)
+    if direct is not None:
+        pagelink.install(mdir, role, direct)
     mine, criu_end = socket.socketpair()
     try:
-        env = dict(os.environ, CTWEB_RELAY=json.dumps({"dir": mdir, "role": role}))
+        env = dict(os.environ, CTWEB_RELAY=json.dumps({"dir": mdir, "role": role, "direct": direct is not None}))
         _spawn_watched([sys.executable, agent_file(), "pages-relay"], mdir, PAGE_RELAY, env, mine.fileno())
     finally:
         mine.close()
     return criu_end
 
 
-def _lazy_dump(name, mdir, images):
+def _relay_status(mdir):
+    return _read_json(os.path.join(mdir, RELAY_STATUS)) or {}
+
+
+def _wait_direct(mdir, done, limit):
+    """The relay's direct link status once `done(it)` holds (or at the limit)."""
+    deadline = time.monotonic() + limit
+    while True:
+        d = _relay_status(mdir).get("direct") or {}
+        if done(d) or time.monotonic() > deadline or _watched_rc(mdir, PAGE_RELAY) is not None:
+            return d
+        time.sleep(0.01)
+
+
+def _lazy_dump(name, mdir, images, direct=None):
     """Start the lazy dump; return once the images are written. CRIU's page server then
     serves the frozen tasks' memory over a socketpair to this host's page relay."""
-    criu_end = _start_relay(mdir, "source")
+    criu_end = _start_relay(mdir, "source", direct)
     env = _criu_config(mdir, "dump", ["lazy-pages", "ps-socket 3"])
     argv = ["lxc-checkpoint", "-n", name, "-D", images, "-s"]
     t0 = time.monotonic()
@@ -263,7 +287,68 @@ def _lazy_dump(name, mdir, images):
 _F_HELLO, _F_DATA, _F_ACK, _F_FIN, _F_ABORT = 1, 2, 3, 4, 5
 _FRAME = struct.Struct(">BQI")
 _RELAY_CHUNK = 256 * 1024
+_FRAME_MAX = 4 * _RELAY_CHUNK  # a DATA frame's payload: 256 KiB through the dashboard, 1 MiB over TLS
 _RELAY_WINDOW = 64 * 1024 * 1024  # unacknowledged bytes held before CRIU is read no further
+_TLS_SEND = 1 << 20  # one TLS write (64 records): few Python calls per MiB
+_TLS_READ = 8 << 20  # read a TLS link until it has nothing more, or this much
+
+
+_TO_CRIU_MAX = 32 << 20  # bytes for our CRIU held before the link is read no further
+
+
+class _Chunks:
+    """Bytes in order, kept as the pieces they came in: appending, and dropping from the front,
+    copy nothing of what stays (a bytearray cut at its front copies all of itself on its next
+    growth: with tens of MiB held, that cost the relay most of its time)."""
+
+    def __init__(self):
+        self.q = collections.deque()
+        self.head = 0  # bytes of q[0] already dropped
+        self.n = 0
+
+    def __len__(self):
+        return self.n
+
+    def append(self, data):
+        if data:
+            self.q.append(data)
+            self.n += len(data)
+
+    def read_at(self, pos, size):
+        """Up to `size` bytes from `pos` (relative to the front), as one bytes (one copy)."""
+        out, pos, left = [], pos + self.head, size
+        for piece in self.q:
+            if pos >= len(piece):
+                pos -= len(piece)
+                continue
+            take = memoryview(piece)[pos : pos + left]
+            out.append(take)
+            left -= len(take)
+            pos = 0
+            if left <= 0:
+                break
+        if len(out) == 1 and len(out[0]) == len(out[0].obj):
+            return out[0].obj  # a whole piece: no copy at all
+        return b"".join(out)
+
+    def peek(self, size):
+        return self.read_at(0, size)
+
+    def head_view(self, size):
+        """Up to `size` bytes from the front of the first piece, without a copy."""
+        return memoryview(self.q[0])[self.head : self.head + size] if self.q else b""
+
+    def drop(self, size):
+        size = min(size, self.n)
+        self.n -= size
+        size += self.head
+        while self.q and size >= len(self.q[0]):
+            size -= len(self.q.popleft())
+        self.head = size if self.q else 0
+
+    def clear(self):
+        self.q.clear()
+        self.head = self.n = 0
 
 
 class _Relay:
@@ -275,10 +360,10 @@ class _Relay:
     def __init__(self, mdir, role, criu_sock):
         self.mdir, self.role, self.criu = mdir, role, criu_sock
         self.criu.setblocking(False)
-        self.out = bytearray()  # from CRIU, not yet acknowledged by the peer
+        self.out = _Chunks()  # from CRIU, not yet acknowledged by the peer
         self.out_base = 0  # offset of out[0]
         self.sent = 0  # offset sent on the current link
-        self.to_criu = bytearray()
+        self.to_criu = _Chunks()
         self.received = 0  # bytes from the peer, in order
         self.acked_sent = 0
         self.local_end = None  # "fin" or "abort" once CRIU's side ended
@@ -287,69 +372,134 @@ class _Relay:
         self.link = None
         self.link_ready = False  # the peer's HELLO arrived on this link
         self.inbuf = bytearray()
-        self.outq = bytearray()
+        self.outq = _Chunks()
         self.attaches = 0
         self.done_at = None
         self.last_ack_t = 0.0
         self.last_status = 0.0
         self._end_sent = None  # the link the FIN/ABORT went out on
+        self.direct = None  # pagelink.DirectLink where the pages may go host to host
+        self.tls = False  # the current link is the direct TLS one
+        self.tls_retry = 0  # a TLS write to retry with at least this many bytes
+        self._rbuf = None  # a TLS link's read buffer (made with the first one)
 
     # --- the link -------------------------------------------------------------
-    def attach(self, conn):
+    def attach(self, conn, tls=False):
         if self.link is not None:
             self.link.close()
         conn.setblocking(False)
-        self.link, self.link_ready, self.inbuf, self.outq = conn, False, bytearray(), bytearray()
+        self.link, self.link_ready, self.inbuf, self.outq = conn, False, bytearray(), _Chunks()
+        self.tls, self.tls_retry = tls, 0
         self.attaches += 1
         self._frame(_F_HELLO, self.received)
 
-    def drop_link(self):
+    def drop_link(self, why="the link ended"):
         if self.link is not None:
             self.link.close()
-        self.link, self.link_ready = None, False
+            if self.tls and self.direct is not None:
+                self.direct.link_lost(why)
+        self.link, self.link_ready, self.tls = None, False, False
+
+    def link_recv(self):
+        """Read what the link brings now into inbuf: True when the link ended. A TLS link is
+        read until it has nothing more (select() does not see what TLS holds decrypted),
+        record by record into one buffer, appended once."""
+        if not self.tls:
+            try:
+                data = self.link.recv(_RELAY_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return True
+            self.inbuf += data
+            return not data
+        if self._rbuf is None:
+            self._rbuf = memoryview(bytearray(_TLS_READ))
+        filled, ended = 0, False
+        while filled < _TLS_READ:
+            try:
+                n = self.link.recv_into(self._rbuf[filled:])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                break
+            except (OSError, ValueError):
+                ended = True
+                break
+            if n == 0:
+                ended = True
+                break
+            filled += n
+        if filled:
+            self.inbuf += self._rbuf[:filled]
+        return ended and not filled
+
+    def link_send(self, limit):
+        """Send from outq; the number of bytes taken, or None when the link broke."""
+        size = min(len(self.outq), max(limit, self.tls_retry))
+        try:
+            n = self.link.send(self.outq.peek(size))
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            self.tls_retry = size  # OpenSSL: the retry must bring at least these bytes
+            return 0
+        except (OSError, ValueError):
+            return None
+        self.tls_retry = 0
+        self.outq.drop(n)
+        return n
 
     def _frame(self, kind, value, payload=b""):
-        self.outq += _FRAME.pack(kind, value, len(payload)) + payload
+        self.outq.append(_FRAME.pack(kind, value, len(payload)))
+        self.outq.append(payload)
 
     def on_frames(self):
-        while len(self.inbuf) >= _FRAME.size:
-            kind, value, n = _FRAME.unpack_from(self.inbuf)
-            if n > 4 * _RELAY_CHUNK or kind not in (1, 2, 3, 4, 5):
-                raise ValueError("bad frame")
-            if len(self.inbuf) < _FRAME.size + n:
-                return
-            payload = bytes(self.inbuf[_FRAME.size : _FRAME.size + n])
-            del self.inbuf[: _FRAME.size + n]
-            if kind == _F_HELLO:
-                self._acked(value)
-                self.sent = max(value, self.out_base)
-                self.link_ready = True
-            elif kind == _F_DATA:
-                if value > self.received:
-                    raise ValueError("a gap in the peer's data")
-                fresh = payload[self.received - value :]
-                self.to_criu += fresh
-                self.received += len(fresh)
-            elif kind == _F_ACK:
-                self._acked(value)
-            elif kind == _F_FIN:
-                self.peer_end = ("fin", value)
-            elif kind == _F_ABORT:
-                self.peer_end = ("abort", None)
+        """Handle every whole frame in inbuf; the rest (a partial frame) stays for later."""
+        buf, pos = self.inbuf, 0
+        try:
+            while len(buf) - pos >= _FRAME.size:
+                kind, value, n = _FRAME.unpack_from(buf, pos)
+                if n > _FRAME_MAX or kind not in (1, 2, 3, 4, 5):
+                    raise ValueError("bad frame")
+                start = pos + _FRAME.size
+                if len(buf) - start < n:
+                    return
+                pos = start + n
+                if kind == _F_HELLO:
+                    self._acked(value)
+                    self.sent = max(value, self.out_base)
+                    self.link_ready = True
+                    if self.tls and self.direct is not None:
+                        self.direct.link_up()
+                elif kind == _F_DATA:
+                    if value > self.received:
+                        raise ValueError("a gap in the peer's data")
+                    skip = self.received - value
+                    if skip < n:
+                        with memoryview(buf) as view:
+                            self.to_criu.append(bytes(view[start + skip : pos]))  # one copy
+                        self.received += n - skip
+                elif kind == _F_ACK:
+                    self._acked(value)
+                elif kind == _F_FIN:
+                    self.peer_end = ("fin", value)
+                elif kind == _F_ABORT:
+                    self.peer_end = ("abort", None)
+        finally:
+            del buf[:pos]
 
     def _acked(self, upto):
         if upto > self.out_base:
-            del self.out[: upto - self.out_base]
+            self.out.drop(upto - self.out_base)
             self.out_base = upto
 
     def fill_link(self):
         if not self.link_ready:
             return
-        while len(self.outq) < 2 * _RELAY_CHUNK:
+        while len(self.outq) < (4 * _TLS_SEND if self.tls else 2 * _RELAY_CHUNK):
             end = self.out_base + len(self.out)
             if self.sent < end:
                 a = self.sent - self.out_base
-                chunk = bytes(self.out[a : a + _RELAY_CHUNK])
+                chunk = self.out.read_at(a, _TLS_SEND if self.tls else _RELAY_CHUNK)
                 self._frame(_F_DATA, self.sent, chunk)
                 self.sent += len(chunk)
                 continue
@@ -387,7 +537,7 @@ class _Relay:
             return
         self.last_status = now
         _write_json(
-            os.path.join(self.mdir, "page-relay-status.json"),
+            os.path.join(self.mdir, RELAY_STATUS),
             {
                 "role": self.role,
                 "from_criu": self.out_base + len(self.out),
@@ -395,6 +545,9 @@ class _Relay:
                 "from_peer": self.received,
                 "attached": self.link is not None,
                 "attaches": self.attaches,
+                # The page path now: host to host over TLS, or through the dashboard (its pump).
+                "path": "direct-tls" if self.direct is not None and self.direct.active else "ssh-relay",
+                "direct": self.direct.status() if self.direct is not None else None,
                 "local_end": self.local_end,
                 "peer_end": self.peer_end[0] if self.peer_end else None,
                 "updated": time.time(),
@@ -420,7 +573,10 @@ class _Relay:
 
 def cmd_pages_relay(params):
     """The page relay (started detached by migrate-dump or migrate-restore, never by the
-    dashboard): runs until both CRIU processes are done with each other."""
+    dashboard): runs until both CRIU processes are done with each other. Its link to the
+    other host's relay: an attach through the dashboard (`pages-attach` on its unix
+    socket), or, where an admin allowed direct transfer, a TLS connection host to host
+    (pagelink.py); an attach through the dashboard ends the direct link for good."""
     cfg = json.loads(os.environ.get("CTWEB_RELAY", "{}"))
     mdir, role = cfg["dir"], cfg["role"]
     criu_sock = socket.socket(fileno=3)
@@ -435,75 +591,96 @@ def cmd_pages_relay(params):
     listener.listen(4)
     listener.setblocking(False)
     r = _Relay(mdir, role, criu_sock)
+    if cfg.get("direct"):
+        try:
+            r.direct = pagelink.DirectLink(mdir, role)
+        except (OSError, ValueError, KeyError) as e:  # unreadable parameters: the dashboard's path only
+            r.direct = None
+            _write_json(os.path.join(mdir, "page-relay-direct-error.json"), {"error": str(e)})
+    r.status(force=True)  # the source's port, at once: migrate-dump reports it
     throttle = _relay_throttle(mdir)
     checked = time.monotonic()
 
     while not r.finished():
+        d = r.direct if r.direct is not None and r.direct.active else None
+        if d is not None and r.link is None:
+            conn = d.connect_due()  # the target's side: one attempt when due (blocks at most seconds)
+            if conn is not None:
+                r.attach(conn, tls=True)
         rd, wr = [listener], []
+        if d is not None:
+            rd += d.read_fds()
+            wr += d.write_fds()
         if r.local_end is None and len(r.out) < _RELAY_WINDOW:
             rd.append(r.criu)
         if r.to_criu and not r.criu_shut:
             wr.append(r.criu)
+        tls_pending = False
         if r.link is not None:
-            rd.append(r.link)
+            if len(r.to_criu) < _TO_CRIU_MAX:  # else our CRIU takes what it has first
+                rd.append(r.link)
             r.fill_link()
             if r.outq:
                 wr.append(r.link)
+            tls_pending = r.tls and r.link in rd and r.link.pending() > 0
         try:
-            readable, writable, _ = select.select(rd, wr, [], 0.2)
+            readable, writable, _ = select.select(rd, wr, [], 0 if tls_pending else 0.2)
         except ValueError:
             readable, writable = [], []
+        if d is not None:
+            conn = d.on_ready(readable + writable)  # the source's side: a verified connection
+            if conn is not None:
+                r.attach(conn, tls=True)  # the target connected again: this link replaces the old one
+                readable, writable = [x for x in readable if x is not r.link], []
         if listener in readable:
             try:
                 conn, _ = listener.accept()
+                if r.direct is not None and r.direct.active:
+                    r.direct.give_up("the dashboard attached: the pages go through it from now on")
                 r.attach(conn)
             except OSError:
                 pass
         if r.criu in readable:
-            try:
-                data = r.criu.recv(_RELAY_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
-                r.criu_ended()
-            elif data:
-                r.out += data
-        if r.criu in writable and r.to_criu:
-            try:
-                n = r.criu.send(r.to_criu[:_RELAY_CHUNK])
-                del r.to_criu[:n]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                r.criu_shut = True
-                r.to_criu.clear()
-        if r.link is not None and r.link in readable:
-            try:
-                data = r.link.recv(_RELAY_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
-                r.drop_link()
-            elif data:
-                r.inbuf += data
+            got = 0
+            while got < _TLS_SEND * 4 and len(r.out) < _RELAY_WINDOW:  # what CRIU has, in few calls
                 try:
-                    r.on_frames()
-                except ValueError:
+                    data = r.criu.recv(_RELAY_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if data == b"":
+                    r.criu_ended()
+                    break
+                r.out.append(data)
+                got += len(data)
+        if r.criu in writable and r.to_criu:
+            given = 0
+            while r.to_criu and given < _TLS_SEND * 8:
+                try:
+                    n = r.criu.send(r.to_criu.head_view(_TLS_SEND))
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    r.criu_shut = True
+                    r.to_criu.clear()
+                    break
+                r.to_criu.drop(n)
+                given += n
+        if r.link is not None and (r.link in readable or tls_pending):
+            ended = r.link_recv()
+            try:
+                r.on_frames()
+            except ValueError:
+                r.drop_link("a bad frame")
+            else:
+                if ended:
                     r.drop_link()
         if r.link is not None and r.link in writable and r.outq:
-            try:
-                n = r.link.send(r.outq[: throttle or _RELAY_CHUNK])
-                del r.outq[:n]
-                if throttle:
-                    time.sleep(0.1)  # test-only throttle: about 10 x throttle bytes a second
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
+            if r.link_send(throttle or (_TLS_SEND if r.tls else _RELAY_CHUNK)) is None:
                 r.drop_link()
+            elif throttle:
+                time.sleep(0.1)  # test-only throttle: about 10 x throttle bytes a second
         # The peer's CRIU finished normally and we delivered all it sent: end ours too
         # (the source's page server takes the end for "all served" and finishes the dump).
         if r.peer_end and r.peer_end[0] == "fin" and r.received >= r.peer_end[1] and not r.to_criu:
@@ -521,8 +698,8 @@ def cmd_pages_relay(params):
         try:
             r.link.setblocking(True)
             r.link.settimeout(5)
-            r.link.sendall(r.outq)
-        except OSError:
+            r.link.sendall(r.outq.peek(len(r.outq)))
+        except (OSError, ValueError):
             pass
     r.status(force=True)
     return {"role": role, "from_criu": r.out_base + len(r.out), "from_peer": r.received}
@@ -572,6 +749,9 @@ def cmd_migrate_dump(params):
     name = _require(params.get("name"))
     lazy = _flag(params, "lazy", False)
     mdir = _mig_dir(params)
+    direct = None
+    if lazy and params.get("direct_pages") is not None:  # checked before anything changes
+        direct = pagelink.check_params(params["direct_pages"], "source")
     images = os.path.join(mdir, "images")
     _remove_tree(images) if os.path.exists(images) else None
     os.makedirs(images)
@@ -580,13 +760,14 @@ def cmd_migrate_dump(params):
     freeze = FreezeWatch(name)  # when it stopped serving: the client-visible downtime's start
     if lazy:
         try:
-            ms = _lazy_dump(name, mdir, images)
+            ms = _lazy_dump(name, mdir, images, direct)
         finally:
             freeze.stop()
         event("dump", f"images written after {ms} ms; the page server serves this host's page relay", 90)
         out = {
             "state": _state(name),
             "relay": RELAY_VERSION,
+            "direct_pages": _direct_listening(mdir) if direct is not None else None,
             "stats": {"total_ms": _ms(t0)},
             "images_bytes": _du(images),
             "pages_bytes": _pages_bytes(images),  # what CRIU could not leave to the page server
@@ -604,13 +785,29 @@ def cmd_migrate_dump(params):
     return out
 
 
+def _direct_listening(mdir):
+    """The source relay's direct link: {"port": P} once it listens, or {"error": why}."""
+    d = _wait_direct(mdir, lambda d: d.get("port") or d.get("state") in ("failed", "off"), 5)
+    if d.get("port") and d.get("state") not in ("failed", "off"):
+        return {"port": d["port"]}
+    return {"error": d.get("error") or "the page relay did not start listening"}
+
+
+def _direct_connected(mdir):
+    """The target relay's first direct link: up (the peer's HELLO arrived), or given up."""
+    d = _wait_direct(mdir, lambda d: d.get("state") in ("up", "failed", "off"), pagelink.SETUP_S + 5)
+    if d.get("state") == "up":
+        return "direct-tls", f"the page relays are linked host to host over TLS 1.3 ({d.get('connects')} connection)"
+    return "ssh-relay", f"no direct link to the source's page relay ({d.get('error') or d.get('state') or 'no status'})"
+
+
 def _pages_bytes(images):
     """Bytes of memory pages inside the images (CRIU's pages-N.img files): they travel with the images."""
     return sum(f["size"] for f in _image_files(images) if re.fullmatch(r"pages-\d+\.img", f["name"]))
 
 
-def _start_lazy_pages(name, mdir, images):
-    criu_end = _start_relay(mdir, "target")
+def _start_lazy_pages(name, mdir, images, direct=None):
+    criu_end = _start_relay(mdir, "target", direct)
     argv = ["criu", "lazy-pages", "--page-server", "--ps-socket", "3"]
     argv += ["-D", images, "-o", "lazy-pages.log", "-v4"]
     try:
@@ -641,11 +838,19 @@ def cmd_migrate_restore(params):
     lazy = _flag(params, "lazy", False)
     mdir = _mig_dir(params)
     images = os.path.join(mdir, "images")
+    direct = None
+    if lazy and params.get("direct_pages") is not None:  # checked before anything changes
+        direct = pagelink.check_params(params["direct_pages"], "target")
     t0 = time.monotonic()
     env = None
+    page_path = None
     if lazy:
         event("restore", "starting criu lazy-pages and this host's page relay", 5)
-        _start_lazy_pages(name, mdir, images)
+        _start_lazy_pages(name, mdir, images, direct)
+        if direct is not None:
+            # Before the restore: its processes' first faults need the pages' path.
+            page_path = _direct_connected(mdir)
+            event("restore", f"page path: {page_path[0]}: {page_path[1]}", 8, page_path=page_path[0])
         env = _criu_config(mdir, "restore", ["lazy-pages"])
     event("restore", f"restoring {name}" + (" (memory follows lazily)" if lazy else ""), 10)
     answer = AnswerWatch(name)  # when its address answers here: the client-visible downtime's end
@@ -661,6 +866,8 @@ def cmd_migrate_restore(params):
     stats = _criu_stats(images, "restore")
     stats["total_ms"] = _ms(t0)
     out = {"state": _state(name), "stats": stats}
+    if page_path is not None:
+        out["page_path"], out["page_path_why"] = page_path
     out["answered"] = answer.report()  # last: "so many ms ago" is read against this result's line
     return out
 
@@ -687,7 +894,14 @@ def cmd_migrate_lazy_wait(params):
     while rc is None and time.monotonic() - t0 < wait_s:
         time.sleep(0.1)
         rc = _watched_rc(mdir, tag)
-    relay = _read_json(os.path.join(mdir, "page-relay-status.json")) or {}
+    relay = _relay_status(mdir)
+    if rc == 0 and relay.get("path") == "direct-tls":
+        # The relay's last counters (it writes them twice a second, and once more at its end,
+        # just after this CRIU process's): the dashboard counted no byte of a direct pull itself.
+        deadline = time.monotonic() + 2
+        while _watched_rc(mdir, PAGE_RELAY) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        relay = _relay_status(mdir)
     if rc is None:
         return {"done": False, "relay": relay, "state": _state(name)}
     if rc != 0:

@@ -8,9 +8,11 @@ import os
 import re
 import select
 import socket
+import ssl
 import sys
 import time
 
+from . import pagelink
 from .common import AgentError, event
 
 # --- direct transfer (only on networks an admin allowed) ----------------------------------
@@ -55,6 +57,8 @@ def _direct_params(params, addresses):
             out[key] = ipaddress.ip_address(value)
         except ValueError:
             raise AgentError(f"Bad direct-transfer address ({key}).") from None
+    if d.get("tls") is not None:  # TLS 1.3 with this transfer's certificates (the dashboard always sends them)
+        out["tls"] = pagelink.check_tls(d["tls"])
     if "port" in d or "address" in addresses:
         port = d.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
@@ -114,6 +118,18 @@ def _direct_accept(d, stall):
                 continue
             got = b""
             conn.settimeout(min(stall, 30))
+            if d.get("tls"):
+                try:
+                    conn = pagelink.pinned(
+                        pagelink.stream_context(d["tls"], server=True).wrap_socket(conn, server_side=True),
+                        d["tls"]["peer_fingerprint"],
+                    )
+                except (OSError, ValueError) as e:
+                    conn.close()
+                    raise AgentError(
+                        f"A connection from {d['peer']} did not present this transfer's certificate "
+                        f"({pagelink.why(e)}): refused."
+                    ) from None
             try:
                 while len(got) < len(expected):
                     chunk = conn.recv(len(expected) - len(got))
@@ -139,6 +155,10 @@ class _DirectIn:
 
     def __init__(self, conn, stall_s, token):
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
+        self.tls = isinstance(conn, ssl.SSLSocket)
+        self._buf = memoryview(bytearray(DIRECT_CHUNK))  # TLS gives a record (16 KiB) per read
+        if self.tls:
+            conn.setblocking(False)  # read until TLS has nothing more; select() waits
         self.bytes, self._said = 0, 0.0
         self.mac = hmac.new(_direct_keys(token)[1], digestmod=hashlib.sha256)
         # Reported as "sha256" and compared by the dashboard with the sender's, over SSH: the
@@ -149,6 +169,8 @@ class _DirectIn:
         self.eof = False
 
     def _wait(self):
+        if self.tls and self.conn.pending():
+            return  # decrypted already: select() would not see it
         while True:
             ready, _, _ = select.select([self.conn, self.fd], [], [], self.stall_s)
             if not ready:
@@ -160,10 +182,30 @@ class _DirectIn:
 
     def _recv(self, size):
         self._wait()
-        try:
-            data = self.conn.recv(size)
-        except OSError as e:
-            raise AgentError(f"The sending host's connection broke ({e.strerror or e}).") from None
+        if self.tls:
+            filled, ended = 0, False
+            while filled < len(self._buf):
+                try:
+                    n = self.conn.recv_into(self._buf[filled:])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    break
+                except OSError as e:
+                    raise AgentError(f"The sending host's connection broke ({pagelink.why(e)}).") from None
+                if not n:
+                    ended = True
+                    break
+                filled += n
+            if not filled and not ended:
+                return  # nothing yet (select woke for a partial record)
+            data = bytes(self._buf[:filled])
+            if not data:
+                self.eof = True
+                return
+        else:
+            try:
+                data = self.conn.recv(size)
+            except OSError as e:
+                raise AgentError(f"The sending host's connection broke ({e.strerror or e}).") from None
         if not data:
             self.eof = True
             return
@@ -280,10 +322,14 @@ def _direct_connect(params):
         conn.settimeout(30)
         try:
             conn.connect((str(d["address"]), d["port"]))
+            if d.get("tls"):
+                conn = pagelink.pinned(
+                    pagelink.stream_context(d["tls"], server=False).wrap_socket(conn), d["tls"]["peer_fingerprint"]
+                )
             hello, mac_key = _direct_keys(d["token"])
             conn.sendall(hello)
-        except OSError as e:
-            raise AgentError(f"Cannot connect to {d['address']} port {d['port']} ({e.strerror or e}).") from None
+        except OSError as e:  # ssl.SSLError too: the receiver did not present this transfer's certificate
+            raise AgentError(f"Cannot connect to {d['address']} port {d['port']} ({pagelink.why(e)}).") from None
         return _DirectOut(conn, stall, mac_key)
     except BaseException:
         conn.close()
