@@ -33,6 +33,7 @@ def test_a_migration_reports_the_downtime_its_clients_saw(bob, lab, strategy):
         seen = res["client_downtime"]
         assert res["client_downtime_ms"] == seen["ms"] and seen["ms"] is not None, seen
         assert "lab-a" in seen["from"] and ip in seen["until"] and "lab-b" in seen["until"]
+        assert "freezer cgroup on lab-a left THAWED" in seen["from"], seen  # the container's cgroup was watched
         # It spans CRIU's own part: the dump's freeze (for post-copy only the freezing: its
         # frozen_time lasts until the last page was served) and the restore.
         frozen = "frozen_time" if strategy == "stop-and-copy" else "freezing_time"
