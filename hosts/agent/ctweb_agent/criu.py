@@ -580,8 +580,10 @@ def _align(name):
     try:
         moved = align_address(name)
     except AgentError as e:
-        event("restore", f"{e} It runs, with the address its snapshot had.", 95)
-        return {"error": str(e)}
+        given = bool(e.data.get("address_given"))  # only the default route failed
+        now = "with its address but without its default route" if given else "with the address its snapshot had"
+        event("restore", f"{e} It runs, {now}.", 95)
+        return {"error": str(e), "address_given": given}
     if moved:
         was = ", ".join(moved["from"]) or "none"
         event("restore", f"{name} now has its own address {moved['to']} (its snapshot had {was})", 95)
