@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates chromium nginx openssl postgresql btrfs-progs)
+APT_PACKAGES=(redis-server openssh-server openssh-client criu rsync iproute2 ca-certificates chromium nginx openssl postgresql btrfs-progs sudo)
 # nginx and openssl: deploy/'s site and its test (which runs nginx as its own process, not the service).
 # postgresql: the several-node test stack's private cluster (scripts/postgres.sh; tests/support/multinode.py).
 # btrfs-progs: mkfs.btrfs for the btrfs tests (a loop image) and the lab's opt-in btrfs host
 # (CTWEB_LAB_BTRFS, lab/core.py); the agent itself needs none of it on a host.
+# sudo: visudo checks the shipped sudoers rules (deploy/sudoers.d/ctweb) in tests/hosts/test_sudo.py.
 # The lab's own needs (debootstrap and friends) are listed beside its code.
 if [ -f scripts/apt-lab.txt ]; then
   mapfile -t lab_pkgs < <(grep -v '^\s*#' scripts/apt-lab.txt | grep -v '^\s*$')

@@ -332,3 +332,30 @@ def test_a_rootfs_holding_a_subvolume_of_its_own_is_copied_whole_not_snapshotted
     assert "rootfs_storage" not in out and not agent.cow.is_subvolume(copy)
     with open(os.path.join(copy, "var", "lib", "machines", "data", "keep")) as f:
         assert f.read() == "precious\n"
+
+
+def test_the_subvolumes_inside_a_rootfs_are_found_deep_in_its_tree_without_walking_it(agent, fs, monkeypatch):
+    """Before each btrfs snapshot the agent asks whether the rootfs holds a subvolume of its own:
+    the filesystem's root tree lists the subvolumes whose parent is the rootfs's (ROOT_REF), so
+    one deep in the tree is found without stat()ing every directory (os.scandir fails here, so a
+    walk would find nothing). Subvolumes elsewhere, and one inside a found one, are not listed."""
+    rootfs = make_rootfs(agent)
+    deep = os.path.join(rootfs, *[f"d{i}" for i in range(12)])
+    os.makedirs(deep)
+    agent.cow.create_subvolume(os.path.join(deep, "inner"))
+    agent.cow.create_subvolume(os.path.join(deep, "inner", "innermost"))  # inside a subvolume: not root's
+    agent.cow.create_subvolume(os.path.join(rootfs, "top"))
+    agent.cow.create_subvolume(os.path.join(agent.S.LXC_PATH, "beside"))  # not inside the rootfs
+    inner = os.path.relpath(os.path.join(deep, "inner"), rootfs)
+
+    def no_walk(path):
+        raise AssertionError(f"walked {path}")
+
+    monkeypatch.setattr(agent.cow.os, "scandir", no_walk)
+    assert agent.cow.nested_subvolumes(rootfs, most=10) == sorted([inner, "top"])
+    assert len(agent.cow.nested_subvolumes(rootfs)) == 1  # most=1: the snapshot's question
+    assert agent.cow.nested_subvolumes(os.path.join(agent.S.LXC_PATH, "beside"), most=10) == []
+    assert agent.cow.nested_subvolumes(os.path.join(deep, "inner"), most=10) == ["innermost"]
+    monkeypatch.undo()
+    # the walk (where the kernel refuses the search) agrees
+    assert sorted(agent.cow._walk_nested(rootfs, 10)) == sorted([inner, "top"])

@@ -6,7 +6,6 @@ whose files the copy shares, is never written. Needs root (a fanotify filesystem
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import shutil
@@ -19,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support import trees
+
 pytestmark = [
     pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync"),
     pytest.mark.skipif(os.geteuid() != 0, reason="a fanotify filesystem mark needs root"),
@@ -30,30 +31,7 @@ T0 = 1_700_000_000 * 10**9 + 100
 def tree_sums(top) -> dict:
     """Every entry: contents' SHA-256 or link target, mode, owner, mtime, xattrs, and for a file
     with several names here the other names (its hard-link group)."""
-    top = str(top)
-    out, inodes = {}, {}
-    for root, dirs, files in os.walk(top):
-        for n in dirs + files:
-            p = os.path.join(root, n)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, top)
-            if os.path.islink(p):
-                body = "->" + os.readlink(p)
-            elif os.path.isfile(p):
-                with open(p, "rb") as f:
-                    body = hashlib.sha256(f.read()).hexdigest()
-                inodes.setdefault(st.st_ino, []).append(rel)
-            else:
-                body = "dir"
-            xattrs = sorted(
-                (k, os.getxattr(p, k, follow_symlinks=False)) for k in os.listxattr(p, follow_symlinks=False)
-            )
-            mtime = st.st_mtime_ns if not os.path.islink(p) else None
-            out[rel] = [body, st.st_mode, st.st_uid, st.st_gid, mtime, xattrs]
-    for names in inodes.values():
-        for n in names:
-            out[n].append(sorted(names))
-    return out
+    return trees.tree_sums(top, links=True, symlink_times=False)
 
 
 def make_rootfs(path):

@@ -5,39 +5,15 @@ counted once, memory pages compressed and given back byte for byte."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 
 import pytest
 
+from tests.support.trees import tree_sums
+
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
-
-
-def tree_sums(top) -> dict:
-    """Every entry under `top`: its contents' SHA-256 (files), target (symlinks), mode and owner."""
-    out = {}
-    for root, dirs, files in os.walk(top):
-        for n in dirs + files:
-            p = os.path.join(root, n)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, top)
-            if os.path.islink(p):
-                body = "->" + os.readlink(p)
-            elif os.path.isfile(p):
-                with open(p, "rb") as f:
-                    body = hashlib.sha256(f.read()).hexdigest()
-            else:
-                body = "dir"
-            try:
-                xattrs = sorted(
-                    (k, os.getxattr(p, k, follow_symlinks=False)) for k in os.listxattr(p, follow_symlinks=False)
-                )
-            except OSError:
-                xattrs = []
-            out[rel] = (body, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, xattrs)
-    return out
 
 
 def make_rootfs(path):

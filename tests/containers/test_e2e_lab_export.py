@@ -17,7 +17,7 @@ from playwright.sync_api import expect
 from hosts.agent import agent_file_name
 from tests.support.cli import ctweb
 from tests.support.lab import COUNTER, PATTERN, counter, create, on_host, pattern, ping
-from tests.support.stack import Api, ok, run_op
+from tests.support.stack import Api, ok, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 
@@ -225,3 +225,31 @@ def test_a_tampered_or_hostile_archive_is_refused_and_leaves_nothing_on_the_host
     finally:
         _delete(bob, "fromkept")
         _delete(bob, "tamper")
+
+
+def test_an_expired_export_is_removed_by_the_retention_task_on_the_running_worker(bob, lab, lab_stack):
+    """Export retention on the stack: an export that ended longer ago than CTWEB_EXPORT_KEEP_DAYS
+    (7 by default; its end moved back in the database, as the days would) loses its archive when
+    the retention task runs on the stack's worker, sent there as beat sends it (beat's own tick
+    is hourly); a fresh export's archive stays. The operation says when its archive went."""
+    ok(create(bob, name="kept", host="lab-a", command=["sh", "-c", COUNTER]))
+    try:
+        ok(run_op(bob, "POST", "/api/v1/containers/kept/snapshots/", {"name": "s1", "stateful": False}))
+        old = ok(run_op(bob, "POST", "/api/v1/containers/kept/snapshots/s1/export"))
+        fresh = ok(run_op(bob, "POST", "/api/v1/containers/kept/snapshots/s1/export"))
+        exports = lab_stack.var / "exports" / "exports"
+        assert (exports / f"op-{old['id']}.tar").is_file() and (exports / f"op-{fresh['id']}.tar").is_file()
+        lab_stack.python(
+            "from datetime import timedelta; from operations.models import Operation; "
+            f"op = Operation.objects.get(pk={old['id']}); "
+            "Operation.objects.filter(pk=op.pk).update(finished_at=op.finished_at - timedelta(days=8))"
+        )
+        lab_stack.python("from containers.tasks import expire_exports; expire_exports.delay()")  # to the worker
+        wait_for(lambda: not (exports / f"op-{old['id']}.tar").exists(), 60, "the expired archive to go")
+        assert bob.get(old["result"]["download"]).status_code == 404
+        after = bob.get(f"/api/v1/operations/{old['id']}/").json()["result"]
+        assert after["download"] is None and after["archive_deleted_at"]
+        r = bob.get(fresh["result"]["download"])  # the fresh one is kept
+        assert r.status_code == 200 and len(r.content) == fresh["result"]["bytes"]
+    finally:
+        _delete(bob, "kept")

@@ -5,6 +5,7 @@ import tarfile
 
 import pytest
 
+from lab import core
 from tests.support.bundle_secrets import leaks, secret_fragments
 from tests.support.cli import ctweb
 from tests.support.lab import COUNTER, PATTERN, counter, create, on_host, pattern, ping
@@ -73,6 +74,44 @@ def test_stateful_stop_and_start_keep_the_counter(bob, lab, counting):
 def _members(gz: bytes) -> list[tuple[str, bytes]]:
     with tarfile.open(fileobj=io.BytesIO(gz)) as t:
         return [(m.name, t.extractfile(m).read()) for m in t.getmembers() if m.isfile()]
+
+
+def test_a_restore_whose_address_cannot_be_given_back_succeeds_says_why_and_runs(bob, lab):
+    """A stateful restore brings the network namespace back as it was dumped, then gives the
+    container the address its config names (agent lxc.align_address). When that fails, the
+    restore itself stands: the operation succeeds, its result's address_changed.error says what
+    failed, and the container runs on. Forced for real: the snapshot's config names another
+    address and, as its gateway, the subnet's broadcast address, a default route the kernel
+    refuses ("Nexthop has invalid gateway")."""
+    ok(create(bob, name="realign", host="lab-a", command=["sh", "-c", COUNTER]))
+    try:
+        wait_for(lambda: counter(lab, "lab-a", "realign") > 1, 15, "counting")
+        ok(run_op(bob, "POST", "/api/v1/containers/realign/snapshots/", {"name": "s1", "stateful": True}))
+        net = core.subnet()
+        other, broadcast = net.network_address + 249, net.broadcast_address
+        config = "/var/lib/ctweb/snapshots/realign/s1/config"
+        edit = on_host(
+            lab,
+            "lab-a",
+            f"sed -i -e '/^lxc.net.0.ipv4.gateway/d' -e 's|^lxc.net.0.ipv4.address = .*|"
+            f"lxc.net.0.ipv4.address = {other}/{net.prefixlen}\\nlxc.net.0.ipv4.gateway = {broadcast}|' {config}"
+            f" && grep -c -e '= {other}/' -e 'gateway = {broadcast}$' {config}",
+        )
+        assert edit.stdout.strip() == "2", (edit.stdout, edit.stderr)
+        op = ok(run_op(bob, "POST", "/api/v1/containers/realign/snapshots/s1/restore"))
+        error = op["result"]["address_changed"]["error"]
+        assert f"Cannot give realign its address {other}/{net.prefixlen} after its restore" in error, error
+        assert "route replace failed" in error, error
+        # Only the route failed: its address is the config's, and it says so (not the snapshot's).
+        assert op["result"]["address_changed"]["address_given"] is True
+        assert any("It runs, with its address but without its default route" in e["message"] for e in op["events"])
+        assert ping(str(other))
+        assert bob.get("/api/v1/containers/realign/").json()["state"] == "RUNNING"
+        at = counter(lab, "lab-a", "realign")
+        wait_for(lambda: counter(lab, "lab-a", "realign") > at + 2, 15, "the restored counter to go on")
+    finally:
+        if bob.get("/api/v1/containers/realign/").status_code == 200:
+            run_op(bob, "DELETE", "/api/v1/containers/realign/")
 
 
 def test_a_refused_dump_leaves_it_running_with_a_bundle(bob, lab, lab_stack, tmp_path):

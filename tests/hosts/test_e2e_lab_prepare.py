@@ -13,34 +13,10 @@ import time
 import pytest
 import websockets
 
-from tests.support.lab import PATTERN, counter, create, on_host, pattern
+from tests.support.lab import PATTERN, counter, create, fingerprint, on_host, pattern
 from tests.support.stack import Api, ok, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
-
-
-@pytest.fixture
-def bare(lab, lab_stack):
-    """lab-z, bare, with the lab's key (for on_host) and the dashboard's (for ctweb)."""
-    from lab import core
-
-    t0 = time.monotonic()
-    core.up_bare(lab["pubkey"])
-    info = core.up_bare(lab_stack.dashboard_public_key())
-    print(f"\nbare host up in {time.monotonic() - t0:.1f}s")
-    lab["hosts"].append(info)
-    with open(lab["known_hosts"], "a") as f:
-        f.write(f"{info['address']} {info['host_key']}\n")
-    yield info
-    lab["hosts"].remove(info)  # the session's down() stops it with the others, and the proxy
-
-
-def _fingerprint(host_key: str) -> str:
-    import base64
-    import hashlib
-
-    blob = base64.b64decode(host_key.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def _follow(api: Api, op_id: int, timeout: float = 600) -> list[dict]:
@@ -71,8 +47,8 @@ def test_a_bare_host_is_prepared_and_a_container_migrates_to_it_and_back(lab, la
 
     r = alice.post("/api/v1/hosts/", json={"name": name, "address": bare["address"]})
     assert r.status_code == 201, r.text
-    assert r.json()["offered_fingerprint"] == _fingerprint(bare["host_key"])
-    r = alice.post(f"/api/v1/hosts/{name}/trust", json={"fingerprint": _fingerprint(bare["host_key"])})
+    assert r.json()["offered_fingerprint"] == fingerprint(bare["host_key"])
+    r = alice.post(f"/api/v1/hosts/{name}/trust", json={"fingerprint": fingerprint(bare["host_key"])})
     assert r.status_code == 200, r.text
     try:
         probed = ok(run_op(alice, "POST", f"/api/v1/hosts/{name}/probe"))

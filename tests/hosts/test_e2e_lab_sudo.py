@@ -8,7 +8,6 @@ intact. The SSH user can neither write the installed agent nor install one of it
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shlex
@@ -17,7 +16,7 @@ import time
 
 import pytest
 
-from tests.support.lab import PATTERN, counter, create, on_host, pattern
+from tests.support.lab import PATTERN, counter, create, fingerprint, on_host, pattern
 from tests.support.stack import Api, ok, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
@@ -25,47 +24,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.lab]
 USER = "ctweb"
 
 
-@pytest.fixture
-def bare(lab, lab_stack):
-    """lab-z, bare, with the lab's key (for on_host) and the dashboard's for root."""
-    from lab import core
-
-    core.up_bare(lab["pubkey"])
-    info = core.up_bare(lab_stack.dashboard_public_key())
-    lab["hosts"].append(info)
-    with open(lab["known_hosts"], "a") as f:
-        f.write(f"{info['address']} {info['host_key']}\n")
-    yield info
-    lab["hosts"].remove(info)  # the session's down() stops it with the others, and the proxy
-
-
-def _fingerprint(host_key: str) -> str:
-    blob = base64.b64decode(host_key.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
 def root_sh(lab, name: str, script: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """A shell script run as root on a lab host (its standard input), as an admin would."""
-    host = next(h for h in lab["hosts"] if h["name"] == name)
-    return subprocess.run(
-        [
-            "ssh",
-            "-i",
-            str(lab["key"]),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"UserKnownHostsFile={lab['known_hosts']}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            f"root@{host['address']}",
-            "sh -s",
-        ],
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return on_host(lab, name, "sh -s", input=script, timeout=timeout)
 
 
 def as_user(lab, name: str, command: str, stdin: str = "/dev/null") -> subprocess.CompletedProcess:
@@ -101,7 +62,7 @@ def test_a_non_root_ssh_user_with_the_sudo_rules_runs_everything_and_without_the
 
     r = alice.post("/api/v1/hosts/", json={"name": name, "address": bare["address"], "username": USER})
     assert r.status_code == 201, r.text
-    r = alice.post(f"/api/v1/hosts/{name}/trust", json={"fingerprint": _fingerprint(bare["host_key"])})
+    r = alice.post(f"/api/v1/hosts/{name}/trust", json={"fingerprint": fingerprint(bare["host_key"])})
     assert r.status_code == 200, r.text
     network = {"subnet": str(core.subnet()), "bridge": core.HOST_BRIDGE, "range": list(core.CONTAINER_RANGE)}
     untouched = _ctwebs_things(lab, name)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,6 +55,23 @@ def test_the_shipped_sudoers_file_allows_the_agent_and_its_installer_only():
     for bad in ("root", "Ctweb", "a b", "x;y", ""):
         with pytest.raises(ValueError):
             sudo.sudoers(bad)
+
+
+VISUDO = shutil.which("visudo", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
+@pytest.mark.skipif(VISUDO is None, reason="needs visudo (the sudo package: scripts/setup.sh installs it)")
+def test_the_shipped_sudoers_file_is_one_sudo_accepts(tmp_path):
+    """What an admin installs in /etc/sudoers.d is parsed by sudo's own checker (a file sudo
+    cannot parse makes sudo refuse everything, the host's admin included)."""
+    shipped = ROOT / "deploy" / "sudoers.d" / "ctweb"
+    checked = subprocess.run([VISUDO, "-c", "-f", str(shipped)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # The check can fail: the same rules with one colon gone are refused.
+    broken = tmp_path / "ctweb"
+    broken.write_text(shipped.read_text().replace("NOPASSWD:", "NOPASSWD", 1))
+    refused = subprocess.run([VISUDO, "-c", "-f", str(broken)], capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "syntax error" in refused.stdout + refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,9 @@ from tests.support.criu import (  # noqa: F401
     counter,
     create,
     fail,
+    memcheck,
+    memcheck_container,
+    memcheck_tick,
     ok,
     read_file,
     ssh,
@@ -40,22 +43,7 @@ pytestmark = [
 ]
 
 # 64 MiB of a repeated pattern, its SHA-256 checked every second: OK/BAD + a tick count.
-MEMCHECK = r"""
-import hashlib, os, time
-block = bytes(range(256)) * 4096           # 1 MiB
-buf = bytearray(block * 64)                # 64 MiB
-want = hashlib.sha256(buf).hexdigest()
-n = 0
-while True:
-    n += 1
-    verdict = "OK" if hashlib.sha256(buf).hexdigest() == want else "BAD"
-    with open("/tmp/memcheck.tmp", "w") as f:
-        f.write(f"{verdict} {n}\n")
-    os.replace("/tmp/memcheck.tmp", "/tmp/memcheck")
-    if verdict == "BAD":
-        open("/tmp/memcheck.bad", "w").write(str(n))
-    time.sleep(1)
-"""
+MEMCHECK = memcheck(64, each='    if v == "BAD":\n        open("/tmp/memcheck.bad", "w").write(str(n))\n')
 
 
 @pytest.fixture(scope="module")
@@ -332,15 +320,12 @@ def test_a_failed_restore_keeps_the_state_and_a_later_start_restores_it(lab, hos
 def test_a_64_mib_pattern_survives_snapshot_and_restore(lab, hosts):
     b = hosts[1]
     name = "cr-mem"
-    create(lab, b, name, 95, template="debian", command=["python3", "-c", MEMCHECK])
     check = f"/var/lib/lxc/{name}/rootfs/tmp/memcheck"
 
     def tick():
-        text = read_file(lab, b, check)
-        return int(text.split()[1]) if text.startswith("OK ") else 0
+        return memcheck_tick(lab, b, name)
 
-    try:
-        assert wait_for(lambda: tick() >= 2, timeout=30), read_file(lab, b, check)
+    with memcheck_container(lab, b, name, 95, MEMCHECK):
         snap = ok(lab, b, "snapshot", {"name": name, "snapshot": "m1", "stateful": True})
         py = next(p for p in snap["contents"]["processes"] if p["pid"] == 1)
         assert py["comm"].startswith("python3") and py["cmdline"][:2] == ["python3", "-c"]
@@ -359,8 +344,6 @@ def test_a_64_mib_pattern_survives_snapshot_and_restore(lab, hosts):
             f"CRIU frozen_time {snap['stats']['frozen_time'] / 1000:.0f} ms, {snap['size_bytes'] >> 20} MiB), "
             f"restore total {data['stats']['total_ms']} ms (CRIU restore_time {data['stats']['restore_time'] / 1000:.0f} ms)"
         )
-    finally:
-        agent(lab, b, "delete", {"name": name})
 
 
 def test_it_measures_snapshot_and_restore_of_a_busybox_counter(lab, counting):

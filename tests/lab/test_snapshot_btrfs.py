@@ -18,7 +18,17 @@ import subprocess
 import pytest
 
 from lab import core
-from tests.support.criu import MEMCHECK_32, agent, create, ok, read_file, ssh, tree_sums, wait_for
+from tests.support.criu import (
+    REWRITE,
+    attach,
+    memcheck_container,
+    memcheck_tick,
+    ok,
+    read_file,
+    ssh,
+    tree_sums,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.lab,
@@ -29,12 +39,6 @@ NAME = "cow-deb"
 SNAPS = f"/var/lib/ctweb/snapshots/{NAME}"
 ROOTFS = f"/var/lib/lxc/{NAME}/rootfs"
 MiB = 1 << 20
-# The container rewrites files that every snapshot shares: in place (same inode), and their modes.
-REWRITE = (
-    "printf 'XXXX' | dd of=/etc/debian_version conv=notrunc status=none; "
-    "printf 'YYYY' | dd of=/usr/bin/python3 bs=1 seek=100 conv=notrunc status=none 2>/dev/null || true; "
-    "chmod 600 /etc/issue; chmod 700 /usr/share/doc; echo more >> /etc/hostname"
-)
 
 
 def sums(lab, host, snaps) -> dict:
@@ -58,15 +62,6 @@ def subvolumes() -> list[str]:
     return [line.split(" path ", 1)[1] for line in out.stdout.splitlines() if " path " in line]
 
 
-def attach(lab, host, script):
-    ssh(lab, host, "lxc-attach", "-n", NAME, "--", "/bin/sh", "-c", script)
-
-
-def tick(lab, host) -> int:
-    text = read_file(lab, host, f"{ROOTFS}/tmp/memcheck")
-    return int(text.split()[1]) if text.startswith("OK ") else 0
-
-
 def inode(lab, host, path) -> int:
     return int(ssh(lab, host, "stat", "-c", "%i", path).stdout.decode())
 
@@ -84,10 +79,8 @@ def test_ten_btrfs_snapshots_take_little_disk_and_no_write_reaches_any(lab, b):
     caps = ok(lab, b, "probe", {})["snapshot_storage"]
     assert caps["filesystem"] == "btrfs" and caps["native_cow_used"] is True, caps
     assert subvolumes() == []
-    create(lab, b, NAME, 95, template="debian", command=["python3", "-c", MEMCHECK_32])
-    try:
+    with memcheck_container(lab, b, NAME, 95):
         assert inode(lab, b, ROOTFS) == 256  # the rootfs is a subvolume
-        assert wait_for(lambda: tick(lab, b) >= 2, timeout=30)
         base = used_bytes()
         taken, used = [], []
         for i in range(10):
@@ -115,7 +108,7 @@ def test_ten_btrfs_snapshots_take_little_disk_and_no_write_reaches_any(lab, b):
         before = sums(lab, b, names)
         # A read-only snapshot refuses a write, even from root on the host.
         assert ssh(lab, b, "touch", f"{SNAPS}/s0/rootfs/etc/x", check=False).returncode != 0
-        attach(lab, b, REWRITE)  # the container rewrites shared files in place
+        attach(lab, b, NAME, REWRITE)  # the container rewrites shared files in place
         ok(lab, b, "snapshot", {"name": NAME, "snapshot": "s10", "stateful": True})
         assert sums(lab, b, names) == before
         names.append("s10")
@@ -124,19 +117,16 @@ def test_ten_btrfs_snapshots_take_little_disk_and_no_write_reaches_any(lab, b):
         at = int(read_file(lab, b, f"{SNAPS}/s3/rootfs/tmp/memcheck").split()[1])
         restored = ok(lab, b, "restore", {"name": NAME, "snapshot": "s3"})
         assert restored["state"] == "RUNNING"
-        assert at <= tick(lab, b) <= at + 3  # the memory pattern is back, checked OK
-        assert wait_for(lambda: tick(lab, b) > at + 2, timeout=20)
+        assert at <= memcheck_tick(lab, b, NAME) <= at + 3  # the memory pattern is back, checked OK
+        assert wait_for(lambda: memcheck_tick(lab, b, NAME) > at + 2, timeout=20)
         assert read_file(lab, b, f"{ROOTFS}/etc/debian_version")[:4] != "XXXX"  # rolled back
-        attach(lab, b, REWRITE)  # writes after the restore, to files the rootfs got from s3
+        attach(lab, b, NAME, REWRITE)  # writes after the restore, to files the rootfs got from s3
         assert sums(lab, b, names) == before
 
         ok(lab, b, "delete-snapshot", {"name": NAME, "snapshot": "s5"})
         names.remove("s5")
         assert sums(lab, b, names) == {s: before[s] for s in names}
         assert len(subvolumes()) == 1 + len(names)  # the rootfs and each snapshot's
-    finally:
-        events, final = agent(lab, b, "delete", {"name": NAME})
-    assert final["type"] == "result", final
     assert ssh(lab, b, "test", "-e", f"/var/lib/lxc/{NAME}", check=False).returncode == 1
     assert ssh(lab, b, "test", "-e", SNAPS, check=False).returncode == 1
     assert subvolumes() == []  # nothing left behind

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from tests.support.criu import agent, create, ok, read_file, ssh, wait_for
+from tests.support.criu import memcheck, memcheck_container, memcheck_tick, ok, read_file, ssh, wait_for
 
 pytestmark = [
     pytest.mark.lab,
@@ -24,39 +24,20 @@ ROOTFS = f"/var/lib/lxc/{NAME}/rootfs"
 SNAPS = f"/var/lib/ctweb/snapshots/{NAME}"
 # 32 MiB of a pattern checked every second; it also appends its tick to /var/log/ticks with
 # write() and rewrites /srv/state through a shared mapping it keeps (never closed).
-MEMCHECK = r"""
-import hashlib, mmap, os, time
-buf = bytearray(bytes(range(256)) * 4096 * 32)
-want = hashlib.sha256(buf).hexdigest()
-fd = os.open("/srv/state", os.O_RDWR | os.O_CREAT, 0o644)
-os.ftruncate(fd, 4096)
-m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-n = 0
-while True:
-    n += 1
-    v = "OK" if hashlib.sha256(buf).hexdigest() == want else "BAD"
-    with open("/tmp/memcheck.tmp", "w") as f:
-        f.write(f"{v} {n}\n")
-    os.replace("/tmp/memcheck.tmp", "/tmp/memcheck")
-    m[:16] = f"{n:016d}".encode()
-    time.sleep(1)
-"""
+MEMCHECK = memcheck(
+    32,
+    setup='fd = os.open("/srv/state", os.O_RDWR | os.O_CREAT, 0o644)\n'
+    "os.ftruncate(fd, 4096)\n"
+    "m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n",
+    each='    m[:16] = f"{n:016d}".encode()\n',
+)
 MANY = 20000
-
-
-def tick(lab, host) -> int:
-    text = read_file(lab, host, f"{ROOTFS}/tmp/memcheck")
-    return int(text.split()[1]) if text.startswith("OK ") else 0
 
 
 @pytest.fixture(scope="module")
 def deb(lab, hosts):
-    a = hosts[0]
-    create(lab, a, NAME, 96, template="debian", command=["python3", "-c", MEMCHECK])
-    assert wait_for(lambda: tick(lab, a) >= 2, timeout=30)
-    yield a
-    agent(lab, a, "delete", {"name": NAME})
-    ssh(lab, a, "rm", "-rf", SNAPS, check=False)
+    with memcheck_container(lab, hosts[0], NAME, 96, MEMCHECK):
+        yield hosts[0]
 
 
 def test_a_stateful_snapshot_of_a_big_rootfs_uses_the_journal_and_restores_exactly(lab, deb):
@@ -91,6 +72,6 @@ def test_a_stateful_snapshot_of_a_big_rootfs_uses_the_journal_and_restores_exact
     restored = ok(lab, a, "restore", {"name": NAME, "snapshot": "j1"})
     assert restored["state"] == "RUNNING"
     assert read_file(lab, a, f"{ROOTFS}/srv/written") == "before-j1"
-    assert at <= tick(lab, a) <= at + 3
-    assert wait_for(lambda: tick(lab, a) > at + 2, timeout=20)  # the pattern checks OK again
+    assert at <= memcheck_tick(lab, a, NAME) <= at + 3
+    assert wait_for(lambda: memcheck_tick(lab, a, NAME) > at + 2, timeout=20)  # the pattern checks OK again
     assert read_file(lab, a, f"{ROOTFS}/tmp/memcheck").startswith("OK ")

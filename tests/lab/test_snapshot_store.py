@@ -15,7 +15,18 @@ import statistics
 
 import pytest
 
-from tests.support.criu import MEMCHECK_32, agent, create, ok, read_file, ssh, tree_sums, wait_for
+from tests.support.criu import (
+    REWRITE,
+    agent,
+    attach,
+    memcheck_container,
+    memcheck_tick,
+    ok,
+    read_file,
+    ssh,
+    tree_sums,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.lab,
@@ -36,31 +47,10 @@ def du(lab, host, *paths) -> int:
     return int(out[-1].split()[0])
 
 
-def attach(lab, host, script):
-    ssh(lab, host, "lxc-attach", "-n", NAME, "--", "/bin/sh", "-c", script)
-
-
-def tick(lab, host) -> int:
-    text = read_file(lab, host, f"/var/lib/lxc/{NAME}/rootfs/tmp/memcheck")
-    return int(text.split()[1]) if text.startswith("OK ") else 0
-
-
-# The container rewrites files that every snapshot shares: in place (same inode), and their modes.
-REWRITE = (
-    "printf 'XXXX' | dd of=/etc/debian_version conv=notrunc status=none; "
-    "printf 'YYYY' | dd of=/usr/bin/python3 bs=1 seek=100 conv=notrunc status=none 2>/dev/null || true; "
-    "chmod 600 /etc/issue; chmod 700 /usr/share/doc; echo more >> /etc/hostname"
-)
-
-
 @pytest.fixture(scope="module")
 def deb(lab, hosts):
-    a = hosts[0]
-    create(lab, a, NAME, 97, template="debian", command=["python3", "-c", MEMCHECK_32])
-    assert wait_for(lambda: tick(lab, a) >= 2, timeout=30)
-    yield a
-    agent(lab, a, "delete", {"name": NAME})
-    ssh(lab, a, "rm", "-rf", SNAPS, check=False)
+    with memcheck_container(lab, hosts[0], NAME, 97):
+        yield hosts[0]
 
 
 def test_ten_snapshots_share_their_rootfs_and_no_write_reaches_any(lab, deb):
@@ -88,7 +78,7 @@ def test_ten_snapshots_share_their_rootfs_and_no_write_reaches_any(lab, deb):
 
     names = [f"s{i}" for i in range(10)]
     before = sums(lab, a, names)
-    attach(lab, a, REWRITE)  # the container rewrites shared files in place
+    attach(lab, a, NAME, REWRITE)  # the container rewrites shared files in place
     s10 = ok(lab, a, "snapshot", {"name": NAME, "snapshot": "s10", "stateful": True})
     assert s10["added_bytes"] < 64 << 20
     assert sums(lab, a, names) == before
@@ -98,10 +88,10 @@ def test_ten_snapshots_share_their_rootfs_and_no_write_reaches_any(lab, deb):
     at = int(read_file(lab, a, f"{SNAPS}/s3/rootfs/tmp/memcheck").split()[1])
     restored = ok(lab, a, "restore", {"name": NAME, "snapshot": "s3"})
     assert restored["state"] == "RUNNING" and restored["stats"]["images_compression"] == "zstd"
-    assert at <= tick(lab, a) <= at + 3
-    assert wait_for(lambda: tick(lab, a) > at + 2, timeout=20)
+    assert at <= memcheck_tick(lab, a, NAME) <= at + 3
+    assert wait_for(lambda: memcheck_tick(lab, a, NAME) > at + 2, timeout=20)
     assert read_file(lab, a, f"/var/lib/lxc/{NAME}/rootfs/etc/debian_version")[:4] != "XXXX"  # rolled back
-    attach(lab, a, REWRITE)  # writes after the restore, to files the rootfs got from s3
+    attach(lab, a, NAME, REWRITE)  # writes after the restore, to files the rootfs got from s3
     assert sums(lab, a, names) == before
 
     ok(lab, a, "delete-snapshot", {"name": NAME, "snapshot": "s5"})

@@ -6,11 +6,13 @@ import json
 import shlex
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
 from hosts.agent import AGENT_SUBCOMMANDS, agent_source
 from lab import core
+from tests.support.lab import ssh_argv
 
 REMOTE_AGENT = "/root/ctweb_agent_test.pyz"  # the zipapp the dashboard ships
 
@@ -33,24 +35,7 @@ def _ip(octet: int) -> str:
 
 
 def _ssh_args(lab, host: dict, *cmd: str) -> list[str]:
-    return [
-        "ssh",
-        "-i",
-        str(lab["key"]),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        f"UserKnownHostsFile={lab['known_hosts']}",
-        "-o",
-        "ConnectTimeout=10",
-        "-p",
-        str(host["port"]),
-        f"{host['username']}@{host['address']}",
-        "--",
-        shlex.join(cmd),  # the remote shell re-parses the command line
-    ]
+    return ssh_argv(lab, host, shlex.join(cmd))  # the remote shell re-parses the command line
 
 
 def ssh(lab, host, *cmd: str, check: bool = True, timeout: float = 120, input: bytes | None = None):
@@ -156,20 +141,65 @@ def hosts(lab, tmp_path_factory):
     return lab["hosts"]
 
 
-# 32 MiB of a pattern checked every second (OK/BAD + a tick in /tmp/memcheck), like a small idle service.
-MEMCHECK_32 = r"""
-import hashlib, os, time
-buf = bytearray(bytes(range(256)) * 4096 * 32)
-want = hashlib.sha256(buf).hexdigest()
-n = 0
-while True:
-    n += 1
-    v = "OK" if hashlib.sha256(buf).hexdigest() == want else "BAD"
-    with open("/tmp/memcheck.tmp", "w") as f:
-        f.write(f"{v} {n}\n")
-    os.replace("/tmp/memcheck.tmp", "/tmp/memcheck")
-    time.sleep(1)
-"""
+def memcheck(mib: int = 32, setup: str = "", each: str = "") -> str:
+    """A program holding `mib` MiB of a pattern and checking its SHA-256 every second: "OK n"
+    (or "BAD n") in /tmp/memcheck, n its tick. `setup` runs before the loop, `each` (lines
+    indented four spaces) after each check, with `v` ("OK"/"BAD") and `n` set."""
+    return (
+        "import hashlib, mmap, os, time\n"
+        f"buf = bytearray(bytes(range(256)) * 4096 * {mib})\n"
+        "want = hashlib.sha256(buf).hexdigest()\n"
+        f"{setup}"
+        "n = 0\n"
+        "while True:\n"
+        "    n += 1\n"
+        "    v = 'OK' if hashlib.sha256(buf).hexdigest() == want else 'BAD'\n"
+        "    with open('/tmp/memcheck.tmp', 'w') as f:\n"
+        "        f.write(f'{v} {n}\\n')\n"
+        "    os.replace('/tmp/memcheck.tmp', '/tmp/memcheck')\n"
+        f"{each}"
+        "    time.sleep(1)\n"
+    )
+
+
+# 32 MiB of a pattern checked every second, like a small idle service.
+MEMCHECK_32 = memcheck(32)
+
+# The container rewrites files that every snapshot shares: in place (same inode), and their modes.
+REWRITE = (
+    "printf 'XXXX' | dd of=/etc/debian_version conv=notrunc status=none; "
+    "printf 'YYYY' | dd of=/usr/bin/python3 bs=1 seek=100 conv=notrunc status=none 2>/dev/null || true; "
+    "chmod 600 /etc/issue; chmod 700 /usr/share/doc; echo more >> /etc/hostname"
+)
+
+
+def memcheck_tick(lab, host, name: str) -> int:
+    """The tick of a memcheck container's last check, 0 unless it said OK."""
+    text = read_file(lab, host, f"/var/lib/lxc/{name}/rootfs/tmp/memcheck")
+    return int(text.split()[1]) if text.startswith("OK ") else 0
+
+
+def attach(lab, host, name: str, script: str):
+    """A shell script run inside the container."""
+    return ssh(lab, host, "lxc-attach", "-n", name, "--", "/bin/sh", "-c", script)
+
+
+@contextmanager
+def memcheck_container(lab, host, name: str, octet: int, program: str = MEMCHECK_32):
+    """A debian container running `program` (a memcheck) that has checked its pattern twice;
+    deleted afterwards with its snapshots (the delete must succeed when the body did)."""
+    create(lab, host, name, octet, template="debian", command=["python3", "-c", program])
+    try:
+        assert wait_for(lambda: memcheck_tick(lab, host, name) >= 2, timeout=30), read_file(
+            lab, host, f"/var/lib/lxc/{name}/rootfs/tmp/memcheck"
+        )
+        yield
+    finally:
+        _events, final = agent(lab, host, "delete", {"name": name})
+        ssh(lab, host, "rm", "-rf", f"/var/lib/ctweb/snapshots/{name}", check=False)
+    assert final["type"] == "result", final
+
+
 # Every entry of a snapshot tree (path, type, mode, owner, size, mtime, link target) and every
 # file's SHA-256: one digest per snapshot.
 TREE_SUM = (

@@ -1,9 +1,15 @@
-"""Helpers for tests on the real lab: a command on a lab host over SSH, a container made through the API, and the two programs whose memory the tests check (a counter and a memory pattern)."""
+"""Helpers for tests on the real lab: a command on a lab host over SSH, the bare host lab-z, a container made through the API, and the two programs whose memory the tests check (a counter and a memory pattern)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import subprocess
+import time
 
+import pytest
+
+from lab import core
 from tests.support.stack import Api, wait_for
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 1; done"
@@ -44,27 +50,54 @@ def release(who: str) -> None:
         _DASHBOARD.clear()
 
 
-def on_host(lab, name: str, *argv: str) -> subprocess.CompletedProcess:
-    """Run a command on a lab host as an operator would: over SSH with its pinned key."""
+def ssh_argv(lab, host: dict, *remote: str) -> list[str]:
+    """The ssh command line that runs `remote` on a lab host as its SSH user, with the lab's key
+    and its pinned host keys. The remote shell parses the words joined by spaces: quote them."""
+    return [
+        "ssh",
+        "-i",
+        str(lab["key"]),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={lab['known_hosts']}",
+        "-o",
+        "ConnectTimeout=10",
+        "-p",
+        str(host["port"]),
+        f"{host['username']}@{host['address']}",
+        "--",
+        *remote,
+    ]
+
+
+def on_host(lab, name: str, *argv: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a command on a lab host as an operator would: over SSH with its pinned key (with
+    `input`, that text on its standard input)."""
     host = next(h for h in lab["hosts"] if h["name"] == name)
-    return subprocess.run(
-        [
-            "ssh",
-            "-i",
-            str(lab["key"]),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"UserKnownHostsFile={lab['known_hosts']}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            f"root@{host['address']}",
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return subprocess.run(ssh_argv(lab, host, *argv), input=input, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def bare(lab, lab_stack):
+    """lab-z, bare (lab/core.py `up_bare`), with the lab's key (for on_host) and the dashboard's."""
+    t0 = time.monotonic()
+    core.up_bare(lab["pubkey"])
+    info = core.up_bare(lab_stack.dashboard_public_key())
+    print(f"\nbare host up in {time.monotonic() - t0:.1f}s")
+    lab["hosts"].append(info)
+    with open(lab["known_hosts"], "a") as f:
+        f.write(f"{info['address']} {info['host_key']}\n")
+    yield info
+    lab["hosts"].remove(info)  # the session's down() stops it with the others, and the proxy
+
+
+def fingerprint(host_key: str) -> str:
+    """The SHA256 fingerprint of a host key line, as the dashboard offers it for trust."""
+    blob = base64.b64decode(host_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def create(api: Api, **body) -> dict:

@@ -65,6 +65,20 @@ FIEMAP_EXTENT_UNKNOWN = 0x2
 FIEMAP_EXTENT_DATA_INLINE = 0x200
 FIEMAP_EXTENT_SHARED = 0x2000
 FIEMAP_BATCH = 128
+# The subvolumes inside a subvolume, from the filesystem's root tree (BTRFS_IOC_TREE_SEARCH) and
+# each one's place (BTRFS_IOC_INO_LOOKUP): both root only (CAP_SYS_ADMIN), as the agent runs.
+IOC_TREE_SEARCH = _ioc(_IOC_READ | _IOC_WRITE, BTRFS_IOCTL_MAGIC, 17, 4096)  # btrfs_ioctl_search_args
+IOC_INO_LOOKUP = _ioc(_IOC_READ | _IOC_WRITE, BTRFS_IOCTL_MAGIC, 18, 4096)  # btrfs_ioctl_ino_lookup_args
+# btrfs_ioctl_search_key: tree_id, min/max objectid, min/max offset, min/max transid, min/max
+# type, nr_items, unused, unused1-4
+SEARCH_KEY = struct.Struct("=7Q4I4Q")
+SEARCH_NR_ITEMS = 64  # offset of nr_items in it
+SEARCH_HEADER = struct.Struct("=3Q2I")  # transid, objectid, offset, type, len
+ROOT_REF = struct.Struct("<2QH")  # btrfs_root_ref (on disk, little-endian): dirid, sequence, name_len
+INO_LOOKUP = struct.Struct("=2Q")  # treeid, objectid; then name[4080]
+BTRFS_ROOT_TREE_OBJECTID = 1
+BTRFS_ROOT_REF_KEY = 156  # key (parent subvolume id, ROOT_REF, child subvolume id)
+U64_MAX = (1 << 64) - 1
 
 
 class CowError(Exception):
@@ -114,9 +128,71 @@ def is_subvolume(path):
     return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_FIRST_FREE_OBJECTID and is_btrfs(path)
 
 
+def _ino_lookup(fd, tree, objectid):
+    """(tree id, path) of inode `objectid` of subvolume `tree` (0: the one `fd` is in); the
+    path is relative to the subvolume's root, "" for the root itself, else ending in "/"."""
+    buf = bytearray(4096)
+    INO_LOOKUP.pack_into(buf, 0, tree, objectid)
+    fcntl.ioctl(fd, IOC_INO_LOOKUP, buf)
+    treeid = INO_LOOKUP.unpack_from(buf, 0)[0]
+    name = bytes(buf[INO_LOOKUP.size :]).split(b"\0", 1)[0]
+    return treeid, name
+
+
+def _child_subvolumes(fd, most):
+    """The subvolumes whose parent is the subvolume `fd` is the root of (relative paths, at
+    most `most`): its ROOT_REF items in the filesystem's root tree, placed by INO_LOOKUP."""
+    parent = _ino_lookup(fd, 0, BTRFS_FIRST_FREE_OBJECTID)[0]
+    found, offset = [], 0
+    while len(found) < most:
+        buf = bytearray(4096)
+        SEARCH_KEY.pack_into(
+            buf, 0, BTRFS_ROOT_TREE_OBJECTID, parent, parent, offset, U64_MAX, 0, U64_MAX,
+            BTRFS_ROOT_REF_KEY, BTRFS_ROOT_REF_KEY, 4096, 0, 0, 0, 0, 0,
+        )  # fmt: skip
+        fcntl.ioctl(fd, IOC_TREE_SEARCH, buf)
+        items = struct.unpack_from("=I", buf, SEARCH_NR_ITEMS)[0]
+        if not items:
+            break
+        pos = SEARCH_KEY.size
+        for _ in range(items):
+            _transid, objectid, child, kind, size = SEARCH_HEADER.unpack_from(buf, pos)
+            pos += SEARCH_HEADER.size
+            if kind == BTRFS_ROOT_REF_KEY and objectid == parent and size >= ROOT_REF.size:
+                dirid, _sequence, name_len = ROOT_REF.unpack_from(buf, pos)
+                name = bytes(buf[pos + ROOT_REF.size : pos + ROOT_REF.size + min(name_len, size - ROOT_REF.size)])
+                found.append(os.fsdecode(_ino_lookup(fd, parent, dirid)[1] + name))
+            pos += size
+            offset = child + 1
+        if offset > U64_MAX:
+            break
+    return sorted(found[:most])
+
+
 def nested_subvolumes(root, most=1):
-    """Up to `most` subvolumes inside the subvolume `root` (relative paths), never following a
-    symlink: a btrfs snapshot of `root` holds an empty directory where each of them is."""
+    """Up to `most` subvolumes inside the subvolume `root` (relative paths): a btrfs snapshot of
+    `root` holds an empty directory where each of them is. Asked of the filesystem's root tree,
+    which lists the subvolumes whose parent is `root`'s, wherever they are in it (one ioctl,
+    whatever the tree's size; a subvolume inside one of those is not in root's snapshot either).
+    Where the kernel refuses the search (no CAP_SYS_ADMIN) the tree is walked, never following
+    a symlink, as is a `root` that is not a subvolume's root."""
+    try:
+        fd = os.open(root, _NOFOLLOW_DIR)
+    except OSError:
+        return []
+    try:
+        if os.fstat(fd).st_ino == BTRFS_FIRST_FREE_OBJECTID:
+            return _child_subvolumes(fd, most)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return _walk_nested(root, most)
+
+
+def _walk_nested(root, most):
+    """nested_subvolumes by stat()ing every directory below `root` (a subvolume's root directory
+    has inode 256 and a st_dev of its own)."""
     found = []
     try:
         top = os.lstat(root).st_dev

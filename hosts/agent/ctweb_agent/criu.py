@@ -10,6 +10,7 @@ import time
 
 from . import cow, journal, store
 from . import state as S
+from .cgroups import container_pids
 from .common import (
     CHILD_UMASK,
     NAME_RE,
@@ -26,12 +27,10 @@ from .common import (
     run,
 )
 from .contents import _contents, _criu_stats, _image_files
-from .downtime import _freezer_file
 from .lxc import (
     _apply_allowlist,
     _cdir,
     _config_value,
-    _init_pid,
     _lxc_start,
     _read_config,
     _read_lines,
@@ -323,35 +322,6 @@ def _check_budget(name, snap, budget, rootfs_new, memory):
     return used
 
 
-def _frozen_pids(name):
-    """The processes of the container's frozen cgroup (all of them frozen now), or None. On
-    cgroup v2 a systemd container's init sits in a child (init.scope) of the cgroup lxc-freeze
-    froze, its services in siblings: the walk starts at the highest ancestor that is frozen."""
-    pid = _init_pid(name)
-    path = _freezer_file(pid) if pid else None
-    if path is None:
-        return None
-    top = os.path.dirname(path)
-    while True:
-        parent = os.path.dirname(top)
-        try:
-            with open(os.path.join(parent, os.path.basename(path))) as f:
-                frozen = f.read().strip() in ("1", "FROZEN")
-        except OSError:
-            break
-        if not frozen or parent == top:
-            break
-        top = parent
-    pids = set()
-    for root, _dirs, _files in os.walk(top):
-        try:
-            with open(os.path.join(root, "cgroup.procs")) as f:
-                pids.update(int(p) for p in f.read().split())
-        except (OSError, ValueError):
-            return None
-    return sorted(pids) or None
-
-
 def _frozen_pass(name, rootfs, copy, since_ns, changes, why_not, index):
     """Bring the running pass's copy up to date while the container is frozen: from the change
     journal when it can be trusted, else by walking the whole tree (and saying why). Returns
@@ -359,7 +329,7 @@ def _frozen_pass(name, rootfs, copy, since_ns, changes, why_not, index):
     if changes is not None:
         try:
             paths, trees, whole = changes.stop()
-            pids = _frozen_pids(name)
+            pids = container_pids(name)
             if pids is None:
                 raise journal.Untrusted(f"the processes of {name} could not be listed")
             whole |= journal.open_for_writing(rootfs, pids)
@@ -372,7 +342,7 @@ def _frozen_pass(name, rootfs, copy, since_ns, changes, why_not, index):
             why_not = f"the journal's frozen pass failed: {e}"
     event("copy", f"frozen pass walks the whole rootfs ({why_not})", 80)
     try:  # what is held open for writing or mapped shared is copied whole by the walk too
-        pids = _frozen_pids(name)
+        pids = container_pids(name)
         whole = journal.open_for_writing(rootfs, pids) if pids else ()
     except (journal.Untrusted, OSError):
         whole = ()
@@ -610,8 +580,10 @@ def _align(name):
     try:
         moved = align_address(name)
     except AgentError as e:
-        event("restore", f"{e} It runs, with the address its snapshot had.", 95)
-        return {"error": str(e)}
+        given = bool(e.data.get("address_given"))  # only the default route failed
+        now = "with its address but without its default route" if given else "with the address its snapshot had"
+        event("restore", f"{e} It runs, {now}.", 95)
+        return {"error": str(e), "address_given": given}
     if moved:
         was = ", ".join(moved["from"]) or "none"
         event("restore", f"{name} now has its own address {moved['to']} (its snapshot had {was})", 95)

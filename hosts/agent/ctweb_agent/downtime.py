@@ -31,8 +31,9 @@ import struct
 import threading
 import time
 
+from .cgroups import container_cgroup
 from .common import run
-from .lxc import _config_value, _init_pid, _network, _read_config
+from .lxc import _config_value, _network, _read_config
 
 FREEZE_POLL_S = 0.001
 PING_EVERY_S = 0.002
@@ -40,49 +41,12 @@ SERVE_POLL_S = 0.002
 SERVE_WAIT_S = 2.0  # after the restore, for the container's first new TCP data
 
 
-def _freezer_file(pid):
-    """The file that tells whether the cgroup of process `pid` is frozen (v1 freezer.state or
-    v2 cgroup.freeze) on this host's cgroup mounts, or None."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-        with open("/proc/self/mountinfo") as f:
-            mounts = f.read().splitlines()
-    except OSError:
-        return None
-    v1 = v2 = None
-    for line in lines:
-        hid, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if "freezer" in controllers.split(","):
-            v1 = path
-        elif hid == "0" and controllers == "":
-            v2 = path
-    for m in mounts:
-        fields = m.split()
-        if " - " not in m or len(fields) < 5:
-            continue
-        root, point = fields[3], fields[4]
-        fstype, _, options = m.split(" - ", 1)[1].split()[:3]
-        if fstype == "cgroup" and v1 is not None and "freezer" in options.split(","):
-            path, name = v1, "freezer.state"
-        elif fstype == "cgroup2" and v2 is not None and v1 is None:
-            path, name = v2, "cgroup.freeze"
-        else:
-            continue
-        if root != "/" and path.startswith(root):
-            path = path[len(root) :]
-        candidate = os.path.join(point, path.lstrip("/"), name)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
 class FreezeWatch:
     """Started just before a dump: notes the monotonic instant the container froze."""
 
     def __init__(self, name):
-        pid = _init_pid(name)
-        self.path = _freezer_file(pid) if pid else None
+        cg = container_cgroup(name)  # the container's whole cgroup, not its init's (init.scope on v2)
+        self.path = cg.freeze if cg and os.path.isfile(cg.freeze) else None
         self.started = time.monotonic()
         self.at = None
         self._stop = threading.Event()

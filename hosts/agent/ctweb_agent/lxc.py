@@ -558,13 +558,16 @@ def align_address(name):
     gateway = _config_value(lines, "lxc.net.0.ipv4.gateway")
     if gateway and re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", gateway):
         steps.append(["route", "replace", "default", "via", gateway, "dev", dev])
+    given = False  # whether its address is in place (only the route may be missing then)
     for step in steps:
         rc, out, err = run(ns + step, timeout=20)
         if rc != 0:
             raise AgentError(
                 f"Cannot give {name} its address {want} after its restore ({' '.join(step[:2])} failed).",
                 (err or out)[-500:],
+                data={"address_given": given},
             )
+        given = given or step[:2] == ["addr", "replace"]
     return {"from": [a.split("/")[0] for a in stale], "to": want.split("/")[0]}
 
 

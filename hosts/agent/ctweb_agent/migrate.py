@@ -8,8 +8,9 @@ import stat
 
 from . import journal, store
 from . import state as S
+from .cgroups import container_pids
 from .common import AgentError, _du, _write_json, check_name, event, run
-from .criu import DISK_MARGIN, _frozen_pids, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
+from .criu import DISK_MARGIN, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
 from .estimate import _dumpable_bytes
 from .lxc import _cdir, _require, _state
 
@@ -57,7 +58,7 @@ def _held(name, root):
     page fault, so without a new modification time: the delta sends these whatever the manifest
     says (a file mapped later gets a new time at its first write). Read before and after the
     manifest. Best effort: nothing when the processes cannot be read."""
-    pids = _frozen_pids(name) if _state(name) in ("RUNNING", "FROZEN") else None
+    pids = container_pids(name) if _state(name) in ("RUNNING", "FROZEN") else None
     if not pids:
         return set()
     try:
