@@ -33,7 +33,7 @@ import time
 
 from .cgroups import container_cgroup
 from .common import run
-from .lxc import _config_value, _network, _read_config
+from .lxc import _config_value, _init_pid, _network, _read_config
 
 FREEZE_POLL_S = 0.001
 PING_EVERY_S = 0.002
