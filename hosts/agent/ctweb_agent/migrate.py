@@ -6,9 +6,9 @@ import re
 import shutil
 import stat
 
-from . import journal, store
+from . import journal, mjournal, store
 from . import state as S
-from .common import AgentError, _du, _write_json, check_name, event, run
+from .common import AgentError, _du, _flag, _write_json, check_name, event, run
 from .criu import DISK_MARGIN, _frozen_pids, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
 from .estimate import _dumpable_bytes
 from .lxc import _cdir, _require, _state
@@ -36,7 +36,9 @@ def _mig_marker(name, params):
 
 
 def _manifest(root):
-    """What the rootfs holds now: path -> [mode, size, mtime_ns, inode, link target]."""
+    """What the rootfs holds now: path -> [mode, size, mtime_ns, inode, link target, ctime_ns].
+    The change time moves with every write, chmod, chown or utime (a file written in place
+    and given back its old time, or chowned, keeps its size and modification time)."""
     out = {}
     for base, dirs, files in os.walk(root):
         for n in dirs + files:
@@ -47,7 +49,7 @@ def _manifest(root):
                 continue
             rel = os.path.relpath(p, root)
             target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
-            out[rel] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, target]
+            out[rel] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, target, st.st_ctime_ns]
     return out
 
 
@@ -120,6 +122,12 @@ def _send_sources(name, params, what):
     mdir = _mig_dir(params)
     if what == "rootfs":
         root = _rootfs(name)
+        # The change journal first (mjournal.py): the delta, sent while the container is down,
+        # then lists what changed since this walk began instead of walking the tree again.
+        if _flag(params, "journal", True):
+            mjournal.start(mdir, root)
+        else:
+            mjournal.not_started(mdir, "the journal was turned off for this migration")
         held = _held(name, root)
         _write_json(os.path.join(mdir, "manifest.json"), _manifest(root))
         _write_json(os.path.join(mdir, "held.json"), sorted(held | _held(name, root)))
