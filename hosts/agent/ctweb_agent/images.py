@@ -168,18 +168,21 @@ def _add_delta(tar, name, params):
     walking the whole tree and comparing it with the first copy's manifest."""
     t0 = time.monotonic()
     mdir = _mig_dir(params)
-    before = _read_json(os.path.join(mdir, "manifest.json"))
-    if before is None:
+    if not os.path.isfile(os.path.join(mdir, "manifest.json")):
         raise AgentError("No first copy was made for this migration.")
     root = _rootfs(name)
     rel_root = os.path.relpath(root, _cdir(name))
     held = _read_json(os.path.join(mdir, "held.json")) or []
     replaced = []
     try:
-        changed, deleted, replaced = mjournal.delta(name, root, mdir, before, held)
+        links = _read_json(os.path.join(mdir, "links.json"))
+        if not isinstance(links, dict):
+            raise journal.Untrusted("the first copy's list of hard links is missing")
+        changed, deleted, replaced = mjournal.delta(name, root, mdir, links, held)
         info = {"frozen_pass": "journal", "frozen_pass_paths": len(changed) + len(deleted)}
     except (journal.Untrusted, OSError) as e:
         info = {"frozen_pass": "walk", "frozen_pass_reason": str(e)[:500]}
+        before = _read_json(os.path.join(mdir, "manifest.json")) or {}
         now = _manifest(root)
         # What was mapped shared when the rootfs was first sent is sent again whatever its time says.
         again = {p for p in held if isinstance(p, str) and now.get(p) is not None and stat.S_ISREG(now[p][0])}

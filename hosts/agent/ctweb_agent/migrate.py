@@ -35,10 +35,11 @@ def _mig_marker(name, params):
     return os.path.join(_cdir(name), f".ctweb-migration-{int(params['migration'])}")
 
 
-def _manifest(root):
+def _manifest(root, links=None):
     """What the rootfs holds now: path -> [mode, size, mtime_ns, inode, link target, ctime_ns].
     The change time moves with every write, chmod, chown or utime (a file written in place
-    and given back its old time, or chowned, keeps its size and modification time)."""
+    and given back its old time, or chowned, keeps its size and modification time).
+    `links`, if given, gets the names of every regular file with several: {inode: [path, ...]}."""
     out = {}
     for base, dirs, files in os.walk(root):
         for n in dirs + files:
@@ -50,6 +51,8 @@ def _manifest(root):
             rel = os.path.relpath(p, root)
             target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
             out[rel] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, target, st.st_ctime_ns]
+            if links is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                links.setdefault(str(st.st_ino), []).append(rel)
     return out
 
 
@@ -129,7 +132,9 @@ def _send_sources(name, params, what):
         else:
             mjournal.not_started(mdir, "the journal was turned off for this migration")
         held = _held(name, root)
-        _write_json(os.path.join(mdir, "manifest.json"), _manifest(root))
+        links = {}  # the names of files with several, for the journal's delta (small: no walk to read)
+        _write_json(os.path.join(mdir, "manifest.json"), _manifest(root, links))
+        _write_json(os.path.join(mdir, "links.json"), links)
         _write_json(os.path.join(mdir, "held.json"), sorted(held | _held(name, root)))
         return [(_cdir(name), name)]
     if what == "snapshots":

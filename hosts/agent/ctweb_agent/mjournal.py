@@ -265,11 +265,12 @@ def _clean(rel):
     return rel
 
 
-def delta(name, root, mdir, before, held, max_paths=journal.MAX_PATHS):
+def delta(name, root, mdir, links, held, max_paths=journal.MAX_PATHS):
     """The delta from the journal, once the container is down: (paths to send, paths deleted,
-    directories to replace whole before the rest is put in place). `before`: the presync's
-    manifest (for the other names of a changed file); `held`: what was held open for writing
-    or mapped shared at the presync. Raises journal.Untrusted when it cannot be exact."""
+    directories to replace whole before the rest is put in place). `links`: the names of the
+    files with several at the presync ({inode: [path, ...]}, for the other names of a changed
+    file); `held`: what was held open for writing or mapped shared at the presync. Raises
+    journal.Untrusted when it cannot be exact."""
     paths, trees, whole = collect(mdir)
     if _state(name) != "STOPPED":
         # Its tasks are frozen (a post-copy's page server holds them): what they hold open for
@@ -300,11 +301,7 @@ def delta(name, root, mdir, before, held, max_paths=journal.MAX_PATHS):
         if len(wanted) > max_paths:
             raise journal.Untrusted(f"more than {max_paths} paths changed")
         # A changed file with several names: every name goes (a write through one name changed
-        # them all); they are found in the presync's manifest or among the journal's paths.
-        by_ino = {}
-        for rel, v in before.items():
-            if isinstance(v, list) and len(v) > 3 and stat.S_ISREG(v[0]):
-                by_ino.setdefault(v[3], set()).add(rel)
+        # them all); they are found in the presync's list of them or among the journal's paths.
         changed, deleted, groups = [], [], {}
         for rel in sorted(wanted):
             st = _lstat_beneath(root_fd, rel)
@@ -314,13 +311,28 @@ def delta(name, root, mdir, before, held, max_paths=journal.MAX_PATHS):
             changed.append(rel)
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 groups.setdefault(st.st_ino, [st, set()])[1].add(rel)
+        manifest = None
         for ino, (st, names) in groups.items():
-            for other in by_ino.get(ino, set()) - names:
-                o = _lstat_beneath(root_fd, other)
-                if o is not None and (o.st_dev, o.st_ino) == (st.st_dev, ino) and stat.S_ISREG(o.st_mode):
-                    names.add(other)
-                    if other not in wanted:
-                        changed.append(other)
+            known = links.get(str(ino))
+            candidates = {str(p) for p in known} if isinstance(known, list) else set()
+            for source in ("links", "manifest"):
+                if source == "manifest":
+                    if len(names) >= st.st_nlink:
+                        break
+                    # A name linked since the presync to a file that had one name then: the
+                    # presync's whole manifest knows that first name (read only in this case).
+                    if manifest is None:
+                        manifest = {}
+                        for rel, v in (_read_json(os.path.join(mdir, "manifest.json")) or {}).items():
+                            if isinstance(v, list) and len(v) > 3 and isinstance(v[0], int) and stat.S_ISREG(v[0]):
+                                manifest.setdefault(v[3], set()).add(rel)
+                    candidates = manifest.get(ino, set())
+                for other in candidates - names:
+                    o = _lstat_beneath(root_fd, other)
+                    if o is not None and (o.st_dev, o.st_ino) == (st.st_dev, ino) and stat.S_ISREG(o.st_mode):
+                        names.add(other)
+                        if other not in wanted:
+                            changed.append(other)
             if len(names) < st.st_nlink:
                 raise journal.Untrusted(f"a changed file has {st.st_nlink} names and the journal found {len(names)}")
     finally:
