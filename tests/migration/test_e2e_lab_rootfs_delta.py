@@ -1,9 +1,10 @@
 """A migration's rootfs delta from the source's change journal (hosts/agent/ctweb_agent/mjournal.py),
-for real on the lab: the container creates, appends to, writes in place, chmods, renames and
-deletes files, makes directories anew and writes through shared mappings it keeps (of files
-it maps after the presync began too), every 20 ms, during the presync and up to the freeze; the target's rootfs after the migration is the
-source's as it was frozen, entry for entry (type, contents or link target, mode, owner, a
-file's time), for stop-and-copy and post-copy, and the result says the journal listed it.
+for real on the lab: the container creates, appends to, writes in place, chmods, renames,
+hard-links and deletes files, makes directories anew and writes through shared mappings it
+keeps (of files it maps after the presync began too), every 20 ms, during the presync and up
+to the freeze; the target's rootfs after the migration is the source's as it was frozen, entry
+for entry (type, contents or link target, mode, owner, a file's time, its hard-link group),
+for stop-and-copy and post-copy, and the result says the journal listed it.
 
 The source's tree is read once its dump is done, under the container's lock on the source
 (so the source's cleanup waits for it). The container stops changing anything once it sees a
@@ -62,8 +63,10 @@ while True:
     j = f"{r}/f{(k + 13) % 40}"
     if os.path.exists(j):
         go(); os.rename(j, f"{r}/r{n}")
+    if n % 7 == 0 and os.path.exists(f"{r}/f{k}"):
+        go(); os.link(f"{r}/f{k}", f"{r}/h{n}")  # a second name, written through the first
     for e in os.listdir(r):
-        if e.startswith("r") and int(e[1:]) < n - 30:
+        if e[0] in "rh" and int(e[1:]) < n - 30:
             go(); os.unlink(f"{r}/{e}")
     if n % 10 == 0:
         d = f"{r}/d{n % 3}"
@@ -79,11 +82,12 @@ while True:
     time.sleep(0.02)
 """.replace("GAP", str(GAP_S))
 
-# Every entry of a tree: type, contents' SHA-256 or link target, mode, owner, a file's mtime.
+# Every entry of a tree: type, contents' SHA-256 or link target, mode, owner, a file's mtime
+# and its other names (hard links).
 DIGEST = r"""
 import hashlib, json, os, stat, sys
 top = sys.argv[1]
-out = {}
+out, names = {}, {}
 for root, dirs, files in os.walk(top):
     for n in dirs + files:
         p = os.path.join(root, n)
@@ -96,11 +100,15 @@ for root, dirs, files in os.walk(top):
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
             body, t = h.hexdigest(), s.st_mtime_ns // 10**9
+            names.setdefault(s.st_ino, []).append(os.path.relpath(p, top))
         elif stat.S_ISDIR(s.st_mode):
             body, t = "dir", None
         else:
             body, t = "dev %d" % s.st_rdev, None
         out[os.path.relpath(p, top)] = [body, s.st_mode, s.st_uid, s.st_gid, t]
+for group in names.values():
+    for n in group:
+        out[n].append(sorted(group))  # its hard-link group
 print(json.dumps(out))
 """
 
