@@ -126,6 +126,7 @@ def bench_frozen(stack: Stack, op_ms) -> tuple[dict, str]:
 MIG_NAME = "deltadeb"
 MIG_ROOTFS = f"/var/lib/lxc/{MIG_NAME}/rootfs"
 MIG_REPEAT = 3
+MIG_TIMEOUT_S = 900  # a 2.5 GiB presync on a loaded 2-core machine
 
 
 def _worker(stack: Stack, journal: bool) -> None:
@@ -150,7 +151,11 @@ def bench_migration_delta(stack: Stack, op_ms) -> tuple[dict, str]:
     def migrate(size: str) -> dict:
         target = "lab-b" if where[0] == "lab-a" else "lab-a"
         body = {"target_host": target, "strategy": "stop-and-copy"}
-        _, _, op = op_ms(api, "POST", f"/api/v1/containers/{MIG_NAME}/migrate", body)
+        r = api("POST", f"/api/v1/containers/{MIG_NAME}/migrate", json=body)
+        r.raise_for_status()
+        op = api.wait_operation(r.json()["id"], timeout=MIG_TIMEOUT_S, interval=0.2)
+        if op["status"] != "success":
+            raise RuntimeError(f"migration to {target} failed: {op['error']}")
         where[0] = target
         res = op["result"]
         d = res.get("rootfs_delta") or {}

@@ -751,7 +751,8 @@ def main() -> int:
                         print(f"bench part {only}: skipped (lab-b is not on btrfs: CTWEB_LAB_BTRFS=lab-b)")
                         del results[section]
                 except Exception as e:  # the parts measured so far are kept; this one is reported
-                    print(f"bench part {only} failed: {e!r}", file=sys.stderr)
+                    after = f" (while cleaning up after {e.__context__!r})" if e.__context__ else ""
+                    print(f"bench part {only} failed: {e!r}{after}", file=sys.stderr)
         elif not args.no_lab:
             stack.manage("lab", "up")
             results[LIFECYCLE] = bench_lifecycle(stack, args.repeat)
