@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.exports import bench_exports  # noqa: E402
-from bench.frozen import bench_frozen  # noqa: E402
+from bench.frozen import bench_frozen, bench_migration_delta  # noqa: E402
 from bench.snapstore import bench_snapshot_store, bench_snapshot_store_btrfs  # noqa: E402
 from lab import core  # noqa: E402
 from tests.support.stack import Api, SSHServer, Stack  # noqa: E402
@@ -681,9 +681,16 @@ EXPORTS = "export and import throughput (debian, 128 MiB in memory, stateful sna
 SNAPSTORE_BTRFS = "snapshot storage on btrfs: disk per snapshot by the filesystem's count, frozen time (debian, lab-b)"
 FROZEN = "frozen time of a stateful snapshot against rootfs size: 185 MiB against 2 GiB in 100,000 files (debian; change journal against the full walk)"
 
+MIGRATION_DELTA = "a migration's rootfs delta while down against rootfs size: 185 MiB against 2 GiB in 100,000 files (debian, stop-and-copy; change journal against the full walk)"
+
 
 def frozen_section(stack: Stack, notes: dict) -> dict:
     rows, notes[FROZEN] = bench_frozen(stack, op_ms)
+    return rows
+
+
+def migration_delta_section(stack: Stack, notes: dict) -> dict:
+    rows, notes[MIGRATION_DELTA] = bench_migration_delta(stack, op_ms)
     return rows
 
 
@@ -715,7 +722,7 @@ def main() -> int:
     ap.add_argument("--no-lab", action="store_true", help="only what needs no lab (fleet scale, progress latency)")
     ap.add_argument(
         "--only",
-        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths, snapstore, frozen, exports or snapstore-btrfs (with the lab; the last needs CTWEB_LAB_BTRFS=lab-b)",
+        help="run only these parts (comma-separated): fleet (no lab), lifecycle, client, concurrency, memory, byhand, direct, pages, paths, snapstore, frozen, migration-delta, exports or snapstore-btrfs (with the lab; the last needs CTWEB_LAB_BTRFS=lab-b)",
     )
     args = ap.parse_args()
     results, notes = {}, {}
@@ -751,6 +758,7 @@ def main() -> int:
                 "snapstore": (SNAPSTORE, lambda st: bench_snapshot_store(st, op_ms)),
                 "snapstore-btrfs": (SNAPSTORE_BTRFS, lambda st: bench_snapshot_store_btrfs(st, op_ms)),
                 "frozen": (FROZEN, lambda st: frozen_section(st, notes)),
+                "migration-delta": (MIGRATION_DELTA, lambda st: migration_delta_section(st, notes)),
                 "exports": (EXPORTS, lambda st: bench_exports(st, op_ms)),
             }
             for only in args.only.split(","):  # several parts in one run: --only lifecycle,client
@@ -761,7 +769,8 @@ def main() -> int:
                         print(f"bench part {only}: skipped (lab-b is not on btrfs: CTWEB_LAB_BTRFS=lab-b)")
                         del results[section]
                 except Exception as e:  # the parts measured so far are kept; this one is reported
-                    print(f"bench part {only} failed: {e!r}", file=sys.stderr)
+                    after = f" (while cleaning up after {e.__context__!r})" if e.__context__ else ""
+                    print(f"bench part {only} failed: {e!r}{after}", file=sys.stderr)
         elif not args.no_lab:
             stack.manage("lab", "up")
             results[LIFECYCLE] = bench_lifecycle(stack, args.repeat)
@@ -774,6 +783,7 @@ def main() -> int:
             results[PATHS] = bench_paths(stack)
             results[SNAPSTORE] = bench_snapshot_store(stack, op_ms)
             results[FROZEN] = frozen_section(stack, notes)
+            results[MIGRATION_DELTA] = migration_delta_section(stack, notes)
             results[EXPORTS] = bench_exports(stack, op_ms)
             btrfs = bench_snapshot_store_btrfs(stack, op_ms)  # {} unless the lab came up with CTWEB_LAB_BTRFS=lab-b
             if btrfs:

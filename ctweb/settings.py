@@ -345,6 +345,10 @@ SSH_KEY_PATH = Path(os.environ.get("CTWEB_SSH_KEY", VAR_DIR / "ssh" / "id_ed2551
 SSH_CONNECT_TIMEOUT_S = float(os.environ.get("CTWEB_SSH_TIMEOUT", 10))
 # A host link that carries nothing (not even a keepalive's answer) this long is dead.
 SSH_DEAD_AFTER_S = float(os.environ.get("CTWEB_SSH_DEAD_AFTER", 30))
+# A migration's rootfs delta (sent while the container is down) lists what its source's change
+# journal saw since the presync instead of walking the whole tree (hosts/agent/ctweb_agent/
+# mjournal.py); off, it walks (as it does whenever the journal cannot vouch for the changes).
+MIGRATION_JOURNAL = _env_bool("CTWEB_MIGRATION_JOURNAL", True)
 
 LOGGING = {
     "version": 1,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
+from django.conf import settings
+
 from hosts import ssh
 from operations.runner import Cancelled, OperationContext, OperationFailed, handler
 
@@ -25,7 +27,7 @@ from .downtime import client_downtime, served_wait_s
 from .phases import STRATEGY_STEPS, Clock, Progress
 from .postcopy import DirectPages, postcopy_actions, pull_pages
 from .rollback import roll_back
-from .transfer import Transfer, send, warm
+from .transfer import Transfer, rootfs_delta, send, warm
 
 
 @handler("migrate")
@@ -81,6 +83,7 @@ class Run:
         self.dumped: dict = {}
         self.dumped_at = 0.0
         self.restored_at = 0.0
+        self.delta: dict = {}
 
     def go(self) -> dict:
         ctx, container = self.ctx, self.container
@@ -151,7 +154,8 @@ class Run:
         """The rootfs and the snapshots, copied while the container still runs."""
         p, src, dst, base, xfer = self.progress, self.src, self.dst, self.base, self.xfer
         before = xfer.bytes
-        send(src, dst, p, "rootfs", {**base, "what": "rootfs"}, "root filesystem", xfer)
+        journal = {"journal": settings.MIGRATION_JOURNAL}  # the delta's change journal starts first
+        send(src, dst, p, "rootfs", {**base, "what": "rootfs", **journal}, "root filesystem", xfer)
         if self.prep.get("snapshots"):
             send(src, dst, p, "snapshots", {**base, "what": "snapshots"}, "snapshots", xfer)
         if self.prep.get("has_saved_state"):
@@ -229,7 +233,10 @@ class Run:
     def transfer(self) -> None:
         """What changed since the copy, and the memory images."""
         p, src, dst, base, xfer = self.progress, self.src, self.dst, self.base, self.xfer
-        send(src, dst, p, "delta", {**base, "what": "delta"}, "rootfs changes", xfer, self.warmed.get("delta"))
+        t0 = time.monotonic()
+        got = send(src, dst, p, "delta", {**base, "what": "delta"}, "rootfs changes", xfer, self.warmed.get("delta"))
+        self.delta = rootfs_delta(got, (time.monotonic() - t0) * 1000)
+        p.event("transfer", self.delta["sentence"], "delta", 1.0)
         if self.live:
             send(src, dst, p, "images", {**base, "what": "images"}, "memory images", xfer, self.warmed.get("images"))
         self.clock.lap("transfer")
@@ -328,6 +335,7 @@ class Run:
             # page requests); the agents' JSON lines (control) are not counted.
             "dashboard_bytes": xfer.relayed,
             "presync_bytes": self.presync_bytes,
+            "rootfs_delta": self.delta,
             "phases": self.clock.marks,
             "dump_stats": self.stats,
             "restore_stats": self.restored.get("stats") or {},

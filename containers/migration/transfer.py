@@ -180,3 +180,31 @@ def send(
             "config", f"{label}: the target dropped from the config: {'; '.join(map(str, names))}", step, 1.0
         )
     return result
+
+
+def rootfs_delta(received: dict | None, ms: float) -> dict:
+    """What `result.rootfs_delta` says of the delta sent while the container was down: which
+    pass listed it (the source's change journal, or a walk of the whole tree, and why), from
+    the target's answer (the source's word, passed on: checked for type here), and how long
+    its transfer took on this worker."""
+    said = (received or {}).get("delta")
+    said = said if isinstance(said, dict) else {}
+    kind = said.get("frozen_pass") if said.get("frozen_pass") in ("journal", "walk") else None
+    reason = said.get("frozen_pass_reason")
+    reason = reason[:500] if isinstance(reason, str) else None
+    paths = said.get("frozen_pass_paths")
+    listed = said.get("list_ms")
+    out = {
+        "pass": kind,
+        "reason": reason,
+        "paths": paths if isinstance(paths, int) and not isinstance(paths, bool) else None,
+        "list_ms": listed if isinstance(listed, (int, float)) and not isinstance(listed, bool) else None,
+        "ms": round(ms, 1),
+    }
+    if kind == "journal":
+        out["sentence"] = f"rootfs delta from the change journal: {out['paths']} paths, {out['ms']:.0f} ms"
+    elif kind == "walk":
+        out["sentence"] = f"rootfs delta from a walk of the whole tree ({reason}), {out['ms']:.0f} ms"
+    else:
+        out["sentence"] = f"rootfs delta sent in {out['ms']:.0f} ms (the target did not say how it was listed)"
+    return out

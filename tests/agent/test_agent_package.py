@@ -79,8 +79,8 @@ def test_a_stream_started_ahead_and_never_used_does_nothing(tmp_path, word):
 
 
 def test_the_dashboard_asks_only_for_the_agents_own_subcommands():
-    assert shipping.AGENT_SUBCOMMANDS == frozenset(commands.COMMANDS) - {"pages-relay"}
-    assert commands.INTERNAL == {"pages-relay"}
+    assert shipping.AGENT_SUBCOMMANDS == frozenset(commands.COMMANDS) - {"pages-relay", "migrate-journal"}
+    assert commands.INTERNAL == {"pages-relay", "migrate-journal"}
     assert commands.RAW_OUTPUT <= shipping.AGENT_SUBCOMMANDS and commands.LOCKED <= shipping.AGENT_SUBCOMMANDS
     assert all(callable(f) for f in commands.COMMANDS.values())
 

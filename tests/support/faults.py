@@ -88,13 +88,13 @@ def hosts_with(lab, name: str) -> list[str]:
     return [h for h in HOSTS if name in on_host(lab, h, "lxc-ls", "-1").stdout.split()]
 
 
-LEFT_PROCS = "ps -eo comm,args | grep -E '^(criu|lxc-checkpoint) |pages-relay' | grep -v -e grep -e 'lxc monitor'; true"
+LEFT_PROCS = "ps -eo comm,args | grep -E '^(criu|lxc-checkpoint) |pages-relay|migrate-journal' | grep -v -e grep -e 'lxc monitor'; true"
 
 
 def leftovers(lab, host: str, name: str) -> list[str]:
     """What a job may leave behind on a host: migration working directories, half-made
     snapshots, a restore's copy of a snapshot's images, a copy of the container that is not a container, CRIU / lxc-checkpoint /
-    page-relay processes (lxc-checkpoint -r leaves the container's own monitor under that
+    page-relay and change-journal processes (lxc-checkpoint -r leaves the container's own monitor under that
     name, "[lxc monitor]": not a leftover)."""
     script = (
         f"ls -d /var/lib/ctweb/migrations/* /var/lib/ctweb/snapshots/{name}/.tmp-* "

@@ -11,6 +11,7 @@ pycriu). Every argument list is built here from validated values; no shell is us
 
 Modules, each importing only those below it: state (the module-global state, in one place),
 journal (the change journal of a rootfs), common, lxc, contents, transfer, criu, check,
-containers, bundle, migrate, images, lazy, probe, commands (the dispatch table and main),
+containers, bundle, mjournal (a migration's change journal, in a process of its own), migrate,
+images, lazy, probe, commands (the dispatch table and main),
 __main__.
 """

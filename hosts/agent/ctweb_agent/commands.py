@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
+from . import mjournal, store
 from . import state as S
-from . import store
 from .bundle import cmd_bundle, cmd_bundle_fetch
 from .check import cmd_check
 from .common import AGENT_UMASK, NAME_RE, AgentError, _flag, _private_modes, _read_json, _remove_tree, check_name, emit
@@ -59,6 +59,8 @@ def cmd_inspect(params):
     holding = False
     if params.get("migration") is not None:
         mdir = _mig_dir(params)
+        # A cut-off migration's change journal has nothing left to do (nor any delta to feed).
+        out["journal_ended"] = mjournal.end(mdir)
         lazy = os.path.exists(os.path.join(mdir, f"{LAZY_DUMP}.json"))
         holding = lazy and _watched_rc(mdir, LAZY_DUMP) is None
         out["migration"] = {
@@ -174,13 +176,15 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "pages-attach": cmd_pages_attach,
     "pages-relay": cmd_pages_relay,  # started by migrate-dump/-restore only
+    "migrate-journal": mjournal.cmd_migrate_journal,  # started by the presync's send only
     "prepare": cmd_prepare,
 }
 # These write a raw tar on stdout instead of JSON lines; their errors go to stderr
 # (unless the tar goes directly to another host: then they print JSON lines too).
 RAW_OUTPUT = {"send", "pages-attach", "export", "bundle-fetch"}
-# Started by the agent itself (migrate-dump/-restore start their page relay), never asked for.
-INTERNAL = {"pages-relay"}
+# Started by the agent itself (migrate-dump/-restore start their page relay, the presync its
+# change journal), never asked for.
+INTERNAL = {"pages-relay", "migrate-journal"}
 # The subcommands the dashboard may ask for: hosts/agent takes them from here, and its SSH
 # module refuses any other word.
 DASHBOARD_COMMANDS = frozenset(COMMANDS) - INTERNAL

@@ -12,7 +12,7 @@ import sys
 import tarfile
 import time
 
-from . import cow
+from . import cow, journal, mjournal
 from . import state as S
 from .common import _NOFOLLOW_DIR, NAME_RE, AgentError, _ms, _read_json, check_name
 from .criu import _rootfs
@@ -55,7 +55,6 @@ def _add_entry(tar, dir_fd, name, arcname, links):
             info.type, info.linkname, info.size = tarfile.LNKTYPE, first, 0
             tar.addfile(info)
             return st
-        links[(st.st_dev, st.st_ino)] = arcname
     linkname = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else ""
     info = _tarinfo(arcname, st, linkname)
     if info is None:
@@ -71,6 +70,8 @@ def _add_entry(tar, dir_fd, name, arcname, links):
                 return None
             info.size = fst.st_size
             tar.addfile(info, _Exactly(f, fst.st_size))
+        if st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] = arcname  # only once it is in the tar
         return st
     tar.addfile(info)
     return st
@@ -119,8 +120,9 @@ def _tar_tree(tar, path, arcname):
         os.close(top)
 
 
-def _add_path(tar, root, rel, arcname):
-    """Add one path below `root` (for the delta), walking its parents without following symlinks."""
+def _add_path(tar, root, rel, arcname, links=None):
+    """Add one path below `root` (for the delta), walking its parents without following symlinks.
+    `links`: shared by the delta's paths, so a file's other names sent with it stay its names."""
     parts = rel.split("/")
     fd = os.open(root, _NOFOLLOW_DIR)
     try:
@@ -128,7 +130,7 @@ def _add_path(tar, root, rel, arcname):
             nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
             os.close(fd)
             fd = nfd
-        _add_entry(tar, fd, parts[-1], arcname, {})
+        _add_entry(tar, fd, parts[-1], arcname, {} if links is None else links)
     except OSError:
         pass  # a parent vanished or is a symlink now: nothing of it is sent
     finally:
@@ -161,22 +163,41 @@ def cmd_send(params):
 
 
 def _add_delta(tar, name, params):
-    """What changed in the rootfs since the first copy, and what was deleted (a small rsync)."""
-    before = _read_json(os.path.join(_mig_dir(params), "manifest.json"))
-    if before is None:
+    """What changed in the rootfs since the first copy, and what was deleted (a small rsync):
+    from the migration's change journal when it can vouch for it (mjournal.py), else by
+    walking the whole tree and comparing it with the first copy's manifest."""
+    t0 = time.monotonic()
+    mdir = _mig_dir(params)
+    if not os.path.isfile(os.path.join(mdir, "manifest.json")):
         raise AgentError("No first copy was made for this migration.")
     root = _rootfs(name)
-    now = _manifest(root)
     rel_root = os.path.relpath(root, _cdir(name))
-    held = _read_json(os.path.join(_mig_dir(params), "held.json")) or []
-    # What was mapped shared when the rootfs was first sent is sent again whatever its time says.
-    again = {p for p in held if isinstance(p, str) and now.get(p) is not None and stat.S_ISREG(now[p][0])}
-    changed = sorted(p for p, v in now.items() if before.get(p) != v or p in again)
-    deleted = sorted(p for p in before if p not in now)
+    held = _read_json(os.path.join(mdir, "held.json")) or []
+    replaced = []
+    try:
+        links = _read_json(os.path.join(mdir, "links.json"))
+        if not isinstance(links, dict):
+            raise journal.Untrusted("the first copy's list of hard links is missing")
+        changed, deleted, replaced = mjournal.delta(name, root, mdir, links, held)
+        info = {"frozen_pass": "journal", "frozen_pass_paths": len(changed) + len(deleted)}
+    except (journal.Untrusted, OSError) as e:
+        info = {"frozen_pass": "walk", "frozen_pass_reason": str(e)[:500]}
+        before = _read_json(os.path.join(mdir, "manifest.json")) or {}
+        now = _manifest(root)
+        # What was mapped shared when the rootfs was first sent is sent again whatever its time says.
+        again = {p for p in held if isinstance(p, str) and now.get(p) is not None and stat.S_ISREG(now[p][0])}
+        changed = sorted(p for p, v in now.items() if before.get(p) != v or p in again)
+        deleted = sorted(p for p in before if p not in now)
+    finally:
+        mjournal.end(mdir)
+    info["list_ms"] = _ms(t0)
+    links = {}
     for rel in changed:
-        _add_path(tar, root, rel, f"{name}/{rel_root}/{rel}")
+        _add_path(tar, root, rel, f"{name}/{rel_root}/{rel}", links)
     _add_path(tar, _cdir(name), "config", f"{name}/config")
-    data = json.dumps({"deleted": deleted, "changed": len(changed)}).encode()
+    # replaced: directories created or moved in since the first copy, removed on the target
+    # before the delta is put in place (what was in them there is not in them here).
+    data = json.dumps({"deleted": deleted, "changed": len(changed), "replaced": replaced, **info}).encode()
     info = tarfile.TarInfo(DELTA_MEMBER)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
@@ -558,6 +579,17 @@ def _place(stager, stage_fd, dest_fd, what, name, top_name, delta):
         staged_cfg = _lstat_at(stage_fd, f"{top_name}/config") if top is not None else None
         if not (staged_cfg and stat.S_ISREG(staged_cfg.st_mode)) and not (cfg and stat.S_ISREG(cfg.st_mode)):
             raise AgentError(f"{name}'s config is not a plain file and the delta brings none: refused.")
+        if delta and delta.get("replaced"):
+            # Directories the source made anew (created or moved in): what the first copy put
+            # there goes, and the delta brings them whole.
+            try:
+                rootfs = os.open("rootfs", _NOFOLLOW_DIR, dir_fd=cdir)
+            except OSError:
+                raise AgentError(f"{name}'s rootfs is not a plain directory: no deletions are made.") from None
+            try:
+                _delete_beneath(rootfs, delta.get("replaced"))
+            finally:
+                os.close(rootfs)
         if top is not None:
             src = os.open(top, _NOFOLLOW_DIR, dir_fd=stage_fd)
             try:
@@ -731,6 +763,8 @@ def cmd_receive(params):
     if what == "rootfs":
         _write_beneath(name, f".ctweb-migration-{int(params['migration'])}", "received by migration\n")
     out = {"files": stager.count, "ms": _ms(t0), "deleted": deleted}
+    if what == "delta" and isinstance(delta, dict):  # the source's word on its frozen pass
+        out["delta"] = {k: delta.get(k) for k in ("frozen_pass", "frozen_pass_reason", "frozen_pass_paths", "list_ms")}
     if dropped:
         out["config_dropped"] = dropped
     if stream is not None:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from . import cow, pagelink
+from . import cow, mjournal, pagelink
 from . import state as S
 from .common import (
     CHILD_UMASK,
@@ -921,6 +921,7 @@ def cmd_migrate_resume(params):
     If that fails too, the images become its saved state, so Start can try again.
     After a lazy dump the images hold no memory: the source can only go on if the dump
     process still holds its frozen tasks (see _lazy_resume)."""
+    mjournal.end(_mig_dir(params))  # the change journal has no delta left to feed
     name = _require(params.get("name"))
     mdir = _mig_dir(params)
     images = os.path.join(mdir, "images")
@@ -1083,6 +1084,8 @@ def cmd_migrate_abort(params):
     is ended first)."""
     name = check_name(params.get("name"))
     removed = []
+    if mjournal.end(_mig_dir(params)):
+        removed.append("change journal")
     if os.path.isdir(_mig_dir(params)) and _end_restore(os.path.join(_mig_dir(params), "images")):
         removed.append("restore")
     if os.path.isdir(_mig_dir(params)) and _kill_watched(_mig_dir(params), LAZY_PAGES, 9):
@@ -1126,6 +1129,7 @@ def cmd_migrate_cleanup(params):
     with remove=false only the migration's working files."""
     name = check_name(params.get("name"))
     remove = _flag(params, "remove", False)
+    mjournal.end(_mig_dir(params))  # the source's change journal, if it still runs
     if _flag(params, "keep_state", False):
         # The move failed and the target is in doubt: the dump becomes the saved state.
         images = os.path.join(_mig_dir(params), "images")

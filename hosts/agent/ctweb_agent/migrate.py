@@ -6,10 +6,10 @@ import re
 import shutil
 import stat
 
-from . import journal, store
+from . import journal, mjournal, store
 from . import state as S
 from .cgroups import container_pids
-from .common import AgentError, _du, _write_json, check_name, event, run
+from .common import AgentError, _du, _flag, _write_json, check_name, event, run
 from .criu import DISK_MARGIN, _has_saved_state, _memory_bytes, _rootfs, _snapshot_names, _state_dir
 from .estimate import _dumpable_bytes
 from .lxc import _cdir, _require, _state
@@ -36,8 +36,11 @@ def _mig_marker(name, params):
     return os.path.join(_cdir(name), f".ctweb-migration-{int(params['migration'])}")
 
 
-def _manifest(root):
-    """What the rootfs holds now: path -> [mode, size, mtime_ns, inode, link target]."""
+def _manifest(root, links=None):
+    """What the rootfs holds now: path -> [mode, size, mtime_ns, inode, link target, ctime_ns].
+    The change time moves with every write, chmod, chown or utime (a file written in place
+    and given back its old time, or chowned, keeps its size and modification time).
+    `links`, if given, gets the names of every regular file with several: {inode: [path, ...]}."""
     out = {}
     for base, dirs, files in os.walk(root):
         for n in dirs + files:
@@ -48,7 +51,9 @@ def _manifest(root):
                 continue
             rel = os.path.relpath(p, root)
             target = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
-            out[rel] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, target]
+            out[rel] = [st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, target, st.st_ctime_ns]
+            if links is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                links.setdefault(str(st.st_ino), []).append(rel)
     return out
 
 
@@ -121,8 +126,16 @@ def _send_sources(name, params, what):
     mdir = _mig_dir(params)
     if what == "rootfs":
         root = _rootfs(name)
+        # The change journal first (mjournal.py): the delta, sent while the container is down,
+        # then lists what changed since this walk began instead of walking the tree again.
+        if _flag(params, "journal", True):
+            mjournal.start(mdir, root)
+        else:
+            mjournal.not_started(mdir, "the journal was turned off for this migration")
         held = _held(name, root)
-        _write_json(os.path.join(mdir, "manifest.json"), _manifest(root))
+        links = {}  # the names of files with several, for the journal's delta (small: no walk to read)
+        _write_json(os.path.join(mdir, "manifest.json"), _manifest(root, links))
+        _write_json(os.path.join(mdir, "links.json"), links)
         _write_json(os.path.join(mdir, "held.json"), sorted(held | _held(name, root)))
         return [(_cdir(name), name)]
     if what == "snapshots":
