@@ -80,10 +80,10 @@ def hosts(tmp_path, pyz, monkeypatch):
     os.makedirs(src.S.MIGRATIONS_PATH + "/1")
     frozen = {"state": "STOPPED", "pids": None}
     monkeypatch.setattr(src.mjournal, "_state", lambda name: frozen["state"])
-    monkeypatch.setattr(src.mjournal, "_frozen_pids", lambda name: frozen["pids"])
+    monkeypatch.setattr(src.mjournal, "container_pids", lambda name: frozen["pids"])
     # What the presync finds held open for writing or mapped shared (migrate._held).
     monkeypatch.setattr(src.migrate, "_state", lambda name: "RUNNING" if frozen.get("running") else "STOPPED")
-    monkeypatch.setattr(src.migrate, "_frozen_pids", lambda name: frozen.get("running"))
+    monkeypatch.setattr(src.migrate, "container_pids", lambda name: frozen.get("running"))
     yield src, dst, rootfs, frozen
     src.mjournal.end(src.S.MIGRATIONS_PATH + "/1")
 
