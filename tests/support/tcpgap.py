@@ -15,6 +15,7 @@ refuse the dump)."""
 from __future__ import annotations
 
 import collections
+import errno
 import selectors
 import socket
 import threading
@@ -55,6 +56,9 @@ class GapClient:
             self.socks.append(s)
         self.answers: list[float] = []  # time.monotonic() of each answer
         self.lost = 0  # connections that closed or failed (not expected)
+        # How each was lost: (time.monotonic(), "send"/"recv", errno name or "closed"), so a
+        # loss can be placed in the migration (and strategy) it happened in.
+        self.losses: list[tuple[float, str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -76,9 +80,9 @@ class GapClient:
                     s = idle.popleft()  # it waits for its answer before it is used again
                     try:
                         s.send(b"x")
-                    except OSError:
+                    except OSError as e:
                         sel.unregister(s)
-                        self.lost += 1
+                        self._lose("send", e)
                 next_send = now + max(self.every_s, self.spread * (now - last_answer))
                 continue
             for key, _ in sel.select(max(0.0, next_send - now)):
@@ -86,16 +90,27 @@ class GapClient:
                     data = key.fileobj.recv(64)
                 except BlockingIOError:
                     continue
-                except OSError:
-                    data = b""
+                except OSError as e:
+                    sel.unregister(key.fileobj)
+                    self._lose("recv", e)
+                    continue
                 if not data:
                     sel.unregister(key.fileobj)
-                    self.lost += 1
+                    self._lose("recv", None)
                     continue
                 last_answer = time.monotonic()
                 self.answers.append(last_answer)
                 idle.append(key.fileobj)
         sel.close()
+
+    def _lose(self, where: str, error: OSError | None) -> None:
+        what = "closed" if error is None else (errno.errorcode.get(error.errno or 0) or repr(error))
+        self.losses.append((time.monotonic(), where, what))
+        self.lost += 1
+
+    def losses_between(self, since: float, until: float) -> list[str]:
+        """The connections lost between `since` and `until` (monotonic), e.g. 'recv ECONNRESET'."""
+        return [f"{where} {what}" for t, where, what in self.losses if since <= t < until]
 
     def longest_gap_ms(self, since: float, until: float) -> float:
         """The longest time without any answer between `since` and `until` (monotonic)."""
