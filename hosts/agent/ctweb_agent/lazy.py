@@ -34,9 +34,11 @@ from .criu import (
     _criu_restore,
     _freezer_state,
     _has_saved_state,
+    _replug,
     _state_dir,
     _state_images,
     _thaw,
+    _unplug,
 )
 from .downtime import AnswerWatch, FreezeWatch
 from .images import _remove_stages
@@ -229,9 +231,13 @@ def _lazy_dump(name, mdir, images):
     criu_end = _start_relay(mdir, "source")
     env = _criu_config(mdir, "dump", ["lazy-pages", "ps-socket 3"])
     argv = ["lxc-checkpoint", "-n", name, "-D", images, "-s"]
+    unplugged = _unplug(name)  # no client segment may reach it once it dies (criu._unplug)
     t0 = time.monotonic()
     try:
         _spawn_watched(argv, mdir, LAZY_DUMP, env, criu_end.fileno())
+    except BaseException:
+        _replug(unplugged)
+        raise
     finally:
         criu_end.close()
     deadline = time.monotonic() + 300
@@ -239,6 +245,8 @@ def _lazy_dump(name, mdir, images):
         rc = _watched_rc(mdir, LAZY_DUMP)
         if rc is not None:
             _kill_watched(mdir, PAGE_RELAY)
+            if _state(name) != "STOPPED":
+                _replug(unplugged)
             details = _criu_log(images, "dump")
             out = _tail(os.path.join(mdir, f"{LAZY_DUMP}.out"))
             if out.strip():
@@ -256,6 +264,8 @@ def _lazy_dump(name, mdir, images):
             continue
         time.sleep(0.02)
     _kill_watched(mdir, LAZY_DUMP)
+    if _state(name) != "STOPPED":
+        _replug(unplugged)
     raise AgentError(f"The lazy dump of {name} did not start its page server within 300 s.", _criu_log(images, "dump"))
 
 
