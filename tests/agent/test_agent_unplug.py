@@ -65,3 +65,17 @@ def test_a_dump_that_leaves_the_container_running_unplugs_nothing(agent, host, t
     ran, _ = host
     agent.criu._criu_dump("c1", str(tmp_path), stop=False)
     assert ran == [["lxc-checkpoint", "dump"]]
+
+
+def test_tasks_that_run_on_here_get_their_veths_back_from_the_config(agent, host, tmp_path, monkeypatch):
+    # A post-copy resumed on its source, or a dump whose agent died after unplugging: what is
+    # in no bridge goes back into the bridge the container's config names; nothing else moves.
+    ran, _ = host
+    (tmp_path / "sys-class-net" / "lxcbr0" / "bridge").mkdir(parents=True)
+    monkeypatch.setattr(agent.criu, "_read_config", lambda name: ["lxc.net.0.link = lxcbr0\n"])
+    assert agent.criu._replug_config("c1") == ["vethB2"]
+    assert ran == [["lxc-info", "-n", "c1", "-H"], ["ip", "link", "set", "dev", "vethB2", "master", "lxcbr0"]]
+    for config in (["lxc.net.0.link = nosuchbr\n"], ["lxc.net.0.link = bad;br\n"], []):
+        ran.clear()
+        monkeypatch.setattr(agent.criu, "_read_config", lambda name, c=config: c)
+        assert agent.criu._replug_config("c1") == [] and ran == []

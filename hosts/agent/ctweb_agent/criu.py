@@ -214,6 +214,31 @@ def _replug(links):
             run(["ip", "link", "set", "dev", veth, "master", bridge], timeout=20)
 
 
+def _replug_config(name):
+    """Tasks that a dump meant to stop run on here (it was rolled back, or never began, maybe
+    after the agent that unplugged them died): every veth of the container in no bridge goes
+    back into the bridge its config names (lxc.net.0.link; the agent writes that config).
+    Returns the veths put back."""
+    try:
+        bridge = _config_value(_read_config(name), "lxc.net.0.link") or ""
+    except OSError:
+        return []
+    if not IFACE_RE.fullmatch(bridge) or not os.path.isdir(os.path.join(SYS_NET, bridge, "bridge")):
+        return []
+    rc, out, _ = run(["lxc-info", "-n", name, "-H"], timeout=20)
+    back = []
+    for line in out.splitlines() if rc == 0 else []:
+        key, _, veth = line.partition(":")
+        veth = veth.strip()
+        if key.strip() != "Link" or not IFACE_RE.fullmatch(veth) or not os.path.isdir(os.path.join(SYS_NET, veth)):
+            continue
+        if os.path.islink(os.path.join(SYS_NET, veth, "master")):
+            continue  # in a bridge already
+        if run(["ip", "link", "set", "dev", veth, "master", bridge], timeout=20)[0] == 0:
+            back.append(veth)
+    return back
+
+
 def _criu_dump(name, images, stop):
     what = "dump and stop" if stop else "dump"
     unplugged = _unplug(name) if stop else []

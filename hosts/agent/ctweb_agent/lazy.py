@@ -35,6 +35,7 @@ from .criu import (
     _freezer_state,
     _has_saved_state,
     _replug,
+    _replug_config,
     _state_dir,
     _state_images,
     _thaw,
@@ -730,7 +731,10 @@ def cmd_migrate_resume(params):
         _thaw(name)
         state = _state(name)
     if state == "RUNNING":
-        return {"state": state, "resumed": f"{name} was never stopped here: its tasks run on, nothing to restore"}
+        out = {"state": state, "resumed": f"{name} was never stopped here: its tasks run on, nothing to restore"}
+        if replugged := _replug_config(name):  # a dump's agent that died after unplugging them
+            out["replugged"] = replugged
+        return out
     try:
         _criu_restore(name, images, f"CRIU could not resume {name} here", True)
     except AgentError as e:
@@ -814,10 +818,13 @@ def _lazy_resume(name, mdir, images):
     if state in ("RUNNING", "FROZEN"):
         _thaw(name)
         unlocked = _criu_network_unlock(name)
+        # The lazy dump took its veths out of their bridge (criu._unplug): back they go.
+        replugged = _replug_config(name)
         return {
             "state": _state(name),
             "resumed": f"the lazy dump was interrupted (criu {signalled}) and rolled back",
             "network_unlocked": unlocked,
+            "replugged": replugged,
         }
     raise AgentError(
         f"{name} could not be resumed here: its lazy dump holds no memory pages and the dump "
