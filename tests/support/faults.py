@@ -243,6 +243,15 @@ def intact(lab, host: str, name: str, before: int) -> None:
     wait_for(lambda: counter(lab, host, name) > now, 30, f"{name} to go on counting on {host}")
     start_sum, now_sum = pattern(lab, host, name)
     assert start_sum == now_sum, "the memory pattern changed: its memory was lost"
+    # And its network is plugged in: a dump that stops a container takes its veth out of the
+    # bridge first (criu._unplug); tasks that run on here must have it back.
+    veths = shell(lab, host, f"lxc-info -n {name} -H | sed -n 's/^Link:[[:space:]]*//p'").stdout.split()
+    assert veths, f"{name} has no veth on {host}"
+    for veth in veths:
+        assert (
+            shell(lab, host, f"if test -e /sys/class/net/{veth}/master; then echo in; else echo out; fi").stdout.strip()
+            == "in"
+        ), f"{name}'s {veth} on {host} is in no bridge: it runs with no network"
 
 
 def honest(op: dict) -> None:

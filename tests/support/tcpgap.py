@@ -56,7 +56,9 @@ class GapClient:
             self.socks.append(s)
         self.answers: list[float] = []  # time.monotonic() of each answer
         self.lost = 0  # connections that closed or failed (not expected)
-        self.why_lost: list[str] = []  # for each: the error, or "closed" (the far end's FIN)
+        # How each was lost: (time.monotonic(), "send"/"recv", errno name or "closed"), so a
+        # loss can be placed in the migration (and strategy) it happened in.
+        self.losses: list[tuple[float, str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,8 +82,7 @@ class GapClient:
                         s.send(b"x")
                     except OSError as e:
                         sel.unregister(s)
-                        self.lost += 1
-                        self.why_lost.append(f"send: {errno.errorcode.get(e.errno, e.errno)}")
+                        self._lose("send", e)
                 next_send = now + max(self.every_s, self.spread * (now - last_answer))
                 continue
             for key, _ in sel.select(max(0.0, next_send - now)):
@@ -90,18 +91,26 @@ class GapClient:
                 except BlockingIOError:
                     continue
                 except OSError as e:
-                    data, why = b"", f"recv: {errno.errorcode.get(e.errno, e.errno)}"
-                else:
-                    why = "closed"
+                    sel.unregister(key.fileobj)
+                    self._lose("recv", e)
+                    continue
                 if not data:
                     sel.unregister(key.fileobj)
-                    self.lost += 1
-                    self.why_lost.append(f"{why} at {time.monotonic():.3f}")
+                    self._lose("recv", None)
                     continue
                 last_answer = time.monotonic()
                 self.answers.append(last_answer)
                 idle.append(key.fileobj)
         sel.close()
+
+    def _lose(self, where: str, error: OSError | None) -> None:
+        what = "closed" if error is None else (errno.errorcode.get(error.errno or 0) or repr(error))
+        self.losses.append((time.monotonic(), where, what))
+        self.lost += 1
+
+    def losses_between(self, since: float, until: float) -> list[str]:
+        """The connections lost between `since` and `until` (monotonic), e.g. 'recv ECONNRESET'."""
+        return [f"{where} {what}" for t, where, what in self.losses if since <= t < until]
 
     def longest_gap_ms(self, since: float, until: float) -> float:
         """The longest time without any answer between `since` and `until` (monotonic)."""

@@ -16,6 +16,7 @@ from .containers import cmd_create, cmd_delete, cmd_list, cmd_restart, cmd_start
 from .criu import (
     _freezer_state,
     _has_saved_state,
+    _replug_config,
     _snap_dir,
     _thaw,
     cmd_delete_snapshot,
@@ -80,6 +81,8 @@ def cmd_inspect(params):
         _thaw(name)
         out["state"] = _state(name)
         out["thawed"] = True
+        if replugged := _replug_config(name):  # a dump's agent that died after unplugging them
+            out["replugged"] = replugged
     out["has_saved_state"] = _has_saved_state(name)
     work = store.restore_work_dir(name)
     if os.path.lexists(work):

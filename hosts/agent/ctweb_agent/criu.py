@@ -176,9 +176,76 @@ def _lxc_checkpoint(name, images, mode, env=None):
     return rc, output
 
 
+IFACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
+SYS_NET = "/sys/class/net"
+
+
+def _unplug(name):
+    """Take the host ends of the container's veths out of their bridges, before a dump that
+    stops it; returns [(veth, bridge)] for _replug. Why: once such a dump has killed the
+    processes, their sockets are gone but the container's network namespace lives on for a
+    moment with its address, and CRIU's network lock no longer holds in it: a client's
+    segment arriving then was answered with an RST (seen on the lab: `R` from the
+    container's MAC on the source's veth, 0.78 s after lxc-checkpoint -s started, right as
+    the dump ended), which ends a connection the target was about to restore. Off its
+    bridge, nothing reaches the namespace: the client's segments are lost instead, and TCP
+    sends them again to the target. The restore attaches its new veth only once the sockets
+    are back (CRIU moves it into the bridge after restoring the tasks)."""
+    rc, out, _ = run(["lxc-info", "-n", name, "-H"], timeout=20)
+    links = []
+    for line in out.splitlines() if rc == 0 else []:
+        key, _, veth = line.partition(":")
+        veth = veth.strip()
+        master = os.path.join(SYS_NET, veth, "master")
+        if key.strip() != "Link" or not IFACE_RE.fullmatch(veth) or not os.path.islink(master):
+            continue
+        bridge = os.path.basename(os.readlink(master))
+        if IFACE_RE.fullmatch(bridge) and run(["ip", "link", "set", "dev", veth, "nomaster"], timeout=20)[0] == 0:
+            links.append((veth, bridge))
+    return links
+
+
+def _replug(links):
+    """Put veths that _unplug took out back into their bridges (a dump failed and the
+    container runs on here); a veth that is gone (the container stopped) is left alone."""
+    for veth, bridge in links:
+        if os.path.exists(os.path.join(SYS_NET, veth)):
+            run(["ip", "link", "set", "dev", veth, "master", bridge], timeout=20)
+
+
+def _replug_config(name):
+    """Tasks that a dump meant to stop run on here (it was rolled back, or never began, maybe
+    after the agent that unplugged them died): every veth of the container in no bridge goes
+    back into the bridge its config names (lxc.net.0.link; the agent writes that config).
+    Returns the veths put back."""
+    try:
+        bridge = _config_value(_read_config(name), "lxc.net.0.link") or ""
+    except OSError:
+        return []
+    if not IFACE_RE.fullmatch(bridge) or not os.path.isdir(os.path.join(SYS_NET, bridge, "bridge")):
+        return []
+    rc, out, _ = run(["lxc-info", "-n", name, "-H"], timeout=20)
+    back = []
+    for line in out.splitlines() if rc == 0 else []:
+        key, _, veth = line.partition(":")
+        veth = veth.strip()
+        if key.strip() != "Link" or not IFACE_RE.fullmatch(veth) or not os.path.isdir(os.path.join(SYS_NET, veth)):
+            continue
+        if os.path.islink(os.path.join(SYS_NET, veth, "master")):
+            continue  # in a bridge already
+        if run(["ip", "link", "set", "dev", veth, "master", bridge], timeout=20)[0] == 0:
+            back.append(veth)
+    return back
+
+
 def _criu_dump(name, images, stop):
     what = "dump and stop" if stop else "dump"
-    rc, output = _lxc_checkpoint(name, images, "stop" if stop else "dump")
+    unplugged = _unplug(name) if stop else []
+    try:
+        rc, output = _lxc_checkpoint(name, images, "stop" if stop else "dump")
+    finally:
+        if unplugged and _state(name) != "STOPPED":
+            _replug(unplugged)
     if rc != 0 or not os.path.isfile(os.path.join(images, "inventory.img")):
         details = _criu_log(images, "dump")
         if output.strip():

@@ -36,9 +36,12 @@ from .criu import (
     _criu_restore,
     _freezer_state,
     _has_saved_state,
+    _replug,
+    _replug_config,
     _state_dir,
     _state_images,
     _thaw,
+    _unplug,
 )
 from .downtime import AnswerWatch, FreezeWatch
 from .images import _remove_stages
@@ -253,9 +256,13 @@ def _lazy_dump(name, mdir, images, direct=None):
     criu_end = _start_relay(mdir, "source", direct)
     env = _criu_config(mdir, "dump", ["lazy-pages", "ps-socket 3"])
     argv = ["lxc-checkpoint", "-n", name, "-D", images, "-s"]
+    unplugged = _unplug(name)  # no client segment may reach it once it dies (criu._unplug)
     t0 = time.monotonic()
     try:
         _spawn_watched(argv, mdir, LAZY_DUMP, env, criu_end.fileno())
+    except BaseException:
+        _replug(unplugged)
+        raise
     finally:
         criu_end.close()
     deadline = time.monotonic() + 300
@@ -263,6 +270,8 @@ def _lazy_dump(name, mdir, images, direct=None):
         rc = _watched_rc(mdir, LAZY_DUMP)
         if rc is not None:
             _kill_watched(mdir, PAGE_RELAY)
+            if _state(name) != "STOPPED":
+                _replug(unplugged)
             details = _criu_log(images, "dump")
             out = _tail(os.path.join(mdir, f"{LAZY_DUMP}.out"))
             if out.strip():
@@ -280,6 +289,8 @@ def _lazy_dump(name, mdir, images, direct=None):
             continue
         time.sleep(0.02)
     _kill_watched(mdir, LAZY_DUMP)
+    if _state(name) != "STOPPED":
+        _replug(unplugged)
     raise AgentError(f"The lazy dump of {name} did not start its page server within 300 s.", _criu_log(images, "dump"))
 
 
@@ -935,7 +946,10 @@ def cmd_migrate_resume(params):
         _thaw(name)
         state = _state(name)
     if state == "RUNNING":
-        return {"state": state, "resumed": f"{name} was never stopped here: its tasks run on, nothing to restore"}
+        out = {"state": state, "resumed": f"{name} was never stopped here: its tasks run on, nothing to restore"}
+        if replugged := _replug_config(name):  # a dump's agent that died after unplugging them
+            out["replugged"] = replugged
+        return out
     try:
         _criu_restore(name, images, f"CRIU could not resume {name} here", True)
     except AgentError as e:
@@ -1019,10 +1033,13 @@ def _lazy_resume(name, mdir, images):
     if state in ("RUNNING", "FROZEN"):
         _thaw(name)
         unlocked = _criu_network_unlock(name)
+        # The lazy dump took its veths out of their bridge (criu._unplug): back they go.
+        replugged = _replug_config(name)
         return {
             "state": _state(name),
             "resumed": f"the lazy dump was interrupted (criu {signalled}) and rolled back",
             "network_unlocked": unlocked,
+            "replugged": replugged,
         }
     raise AgentError(
         f"{name} could not be resumed here: its lazy dump holds no memory pages and the dump "
