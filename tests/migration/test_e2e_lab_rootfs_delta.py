@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from tests.support.lab import create, on_host
+from tests.support.lab import create, on_host, ssh_argv
 from tests.support.stack import ok, run_op, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab]
@@ -132,26 +132,8 @@ exec(DIGEST)
 """.replace("NAME", NAME).replace("ROOTFS", ROOTFS)
 
 
-def _ssh(lab, name: str) -> list[str]:
-    host = next(h for h in lab["hosts"] if h["name"] == name)
-    return [
-        "ssh",
-        "-i",
-        str(lab["key"]),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        f"UserKnownHostsFile={lab['known_hosts']}",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        f"root@{host['address']}",
-    ]
-
-
 def digest(lab, host: str) -> dict:
-    r = subprocess.run(
-        _ssh(lab, host) + ["python3", "-", ROOTFS], input=DIGEST, capture_output=True, text=True, timeout=120
-    )
+    r = on_host(lab, host, "python3", "-", ROOTFS, input=DIGEST, timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -167,7 +149,7 @@ def test_the_target_gets_the_frozen_tree_from_the_change_journal(bob, lab, strat
         wait_for(lambda: rounds(lab, "lab-a") > 20, 30, "the container's changes")
         script = "DIGEST = " + repr(DIGEST) + "\n" + FROZEN
         watcher = subprocess.Popen(
-            _ssh(lab, "lab-a") + ["python3", "-"],
+            ssh_argv(lab, next(h for h in lab["hosts"] if h["name"] == "lab-a"), "python3", "-"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

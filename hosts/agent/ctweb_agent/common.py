@@ -180,3 +180,13 @@ def agent_file():
     """The file this agent runs from: the .pyz whose members are this package's modules
     (a page relay is started from it)."""
     return os.path.abspath(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _starttime(pid):
+    """When a process started (clock ticks since boot), or None: with its pid, it names one
+    process even after the host restarted and the pid was given again."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[-1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -23,6 +23,7 @@ from .common import (
     _ms,
     _read_json,
     _remove_tree,
+    _starttime,
     _write_json,
     agent_file,
     check_name,
@@ -138,15 +139,6 @@ def _watched_rc(mdir, tag):
     if not info or not _pid_alive(info.get("watcher"), info.get("watcher_start")):
         return -1 if info else None  # the watcher died without a word (or the host restarted)
     return None
-
-
-def _starttime(pid):
-    """When a process started (clock ticks since boot), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[-1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _pid_alive(pid, start=None):

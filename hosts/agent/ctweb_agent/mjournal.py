@@ -29,7 +29,7 @@ import time
 
 from . import journal
 from .cgroups import container_pids
-from .common import _NOFOLLOW_DIR, CHILD_UMASK, _read_json, _write_json, agent_file
+from .common import _NOFOLLOW_DIR, CHILD_UMASK, _read_json, _starttime, _write_json, agent_file
 from .lxc import _state
 
 INFO = "journal.json"  # {pid, pid_start, root, started, lifetime_s}: written once the mark is in place
@@ -39,14 +39,6 @@ COMMAND = "migrate-journal"
 LIFETIME_S = 4 * 3600  # a presync of a big rootfs takes minutes; nothing takes hours
 START_WAIT_S = 15
 STOP_WAIT_S = 60
-
-
-def _starttime(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[-1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _ours(info):
