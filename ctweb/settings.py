@@ -349,6 +349,9 @@ SSH_DEAD_AFTER_S = float(os.environ.get("CTWEB_SSH_DEAD_AFTER", 30))
 # journal saw since the presync instead of walking the whole tree (hosts/agent/ctweb_agent/
 # mjournal.py); off, it walks (as it does whenever the journal cannot vouch for the changes).
 MIGRATION_JOURNAL = _env_bool("CTWEB_MIGRATION_JOURNAL", True)
+# A post-copy's target relay asks the source for pages ahead of CRIU's lazy-pages daemon and
+# answers it from them (hosts/agent/ctweb_agent/prefetch.py); off, CRIU's own requests cross.
+PAGE_READ_AHEAD = _env_bool("CTWEB_PAGE_READ_AHEAD", True)
 
 LOGGING = {
     "version": 1,

@@ -247,7 +247,10 @@ class Run:
         p, dst, base, name = self.progress, self.dst, self.base, self.container.name
         if self.live:
             p.event("restore", f"restoring {name} on {self.target.name}", "restore")
-            params, on_event = ({**base, "lazy": True} if self.lazy else base), None
+            params, on_event = (
+                ({**base, "lazy": True, "read_ahead": settings.PAGE_READ_AHEAD} if self.lazy else base),
+                None,
+            )
             if self.lazy and self.xfer.keys is not None:
                 params["direct_pages"] = self.xfer.direct_pages_target(self.direct_port)
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from . import cow, mjournal, pagelink
+from . import cow, mjournal, pagelink, prefetch
 from . import state as S
 from .common import (
     CHILD_UMASK,
@@ -208,7 +208,7 @@ def _private_dir(mdir):
     os.chmod(mdir, 0o700)
 
 
-def _start_relay(mdir, role, direct=None):
+def _start_relay(mdir, role, direct=None, read_ahead=False):
     """Start this host's page relay for a post-copy; return the socket CRIU must use.
     CRIU gets the other end of a socketpair as --ps-socket: no port is ever opened for it.
     `direct`: the checked direct page link parameters (pagelink.check_params), written
@@ -221,7 +221,8 @@ def _start_relay(mdir, role, direct=None):
         pagelink.install(mdir, role, direct)
     mine, criu_end = socket.socketpair()
     try:
-        env = dict(os.environ, CTWEB_RELAY=json.dumps({"dir": mdir, "role": role, "direct": direct is not None}))
+        cfg = {"dir": mdir, "role": role, "direct": direct is not None, "read_ahead": read_ahead}
+        env = dict(os.environ, CTWEB_RELAY=json.dumps(cfg))
         _spawn_watched([sys.executable, agent_file(), "pages-relay"], mdir, PAGE_RELAY, env, mine.fileno())
     finally:
         mine.close()
@@ -385,6 +386,9 @@ class _Relay:
         self.tls = False  # the current link is the direct TLS one
         self.tls_retry = 0  # a TLS write to retry with at least this many bytes
         self._rbuf = None  # a TLS link's read buffer (made with the first one)
+        self.pf = None  # the target's read-ahead (prefetch.py): CRIU is answered from it
+        self.pf_error = None
+        self.pf_off = "not asked for"
 
     # --- the link -------------------------------------------------------------
     def attach(self, conn, tls=False):
@@ -479,8 +483,12 @@ class _Relay:
                     skip = self.received - value
                     if skip < n:
                         with memoryview(buf) as view:
-                            self.to_criu.append(bytes(view[start + skip : pos]))  # one copy
+                            data = bytes(view[start + skip : pos])  # one copy
                         self.received += n - skip
+                        if self.pf is None:
+                            self.to_criu.append(data)
+                        else:
+                            self.from_source(data)
                 elif kind == _F_ACK:
                     self._acked(value)
                 elif kind == _F_FIN:
@@ -489,6 +497,31 @@ class _Relay:
                     self.peer_end = ("abort", None)
         finally:
             del buf[:pos]
+
+    def from_source(self, data):
+        """The source's answers, through the read-ahead; a source answering what was not asked
+        ends the pull here as a broken one would (our CRIU is told nothing more)."""
+        try:
+            self.pf.feed_source(data)
+        except prefetch.PrefetchError as e:
+            self.pf_error = str(e)
+            self.criu.close()
+            self.criu_shut = True
+            self.to_criu.clear()
+            self.local_end = "abort"
+
+    def from_criu(self, data):
+        if self.pf is None:
+            self.out.append(data)
+        else:
+            self.pf.feed_criu(data)
+
+    def pf_flush(self):
+        """What the read-ahead has for each side now."""
+        if self.pf is not None and self.pf_error is None:
+            to_source, to_criu = self.pf.take()
+            self.out.append(to_source)
+            self.to_criu.append(to_criu)
 
     def _acked(self, upto):
         if upto > self.out_base:
@@ -553,6 +586,7 @@ class _Relay:
                 "direct": self.direct.status() if self.direct is not None else None,
                 "local_end": self.local_end,
                 "peer_end": self.peer_end[0] if self.peer_end else None,
+                "read_ahead": {"off": self.pf_off} if self.pf is None else {**self.pf.stats, "error": self.pf_error},
                 "updated": time.time(),
             },
         )
@@ -567,6 +601,8 @@ class _Relay:
         if self.local_end is None or self.peer_end is None:
             return False
         if self.peer_end[0] == "fin" and (self.received < self.peer_end[1] or self.to_criu):
+            return False
+        if self.pf is not None and self.pf_error is None and self.pf.holding() and not self.criu_shut:
             return False
         if self.out or self.outq:
             self.done_at = self.done_at or now
@@ -600,11 +636,22 @@ def cmd_pages_relay(params):
         except (OSError, ValueError, KeyError) as e:  # unreadable parameters: the dashboard's path only
             r.direct = None
             _write_json(os.path.join(mdir, "page-relay-direct-error.json"), {"error": str(e)})
+    if role == "target" and cfg.get("read_ahead"):
+        psi = prefetch.local_psi()
+        notes = []
+        ranges = prefetch.ranges_of(os.path.join(mdir, "images"), notes) if psi is not None else {}
+        if ranges:
+            r.pf = prefetch.Prefetcher(ranges, psi)
+        elif psi is None:
+            r.pf_off = "this host's criu --version is not one it knows"
+        else:
+            r.pf_off = "no lazy pages in the images: " + "; ".join(notes[:5])
     r.status(force=True)  # the source's port, at once: migrate-dump reports it
     throttle = _relay_throttle(mdir)
     checked = time.monotonic()
 
     while not r.finished():
+        r.pf_flush()
         d = r.direct if r.direct is not None and r.direct.active else None
         if d is not None and r.link is None:
             conn = d.connect_due()  # the target's side: one attempt when due (blocks at most seconds)
@@ -655,9 +702,10 @@ def cmd_pages_relay(params):
                 if data == b"":
                     r.criu_ended()
                     break
-                r.out.append(data)
+                r.from_criu(data)
                 got += len(data)
-        if r.criu in writable and r.to_criu:
+        r.pf_flush()  # CRIU's request may be answered from what is here already: at once
+        if r.to_criu and not r.criu_shut and (r.criu in writable or r.pf is not None):
             given = 0
             while r.to_criu and given < _TLS_SEND * 8:
                 try:
@@ -686,7 +734,14 @@ def cmd_pages_relay(params):
                 time.sleep(0.1)  # test-only throttle: about 10 x throttle bytes a second
         # The peer's CRIU finished normally and we delivered all it sent: end ours too
         # (the source's page server takes the end for "all served" and finishes the dump).
-        if r.peer_end and r.peer_end[0] == "fin" and r.received >= r.peer_end[1] and not r.to_criu:
+        r.pf_flush()
+        if (
+            r.peer_end
+            and r.peer_end[0] == "fin"
+            and r.received >= r.peer_end[1]
+            and not r.to_criu
+            and (r.pf is None or not r.pf.holding() or r.pf_error)
+        ):
             if not r.criu_shut:
                 try:
                     r.criu.shutdown(socket.SHUT_WR)
@@ -809,8 +864,8 @@ def _pages_bytes(images):
     return sum(f["size"] for f in _image_files(images) if re.fullmatch(r"pages-\d+\.img", f["name"]))
 
 
-def _start_lazy_pages(name, mdir, images, direct=None):
-    criu_end = _start_relay(mdir, "target", direct)
+def _start_lazy_pages(name, mdir, images, direct=None, read_ahead=True):
+    criu_end = _start_relay(mdir, "target", direct, read_ahead)
     argv = ["criu", "lazy-pages", "--page-server", "--ps-socket", "3"]
     argv += ["-D", images, "-o", "lazy-pages.log", "-v4"]
     try:
@@ -849,7 +904,7 @@ def cmd_migrate_restore(params):
     page_path = None
     if lazy:
         event("restore", "starting criu lazy-pages and this host's page relay", 5)
-        _start_lazy_pages(name, mdir, images, direct)
+        _start_lazy_pages(name, mdir, images, direct, _flag(params, "read_ahead", True))
         if direct is not None:
             # Before the restore: its processes' first faults need the pages' path.
             page_path = _direct_connected(mdir)
