@@ -123,6 +123,16 @@ def pattern(lab, host: str, name: str) -> tuple[str, str]:
     return wait_for(read, 10, f"{name}'s memory pattern checksums", interval=0.2)
 
 
+def init_task(lab, host: str, name: str) -> tuple[int, int]:
+    """(host pid, start time in clock ticks since boot) of a container's init: the same pair
+    later means the same task, never stopped (a restart or a restore makes a new one)."""
+    script = f"p=$(lxc-info -n {name} -p -H) && echo $p $(sed 's/.*) //' /proc/$p/stat | cut -d' ' -f20)"
+    out = on_host(lab, host, script)  # one remote command line (ssh joins its words)
+    assert out.returncode == 0, out.stderr
+    pid, start = out.stdout.split()
+    return int(pid), int(start)
+
+
 def counter(lab, host: str, name: str) -> int:
     """The COUNTER container's count. Its shell rewrites the file every second (`echo >`
     truncates first): a read that catches it empty is taken again (seen in a fresh-clone run)."""
