@@ -207,6 +207,21 @@ def test_any_faults_and_any_fragmentation_bring_every_page_once(agent, seed, fau
     assert peak <= 96 * PAGE + chunk * PAGE + 1024 * PAGE
 
 
+def test_nothing_is_asked_before_criu_asks_and_its_first_request_goes_first(agent):
+    """The restore runs (the container is down) until CRIU's first request: no read-ahead
+    competes with it, and the restored tasks' first fault is the first request on the link."""
+    m = agent.prefetch
+    pf = m.Prefetcher(RANGES, m.PSI, chunk=64 * PAGE)
+    assert pf.take() == (b"", b"")
+    fault = 0x7F0000000000 + 500 * PAGE
+    pf.feed_criu(m.PSI.pack(m.PS_IOV_GET, 1, fault, 1))
+    to_source, _ = pf.take()
+    first = m.PSI.unpack_from(to_source, 0)
+    assert (first[0], first[1], first[2], first[3]) == (m.PS_IOV_GET, 1, fault, 1)
+    later = [m.PSI.unpack_from(to_source, i)[2] for i in range(m.PSI.size, len(to_source), m.PSI.size)]
+    assert later and later[0] == fault + PAGE  # the read-ahead goes on from there
+
+
 def test_the_old_request_layout_before_criu_4_2(agent):
     m = agent.prefetch
     assert m.psi_for("Version: 4.2.1\n") is m.PSI and m.PSI.size == 32

@@ -251,11 +251,11 @@ class Prefetcher:
         self.status = None  # the source's answer to a close, for CRIU
         self.closing = False
         self.raw = False  # passing bytes through untouched (after a command we do not know)
-        self.cursor = None  # (dst, address) where the read-ahead goes on
+        # (dst, address) where the read-ahead goes on: none until CRIU's first request, so that
+        # nothing competes with the restore (the container is down until it ends) and the
+        # restored tasks' first faults go first on the link
+        self.cursor = None
         self.stats = {"asked": 0, "faults": 0, "given": 0, "read_ahead_bytes": 0}
-        order = sorted(ranges)
-        if order:
-            self.cursor = (order[0], 0)
 
     # --- CRIU's requests ---------------------------------------------------------------
     def feed_criu(self, data):
@@ -271,8 +271,8 @@ class Prefetcher:
             cmd, nr, vaddr, dst = psi.unpack(raw)
             if cmd & PS_CMD_MASK == PS_IOV_GET and 0 < nr <= MAX_PAGES:
                 self.pending.append((dst, vaddr, nr))
-                if nr > 1:  # a background request (a fault asks for one page): read ahead from there
-                    self.cursor = (dst, vaddr + nr * PAGE)
+                if nr > 1 or self.cursor is None:  # a background request (a fault asks for one page)
+                    self.cursor = (dst, vaddr + nr * PAGE)  # or the first: read ahead from there
                 self._ensure(dst, vaddr, nr)
             elif cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
                 self.closing = True
