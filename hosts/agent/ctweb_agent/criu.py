@@ -180,6 +180,18 @@ IFACE_RE = re.compile(r"[A-Za-z0-9_.@-]{1,15}")
 SYS_NET = "/sys/class/net"
 
 
+def _veths(name):
+    """The host ends of the container's veths (lxc-info's Link lines) that exist here."""
+    rc, out, _ = run(["lxc-info", "-n", name, "-H"], timeout=20)
+    found = []
+    for line in out.splitlines() if rc == 0 else []:
+        key, _, veth = line.partition(":")
+        veth = veth.strip()
+        if key.strip() == "Link" and IFACE_RE.fullmatch(veth) and os.path.isdir(os.path.join(SYS_NET, veth)):
+            found.append(veth)
+    return found
+
+
 def _unplug(name):
     """Take the host ends of the container's veths out of their bridges, before a dump that
     stops it; returns [(veth, bridge)] for _replug. Why: once such a dump has killed the
@@ -191,13 +203,10 @@ def _unplug(name):
     bridge, nothing reaches the namespace: the client's segments are lost instead, and TCP
     sends them again to the target. The restore attaches its new veth only once the sockets
     are back (CRIU moves it into the bridge after restoring the tasks)."""
-    rc, out, _ = run(["lxc-info", "-n", name, "-H"], timeout=20)
     links = []
-    for line in out.splitlines() if rc == 0 else []:
-        key, _, veth = line.partition(":")
-        veth = veth.strip()
+    for veth in _veths(name):
         master = os.path.join(SYS_NET, veth, "master")
-        if key.strip() != "Link" or not IFACE_RE.fullmatch(veth) or not os.path.islink(master):
+        if not os.path.islink(master):
             continue
         bridge = os.path.basename(os.readlink(master))
         if IFACE_RE.fullmatch(bridge) and run(["ip", "link", "set", "dev", veth, "nomaster"], timeout=20)[0] == 0:
@@ -205,9 +214,12 @@ def _unplug(name):
     return links
 
 
-def _replug(links):
+def _replug(links, name=None):
     """Put veths that _unplug took out back into their bridges (a dump failed and the
-    container runs on here); a veth that is gone (the container stopped) is left alone."""
+    container runs on here); a veth that is gone (the container stopped) is left alone.
+    With `name`: nothing when the container is STOPPED (the dump went through)."""
+    if name is not None and links and _state(name) == "STOPPED":
+        return
     for veth, bridge in links:
         if os.path.exists(os.path.join(SYS_NET, veth)):
             run(["ip", "link", "set", "dev", veth, "master", bridge], timeout=20)
@@ -224,13 +236,8 @@ def _replug_config(name):
         return []
     if not IFACE_RE.fullmatch(bridge) or not os.path.isdir(os.path.join(SYS_NET, bridge, "bridge")):
         return []
-    rc, out, _ = run(["lxc-info", "-n", name, "-H"], timeout=20)
     back = []
-    for line in out.splitlines() if rc == 0 else []:
-        key, _, veth = line.partition(":")
-        veth = veth.strip()
-        if key.strip() != "Link" or not IFACE_RE.fullmatch(veth) or not os.path.isdir(os.path.join(SYS_NET, veth)):
-            continue
+    for veth in _veths(name):
         if os.path.islink(os.path.join(SYS_NET, veth, "master")):
             continue  # in a bridge already
         if run(["ip", "link", "set", "dev", veth, "master", bridge], timeout=20)[0] == 0:
@@ -244,8 +251,7 @@ def _criu_dump(name, images, stop):
     try:
         rc, output = _lxc_checkpoint(name, images, "stop" if stop else "dump")
     finally:
-        if unplugged and _state(name) != "STOPPED":
-            _replug(unplugged)
+        _replug(unplugged, name)
     if rc != 0 or not os.path.isfile(os.path.join(images, "inventory.img")):
         details = _criu_log(images, "dump")
         if output.strip():

@@ -263,8 +263,7 @@ def _lazy_dump(name, mdir, images, direct=None):
         rc = _watched_rc(mdir, LAZY_DUMP)
         if rc is not None:
             _kill_watched(mdir, PAGE_RELAY)
-            if _state(name) != "STOPPED":
-                _replug(unplugged)
+            _replug(unplugged, name)
             details = _criu_log(images, "dump")
             out = _tail(os.path.join(mdir, f"{LAZY_DUMP}.out"))
             if out.strip():
@@ -282,8 +281,7 @@ def _lazy_dump(name, mdir, images, direct=None):
             continue
         time.sleep(0.02)
     _kill_watched(mdir, LAZY_DUMP)
-    if _state(name) != "STOPPED":
-        _replug(unplugged)
+    _replug(unplugged, name)
     raise AgentError(f"The lazy dump of {name} did not start its page server within 300 s.", _criu_log(images, "dump"))
 
 

@@ -193,9 +193,10 @@ class _Todo:
             if keep and keep[-1][0] >= b:
                 break
 
-    def holds(self, addr):
+    def end_of(self, addr):
+        """The end of the range holding `addr`, or None."""
         i = bisect.bisect_right(self.ends, addr)
-        return i < len(self.starts) and self.starts[i] <= addr
+        return self.ends[i] if i < len(self.starts) and self.starts[i] <= addr else None
 
 
 class _Held:
@@ -244,7 +245,7 @@ class Prefetcher:
         self.held_bytes = 0
         self.asked = collections.deque()  # ours, in order: ("get", dst, vaddr, nr) | ("status",) | ("raw",)
         self.inflight = 0  # bytes of pages asked for and not yet here
-        self.pending = collections.deque()  # CRIU's, in order: (dst, vaddr, nr, cmd) | ("close",)
+        self.pending = collections.deque()  # CRIU's, in order: (dst, vaddr, nr) | ("close",) | ("raw",)
         self.criu_buf = bytearray()
         self.src = bytearray()
         self.to_source, self.to_criu = [], []
@@ -304,15 +305,12 @@ class Prefetcher:
         if (held is not None and held.find(vaddr) is not None) or self._asked_for(dst, vaddr):
             return
         end = vaddr + nr * PAGE
-        todo = self.todo.get(dst)
-        if todo is not None and todo.holds(vaddr):
-            i = bisect.bisect_right(todo.ends, vaddr)
-            end = min(end, todo.ends[i])
+        todo, lazy = self.todo.get(dst), self.lazy.get(dst)
+        if todo is not None and (left := todo.end_of(vaddr)) is not None:
+            end = min(end, left)
             todo.take(vaddr, end)
-        else:
-            lazy = self.lazy.get(dst)
-            if lazy is not None and lazy.holds(vaddr):  # asked for before and given: again
-                end = min(end, lazy.ends[bisect.bisect_right(lazy.ends, vaddr)])
+        elif lazy is not None and (known := lazy.end_of(vaddr)) is not None:  # asked for before, given: again
+            end = min(end, known)
         self.stats["faults"] += 1
         self._ask(dst, vaddr, end)
 
@@ -356,10 +354,11 @@ class Prefetcher:
             self.asked.popleft()
             rest = vaddr + got * PAGE
             lazy = self.lazy.get(dst)
-            if got < nr and not self.closing and not self.raw and lazy is not None and lazy.holds(rest):
+            known = lazy.end_of(rest) if lazy is not None and got < nr and not self.closing and not self.raw else None
+            if known is not None:
                 # The server stopped at the end of one of its buffers: the rest, asked for at once
                 # (only where the pagemap says it has pages: a request for none ends the server).
-                self._ask(dst, rest, min(vaddr + nr * PAGE, lazy.ends[bisect.bisect_right(lazy.ends, rest)]))
+                self._ask(dst, rest, min(vaddr + nr * PAGE, known))
         del self.src[:pos]
 
     # --- both ways ---------------------------------------------------------------------
