@@ -26,7 +26,7 @@ if [ $# -eq 0 ]; then
   # sessions go into one test-artifacts/fault-matrix.md.
   export CTWEB_TEST_RUN=${CTWEB_TEST_RUN:-$(date -u +%Y%m%d-%H%M%S)-$$}
   .venv/bin/python -m pytest -m "not e2e and not lab" -n 2
-  .venv/bin/python -m pytest -m "(e2e or lab) and not lab_alone" -n 2 --dist loadfile
+  .venv/bin/python -m pytest -m "(e2e or lab) and not lab_alone" -n 2 --dist loadfile --durations=60
   .venv/bin/python -m pytest -m lab_alone
   # Native copy-on-write: a lab instance of its own whose lab-b keeps containers on btrfs
   # (CTWEB_LAB_BTRFS, lab/core.py); in the sessions above that test skips (plain lab-b).
