@@ -245,6 +245,7 @@ def bench_memory(stack: Stack, sizes=(16, 128, 512), repeat: int = 3) -> dict:
     return out
 
 
+MEMORY = "downtime against memory size (debian, python writing ~1 MiB/s)"
 PAGES = "post-copy page pull rate (debian, python holding 256 MiB)"
 
 
@@ -767,7 +768,7 @@ def main() -> int:
                 "lifecycle": (LIFECYCLE, lambda st: bench_lifecycle(st, args.repeat)),
                 "client": (CLIENT, bench_client_downtime),
                 "concurrency": ("concurrency on the lab", bench_concurrency),
-                "memory": ("downtime against memory size (debian, python writing ~1 MiB/s)", bench_memory),
+                "memory": (MEMORY, bench_memory),
                 "byhand": (BY_HAND, lambda st: by_hand_section(st, args.repeat)),
                 "direct": (DIRECT, bench_direct),
                 "pages": (PAGES, bench_pages),
@@ -795,6 +796,7 @@ def main() -> int:
                 stack, args.repeat
             )
             results[BY_HAND] = by_hand_section(stack, args.repeat)
+            results[MEMORY] = bench_memory(stack)
             results[DIRECT] = bench_direct(stack)
             results[CLIENT] = bench_client_downtime(stack)
             results[PATHS] = bench_paths(stack)

@@ -1,9 +1,9 @@
 """Predicted downtime and total time of a migration, per strategy, before it runs.
 
 The model (pure: `predict`) is physical, its constants measured:
-- stop-and-copy: downtime = fixed + memory x (CRIU's dump and restore per MiB + 1 / path rate);
+- stop-and-copy: downtime = fixed + memory x (CRIU's dump and restore per MiB + 1 / stream rate);
   the fixed part is the freeze, the agents' round trips, the rootfs delta and CRIU's
-  non-memory state; total = downtime + the rootfs sent beforehand (rootfs / path rate) + a
+  non-memory state; total = downtime + the rootfs sent beforehand (rootfs / tree rate) + a
   fixed rest (preflight, cleanup);
 - post-copy: downtime = fixed (the dump and restore without the pages: roughly flat in memory),
   total adds the page pull (memory / page rate);
@@ -12,10 +12,15 @@ The model (pure: `predict`) is physical, its constants measured:
 Where the numbers come from (`calibrate`, from the database): past successful migrations of
 the same strategy, the same host pair first (either direction), then any pair. With two or
 more past sizes far enough apart, fixed and per-MiB are fitted by least squares; with fewer,
-the per-MiB cost is the prior's CRIU part plus the measured path rate and only the fixed part
+the per-MiB cost is the prior's CRIU part plus the measured stream rate and only the fixed part
 is taken from the past (the median of what the past left over). Without history: the priors,
-measured by bench/run.py's memory section on the lab. The path rate is the median of past
-migrations' bytes over the time they took to move (presync + transfer) on that pair.
+measured by bench/run.py's memory section on the lab.
+
+Two rates, because the same path moves a tree of files and a stream of images at very different
+speeds (a debian rootfs of 10,000 files pays per file on both hosts, the images do not): the tree
+rate is the median of past presyncs (their bytes over their phase's time), the stream rate that
+of past transfer phases that moved 64 MiB or more (the images and the delta, container down), on
+that host pair first (either way), then on any.
 
 `gather` asks the source's agent (`estimate`, read-only) for the memory, the rootfs size and a
 1-second sample of the cgroup's page faults (no soft-dirty tracking here: docs/LAB-NOTES.md).
@@ -45,6 +50,7 @@ PATH_SAMPLE_MIN = 64 * MIB  # a migration that moved less says little about the 
 # 128, 6689 at 512 with a 253 MiB/s path: 11.6 ms/MiB of which 3.95 the path) and the page pull
 # section (post-copy downtime ~1.9 s, pages at ~6 MiB/s through the relays).
 PRIOR_PATH_MIB_S = 250.0
+PRIOR_TREE_MIB_S = 25.0
 PRIOR_PAGE_MIB_S = 6.0
 PRIORS = {
     "stop-and-copy": {"fixed_ms": 740.0, "criu_ms_per_mib": 7.6, "rest_ms": 1000.0},
@@ -68,9 +74,11 @@ class Calibration:
 class Inputs:
     memory_bytes: int | None
     rootfs_bytes: int | None
-    path_mib_s: float
+    path_mib_s: float  # the images' stream, host to host (downtime)
     page_mib_s: float
     path_source: str = "prior"
+    tree_mib_s: float = PRIOR_TREE_MIB_S  # the rootfs presync: a tree of files (total)
+    tree_source: str = "prior"
     sample: dict | None = None
     calibration: dict[str, Calibration] = field(default_factory=dict)
 
@@ -84,7 +92,7 @@ def predict(strategy: str, inputs: Inputs) -> tuple[float, float] | None:
         return None
     mem = (inputs.memory_bytes or 0) / MIB if strategy in LIVE else 0.0
     down = cal.fixed_ms + mem * cal.ms_per_mib
-    presync = (inputs.rootfs_bytes or 0) / MIB * 1000 / max(inputs.path_mib_s, 1e-3)
+    presync = (inputs.rootfs_bytes or 0) / MIB * 1000 / max(inputs.tree_mib_s, 1e-3)
     pages = mem * 1000 / max(inputs.page_mib_s, 1e-3) if strategy == "post-copy" else 0.0
     return round(down, 1), round(down + presync + pages + cal.rest_ms, 1)
 
@@ -101,8 +109,16 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     return max(my - b * mx, 0.0), b
 
 
-def calibrate_one(strategy: str, samples: list[dict], path_mib_s: float, page_mib_s: float, where: str) -> Calibration:
+def calibrate_one(
+    strategy: str,
+    samples: list[dict],
+    path_mib_s: float,
+    page_mib_s: float,
+    where: str,
+    tree_mib_s: float | None = None,
+) -> Calibration:
     """One strategy's constants from past results ({memory_mib, rootfs_mib, downtime_ms, total_ms})."""
+    tree_mib_s = tree_mib_s or PRIOR_TREE_MIB_S
     prior = PRIORS[strategy]
     slope = prior["criu_ms_per_mib"] + (1000 / path_mib_s if strategy == "stop-and-copy" else 0.0)
     if not samples:
@@ -119,7 +135,7 @@ def calibrate_one(strategy: str, samples: list[dict], path_mib_s: float, page_mi
     rest = statistics.median(
         s["total_ms"]
         - s["downtime_ms"]
-        - s["rootfs_mib"] * 1000 / path_mib_s
+        - s["rootfs_mib"] * 1000 / tree_mib_s
         - (s["memory_mib"] * 1000 / page_mib_s if strategy == "post-copy" else 0.0)
         for s in samples
     )
@@ -149,16 +165,34 @@ def sample_of(result: dict) -> dict | None:
     return {"memory_mib": mem / MIB, "rootfs_mib": rootfs / MIB, "downtime_ms": down, "total_ms": total}
 
 
-def path_rate_of(result: dict) -> float | None:
-    """MiB/s the bytes of one past migration moved at (its presync and transfer phases)."""
-    phases = result.get("phases") or {}
-    secs = ((phases.get("presync_ms") or 0) + (phases.get("transfer_ms") or 0)) / 1000
-    moved = result.get("bytes_transferred") or 0
-    if result.get("strategy") == "post-copy":  # the page bytes moved during the pull, not here
-        moved -= (result.get("page_bytes") or 0) + ((result.get("page_relay") or {}).get("bytes_up") or 0)
-    if secs < 0.05 or moved < PATH_SAMPLE_MIN:  # small copies measure round trips, not bandwidth
+def _moved_by_pages(result: dict) -> float:
+    """The bytes a post-copy's page pull moved (counted in bytes_transferred, after the downtime)."""
+    if result.get("strategy") != "post-copy":
+        return 0
+    return (result.get("page_bytes") or 0) + ((result.get("page_relay") or {}).get("bytes_up") or 0)
+
+
+def _rate(moved, ms) -> float | None:
+    """MiB/s, or None when too little moved to say anything of a rate (round trips, not bandwidth)."""
+    if not isinstance(moved, int | float) or not isinstance(ms, int | float) or ms < 50 or moved < PATH_SAMPLE_MIN:
         return None
-    return moved / MIB / secs
+    return moved / MIB / (ms / 1000)
+
+
+def path_rate_of(result: dict) -> float | None:
+    """MiB/s the images' stream of one past migration moved at (its transfer phase: the images and the
+    rootfs delta, container down). A result from before presync_bytes: all its bytes over presync and
+    transfer together."""
+    phases = result.get("phases") or {}
+    moved = (result.get("bytes_transferred") or 0) - _moved_by_pages(result)
+    if "presync_bytes" not in result:
+        return _rate(moved, (phases.get("presync_ms") or 0) + (phases.get("transfer_ms") or 0))
+    return _rate(moved - (result.get("presync_bytes") or 0), phases.get("transfer_ms") or 0)
+
+
+def tree_rate_of(result: dict) -> float | None:
+    """MiB/s the rootfs (a tree of files) of one past migration moved at in its presync."""
+    return _rate(result.get("presync_bytes"), (result.get("phases") or {}).get("presync_ms"))
 
 
 def page_rate_of(result: dict) -> float | None:
@@ -183,14 +217,13 @@ def _past(source: Host, target: Host) -> tuple[list[dict], list[dict]]:
 
 def calibrate(source: Host, target: Host, inputs: Inputs, mine: list[dict], anywhere: list[dict]) -> Inputs:
     pair = f"on {source.name}/{target.name}"
-    for results, where in ((mine, pair), (anywhere, "on any hosts")):
-        rates = [r for r in map(path_rate_of, results[:HISTORY]) if r]
-        if rates:
-            inputs.path_mib_s, inputs.path_source = (
-                round(statistics.median(rates), 1),
-                f"{len(rates)} migrations {where}",
-            )
-            break
+    for rate_of, field_ in ((path_rate_of, "path"), (tree_rate_of, "tree")):
+        for results, where in ((mine, pair), (anywhere, "on any hosts")):
+            rates = [r for r in map(rate_of, results[:HISTORY]) if r]
+            if rates:
+                setattr(inputs, f"{field_}_mib_s", round(statistics.median(rates), 1))
+                setattr(inputs, f"{field_}_source", f"{len(rates)} migrations {where}")
+                break
     for results in (mine, anywhere):
         rates = [r for r in map(page_rate_of, results[:HISTORY]) if r]
         if rates:
@@ -203,7 +236,9 @@ def calibrate(source: Host, target: Host, inputs: Inputs, mine: list[dict], anyw
             if chosen:
                 where = label
                 break
-        inputs.calibration[strategy] = calibrate_one(strategy, chosen, inputs.path_mib_s, inputs.page_mib_s, where)
+        inputs.calibration[strategy] = calibrate_one(
+            strategy, chosen, inputs.path_mib_s, inputs.page_mib_s, where, inputs.tree_mib_s
+        )
     return inputs
 
 
@@ -263,6 +298,8 @@ def inputs_dict(inputs: Inputs) -> dict:
         "rootfs_bytes": inputs.rootfs_bytes,
         "path_mib_s": inputs.path_mib_s,
         "path_rate_from": inputs.path_source,
+        "tree_mib_s": inputs.tree_mib_s,
+        "tree_rate_from": inputs.tree_source,
         "page_mib_s": inputs.page_mib_s,
         "write_sample": inputs.sample,
     }

@@ -186,7 +186,8 @@ const ctweb = (function () {
       document.getElementById("mig-predicted-target").textContent = body.target;
       document.getElementById("mig-predicted-inputs").textContent =
         (i.memory_bytes === null ? "memory unknown" : (i.memory_bytes / 1048576).toFixed(0) + " MiB of memory") +
-        ", path " + i.path_mib_s + " MiB/s (" + i.path_rate_from + ")";
+        ", images at " + i.path_mib_s + " MiB/s (" + i.path_rate_from + ")" +
+        ", rootfs at " + i.tree_mib_s + " MiB/s (" + i.tree_rate_from + ")";
       table.hidden = false;
       status.textContent = body.chosen ? "auto would choose " + body.chosen + "." : "";
     }).catch(function () { status.textContent = "No prediction: the request failed."; });
