@@ -1366,15 +1366,22 @@ class PagePump:
     one OpenSSH connection held for as long as it works, made again only once it ended) and
     splices bytes both ways; when either link or either end breaks, the round ends and a new
     one starts after a short backoff. A round starts no session on either host until both
-    links are up: a host that does not answer costs the other one nothing. The
+    links are up: a host that does not answer costs the other one nothing. A pump made with
+    `gated=True` opens its links at once but starts no round until `open_gate()`: a post-copy's
+    target has no relay to attach to until its restore starts one, and rounds tried before that
+    (an agent started on each host every 0.1 s, each failing on the target) take CPU from the
+    dump, the transfer and the restore while the container is down. The
     relays' protocol (offsets, acks, a hello on each attach) makes the rounds one stream: no
     CRIU process sees its connection close. Bytes and rounds are counted so the caller can
     judge progress."""
 
     path = "ssh-relay"  # the pages cross this worker (postcopy.DirectPages: they do not)
 
-    def __init__(self, source, target, params: dict):
+    def __init__(self, source, target, params: dict, gated: bool = False):
         self.source, self.target, self.params = source, target, params
+        self._gate = threading.Event()
+        if not gated:
+            self._gate.set()
         self.bytes_down = 0  # source -> target (pages)
         self.bytes_up = 0  # target -> source (requests)
         self.rounds = 0
@@ -1389,8 +1396,13 @@ class PagePump:
         self._thread.start()
         return self
 
+    def open_gate(self) -> None:
+        """The target's relay is up (or the caller cannot wait longer): rounds may start."""
+        self._gate.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._gate.set()
         for p in list(self._procs):
             p.kill()
         for link in list(self._links):
@@ -1432,6 +1444,9 @@ class PagePump:
                                 self._links[i] = None
                                 link.close()
                                 raise
+                    self._gate.wait()  # the links are ready meanwhile; stop() opens it too
+                    if self._stop.is_set():
+                        break
                     for i, who in enumerate(("source", "target")):
                         procs.append(AgentProcess(hosts[i], paths[i], "pages-attach", self.params, who, self._links[i]))
                         self._procs = procs

@@ -56,6 +56,17 @@ def client_downtime(dumped: dict, dumped_at: float, restored: dict, restored_at:
     return out
 
 
+def dump_began(dumped: dict, dumped_at: float, asked_at: float) -> float:
+    """When the source's dump began touching the container, on this worker's clock: the moment
+    its agent reports ("so many ms before my result line"), placed by when that line arrived. Not
+    before the dump was asked for, not after its answer (a host may lie): else when it was asked."""
+    frozen = dumped.get("frozen")
+    began = _ago_ms({"ago_ms": frozen.get("started_ago_ms")}) if isinstance(frozen, dict) else None
+    if began is None:
+        return asked_at
+    return min(max(dumped_at - began / 1000, asked_at), dumped_at)
+
+
 def served_wait_s(restored: dict) -> float:
     """How long the target's restore call waited, after the restore, for the container's
     processes to send new TCP data (not downtime: it already ran). At most 5 s, whatever a host says."""

@@ -23,7 +23,7 @@ from operations.runner import Cancelled, OperationContext, OperationFailed, hand
 from .. import prediction
 from ..models import Container
 from .common import call, call_timed, move_record, now_iso
-from .downtime import client_downtime, served_wait_s
+from .downtime import client_downtime, dump_began, served_wait_s
 from .phases import STRATEGY_STEPS, Clock, Progress
 from .postcopy import DirectPages, postcopy_actions, pull_pages
 from .rollback import roll_back
@@ -187,6 +187,9 @@ class Run:
                 params["direct_pages"] = self.xfer.direct_pages_source()
             dumped, self.dumped_at = call_timed(src, p, "dump", "migrate-dump", params)
             self.dumped = dumped
+            # The downtime from when the dump began on the source, not from when this worker
+            # asked (the SSH session and the agent's start, the container still serving)
+            self.down_from = dump_began(dumped, self.dumped_at, self.down_from)
             self.stats = dumped.get("stats") or {}
             self.xfer.memory_in_images = dumped.get("pages_bytes")
             ctx.remember(transfer=self.xfer.describe())
@@ -217,18 +220,26 @@ class Run:
                     1,
                 )
             else:
-                self.start_pump()
+                self.start_pump(gated=True)
                 p.event(
                     "dump", f"the page server on {self.source.name} serves through its page relay (no port)", "dump", 1
                 )
         self.clock.lap("dump")
         ctx.check_cancel()
 
-    def start_pump(self) -> None:
-        """The pages through this worker: its pump between both hosts' page relays."""
+    def start_pump(self, gated: bool = False) -> None:
+        """The pages through this worker: its pump between both hosts' page relays. `gated`: its
+        links open now, its rounds wait for open_pump() (the target's relay, started by the restore)."""
         if not isinstance(self.tunnel, ssh.PagePump):
-            self.tunnel = ssh.PagePump(self.source, self.target, self.base).start()
+            self.tunnel = ssh.PagePump(self.source, self.target, self.base, gated=gated).start()
             self.hosts.callback(self.tunnel.stop)
+        elif not gated:
+            self.tunnel.open_gate()
+
+    def open_pump(self, msg: dict | None = None) -> None:
+        """The restore's event that its page relay is up (or, with no event, the restore's end)."""
+        if isinstance(self.tunnel, ssh.PagePump) and (msg is None or msg.get("pages_ready")):
+            self.tunnel.open_gate()
 
     def transfer(self) -> None:
         """What changed since the copy, and the memory images."""
@@ -249,7 +260,7 @@ class Run:
             p.event("restore", f"restoring {name} on {self.target.name}", "restore")
             params, on_event = (
                 ({**base, "lazy": True, "read_ahead": settings.PAGE_READ_AHEAD} if self.lazy else base),
-                None,
+                self.open_pump if self.lazy else None,
             )
             if self.lazy and self.xfer.keys is not None:
                 params["direct_pages"] = self.xfer.direct_pages_target(self.direct_port)
@@ -260,7 +271,10 @@ class Run:
                     if msg.get("page_path") == "ssh-relay":
                         self.start_pump()
 
-            self.restored, self.restored_at = call_timed(dst, p, "restore", "migrate-restore", params, on_event)
+            try:
+                self.restored, self.restored_at = call_timed(dst, p, "restore", "migrate-restore", params, on_event)
+            finally:
+                self.open_pump()  # whatever the restore said: a pump never waits for nothing
             if self.lazy and self.xfer.keys is not None and self.restored.get("page_path") != "direct-tls":
                 self.start_pump()
                 self.xfer.pages_fell_back(f"{self.target.name}: {self.restored.get('page_path_why')}")
@@ -268,7 +282,10 @@ class Run:
         elif self.was_running:
             p.event("restore", f"starting {name} on {self.target.name}", "restore")
             call(dst, p, "restore", "start", {"name": name})
-        self.downtime_ms = (time.monotonic() - self.down_from) * 1000 if self.was_running else 0
+        # Until the restore's result line arrived (live), not until its channel closed and the
+        # fallbacks above were recorded: the container ran from then.
+        end = self.restored_at if self.live and self.restored_at else time.monotonic()
+        self.downtime_ms = (end - self.down_from) * 1000 if self.was_running else 0
         if self.live:  # the restore call then waited for the first new TCP data: it ran already
             self.downtime_ms = max(self.downtime_ms - served_wait_s(self.restored) * 1000, 0.0)
         self.clock.lap("restore")

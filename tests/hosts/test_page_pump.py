@@ -48,7 +48,7 @@ class FakeSession:
         pass
 
 
-def _pump(monkeypatch) -> ssh.PagePump:
+def _pump(monkeypatch, gated=False) -> ssh.PagePump:
     FakeLink.down, FakeLink.made, FakeSession.started = set(), [], []
 
     @contextmanager
@@ -63,7 +63,7 @@ def _pump(monkeypatch) -> ssh.PagePump:
     # A round ends at once (each side's stream ended): the next one follows 0.1 s later.
     monkeypatch.setattr(ssh.PagePump, "_copy", lambda self, src, dst, counter: None)
     source, target = SimpleNamespace(name="lab-a"), SimpleNamespace(name="lab-b")
-    return ssh.PagePump(source, target, {"name": "pc", "migration": 1})
+    return ssh.PagePump(source, target, {"name": "pc", "migration": 1}, gated=gated)
 
 
 def test_rounds_reuse_one_connection_per_host(monkeypatch):
@@ -94,3 +94,22 @@ def test_a_host_that_does_not_answer_costs_the_other_nothing(monkeypatch):
         assert pump.rounds > rounds and FakeLink.made.count("lab-a") == 1
     finally:
         pump.stop()
+
+
+def test_a_gated_pump_opens_its_links_but_starts_no_session_until_the_gate_opens(monkeypatch):
+    """A post-copy's pump starts with the dump, the target's relay only with the restore: before
+    the gate opens, no agent is started on either host (each round would fail on the target
+    and take CPU from the dump, transfer and restore while the container is down)."""
+    pump = _pump(monkeypatch, gated=True).start()
+    try:
+        pump._stop.wait(0.6)
+        assert FakeLink.made == ["lab-a", "lab-b"]  # ready for the first round
+        assert FakeSession.started == [] and pump.rounds == 0
+        pump.open_gate()
+        pump._stop.wait(0.5)
+        assert pump.rounds >= 2 and FakeSession.started.count("lab-b") == pump.rounds
+    finally:
+        pump.stop()
+    stopped = ssh.PagePump(SimpleNamespace(name="x"), SimpleNamespace(name="y"), {}, gated=True).start()
+    stopped.stop()  # a pump whose gate never opened still stops at once
+    assert not stopped._thread.is_alive()

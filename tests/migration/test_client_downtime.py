@@ -2,7 +2,9 @@
 each reported by its agent as "N ms before my result line", placed on the worker's clock by
 when each line arrived (containers/migration/downtime.py client_downtime). No host clock is compared."""
 
-from containers.migration.downtime import client_downtime, served_wait_s
+import pytest
+
+from containers.migration.downtime import client_downtime, dump_began, served_wait_s
 from operations.display import downtime_breakdown
 
 
@@ -87,3 +89,14 @@ def test_the_wait_for_new_data_is_not_counted_as_the_workers_downtime_and_is_bou
         {"answered": {"served_wait_ms": -3}},
     ):
         assert served_wait_s(nothing) == 0.0
+
+
+def test_the_downtime_starts_when_the_dump_began_on_the_source_never_outside_the_call():
+    """From the agent's "began so many ms before my result line", placed on this worker's clock;
+    a host's number outside the call's own span (or none, or not a number) is not believed."""
+    asked, answered = 100.0, 101.5  # this worker's clock: the call went out, its result came in
+    assert dump_began({"frozen": {"started_ago_ms": 1200}}, answered, asked) == pytest.approx(100.3)
+    assert dump_began({"frozen": {"started_ago_ms": 90_000}}, answered, asked) == asked  # before it was asked
+    assert dump_began({"frozen": {"started_ago_ms": 0}}, answered, asked) == answered
+    for lie in ({"frozen": {"started_ago_ms": -5}}, {"frozen": {"started_ago_ms": "1"}}, {"frozen": 3}, {}):
+        assert dump_began(lie, answered, asked) == asked

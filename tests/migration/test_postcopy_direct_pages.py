@@ -72,12 +72,15 @@ class Pump:
     path = "ssh-relay"
     bytes_down, bytes_up, rounds, last_progress, errors = PAGES, 4096, 1, 0.0, []
 
-    def __init__(self, *a):
-        pass
+    def __init__(self, *a, gated=False):
+        self.gate_open = not gated
 
     def start(self):
         Pump.started.append(self)
         return self
+
+    def open_gate(self):
+        self.gate_open = True
 
     def stop(self):
         pass
@@ -146,6 +149,7 @@ def test_the_pages_go_host_to_host_and_none_cross_the_worker(run):
 def test_a_target_without_a_direct_link_gets_the_pages_through_the_worker(run):
     result, op = run(restore_path="ssh-relay")
     assert len(Pump.started) == 1  # started once, as soon as the target said so
+    assert Pump.started[0].gate_open  # and let go at once: its target relay is up
     assert result["transfer"]["pages"] == "ssh-relay" and result["transfer"]["pages_encrypted"] is True
     assert "no direct link (x)" in result["transfer"]["pages_why"]
     assert result["page_relay"]["path"] == "ssh-relay"
@@ -161,6 +165,7 @@ def test_without_direct_transfer_the_agents_get_no_keys(run):
     assert "direct_pages" not in _params(run.calls, "h1", "migrate-dump")
     assert "direct_pages" not in _params(run.calls, "h2", "migrate-restore")
     assert len(Pump.started) == 1 and result["page_relay"]["path"] == "ssh-relay"
+    assert Pump.started[0].gate_open  # started gated with the dump, opened by the restore
 
 
 def test_direct_pages_counts_what_the_relays_report():

@@ -73,10 +73,17 @@ class FreezeWatch:
             self._thread.join(1)
 
     def report(self):
-        """{"ago_ms", "how"} for the result: call it last, just before returning the result."""
+        """{"ago_ms", "how", "started_ago_ms"} for the result: call it last, just before returning
+        the result. started_ago_ms: when the dump began, before anything of it (the veths' unplug
+        included) touched the container: where its downtime starts."""
         self.stop()
+        now = time.monotonic()
         at, how = (self.at, "freezer") if self.at is not None else (self.started, "dump-start")
-        return {"ago_ms": round((time.monotonic() - at) * 1000, 1), "how": how}
+        return {
+            "ago_ms": round((now - at) * 1000, 1),
+            "how": how,
+            "started_ago_ms": round((now - self.started) * 1000, 1),
+        }
 
 
 def _checksum(data):

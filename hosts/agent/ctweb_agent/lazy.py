@@ -475,6 +475,7 @@ class _Relay:
                     self.link_ready = True
                     if self.tls and self.direct is not None:
                         self.direct.link_up()
+                        self.status(force=True)  # the restore waits for this, not for the next 0.5 s tick
                 elif kind == _F_DATA:
                     if value > self.received:
                         raise ValueError("a gap in the peer's data")
@@ -908,7 +909,13 @@ def cmd_migrate_restore(params):
             page_path = _direct_connected(mdir)
             event("restore", f"page path: {page_path[0]}: {page_path[1]}", 8, page_path=page_path[0])
         env = _criu_config(mdir, "restore", ["lazy-pages"])
-    event("restore", f"restoring {name}" + (" (memory follows lazily)" if lazy else ""), 10)
+    # pages_ready: this host's page relay and lazy-pages daemon are up, a relaying pump may attach
+    event(
+        "restore",
+        f"restoring {name}" + (" (memory follows lazily)" if lazy else ""),
+        10,
+        **({"pages_ready": True} if lazy else {}),
+    )
     answer = AnswerWatch(name)  # when its address answers here: the client-visible downtime's end
     try:
         _criu_restore(name, images, f"CRIU could not restore {name} on this host", False, env)
