@@ -238,6 +238,32 @@ def _agent_signature() -> str:
     return _signature(agent_source()[1], str(_key_path()))
 
 
+# Agent subcommands that may be started ahead of their call (hosts/agent/ctweb_agent/commands.py:
+# an agent of these whose input ends before any parameters does nothing).
+PRESTARTABLE = ("migrate-restore",)
+
+
+class Prestarted:
+    """An agent subcommand started ahead (HostConnection.prestart_agent), waiting for its parameters."""
+
+    def __init__(self, subcommand: str, channel: paramiko.Channel):
+        self.subcommand, self._channel = subcommand, channel
+
+    def take(self, subcommand: str) -> paramiko.Channel | None:
+        """The waiting channel for this call (once), or None if it is for another or ended."""
+        channel, self._channel = self._channel, None
+        if channel is None or subcommand != self.subcommand or channel.closed or channel.exit_status_ready():
+            if channel is not None:
+                channel.close()
+            return None
+        return channel
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
 class HostConnection:
     def __init__(self, host, client: paramiko.SSHClient):
         self.host = host
@@ -336,27 +362,56 @@ class HostConnection:
             said[-4000:],
         )
 
+    def _exec_agent(self, subcommand: str) -> paramiko.Channel:
+        path = self.ensure_agent()
+        # Both parts are ours: a fixed directory with a hex digest, and a whitelisted word.
+        command = sudo.agent_command(self.host, path, subcommand)
+        transport = self.client.get_transport()
+        if transport is None:  # closed already (a broken link the caller gave up on)
+            raise EOFError("connection closed")
+        channel = transport.open_session()
+        channel.exec_command(command)
+        return channel
+
+    def prestart_agent(self, subcommand: str) -> Prestarted | None:
+        """Start an agent subcommand ahead of its call: its process starts (SSH session, Python,
+        the agent's imports) and waits for its parameters, which run_agent(prestarted=...) sends.
+        For a call inside a migration's downtime. None if it could not be started (the call
+        then starts its own). Unused, it is closed: its agent reads the end of its input and
+        does nothing."""
+        if subcommand not in PRESTARTABLE:
+            raise ValueError(f"{subcommand!r} cannot be started ahead")
+        try:
+            return Prestarted(subcommand, self._exec_agent(subcommand))
+        except (paramiko.SSHException, OSError, EOFError, SSHError):
+            return None
+
     def run_agent(
         self,
         subcommand: str,
         params: dict | None = None,
         on_event: Callable[[dict], None] | None = None,
         timeout: float | None = None,
+        prestarted: Prestarted | None = None,
     ) -> AgentResult:
-        """Run one agent subcommand; relay its events; return its final result."""
+        """Run one agent subcommand; relay its events; return its final result. `prestarted`:
+        the agent prestart_agent started for this call, if it still waits."""
         if subcommand not in AGENT_SUBCOMMANDS:
             raise ValueError(f"unknown agent subcommand {subcommand!r}")
+        channel = prestarted.take(subcommand) if prestarted is not None else None
+        if channel is not None:
+            try:  # its agent has started and waits for this line
+                channel.sendall(json.dumps(params or {}).encode() + b"\n")
+                channel.shutdown_write()
+            except (paramiko.SSHException, OSError, EOFError):
+                channel.close()
+                channel = None  # ended meanwhile: a fresh one, as if none had been started
         try:
-            path = self.ensure_agent()
-            # Both parts are ours: a fixed directory with a hex digest, and a whitelisted word.
-            command = sudo.agent_command(self.host, path, subcommand)
-            transport = self.client.get_transport()
-            if transport is None:  # closed already (a broken link the caller gave up on)
-                raise EOFError("connection closed")
-            channel = transport.open_session()
-            channel.exec_command(command)
-            channel.sendall(json.dumps(params or {}).encode() + b"\n")
-            channel.shutdown_write()
+            if channel is None:
+                channel = self._exec_agent(subcommand)
+                channel.sendall(json.dumps(params or {}).encode() + b"\n")
+                channel.shutdown_write()
+            transport = channel.get_transport()
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise SSHError(f"Lost the connection to {self.host}: {e or type(e).__name__}.") from e
         channel.settimeout(1.0)

@@ -26,10 +26,10 @@ def call(conn: ssh.HostConnection, progress: Progress, step: str, sub: str, para
 
 
 def call_timed(
-    conn: ssh.HostConnection, progress: Progress, step: str, sub: str, params: dict, also=None
+    conn: ssh.HostConnection, progress: Progress, step: str, sub: str, params: dict, also=None, prestarted=None
 ) -> tuple[dict, float]:
     """`call`, and when the agent's result line arrived (this worker's monotonic clock).
-    `also(event)` sees each of the agent's events too."""
+    `also(event)` sees each of the agent's events too; `prestarted`: its agent, started ahead."""
     relay = progress.relay(step)
 
     def on_event(msg: dict) -> None:
@@ -38,7 +38,7 @@ def call_timed(
             also(msg)
 
     try:
-        r = conn.run_agent(sub, params, on_event=on_event)
+        r = conn.run_agent(sub, params, on_event=on_event, **({"prestarted": prestarted} if prestarted else {}))
     except ssh.SSHError as e:
         raise failure(e, prefix=f"{conn.host.name}: ", on=conn.host.name) from e
     return r.data, r.received_at

@@ -26,6 +26,8 @@ def client_downtime(dumped: dict, dumped_at: float, restored: dict, restored_at:
         "dump-start": f"the dump started on {source} (no freezer cgroup seen; an upper bound)",
     }.get(how)
     out = {"ms": None, "from": since, "until": None}
+    if how == "dump-start" and isinstance(frozen.get("why"), str):  # why no freeze was seen
+        out["from_why"] = frozen["why"][:200]
     if froze_ago is None or since is None:
         out["why"] = f"{source}'s agent did not say when the container froze"
         return out

@@ -83,6 +83,7 @@ class Run:
         self.dumped: dict = {}
         self.dumped_at = 0.0
         self.restored_at = 0.0
+        self.prestarted: ssh.Prestarted | None = None  # the restore's agent, started in the presync
         self.delta: dict = {}
 
     def go(self) -> dict:
@@ -153,6 +154,10 @@ class Run:
     def presync(self) -> None:
         """The rootfs and the snapshots, copied while the container still runs."""
         p, src, dst, base, xfer = self.progress, self.src, self.dst, self.base, self.xfer
+        if self.live:  # the restore's agent, started now: its start-up is not in the downtime
+            self.prestarted = dst.prestart_agent("migrate-restore")
+            if self.prestarted is not None:
+                self.hosts.callback(self.prestarted.close)
         before = xfer.bytes
         journal = {"journal": settings.MIGRATION_JOURNAL}  # the delta's change journal starts first
         send(src, dst, p, "rootfs", {**base, "what": "rootfs", **journal}, "root filesystem", xfer)
@@ -272,7 +277,9 @@ class Run:
                         self.start_pump()
 
             try:
-                self.restored, self.restored_at = call_timed(dst, p, "restore", "migrate-restore", params, on_event)
+                self.restored, self.restored_at = call_timed(
+                    dst, p, "restore", "migrate-restore", params, on_event, self.prestarted
+                )
             finally:
                 self.open_pump()  # whatever the restore said: a pump never waits for nothing
             if self.lazy and self.xfer.keys is not None and self.restored.get("page_path") != "direct-tls":

@@ -68,10 +68,11 @@ def test_the_zipapp_runs_with_a_bare_python3_and_lists_its_subcommands(tmp_path)
     assert listed == set(commands.COMMANDS)
 
 
-@pytest.mark.parametrize("word", ["send", "receive"])
+@pytest.mark.parametrize("word", ["send", "receive", "migrate-restore"])
 def test_a_stream_started_ahead_and_never_used_does_nothing(tmp_path, word):
-    """The relay starts its streams before a migration's freeze and closes the unused ones
-    (containers/migration.py _warm): the end of input before any parameters asks nothing."""
+    """The relay starts its streams before a migration's freeze, the migration its restore's agent
+    (hosts/ssh.py PRESTARTABLE), and closes the unused ones: the end of input before any
+    parameters asks nothing."""
     pyz = tmp_path / shipping.agent_file_name()
     pyz.write_bytes(shipping.agent_source()[0])
     proc = subprocess.run(["python3", "-I", "-S", str(pyz), word], input=b"", capture_output=True, timeout=60)
@@ -79,6 +80,9 @@ def test_a_stream_started_ahead_and_never_used_does_nothing(tmp_path, word):
 
 
 def test_the_dashboard_asks_only_for_the_agents_own_subcommands():
+    from hosts import ssh
+
+    assert set(ssh.PRESTARTABLE) <= shipping.AGENT_SUBCOMMANDS
     assert shipping.AGENT_SUBCOMMANDS == frozenset(commands.COMMANDS) - {"pages-relay", "migrate-journal"}
     assert commands.INTERNAL == {"pages-relay", "migrate-journal"}
     assert commands.RAW_OUTPUT <= shipping.AGENT_SUBCOMMANDS and commands.LOCKED <= shipping.AGENT_SUBCOMMANDS

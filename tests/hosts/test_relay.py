@@ -15,14 +15,15 @@ from tests.support.helpers import sshd_host
 pytestmark = pytest.mark.e2e
 
 AGENT = r"""
-import hashlib, json, os, sys
+import hashlib, json, os, sys, time
+BORN = time.time()
 cmd = sys.argv[1]
 line = b""
 while not line.endswith(b"\n"):  # unbuffered, as the agent does: the stream follows at once
     line += os.read(0, 1)
 p = json.loads(line)
 with open(p["pids"], "a") as f:
-    f.write(f"{os.getpid()} {os.environ.get('SSH_CONNECTION', '')}\n")
+    f.write(f"{os.getpid()} {BORN} {os.environ.get('SSH_CONNECTION', '')}\n")
 if cmd == "pages-attach":  # as the page relay does on every attach: a hello, then it listens
     os.write(1, b"hello\n")
     while os.read(0, 1 << 16):
@@ -275,3 +276,28 @@ def test_a_link_nobody_uses_ends_by_itself(host, monkeypatch):
         assert not link.alive()
     finally:
         link.close()
+
+
+def test_an_agent_started_ahead_takes_its_call_and_an_unused_one_ends(host, monkeypatch):
+    """A migration starts its restore's agent before the freeze (HostConnection.prestart_agent):
+    the process starts and waits; the call later sends it its parameters, and no second agent
+    starts. One never called is closed: its input ends and it goes."""
+    monkeypatch.setattr(ssh.HostConnection, "ensure_agent", lambda self: host.agent)
+    with ssh.connect(host) as conn:
+        pre = conn.prestart_agent("migrate-restore")
+        time.sleep(1.5)  # started, and waiting for its line: it has not read anything yet
+        assert not host.pids.exists()
+        asked = time.time()
+        r = conn.run_agent("migrate-restore", {"pids": str(host.pids)}, prestarted=pre)
+        assert r.data == {"bytes": 0, "sha256": hashlib.sha256().hexdigest()}
+        lines = host.pids.read_text().splitlines()
+        assert len(lines) == 1 and float(lines[0].split()[1]) < asked - 1.0, lines  # the one started ahead
+        # Taken once: a second call with the same handle starts an agent of its own.
+        conn.run_agent("migrate-restore", {"pids": str(host.pids)}, prestarted=pre)
+        assert len(host.pids.read_text().splitlines()) == 2
+        unused = conn.prestart_agent("migrate-restore")
+        time.sleep(1.0)
+        unused.close()
+        with pytest.raises(ValueError):
+            conn.prestart_agent("migrate-dump")  # only what may be started ahead
+    assert _all_gone(host.pids)

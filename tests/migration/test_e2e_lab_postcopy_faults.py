@@ -22,6 +22,7 @@ from tests.support.faults import (
     shell,
     start,
     throttle,
+    unthrottle,
     wait_until,
     worker_log,
 )
@@ -116,6 +117,7 @@ def test_a_local_user_cannot_reach_the_page_path_during_a_post_copy(bob, lab, pa
         )
         assert "FOUND []" in out.stdout, (host, out.stdout, out.stderr)
         assert shell(lab, host, f"test -S /var/lib/ctweb/migrations/{op_id}/page-relay.sock").returncode == 0, host
+    unthrottle(lab, "lab-a", op_id)  # seen mid-pull on both hosts: the rest at full speed
     op = bob.wait_operation(op_id, timeout=300)
     assert op["status"] == "success", (op["error"], _worker_log(bob))
 

@@ -54,7 +54,10 @@ class Conn:
     def __init__(self, host, calls, fail, lost=None):
         self.host, self.calls, self.fail, self.lost = host, calls, fail, lost
 
-    def run_agent(self, sub, params, on_event=None, timeout=None):
+    def prestart_agent(self, sub):
+        return ssh.Prestarted(sub, None)  # nothing waits: the call starts its own
+
+    def run_agent(self, sub, params, on_event=None, timeout=None, prestarted=None):
         self.calls.append((self.host.name, sub))
         for p in (0, 50, 100):
             if on_event:

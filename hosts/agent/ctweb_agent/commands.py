@@ -227,8 +227,8 @@ def main(argv):
     except OSError:
         pass  # never the reason a job fails
     raw = _read_line(0)
-    if raw is None and argv[1] in ("send", "receive"):
-        return 0  # a stream the dashboard started ahead and never used: nothing was asked
+    if raw is None and argv[1] in ("send", "receive", "migrate-restore"):
+        return 0  # started ahead by the dashboard and never used (hosts/ssh.py PRESTARTABLE): nothing was asked
     raw = (raw or b"").decode()  # (pages-relay takes its parameters from its environment)
     try:
         params = json.loads(raw) if raw.strip() else {}

@@ -47,6 +47,7 @@ class FreezeWatch:
     def __init__(self, name):
         cg = container_cgroup(name)  # the container's whole cgroup, not its init's (init.scope on v2)
         self.path = cg.freeze if cg and os.path.isfile(cg.freeze) else None
+        self.why = None if self.path else ("no freezer file at " + cg.freeze if cg else "its cgroup was not found")
         self.started = time.monotonic()
         self.at = None
         self._stop = threading.Event()
@@ -60,7 +61,8 @@ class FreezeWatch:
             try:
                 with open(self.path, "rb") as f:
                     value = f.read().strip()
-            except OSError:  # the cgroup went with the stopped container
+            except OSError as e:  # the cgroup went with the stopped container
+                self.why = f"its freezer file could not be read: {e.strerror or e}"
                 return
             if value and value not in (b"THAWED", b"0"):
                 self.at = time.monotonic()
@@ -79,11 +81,14 @@ class FreezeWatch:
         self.stop()
         now = time.monotonic()
         at, how = (self.at, "freezer") if self.at is not None else (self.started, "dump-start")
-        return {
+        out = {
             "ago_ms": round((now - at) * 1000, 1),
             "how": how,
             "started_ago_ms": round((now - self.started) * 1000, 1),
         }
+        if self.at is None:
+            out["why"] = self.why or "its freezer never left THAWED while the dump ran"
+        return out
 
 
 def _checksum(data):
