@@ -20,7 +20,10 @@ BORN = time.time()
 cmd = sys.argv[1]
 line = b""
 while not line.endswith(b"\n"):  # unbuffered, as the agent does: the stream follows at once
-    line += os.read(0, 1)
+    got = os.read(0, 1)
+    if not got:  # its input ended before any parameters: nothing was asked (as the agent does)
+        sys.exit(0)
+    line += got
 p = json.loads(line)
 with open(p["pids"], "a") as f:
     f.write(f"{os.getpid()} {BORN} {os.environ.get('SSH_CONNECTION', '')}\n")
@@ -296,8 +299,21 @@ def test_an_agent_started_ahead_takes_its_call_and_an_unused_one_ends(host, monk
         conn.run_agent("migrate-restore", {"pids": str(host.pids)}, prestarted=pre)
         assert len(host.pids.read_text().splitlines()) == 2
         unused = conn.prestart_agent("migrate-restore")
-        time.sleep(1.0)
+        _wait(lambda: _running(host.agent) == 1, 10, "the unused agent to start")
         unused.close()
+        _wait(lambda: _running(host.agent) == 0, 10, "the unused agent to end")
         with pytest.raises(ValueError):
             conn.prestart_agent("migrate-dump")  # only what may be started ahead
     assert _all_gone(host.pids)
+
+
+def _running(agent: str) -> int:
+    """Processes of this test's stand-in agent on the machine."""
+    n = 0
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                n += agent.encode() in f.read()
+        except OSError:
+            pass
+    return n
