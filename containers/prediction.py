@@ -45,17 +45,20 @@ PREDICTED = ("stop-and-copy", "post-copy", "restart")  # pre-copy is never possi
 HISTORY = 20  # past migrations looked at, per strategy
 PATH_SAMPLE_MIN = 64 * MIB  # a migration that moved less says little about the path's rate
 
-# Measured on the lab (2 cores, debian container, python holding memory, relayed over SSH):
-# bench/results/latest.md "downtime against memory size" (stop-and-copy 925 ms at 16 MiB, 2250 at
-# 128, 6689 at 512 with a 253 MiB/s path: 11.6 ms/MiB of which 3.95 the path) and the page pull
-# section (post-copy downtime ~1.9 s, pages at ~6 MiB/s through the relays).
-PRIOR_PATH_MIB_S = 250.0
-PRIOR_TREE_MIB_S = 25.0
-PRIOR_PAGE_MIB_S = 6.0
+# Measured on the lab (2 cores, debian container, python holding memory, relayed over SSH, a quiet
+# machine): bench/results/latest.md "downtime against memory size", 2026-12-02 04:35 on main eab802c
+# (stop-and-copy 1665 ms at 16 MiB, 2957 at 128, 9365 at 512: least squares 1202 ms + 15.8 ms/MiB,
+# of which the images' stream ~7.7 (130 MiB/s, a scratch run's transfer phases: 100-151 MiB/s);
+# post-copy 1917-2241 ms, flat; totals: the presync of its 184 MiB rootfs at 25-55 MiB/s (median
+# ~30), post-copy's page pull at 53-135 MiB/s with the read-ahead, and what is left (preflight,
+# cleanup: ~1 s for stop-and-copy, ~5 s for post-copy, whose pull ends and cleanup take longer).
+PRIOR_PATH_MIB_S = 130.0
+PRIOR_TREE_MIB_S = 30.0
+PRIOR_PAGE_MIB_S = 100.0
 PRIORS = {
-    "stop-and-copy": {"fixed_ms": 740.0, "criu_ms_per_mib": 7.6, "rest_ms": 1000.0},
-    "post-copy": {"fixed_ms": 1500.0, "criu_ms_per_mib": 0.0, "rest_ms": 1000.0},
-    "restart": {"fixed_ms": 1500.0, "criu_ms_per_mib": 0.0, "rest_ms": 1000.0},
+    "stop-and-copy": {"fixed_ms": 1200.0, "criu_ms_per_mib": 8.1, "rest_ms": 1000.0},
+    "post-copy": {"fixed_ms": 2100.0, "criu_ms_per_mib": 0.0, "rest_ms": 5000.0},
+    "restart": {"fixed_ms": 1500.0, "criu_ms_per_mib": 0.0, "rest_ms": 1000.0},  # not in the bench: unmeasured
 }
 
 
