@@ -121,8 +121,13 @@ def _make_container(lab, host, name: str, template: str, octet: int) -> None:
 
 
 def _counter(lab, host, name: str) -> int:
-    out = ssh(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/count", check=False)
-    return int(out.stdout.strip() or 0)
+    """The counter's value; read again while the file is empty (its shell is rewriting it)."""
+    for _ in range(20):
+        out = ssh(lab, host, "lxc-attach", "-n", name, "--", "cat", "/tmp/count", check=False)
+        if out.stdout.strip():
+            return int(out.stdout.strip())
+        time.sleep(0.05)
+    return 0
 
 
 def _quiet(*cmd: str) -> tuple[str, ...]:

@@ -42,44 +42,51 @@ for i in range(40):
         open(f"/srv/late/m{i}", "wb").write(b"\0" * 4096)
 late = []
 last = [time.time()]
+prev = [[]]
 
-def go():
+# Before each change, with the paths it touches. A gap: it was frozen meanwhile, runs on the
+# target now and changes nothing more; the change before this one may have been cut by the
+# freeze (begun on the source, ended on the target), so its paths are written down.
+def go(*paths):
     now = time.time()
-    if now - last[0] > GAP:  # frozen meanwhile: it runs on the target now, and changes nothing
+    if now - last[0] > GAP:
+        with open("/srv/spanned", "w") as f:
+            f.write("\n".join(p.lstrip("/") for p in prev[0]))
         while True:
             time.sleep(3600)
     last[0] = now
+    prev[0] = paths
 
 n = 0
 while True:
     n += 1
     k = n % 40
-    go(); open(f"{r}/f{k}", "ab").write(b"%d\n" % n)
+    go(f"{r}/f{k}"); open(f"{r}/f{k}", "ab").write(b"%d\n" % n)
     j = f"{r}/f{(k + 7) % 40}"
     if os.path.exists(j):
-        go()
+        go(j)
         with open(j, "r+b") as f:
             f.write(b"X")
-    go(); os.chmod(f"{r}/f{k}", 0o600 if n % 2 else 0o644)
+    go(f"{r}/f{k}"); os.chmod(f"{r}/f{k}", 0o600 if n % 2 else 0o644)
     j = f"{r}/f{(k + 13) % 40}"
     if os.path.exists(j):
-        go(); os.rename(j, f"{r}/r{n}")
+        go(j, f"{r}/r{n}"); os.rename(j, f"{r}/r{n}")
     if n % 7 == 0 and os.path.exists(f"{r}/f{k}"):
-        go(); os.link(f"{r}/f{k}", f"{r}/h{n}")  # a second name, written through the first
+        go(f"{r}/f{k}", f"{r}/h{n}"); os.link(f"{r}/f{k}", f"{r}/h{n}")  # a second name, written through the first
     for e in os.listdir(r):
         if e[0] in "rh" and int(e[1:]) < n - 30:
-            go(); os.unlink(f"{r}/{e}")
+            go(f"{r}/{e}"); os.unlink(f"{r}/{e}")
     if n % 10 == 0:
         d = f"{r}/d{n % 3}"
-        go(); shutil.rmtree(d, ignore_errors=True)
-        go(); os.makedirs(f"{d}/sub/deeper")
-        go(); open(f"{d}/sub/deeper/x", "w").write(str(n))
-    go(); m[:16] = b"%015d\n" % n
+        go(d); shutil.rmtree(d, ignore_errors=True)
+        go(d); os.makedirs(f"{d}/sub/deeper")
+        go(d); open(f"{d}/sub/deeper/x", "w").write(str(n))
+    go("/srv/mapped"); m[:16] = b"%015d\n" % n
     if n % 25 == 0 and len(late) < 40:
-        go(); late.append(mmap.mmap(os.open(f"/srv/late/m{len(late)}", os.O_RDWR), 4096))
-    for mm in late:
-        go(); mm[:16] = b"%015d\n" % n
-    go(); open("/srv/round.tmp", "w").write(str(n)); os.replace("/srv/round.tmp", "/srv/round")
+        go(f"/srv/late/m{len(late)}"); late.append(mmap.mmap(os.open(f"/srv/late/m{len(late)}", os.O_RDWR), 4096))
+    for i, mm in enumerate(late):
+        go(f"/srv/late/m{i}"); mm[:16] = b"%015d\n" % n
+    go("/srv/round.tmp", "/srv/round"); open("/srv/round.tmp", "w").write(str(n)); os.replace("/srv/round.tmp", "/srv/round")
     time.sleep(0.02)
 """.replace("GAP", str(GAP_S))
 
@@ -145,6 +152,12 @@ def digest(lab, host: str, since: float) -> dict:
     return json.loads(r.stdout)
 
 
+def spanned(lab, host: str) -> list[str]:
+    """The paths of the change the container saw cut by its freeze (rootfs-relative), if any."""
+    out = on_host(lab, host, "cat", f"{ROOTFS}/srv/spanned").stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
 def rounds(lab, host: str) -> int:
     return int(on_host(lab, host, "cat", f"{ROOTFS}/srv/round").stdout.strip() or 0)
 
@@ -190,10 +203,26 @@ def test_the_target_gets_the_frozen_tree_from_the_change_journal(bob, lab, strat
         # The source copy went (its cleanup waited for the reading above, under the lock).
         assert not [e["message"] for e in op["events"] if e.get("phase") == "cleanup" and "could not" in e["message"]]
         print(f"\n{strategy}: rootfs_delta {delta}")
-        assert delta["pass"] == "journal", delta
+        if delta["pass"] != "journal":
+            # The freeze caught the container between opening a hard-linked file and closing it (or
+            # mid-way through linking one): the journal cannot vouch for such a file, and the walk
+            # is the answer then (journal.py, mjournal.py). Any other reason is a failure.
+            assert delta["pass"] == "walk" and "names" in (delta.get("reason") or ""), delta
         assert rounds(lab, "lab-b") > started  # it went on changing its files after the presync began
         target = digest(lab, "lab-b", since)
-        differ = sorted(k for k in source.keys() | target.keys() if source.get(k) != target.get(k))
+        # A change the freeze cut in two (begun on the source, ended by the restored process on the
+        # target) is the container's own doing, not the migration's: the container wrote its paths
+        # down (srv/spanned); they, and their other hard-link names, are not compared.
+        cut = spanned(lab, "lab-b")
+        assert len(cut) <= 2, cut
+
+        def cut_by_freeze(k: str) -> bool:
+            names = {n for v in (source.get(k), target.get(k)) if isinstance(v, list) for n in v[-1] or []}
+            return k == "srv/spanned" or any(k == c or k.startswith(c + "/") or c in names for c in cut)
+
+        differ = sorted(
+            k for k in source.keys() | target.keys() if source.get(k) != target.get(k) and not cut_by_freeze(k)
+        )
         assert not differ, [(k, source.get(k), target.get(k)) for k in differ[:20]]
         # The source's journal process ended with the migration.
         assert on_host(lab, "lab-a", "pgrep", "-f", "migrate-journal").returncode == 1

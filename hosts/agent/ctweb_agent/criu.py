@@ -248,11 +248,17 @@ def _replug_config(name):
 def _criu_dump(name, images, stop):
     what = "dump and stop" if stop else "dump"
     unplugged = _unplug(name) if stop else []
+    rc, output = -1, ""
     try:
         rc, output = _lxc_checkpoint(name, images, "stop" if stop else "dump")
     finally:
-        _replug(unplugged, name)
-    if rc != 0 or not os.path.isfile(os.path.join(images, "inventory.img")):
+        dumped = rc == 0 and os.path.isfile(os.path.join(images, "inventory.img"))
+        if not dumped:  # it may run on here: its veths go back (not if it stopped)
+            _replug(unplugged, name)
+        # Dumped and stopped: never back into the bridge. LXC may not say STOPPED yet (its state
+        # lags lxc-checkpoint's exit under load), and a veth put back then let client segments
+        # reach the dying namespace, which may answer them with RSTs (seen: 1.3 s of them).
+    if not dumped:
         details = _criu_log(images, "dump")
         if output.strip():
             details += "\n--- lxc-checkpoint ---\n" + output.strip()
