@@ -100,3 +100,12 @@ def test_the_downtime_starts_when_the_dump_began_on_the_source_never_outside_the
     assert dump_began({"frozen": {"started_ago_ms": 0}}, answered, asked) == answered
     for lie in ({"frozen": {"started_ago_ms": -5}}, {"frozen": {"started_ago_ms": "1"}}, {"frozen": 3}, {}):
         assert dump_began(lie, answered, asked) == asked
+
+
+def test_a_dump_that_saw_no_freeze_says_why():
+    """The freeze watch's reason (no cgroup, no freezer file, an unreadable one) reaches the result."""
+    dumped = {"frozen": {"ago_ms": 900.0, "how": "dump-start", "why": "its cgroup was not found"}}
+    seen = client_downtime(dumped, 100.0, {}, 101.0, "lab-a", "lab-b")
+    assert "no freezer cgroup seen" in seen["from"] and seen["from_why"] == "its cgroup was not found"
+    frozen = {"frozen": {"ago_ms": 900.0, "how": "freezer", "why": "ignored when a freeze was seen"}}
+    assert "from_why" not in client_downtime(frozen, 100.0, {}, 101.0, "lab-a", "lab-b")
