@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 import ssl
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -369,3 +370,28 @@ def test_a_stream_altered_on_the_way_is_never_put_in_place(pair, tmp_path):
     assert isinstance(r.error, dst.AgentError), r.result
     assert not os.path.lexists(Path(dst.S.LXC_PATH) / "c1")
     assert [n for n in os.listdir(dst.S.LXC_PATH) if n != "c1"] == []  # nothing staged is left either
+
+
+def test_a_receiver_that_resets_mid_stream_gets_one_sentence_from_the_sender(pair):
+    """The target's agent killed mid-rootfs (a fresh clone's CI, under TLS): the sender's failed
+    write is said as what it is, not as an agent crash of another kind (tarfile writes its last
+    block while unwinding, into the buffer the failed TLS send still held a view of)."""
+    src, dst, _ = pair
+    token, keys = secrets.token_hex(32), PageLinkKeys(1)
+    ctx = dst.pagelink.stream_context(dst.pagelink.check_tls(keys.tls("target")), server=True)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+
+        def serve():
+            conn, _ = srv.accept()
+            with ctx.wrap_socket(conn, server_side=True) as s:
+                got = 0
+                while got < (1 << 20):  # the hello and part of the first chunks, then killed
+                    got += len(s.recv(1 << 16))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # an RST
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        with pytest.raises(src.AgentError) as e:
+            src.cmd_send(send_params(token, srv.getsockname()[1], tls=keys.tls("source")))
+        t.join(10)
+    assert e.value.message.startswith("The receiving host closed the connection"), e.value.message

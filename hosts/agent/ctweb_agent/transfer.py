@@ -258,17 +258,24 @@ class _DirectOut:
         self.conn, self.stall_s, self.fd = conn, stall_s, _stdin_fd()
         self.buf = bytearray()
         self.bytes = 0
+        self.broken = ""  # the sentence of a send that failed: every later write says it again
         self.mac = hmac.new(mac_key, digestmod=hashlib.sha256)
         self.hash = self.mac  # the "sha256" the dashboard compares: the stream's HMAC-SHA256
         conn.settimeout(stall_s)  # for each 1 MiB write
 
     def write(self, data):
+        if self.broken:
+            # tarfile writes its last block while it unwinds from our error: the same sentence
+            # again, not a second failure of another kind.
+            raise AgentError(self.broken)
         self.buf += data
         if len(self.buf) >= DIRECT_CHUNK:
             self.flush()
         return len(data)
 
     def flush(self, trailer=False):
+        if self.broken:
+            raise AgentError(self.broken)
         ready, _, _ = select.select([self.fd], [], [], 0)
         if ready:
             _check_dashboard(self.fd)
@@ -276,14 +283,18 @@ class _DirectOut:
             return
         if not trailer:
             self.mac.update(self.buf)
+        # The chunk leaves self.buf before it is sent: a TLS socket's failed sendall leaves a view of
+        # what it sent in its traceback, and a bytearray with a view alive cannot grow again.
+        chunk, self.buf = self.buf, bytearray()
         try:
-            self.conn.sendall(self.buf)
+            self.conn.sendall(chunk)
         except TimeoutError:
-            raise AgentError(f"The receiving host took nothing for {self.stall_s} s.") from None
+            self.broken = f"The receiving host took nothing for {self.stall_s} s."
         except OSError as e:
-            raise AgentError(f"The receiving host closed the connection ({e.strerror or e}).") from None
-        self.bytes += len(self.buf)
-        self.buf.clear()
+            self.broken = f"The receiving host closed the connection ({e.strerror or e})."
+        if self.broken:
+            raise AgentError(self.broken)
+        self.bytes += len(chunk)
 
     def finish(self):
         """All sent: end our side and wait for the receiver to read it all and close its own."""
