@@ -130,9 +130,12 @@ def start_probe(actor: Actor, host: Host) -> Operation:
             else host.status_message or "The host key changed.",
             409,
         )
-    active = host.operations.filter(kind=Operation.Kind.PROBE, status__in=Operation.ACTIVE).first()
-    if active:
-        return active
+    # A probe no worker has begun yet will see the host as it is now: it is the answer. One that
+    # has begun may have read the host before what the operator just changed (an automatic
+    # reprobe of an offline host, say), so the operator's own probe comes after it.
+    queued = host.operations.filter(kind=Operation.Kind.PROBE, status=Operation.Status.PENDING).first()
+    if queued:
+        return queued
     with transaction.atomic():
         op = Operation.objects.create(kind=Operation.Kind.PROBE, host=host, created_by=actor.user, phase="queued")
         enqueue(op)

@@ -41,3 +41,29 @@ def test_an_offline_host_is_probed_again_with_backoff_and_comes_back_online(
     Operation.objects.filter(status="pending").update(status="cancelled")
     Host.objects.filter(pk=trusted_host.pk).update(status=Host.Status.ONLINE)
     assert handlers.reprobe_offline_hosts(done + timedelta(hours=1)) == []
+
+
+def test_an_operators_probe_is_answered_by_a_queued_probe_but_never_by_one_already_reading_the_host(
+    db, trusted_host, tokens, django_capture_on_commit_callbacks, monkeypatch
+):
+    """An automatic reprobe that began before the operator fixed the host must not stand in for
+    the probe they ask for after the fix (a fresh clone's sudo test got the reprobe's success)."""
+    from django.test import Client
+
+    from operations import tasks
+
+    monkeypatch.setattr(tasks.run_operation_task, "delay", lambda pk: None)
+    Host.objects.filter(pk=trusted_host.pk).update(status=Host.Status.OFFLINE)
+    assert handlers.reprobe_offline_hosts(timezone.now()) == ["h1"]
+    auto = Operation.objects.get(host=trusted_host)
+
+    def probe() -> int:
+        r = Client().post("/api/v1/hosts/h1/probe", HTTP_AUTHORIZATION=f"Token {tokens['alice']}")
+        assert r.status_code == 202, r.content
+        return r.json()["id"]
+
+    assert probe() == auto.pk  # not begun: it reads the host as it is now
+    Operation.objects.filter(pk=auto.pk).update(status=Operation.Status.RUNNING, phase="probe")
+    mine = probe()
+    assert mine != auto.pk and Operation.objects.get(pk=mine).status == Operation.Status.PENDING
+    assert probe() == mine  # and asking twice queues it once
