@@ -44,6 +44,27 @@ def test_receiving_refuses_to_write_through_a_symlink(agent, monkeypatch, tmp_pa
     assert not (outside / "pwned").exists()
 
 
+def test_a_directory_swapped_for_a_symlink_mid_tar_is_not_written_through(agent, monkeypatch, tmp_path):
+    """The receiver keeps the last member's directories open (images._DirChain): a later member
+    that replaces one of them with a link to the host, then writes beneath it, still meets the
+    link, not the directory it held open."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = make_tar(
+        [
+            ("c1", "dir", None),
+            ("c1/rootfs", "dir", None),
+            ("c1/rootfs/x", "dir", None),
+            ("c1/rootfs/x/a", "file", b"first"),
+            ("c1/rootfs/x", "symlink", str(outside)),
+            ("c1/rootfs/x/pwned", "file", b"root on the target"),
+        ]
+    )
+    with pytest.raises(agent.AgentError):
+        receive(agent, monkeypatch, evil)
+    assert list(outside.iterdir()) == []
+
+
 def test_receiving_refuses_members_of_other_containers_or_absolute_paths(agent, monkeypatch):
     for member in ("c2/rootfs/x", "/etc/x", "c1/../c2/x"):
         with pytest.raises(agent.AgentError):

@@ -252,6 +252,45 @@ def _open_beneath(base_fd, parts, create=False):
         raise
 
 
+class _DirChain:
+    """Directories beneath `base_fd` opened as _open_beneath does (each component with O_NOFOLLOW;
+    missing ones made 0700 when `create`), keeping the chain of the last one open: a tar's members
+    and a tree's walk come grouped, so the next directory shares most of its path with the last
+    and only the rest is opened. At most one descriptor per path component is held. The
+    descriptors are the chain's own: callers never close them."""
+
+    def __init__(self, base_fd, create=False):
+        self.base, self.create = base_fd, create
+        self.names, self.fds = [], []
+
+    def open(self, parts):
+        keep = 0
+        for have, want in zip(self.names, parts, strict=False):
+            if have != want:
+                break
+            keep += 1
+        for fd in self.fds[keep:]:
+            os.close(fd)
+        del self.names[keep:], self.fds[keep:]
+        for part in parts[keep:]:
+            at = self.fds[-1] if self.fds else self.base
+            try:
+                fd = os.open(part, _NOFOLLOW_DIR, dir_fd=at)
+            except FileNotFoundError:
+                if not self.create:
+                    raise
+                os.mkdir(part, 0o700, dir_fd=at)
+                fd = os.open(part, _NOFOLLOW_DIR, dir_fd=at)
+            self.names.append(part)
+            self.fds.append(fd)
+        return self.fds[-1] if self.fds else self.base
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.names, self.fds = [], []
+
+
 def _lstat_at(dir_fd, name):
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -331,21 +370,13 @@ class _Stager:
         self.dirs = {}  # path components -> TarInfo of directory members (attributes set last)
         self.as_root = os.geteuid() == 0
         self.count = 0
-        self._parent = None  # (components, descriptor) of the last parent: members come grouped
+        self._parents = _DirChain(stage_fd, create=True)  # members come grouped: the last parent's chain
 
     def _open_parent(self, parts):
-        key = tuple(parts)
-        if self._parent is not None and self._parent[0] == key:
-            return self._parent[1]
-        self.close()
-        fd = _open_beneath(self.fd, parts, create=True)
-        self._parent = (key, fd)
-        return fd
+        return self._parents.open(parts)
 
     def close(self):
-        if self._parent is not None:
-            os.close(self._parent[1])
-            self._parent = None
+        self._parents.close()
 
     def _owner(self, m, leaf, dir_fd, fd=None):
         if not self.as_root:
@@ -422,13 +453,15 @@ class _Stager:
         os.utime(fd, (m.mtime, m.mtime))
 
     def finish_dirs(self):
-        """Directory attributes last (deepest first), as tar does: writing into them changed mtimes."""
-        for parts in sorted(self.dirs, key=len, reverse=True):
-            fd = _open_beneath(self.fd, parts)
-            try:
-                self.apply_dir(parts, fd)
-            finally:
-                os.close(fd)
+        """Directory attributes last, as tar does: writing into them changed mtimes. Each after all
+        it holds (the reverse of the sorted paths puts every descendant before its ancestors), so
+        a directory made read-only is never opened again to reach one inside it."""
+        chain = _DirChain(self.fd)
+        try:
+            for parts in sorted(self.dirs, reverse=True):
+                self.apply_dir(parts, chain.open(parts))
+        finally:
+            chain.close()
 
 
 def _stage(stage_fd, what, top_name, stream):
