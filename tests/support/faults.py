@@ -32,7 +32,8 @@ ROWS: list[dict] = []
 RUN = os.environ.setdefault(
     "CTWEB_TEST_RUN", datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
 )
-SESSION = RUN + "-" + (os.environ.get("PYTEST_XDIST_WORKER") or "main")
+# Sessions side by side (scripts/test.sh runs two at the end) are told apart by their lab instance.
+SESSION = RUN + "-" + (os.environ.get("PYTEST_XDIST_WORKER") or "main" + os.environ.get("CTWEB_LAB_ID", ""))
 
 
 # --- the operation and its phases ---------------------------------------------------------
