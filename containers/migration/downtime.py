@@ -23,6 +23,7 @@ def client_downtime(dumped: dict, dumped_at: float, restored: dict, restored_at:
     how = frozen.get("how") if isinstance(frozen, dict) else None
     since = {
         "freezer": f"its freezer cgroup on {source} left THAWED (the dump froze it)",
+        "seized": f"CRIU seized its init process on {source} (the freezer's moment went unseen)",
         "dump-start": f"the dump started on {source} (no freezer cgroup seen; an upper bound)",
     }.get(how)
     out = {"ms": None, "from": since, "until": None}

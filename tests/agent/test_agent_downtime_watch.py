@@ -61,6 +61,32 @@ def test_the_freeze_is_the_moment_the_containers_freezer_cgroup_leaves_thawed(ag
                 time.sleep(0.05)
 
 
+def test_a_freeze_too_short_to_see_is_caught_by_the_seizure_that_outlasts_it(agent, monkeypatch):
+    """CRIU thaws the cgroup once it has seized every task (criu/seize.c): the FROZEN moment
+    can pass between two reads. The init gaining a tracer stays for the whole dump. Here no
+    freezer is there at all, and a real PTRACE_SEIZE of a real process is the only sign."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    init = subprocess.Popen(["sleep", "600"])
+    try:
+        monkeypatch.setattr(agent.cgroups, "_init_pid", lambda name: init.pid)
+        watch = agent.downtime.FreezeWatch("c1")
+        assert watch.path is None and watch.tracer == 0
+        time.sleep(0.2)
+        assert libc.ptrace(0x4206, init.pid, None, None) == 0, ctypes.get_errno()  # PTRACE_SEIZE, as CRIU does
+        seized_at = time.monotonic()
+        time.sleep(0.1)
+        report = watch.report()
+        assert report["how"] == "seized" and "why" not in report, report
+        assert report["ago_ms"] <= (time.monotonic() - seized_at) * 1000 + 1  # from the seizure, not the start
+        assert report["started_ago_ms"] >= report["ago_ms"] + 150
+    finally:
+        init.kill()
+        init.wait()
+
+
 def test_without_a_freezer_file_it_counts_from_the_dumps_start_and_says_so(agent, monkeypatch):
     monkeypatch.setattr(agent.cgroups, "_init_pid", lambda name: None)
     watch = agent.downtime.FreezeWatch("c1")

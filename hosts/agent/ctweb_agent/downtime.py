@@ -3,8 +3,13 @@ its processes (the client-visible downtime in a migration's result).
 
 - The freeze, on the source: the instant the container's freezer cgroup leaves THAWED
   during the dump (CRIU freezes the whole cgroup before it touches a task), read every
-  millisecond from the cgroup file; where no freezer file is found, the instant the dump
-  was started (later than the freeze never, earlier by CRIU's start-up: an upper bound).
+  millisecond from the cgroup file. CRIU thaws the cgroup again as soon as it has seized
+  every task (criu/seize.c freeze_processes: the tasks stay stopped under ptrace), so the
+  FROZEN moment lasts only milliseconds and a poller the scheduler holds back can miss it.
+  The seizure itself lasts the whole dump: the container's init gaining a tracer
+  (TracerPid in /proc/<init>/status, read in the same loop) is the other sign, milliseconds
+  after the freeze. Where neither is seen, the instant the dump was started (later than the
+  freeze never, earlier by CRIU's start-up: an upper bound).
 - The answer, on the target: the first ICMP echo reply from the container's address,
   asked every 2 ms by this host from before the restore starts. The host is told the
   container's MAC first (it is in the container's config), so no ARP round stands between
@@ -31,6 +36,7 @@ import struct
 import threading
 import time
 
+from . import cgroups
 from .cgroups import container_cgroup
 from .common import run
 from .lxc import _config_value, _init_pid, _network, _read_config
@@ -41,31 +47,57 @@ SERVE_POLL_S = 0.002
 SERVE_WAIT_S = 2.0  # after the restore, for the container's first new TCP data
 
 
+def _tracer(pid):
+    """The TracerPid of /proc/<pid>/status, or None when it cannot be read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class FreezeWatch:
-    """Started just before a dump: notes the monotonic instant the container froze."""
+    """Started just before a dump: notes the monotonic instant the container froze (its
+    freezer cgroup left THAWED) or, where that moment went unseen, was seized (its init
+    gained a tracer)."""
 
     def __init__(self, name):
         cg = container_cgroup(name)  # the container's whole cgroup, not its init's (init.scope on v2)
         self.path = cg.freeze if cg and os.path.isfile(cg.freeze) else None
         self.why = None if self.path else ("no freezer file at " + cg.freeze if cg else "its cgroup was not found")
+        self.pid = cgroups._init_pid(name)
+        self.tracer = _tracer(self.pid) if self.pid else None  # before the dump: 0, unless already traced
         self.started = time.monotonic()
-        self.at = None
+        self.at, self.how = None, None
         self._stop = threading.Event()
         self._thread = None
-        if self.path:
+        if self.path or self.tracer is not None:
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
 
     def _watch(self):
         while not self._stop.is_set():
-            try:
-                with open(self.path, "rb") as f:
-                    value = f.read().strip()
-            except OSError as e:  # the cgroup went with the stopped container
-                self.why = f"its freezer file could not be read: {e.strerror or e}"
-                return
-            if value and value not in (b"THAWED", b"0"):
-                self.at = time.monotonic()
+            if self.path:
+                try:
+                    with open(self.path, "rb") as f:
+                        value = f.read().strip()
+                except OSError as e:  # the cgroup went with the stopped container
+                    self.why, self.path = f"its freezer file could not be read: {e.strerror or e}", None
+                    value = b""
+                if value and value not in (b"THAWED", b"0"):
+                    self.at, self.how = time.monotonic(), "freezer"
+                    return
+            if self.tracer is not None:
+                now = _tracer(self.pid)
+                if now is None:
+                    self.tracer = None  # its init is gone
+                elif now != self.tracer:
+                    self.at, self.how = time.monotonic(), "seized"
+                    return
+            if not self.path and self.tracer is None:
                 return
             time.sleep(FREEZE_POLL_S)
 
@@ -80,7 +112,7 @@ class FreezeWatch:
         included) touched the container: where its downtime starts."""
         self.stop()
         now = time.monotonic()
-        at, how = (self.at, "freezer") if self.at is not None else (self.started, "dump-start")
+        at, how = (self.at, self.how) if self.at is not None else (self.started, "dump-start")
         out = {
             "ago_ms": round((now - at) * 1000, 1),
             "how": how,
