@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -468,16 +469,19 @@ TCP_SEND = (
 )
 
 
+def _listening(h, dst: str, code: str, *args: str) -> subprocess.Popen:
+    """A python3 script on lab host `dst` (its stdout a pipe), once it printed that it listens."""
+    argv = h.argv(dst, " ".join(["python3", "-c", shlex.quote(code), *map(shlex.quote, args)]))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    return proc
+
+
 def tcp_rate(h, src: str, dst: str, mib: int = 1024) -> float:
     """Bytes per ms of a plain TCP stream from one lab host to the other (no encryption)."""
-    import shlex
-
     addr = h.addr[dst]
-    recv = subprocess.Popen(
-        h.argv(dst, "python3 -c " + shlex.quote(TCP_RECEIVE.format(addr=addr))), stdout=subprocess.PIPE, text=True
-    )
+    recv = _listening(h, dst, TCP_RECEIVE.format(addr=addr))
     try:
-        recv.stdout.readline()
         t0 = time.monotonic()
         h.run(src, "python3 -c " + shlex.quote(TCP_SEND.format(addr=addr, mib=mib)))
         n = int(recv.stdout.readline())
@@ -507,23 +511,16 @@ def tree_copy_ms(h, src: str, dst: str, name: str, direct: bool) -> float:
     this machine over OpenSSH (relayed), or over a plain TCP stream between the hosts (direct).
     The floor of a tree of thousands of small files, which a stream of one big file does not
     show: the receiving filesystem makes each file, directory and link."""
-    import shlex
-
     d = "/var/lib/ctweb/byhand/tree"
     h.run(dst, f"rm -rf {d}; mkdir -p {d}")
     send = f"tar -C /var/lib/lxc/{name}/rootfs --numeric-owner -cf - ."
     try:
-        t0 = time.monotonic()
         if not direct:
+            t0 = time.monotonic()
             h.pipe(src, send, dst, f"tar -C {d} --numeric-owner -xf -")
         else:
             addr = h.addr[dst]
-            recv = subprocess.Popen(
-                h.argv(dst, "python3 -c " + shlex.quote(TREE_RECEIVE.format(addr=addr)) + f" {d}"),
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            recv.stdout.readline()
+            recv = _listening(h, dst, TREE_RECEIVE.format(addr=addr), d)
             t0 = time.monotonic()
             h.run(src, f"{send} | python3 -c " + shlex.quote(TREE_SEND.format(addr=addr)))
             if recv.wait(120) != 0:

@@ -92,10 +92,11 @@ def locate(proc_cgroup, mountinfo, name, isdir=os.path.isdir):
     return None
 
 
-def container_cgroup(name):
+def container_cgroup(name, pid=None):
     """Running container `name`'s cgroup on this host (Cgroup(dir, freeze)), or None when it
-    does not run or its cgroup cannot be told (see the module's note)."""
-    pid = _init_pid(name)
+    does not run or its cgroup cannot be told (see the module's note). `pid`: its init's, when
+    the caller asked LXC already."""
+    pid = pid or _init_pid(name)
     if not pid:
         return None
     try:

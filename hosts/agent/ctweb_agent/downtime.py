@@ -37,7 +37,6 @@ import threading
 import time
 
 from . import cgroups
-from .cgroups import container_cgroup
 from .common import run
 from .lxc import _config_value, _init_pid, _network, _read_config
 
@@ -65,10 +64,10 @@ class FreezeWatch:
     gained a tracer)."""
 
     def __init__(self, name):
-        cg = container_cgroup(name)  # the container's whole cgroup, not its init's (init.scope on v2)
+        self.pid = cgroups._init_pid(name)  # one lxc-info for both signs, just before the dump
+        cg = cgroups.container_cgroup(name, self.pid)  # the container's whole cgroup, not its init's (init.scope on v2)
         self.path = cg.freeze if cg and os.path.isfile(cg.freeze) else None
         self.why = None if self.path else ("no freezer file at " + cg.freeze if cg else "its cgroup was not found")
-        self.pid = cgroups._init_pid(name)
         self.tracer = _tracer(self.pid) if self.pid else None  # before the dump: 0, unless already traced
         self.started = time.monotonic()
         self.at, self.how = None, None
@@ -80,16 +79,9 @@ class FreezeWatch:
 
     def _watch(self):
         while not self._stop.is_set():
-            if self.path:
-                try:
-                    with open(self.path, "rb") as f:
-                        value = f.read().strip()
-                except OSError as e:  # the cgroup went with the stopped container
-                    self.why, self.path = f"its freezer file could not be read: {e.strerror or e}", None
-                    value = b""
-                if value and value not in (b"THAWED", b"0"):
-                    self.at, self.how = time.monotonic(), "freezer"
-                    return
+            if self.path and self._frozen():
+                self.at, self.how = time.monotonic(), "freezer"
+                return
             if self.tracer is not None:
                 now = _tracer(self.pid)
                 if now is None:
@@ -100,6 +92,15 @@ class FreezeWatch:
             if not self.path and self.tracer is None:
                 return
             time.sleep(FREEZE_POLL_S)
+
+    def _frozen(self):
+        try:
+            with open(self.path, "rb") as f:
+                value = f.read().strip()
+        except OSError as e:  # the cgroup went with the stopped container: watch the tracer only
+            self.why, self.path = f"its freezer file could not be read: {e.strerror or e}", None
+            return False
+        return bool(value) and value not in (b"THAWED", b"0")
 
     def stop(self):
         self._stop.set()

@@ -232,32 +232,12 @@ def _split_member(name, what="member"):
     return parts
 
 
-def _open_beneath(base_fd, parts, create=False):
-    """The directory base/parts..., each component opened with O_NOFOLLOW (a symlink on the
-    way fails with ELOOP/ENOTDIR); missing ones made (0700) when `create`."""
-    fd = os.dup(base_fd)
-    try:
-        for part in parts:
-            if create:
-                try:
-                    os.mkdir(part, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    pass
-            nfd = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 class _DirChain:
-    """Directories beneath `base_fd` opened as _open_beneath does (each component with O_NOFOLLOW;
-    missing ones made 0700 when `create`), keeping the chain of the last one open: a tar's members
-    and a tree's walk come grouped, so the next directory shares most of its path with the last
-    and only the rest is opened. At most one descriptor per path component is held. The
-    descriptors are the chain's own: callers never close them."""
+    """Directories beneath `base_fd`, each component opened with O_NOFOLLOW (a symlink on the way
+    fails with ELOOP/ENOTDIR; missing ones made 0700 when `create`), keeping the chain of the last
+    one open: a tar's members and a tree's walk come grouped, so the next directory shares most of
+    its path with the last and only the rest is opened. At most one descriptor per path component
+    is held. The descriptors are the chain's own: callers never close them."""
 
     def __init__(self, base_fd, create=False):
         self.base, self.create = base_fd, create
@@ -289,6 +269,15 @@ class _DirChain:
         for fd in self.fds:
             os.close(fd)
         self.names, self.fds = [], []
+
+
+def _open_beneath(base_fd, parts, create=False):
+    """The directory base/parts... as _DirChain opens it, as a descriptor of the caller's own."""
+    chain = _DirChain(base_fd, create)
+    try:
+        return os.dup(chain.open(parts))
+    finally:
+        chain.close()
 
 
 def _lstat_at(dir_fd, name):
@@ -372,9 +361,6 @@ class _Stager:
         self.count = 0
         self._parents = _DirChain(stage_fd, create=True)  # members come grouped: the last parent's chain
 
-    def _open_parent(self, parts):
-        return self._parents.open(parts)
-
     def close(self):
         self._parents.close()
 
@@ -389,7 +375,7 @@ class _Stager:
     def add(self, m, tar):
         parts, kind = _check_member(m, self.what, self.top_name)
         leaf = parts[-1]
-        parent = self._open_parent(parts[:-1])  # owned by the cache, closed by close()
+        parent = self._parents.open(parts[:-1])  # the chain's, closed by close()
         old = _lstat_at(parent, leaf)
         if old is not None and not (kind == "dir" and stat.S_ISDIR(old.st_mode)):
             _remove_at(parent, leaf)  # a child of the cached parent: the cache stays right
